@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+PRESET ?= quick
+
+.PHONY: setup data run test clean
+
+# torch first, pinned: its CPU wheel is on disk here, and a range resolved by pip alone would
+# pull a CUDA build of several GB.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[all,test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	@if [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte" ]; then \
+		echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing from $(FASHION_MNIST_DIR). Install it with" >&2; \
+		echo "  sudo apt-get install dataset-fashion-mnist" >&2; \
+		echo "or put the four IDX files in a folder and run: make run FASHION_MNIST_DIR=/that/folder" >&2; \
+		exit 1; \
+	fi
+
+run: setup data
+	GENMODELS_FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/genmodels run --preset $(PRESET)
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .genmodels .pytest_cache

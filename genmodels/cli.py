@@ -1,0 +1,210 @@
+"""The `genmodels` command: prepare data, train, evaluate and sample, on the embedded defaults."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+
+from genmodels.config import get_settings
+from genmodels.models import FAMILIES
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Dataset sources and snapshots.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+DEFAULT_FAMILIES = ",".join(FAMILIES)
+
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="fashion-mnist | digits | folder | npz")]
+SourceOpt = Annotated[Optional[str], typer.Option("--source", help="Data location: path, file:// or s3:// (folder/npz; "
+                                                 "fashion-mnist defaults to GENMODELS_FASHION_MNIST_DIR).")]
+FamilyOpt = Annotated[str, typer.Option("--family", "-f", help=f"One of {', '.join(FAMILIES)}.")]
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="quick (minutes on CPU) | full (quality targets, GPU).")]
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Storage root for snapshots, runs and reports: "
+                                              "a path, file:// or s3://bucket/prefix. Default: GENMODELS_STORAGE "
+                                              "or ./.genmodels/store.")]
+QuantOpt = Annotated[str, typer.Option("--quantization", "-q", help="binary | 8bit")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of splits, binarization and training.")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Folder sources: resize to SIZE x SIZE.")]
+ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L (grey) | RGB.")]
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Expected failures (bad input, missing files, storage) become one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from genmodels.storage import StorageError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, StorageError, NotImplementedError) as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _storage(out: str | None):
+    from genmodels.storage import check_reachable, open_storage
+
+    storage = open_storage(out or get_settings().storage_url)
+    check_reachable(storage)
+    return storage
+
+
+def _snapshot(storage, dataset: str, source: str | None, quantization: str, seed: int, image_size, channels):
+    from genmodels.data import PrepConfig
+    from genmodels.runs import snapshot_for
+
+    prep = PrepConfig(quantization=quantization, seed=seed, image_size=image_size, channels=channels)
+    if dataset == "fashion-mnist" and source is None:
+        source = get_settings().fashion_mnist_dir
+    with console.status(f"preparing {dataset} ({quantization})"):
+        return snapshot_for(storage, dataset, source, prep)
+
+
+def _families(spec: str) -> list[str]:
+    names = list(FAMILIES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise ValueError(f"unknown family {', '.join(unknown) or spec!r}; choose from {', '.join(FAMILIES)} or all")
+    return names
+
+
+def _train_overrides(epochs, batch_size, max_train_examples, device) -> dict:
+    given = {"epochs": epochs, "batch_size": batch_size, "max_train_examples": max_train_examples, "device": device}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare(
+    dataset: DatasetOpt = "fashion-mnist", source: SourceOpt = None, quantization: QuantOpt = "binary",
+    seed: SeedOpt = 0, image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L", out: OutOpt = None,
+) -> None:
+    """Validate a source, quantize, split, and write a content-hashed snapshot."""
+    storage = _storage(out)
+    snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
+    manifest = snap.manifest()
+    console.print(f"snapshot [bold]{snap.hash[:16]}[/] of {dataset}: "
+                  + ", ".join(f"{k}={len(s.y)}" for k, s in snap.splits.items())
+                  + f", image {snap.image.shape}, {snap.image.quantization}")
+    typer.echo(json.dumps({"hash": snap.hash, "storage": storage.url, "manifest": manifest}, indent=2, default=str))
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    family: FamilyOpt = "vae", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
+    source: SourceOpt = None, quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
+    image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
+    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
+    max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
+) -> None:
+    """Train one family (resumes from the run's last checkpoint unless --fresh)."""
+    from genmodels.runs import train_family
+
+    (family,) = _families(family)
+    storage = _storage(out)
+    snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
+    overrides = {"seed": seed, **_train_overrides(epochs, batch_size, max_train_examples, device)}
+    outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
+    r = outcome.result
+    note = f" (resumed at epoch {r.resumed_from_epoch})" if r.resumed_from_epoch else ""
+    console.print(f"trained {family} for {r.epochs_completed} epochs{note}"
+                  f"{', stopped early' if r.stopped_early else ''}; best val loss "
+                  f"{r.best_val_loss if r.best_val_loss is None else round(r.best_val_loss, 4)} -> "
+                  f"{outcome.run.url_for('model.pt')}")
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    family: FamilyOpt = "vae", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
+    source: SourceOpt = None, quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
+    image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
+) -> None:
+    """Evaluate a trained run: likelihoods, domain FID/KID, class accuracy, pictures."""
+    from genmodels.runs import evaluate_run, run_prefix
+
+    (family,) = _families(family)
+    storage = _storage(out)
+    snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
+    run = storage.child(run_prefix(snap.dataset, family, preset))
+    with console.status(f"evaluating {family}"):
+        metrics = evaluate_run(storage, run, snap, preset, seed=seed)
+    typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+@app.command("sample")
+@friendly_errors
+def sample_cmd(
+    family: FamilyOpt = "vae", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
+    out: OutOpt = None, n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Number of images.")] = 64,
+    seed: SeedOpt = 0,
+    label: Annotated[Optional[int], typer.Option(help="Class label (conditional models).")] = None,
+    temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature (> 0).")] = 1.0,
+    png: Annotated[Path, typer.Option("--png", help="Where to write the PNG grid.")] = Path("samples.png"),
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Sample from this model checkpoint instead of a run.")] = None,
+) -> None:
+    """Sample a PNG grid from a trained model (same seed -> same images)."""
+    from genmodels.evaluation import grid_png
+    from genmodels.models import model_from_checkpoint
+    from genmodels.runs import load_model, run_prefix
+
+    (family,) = _families(family)
+    if checkpoint is not None:
+        model = model_from_checkpoint(checkpoint)
+    else:
+        model, _ = load_model(_storage(out).child(run_prefix(dataset, family, preset)))
+    images = model.sample(n, labels=label, seed=seed, temperature=temperature)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(grid_png(images, nrow=max(1, int(round(n**0.5)))))
+    console.print(f"{n} samples of {model.family} (seed {seed}) -> {png}")
+
+
+@app.command("run")
+@friendly_errors
+def run_cmd(
+    families: Annotated[str, typer.Option("--families", help="Comma list or 'all'.")] = DEFAULT_FAMILIES,
+    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
+    quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Retrain even where a run already finished.")] = False,
+) -> None:
+    """Prepare, train and evaluate several families; write grids and a metrics table."""
+    from genmodels.runs import evaluate_run, metrics_table, train_family
+
+    names = _families(families)
+    storage = _storage(out)
+    snap = _snapshot(storage, dataset, source, quantization, seed, None, "L")
+    rows = {}
+    for family in names:
+        console.rule(f"{family} ({preset})")
+        t0 = time.perf_counter()
+        outcome = train_family(storage, snap, family, preset, overrides={"seed": seed}, fresh=fresh, progress=True)
+        train_seconds = time.perf_counter() - t0
+        with console.status(f"evaluating {family}"):
+            metrics = evaluate_run(storage, outcome.run, snap, preset, seed=seed)
+        rows[family] = {**metrics, "train_seconds": train_seconds}
+    table = metrics_table(rows)
+    report_key = f"reports/{snap.dataset}-{preset}.md"
+    header = (f"# {snap.dataset}, preset {preset}, snapshot {snap.hash[:16]} ({snap.image.quantization})\n\n"
+              "NLL in nats/image on the test split (lower is better); FID/KID on the domain classifier's features.\n\n")
+    storage.put_bytes(report_key, (header + table).encode())
+    Console().print(Markdown(header + table))
+    console.print(f"report: {storage.url_for(report_key)}; pictures under {storage.url_for(f'runs/{snap.dataset}/')}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,32 @@
+"""Typed settings, read from environment variables (``GENMODELS_*``) with embedded defaults.
+
+Everything defaults to one machine and zero servers: a work directory ``./.genmodels``
+holding ``file://`` object storage. Point ``GENMODELS_STORAGE`` at ``s3://bucket/prefix``
+(with ``AWS_ENDPOINT_URL`` for MinIO-style endpoints) to scale out.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENMODELS_", extra="ignore")
+
+    work_dir: Path = Field(default=Path(".genmodels"), description="Local state: storage, caches, runs.")
+    storage: str | None = Field(default=None, description="Object-store root; default file://<work_dir>/store.")
+    fashion_mnist_dir: str = Field(
+        default="/usr/share/datasets/fashion-mnist", description="Fashion-MNIST IDX directory (path, file:// or s3://)."
+    )
+
+    @cached_property
+    def storage_url(self) -> str:
+        return self.storage or (self.work_dir.resolve() / "store").as_uri()
+
+
+def get_settings() -> Settings:
+    return Settings()

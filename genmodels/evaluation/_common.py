@@ -1,0 +1,57 @@
+"""Small helpers shared by the evaluation modules."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module with neither)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``eval()`` and ``no_grad`` for the block, then the module's previous train/eval mode.
+
+    Evaluation is called on models a caller may keep training; leaving them in eval mode
+    would silently change their dropout/batch-norm behaviour afterwards.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG for the block without disturbing the caller's RNG stream.
+
+    VAEs draw their reparameterized latents from the global RNG; seeding it makes ELBO/IWAE
+    estimates reproducible, and forking keeps that from leaking into the caller's training.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def split_of(snapshot, name: str):
+    """``snapshot.splits[name]`` with an error that names what the snapshot has."""
+    try:
+        return snapshot.splits[name]
+    except KeyError:
+        raise KeyError(
+            f"snapshot {getattr(snapshot, 'dataset', '?')!r} has no split {name!r}; it has {sorted(snapshot.splits)}"
+        ) from None

@@ -1,0 +1,110 @@
+"""Test-set likelihoods: NLL in nats per image and bits per dimension; ELBO, IWAE and
+reconstruction error for the VAE families.
+
+All likelihoods are of the *discrete* image (binary, or 8-bit levels), so bits/dim needs no
+dequantization offset: it is ``nll_nats / (dims * ln 2)``. Families without a likelihood
+(the GAN) get no likelihood keys at all rather than placeholder numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from genmodels.data.loader import model_input
+from genmodels.evaluation._common import evaluating, module_device, seeded_torch, split_of
+from genmodels.models.base import GenerativeModel
+
+#: k used when neither the caller nor the model's config names one.
+DEFAULT_IWAE_K = 1000
+
+
+def bits_per_dim(nats_per_image: float, dims: int) -> float:
+    """Convert a per-image negative log-likelihood in nats to bits per dimension."""
+    if dims < 1:
+        raise ValueError(f"dims must be >= 1, got {dims}")
+    return nats_per_image / (dims * math.log(2.0))
+
+
+def is_latent_variable_model(model: Any) -> bool:
+    """Whether ``model`` follows the VAE contract (encode/decode/elbo/iwae/reconstruct)."""
+    return all(callable(getattr(model, name, None)) for name in ("elbo", "iwae", "reconstruct"))
+
+
+def likelihood_metrics(
+    model: GenerativeModel,
+    snapshot,
+    split: str = "test",
+    max_examples: int | None = None,
+    batch_size: int = 256,
+    iwae_k: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Likelihood metrics of ``model`` on the first ``max_examples`` images of ``split``.
+
+    Keys (empty dict for a family without a likelihood):
+    - ``nll_nats``: mean -log p(x) per image; for VAEs -IWAE(k), the tightest estimate here;
+    - ``bits_per_dim``: the same per dimension in bits;
+    - VAEs only: ``elbo_nats`` and ``iwae_k{k}_nats`` (the bounds themselves, i.e. log-
+      likelihood lower bounds, negative numbers), ``elbo_bits_per_dim`` (the ELBO's NLL bound
+      in bits/dim) and ``recon_mse`` (per-pixel squared error of ``reconstruct(x)``);
+    - ``likelihood_examples``: how many images were scored.
+
+    ``seed`` fixes the VAE's Monte-Carlo draws (torch's global RNG, forked so the caller's
+    stream is untouched).
+    """
+    if not model.has_likelihood:
+        return {}
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+    image = model.image
+    if image.shape != snapshot.image.shape or image.levels != snapshot.image.levels:
+        raise ValueError(
+            f"model images {image.shape} with {image.levels} levels do not match snapshot "
+            f"{snapshot.image.shape} with {snapshot.image.levels} levels"
+        )
+    data = split_of(snapshot, split)
+    x_all = model_input(data, image)
+    y_all = torch.as_tensor(data.y, dtype=torch.long)
+    n = len(y_all) if max_examples is None else min(max_examples, len(y_all))
+    if n == 0:
+        raise ValueError(f"split {split!r} is empty")
+
+    latent = is_latent_variable_model(model)
+    if latent:
+        k = iwae_k if iwae_k is not None else getattr(model.config, "iwae_k", None) or DEFAULT_IWAE_K
+        if k < 1:
+            raise ValueError(f"iwae_k must be >= 1, got {k}")
+
+    device = module_device(model)
+    sums = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0}
+    with evaluating(model), seeded_torch(seed):
+        for start in range(0, n, batch_size):
+            x = x_all[start : start + batch_size].to(device)
+            labels = y_all[start : start + batch_size].to(device) if model.conditional else None
+            if latent:
+                # The IWAE bound is the likelihood estimate, so it is computed once and
+                # used both as iwae_k{k} and as the NLL.
+                sums["log_px"] += float(model.iwae(x, labels, k=k).double().sum())
+                sums["elbo"] += float(model.elbo(x, labels).double().sum())
+                sums["sq_err"] += float((model.reconstruct(x, labels) - x).double().pow(2).sum())
+            else:
+                sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
+
+    nll = -sums["log_px"] / n
+    out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n)}
+    if latent:
+        elbo = sums["elbo"] / n
+        out[f"iwae_k{k}_nats"] = -nll
+        out["elbo_nats"] = elbo
+        out["elbo_bits_per_dim"] = bits_per_dim(-elbo, image.dims)
+        out["recon_mse"] = sums["sq_err"] / (n * image.dims)
+    # inf is a legitimate answer (an image the model gives probability 0); NaN is a bug.
+    for name, value in out.items():
+        if math.isnan(value):
+            raise FloatingPointError(f"likelihood metric {name} is NaN for the {model.family} model")
+    return out

@@ -1,0 +1,96 @@
+"""Registry of generative families, and the checkpoint format they share.
+
+A checkpoint is ``{"format", "family", "config", "state_dict", "meta"}`` written by
+``torch.save``: tensors and plain Python values only, so it loads with
+``weights_only=True`` and never unpickles code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
+
+# family name -> (module, class). Imported on first use so that importing one family (or the
+# base) never pays for, or breaks on, the others.
+_FAMILY_CLASSES = {
+    "mixture": ("genmodels.models.mixture", "MixtureModel"),
+    "vae": ("genmodels.models.vae", "VAE"),
+    "cvae": ("genmodels.models.cvae", "CVAE"),
+    "pixelrnn": ("genmodels.models.pixelrnn", "PixelRNN"),
+    "gan": ("genmodels.models.gan", "GAN"),
+}
+FAMILIES: tuple[str, ...] = tuple(_FAMILY_CLASSES)
+CHECKPOINT_FORMAT = "genmodels.checkpoint/1"
+
+__all__ = [
+    "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class",
+    "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint",
+]
+
+
+def family_class(family: str) -> type[GenerativeModel]:
+    try:
+        module, name = _FAMILY_CLASSES[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)}") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(family: str, image: ImageSpec, **overrides: Any) -> GenerativeModel:
+    cls = family_class(family)
+    config = cls.config_class.from_dict({**overrides, "image": image})
+    return cls(config)
+
+
+def checkpoint_dict(model: GenerativeModel, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "family": model.family,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+
+
+def checkpoint_bytes(model: GenerativeModel, meta: Mapping[str, Any] | None = None) -> bytes:
+    buf = io.BytesIO()
+    torch.save(checkpoint_dict(model, meta), buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(model: GenerativeModel, path: str | Path, meta: Mapping[str, Any] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(checkpoint_bytes(model, meta))
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict safely (``weights_only=True``) and check its format."""
+    where = "<bytes>" if isinstance(source, bytes) else str(source)
+    fileobj = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        ckpt = torch.load(fileobj, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {where}") from None
+    except Exception as exc:  # corrupt file or a pickle that carries code
+        raise ValueError(f"{where}: not a loadable genmodels checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where}: not a genmodels checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any] | str | Path | bytes) -> GenerativeModel:
+    if not isinstance(ckpt, Mapping):
+        ckpt = load_checkpoint(ckpt)
+    cls = family_class(ckpt["family"])
+    model = cls(cls.config_class.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

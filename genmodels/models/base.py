@@ -1,0 +1,202 @@
+"""The one interface every generative family implements.
+
+Data convention (shared by every family, the training loop and evaluation):
+- images are float tensors ``x`` of shape [B, C, H, W] whose values lie on the
+  quantization grid ``k / (levels - 1)`` for ``k = 0 .. levels-1``: {0, 1} for binary data,
+  ``level / 255`` for 8-bit data;
+- labels ``y`` are int64 class indices in ``[0, num_classes)``;
+- a training batch is ``{"x": x, "y": y}``.
+
+Sampling is a pure function of (weights, noise, labels, temperature): ``sample_from_noise``
+never draws random numbers itself. ``sample(n, seed=...)`` derives the noise with
+:func:`genmodels.noise.make_noise`, one stream per sample, so a seed gives the same images
+however requests are batched. Models sample in ``eval()`` mode and row-independently
+(no batch statistics), which is what makes that hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from genmodels.noise import NoiseSpec, make_noise
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model's images look like."""
+
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    levels: int = 2  # 2 = binary, 256 = 8-bit
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "height", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ImageSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.levels not in (2, 256):
+            raise ValueError(f"ImageSpec.levels must be 2 (binary) or 256 (8-bit), got {self.levels}")
+        if self.num_classes < 0:
+            raise ValueError(f"ImageSpec.num_classes must be >= 0, got {self.num_classes}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def dims(self) -> int:
+        return self.channels * self.height * self.width
+
+    @property
+    def quantization(self) -> str:
+        return "binary" if self.levels == 2 else "8bit"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base of every family's config: with the image spec, it fully rebuilds the network."""
+
+    image: ImageSpec = dataclasses.field(default_factory=ImageSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(known)}")
+        kwargs = dict(data)
+        if isinstance(kwargs.get("image"), Mapping):
+            kwargs["image"] = ImageSpec(**kwargs["image"])
+        return cls(**kwargs)
+
+
+class GenerativeModel(nn.Module):
+    """Base class of every family. Subclasses set the class attributes and implement the methods."""
+
+    family: ClassVar[str]
+    config_class: ClassVar[type[ModelConfig]]
+    #: "gradient": optimized by the training loop through ``loss``; "em": fit by
+    #: ``em_accumulate``/``em_update`` (the mixture model).
+    fit_method: ClassVar[str] = "gradient"
+    has_likelihood: ClassVar[bool] = True
+    #: Whether ``noise_spec()`` has a latent field ``"z"`` that can be interpolated.
+    has_latent: ClassVar[bool] = False
+    #: Whether the model can take class labels (``config.conditional``).
+    conditional: bool = False
+    #: True when samples lie on the quantization grid (PixelRNN, mixture); False when they
+    #: are continuous values in [0, 1] (VAE decoder means, GAN outputs). Evaluation compares
+    #: samples with real images of the same kind.
+    samples_on_grid: ClassVar[bool] = True
+    #: What the training loop feeds ``batch["x"]``: "quantized" (binary data binarized
+    #: dynamically each epoch) or "intensity" (grey levels / 255, for the GAN, whose
+    #: discriminator would otherwise tell binary real images from continuous fakes).
+    train_input: ClassVar[str] = "quantized"
+    #: {"quick": {"model": {...}, "train": {...}}, "full": {...}}: model-config and
+    #: TrainConfig overrides of each preset.
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def image(self) -> ImageSpec:
+        return self.config.image
+
+    # --- training -------------------------------------------------------------------
+    def players(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups, each with its own optimizer, stepped in this order every batch.
+
+        One player ("model") for most families; the GAN has "discriminator" then "generator".
+        """
+        return {"model": list(self.parameters())}
+
+    def loss(self, batch: Mapping[str, torch.Tensor], player: str = "model") -> dict[str, torch.Tensor]:
+        """Losses of one batch for ``player``: key ``"loss"`` is minimized, the rest are logged."""
+        raise NotImplementedError
+
+    def begin_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Called by the training loop before each epoch (warm-up schedules and the like)."""
+
+    def forward(self, batch: Mapping[str, torch.Tensor], player: str = "model") -> dict[str, torch.Tensor]:
+        # DDP wraps ``forward``; routing the loss through it keeps gradient sync correct.
+        return self.loss(batch, player)
+
+    def validation_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-batch mean of the quantity early stopping watches (lower is better)."""
+        return self.loss(batch, next(iter(self.players())))["loss"]
+
+    # --- sampling -------------------------------------------------------------------
+    def noise_spec(self) -> NoiseSpec:
+        raise NotImplementedError
+
+    def sample_from_noise(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Images [n, C, H, W] on the quantization grid (or decoder means in [0, 1] for VAEs)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | Iterable[int] | int | None = None,
+        seed: int = 0,
+        temperature: float = 1.0,
+        start: int = 0,
+    ) -> torch.Tensor:
+        noise = make_noise(self.noise_spec(), seed, n, start=start)
+        device = next(self.parameters()).device
+        noise = {k: v.to(device) for k, v in noise.items()}
+        return self.sample_from_noise(noise, self.check_labels(labels, n), temperature)
+
+    # --- likelihood -----------------------------------------------------------------
+    def log_likelihood(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x) in nats per image, [B], for the discrete (quantized) image ``x``."""
+        raise NotImplementedError(f"the {self.family} family defines no likelihood")
+
+    # --- helpers ---------------------------------------------------------------------
+    def check_labels(self, labels: Any, n: int) -> torch.Tensor | None:
+        """Validate labels against the model: None, one int for all, or n ints."""
+        if labels is None:
+            if self.conditional:
+                raise ValueError(f"{self.family} model is class-conditional: labels are required")
+            return None
+        if not self.conditional:
+            raise ValueError(f"{self.family} model is unconditional: it takes no labels")
+        device = next(self.parameters()).device
+        t = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.ndim != 1 or t.shape[0] != n:
+            raise ValueError(f"labels must be one int or {n} ints, got shape {tuple(t.shape)}")
+        k = self.image.num_classes
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
+            raise ValueError(f"labels must lie in [0, {k}), got {t.min().item()}..{t.max().item()}")
+        return t
+
+    def to_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """Float grid values -> int64 level indices in [0, levels)."""
+        return torch.round(x * (self.image.levels - 1)).long().clamp_(0, self.image.levels - 1)
+
+    def from_levels(self, k: torch.Tensor) -> torch.Tensor:
+        return k.float() / (self.image.levels - 1)
+
+    # EM families override these; gradient families never call them.
+    def em_accumulate(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def em_update(self, stats: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError

@@ -1,0 +1,149 @@
+"""The steps of a training run and where their results live in object storage.
+
+Used by the CLI and, later, by the Prefect tasks, so each step exists once. Layout under a
+storage root (``file://`` or ``s3://``)::
+
+    snapshots/<dataset>/<hash16>/...            dataset snapshot + manifest.json
+    classifiers/<hash16>.pt                     domain feature network (evaluation cache)
+    runs/<dataset>/<family>-<preset>/
+        checkpoint.pt                           resumable training state (also a model checkpoint)
+        model.pt                                the trained model (best validation loss)
+        history.json  metrics.json              per-epoch training log, evaluation metrics
+        samples.png  interpolation.png ...      pictures
+    reports/<dataset>-<preset>.md               metrics table of the families run together
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, write_snapshot
+from genmodels.models import checkpoint_bytes, family_class, load_checkpoint, model_from_checkpoint
+from genmodels.models.base import GenerativeModel
+from genmodels.storage import Storage
+from genmodels.training import LocalContext, TrainConfig, TrainResult, preset_configs, train
+
+# Evaluation effort per preset: quick runs evaluate on a subset so `make run` stays in minutes;
+# full runs use the whole test split and k=5000 importance samples like the published figures.
+EVAL_SETTINGS: dict[str, dict[str, Any]] = {
+    "quick": {"max_examples": 1000, "n_samples": 1000, "iwae_k": 1000},
+    "full": {"max_examples": None, "n_samples": 10000, "iwae_k": 5000},
+}
+
+
+def run_prefix(dataset: str, family: str, preset: str) -> str:
+    return f"runs/{dataset}/{family}-{preset}"
+
+
+def snapshot_for(storage: Storage, dataset: str, location: str | None, prep: PrepConfig) -> Snapshot:
+    """Prepare the dataset and persist its snapshot (a no-op when the same one is stored)."""
+    snapshot = prepare(dataset, location, prep)
+    write_snapshot(snapshot, storage)
+    return snapshot
+
+
+def load_snapshot(storage: Storage, prefix: str) -> Snapshot:
+    return read_snapshot(storage, prefix)
+
+
+@dataclass
+class TrainOutcome:
+    result: TrainResult
+    run: Storage
+    train_config: TrainConfig
+
+
+def train_family(
+    storage: Storage,
+    snapshot: Snapshot,
+    family: str,
+    preset: str,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    fresh: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[Mapping[str, float]], None] | None = None,
+) -> TrainOutcome:
+    """Train one family with a preset (plus overrides), resuming an interrupted run."""
+    model_cfg, train_cfg = preset_configs(family, preset)
+    model_cfg.update(model_overrides or {})
+    train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **(overrides or {})})
+    cls = family_class(family)
+    model = cls(cls.config_class.from_dict({**model_cfg, "image": snapshot.image}))
+    run = storage.child(run_prefix(snapshot.dataset, family, preset))
+    if fresh:
+        run.delete("checkpoint.pt")
+    meta = {"snapshot_hash": snapshot.hash, "dataset": snapshot.dataset, "preset": preset,
+            "class_names": list(snapshot.class_names)}
+    _check_resumable(run, model, meta)
+    result = train(model, snapshot, train_cfg, LocalContext(run, on_epoch=on_epoch), progress=progress,
+                   meta=meta)
+    run.put_bytes("model.pt", checkpoint_bytes(result.model, {**meta, "train_config": train_cfg.to_dict(),
+                                                               "epochs": result.epochs_completed}))
+    run.put_bytes("history.json", json.dumps(result.history, indent=2).encode())
+    return TrainOutcome(result=result, run=run, train_config=train_cfg)
+
+
+def _check_resumable(run: Storage, model: GenerativeModel, meta: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another model config or another dataset snapshot."""
+    if not run.exists("checkpoint.pt"):
+        return
+    saved = load_checkpoint(run.get_bytes("checkpoint.pt"))
+    where = run.url_for("checkpoint.pt")
+    if saved["family"] != model.family or saved["config"] != model.config.to_dict():
+        raise ValueError(f"{where} was trained with another model config; pass --fresh to start over")
+    if saved["meta"].get("snapshot_hash") != meta["snapshot_hash"]:
+        raise ValueError(f"{where} was trained on another dataset snapshot; pass --fresh to start over")
+
+
+def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
+    if not run.exists("model.pt"):
+        raise FileNotFoundError(f"no trained model at {run.url_for('model.pt')}: run `genmodels train` first")
+    ckpt = load_checkpoint(run.get_bytes("model.pt"))
+    return model_from_checkpoint(ckpt), ckpt["meta"]
+
+
+def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str, seed: int = 0) -> dict[str, float]:
+    """Evaluate a trained run, write metrics.json and its pictures, return the metrics."""
+    from genmodels.evaluation import evaluate, render_pictures
+
+    model, meta = load_model(run)
+    if meta.get("snapshot_hash") != snapshot.hash:
+        raise ValueError(f"{run.url} was trained on snapshot {meta.get('snapshot_hash', '?')[:16]}, "
+                         f"not on {snapshot.hash[:16]}")
+    settings = EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"])
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    metrics = evaluate(model, snapshot, storage=storage, seed=seed, **settings)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    run.put_bytes("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
+    for name, png in render_pictures(model, snapshot, seed=seed).items():
+        run.put_bytes(name, png)
+    return metrics
+
+
+REPORT_COLUMNS = ("nll_nats", "bits_per_dim", "elbo_nats", "fid", "kid", "class_accuracy", "train_seconds")
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = REPORT_COLUMNS) -> str:
+    """A markdown table: one row per family, the metrics that any family reported."""
+    present = [c for c in columns if any(c in r for r in rows.values())]
+    extra = sorted({k for r in rows.values() for k in r if k.startswith("iwae_k")})
+    present[2:2] = extra
+    lines = ["| family | " + " | ".join(present) + " |", "|---" * (len(present) + 1) + "|"]
+    for family, r in rows.items():
+        cells = [_fmt(r.get(c)) for c in present]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"

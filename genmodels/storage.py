@@ -1,0 +1,420 @@
+"""One object-store interface over local directories (``file://``) and S3 (``s3://``).
+
+Everything that persists bytes (dataset snapshots, checkpoints, sample shards, manifests)
+goes through :class:`Storage`, so a run moves from a laptop directory to S3/MinIO by
+changing one URL. Keys are ``/``-separated paths relative to the storage root, validated
+the same way on both backends so that a key that works locally also works on S3 and can
+never escape its root.
+
+S3 endpoints: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) is honoured by boto3 itself;
+an explicit ``endpoint_url`` argument wins over it. Path-style addressing is forced because
+local endpoints (MinIO, moto) have no per-bucket DNS names.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "FileStorage", "S3Storage", "Storage", "StorageError", "check_reachable", "open_storage",
+    "read_url", "split_url",
+]
+
+# Suffix of the temporary files FileStorage writes before renaming them into place; list()
+# hides them so a concurrent reader never sees a half-written object.
+_TMP_SUFFIX = ".genmodels-tmp"
+
+
+class StorageError(RuntimeError):
+    """The store cannot be used: unreachable endpoint, missing bucket, denied access..."""
+
+
+def _check_key(key: str, *, what: str = "key", allow_empty: bool = False) -> str:
+    """Normalize a relative key; reject anything that could escape the root or be ambiguous."""
+    if not isinstance(key, str):
+        raise TypeError(f"storage {what} must be a str, got {type(key).__name__}")
+    if key == "" and allow_empty:
+        return key
+    if not key:
+        raise ValueError(f"storage {what} must not be empty")
+    if key.startswith("/"):
+        raise ValueError(f"storage {what} {key!r} must be relative (no leading '/')")
+    if "\\" in key or "\x00" in key:
+        raise ValueError(f"storage {what} {key!r} must not contain backslashes or NUL bytes")
+    parts = key.rstrip("/").split("/") if allow_empty else key.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError(f"storage {what} {key!r} has an empty, '.' or '..' path segment")
+    return key
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix and key else prefix or key
+
+
+class Storage(abc.ABC):
+    """A root in an object store; every key is relative to it."""
+
+    url: str
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write one object atomically: readers see the old object or the new one, never a mix."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read one object; a missing one raises FileNotFoundError naming its full URL."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under the root (recursive, sorted) that start with ``prefix`` (a string prefix)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; removing a missing one is not an error."""
+
+    @abc.abstractmethod
+    def child(self, prefix: str) -> "Storage":
+        """The storage rooted at ``prefix`` under this root."""
+
+    @abc.abstractmethod
+    def url_for(self, key: str) -> str: ...
+
+    @abc.abstractmethod
+    def check_reachable(self) -> None:
+        """Raise StorageError naming the URL and the cause unless the root can be used."""
+
+    def put_json(self, key: str, obj: Any) -> None:
+        # Sorted keys + fixed indent: the same object always gives the same bytes (and sha256).
+        self.put_bytes(key, (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+
+    def get_json(self, key: str) -> Any:
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self.url_for(key)}: not valid JSON ({exc})") from exc
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class FileStorage(Storage):
+    """A local directory. The root is created on the first write, not before."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*_check_key(key).split("/"))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Same directory as the target so os.replace is a rename, hence atomic.
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.url_for(key)}: {exc.strerror or exc}") from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise FileNotFoundError(f"no such object: {self.url_for(key)}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url_for(key)}: {exc.strerror or exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_key(prefix, what="prefix", allow_empty=True)
+        # Walk only the directory the prefix pins down, not the whole root.
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root.joinpath(*head.split("/")) if head else self.root
+        if not start.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirnames, filenames in os.walk(start):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.endswith(_TMP_SUFFIX):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except IsADirectoryError:
+            pass  # a "directory" is not an object: nothing to delete
+        except OSError as exc:
+            raise StorageError(f"cannot delete {self.url_for(key)}: {exc.strerror or exc}") from exc
+
+    def child(self, prefix: str) -> "FileStorage":
+        prefix = _check_key(prefix.rstrip("/"), what="prefix")
+        return FileStorage(self.root.joinpath(*prefix.split("/")))
+
+    def url_for(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def check_reachable(self) -> None:
+        # Side-effect free: the root itself may not exist yet (put_bytes creates it), but the
+        # nearest existing ancestor must be a writable directory.
+        probe = self.root
+        while not probe.exists():
+            probe = probe.parent
+        if probe == self.root and not probe.is_dir():
+            raise StorageError(f"{self.url}: storage root exists but is not a directory")
+        if not probe.is_dir():
+            raise StorageError(f"{self.url}: cannot create the storage root: {probe} is not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.url}: storage root is not writable ({probe} denies write access)")
+
+
+class _S3Client:
+    """A boto3 client created on first use and shared by a storage and its children.
+
+    boto3 clients are thread-safe once built, but building one is not; the lock covers that.
+    Pickling (Ray tasks, process pools) drops the client and the copy builds its own.
+    """
+
+    def __init__(self, endpoint_url: str | None, max_attempts: int | None) -> None:
+        self.endpoint_url = endpoint_url
+        self.max_attempts = max_attempts
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    import boto3
+                    from botocore.config import Config
+
+                    retries: dict[str, Any] = {"mode": "standard"}
+                    if self.max_attempts is not None:
+                        retries["max_attempts"] = self.max_attempts
+                    config = Config(s3={"addressing_style": "path"}, retries=retries, connect_timeout=10)
+                    self._client = boto3.session.Session().client(
+                        "s3", endpoint_url=self.endpoint_url, config=config
+                    )
+        return self._client
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint actually used, for error messages (env-configured ones included)."""
+        if self._client is not None:
+            return self._client.meta.endpoint_url
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL", "the default AWS endpoint"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url, "max_attempts": self.max_attempts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["endpoint_url"], state["max_attempts"])  # type: ignore[misc]
+
+
+class S3Storage(Storage):
+    """``s3://bucket/prefix`` through boto3 (AWS, MinIO, moto...)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        max_attempts: int | None = None,
+        _client: _S3Client | None = None,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        self.bucket = bucket
+        prefix = prefix.strip("/")
+        self.prefix = _check_key(prefix, what="prefix") if prefix else ""
+        self._s3 = _client or _S3Client(endpoint_url, max_attempts)
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    @property
+    def client(self) -> Any:
+        return self._s3.get()
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, _check_key(key))
+
+    def _error(self, exc: Exception, action: str, url: str) -> Exception:
+        from botocore.exceptions import ClientError
+
+        where = f"{url} (endpoint {self._s3.endpoint})"
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            if code == "NoSuchBucket":
+                return StorageError(f"cannot {action} {where}: no such bucket {self.bucket!r}")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(f"cannot {action} {where}: access denied ({code})")
+            return StorageError(f"cannot {action} {where}: {code} {err.get('Message', '')}".rstrip())
+        return StorageError(f"cannot {action} {where}: {exc}")
+
+    def _call(self, action: str, url: str, method: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, method)(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, action, url) from exc
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        # A single PUT is atomic on S3: readers never see a partial object.
+        self._call("write", self.url_for(key), "put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        url = self.url_for(key)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            return body.read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(f"no such object: {url}") from None
+            raise self._error(exc, "read", url) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "read", url) from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            # HEAD responses carry no body, so a missing bucket also reads as 404 here;
+            # check_reachable is where a missing bucket is reported.
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error(exc, "stat", self.url_for(key)) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "stat", self.url_for(key)) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        _check_key(prefix, what="prefix", allow_empty=True)
+        # The trailing "/" keeps root "a" from listing the keys of a sibling root "ab".
+        root = f"{self.prefix}/" if self.prefix else ""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
+            for page in pages:
+                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", ()))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "list", _join(self.url, prefix)) from exc
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", self.url_for(key), "delete_object", Bucket=self.bucket, Key=self._key(key))
+
+    def child(self, prefix: str) -> "S3Storage":
+        prefix = _check_key(prefix.rstrip("/"), what="prefix")
+        return S3Storage(self.bucket, _join(self.prefix, prefix), _client=self._s3)
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def check_reachable(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(
+                    f"{self.url}: no such bucket {self.bucket!r} at endpoint {self._s3.endpoint}"
+                ) from exc
+            raise self._error(exc, "reach", self.url) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "reach", self.url) from exc
+
+
+def open_storage(url: str | os.PathLike[str], **s3_options: Any) -> Storage:
+    """``s3://bucket/prefix``, ``file:///abs/dir`` or a plain local path -> a Storage.
+
+    ``s3_options`` (``endpoint_url``, ``max_attempts``) apply to s3:// URLs only.
+    """
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"storage URL must be a non-empty string, got {url!r}")
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"{url!r}: an s3:// URL needs a bucket (s3://bucket/prefix)")
+        return S3Storage(bucket, prefix, **s3_options)
+    if s3_options:
+        raise ValueError(f"{url!r}: options {sorted(s3_options)} apply to s3:// URLs only")
+    if url.startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{url!r}: file URLs must be absolute (file:///abs/path), got host {parts.netloc!r}")
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise ValueError(f"{url!r}: file URLs must be absolute (file:///abs/path)")
+        return FileStorage(path)
+    scheme = urlsplit(url).scheme
+    if scheme and len(scheme) > 1:  # one letter would be a Windows drive
+        raise ValueError(f"{url!r}: unsupported storage scheme {scheme!r}; use s3://, file:// or a local path")
+    return FileStorage(url)
+
+
+def split_url(url: str | os.PathLike[str], **s3_options: Any) -> tuple[Storage, str]:
+    """A full object URL/path -> (storage of its parent, key of the object)."""
+    url = os.fspath(url)
+    stripped = url.rstrip("/")
+    if url.startswith("s3://") and "/" not in stripped[len("s3://"):]:
+        raise ValueError(f"{url!r} names a bucket, not an object")
+    parent, sep, name = stripped.rpartition("/")
+    if not sep or not name:
+        return open_storage(".", **s3_options), stripped
+    if parent in ("file:", "file://"):
+        parent = "file:///"
+    return open_storage(parent or "/", **s3_options), name
+
+
+def read_url(url: str | os.PathLike[str], **s3_options: Any) -> bytes:
+    """Read one object given its full URL (``s3://b/k``, ``file:///p``) or local path."""
+    storage, key = split_url(url, **s3_options)
+    return storage.get_bytes(key)
+
+
+def check_reachable(storage: Storage | str) -> None:
+    """Fail fast, before training starts, if the store cannot be used."""
+    if isinstance(storage, str):
+        storage = open_storage(storage)
+    storage.check_reachable()

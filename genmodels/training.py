@@ -1,0 +1,381 @@
+"""The per-worker training loop: plain torch, used as is locally and by Ray Train.
+
+One loop for every family. Gradient families step each of ``model.players()`` in turn on
+every batch (one player for most, discriminator then generator for the GAN); the mixture
+model is fit by EM, whose sufficient statistics are summed over batches and workers before
+each M-step. The loop is seeded, device-aware, checkpoints every ``checkpoint_every``
+epochs with everything needed to resume (model, optimizers, schedulers, RNG, early-stopping
+state, history), and stops early when the validation loss stops improving.
+
+Where the loop runs is abstracted by a :class:`TrainingContext`: :class:`LocalContext` for
+one process (checkpoints in a storage), and the pipelines' Ray Train context for DDP.
+Resuming only ever happens at epoch boundaries, and the batches of an epoch are a pure
+function of (seed, epoch, rank), so a resumed run sees exactly the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from genmodels.data.loader import batches, num_batches
+from genmodels.models import checkpoint_dict, family_class
+from genmodels.models.base import GenerativeModel
+
+CHECKPOINT_KEY = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    player_lr: dict[str, float] = field(default_factory=dict)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    scheduler: str = "none"  # none | cosine | step
+    grad_clip: float | None = None
+    early_stopping_patience: int | None = 5
+    checkpoint_every: int = 1
+    seed: int = 0
+    max_train_examples: int | None = None
+    max_val_examples: int | None = 5000
+    em_init_examples: int = 5000
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0 or any(v <= 0 for v in self.player_lr.values()):
+            raise ValueError("learning rates must be > 0")
+        if self.scheduler not in ("none", "cosine", "step"):
+            raise ValueError(f"scheduler must be none, cosine or step, got {self.scheduler!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        self.betas = tuple(self.betas)  # JSON/MLflow round trips turn tuples into lists
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_configs(family: str, preset: str) -> tuple[dict[str, Any], TrainConfig]:
+    """Model-config overrides and the TrainConfig of a family's named preset."""
+    cls = family_class(family)
+    if preset not in cls.presets:
+        raise ValueError(f"unknown preset {preset!r} for {family}; choose one of {sorted(cls.presets)}")
+    spec = cls.presets[preset]
+    return dict(spec.get("model", {})), TrainConfig.from_dict(spec.get("train", {}))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --- where the loop runs --------------------------------------------------------------------
+class TrainingContext:
+    """Single-process defaults; a distributed context overrides the collective operations."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: GenerativeModel) -> torch.nn.Module:
+        return model
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Make every worker's ``tensor`` equal to the chief's, in place."""
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The last saved training state, or None for a fresh run."""
+        return None
+
+    def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Persist a training state (every worker calls this; the chief's copy counts)."""
+
+    def report(self, metrics: Mapping[str, float]) -> None:
+        """Epoch metrics without a checkpoint."""
+
+
+class LocalContext(TrainingContext):
+    """One process; resumable checkpoints in ``storage`` (a genmodels.storage.Storage) or none."""
+
+    def __init__(self, storage=None, on_epoch: Callable[[Mapping[str, float]], None] | None = None) -> None:
+        self.storage = storage
+        self.on_epoch = on_epoch
+
+    def load_state(self) -> dict[str, Any] | None:
+        if self.storage is None or not self.storage.exists(CHECKPOINT_KEY):
+            return None
+        return load_training_state(self.storage.get_bytes(CHECKPOINT_KEY))
+
+    def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
+        if self.storage is not None:
+            self.storage.put_bytes(CHECKPOINT_KEY, state_bytes)
+        self.report(metrics)
+
+    def report(self, metrics: Mapping[str, float]) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(metrics)
+
+
+def load_training_state(data: bytes) -> dict[str, Any]:
+    from genmodels.models import load_checkpoint
+
+    state = load_checkpoint(data)
+    if "train_state" not in state:
+        raise ValueError("checkpoint holds a model but no training state: cannot resume from it")
+    return state
+
+
+# --- the loop --------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: GenerativeModel  # the best model by validation loss (the last one without validation)
+    history: list[dict[str, float]]
+    epochs_completed: int
+    best_val_loss: float | None
+    stopped_early: bool
+    resumed_from_epoch: int  # 0 for a fresh run
+
+
+def _make_optimizers(model: GenerativeModel, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    return {
+        name: torch.optim.Adam(
+            params, lr=cfg.player_lr.get(name, cfg.lr), betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        for name, params in model.players().items()
+    }
+
+
+def _make_schedulers(optimizers: Mapping[str, torch.optim.Optimizer], cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.scheduler == "cosine":
+        return {n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs) for n, o in optimizers.items()}
+    if cfg.scheduler == "step":
+        step = max(1, cfg.epochs // 3)
+        return {n: torch.optim.lr_scheduler.StepLR(o, step_size=step, gamma=0.3) for n, o in optimizers.items()}
+    return {}
+
+
+class _Progress:
+    """A rich progress bar with loss and throughput, or nothing (workers other than the chief)."""
+
+    def __init__(self, enabled: bool, total_epochs: int, steps_per_epoch: int, label: str) -> None:
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total_epochs * steps_per_epoch, info="")
+
+    def advance(self, info: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+
+    def set_completed(self, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(
+    model: GenerativeModel,
+    snapshot,
+    cfg: TrainConfig,
+    context: TrainingContext | None = None,
+    *,
+    progress: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``snapshot`` ("train" split; "val" for early stopping)."""
+    ctx = context or LocalContext()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed + 7919 * ctx.rank)
+    model.to(device)
+    train_split, val_split = snapshot.splits["train"], snapshot.splits.get("val")
+    n_train = len(train_split.y) if cfg.max_train_examples is None else min(cfg.max_train_examples, len(train_split.y))
+    steps_per_epoch = num_batches(n_train, cfg.batch_size, ctx.world_size)
+    is_em = model.fit_method == "em"
+    optimizers = {} if is_em else _make_optimizers(model, cfg)
+    schedulers = _make_schedulers(optimizers, cfg)
+
+    history: list[dict[str, float]] = []
+    best_val, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
+    saved = ctx.load_state()
+    if saved is not None:
+        ts = saved["train_state"]
+        model.load_state_dict(saved["state_dict"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ts["optimizers"][name])
+        for name, sched in schedulers.items():
+            sched.load_state_dict(ts["schedulers"][name])
+        torch.set_rng_state(ts["torch_rng"])
+        history, start_epoch, bad_epochs = list(ts["history"]), int(ts["epoch"]), int(ts["bad_epochs"])
+        best_val = float(ts["best_val"])
+        best_state = ts.get("best_state_dict")
+    elif is_em:
+        _em_initialize(model, train_split, snapshot.image, cfg, ctx, n_train, device)
+
+    wrapped = model if is_em else ctx.wrap(model)
+    bar = _Progress(progress and ctx.is_chief, cfg.epochs, steps_per_epoch, f"train {model.family}")
+    bar.set_completed(start_epoch * steps_per_epoch)
+    stopped_early = False
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.begin_epoch(epoch, cfg.epochs)
+            model.train()
+            t0 = time.perf_counter()
+            epoch_batches = batches(
+                train_split, snapshot.image, batch_size=cfg.batch_size, kind=model.train_input, seed=cfg.seed,
+                epoch=epoch, shuffle=True, rank=ctx.rank, world_size=ctx.world_size, limit=n_train, device=device,
+            )
+            if is_em:
+                train_logs, seen = _em_epoch(model, epoch_batches, ctx, bar)
+            else:
+                train_logs, seen = _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar)
+            for sched in schedulers.values():
+                sched.step()
+            seconds = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_logs.items()},
+                      "seconds": seconds, "images_per_s": seen * ctx.world_size / max(seconds, 1e-9)}
+            if val_split is not None and len(val_split.y):
+                record["val_loss"] = _validation_loss(model, val_split, snapshot.image, cfg, ctx, device)
+                if record["val_loss"] < best_val - 1e-6:
+                    best_val, bad_epochs = record["val_loss"], 0
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad_epochs += 1
+            history.append(record)
+            patience = cfg.early_stopping_patience
+            stopped_early = patience is not None and best_state is not None and bad_epochs >= patience
+            last = stopped_early or epoch + 1 == cfg.epochs
+            if (epoch + 1) % cfg.checkpoint_every == 0 or last:
+                state = _training_state(model, optimizers, schedulers, history, epoch + 1, best_val, bad_epochs,
+                                        best_state, cfg, meta)
+                ctx.save_state(state, epoch + 1, record)
+            else:
+                ctx.report(record)
+            if stopped_early:
+                break
+    finally:
+        bar.close()
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model, history=history, epochs_completed=len(history),
+        best_val_loss=None if math.isinf(best_val) else best_val,
+        stopped_early=stopped_early, resumed_from_epoch=start_epoch,
+    )
+
+
+def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar) -> tuple[dict[str, float], int]:
+    sums: dict[str, float] = {}
+    seen = steps = 0
+    t0 = time.perf_counter()
+    for batch in epoch_batches:
+        for player, opt in optimizers.items():
+            opt.zero_grad(set_to_none=True)
+            out = wrapped(batch, player)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{model.family}: non-finite {player} loss at step {steps}: {loss.item()}")
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            prefix = "" if len(optimizers) == 1 else f"{player}_"
+            for key, value in out.items():
+                sums[prefix + key] = sums.get(prefix + key, 0.0) + float(value.detach())
+        steps += 1
+        seen += len(batch["y"])
+        head = next(iter(sums))
+        bar.advance(f"{head} {sums[head] / steps:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
+    return {k: v / max(steps, 1) for k, v in sums.items()}, seen
+
+
+@torch.no_grad()
+def _em_initialize(model, train_split, image, cfg, ctx, n_train, device) -> None:
+    if ctx.is_chief:
+        first = batches(train_split, image, batch_size=cfg.em_init_examples, kind=model.train_input, seed=cfg.seed,
+                        epoch=0, shuffle=True, limit=n_train, device=device)
+        model.em_initialize(next(first)["x"], cfg.seed)
+    for buffer in list(model.parameters()) + list(model.buffers()):
+        ctx.broadcast_(buffer.data)
+
+
+@torch.no_grad()
+def _em_epoch(model, epoch_batches, ctx, bar) -> tuple[dict[str, float], int]:
+    totals: dict[str, torch.Tensor] = {}
+    seen = 0
+    for batch in epoch_batches:
+        for key, value in model.em_accumulate(batch).items():
+            totals[key] = totals[key] + value if key in totals else value.clone()
+        seen += len(batch["y"])
+        bar.advance(f"E-step {seen} images")
+    totals = {k: ctx.all_reduce_sum(v) for k, v in sorted(totals.items())}
+    model.em_update(totals)
+    return {"loss": float(-totals["loglik_sum"] / totals["count"])}, seen
+
+
+@torch.no_grad()
+def _validation_loss(model, val_split, image, cfg, ctx, device) -> float:
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches(val_split, image, batch_size=cfg.batch_size, kind=model.train_input, seed=cfg.seed,
+                         rank=ctx.rank, world_size=ctx.world_size, limit=cfg.max_val_examples, device=device):
+        total[0] += float(model.validation_loss(batch)) * len(batch["y"])
+        total[1] += len(batch["y"])
+    total = ctx.all_reduce_sum(total)
+    return float(total[0] / total[1])
+
+
+def _training_state(model, optimizers, schedulers, history, epoch, best_val, bad_epochs, best_state, cfg,
+                    meta) -> bytes:
+    state = checkpoint_dict(model, meta)
+    state["train_state"] = {
+        "epoch": epoch,
+        "history": copy.deepcopy(history),
+        "best_val": best_val,
+        "bad_epochs": bad_epochs,
+        "best_state_dict": best_state,
+        "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+        "torch_rng": torch.get_rng_state(),
+        "train_config": cfg.to_dict(),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()

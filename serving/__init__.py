@@ -1,0 +1,2 @@
+"""Ray Serve application over `genmodels.sampling`: online API, bulk jobs, playground.
+Arrives with the serving issue."""

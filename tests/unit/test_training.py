@@ -1,0 +1,161 @@
+"""The training loop: resume loses nothing, early stopping keeps the best model, sharding is exact."""
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from genmodels.data.loader import batches, shard_indices
+from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
+from genmodels.noise import NoiseField
+from genmodels.training import LocalContext, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class TinyConfig(ModelConfig):
+    hidden: int = 8
+
+
+class TinyBernoulli(GenerativeModel):
+    """Independent Bernoulli pixels whose logits come from a small net with dropout: a valid
+    density with an exact loss, and it draws from the torch RNG, which resume must restore."""
+
+    family = "tiny"
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.image.dims
+        self.net = nn.Sequential(nn.Linear(d, config.hidden), nn.Tanh(), nn.Linear(config.hidden, d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.dropout = nn.Dropout(0.2)
+
+    def loss(self, batch, player="model"):
+        x = batch["x"].flatten(1)
+        logits = self.bias + self.net(self.dropout(torch.ones_like(x)))
+        nll = nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+        return {"loss": nll.mean()}
+
+    def noise_spec(self):
+        return {"u": NoiseField(self.image.shape, "uniform")}
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        p = torch.sigmoid(self.bias).view(1, *self.image.shape)
+        return (noise["u"] < p).float()
+
+
+class MemoryStorage:
+    def __init__(self):
+        self.objects = {}
+
+    def put_bytes(self, key, data):
+        self.objects[key] = bytes(data)
+
+    def get_bytes(self, key):
+        return self.objects[key]
+
+    def exists(self, key):
+        return key in self.objects
+
+
+def tiny_snapshot(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    image = ImageSpec(channels=1, height=3, width=3, levels=2, num_classes=2)
+    proto = rng.integers(0, 256, size=(1, 1, 3, 3))
+    x = np.clip(proto + rng.integers(-40, 40, size=(n, 1, 3, 3)), 0, 255).astype(np.uint8)
+    y = rng.integers(0, 2, size=n).astype(np.int64)
+    val_x = (rng.random((32, 1, 3, 3)) < x[:32] / 255).astype(np.uint8)
+    splits = {
+        "train": SimpleNamespace(x=x, y=y, x_binary=None),
+        "val": SimpleNamespace(x=x[:32], y=y[:32], x_binary=val_x),
+    }
+    return SimpleNamespace(image=image, splits=splits, dataset="tiny", hash="0" * 64)
+
+
+def make_model(snapshot):
+    torch.manual_seed(0)
+    return TinyBernoulli(TinyConfig(image=snapshot.image))
+
+
+def test_resumed_run_equals_uninterrupted_run():
+    snap = tiny_snapshot()
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler="cosine")
+    full = train(make_model(snap), snap, cfg)
+
+    storage = MemoryStorage()
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_two(metrics):
+        if metrics["epoch"] == 2:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train(make_model(snap), snap, cfg, LocalContext(storage, on_epoch=crash_after_two))
+    resumed = train(make_model(snap), snap, cfg, LocalContext(storage))
+
+    assert resumed.resumed_from_epoch == 2
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]  # no epoch lost, none counted twice
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in resumed.history]
+
+
+def test_early_stopping_returns_best_model():
+    snap = tiny_snapshot()
+    # A learning rate this large makes validation loss worse after the first epochs.
+    cfg = TrainConfig(epochs=30, batch_size=8, lr=3.0, early_stopping_patience=2)
+    result = train(make_model(snap), snap, cfg)
+    vals = [h["val_loss"] for h in result.history]
+    assert result.stopped_early and len(vals) < 30
+    best = min(vals)
+    assert result.best_val_loss == pytest.approx(best)
+    assert vals.index(best) == len(vals) - 3  # stopped exactly `patience` epochs after the best
+    # the returned weights are the best epoch's: recompute its validation loss
+    model = result.model
+    with torch.no_grad():
+        b = next(batches(snap.splits["val"], snap.image, batch_size=32))
+        assert float(model.validation_loss(b)) == pytest.approx(best, rel=1e-5)
+
+
+def test_non_finite_loss_is_reported():
+    snap = tiny_snapshot()
+    model = make_model(snap)
+    with torch.no_grad():
+        model.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(model, snap, TrainConfig(epochs=1, batch_size=16))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_cover_every_example_with_equal_counts(world_size):
+    n = 10
+    shards = [shard_indices(n, seed=1, epoch=3, shuffle=True, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    assert set(np.concatenate(shards)) == set(range(n))
+    assert sum(len(s) for s in shards) - n < world_size  # only the wrap-around padding repeats
+
+
+def test_dynamic_binarization_is_per_epoch_and_reproducible():
+    snap = tiny_snapshot()
+    train_split = snap.splits["train"]
+    e0 = torch.cat([b["x"] for b in batches(train_split, snap.image, batch_size=16, epoch=0)])
+    e0_again = torch.cat([b["x"] for b in batches(train_split, snap.image, batch_size=16, epoch=0)])
+    e1 = torch.cat([b["x"] for b in batches(train_split, snap.image, batch_size=16, epoch=1)])
+    assert set(e0.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(e0, e0_again) and not torch.equal(e0, e1)
+    val = torch.cat([b["x"] for b in batches(snap.splits["val"], snap.image, batch_size=5, epoch=7)])
+    assert torch.equal(val, torch.from_numpy(snap.splits["val"].x_binary).float())  # fixed binarization
+
+
+def test_bad_train_config_is_refused():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="scheduler"):
+        TrainConfig(scheduler="linear")
