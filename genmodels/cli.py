@@ -203,7 +203,7 @@ def run_cmd(
               "NLL in nats/image on the test split (lower is better); FID/KID on the domain classifier's features.\n\n")
     storage.put_bytes(report_key, (header + table).encode())
     Console().print(Markdown(header + table))
-    console.print(f"report: {storage.url_for(report_key)}; pictures under {storage.url_for(f'runs/{snap.dataset}/')}")
+    console.print(f"report: {storage.url_for(report_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")
 
 
 if __name__ == "__main__":

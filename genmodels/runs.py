@@ -134,8 +134,6 @@ REPORT_COLUMNS = ("nll_nats", "bits_per_dim", "elbo_nats", "fid", "kid", "class_
 def metrics_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = REPORT_COLUMNS) -> str:
     """A markdown table: one row per family, the metrics that any family reported."""
     present = [c for c in columns if any(c in r for r in rows.values())]
-    extra = sorted({k for r in rows.values() for k in r if k.startswith("iwae_k")})
-    present[2:2] = extra
     lines = ["| family | " + " | ".join(present) + " |", "|---" * (len(present) + 1) + "|"]
     for family, r in rows.items():
         cells = [_fmt(r.get(c)) for c in present]

@@ -243,6 +243,9 @@ class _S3Client:
 class S3Storage(Storage):
     """``s3://bucket/prefix`` through boto3 (AWS, MinIO, moto...)."""
 
+    #: Keys per LIST request (S3 caps it at 1000); tests lower it to exercise pagination.
+    list_page_size: int = 1000
+
     def __init__(
         self,
         bucket: str,
@@ -330,7 +333,9 @@ class S3Storage(Storage):
 
         keys = []
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root + prefix, PaginationConfig={"PageSize": self.list_page_size}
+            )
             for page in pages:
                 keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", ()))
         except (BotoCoreError, ClientError) as exc:

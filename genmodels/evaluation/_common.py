@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -45,6 +46,14 @@ def seeded_torch(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def head(split, n: int | None):
+    """The first ``n`` examples of a split (all when None), without copying the rest."""
+    if n is None or n >= len(split.y):
+        return split
+    x_binary = getattr(split, "x_binary", None)
+    return SimpleNamespace(x=split.x[:n], y=split.y[:n], x_binary=None if x_binary is None else x_binary[:n])
 
 
 def split_of(snapshot, name: str):

@@ -185,7 +185,7 @@ def train_classifier(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             logger.debug("domain classifier epoch %d/%d: train loss %.4f", epoch + 1, config.epochs, total / n)
     return network.eval()
 
@@ -262,7 +262,7 @@ def load_or_train_classifier(
                 return TrainedClassifier(network, float(meta["test_accuracy"]), from_cache=True, key=key)
 
     train, test = split_of(snapshot, "train"), split_of(snapshot, "test")
-    # Looked up through the module so tests can count training calls.
+    # A module-global lookup at call time: tests patch it to count trainings.
     network = train_classifier(train.x, train.y, config, device)
     test_accuracy = accuracy(network, test.x, test.y)
     logger.info("domain classifier for %s: test accuracy %.4f", getattr(snapshot, "dataset", "?"), test_accuracy)

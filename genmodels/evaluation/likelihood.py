@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from genmodels.data.loader import model_input
-from genmodels.evaluation._common import evaluating, module_device, seeded_torch, split_of
+from genmodels.evaluation._common import evaluating, head, module_device, seeded_torch, split_of
 from genmodels.models.base import GenerativeModel
 
 #: k used when neither the caller nor the model's config names one.
@@ -68,9 +68,10 @@ def likelihood_metrics(
             f"{snapshot.image.shape} with {snapshot.image.levels} levels"
         )
     data = split_of(snapshot, split)
+    data = head(data, max_examples)
+    n = len(data.y)
     x_all = model_input(data, image)
     y_all = torch.as_tensor(data.y, dtype=torch.long)
-    n = len(y_all) if max_examples is None else min(max_examples, len(y_all))
     if n == 0:
         raise ValueError(f"split {split!r} is empty")
 

@@ -33,7 +33,7 @@ class CVAE(VAE):
         # As the VAE's quick preset; IWAE k=100 for fast evaluation (looser than k>=1000).
         "quick": {
             "model": {"latent_dim": 20, "architecture": "mlp", "hidden": (512, 256), "iwae_k": 100},
-            "train": {"epochs": 8, "batch_size": 128, "lr": 1e-3, "max_train_examples": 20000,
+            "train": {"epochs": 15, "batch_size": 128, "lr": 1e-3, "max_train_examples": 20000,
                       "early_stopping_patience": None},
         },
         # GPU. Targets: >= 90% of class-conditional samples classified as their label, and an
@@ -50,12 +50,12 @@ class CVAE(VAE):
     def analogies(self, x: torch.Tensor, labels: Any) -> torch.Tensor:
         """[B, num_classes, C, H, W]: row b decodes the posterior mean of (x[b], labels[b])
         with every class label in turn; column ``labels[b]`` is ``reconstruct(x, labels)[b]``."""
-        x, onehot = self._inputs(x, labels)
-        return self._analogies(x, onehot)
+        x = self._check_x(x)
+        return self._analogies(x, self.check_labels(labels, x.shape[0]))
 
-    def _analogies(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """Export path of ``analogies``: one-hot labels in, plain tensor ops, no value checks."""
-        mu, _ = self.encoder(x, onehot)
+    def _analogies(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Export path of ``analogies``: int64 labels [B] in, plain tensor ops, no value checks."""
+        mu, _ = self.encoder(x, self._onehot(labels))
         k = self.image.num_classes
         z = mu.repeat_interleave(k, dim=0)  # [B*K, latent]: row b*K + c is (image b, class c)
         every_class = torch.eye(k, dtype=mu.dtype, device=mu.device).repeat(mu.shape[0], 1)

@@ -1,0 +1,36 @@
+"""Evaluation of generative models: likelihoods, domain FID/KID, precision/recall, class
+accuracy of conditional samples, and pictures.
+
+Sample quality is measured in the feature space of a small classifier trained once per
+dataset snapshot and cached in storage (:mod:`genmodels.evaluation.classifier`), because
+ImageNet features do not describe 8x8 digits or binarized clothes.
+"""
+
+from genmodels.evaluation.classifier import (
+    ClassifierConfig,
+    DomainClassifier,
+    TrainedClassifier,
+    classifier_key,
+    load_or_train_classifier,
+    train_classifier,
+)
+from genmodels.evaluation.likelihood import DEFAULT_IWAE_K, bits_per_dim, likelihood_metrics
+from genmodels.evaluation.metrics import evaluate, generate, reference_images, sample_quality
+from genmodels.evaluation.pictures import (
+    analogy_png,
+    grid_png,
+    interpolate,
+    interpolation_png,
+    manifold_png,
+    render_pictures,
+    slerp,
+)
+from genmodels.evaluation.quality import fid, frechet_distance, gaussian_stats, kid, precision_recall
+
+__all__ = [
+    "DEFAULT_IWAE_K", "ClassifierConfig", "DomainClassifier", "TrainedClassifier", "analogy_png",
+    "bits_per_dim", "classifier_key", "evaluate", "fid", "frechet_distance", "gaussian_stats",
+    "generate", "grid_png", "interpolate", "interpolation_png", "kid", "likelihood_metrics",
+    "load_or_train_classifier", "manifold_png", "precision_recall", "reference_images",
+    "render_pictures", "sample_quality", "slerp", "train_classifier",
+]

@@ -1,0 +1,146 @@
+"""One call that measures a trained model on a dataset snapshot: :func:`evaluate`."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from genmodels.data.loader import model_input
+from genmodels.evaluation import quality
+from genmodels.evaluation._common import evaluating, head, module_device, split_of
+from genmodels.evaluation.classifier import (
+    ClassifierConfig,
+    DomainClassifier,
+    extract,
+    load_or_train_classifier,
+)
+from genmodels.evaluation.likelihood import likelihood_metrics
+from genmodels.models.base import GenerativeModel
+
+logger = logging.getLogger(__name__)
+
+#: Neighbours defining the k-NN manifolds of precision/recall (the paper's choice).
+PR_NEIGHBOURS = 3
+
+
+def reference_images(model: GenerativeModel, split, max_examples: int | None = None) -> torch.Tensor:
+    """Real images of the same kind as the model's samples, for FID/KID.
+
+    Binary samples on the grid are compared with the split's binarized images; continuous
+    samples (decoder means, GAN outputs) with grey levels, because comparing a continuous
+    sample with a binarized real would measure the binarization noise, not the model.
+    """
+    kind = "quantized" if model.samples_on_grid else "intensity"
+    return model_input(head(split, max_examples), model.image, kind=kind)
+
+
+def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: every class within one of n / K samples."""
+    return torch.arange(n, dtype=torch.long) % num_classes
+
+
+def generate(
+    model: GenerativeModel, n: int, seed: int, labels: torch.Tensor | None = None, batch_size: int = 256
+) -> torch.Tensor:
+    """``model.sample(n, labels, seed)`` in batches; identical to one big call (noise is per row)."""
+    parts = []
+    with evaluating(model):
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            batch_labels = None if labels is None else labels[start : start + count]
+            parts.append(model.sample(count, labels=batch_labels, seed=seed, start=start).cpu())
+    samples = torch.cat(parts)
+    expected = (n, *model.image.shape)
+    if tuple(samples.shape) != expected:
+        raise ValueError(f"{model.family}.sample returned shape {tuple(samples.shape)}, expected {expected}")
+    if not torch.isfinite(samples).all() or samples.min() < 0 or samples.max() > 1:
+        raise ValueError(
+            f"{model.family} samples must be finite and lie in [0, 1]; got range "
+            f"{float(samples.nan_to_num().min()):.4g}..{float(samples.nan_to_num().max()):.4g}"
+            f"{' with NaN/inf' if not torch.isfinite(samples).all() else ''}"
+        )
+    return samples
+
+
+def sample_quality(
+    model: GenerativeModel,
+    snapshot,
+    network: DomainClassifier,
+    n_samples: int = 2000,
+    seed: int = 0,
+    max_examples: int | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """FID, KID and precision/recall of ``n_samples`` model samples against the test split
+    (first ``max_examples`` images), the same distances from val images to the test images as
+    the floor a perfect model would reach with that many samples, and, for conditional
+    models, ``class_accuracy``: how often the classifier names the requested class."""
+    if n_samples <= PR_NEIGHBOURS:
+        raise ValueError(f"n_samples must be > {PR_NEIGHBOURS} for FID/KID/precision-recall, got {n_samples}")
+    test, val = split_of(snapshot, "test"), split_of(snapshot, "val")
+    real_feats, _ = extract(network, reference_images(model, test, max_examples))
+    labels = class_balanced_labels(n_samples, model.image.num_classes) if model.conditional else None
+    fake_feats, predicted = extract(network, generate(model, n_samples, seed, labels, batch_size))
+    floor_feats, _ = extract(network, reference_images(model, val, n_samples))
+
+    precision, recall = quality.precision_recall(real_feats, fake_feats, PR_NEIGHBOURS)
+    out = {
+        "fid": quality.fid(real_feats, fake_feats),
+        "kid": quality.kid(real_feats, fake_feats),
+        "precision": precision,
+        "recall": recall,
+        "fid_real_floor": quality.fid(real_feats, floor_feats),
+        "kid_real_floor": quality.kid(real_feats, floor_feats),
+        "n_samples": float(n_samples),
+        "n_reference": float(len(real_feats)),
+        "n_floor": float(len(floor_feats)),
+    }
+    if labels is not None:
+        out["class_accuracy"] = float(np.mean(predicted == labels.numpy()))
+    return out
+
+
+def evaluate(
+    model: GenerativeModel,
+    snapshot,
+    *,
+    storage,
+    n_samples: int = 2000,
+    iwae_k: int | None = None,
+    seed: int = 0,
+    max_examples: int | None = None,
+    batch_size: int = 256,
+    classifier_config: ClassifierConfig | None = None,
+) -> dict[str, float]:
+    """Every metric that applies to ``model`` on ``snapshot``'s test split, as one flat dict.
+
+    - likelihood (families with one): ``nll_nats``, ``bits_per_dim``; VAEs also
+      ``elbo_nats``, ``elbo_bits_per_dim``, ``iwae_k{k}_nats``, ``recon_mse`` (see
+      :func:`likelihood_metrics`);
+    - sample quality in the domain classifier's feature space (labelled datasets):
+      ``fid``, ``kid``, ``precision``, ``recall``, the real-vs-real floors ``fid_real_floor``
+      and ``kid_real_floor``, ``class_accuracy`` (conditional models) and
+      ``classifier_test_accuracy``;
+    - counts: ``likelihood_examples``, ``n_samples``, ``n_reference``, ``n_floor``.
+
+    The domain classifier comes from (or goes into) ``storage``; ``storage=None`` trains it
+    afresh. ``max_examples`` caps the test images used (likelihood and FID reference).
+    """
+    if model.image != snapshot.image:
+        raise ValueError(f"model was built for {model.image}, the snapshot holds {snapshot.image}")
+    out = likelihood_metrics(
+        model, snapshot, "test", max_examples=max_examples, batch_size=batch_size, iwae_k=iwae_k, seed=seed
+    )
+    if snapshot.image.num_classes < 2:
+        logger.warning("snapshot %s has no class labels: no domain classifier, so no FID/KID", snapshot.dataset)
+        return out
+    classifier = load_or_train_classifier(snapshot, storage, classifier_config, module_device(model))
+    out["classifier_test_accuracy"] = classifier.test_accuracy
+    out.update(sample_quality(model, snapshot, classifier.network, n_samples, seed, max_examples, batch_size))
+    bad = sorted(k for k, v in out.items() if math.isnan(v))
+    if bad:
+        raise FloatingPointError(f"evaluation of the {model.family} model produced NaN for {bad}")
+    return out

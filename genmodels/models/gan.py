@@ -1,0 +1,251 @@
+"""GAN: a DCGAN generator and discriminator, unconditional or class-conditional.
+
+Shapes. Both networks work for any small image size: ``n`` stride-2 stages are chosen so the
+coarsest grid is at most 7x7 (8x8 -> 1 stage from 4x4, 28x28 -> 2 from 7x7, 32 -> 3 and
+64 -> 4 from 4x4). The generator paints a canvas of ``base * 2**n`` pixels a side and crops
+its centre to the image; the discriminator zero-pads images back onto that canvas, so every
+stage halves exactly.
+
+Stability choices (the non-saturating loss throughout):
+- spectral normalization on every discriminator layer (Miyato et al., 2018): it bounds D's
+  Lipschitz constant for one cheap power iteration per layer, with no double backward (an R1
+  penalty costs one; ``r1_gamma`` turns it on as well for harder data);
+- no BatchNorm in the generator: GroupNorm normalizes each sample on its own, so the images
+  the discriminator was trained against in train mode are exactly the ones ``eval()``
+  sampling produces, and sampling is row-independent by construction;
+- class conditioning by a label embedding concatenated to ``z`` in G and a projection
+  discriminator (Miyato & Koyama, 2018) in D;
+- real images are grey levels / 255 (``train_input = "intensity"``) and G ends in a sigmoid,
+  so D cannot tell fakes from the quantization alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from genmodels.models.base import GenerativeModel, ModelConfig
+from genmodels.noise import NoiseField, NoiseSpec
+
+__all__ = ["GANConfig", "GAN", "Generator", "Discriminator", "stage_plan"]
+
+_MAX_BASE = 7  # coarsest grid side: small enough for a dense layer, large enough for 7x7 (28 = 7*4)
+_MAX_MULT = 8  # channel multiplier cap at coarse stages (DCGAN doubles per stage)
+
+
+@dataclass(frozen=True)
+class GANConfig(ModelConfig):
+    """latent_dim: size of z. g_width / d_width: channels of the full-resolution stage of G /
+    D, doubled per coarser stage up to 8x. d_features: width of D's dense feature layer (the
+    projection's inner-product space). embed_dim: G's label embedding (conditional only).
+    r1_gamma: weight of the R1 gradient penalty on real images (0 = off)."""
+
+    latent_dim: int = 64
+    conditional: bool = False
+    g_width: int = 32
+    d_width: int = 32
+    d_features: int = 128
+    embed_dim: int = 32
+    r1_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "g_width", "d_width", "d_features", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GANConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.r1_gamma < 0:
+            raise ValueError(f"GANConfig.r1_gamma must be >= 0, got {self.r1_gamma}")
+        if self.conditional and self.image.num_classes < 1:
+            raise ValueError("a conditional GAN needs image.num_classes >= 1")
+
+
+def stage_plan(height: int, width: int) -> tuple[int, int, int]:
+    """(stride-2 stages n, base height, base width) with max(base) <= 7 and base * 2**n >= size."""
+    n = 0
+    while math.ceil(max(height, width) / 2**n) > _MAX_BASE:
+        n += 1
+    return n, math.ceil(height / 2**n), math.ceil(width / 2**n)
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: GANConfig) -> None:
+        super().__init__()
+        img = cfg.image
+        self.image = img
+        self.n, self.base_h, self.base_w = stage_plan(img.height, img.width)
+        widths = [cfg.g_width * min(2 ** (self.n - i), _MAX_MULT) for i in range(self.n + 1)]
+        self.embed = nn.Embedding(img.num_classes, cfg.embed_dim) if cfg.conditional else None
+        in_dim = cfg.latent_dim + (cfg.embed_dim if cfg.conditional else 0)
+        self.fc = nn.Linear(in_dim, widths[0] * self.base_h * self.base_w)
+        self.fc_norm = nn.GroupNorm(_groups(widths[0]), widths[0])
+        self.ups = nn.ModuleList(
+            nn.Sequential(
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                nn.GroupNorm(_groups(c_out), c_out),
+                nn.ReLU(),
+            )
+            for c_in, c_out in zip(widths[:-1], widths[1:])
+        )
+        self.to_image = nn.Conv2d(widths[-1], img.channels, 3, padding=1)
+        canvas_h, canvas_w = self.base_h * 2**self.n, self.base_w * 2**self.n
+        self.top, self.left = (canvas_h - img.height) // 2, (canvas_w - img.width) // 2
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        h = self.fc(z).view(z.shape[0], -1, self.base_h, self.base_w)
+        h = F.relu(self.fc_norm(h))
+        for up in self.ups:
+            h = up(h)
+        x = torch.sigmoid(self.to_image(h))
+        return x[:, :, self.top : self.top + self.image.height, self.left : self.left + self.image.width]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: GANConfig) -> None:
+        super().__init__()
+        img = cfg.image
+        self.image = img
+        self.n, base_h, base_w = stage_plan(img.height, img.width)
+        canvas_h, canvas_w = base_h * 2**self.n, base_w * 2**self.n
+        top, left = (canvas_h - img.height) // 2, (canvas_w - img.width) // 2
+        # F.pad order: (left, right, top, bottom); the inverse of the generator's crop.
+        self.pad = (left, canvas_w - img.width - left, top, canvas_h - img.height - top)
+        widths = [img.channels] + [cfg.d_width * min(2**i, _MAX_MULT) for i in range(self.n)]
+        self.downs = nn.ModuleList(
+            spectral_norm(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+            for c_in, c_out in zip(widths[:-1], widths[1:])
+        )
+        self.features = spectral_norm(nn.Linear(widths[-1] * base_h * base_w, cfg.d_features))
+        self.head = spectral_norm(nn.Linear(cfg.d_features, 1))
+        self.embed = spectral_norm(nn.Embedding(img.num_classes, cfg.d_features)) if cfg.conditional else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B]: real vs. fake (given the class, for a conditional D)."""
+        h = F.pad(x, self.pad) if any(self.pad) else x
+        for down in self.downs:
+            h = F.leaky_relu(down(h), 0.2)
+        phi = F.leaky_relu(self.features(h.flatten(1)), 0.2)
+        logit = self.head(phi).squeeze(1)
+        if self.embed is not None:
+            logit = logit + (self.embed(labels) * phi).sum(1)
+        return logit
+
+
+class GAN(GenerativeModel):
+    family: ClassVar[str] = "gan"
+    config_class: ClassVar[type[ModelConfig]] = GANConfig
+    has_likelihood: ClassVar[bool] = False
+    has_latent: ClassVar[bool] = True
+    samples_on_grid: ClassVar[bool] = False
+    train_input: ClassVar[str] = "intensity"
+    # The DCGAN recipe: Adam(2e-4, betas=(0.5, 0.999)). GAN losses do not measure sample
+    # quality, so nothing watches them for early stopping.
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        "quick": {
+            "model": {"latent_dim": 64, "g_width": 32, "d_width": 32, "d_features": 128},
+            "train": {"epochs": 4, "batch_size": 64, "lr": 2e-4, "betas": (0.5, 0.999),
+                      "max_train_examples": 12000, "early_stopping_patience": None, "checkpoint_every": 2},
+        },
+        "full": {
+            "model": {"latent_dim": 128, "g_width": 64, "d_width": 64, "d_features": 512, "r1_gamma": 0.1},
+            "train": {"epochs": 60, "batch_size": 128, "lr": 2e-4, "betas": (0.5, 0.999),
+                      "max_train_examples": None, "early_stopping_patience": None, "checkpoint_every": 5},
+        },
+    }
+
+    config: GANConfig
+
+    def __init__(self, config: GANConfig) -> None:
+        if not isinstance(config, GANConfig):
+            raise TypeError(f"GAN needs a GANConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self.conditional = config.conditional
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+
+    # --- training -------------------------------------------------------------------------
+    def players(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "discriminator": list(self.discriminator.parameters()),
+            "generator": list(self.generator.parameters()),
+        }
+
+    def loss(self, batch: Mapping[str, torch.Tensor], player: str = "discriminator") -> dict[str, torch.Tensor]:
+        x = batch["x"]
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image.shape:
+            raise ValueError(f"GAN expects images [B, {', '.join(map(str, self.image.shape))}], got {tuple(x.shape)}")
+        labels = batch["y"] if self.conditional else None
+        z = torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
+        if player == "discriminator":
+            return self._discriminator_loss(x, labels, z)
+        if player == "generator":
+            return self._generator_loss(z, labels)
+        raise ValueError(f"GAN players are 'discriminator' and 'generator', got {player!r}")
+
+    def _discriminator_loss(self, x, labels, z) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # G gets no gradient from D's step
+            fake = self.generator(z, labels)
+        r1 = self.config.r1_gamma > 0
+        if r1:
+            x = x.detach().requires_grad_(True)
+        n = x.shape[0]
+        # One forward over real and fake: one spectral-norm power iteration, not two.
+        both = self.discriminator(torch.cat([x, fake]), None if labels is None else torch.cat([labels, labels]))
+        real_logit, fake_logit = both[:n], both[n:]
+        loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+        out = {
+            "d_real": torch.sigmoid(real_logit).mean().detach(),
+            "d_fake": torch.sigmoid(fake_logit).mean().detach(),
+        }
+        if r1:
+            (grad,) = torch.autograd.grad(real_logit.sum(), x, create_graph=True)
+            penalty = grad.pow(2).flatten(1).sum(1).mean()
+            loss = loss + 0.5 * self.config.r1_gamma * penalty
+            out["r1"] = penalty.detach()
+        return {"loss": loss, **out}
+
+    def _generator_loss(self, z, labels) -> dict[str, torch.Tensor]:
+        logit = self.discriminator(self.generator(z, labels), labels)
+        return {"loss": F.softplus(-logit).mean(), "d_fake": torch.sigmoid(logit).mean().detach()}
+
+    @torch.no_grad()
+    def validation_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The generator's loss with a fixed z per batch size, so it is reproducible."""
+        x = batch["x"]
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        z = torch.randn(x.shape[0], self.config.latent_dim, generator=gen, device=x.device)
+        return self._generator_loss(z, batch["y"] if self.conditional else None)["loss"]
+
+    # --- sampling -------------------------------------------------------------------------
+    def noise_spec(self) -> NoiseSpec:
+        return {"z": NoiseField((self.config.latent_dim,), "normal")}
+
+    def sample_from_noise(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """G(temperature * z): intensities in [0, 1]. Temperature < 1 shrinks z towards the
+        mode of its prior (the truncation trick's trade of diversity for fidelity)."""
+        if self.conditional and labels is None:
+            raise ValueError("gan model is class-conditional: labels are required")
+        if not self.conditional and labels is not None:
+            raise ValueError("gan model is unconditional: it takes no labels")
+        return self.generator(noise["z"] * temperature, labels)
+
+    def log_likelihood(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(
+            "the gan family defines no likelihood (an implicit model: it can sample but not "
+            "evaluate p(x)); compare GANs by sample metrics such as FID"
+        )

@@ -1,0 +1,365 @@
+"""PixelRNN (van den Oord, Kalchbrenner & Kavukcuoglu, 2016): an exact autoregressive model.
+
+p(x) = prod over pixels in raster order, and over sub-pixels R, G, B within a pixel, of a
+categorical over ``image.levels`` given everything before. The network: a 7x7 mask-A input
+convolution, ``num_layers`` Row LSTM or Diagonal BiLSTM layers (mask-B semantics, optional
+residual connections), and a two-layer 1x1 mask-B output head giving logits
+[B, levels, C, H, W]. Class conditioning adds a learned per-class bias to every layer's gates
+and to the head's hidden layer.
+
+Sampling. ``sample_from_noise`` runs the cached sampler: explicit state tensors advanced by
+pure step functions, so a pixel costs the same whatever the image size:
+
+- ``pixel_step`` computes every layer at one pixel from a bounded window of sampled pixels
+  (the mask-A kernel's upper half) and cached neighbour states, and returns that pixel's
+  logits and its new states;
+- ``row_step`` (Diagonal BiLSTM only) runs the right-to-left direction over a finished row;
+  the output needs it only from the next row on, because of its one-row shift.
+
+The driver (``sample_cached``) only slices windows out of and writes results into row
+buffers, the same work a runtime over exported step graphs does. With C = 3, each pixel
+takes C steps (R, then G given R, then B given R and G); the states of the last one are
+kept, since no state at a pixel depends on its last channel. ``sample_naive`` recomputes the
+whole network per sub-pixel: slow, and the reference the cached sampler is tested against.
+A sub-pixel's level is the inverse CDF of softmax(logits / temperature) at its uniform
+noise ``u``, so images are a deterministic function of (weights, noise, labels, temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genmodels.models._pixelrnn_layers import GATES, DiagonalBiLSTMLayer, MaskedConv2d, RowLSTMLayer
+from genmodels.models.base import GenerativeModel, ModelConfig
+from genmodels.noise import NoiseField, NoiseSpec
+
+LAYER_KINDS = ("row", "diagonal")
+
+
+@dataclass(frozen=True)
+class PixelRNNConfig(ModelConfig):
+    layer: str = "row"  # "row" (Row LSTM) | "diagonal" (Diagonal BiLSTM)
+    num_layers: int = 2
+    hidden_channels: int = 32  # LSTM state size = width of every feature map between layers
+    residual: bool = True
+    head_hidden: int = 64  # hidden width of the 1x1 output head
+    input_kernel: int = 7  # side of the mask-A input convolution
+    conditional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layer not in LAYER_KINDS:
+            raise ValueError(f"PixelRNNConfig.layer must be one of {list(LAYER_KINDS)}, got {self.layer!r}")
+        for name in ("num_layers", "hidden_channels", "head_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PixelRNNConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_kernel < 3 or self.input_kernel % 2 == 0:
+            raise ValueError(f"PixelRNNConfig.input_kernel must be odd and >= 3, got {self.input_kernel}")
+        c = self.image.channels
+        if c not in (1, 3):
+            raise ValueError(
+                f"PixelRNN supports images with 1 or 3 channels (R|G|B channel-group masks), got {c}"
+            )
+        if c == 3:
+            for name in ("hidden_channels", "head_hidden"):
+                if getattr(self, name) % 3:
+                    raise ValueError(
+                        f"PixelRNNConfig.{name} must be divisible by 3 for 3-channel images "
+                        f"(one group of features per colour), got {getattr(self, name)}"
+                    )
+        if self.conditional and self.image.num_classes < 1:
+            raise ValueError("a conditional PixelRNN needs image.num_classes >= 1")
+
+
+def categorical_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Level index whose CDF interval holds ``u``: logits [B, levels], u [B] -> int64 [B].
+
+    Plain tensor ops (no sampling primitive) so that it exports to ONNX unchanged.
+    """
+    cdf = torch.softmax(logits / temperature, dim=1).cumsum(dim=1)
+    # Rounding can leave cdf[-1] slightly below 1; a u above it still means the last level.
+    return (cdf < u[:, None]).sum(dim=1).clamp(max=logits.shape[1] - 1)
+
+
+class PixelRNN(GenerativeModel):
+    family = "pixelrnn"
+    config_class = PixelRNNConfig
+    has_likelihood = True
+    has_latent = False
+    samples_on_grid = True
+    train_input = "quantized"
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        # 28x28 binary Fashion-MNIST in about 2-3 minutes on 2 CPU cores.
+        "quick": {
+            "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 64},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "grad_clip": 1.0, "max_train_examples": 3000,
+                      "max_val_examples": 1000},
+        },
+        # GPU: the paper's MNIST model (7 Diagonal BiLSTM layers, residual), trained to early stop.
+        "full": {
+            "model": {"layer": "diagonal", "num_layers": 7, "hidden_channels": 64, "head_hidden": 128},
+            "train": {"epochs": 60, "batch_size": 64, "lr": 1e-3, "scheduler": "cosine", "grad_clip": 1.0,
+                      "early_stopping_patience": 5},
+        },
+    }
+
+    def __init__(self, config: PixelRNNConfig) -> None:
+        if not isinstance(config, PixelRNNConfig):
+            raise TypeError(f"PixelRNN needs a PixelRNNConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self.conditional = config.conditional
+        img = config.image
+        c, hid, k = img.channels, config.hidden_channels, config.input_kernel
+        self.directions = 2 if config.layer == "diagonal" else 1
+        self.input_conv = MaskedConv2d(c, hid, (k, k), "A", c, c, hid)
+        layer_cls = DiagonalBiLSTMLayer if config.layer == "diagonal" else RowLSTMLayer
+        self.layers = nn.ModuleList(layer_cls(hid, c, config.residual) for _ in range(config.num_layers))
+        hh = config.head_hidden
+        self.head_hidden = MaskedConv2d(hid, hh, (1, 1), "B", c, hid, hh)
+        self.head_out = MaskedConv2d(hh, c * img.levels, (1, 1), "B", c, hh, c * img.levels)
+        if config.conditional:
+            # Zero init: training starts from the unconditional model and learns the offsets.
+            self.gate_class_bias = nn.Parameter(
+                torch.zeros(config.num_layers, self.directions, img.num_classes, GATES * hid)
+            )
+            self.head_class_bias = nn.Parameter(torch.zeros(img.num_classes, hh))
+
+    # --- shared pieces --------------------------------------------------------------------
+    @staticmethod
+    def network_input(x: torch.Tensor) -> torch.Tensor:
+        """Grid values in [0, 1] -> [-1, 1]; the zero padding of the convs is then mid-grey."""
+        return x * 2.0 - 1.0
+
+    def _ref(self) -> torch.Tensor:
+        return self.input_conv.weight
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image.shape:
+            raise ValueError(f"expected images [B, {', '.join(map(str, self.image.shape))}], got {tuple(x.shape)}")
+
+    def conditioning(self, labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample class biases: gates [n, L, directions, 4h] and head [n, head_hidden].
+
+        Zeros for an unconditional model, so the step functions keep one signature. Labels
+        are checked strictly: required by a conditional model, refused by an unconditional one.
+        """
+        cfg = self.config
+        labels = self.check_labels(labels, n)
+        if labels is None:
+            ref = self._ref()
+            return (
+                ref.new_zeros(n, cfg.num_layers, self.directions, GATES * cfg.hidden_channels),
+                ref.new_zeros(n, cfg.head_hidden),
+            )
+        return self.gate_class_bias[:, :, labels].permute(2, 0, 1, 3), self.head_class_bias[labels]
+
+    # --- full forward ---------------------------------------------------------------------
+    def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, levels, C, H, W] of every sub-pixel given all before it (and the label)."""
+        self._check_images(x)
+        b = x.shape[0]
+        gate_bias = head_bias = None
+        # Unconditional models ignore labels here: training batches always carry "y".
+        if self.conditional:
+            gate_bias, head_bias = self.conditioning(labels, b)
+        feat = self.input_conv(self.network_input(x))
+        for idx, layer in enumerate(self.layers):
+            gb = None
+            if gate_bias is not None:
+                gb = gate_bias[:, idx, 0] if self.directions == 1 else gate_bias[:, idx]
+            feat = layer(feat, gb)
+        z = self.head_hidden(F.relu(feat))
+        if head_bias is not None:
+            z = z + head_bias[:, :, None, None]
+        out = self.head_out(F.relu(z))
+        c, h, w = self.image.shape
+        return out.view(b, c, self.image.levels, h, w).transpose(1, 2)
+
+    def log_likelihood(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(x | label) in nats, [B]."""
+        logp = F.log_softmax(self.logits(x, labels), dim=1)
+        return logp.gather(1, self.to_levels(x).unsqueeze(1)).squeeze(1).flatten(1).sum(dim=1)
+
+    def loss(self, batch: Mapping[str, torch.Tensor], player: str = "model") -> dict[str, torch.Tensor]:
+        if player != "model":
+            raise ValueError(f"PixelRNN has one player, 'model'; got {player!r}")
+        nll = -self.log_likelihood(batch["x"], batch.get("y")).mean()
+        return {
+            "loss": nll,
+            "nll": nll.detach(),
+            "bits_per_dim": nll.detach() / (self.image.dims * math.log(2.0)),
+        }
+
+    # --- sampling -------------------------------------------------------------------------
+    def noise_spec(self) -> NoiseSpec:
+        return {"u": NoiseField(self.image.shape, "uniform")}
+
+    def _check_noise(self, noise: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        if "u" not in noise:
+            raise ValueError(f"PixelRNN noise needs field 'u', got {sorted(noise)}")
+        u = noise["u"]
+        if u.ndim != 4 or tuple(u.shape[1:]) != self.image.shape:
+            raise ValueError(
+                f"noise 'u' must be [n, {', '.join(map(str, self.image.shape))}], got {tuple(u.shape)}"
+            )
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return u.to(self._ref())
+
+    def sample_from_noise(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        return self.sample_cached(noise, labels, temperature)
+
+    def pixel_step(self, window: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All layers at one pixel from cached states; pure, fixed-size inputs (rows of B).
+
+        window [B, C, k//2+1, k]: network-input values of the mask-A kernel's upper half
+        around the pixel (zeros outside the image and at not-yet-sampled sub-pixels).
+        Row LSTM ``states``: above_h [B, L, h, 3] (h of the row above at j-1, j, j+1),
+        above_c [B, L, h] (c above), left_inp [B, L, h] (each layer's input at (i, j-1)),
+        gate_bias [B, L, 1, 4h], head_bias [B, head_hidden].
+        Diagonal BiLSTM ``states``: left_h, left_c [B, L, h] (left-to-right state at
+        (i, j-1)), above_h [B, L, h] (left-to-right h at (i-1, j)), rl_above [B, L, h]
+        (right-to-left h at (i-1, j)), gate_bias [B, L, 2, 4h], head_bias.
+        Returns (logits [B, levels, C], h [B, L, h], c [B, L, h], layer_inp [B, L, h]), the
+        last being each layer's input at (i, j).
+        """
+        w = self.input_conv.masked_weight[:, :, : window.shape[2]]
+        feat = F.linear(window.flatten(1), w.flatten(1), self.input_conv.bias)
+        hs, cs, inps = [], [], []
+        if self.directions == 1:
+            above_h, above_c, left_inp, gate_bias, head_bias = states
+            for idx, layer in enumerate(self.layers):
+                inps.append(feat)
+                h, c, feat = layer.step(feat, left_inp[:, idx], above_h[:, idx], above_c[:, idx], gate_bias[:, idx, 0])
+                hs.append(h)
+                cs.append(c)
+        else:
+            left_h, left_c, above_h, rl_above, gate_bias, head_bias = states
+            for idx, layer in enumerate(self.layers):
+                inps.append(feat)
+                h, c, feat = layer.step(
+                    feat, left_h[:, idx], left_c[:, idx], above_h[:, idx], rl_above[:, idx], gate_bias[:, idx, 0]
+                )
+                hs.append(h)
+                cs.append(c)
+        z = F.linear(F.relu(feat), self.head_hidden.masked_weight[:, :, 0, 0], self.head_hidden.bias) + head_bias
+        out = F.linear(F.relu(z), self.head_out.masked_weight[:, :, 0, 0], self.head_out.bias)
+        logits = out.view(out.shape[0], self.image.channels, self.image.levels).transpose(1, 2)
+        return logits, torch.stack(hs, 1), torch.stack(cs, 1), torch.stack(inps, 1)
+
+    def row_step(self, row_inp: torch.Tensor, rl_above: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+        """Diagonal BiLSTM: right-to-left h of every layer over a finished row.
+
+        row_inp [B, L, h, W]: each layer's input along the row; rl_above [B, L, h, W]: the
+        same direction's h on the row above; gate_bias [B, L, 2, 4h]. Returns [B, L, h, W].
+        Layers are independent here: their inputs along the row are already known.
+        """
+        if self.directions != 2:
+            raise RuntimeError("row_step exists only for the Diagonal BiLSTM (layer='diagonal')")
+        rows = [
+            layer.rl_row(row_inp[:, idx], rl_above[:, idx], gate_bias[:, idx, 1])
+            for idx, layer in enumerate(self.layers)
+        ]
+        return torch.stack(rows, dim=1)
+
+    @torch.no_grad()
+    def sample_cached(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Pixel-by-pixel sampling with cached recurrent state (see the module docstring).
+
+        With ``return_logits``, also returns the logits [n, levels, C, H, W] each sub-pixel
+        was drawn from (they equal ``self.logits`` of the returned images).
+        """
+        u = self._check_noise(noise, temperature)
+        n, C, H, W = u.shape
+        gate_bias, head_bias = self.conditioning(labels, n)
+        L, hid, levels = self.config.num_layers, self.config.hidden_channels, self.image.levels
+        pad = self.config.input_kernel // 2
+        # Network-input values of the sampled image, zero-padded like the input conv's input.
+        canvas = u.new_zeros(n, C, H + pad, W + 2 * pad)
+        out_levels = torch.zeros(n, C, H, W, dtype=torch.long, device=u.device)
+        all_logits = u.new_zeros(n, levels, C, H, W) if return_logits else None
+        diagonal = self.directions == 2
+        if diagonal:
+            above_h = u.new_zeros(n, L, hid, W)
+            rl_above = u.new_zeros(n, L, hid, W)
+        else:
+            above_h = u.new_zeros(n, L, hid, W + 2)  # one zero column each side for the 1x3 conv
+            above_c = u.new_zeros(n, L, hid, W)
+        for i in range(H):
+            row_h = torch.zeros_like(above_h)
+            if diagonal:
+                left_h = u.new_zeros(n, L, hid)
+                left_c = u.new_zeros(n, L, hid)
+                row_inp = u.new_zeros(n, L, hid, W)
+            else:
+                row_c = torch.zeros_like(above_c)
+                left_inp = u.new_zeros(n, L, hid)
+            for j in range(W):
+                # A view: sub-pixels written below are visible to this pixel's next channel.
+                window = canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1]
+                for ch in range(C):
+                    if diagonal:
+                        logits, h, c, inp = self.pixel_step(
+                            window, left_h, left_c, above_h[..., j], rl_above[..., j], gate_bias, head_bias
+                        )
+                    else:
+                        logits, h, c, inp = self.pixel_step(
+                            window, above_h[..., j : j + 3], above_c[..., j], left_inp, gate_bias, head_bias
+                        )
+                    level = categorical_inverse_cdf(logits[:, :, ch], u[:, ch, i, j], temperature)
+                    out_levels[:, ch, i, j] = level
+                    canvas[:, ch, i + pad, j + pad] = self.network_input(self.from_levels(level).to(u))
+                    if all_logits is not None:
+                        all_logits[:, :, ch, i, j] = logits[:, :, ch]
+                if diagonal:
+                    left_h, left_c = h, c
+                    row_h[..., j] = h
+                    row_inp[..., j] = inp
+                else:
+                    left_inp = inp
+                    row_h[..., j + 1] = h
+                    row_c[..., j] = c
+            above_h = row_h
+            if diagonal:
+                if i + 1 < H:  # the last row's right-to-left states would never be read
+                    rl_above = self.row_step(row_inp, rl_above, gate_bias)
+            else:
+                above_c = row_c
+        images = self.from_levels(out_levels).to(u)
+        return (images, all_logits) if return_logits else images
+
+    @torch.no_grad()
+    def sample_naive(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Reference sampler: a full forward pass per sub-pixel (O((C*H*W)^2) work)."""
+        u = self._check_noise(noise, temperature)
+        n, C, H, W = u.shape
+        labels = self.check_labels(labels, n)
+        x = u.new_zeros(n, C, H, W)
+        for i in range(H):
+            for j in range(W):
+                for ch in range(C):
+                    logits = self.logits(x, labels)[:, :, ch, i, j]
+                    level = categorical_inverse_cdf(logits, u[:, ch, i, j], temperature)
+                    x[:, ch, i, j] = self.from_levels(level).to(u)
+        return x

@@ -1,0 +1,61 @@
+"""Shared test fixtures.
+
+S3: ``s3_endpoint`` runs one moto S3 server over real HTTP for the whole session (boto3
+talks to it exactly as to MinIO/AWS); ``s3_bucket`` gives each test a fresh bucket URL.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# Variables that could point boto3 elsewhere or at real credentials during tests.
+_AWS_ENV_CLEARED = (
+    "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a local S3 endpoint; AWS_* env points boto3 at it until the session ends."""
+    from moto.server import ThreadedMotoServer
+
+    # Port 0: the OS picks a free port at bind time, so parallel sessions never collide.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _AWS_ENV_CLEARED:
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """``s3://<fresh bucket>/prefix`` on the session's endpoint (the bucket exists, empty)."""
+    import boto3
+
+    bucket = f"genmodels-test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/prefix"
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A 127.0.0.1 port with nothing listening (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

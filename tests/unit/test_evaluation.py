@@ -1,0 +1,620 @@
+"""Evaluation: likelihood metrics, feature distances, the cached domain classifier, pictures.
+
+Exact answers come from tiny test-only models defined here (an independent-Bernoulli model
+with a closed-form likelihood, a fake VAE with known bounds, a GAN-like decoder, and an
+"oracle" conditional model that returns real images of the requested class); the domain
+classifier is trained on sklearn's 8x8 digits with a tiny config.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import norm
+from torch import nn
+
+from genmodels.data.prep import PrepConfig, Split, prepare
+from genmodels.evaluation import (
+    ClassifierConfig,
+    DomainClassifier,
+    analogy_png,
+    bits_per_dim,
+    classifier_key,
+    evaluate,
+    fid,
+    frechet_distance,
+    generate,
+    grid_png,
+    interpolate,
+    interpolation_png,
+    kid,
+    likelihood_metrics,
+    load_or_train_classifier,
+    manifold_png,
+    precision_recall,
+    reference_images,
+    render_pictures,
+    slerp,
+    train_classifier,
+)
+from genmodels.evaluation import classifier as classifier_module
+from genmodels.evaluation.pictures import MIN_TILE_PX, analogies, manifold_images
+from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
+from genmodels.noise import NoiseField
+from genmodels.storage import open_storage
+
+DIGITS = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=10)
+# Small enough to train in about a second on a busy CPU, good enough (>80%) on digits.
+TINY = dict(base_channels=8, feature_dim=32, epochs=3, batch_size=64)
+LIKELIHOOD_KEYS = {"nll_nats", "bits_per_dim", "elbo_nats", "elbo_bits_per_dim", "recon_mse", "likelihood_examples"}
+
+
+# --- test-only models ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class BernoulliConfig(ModelConfig):
+    p: float = 0.3
+
+
+class IndependentBernoulli(GenerativeModel):
+    """Every pixel ~ Bernoulli(p) independently: log p(x) has a closed form."""
+
+    family = "test-bernoulli"
+    config_class = BernoulliConfig
+
+    def __init__(self, config: BernoulliConfig) -> None:
+        super().__init__(config)
+        self.logit = nn.Parameter(torch.full(config.image.shape, math.log(config.p / (1 - config.p))))
+
+    def noise_spec(self):
+        return {"u": NoiseField(self.image.shape, "uniform")}
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        return (noise["u"] < torch.sigmoid(self.logit)).float()
+
+    def log_likelihood(self, x, labels=None):
+        lp = x * nn.functional.logsigmoid(self.logit) + (1 - x) * nn.functional.logsigmoid(-self.logit)
+        return lp.flatten(1).sum(1)
+
+
+class UniformLevels(GenerativeModel):
+    """Uniform over the 256 levels of every pixel: exactly 8 bits per dimension."""
+
+    family = "test-uniform"
+    config_class = ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def log_likelihood(self, x, labels=None):
+        return torch.full((len(x),), -self.image.dims * math.log(256.0))
+
+
+@dataclass(frozen=True)
+class LatentConfig(ModelConfig):
+    latent_dim: int = 2
+    iwae_k: int = 7
+    conditional: bool = False
+
+
+class FakeVAE(GenerativeModel):
+    """Follows the VAE contract with bounds of known value: IWAE(k) = -sum(x) - 1/k,
+    ELBO = -sum(x) - 2 - U(0,1) (drawn from torch's global RNG, like a real VAE)."""
+
+    family = "test-vae"
+    config_class = LatentConfig
+    has_latent = True
+    samples_on_grid = False
+
+    def __init__(self, config: LatentConfig) -> None:
+        super().__init__(config)
+        self.latent_dim = config.latent_dim
+        self.conditional = config.conditional
+        gen = torch.Generator().manual_seed(0)
+        self.decoder = nn.Linear(config.latent_dim, config.image.dims)
+        with torch.no_grad():
+            self.decoder.weight.copy_(torch.randn(self.decoder.weight.shape, generator=gen))
+            self.decoder.bias.zero_()
+        self.iwae_calls: list[int] = []
+        self.decoded_z: torch.Tensor | None = None
+
+    def noise_spec(self):
+        return {"z": NoiseField((self.latent_dim,), "normal")}
+
+    def decode(self, z, labels=None):
+        self.decoded_z = z.clone()
+        shift = 0.0 if labels is None else labels.float()[:, None] * 0.1
+        return torch.sigmoid(self.decoder(z) + shift).view(len(z), *self.image.shape)
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        return self.decode(noise["z"] * temperature, labels)
+
+    def elbo(self, x, labels=None):
+        return -x.flatten(1).sum(1) - 2.0 - torch.rand(len(x))
+
+    def iwae(self, x, labels=None, k=1000, chunk=100):
+        self.iwae_calls.append(k)
+        return -x.flatten(1).sum(1) - 1.0 / k
+
+    def reconstruct(self, x, labels=None):
+        return 0.5 * x
+
+    def log_likelihood(self, x, labels=None, k=None):
+        return self.iwae(x, labels, k or self.config.iwae_k)
+
+
+class FakeCVAE(FakeVAE):
+    family = "test-cvae"
+
+    def analogies(self, x, labels):
+        k = self.image.num_classes
+        scale = (torch.arange(k, dtype=torch.float32) + 1) / k
+        return x[:, None] * scale[None, :, None, None, None]
+
+
+class GanLike(GenerativeModel):
+    """Latent decoder without a likelihood, like the GAN."""
+
+    family = "test-gan"
+    config_class = LatentConfig
+    has_likelihood = False
+    has_latent = True
+    samples_on_grid = False
+    train_input = "intensity"
+
+    def __init__(self, config: LatentConfig) -> None:
+        super().__init__(config)
+        torch.manual_seed(1)
+        self.net = nn.Linear(config.latent_dim, config.image.dims)
+
+    def noise_spec(self):
+        return {"z": NoiseField((self.config.latent_dim,), "normal")}
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        return torch.sigmoid(self.net(noise["z"] * temperature)).view(-1, *self.image.shape)
+
+
+class Oracle(GenerativeModel):
+    """Conditional 'model' returning real training images of class ``(label + offset) % K``:
+    offset 0 is a perfect conditional sampler, offset 1 always draws the wrong class."""
+
+    family = "test-oracle"
+    config_class = ModelConfig
+    has_likelihood = False
+    samples_on_grid = False
+    conditional = True
+
+    def __init__(self, config: ModelConfig, split: Split, offset: int = 0) -> None:
+        super().__init__(config)
+        k = config.image.num_classes
+        per_class = min(int((split.y == c).sum()) for c in range(k))
+        bank = np.stack([split.x[split.y == c][:per_class] for c in range(k)])
+        self.register_buffer("bank", torch.from_numpy(bank).float() / 255.0)
+        self.offset = offset
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def noise_spec(self):
+        return {"u": NoiseField((1,), "uniform")}
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        m = self.bank.shape[1]
+        idx = (noise["u"][:, 0] * m).long().clamp(max=m - 1)
+        return self.bank[(labels + self.offset) % self.image.num_classes, idx]
+
+
+# --- fixtures -----------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These networks are far too small to gain from intra-op threads; on a shared 2-core
+    machine the threads' spin-waiting made classifier training 20x slower (1.2 s -> 26 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare("digits", prep=PrepConfig(quantization="binary"))
+
+
+@pytest.fixture(scope="module")
+def classifier_storage(digits, tmp_path_factory):
+    """A storage already holding the digits classifier (trained once for the module)."""
+    storage = open_storage(tmp_path_factory.mktemp("clf-cache"))
+    load_or_train_classifier(digits, storage, ClassifierConfig.for_image(digits.image, **TINY))
+    return storage
+
+
+def _synthetic(image: ImageSpec, x: np.ndarray, x_binary: np.ndarray | None) -> SimpleNamespace:
+    y = np.zeros(len(x), dtype=np.int64)
+    return SimpleNamespace(
+        dataset="synthetic", image=image, splits={"test": Split(x, y, x_binary)}, hash="0" * 64, class_names=[]
+    )
+
+
+# --- likelihood ---------------------------------------------------------------------------
+def test_bits_per_dim_conversion_is_exact():
+    assert bits_per_dim(784 * math.log(2.0), 784) == pytest.approx(1.0, rel=1e-15)
+    assert bits_per_dim(0.0, 10) == 0.0
+    with pytest.raises(ValueError, match="dims"):
+        bits_per_dim(1.0, 0)
+
+
+def test_bernoulli_likelihood_equals_hand_computed_value():
+    image = ImageSpec(channels=1, height=2, width=2, levels=2, num_classes=0)
+    x_binary = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=np.uint8).reshape(3, 1, 2, 2)
+    snap = _synthetic(image, x_binary * 255, x_binary)
+    model = IndependentBernoulli(BernoulliConfig(image=image, p=0.25))
+    out = likelihood_metrics(model, snap, batch_size=2)  # two batches: sums must combine exactly
+    # 3 ones and 9 zeros over 3 images.
+    expected = -(3 * math.log(0.25) + 9 * math.log(0.75)) / 3
+    assert out["nll_nats"] == pytest.approx(expected, rel=1e-6)
+    assert out["bits_per_dim"] == pytest.approx(expected / (4 * math.log(2)), rel=1e-6)
+    assert out["likelihood_examples"] == 3.0
+    assert set(out) == {"nll_nats", "bits_per_dim", "likelihood_examples"}
+    assert likelihood_metrics(model, snap, max_examples=1)["nll_nats"] == pytest.approx(
+        -(math.log(0.25) + 3 * math.log(0.75)), rel=1e-6
+    )
+
+
+def test_uniform_8bit_model_has_exactly_8_bits_per_dim():
+    image = ImageSpec(channels=3, height=2, width=3, levels=256, num_classes=0)
+    x = np.random.default_rng(0).integers(0, 256, size=(5, 3, 2, 3), dtype=np.uint8)
+    out = likelihood_metrics(UniformLevels(ModelConfig(image=image)), _synthetic(image, x, None))
+    assert out["bits_per_dim"] == pytest.approx(8.0, rel=1e-6)
+    assert out["nll_nats"] == pytest.approx(18 * math.log(256), rel=1e-6)
+
+
+def test_vae_metrics_report_elbo_iwae_and_reconstruction(digits):
+    model = FakeVAE(LatentConfig(image=DIGITS))
+    x = torch.from_numpy(digits.splits["test"].x_binary[:50]).float()
+    mean_sum = float(x.flatten(1).sum(1).mean())
+    rng_before = torch.random.get_rng_state()
+    out = likelihood_metrics(model, digits, max_examples=50, iwae_k=5, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), rng_before), "the caller's RNG stream must be untouched"
+    assert model.iwae_calls == [5]
+    assert out["iwae_k5_nats"] == pytest.approx(-mean_sum - 0.2, rel=1e-6)
+    assert out["nll_nats"] == pytest.approx(mean_sum + 0.2, rel=1e-6)
+    assert out["bits_per_dim"] == pytest.approx((mean_sum + 0.2) / (64 * math.log(2)), rel=1e-6)
+    assert -mean_sum - 3.0 < out["elbo_nats"] < -mean_sum - 2.0
+    assert out["elbo_bits_per_dim"] == pytest.approx(-out["elbo_nats"] / (64 * math.log(2)), rel=1e-9)
+    # reconstruct = x / 2 on binary x: squared error x^2 / 4 = x / 4 per pixel.
+    assert out["recon_mse"] == pytest.approx(float(x.mean()) / 4, rel=1e-6)
+    # Same seed, same Monte-Carlo draws; the config's iwae_k is the default.
+    again = likelihood_metrics(model, digits, max_examples=50, seed=3)
+    assert again["elbo_nats"] == out["elbo_nats"]
+    assert "iwae_k7_nats" in again and model.iwae_calls[-1] == 7
+
+
+def test_model_without_likelihood_gets_no_likelihood_keys(digits):
+    assert likelihood_metrics(GanLike(LatentConfig(image=DIGITS)), digits) == {}
+
+
+def test_likelihood_rejects_a_model_for_other_images(digits):
+    model = IndependentBernoulli(BernoulliConfig(image=ImageSpec(1, 28, 28, 2, 10)))
+    with pytest.raises(ValueError, match="do not match snapshot"):
+        likelihood_metrics(model, digits)
+
+
+# --- feature distances --------------------------------------------------------------------
+def _correlated(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mixing = np.random.default_rng(100).normal(size=(d, d)) / math.sqrt(d)
+    return rng.normal(size=(n, d)) @ mixing
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_of_non_commuting_gaussians_matches_closed_form():
+    s1 = np.array([[2.0, 0.5], [0.5, 1.0]])
+    s2 = np.array([[1.0, -0.3], [-0.3, 0.5]])
+    # For 2x2 M with positive eigenvalues: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)).
+    m = s1 @ s2
+    tr_sqrt = math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m)))
+    expected = 0.5**2 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(np.array([0.5, 0.0]), s1, np.zeros(2), s2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_handles_singular_covariances():
+    rank_one = np.outer([1.0, 2.0, 0.0], [1.0, 2.0, 0.0])
+    value = frechet_distance(np.zeros(3), rank_one, np.zeros(3), rank_one)
+    assert value == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        frechet_distance(np.zeros(3), rank_one, np.zeros(2), np.eye(2))
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_a_shift_adds_its_squared_norm():
+    a = _correlated(500, 16, seed=0)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = np.linspace(-1.0, 1.0, 16)
+    # Same covariance, means apart by `shift`: exactly |shift|^2.
+    assert fid(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-9)
+    assert fid(a, a + 2 * shift) > fid(a, a + shift) > fid(a, a + 0.5 * shift) > 0
+
+
+def test_kid_matches_torchmetrics_and_brute_force():
+    from torchmetrics.image.kid import poly_mmd
+
+    a, b = _correlated(60, 8, seed=1), _correlated(60, 8, seed=2) + 0.3
+    reference = float(poly_mmd(torch.from_numpy(a), torch.from_numpy(b)))
+    assert kid(a, b) == pytest.approx(reference, rel=1e-10)
+    # Unequal set sizes: the U-statistic written out.
+    c = b[:25]
+    k = lambda u, v: (u @ v.T / 8 + 1) ** 3  # noqa: E731
+    kaa, kcc, kac = k(a, a), k(c, c), k(a, c)
+    expected = (
+        (kaa.sum() - np.trace(kaa)) / (60 * 59) + (kcc.sum() - np.trace(kcc)) / (25 * 24) - 2 * kac.mean()
+    )
+    assert kid(a, c) == pytest.approx(expected, rel=1e-10)
+
+
+def test_kid_is_unbiased_for_one_distribution_and_grows_with_a_shift():
+    values = np.array([kid(_correlated(40, 8, 2 * r), _correlated(40, 8, 2 * r + 1)) for r in range(40)])
+    assert abs(values.mean()) < 3 * values.std(ddof=1) / math.sqrt(len(values))
+    a, b = _correlated(300, 8, 10), _correlated(300, 8, 11)
+    shifted = [kid(a, b + s) for s in (0.25, 0.5, 1.0)]
+    assert shifted[0] > 10 * abs(kid(a, b))
+    assert shifted[0] < shifted[1] < shifted[2]
+
+
+def test_precision_recall_identical_disjoint_and_mode_dropping():
+    rng = np.random.default_rng(0)
+    cluster_a, cluster_b = rng.normal(size=(100, 4)), rng.normal(size=(100, 4)) + 100.0
+    real = np.concatenate([cluster_a, cluster_b])
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 1000.0) == (0.0, 0.0)
+    # A model that only produces cluster A: everything it makes is realistic, half is missing.
+    assert precision_recall(real, cluster_a) == (1.0, 0.5)
+
+
+def test_distances_reject_bad_feature_sets():
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        fid(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kid(np.full((5, 3), np.nan), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        fid(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+# --- domain classifier --------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 64, 64), (3, 5, 7)])
+def test_classifier_network_accepts_any_image_size(shape):
+    net = DomainClassifier(ClassifierConfig(*shape, num_classes=4, base_channels=4, feature_dim=16)).eval()
+    x = torch.rand(2, *shape)
+    assert net.features(x).shape == (2, 16)
+    assert net(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="classifier expects images"):
+        net(torch.rand(2, shape[0], shape[1] + 1, shape[2]))
+
+
+def test_classifier_training_is_deterministic_given_the_seed(digits):
+    train = digits.splits["train"]
+    cfg = ClassifierConfig.for_image(digits.image, **{**TINY, "epochs": 1, "max_train_examples": 200})
+    first, second = train_classifier(train.x, train.y, cfg), train_classifier(train.x, train.y, cfg)
+    other = train_classifier(train.x, train.y, ClassifierConfig(**{**cfg.to_dict(), "seed": 1}))
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+    assert not torch.equal(first.head.weight, other.head.weight)
+
+
+def test_classifier_is_cached_and_a_second_call_does_not_retrain(digits, tmp_path, monkeypatch):
+    calls = []
+    real_train = classifier_module.train_classifier
+
+    def counting_train(*args, **kwargs):
+        calls.append(args[2])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(classifier_module, "train_classifier", counting_train)
+    storage = open_storage(tmp_path)
+    # A token training run: this test is about the cache, not about accuracy.
+    cfg = ClassifierConfig.for_image(digits.image, **{**TINY, "epochs": 1, "max_train_examples": 200})
+    key = classifier_key(digits)
+    assert key == f"classifiers/{digits.hash[:16]}.pt" and not storage.exists(key)
+
+    first = load_or_train_classifier(digits, storage, cfg)
+    assert len(calls) == 1 and not first.from_cache and storage.exists(key)
+    cached_bytes = storage.get_bytes(key)
+    # The cache is plain tensors and values: it must load without unpickling code.
+    assert torch.load(io.BytesIO(cached_bytes), weights_only=True)["config"] == cfg.to_dict()
+
+    second = load_or_train_classifier(digits, storage, cfg)
+    assert len(calls) == 1 and second.from_cache
+    assert storage.get_bytes(key) == cached_bytes
+    assert second.test_accuracy == first.test_accuracy
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(first.network.eval().features(x), second.network.features(x))
+
+    # Asking for another architecture must not silently reuse the cached one.
+    third = load_or_train_classifier(digits, storage, ClassifierConfig(**{**cfg.to_dict(), "feature_dim": 16}))
+    assert len(calls) == 2 and not third.from_cache and third.network.config.feature_dim == 16
+
+
+def test_classifier_learns_digits_and_reports_its_test_accuracy(digits, classifier_storage):
+    trained = load_or_train_classifier(digits, classifier_storage, ClassifierConfig.for_image(DIGITS, **TINY))
+    assert trained.from_cache
+    test = digits.splits["test"]
+    with torch.no_grad():
+        predicted = trained.network(torch.from_numpy(test.x).float() / 255).argmax(1).numpy()
+    assert trained.test_accuracy == pytest.approx(float(np.mean(predicted == test.y)), abs=1e-12)
+    assert trained.test_accuracy > 0.8  # digits are easy even for the tiny network
+
+
+def test_classifier_needs_labels():
+    with pytest.raises(ValueError, match=">= 2 classes"):
+        ClassifierConfig(1, 8, 8, num_classes=0)
+
+
+# --- sample quality through evaluate ------------------------------------------------------
+def test_reference_images_match_the_kind_of_samples(digits):
+    test = digits.splits["test"]
+    on_grid = reference_images(IndependentBernoulli(BernoulliConfig(image=DIGITS)), test, 5)
+    continuous = reference_images(FakeVAE(LatentConfig(image=DIGITS)), test, 5)
+    assert torch.equal(on_grid, torch.from_numpy(test.x_binary[:5]).float())
+    assert torch.allclose(continuous, torch.from_numpy(test.x[:5]).float() / 255)
+
+
+def test_generate_in_batches_equals_one_call():
+    model = GanLike(LatentConfig(image=DIGITS))
+    assert torch.allclose(generate(model, 10, seed=4, batch_size=3), model.sample(10, seed=4), atol=1e-6)
+
+
+def test_evaluate_unconditional_model_with_likelihood(digits, classifier_storage):
+    model = IndependentBernoulli(BernoulliConfig(image=DIGITS, p=0.3))
+    out = evaluate(
+        model, digits, storage=classifier_storage, n_samples=200,
+        classifier_config=ClassifierConfig.for_image(DIGITS, **TINY),
+    )
+    expected = {
+        "nll_nats", "bits_per_dim", "likelihood_examples", "classifier_test_accuracy", "fid", "kid",
+        "precision", "recall", "fid_real_floor", "kid_real_floor", "n_samples", "n_reference", "n_floor",
+    }
+    assert set(out) == expected
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["n_samples"] == 200 and out["n_reference"] == len(digits.splits["test"])
+    assert out["n_floor"] == min(200, len(digits.splits["val"]))
+    assert out["fid"] > 3 * out["fid_real_floor"]  # pixel noise looks nothing like digits
+
+
+def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, classifier_storage):
+    cfg = ClassifierConfig.for_image(DIGITS, **TINY)
+    train = digits.splits["train"]
+    right = evaluate(Oracle(ModelConfig(image=DIGITS), train), digits, storage=classifier_storage, n_samples=200,
+                     classifier_config=cfg)
+    wrong = evaluate(Oracle(ModelConfig(image=DIGITS), train, offset=1), digits, storage=classifier_storage,
+                     n_samples=200, classifier_config=cfg)
+    noise = evaluate(GanLike(LatentConfig(image=DIGITS)), digits, storage=classifier_storage, n_samples=200,
+                     classifier_config=cfg)
+    assert not LIKELIHOOD_KEYS & set(right) and not LIKELIHOOD_KEYS & set(noise)
+    assert right["class_accuracy"] > 0.8
+    assert wrong["class_accuracy"] < 0.2
+    assert "class_accuracy" not in noise  # unconditional
+    # Real digits (either label) are far closer to the test set than a random decoder.
+    assert right["fid"] < 0.5 * noise["fid"] and wrong["fid"] < 0.5 * noise["fid"]
+    assert right["precision"] > noise["precision"]
+
+
+def test_evaluate_refuses_a_model_for_other_images(digits, classifier_storage):
+    model = IndependentBernoulli(BernoulliConfig(image=ImageSpec(1, 8, 8, 256, 10)))
+    with pytest.raises(ValueError, match="snapshot holds"):
+        evaluate(model, digits, storage=classifier_storage)
+
+
+# --- pictures -----------------------------------------------------------------------------
+def _decode(png: bytes) -> Image.Image:
+    picture = Image.open(io.BytesIO(png))
+    picture.load()
+    return picture
+
+
+def test_grid_png_size_and_upscaling():
+    scale = MIN_TILE_PX // 8
+    picture = _decode(grid_png(torch.rand(10, 1, 8, 8), nrow=4))
+    assert picture.format == "PNG" and picture.mode == "L"
+    assert picture.size == (4 * 8 * scale + 5 * 2, 3 * 8 * scale + 4 * 2)
+
+
+def test_grid_png_pixels_are_exact_rgb_tiles():
+    images = torch.rand(3, 3, 5, 7)
+    picture = np.asarray(_decode(grid_png(images, nrow=8, scale=1, padding=0)))
+    assert picture.shape == (5, 21, 3)
+    expected = (images[1].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(picture[:, 7:14], expected)
+
+
+def test_grid_png_rejects_what_it_cannot_draw():
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\) channels"):
+        grid_png(torch.rand(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        grid_png(torch.full((1, 1, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="non-empty"):
+        grid_png(torch.rand(0, 1, 4, 4))
+
+
+def test_slerp_endpoints_and_constant_norm():
+    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 3.0])
+    path = slerp(a, b, torch.linspace(0, 1, 7))
+    assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
+    assert torch.allclose(path.norm(dim=1), torch.full((7,), 3.0), atol=1e-5)
+    # Same direction: degenerates to a straight line instead of dividing by sin(0).
+    assert torch.allclose(slerp(a, 2 * a, torch.tensor([0.5]))[0], 1.5 * a)
+
+
+@pytest.mark.parametrize("model_cls", [FakeVAE, GanLike])
+def test_interpolation_endpoints_are_the_two_seeds_samples(model_cls):
+    model = model_cls(LatentConfig(image=DIGITS))
+    path = interpolate(model, seed_a=11, seed_b=12, steps=6)
+    assert path.shape == (6, 1, 8, 8)
+    assert torch.allclose(path[0], model.sample(1, seed=11)[0], atol=1e-6)
+    assert torch.allclose(path[-1], model.sample(1, seed=12)[0], atol=1e-6)
+    assert not torch.allclose(path[2], path[0], atol=1e-3)
+    scale = MIN_TILE_PX // 8
+    assert _decode(interpolation_png(model, 11, 12, steps=6)).size == (6 * 8 * scale + 7 * 2, 8 * scale + 2 * 2)
+
+
+def test_interpolation_of_a_conditional_model_uses_the_label():
+    model = FakeCVAE(LatentConfig(image=DIGITS, conditional=True))
+    path = interpolate(model, 1, 2, steps=3, label=4)
+    assert torch.allclose(path[0], model.sample(1, labels=4, seed=1)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="labels are required"):
+        interpolate(model, 1, 2, steps=3)
+
+
+def test_interpolation_refuses_a_model_without_latent():
+    with pytest.raises(ValueError, match="no latent noise 'z'"):
+        interpolate(IndependentBernoulli(BernoulliConfig(image=DIGITS)), 0, 1)
+
+
+def test_analogy_grid_has_a_row_per_input_and_a_column_per_class_plus_input(digits):
+    model = FakeCVAE(LatentConfig(image=DIGITS, conditional=True))
+    x = torch.from_numpy(digits.splits["test"].x_binary[:3]).float()
+    labels = torch.from_numpy(digits.splits["test"].y[:3])
+    rows = analogies(model, x, labels)
+    assert rows.shape == (3, 11, 1, 8, 8)
+    assert torch.equal(rows[:, 0], x)
+    scale = MIN_TILE_PX // 8
+    assert _decode(analogy_png(model, x, labels)).size == (11 * 8 * scale + 12 * 2, 3 * 8 * scale + 4 * 2)
+
+
+def test_manifold_decodes_normal_quantiles_and_refuses_other_latent_sizes():
+    model = FakeVAE(LatentConfig(image=DIGITS, latent_dim=2))
+    images = manifold_images(model, n=5)
+    assert images.shape == (25, 1, 8, 8)
+    q = norm.ppf((np.arange(5) + 0.5) / 5)
+    z = model.decoded_z.double().numpy()
+    assert np.allclose(z[0], [q[0], q[4]], atol=1e-6)  # top-left: lowest z1, highest z2
+    assert np.allclose(z[4], [q[4], q[4]], atol=1e-6)
+    assert np.allclose(z[12], [0.0, 0.0], atol=1e-6)
+    scale = MIN_TILE_PX // 8
+    assert _decode(manifold_png(model, n=5)).size == (5 * 8 * scale + 6 * 2,) * 2
+    with pytest.raises(ValueError, match="latent_dim == 2.*latent_dim=3"):
+        manifold_png(FakeVAE(LatentConfig(image=DIGITS, latent_dim=3)))
+    with pytest.raises(ValueError, match="no latent decoder"):
+        manifold_png(GanLike(LatentConfig(image=DIGITS)))
+
+
+def test_render_pictures_chooses_what_applies(digits):
+    cvae = FakeCVAE(LatentConfig(image=DIGITS, latent_dim=2, conditional=True))
+    assert set(render_pictures(cvae, digits)) == {"samples.png", "interpolation.png", "analogies.png", "manifold.png"}
+    assert set(render_pictures(GanLike(LatentConfig(image=DIGITS, latent_dim=3)), digits)) == {
+        "samples.png", "interpolation.png"
+    }
+    pictures = render_pictures(IndependentBernoulli(BernoulliConfig(image=DIGITS)), digits)
+    assert set(pictures) == {"samples.png"}
+    scale = MIN_TILE_PX // 8
+    assert _decode(pictures["samples.png"]).size == (8 * 8 * scale + 9 * 2,) * 2
+    # One row of 8 per class for the conditional model.
+    assert _decode(render_pictures(cvae, digits)["samples.png"]).size == (8 * 8 * scale + 9 * 2, 10 * 8 * scale + 11 * 2)

@@ -1,0 +1,210 @@
+"""GAN: shapes for many image sizes, deterministic row-independent sampling, the two-player
+training contract, checkpoints, and the absence of a likelihood."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from genmodels.models import build_model, checkpoint_bytes, model_from_checkpoint
+from genmodels.models.base import ImageSpec
+from genmodels.models.gan import GAN, GANConfig, stage_plan
+from genmodels.noise import make_noise
+from genmodels.training import TrainConfig, train
+
+DIGITS = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=10)
+TINY = dict(latent_dim=8, g_width=4, d_width=4, d_features=8, embed_dim=4)
+
+
+def tiny_gan(image: ImageSpec = DIGITS, **overrides) -> GAN:
+    torch.manual_seed(0)
+    return GAN(GANConfig(image=image, **{**TINY, **overrides}))
+
+
+def batch_of(image: ImageSpec, n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *image.shape), generator=gen).float() / 255
+    return {"x": x, "y": torch.randint(0, image.num_classes, (n,), generator=gen)}
+
+
+@pytest.mark.parametrize("height,width,expected", [
+    (1, 1, (0, 1, 1)), (7, 7, (0, 7, 7)), (8, 8, (1, 4, 4)), (28, 28, (2, 7, 7)),
+    (32, 32, (3, 4, 4)), (64, 64, (4, 4, 4)), (27, 13, (2, 7, 4)),
+])
+def test_stage_plan(height, width, expected):
+    n, bh, bw = stage_plan(height, width)
+    assert (n, bh, bw) == expected
+    assert max(bh, bw) <= 7 and bh * 2**n >= height and bw * 2**n >= width
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64), (3, 27, 13), (1, 1, 1)])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_shapes_and_range(shape, conditional):
+    image = ImageSpec(channels=shape[0], height=shape[1], width=shape[2], levels=256, num_classes=10)
+    model = tiny_gan(image, conditional=conditional).eval()
+    labels = torch.tensor([3, 0, 9]) if conditional else None
+    samples = model.sample(3, labels=labels, seed=0)
+    assert samples.shape == (3, *shape) and samples.dtype == torch.float32
+    assert samples.min() >= 0 and samples.max() <= 1
+    batch = batch_of(image, n=4)
+    logits = model.discriminator(batch["x"], batch["y"] if conditional else None)
+    assert logits.shape == (4,)
+    for player in ("discriminator", "generator"):
+        assert torch.isfinite(model.loss(batch, player)["loss"])
+
+
+def test_class_attributes_and_noise_spec():
+    model = tiny_gan()
+    assert (model.family, model.has_likelihood, model.has_latent, model.samples_on_grid, model.train_input) == (
+        "gan", False, True, False, "intensity")
+    spec = model.noise_spec()
+    assert list(spec) == ["z"] and spec["z"].shape == (8,) and spec["z"].distribution == "normal"
+    assert list(model.players()) == ["discriminator", "generator"]
+    d_ids = {id(p) for p in model.players()["discriminator"]}
+    g_ids = {id(p) for p in model.players()["generator"]}
+    assert d_ids == {id(p) for p in model.discriminator.parameters()}
+    assert g_ids == {id(p) for p in model.generator.parameters()}
+    assert d_ids.isdisjoint(g_ids) and len(d_ids | g_ids) == len(list(model.parameters()))
+
+
+def test_same_seed_same_samples():
+    model = tiny_gan(conditional=True).eval()
+    a = model.sample(5, labels=2, seed=7)
+    assert torch.equal(a, model.sample(5, labels=2, seed=7))
+    assert not torch.equal(a, model.sample(5, labels=2, seed=8))
+    assert not torch.equal(a, model.sample(5, labels=3, seed=7))  # the label matters
+
+
+def test_sampling_is_row_independent_in_eval_mode():
+    model = tiny_gan(conditional=True)
+    model.train()
+    for _ in range(2):  # move the weights off their init so rows differ in earnest
+        for player in model.players():
+            model.loss(batch_of(DIGITS), player)["loss"].backward()
+    model.eval()
+    labels = torch.tensor([1, 4, 4, 0, 9, 2])
+    noise = make_noise(model.noise_spec(), seed=3, count=6)
+    together = model.sample_from_noise(noise, labels)
+    for i in range(6):
+        alone = model.sample_from_noise({"z": noise["z"][i : i + 1]}, labels[i : i + 1])
+        torch.testing.assert_close(alone[0], together[i], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.sample(3, labels=labels[3:], seed=3, start=3), together[3:], rtol=0, atol=1e-6)
+
+
+def test_temperature_scales_z():
+    model = tiny_gan().eval()
+    noise = make_noise(model.noise_spec(), seed=0, count=4)
+    half = model.sample_from_noise(noise, temperature=0.5)
+    assert torch.equal(half, model.sample_from_noise({"z": noise["z"] * 0.5}))
+    frozen = model.sample_from_noise(noise, temperature=0.0)  # every row is G(0)
+    assert torch.equal(frozen, frozen[:1].expand_as(frozen))
+
+
+def test_label_errors():
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny_gan().sample(2, labels=[0, 1])
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny_gan().sample_from_noise({"z": torch.zeros(2, 8)}, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels are required"):
+        tiny_gan(conditional=True).sample(2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        tiny_gan(conditional=True).sample(2, labels=[0, 10])
+
+
+def test_misuse_is_reported_clearly():
+    model = tiny_gan()
+    with pytest.raises(ValueError, match="'discriminator' and 'generator'"):
+        model.loss(batch_of(DIGITS), "model")
+    with pytest.raises(ValueError, match=r"expects images \[B, 1, 8, 8\]"):
+        model.loss({"x": torch.zeros(2, 1, 9, 9), "y": torch.zeros(2, dtype=torch.long)}, "generator")
+    with pytest.raises(ValueError, match="latent_dim"):
+        GANConfig(image=DIGITS, latent_dim=0)
+    with pytest.raises(ValueError, match="r1_gamma"):
+        GANConfig(image=DIGITS, r1_gamma=-1.0)
+
+
+def test_log_likelihood_raises():
+    with pytest.raises(NotImplementedError, match="gan family defines no likelihood"):
+        tiny_gan().log_likelihood(batch_of(DIGITS)["x"])
+
+
+def test_checkpoint_round_trip():
+    model = tiny_gan(conditional=True)
+    model.train()
+    model.loss(batch_of(DIGITS), "discriminator")  # advances the spectral-norm power iteration
+    model.eval()
+    restored = model_from_checkpoint(checkpoint_bytes(model))
+    assert isinstance(restored, GAN) and restored.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    labels = torch.tensor([5, 6, 7])
+    assert torch.equal(restored.sample(3, labels=labels, seed=1), model.sample(3, labels=labels, seed=1))
+    batch = batch_of(DIGITS)
+    assert torch.equal(restored.discriminator(batch["x"], batch["y"]), model.discriminator(batch["x"], batch["y"]))
+
+
+@pytest.mark.parametrize("conditional,r1_gamma", [(False, 0.0), (True, 0.0), (False, 1.0)])
+def test_training_steps_follow_the_loop_contract(conditional, r1_gamma):
+    """Players stepped in order with their own Adam, as the training loop does."""
+    model = tiny_gan(conditional=conditional, r1_gamma=r1_gamma)
+    model.train()
+    optimizers = {name: torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+                  for name, params in model.players().items()}
+    before = {name: [p.detach().clone() for p in params] for name, params in model.players().items()}
+    for step in range(3):
+        batch = batch_of(DIGITS, n=8, seed=step)
+        for name, opt in optimizers.items():
+            opt.zero_grad(set_to_none=True)
+            out = model(batch, name)
+            assert all(torch.isfinite(v).all() for v in out.values()), out
+            g_grads = [None if p.grad is None else p.grad.clone() for p in model.generator.parameters()]
+            out["loss"].backward()
+            if name == "discriminator":
+                # D's step must not reach G (its fakes are made without a graph).
+                for old, p in zip(g_grads, model.generator.parameters()):
+                    assert (old is None and p.grad is None) or torch.equal(old, p.grad)
+                assert {"d_real", "d_fake"} <= set(out) and ("r1" in out) == (r1_gamma > 0)
+                assert 0 <= float(out["d_real"]) <= 1 and 0 <= float(out["d_fake"]) <= 1
+            opt.step()
+    for name, params in model.players().items():
+        moved = [not torch.equal(a, p) for a, p in zip(before[name], params)]
+        assert all(moved), f"{name}: {moved.count(False)} of {len(moved)} parameters never changed"
+
+
+def test_validation_loss_is_the_deterministic_generator_loss():
+    model = tiny_gan().eval()
+    batch = batch_of(DIGITS)
+    first = model.validation_loss(batch)
+    assert first.ndim == 0 and torch.isfinite(first) and float(first) > 0
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert torch.equal(model.validation_loss(batch), first)
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_presets_build(preset):
+    spec = GAN.presets[preset]
+    model = build_model("gan", ImageSpec(1, 28, 28, 256, 10), **spec["model"])
+    assert isinstance(model, GAN)
+    train = TrainConfig.from_dict(spec["train"])
+    assert train.early_stopping_patience is None and train.betas == (0.5, 0.999)
+
+
+def test_trains_through_the_training_loop():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 1, 8, 8)).astype(np.uint8)
+    y = rng.integers(0, 10, 64).astype(np.int64)
+    splits = {"train": SimpleNamespace(x=x[16:], y=y[16:], x_binary=None),
+              "val": SimpleNamespace(x=x[:16], y=y[:16], x_binary=(x[:16] > 127).astype(np.uint8))}
+    snapshot = SimpleNamespace(image=DIGITS, splits=splits, dataset="tiny", hash="0" * 64)
+    model = tiny_gan(conditional=True)
+    cfg = TrainConfig.from_dict({**GAN.presets["quick"]["train"], "epochs": 2, "batch_size": 16,
+                                 "max_train_examples": None})
+    result = train(model, snapshot, cfg)
+    record = result.history[-1]
+    for key in ("train_discriminator_loss", "train_discriminator_d_real", "train_generator_loss", "val_loss"):
+        assert math.isfinite(record[key]), (key, record)
+    assert result.model.sample(2, labels=[0, 1], seed=0).shape == (2, 1, 8, 8)

@@ -1,0 +1,208 @@
+"""genmodels.storage: one behaviour suite, run against file:// and s3:// (moto over HTTP)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+
+from genmodels.storage import (
+    FileStorage,
+    S3Storage,
+    StorageError,
+    check_reachable,
+    open_storage,
+    read_url,
+    split_url,
+)
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request, tmp_path):
+    if request.param == "file":
+        return open_storage((tmp_path / "root").as_uri())
+    return open_storage(request.getfixturevalue("s3_bucket"))
+
+
+def test_round_trip_bytes_identical(storage):
+    payloads = {"a.bin": bytes(range(256)) * 3, "empty": b"", "nested/deep/x.npz": os.urandom(70_000)}
+    for key, data in payloads.items():
+        storage.put_bytes(key, data)
+    for key, data in payloads.items():
+        assert storage.get_bytes(key) == data
+    storage.put_bytes("a.bin", b"replaced")
+    assert storage.get_bytes("a.bin") == b"replaced"
+
+
+def test_list_is_sorted_recursive_and_prefix_filtered(storage):
+    for key in ["b/2", "a", "b/1", "b/c/3", "bb", "c/4"]:
+        storage.put_bytes(key, key.encode())
+    assert storage.list() == ["a", "b/1", "b/2", "b/c/3", "bb", "c/4"]
+    assert storage.list("b/") == ["b/1", "b/2", "b/c/3"]
+    assert storage.list("b") == ["b/1", "b/2", "b/c/3", "bb"]  # a string prefix, as on S3
+    assert storage.list("b/c/") == ["b/c/3"]
+    assert storage.list("zzz/") == []
+
+
+def test_child_is_a_sub_root(storage):
+    storage.put_bytes("runs/r1/ckpt", b"1")
+    storage.put_bytes("runs/r10/ckpt", b"10")
+    child = storage.child("runs/r1")
+    assert child.url == storage.url + "/runs/r1"
+    assert child.list() == ["ckpt"]  # r10 is a sibling, not inside r1
+    assert child.get_bytes("ckpt") == b"1"
+    child.put_bytes("more/x", b"x")
+    assert storage.get_bytes("runs/r1/more/x") == b"x"
+    assert child.url_for("more/x") == storage.url_for("runs/r1/more/x")
+
+
+def test_exists_and_delete(storage):
+    assert not storage.exists("k")
+    storage.put_bytes("k", b"v")
+    assert storage.exists("k")
+    storage.delete("k")
+    assert not storage.exists("k")
+    storage.delete("k")  # deleting a missing object is fine
+    assert storage.list() == []
+
+
+def test_missing_key_error_names_the_url(storage):
+    with pytest.raises(FileNotFoundError) as info:
+        storage.get_bytes("no/such/key")
+    assert storage.url_for("no/such/key") in str(info.value)
+    assert storage.url_for("no/such/key").endswith("/no/such/key")
+
+
+def test_json_helpers_are_deterministic(storage):
+    storage.put_json("m.json", {"b": [1, 2], "a": {"z": 1, "y": None}})
+    assert storage.get_json("m.json") == {"a": {"y": None, "z": 1}, "b": [1, 2]}
+    expected = b'{\n  "a": {\n    "y": null,\n    "z": 1\n  },\n  "b": [\n    1,\n    2\n  ]\n}\n'
+    assert storage.get_bytes("m.json") == expected
+    storage.put_bytes("bad.json", b"{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        storage.get_json("bad.json")
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", "a//b", "./a", "a\\b"])
+def test_invalid_keys_are_rejected(storage, key):
+    with pytest.raises(ValueError, match="storage key"):
+        storage.put_bytes(key, b"x")
+    with pytest.raises(ValueError):
+        storage.get_bytes(key)
+
+
+def test_read_url_reads_one_object(storage):
+    storage.put_bytes("dir/obj.bin", b"payload")
+    assert read_url(storage.url_for("dir/obj.bin")) == b"payload"
+
+
+def test_check_reachable_passes_on_a_usable_root(storage):
+    check_reachable(storage)
+    check_reachable(storage.url)
+
+
+def test_storage_pickles_for_worker_processes(storage):
+    storage.put_bytes("k", b"v")  # builds the S3 client, which itself cannot be pickled
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone.url == storage.url
+    assert clone.get_bytes("k") == b"v"
+
+
+# --- file:// specifics ------------------------------------------------------------------
+
+
+def test_open_storage_forms(tmp_path):
+    plain = open_storage(str(tmp_path / "d"))
+    assert isinstance(plain, FileStorage)
+    assert plain.url == (tmp_path / "d").as_uri()
+    assert open_storage(plain.url).root == plain.root
+    spaced = open_storage(tmp_path / "with space")
+    assert spaced.url.endswith("/with%20space")
+    assert open_storage(spaced.url).root == tmp_path / "with space"
+    s3 = open_storage("s3://bucket/a/b/")
+    assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix, s3.url) == ("bucket", "a/b", "s3://bucket/a/b")
+    assert open_storage("s3://bucket").url == "s3://bucket"
+    for bad, msg in [("gs://b/p", "unsupported storage scheme 'gs'"), ("s3:///p", "needs a bucket"),
+                     ("file://host/p", "must be absolute"), ("", "non-empty")]:
+        with pytest.raises(ValueError, match=msg):
+            open_storage(bad)
+
+
+def test_split_url():
+    storage, key = split_url("s3://b/x/y/z.npz")
+    assert (storage.url, key) == ("s3://b/x/y", "z.npz")
+    storage, key = split_url("file:///top.npz")
+    assert (storage.url, key) == ("file:///", "top.npz")
+    with pytest.raises(ValueError, match="names a bucket"):
+        split_url("s3://b")
+
+
+def test_file_put_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    storage = FileStorage(tmp_path)
+    storage.put_bytes("x/obj", b"old")
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError, match="cannot write .*x/obj.*No space left"):
+        storage.put_bytes("x/obj", b"new")
+    monkeypatch.undo()
+    assert storage.get_bytes("x/obj") == b"old"  # the old object survives a failed write
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["obj"]
+
+
+def test_file_root_that_is_a_file_is_unreachable(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(StorageError, match="not a directory"):
+        check_reachable(FileStorage(tmp_path / "f"))
+    with pytest.raises(StorageError, match="cannot create the storage root"):
+        check_reachable(FileStorage(tmp_path / "f" / "sub"))
+    check_reachable(FileStorage(tmp_path / "not" / "yet" / "there"))  # created on first write
+    assert not (tmp_path / "not").exists()  # and checking created nothing
+
+
+# --- s3:// specifics ----------------------------------------------------------------------
+
+
+def test_s3_missing_bucket_is_a_storage_error(s3_endpoint):
+    storage = open_storage("s3://genmodels-no-such-bucket/p")
+    with pytest.raises(StorageError, match=r"s3://genmodels-no-such-bucket/p: no such bucket") as info:
+        check_reachable(storage)
+    assert s3_endpoint in str(info.value)
+    with pytest.raises(StorageError, match="no such bucket"):
+        storage.get_bytes("k")
+
+
+def test_s3_unreachable_endpoint_is_a_storage_error(s3_endpoint, closed_port):
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    storage = open_storage("s3://bucket/p", endpoint_url=endpoint, max_attempts=1)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        check_reachable(storage)
+    message = str(info.value)
+    assert "s3://bucket/p" in message and endpoint in message and "connect" in message.lower()
+    with pytest.raises(StorageError, match=r"cannot read s3://bucket/p/k"):
+        storage.get_bytes("k")
+    assert time.monotonic() - t0 < 20
+
+
+def test_s3_list_paginates(s3_bucket, monkeypatch):
+    storage = open_storage(s3_bucket)
+    keys = [f"k{i}" for i in range(7)]
+    for key in keys:
+        storage.put_bytes(key, b"")
+    calls = []
+    monkeypatch.setattr(S3Storage, "list_page_size", 3)
+    storage.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
+    assert storage.list() == keys
+    assert len(calls) == 3  # 3 + 3 + 1 keys
+
+
+def test_s3_explicit_endpoint_wins_over_env(s3_bucket, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing there
+    storage = open_storage(s3_bucket, endpoint_url=s3_endpoint)
+    storage.put_bytes("k", b"v")
+    assert storage.get_bytes("k") == b"v"
