@@ -7,11 +7,25 @@ holding ``file://`` object storage. Point ``GENMODELS_STORAGE`` at ``s3://bucket
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build a config dataclass, refusing keys it does not know (a typo must not be ignored)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**data)
 
 
 class Settings(BaseSettings):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from genmodels.config import dataclass_from_dict
 from genmodels.data.loader import batches, num_batches
 from genmodels.models import checkpoint_dict, family_class
 from genmodels.models.base import GenerativeModel
@@ -65,11 +66,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,12 +11,23 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 # Variables that could point boto3 elsewhere or at real credentials during tests.
 _AWS_ENV_CLEARED = (
     "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
     "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Test models are far too small to gain from intra-op threads; on a shared 2-core machine
+    the second thread's spin-waiting made them up to 20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

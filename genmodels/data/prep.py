@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from genmodels.config import dataclass_from_dict
 from genmodels.data.errors import DataError
 from genmodels.data.sources import CHANNEL_MODES, RawDataset, read_source, source_names
 from genmodels.models.base import ImageSpec
@@ -95,11 +96,7 @@ class PrepConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PrepConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"PrepConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from genmodels.config import dataclass_from_dict
 from genmodels.evaluation._common import evaluating, module_device, seeded_torch, split_of
 from genmodels.models.base import ImageSpec
 
@@ -71,11 +72,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ClassifierConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ClassifierConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 class DomainClassifier(nn.Module):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import torch
 from torch import nn
 
+from genmodels.config import dataclass_from_dict
 from genmodels.noise import NoiseSpec, make_noise
 
 
@@ -69,14 +70,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(known)}")
         kwargs = dict(data)
         if isinstance(kwargs.get("image"), Mapping):
             kwargs["image"] = ImageSpec(**kwargs["image"])
-        return cls(**kwargs)
+        return dataclass_from_dict(cls, kwargs)
 
 
 class GenerativeModel(nn.Module):

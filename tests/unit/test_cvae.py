@@ -30,14 +30,6 @@ def tiny_cvae(image: ImageSpec = DIGITS, **overrides) -> CVAE:
     return CVAE(CVAEConfig(image=image, **{**cfg, **overrides}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only spins against
-    the other processes (measured 20x slower under load), so run these on one and restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

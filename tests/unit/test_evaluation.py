@@ -210,14 +210,6 @@ class Oracle(GenerativeModel):
 
 
 # --- fixtures -----------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These networks are far too small to gain from intra-op threads; on a shared 2-core
-    machine the threads' spin-waiting made classifier training 20x slower (1.2 s -> 26 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
