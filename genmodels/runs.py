@@ -128,6 +128,24 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
     return metrics
 
 
+def collect_metrics(storage: Storage, dataset: str, preset: str, snapshot_hash: str) -> dict[str, dict[str, float]]:
+    """Evaluation metrics of every family evaluated on this snapshot, plus its training time
+    (the sum of its epochs' times, so a resumed run still counts every epoch once)."""
+    from genmodels.models import FAMILIES
+
+    rows = {}
+    for family in FAMILIES:
+        run = storage.child(run_prefix(dataset, family, preset))
+        if not (run.exists("metrics.json") and run.exists("model.pt")):
+            continue
+        if load_checkpoint(run.get_bytes("model.pt"))["meta"].get("snapshot_hash") != snapshot_hash:
+            continue
+        history = json.loads(run.get_bytes("history.json")) if run.exists("history.json") else []
+        rows[family] = {**json.loads(run.get_bytes("metrics.json")),
+                        "train_seconds": sum(h.get("seconds", 0.0) for h in history)}
+    return rows
+
+
 REPORT_COLUMNS = ("nll_nats", "bits_per_dim", "elbo_nats", "fid", "kid", "class_accuracy", "train_seconds")
 
 

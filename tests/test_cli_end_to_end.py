@@ -28,6 +28,7 @@ def trained_store(tmp_path_factory):
 
 def test_run_writes_models_metrics_pictures_and_report(trained_store):
     report = (trained_store / "reports" / "digits-quick.md").read_text()
+    assert "train_seconds" in report and report.count("\n| ") == len(FAMILIES) + 1  # header + one row each
     for family in FAMILIES:
         run = trained_store / "runs" / "digits" / f"{family}-quick"
         assert family in report
