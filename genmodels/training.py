@@ -328,7 +328,8 @@ def _em_initialize(model, train_split, image, cfg, ctx, n_train, device) -> None
     if ctx.is_chief:
         first = batches(train_split, image, batch_size=cfg.em_init_examples, kind=model.train_input, seed=cfg.seed,
                         epoch=0, shuffle=True, limit=n_train, device=device)
-        model.em_initialize(next(first)["x"], cfg.seed)
+        batch = next(first)
+        model.em_initialize(batch["x"], cfg.seed, y=batch["y"])
     for buffer in list(model.parameters()) + list(model.buffers()):
         ctx.broadcast_(buffer.data)
 

@@ -130,7 +130,8 @@ class GenerativeModel(nn.Module):
 
     def validation_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-batch mean of the quantity early stopping watches (lower is better)."""
-        return self.loss(batch, next(iter(self.players())))["loss"]
+        players = self.players()
+        return self.loss(batch, next(iter(players)) if players else "model")["loss"]
 
     # --- sampling -------------------------------------------------------------------
     def noise_spec(self) -> NoiseSpec:

@@ -153,11 +153,11 @@ class GAN(GenerativeModel):
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "quick": {
             "model": {"latent_dim": 64, "g_width": 32, "d_width": 32, "d_features": 128},
-            "train": {"epochs": 4, "batch_size": 64, "lr": 2e-4, "betas": (0.5, 0.999),
-                      "max_train_examples": 12000, "early_stopping_patience": None, "checkpoint_every": 2},
+            "train": {"epochs": 6, "batch_size": 64, "lr": 2e-4, "betas": (0.5, 0.999),
+                      "max_train_examples": 16000, "early_stopping_patience": None, "checkpoint_every": 3},
         },
         "full": {
-            "model": {"latent_dim": 128, "g_width": 64, "d_width": 64, "d_features": 512, "r1_gamma": 0.1},
+            "model": {"latent_dim": 128, "g_width": 64, "d_width": 64, "d_features": 512},
             "train": {"epochs": 60, "batch_size": 128, "lr": 2e-4, "betas": (0.5, 0.999),
                       "max_train_examples": None, "early_stopping_patience": None, "checkpoint_every": 5},
         },

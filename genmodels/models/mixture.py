@@ -8,7 +8,7 @@ to -inf/+inf, so ``P(k) = Phi(hi_k) - Phi(lo_k)`` sums to one over the 256 level
 log-difference of normal CDFs is taken in float64, reflected into the lower tail, because in
 float32 (or in the upper tail) ``Phi(hi) - Phi(lo)`` rounds to 0 for levels far from the mean.
 
-Fitting. The brief asked for EM on dequantized data ``(k + u) / 256``. We run the exact EM of
+Fitting. The usual recipe is EM on dequantized data ``(k + u) / 256``. We run the exact EM of
 the discrete likelihood instead, which treats the continuous intensity ``v`` as a second
 latent variable (interval-censored EM): the E-step replaces ``v`` and ``v**2`` by their
 moments under the component's normal truncated to the observed bin, instead of under a
@@ -24,7 +24,7 @@ Sampling: ``component`` noise (one uniform per sample) picks the component by in
 the mixing weights; ``pixels`` noise draws the image (uniform ``u`` for Bernoulli: bit =
 ``u < p``; standard normal ``eps`` for Gaussian: ``v = mean + std * eps``, level
 ``floor(256 v)`` clamped to [0, 255], which is an exact draw of the discretized component).
-Temperature ``T`` divides the mixing logits and, per family, the Bernoulli logits or
+Temperature ``T`` divides the mixing logits and either divides the Bernoulli logits or
 multiplies the Gaussian std; ``T -> 0`` tends to the most likely component's mode.
 """
 
@@ -181,10 +181,6 @@ class MixtureModel(GenerativeModel):
         ll = self.log_likelihood(batch["x"], self._batch_labels(batch))
         nll = -ll.mean()
         return {"loss": nll.float(), "bits_per_dim": (nll / (self.dims * math.log(2))).float()}
-
-    def validation_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        # The base picks the first player, and this family has none.
-        return self.loss(batch)["loss"]
 
     @torch.no_grad()
     def em_initialize(self, x: torch.Tensor, seed: int, y: torch.Tensor | None = None) -> None:

@@ -399,8 +399,8 @@ def test_presets_build(preset):
     TrainConfig.from_dict(spec["train"])
 
 
-@pytest.mark.parametrize("levels", [2, 256])
-def test_fits_through_the_training_loop(levels):
+@pytest.mark.parametrize("levels, conditional", [(2, False), (256, False), (2, True)])
+def test_fits_through_the_training_loop(levels, conditional):
     """The real loop: em_initialize, per-epoch E-step sums, M-step, validation, best model."""
     rng = np.random.default_rng(0)
     image = ImageSpec(channels=1, height=3, width=3, levels=levels, num_classes=2)
@@ -411,10 +411,12 @@ def test_fits_through_the_training_loop(levels):
     splits = {"train": SimpleNamespace(x=x[50:], y=y[50:], x_binary=None),
               "val": SimpleNamespace(x=x[:50], y=y[:50], x_binary=val_binary)}
     snapshot = SimpleNamespace(image=image, splits=splits, dataset="tiny", hash="0" * 64)
-    model = build_model("mixture", image, n_components=2, prior_count=0.0)
+    model = build_model("mixture", image, n_components=2, prior_count=0.0, conditional=conditional)
     result = train(model, snapshot, TrainConfig(epochs=4, batch_size=32, early_stopping_patience=None))
     losses = [r["train_loss"] for r in result.history]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert result.best_val_loss is not None and math.isfinite(result.best_val_loss)
+    if conditional:  # the loop hands labels to em_initialize: every class gets its own mixture
+        assert model.sample(4, labels=[0, 1, 0, 1], seed=0).shape == (4, 1, 3, 3)
     if levels == 256:  # fixed data (binary is re-binarized every epoch): ML EM never gets worse
         assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:])), losses
