@@ -4,7 +4,6 @@ samples reproducibly, and bad input fails with a clear message and exit code 2."
 import json
 
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
