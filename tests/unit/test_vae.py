@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from digits_data import DIGITS, binary_digits
+
+
 from sklearn.datasets import load_digits
 
 from genmodels.models import build_model, checkpoint_bytes, model_from_checkpoint
@@ -18,22 +20,11 @@ from genmodels.models.vae import (
     discretized_logistic_mean,
 )
 
-DIGITS = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=10)
-
-
-def binary_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's 8x8 digits (1797 images) thresholded at half intensity."""
-    data = load_digits()
-    x = torch.from_numpy((data.images >= 8).astype(np.float32)).unsqueeze(1)
-    return x, torch.from_numpy(data.target).long()
-
 
 def tiny_vae(image: ImageSpec = DIGITS, **overrides) -> VAE:
     torch.manual_seed(0)
     cfg = dict(latent_dim=4, hidden=(32,), conv_channels=(4, 8), iwae_k=20)
     return VAE(VAEConfig(image=image, **{**cfg, **overrides}))
-
-
 
 
 @pytest.fixture(scope="module")
