@@ -38,6 +38,11 @@ def check_seed(seed: int) -> int:
     return int(seed)
 
 
+def derive_seed(*key: int) -> int:
+    """A well-mixed 32-bit seed from a tuple of integers (seed, epoch, rank, ...)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+
+
 def sample_rng(seed: int, index: int) -> np.random.Generator:
     """The generator of sample ``index`` under ``seed``."""
     return np.random.Generator(np.random.Philox(key=check_seed(seed), counter=[0, 0, 0, int(index)]))

@@ -29,6 +29,7 @@ from genmodels.config import dataclass_from_dict
 from genmodels.data.loader import batches, num_batches
 from genmodels.models import checkpoint_dict, family_class
 from genmodels.models.base import GenerativeModel
+from genmodels.noise import derive_seed
 
 CHECKPOINT_KEY = "checkpoint.pt"
 
@@ -218,7 +219,6 @@ def train(
     """Train ``model`` on ``snapshot`` ("train" split; "val" for early stopping)."""
     ctx = context or LocalContext()
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed + 7919 * ctx.rank)
     model.to(device)
     train_split, val_split = snapshot.splits["train"], snapshot.splits.get("val")
     n_train = len(train_split.y) if cfg.max_train_examples is None else min(cfg.max_train_examples, len(train_split.y))
@@ -237,7 +237,6 @@ def train(
             opt.load_state_dict(ts["optimizers"][name])
         for name, sched in schedulers.items():
             sched.load_state_dict(ts["schedulers"][name])
-        torch.set_rng_state(ts["torch_rng"])
         history, start_epoch, bad_epochs = list(ts["history"]), int(ts["epoch"]), int(ts["bad_epochs"])
         best_val = float(ts["best_val"])
         best_state = ts.get("best_state_dict")
@@ -250,6 +249,9 @@ def train(
     stopped_early = False
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            # Each epoch's randomness is a function of (seed, epoch, rank) alone: a resumed run
+            # draws exactly what the uninterrupted one would, and workers never draw alike.
+            torch.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank))
             model.begin_epoch(epoch, cfg.epochs)
             model.train()
             t0 = time.perf_counter()
@@ -371,7 +373,6 @@ def _training_state(model, optimizers, schedulers, history, epoch, best_val, bad
         "best_state_dict": best_state,
         "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
         "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-        "torch_rng": torch.get_rng_state(),
         "train_config": cfg.to_dict(),
     }
     buf = io.BytesIO()

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from genmodels.models.base import ImageSpec
+from genmodels.noise import derive_seed
 
 InputKind = Literal["quantized", "intensity"]
 
 
 def _rng(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+    return torch.Generator().manual_seed(derive_seed(*key))
 
 
 def model_input(split, image: ImageSpec, kind: InputKind = "quantized") -> torch.Tensor:
