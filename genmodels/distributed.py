@@ -19,12 +19,28 @@ from genmodels.training import CHECKPOINT_KEY, TrainingContext, load_training_st
 
 
 class RayTrainContext(TrainingContext):
-    def __init__(self) -> None:
+    """``fail_once_at_epoch`` / ``fail_marker`` are a test hook for fault tolerance: rank 1
+    (rank 0 in a one-worker group) raises when about to report epoch ``fail_once_at_epoch``
+    (1-based), unless the file ``fail_marker`` exists, which it creates first, so that only the
+    first attempt fails and the restarted group runs through."""
+
+    def __init__(self, fail_once_at_epoch: int | None = None, fail_marker: str | None = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        if (fail_once_at_epoch is None) != (fail_marker is None):
+            raise ValueError("fail_once_at_epoch and fail_marker go together (a test hook)")
+        self.fail_once_at_epoch, self.fail_marker = fail_once_at_epoch, fail_marker
+
+    def _maybe_fail(self, metrics: Mapping[str, float]) -> None:
+        if self.fail_once_at_epoch is None or self.rank != min(1, self.world_size - 1):
+            return
+        if int(metrics["epoch"]) == self.fail_once_at_epoch and not os.path.exists(self.fail_marker):
+            with open(self.fail_marker, "w") as f:
+                f.write(f"rank {self.rank} failed at epoch {self.fail_once_at_epoch}\n")
+            raise RuntimeError(f"injected failure (test hook) on rank {self.rank} at epoch {self.fail_once_at_epoch}")
 
     def _dist(self):
         import torch.distributed as dist
@@ -64,6 +80,7 @@ class RayTrainContext(TrainingContext):
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         import ray.train
 
+        self._maybe_fail(metrics)
         # Every worker reports (Ray Train V2 needs all of them); only the chief ships a checkpoint.
         if not self.is_chief:
             ray.train.report(dict(metrics))
@@ -77,12 +94,14 @@ class RayTrainContext(TrainingContext):
     def report(self, metrics: Mapping[str, float]) -> None:
         import ray.train
 
+        self._maybe_fail(metrics)
         ray.train.report(dict(metrics))
 
 
 def ray_train_loop(config: Mapping[str, Any]) -> None:
     """Per-worker entry point. ``config``: storage_url, snapshot_prefix, family,
-    model_config (dict), train_config (dict), meta (dict)."""
+    model_config (dict), train_config (dict), meta (dict); optional threads_per_worker, and
+    the test hook fail_once_at_epoch + fail_marker (see :class:`RayTrainContext`)."""
     from genmodels.data import read_snapshot
     from genmodels.models import family_class
     from genmodels.storage import open_storage
@@ -95,4 +114,5 @@ def ray_train_loop(config: Mapping[str, Any]) -> None:
     cls = family_class(config["family"])
     model = cls(cls.config_class.from_dict({**config["model_config"], "image": snapshot.image}))
     train_cfg = TrainConfig.from_dict({**config["train_config"], "device": str(ray.train.torch.get_device())})
-    train(model, snapshot, train_cfg, RayTrainContext(), meta=config.get("meta"))
+    context = RayTrainContext(config.get("fail_once_at_epoch"), config.get("fail_marker"))
+    train(model, snapshot, train_cfg, context, meta=config.get("meta"))

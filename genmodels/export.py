@@ -1,0 +1,461 @@
+"""ONNX export of each family's sampler, and the parity check of those graphs against torch.
+
+Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywhere):
+
+- VAE, CVAE, GAN, mixture: ``sampler``: inputs = the noise fields of ``model.noise_spec()``
+  (float32 [batch, *shape], sorted by name), ``labels`` (int64 [batch], conditional models
+  only), ``temperature`` (float32 scalar); output ``images`` [batch, C, H, W].
+- PixelRNN: its step graphs, which a runtime drives pixel by pixel exactly as
+  ``PixelRNN.sample_cached`` does (:class:`OnnxPixelRNNSampler`): ``pixel_step``,
+  ``row_step`` (Diagonal BiLSTM only) and ``conditioning`` (class-conditional only: labels ->
+  per-sample class biases; an unconditional model's biases are zeros).
+- ``likelihood`` (x [batch, C, H, W] -> log p(x) [batch]) where it exports cleanly: the
+  unconditional PixelRNN. Not exported: VAE/CVAE (the IWAE estimate draws from torch's
+  global RNG inside the graph), GAN (no likelihood), mixture (its float64 chunked path froze
+  the batch size at export), conditional PixelRNN (its label checks read tensor values).
+
+Every graph carries ``metadata_props``: ``genmodels.family``, ``genmodels.graph``, and what a
+runtime needs to rebuild the sampler's shapes (``genmodels.image``, ``genmodels.pixelrnn``),
+so that files are recognized by content, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from genmodels.models.base import GenerativeModel
+from genmodels.noise import make_noise
+
+__all__ = ["ExportError", "ExportParityError", "OnnxPixelRNNSampler", "check_parity", "export_sampler", "read_metadata"]
+
+OPSET = 18
+_META_PREFIX = "genmodels."
+
+
+class ExportError(RuntimeError):
+    """A model could not be exported as a graph fit to serve (e.g. its batch size froze)."""
+
+
+class ExportParityError(AssertionError):
+    """An exported graph disagrees with the torch model it was exported from."""
+
+
+# --- wrappers: one nn.Module per graph, with plain positional tensor inputs -------------------
+class _Sampler(nn.Module):
+    def __init__(self, model: GenerativeModel, fields: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.fields = tuple(fields)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        noise = dict(zip(self.fields, args[: len(self.fields)]))
+        rest = args[len(self.fields):]
+        labels = rest[0] if self.model.conditional else None
+        return self.model.sample_from_noise(noise, labels, rest[-1])
+
+
+class _Likelihood(nn.Module):
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.log_likelihood(x)
+
+
+class _PixelStep(nn.Module):
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, window: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.pixel_step(window, *states)
+
+
+class _RowStep(nn.Module):
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, row_inp: torch.Tensor, rl_above: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+        return self.model.row_step(row_inp, rl_above, gate_bias)
+
+
+class _Conditioning(nn.Module):
+    """``PixelRNN.conditioning`` without its label value checks (they read tensor values)."""
+
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        return m.gate_class_bias[:, :, labels].permute(2, 0, 1, 3), m.head_class_bias[labels]
+
+
+# --- export ------------------------------------------------------------------------------------
+def _pixelrnn_meta(model: GenerativeModel) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_channels": cfg.hidden_channels,
+        "head_hidden": cfg.head_hidden, "input_kernel": cfg.input_kernel, "directions": model.directions,
+        "conditional": bool(model.conditional),
+    }
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic_shapes: Any, meta: Mapping[str, str]) -> Path:
+    import onnx
+
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    # The exporter warns once per torchvision op it cannot register; none is used here.
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, opset_version=OPSET, verbose=False,
+            )
+    finally:
+        onnx_logger.setLevel(level)
+    proto = program.model_proto
+    # A Python branch on the batch size freezes it silently; refuse such a graph here rather
+    # than let a runtime fail on the first other batch size.
+    frozen = [i.name for i in proto.graph.input
+              if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if frozen:
+        raise ExportError(f"{meta.get('genmodels.family')} graph {meta.get('genmodels.graph')!r}: export "
+                           f"froze the batch axis of input(s) {frozen}; the graph would serve one batch size only")
+    onnx.helper.set_model_props(proto, dict(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save_model(proto, str(tmp))
+    tmp.replace(path)  # a reader never sees a half-written graph
+    return path
+
+
+def _graph_paths(path_or_dir: str | Path, graphs: Sequence[str]) -> dict[str, Path]:
+    """A directory gets ``<graph>.onnx``; a ``*.onnx`` path gets the first graph, and the others
+    go beside it as ``<stem>.<graph>.onnx``."""
+    p = Path(path_or_dir)
+    if p.suffix != ".onnx":
+        return {g: p / f"{g}.onnx" for g in graphs}
+    return {g: p if i == 0 else p.with_name(f"{p.stem}.{g}.onnx") for i, g in enumerate(graphs)}
+
+
+def export_sampler(model: GenerativeModel, path_or_dir: str | Path, likelihood: bool = True) -> list[Path]:
+    """Export ``model``'s sampler graph(s) (and its likelihood graph where one exports cleanly);
+    returns the files written. See the module docstring for the graphs of each family."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _export_all(model, path_or_dir, likelihood)
+    finally:
+        model.train(was_training)
+
+
+def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: bool) -> list[Path]:
+    batch = torch.export.Dim("batch")
+    img = model.image
+    base = {
+        "genmodels.family": model.family,
+        "genmodels.image": json.dumps({"channels": img.channels, "height": img.height, "width": img.width,
+                                       "levels": img.levels, "num_classes": img.num_classes}),
+        "genmodels.conditional": json.dumps(bool(model.conditional)),
+        # What a runtime needs to draw the same noise with genmodels.noise.make_noise.
+        "genmodels.noise": json.dumps({name: {"shape": list(f.shape), "distribution": f.distribution}
+                                       for name, f in sorted(model.noise_spec().items())}),
+    }
+    n = 2  # example batch; the batch axis is dynamic
+    labels = torch.arange(n, dtype=torch.long) % max(img.num_classes, 1)
+    x_example = torch.zeros(n, *img.shape)
+    graphs: dict[str, tuple] = {}
+
+    if model.family == "pixelrnn":
+        meta = {**base, "genmodels.pixelrnn": json.dumps(_pixelrnn_meta(model))}
+        cfg = model.config
+        L, h, hh, C, W = cfg.num_layers, cfg.hidden_channels, cfg.head_hidden, img.channels, img.width
+        k = cfg.input_kernel
+        window = torch.zeros(n, C, k // 2 + 1, k)
+        gate_bias = torch.zeros(n, L, model.directions, 4 * h)
+        head_bias = torch.zeros(n, hh)
+        if model.directions == 1:
+            states = (torch.zeros(n, L, h, 3), torch.zeros(n, L, h), torch.zeros(n, L, h), gate_bias, head_bias)
+            state_names = ["above_h", "above_c", "left_inp", "gate_bias", "head_bias"]
+        else:
+            states = (torch.zeros(n, L, h), torch.zeros(n, L, h), torch.zeros(n, L, h), torch.zeros(n, L, h),
+                      gate_bias, head_bias)
+            state_names = ["left_h", "left_c", "above_h", "rl_above", "gate_bias", "head_bias"]
+        # *states is one positional argument of forward: its shapes go in one extra tuple.
+        graphs["pixel_step"] = (
+            _PixelStep(model), (window, *states), ["window", *state_names], ["logits", "h", "c", "layer_inp"],
+            ({0: batch}, tuple({0: batch} for _ in states)),
+        )
+        if model.directions == 2:
+            row = torch.zeros(n, L, h, W)
+            graphs["row_step"] = (
+                _RowStep(model), (row, row.clone(), gate_bias), ["row_inp", "rl_above", "gate_bias"], ["rl_h"],
+                ({0: batch}, {0: batch}, {0: batch}),
+            )
+        if model.conditional:
+            graphs["conditioning"] = (
+                _Conditioning(model), (labels,), ["labels"], ["gate_bias", "head_bias"], ({0: batch},),
+            )
+        if likelihood and not model.conditional:
+            graphs["likelihood"] = (_Likelihood(model), (x_example,), ["x"], ["log_likelihood"], ({0: batch},))
+    else:
+        meta = base
+        spec = model.noise_spec()
+        fields = sorted(spec)
+        noise = [torch.zeros(n, *spec[f].shape) for f in fields]
+        args: list[torch.Tensor] = list(noise)
+        names = list(fields)
+        if model.conditional:
+            args.append(labels)
+            names.append("labels")
+        args.append(torch.tensor(1.0))
+        names.append("temperature")
+        dyn = tuple([{0: batch}] * (len(args) - 1) + [None])
+        graphs["sampler"] = (_Sampler(model, fields), tuple(args), names, ["images"], (dyn,))
+
+    paths = _graph_paths(path_or_dir, list(graphs))
+    written = []
+    for name, (module, args, inputs, outputs, dyn) in graphs.items():
+        written.append(_export(module, args, paths[name], inputs, outputs, dyn, {**meta, "genmodels.graph": name}))
+    return written
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``genmodels.*`` metadata of an exported graph, keys without the prefix."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(_META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(_META_PREFIX)}
+
+
+def _session(path: str | Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# --- PixelRNN runtime over the step graphs -----------------------------------------------------
+def categorical_inverse_cdf_np(logits: np.ndarray, u: np.ndarray, temperature: float) -> np.ndarray:
+    """numpy twin of ``pixelrnn.categorical_inverse_cdf`` (float32, same op order)."""
+    z = (logits / np.float32(temperature)).astype(np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    cdf = np.cumsum(e / e.sum(axis=1, keepdims=True), axis=1, dtype=np.float32)
+    return np.minimum((cdf < u[:, None]).sum(axis=1), logits.shape[1] - 1).astype(np.int64)
+
+
+class OnnxPixelRNNSampler:
+    """Samples a PixelRNN from its exported step graphs, mirroring ``PixelRNN.sample_cached``.
+
+    Built from the files ``export_sampler`` wrote (recognized by their metadata). ``sample``
+    takes the same noise (``u`` [n, C, H, W] uniform) and labels as the torch model and returns
+    float32 images on the quantization grid.
+    """
+
+    def __init__(self, onnx_files: Sequence[str | Path]) -> None:
+        self.sessions: dict[str, Any] = {}
+        meta = None
+        for f in onnx_files:
+            m = read_metadata(f)
+            if m.get("family") != "pixelrnn":
+                raise ValueError(f"{f}: not a PixelRNN graph (family={m.get('family')!r})")
+            self.sessions[m["graph"]] = _session(f)
+            if m["graph"] == "pixel_step":
+                meta = m
+        if meta is None:
+            raise ValueError(f"no pixel_step graph among {[str(f) for f in onnx_files]}")
+        self.image = json.loads(meta["image"])
+        self.net = json.loads(meta["pixelrnn"])
+        self.diagonal = self.net["directions"] == 2
+        needed = ["pixel_step"] + (["row_step"] if self.diagonal else []) + \
+                 (["conditioning"] if self.net["conditional"] else [])
+        missing = [g for g in needed if g not in self.sessions]
+        if missing:
+            raise ValueError(f"PixelRNN ONNX files lack the graph(s) {missing}")
+
+    @property
+    def conditional(self) -> bool:
+        return self.net["conditional"]
+
+    def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]
+        if not self.conditional:
+            if labels is not None:
+                raise ValueError("pixelrnn model is unconditional: it takes no labels")
+            return np.zeros((n, L, d, 4 * h), np.float32), np.zeros((n, self.net["head_hidden"]), np.float32)
+        if labels is None:
+            raise ValueError("pixelrnn model is class-conditional: labels are required")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        k = self.image["num_classes"]
+        if labels.shape[0] != n or (n and (labels.min() < 0 or labels.max() >= k)):
+            raise ValueError(f"labels must be {n} ints in [0, {k}), got {labels.tolist()}")
+        gate, head = self.sessions["conditioning"].run(None, {"labels": labels})
+        return gate, head
+
+    def sample(self, u: np.ndarray, labels: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
+        u = np.asarray(u, dtype=np.float32)
+        C, H, W, levels = (self.image[k] for k in ("channels", "height", "width", "levels"))
+        if u.ndim != 4 or u.shape[1:] != (C, H, W):
+            raise ValueError(f"noise 'u' must be [n, {C}, {H}, {W}], got {u.shape}")
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        n = u.shape[0]
+        gate_bias, head_bias = self._conditioning(labels, n)
+        L, hid = self.net["num_layers"], self.net["hidden_channels"]
+        pad = self.net["input_kernel"] // 2
+        step, f32 = self.sessions["pixel_step"], np.float32
+        canvas = np.zeros((n, C, H + pad, W + 2 * pad), f32)
+        out = np.zeros((n, C, H, W), np.int64)
+        if self.diagonal:
+            above_h = np.zeros((n, L, hid, W), f32)
+            rl_above = np.zeros((n, L, hid, W), f32)
+        else:
+            above_h = np.zeros((n, L, hid, W + 2), f32)
+            above_c = np.zeros((n, L, hid, W), f32)
+        for i in range(H):
+            row_h = np.zeros_like(above_h)
+            if self.diagonal:
+                left_h = np.zeros((n, L, hid), f32)
+                left_c = np.zeros((n, L, hid), f32)
+                row_inp = np.zeros((n, L, hid, W), f32)
+            else:
+                row_c = np.zeros_like(above_c)
+                left_inp = np.zeros((n, L, hid), f32)
+            for j in range(W):
+                for ch in range(C):
+                    window = np.ascontiguousarray(canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1])
+                    if self.diagonal:
+                        feeds = {"window": window, "left_h": left_h, "left_c": left_c,
+                                 "above_h": np.ascontiguousarray(above_h[..., j]),
+                                 "rl_above": np.ascontiguousarray(rl_above[..., j]),
+                                 "gate_bias": gate_bias, "head_bias": head_bias}
+                    else:
+                        feeds = {"window": window, "above_h": np.ascontiguousarray(above_h[..., j : j + 3]),
+                                 "above_c": np.ascontiguousarray(above_c[..., j]), "left_inp": left_inp,
+                                 "gate_bias": gate_bias, "head_bias": head_bias}
+                    logits, h, c, inp = step.run(None, feeds)
+                    level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
+                    out[:, ch, i, j] = level
+                    canvas[:, ch, i + pad, j + pad] = (level.astype(f32) / f32(levels - 1)) * 2.0 - 1.0
+                if self.diagonal:
+                    left_h, left_c = h, c
+                    row_h[..., j] = h
+                    row_inp[..., j] = inp
+                else:
+                    left_inp = inp
+                    row_h[..., j + 1] = h
+                    row_c[..., j] = c
+            above_h = row_h
+            if self.diagonal:
+                if i + 1 < H:
+                    (rl_above,) = self.sessions["row_step"].run(
+                        None, {"row_inp": row_inp, "rl_above": rl_above, "gate_bias": gate_bias})
+            else:
+                above_c = row_c
+        return (out.astype(f32) / f32(levels - 1)).astype(f32)
+
+
+# --- parity --------------------------------------------------------------------------------------
+def _fail(family: str, graph: str, n: int, err: float, detail: str) -> ExportParityError:
+    return ExportParityError(f"{family} graph {graph!r} at batch size {n}: ONNX and torch disagree "
+                             f"(max abs error {err:.3g}; {detail})")
+
+
+def _grid_step(model: GenerativeModel) -> float:
+    return 1.0 / (model.image.levels - 1)
+
+
+def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch_sizes: Sequence[int] = (1, 5),
+                 seed: int = 0, atol: float = 1e-4, temperature: float = 0.8) -> None:
+    """Check every exported graph against ``model`` with onnxruntime (CPU) on the same noise and
+    labels, at each batch size; raises :class:`ExportParityError` on the first disagreement.
+
+    Samplers on the quantization grid are compared level by level: PixelRNN exactly; an 8-bit
+    mixture may differ by exactly one grey level (floor at a bin boundary can round either way
+    across runtimes), nothing more. Continuous outputs and likelihoods must agree within
+    ``atol`` (likelihoods relative to their magnitude: they are sums over all pixels).
+    """
+    import onnx
+
+    family = model.family
+    files = {}
+    for f in onnx_files:
+        try:
+            onnx.checker.check_model(str(f), full_check=True)
+        except Exception as exc:
+            raise ExportParityError(f"{family}: {f} fails onnx.checker: {exc}") from exc
+        files[read_metadata(f).get("graph", Path(f).stem)] = f
+    model = model.eval()
+    img = model.image
+    spec = model.noise_spec()
+    for n in batch_sizes:
+        noise = make_noise(spec, seed, n)
+        labels = torch.arange(n, dtype=torch.long) % max(img.num_classes, 1) if model.conditional else None
+        with torch.no_grad():
+            expected = model.sample_from_noise(noise, labels, temperature)
+        if family == "pixelrnn":
+            got = OnnxPixelRNNSampler(list(files.values())).sample(
+                noise["u"].numpy(), None if labels is None else labels.numpy(), temperature)
+            _compare_levels(model, "pixel_step", n, expected.numpy(), got, max_levels=0)
+        elif "sampler" in files:
+            feeds = {k: v.numpy() for k, v in noise.items()}
+            if labels is not None:
+                feeds["labels"] = labels.numpy()
+            feeds["temperature"] = np.asarray(temperature, np.float32)
+            (got,) = _session(files["sampler"]).run(["images"], feeds)
+            if model.samples_on_grid:
+                allowed = 1 if family == "mixture" and img.levels == 256 else 0
+                _compare_levels(model, "sampler", n, expected.numpy(), got, max_levels=allowed)
+            else:
+                _compare_close(family, "sampler", n, expected.numpy(), got, atol)
+        else:
+            raise ExportParityError(f"{family}: no sampler graph among {sorted(files)}")
+        if "likelihood" in files:
+            x = model.from_levels(model.to_levels(expected.float()))
+            with torch.no_grad():
+                want = model.log_likelihood(x).double().numpy()
+            (have,) = _session(files["likelihood"]).run(None, {"x": x.numpy().astype(np.float32)})
+            tol = atol * max(1.0, float(np.abs(want).max(initial=0.0)))
+            _compare_close(family, "likelihood", n, want, have.astype(np.float64), tol)
+
+
+def _compare_close(family: str, graph: str, n: int, want: np.ndarray, have: np.ndarray, atol: float) -> None:
+    if want.shape != have.shape:
+        raise ExportParityError(f"{family} graph {graph!r} at batch size {n}: shape {have.shape}, "
+                                f"torch gives {want.shape}")
+    err = float(np.abs(want - have).max(initial=0.0))
+    if not err <= atol:  # also catches NaN
+        raise _fail(family, graph, n, err, f"atol {atol:g}")
+
+
+def _compare_levels(model: GenerativeModel, graph: str, n: int, want: np.ndarray, have: np.ndarray,
+                    max_levels: int) -> None:
+    family = model.family
+    if want.shape != have.shape:
+        raise ExportParityError(f"{family} graph {graph!r} at batch size {n}: shape {have.shape}, "
+                                f"torch gives {want.shape}")
+    scale = model.image.levels - 1
+    diff = np.abs(np.rint(want * scale) - np.rint(have * scale))
+    worst = float(diff.max(initial=0.0)) if np.isfinite(have).all() else float("inf")
+    if not worst <= max_levels:
+        err = float(np.abs(want - have).max(initial=0.0))
+        raise _fail(family, graph, n, err, f"{int(np.sum(diff > max_levels))} values off by more than "
+                    f"{max_levels} level(s), worst {worst:g}")

@@ -1,0 +1,189 @@
+"""ONNX export: every family's graphs pass onnx.checker and match torch at several batch sizes;
+a corrupted graph or perturbed weights are caught by check_parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from genmodels.export import (
+    ExportError,
+    ExportParityError,
+    OnnxPixelRNNSampler,
+    check_parity,
+    export_sampler,
+    read_metadata,
+)
+from genmodels.models import build_model
+from genmodels.models.base import ImageSpec
+from genmodels.models.gan import GAN
+from genmodels.noise import make_noise
+
+BINARY = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=3)
+GREY = ImageSpec(channels=1, height=8, width=8, levels=256, num_classes=3)
+SMALL_GAN = {"latent_dim": 4, "g_width": 4, "d_width": 4, "d_features": 8, "embed_dim": 4}
+SMALL_RNN = {"num_layers": 2, "hidden_channels": 4, "head_hidden": 6}
+
+# case -> (family, image, config overrides, graphs expected)
+CASES = {
+    "vae": ("vae", BINARY, {"latent_dim": 3, "hidden": (16,)}, {"sampler"}),
+    "cvae": ("cvae", GREY, {"latent_dim": 3, "hidden": (16,)}, {"sampler"}),
+    "gan": ("gan", BINARY, SMALL_GAN, {"sampler"}),
+    "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True), {"sampler"}),
+    "mixture_binary": ("mixture", BINARY, {"n_components": 3}, {"sampler"}),
+    "mixture_8bit": ("mixture", GREY, {"n_components": 3, "conditional": True}, {"sampler"}),
+    "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row"), {"pixel_step", "likelihood"}),
+    "pixelrnn_diagonal": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="diagonal", conditional=True),
+                          {"pixel_step", "row_step", "conditioning"}),
+}
+
+
+def make_model(case: str):
+    family, image, overrides, _ = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(family, image, **overrides)
+    if family == "mixture":
+        # Fit the mixture to random images so components differ (fresh ones are all alike).
+        gen = torch.Generator().manual_seed(1)
+        levels = torch.randint(0, image.levels, (40, *image.shape), generator=gen)
+        y = torch.arange(40) % image.num_classes if model.conditional else None
+        model.em_initialize(model.from_levels(levels), seed=0, y=y)
+    if family == "pixelrnn" and model.conditional:
+        with torch.no_grad():  # zero-initialized class biases would make conditioning vacuous
+            model.gate_class_bias.normal_()
+            model.head_class_bias.normal_()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """case -> (model, files): each family exported once for the whole module."""
+    cache: dict[str, tuple] = {}
+
+    def get(case: str):
+        if case not in cache:
+            model = make_model(case)
+            cache[case] = (model, export_sampler(model, tmp_path_factory.mktemp(case)))
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_family_exports_and_matches_torch(case, exported):
+    model, files = exported(case)
+    graphs = {read_metadata(f)["graph"] for f in files}
+    assert graphs == CASES[case][3]
+    for f in files:
+        onnx.checker.check_model(str(f), full_check=True)
+        assert read_metadata(f)["family"] == model.family
+    check_parity(model, files, batch_sizes=(1, 5))
+
+
+def test_sampler_graph_interface(exported):
+    _model, (path,) = exported("gan_conditional")
+    proto = onnx.load(str(path))
+    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+    assert list(inputs) == ["z", "labels", "temperature"]
+    assert inputs["labels"].elem_type == onnx.TensorProto.INT64
+    assert inputs["temperature"].elem_type == onnx.TensorProto.FLOAT
+    assert len(inputs["temperature"].shape.dim) == 0
+    assert inputs["z"].shape.dim[0].dim_param  # symbolic batch axis
+    assert [o.name for o in proto.graph.output] == ["images"]
+    meta = read_metadata(path)
+    assert json.loads(meta["noise"]) == {"z": {"shape": [4], "distribution": "normal"}}
+    assert json.loads(meta["conditional"]) is True
+
+
+def test_file_path_puts_first_graph_there_and_the_rest_beside_it(tmp_path):
+    model = make_model("pixelrnn_diagonal")
+    files = export_sampler(model, tmp_path / "m.onnx")
+    assert [f.name for f in files] == ["m.onnx", "m.row_step.onnx", "m.conditioning.onnx"]
+    assert read_metadata(files[0])["graph"] == "pixel_step"
+
+
+@pytest.mark.parametrize("case", ["pixelrnn_row", "pixelrnn_diagonal"])
+def test_onnx_pixelrnn_sampler_reproduces_sample_cached_exactly(case, exported):
+    model, files = exported(case)
+    sampler = OnnxPixelRNNSampler(files)
+    noise = make_noise(model.noise_spec(), seed=3, count=4)
+    labels = torch.tensor([0, 1, 2, 1]) if model.conditional else None
+    for temperature in (1.0, 0.5):
+        want = model.sample_cached(noise, labels, temperature).numpy()
+        got = sampler.sample(noise["u"].numpy(), None if labels is None else labels.numpy(), temperature)
+        np.testing.assert_array_equal(got, want)
+        assert 0 < want.mean() < 1  # both levels occur: the comparison is not vacuous
+    if model.conditional:
+        with pytest.raises(ValueError, match="labels are required"):
+            sampler.sample(noise["u"].numpy())
+
+
+def _perturb_largest_initializer(path, out_path, delta: float) -> None:
+    proto = onnx.load(str(path))
+    init = max((t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+               key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(delta), init.name))
+    onnx.save_model(proto, str(out_path))
+
+
+@pytest.mark.parametrize("case", ["vae", "pixelrnn_row"])
+def test_corrupted_weights_in_the_graph_fail_parity(case, exported, tmp_path):
+    model, files = exported(case)
+    bad = tmp_path / files[0].name
+    _perturb_largest_initializer(files[0], bad, delta=1.0)
+    with pytest.raises(ExportParityError, match=rf"{model.family} graph '\w+' at batch size 1.*max abs error"):
+        check_parity(model, [bad, *files[1:]])
+
+
+def test_structurally_broken_graph_fails_the_checker(exported, tmp_path):
+    model, (path,) = exported("gan")
+    proto = onnx.load(str(path))
+    proto.graph.node[len(proto.graph.node) // 2].input[0] = "no_such_tensor"
+    bad = tmp_path / "broken.onnx"
+    onnx.save_model(proto, str(bad))
+    with pytest.raises(ExportParityError, match="fails onnx.checker"):
+        check_parity(model, [bad])
+
+
+@pytest.mark.parametrize("case", ["gan", "mixture_binary", "pixelrnn_diagonal"])
+def test_weights_changed_after_export_fail_parity(case, exported):
+    model, files = exported(case)
+    model = make_model(case)  # a private copy: the cached one serves other tests
+    with torch.no_grad():
+        if model.family == "mixture":
+            model.probs.copy_(1.0 - model.probs)
+        else:
+            for p in model.parameters():
+                if p.numel() > 1:
+                    p.copy_(p.flip(-1) * 3.0)
+    with pytest.raises(ExportParityError, match=rf"{model.family} graph"):
+        check_parity(model, files)
+
+
+def test_8bit_mixture_tolerates_one_grey_level_and_no_more(exported):
+    _model, files = exported("mixture_8bit")
+    shifted = make_model("mixture_8bit")
+    with torch.no_grad():
+        shifted.means.add_(2.0 / 255)  # two grey levels up (except where clamped at 255)
+    with pytest.raises(ExportParityError, match="off by more than 1 level"):
+        check_parity(shifted, files, batch_sizes=(5,))
+
+
+class _PerRowGAN(GAN):
+    """A sampler with a Python loop over the batch: export can only freeze the batch size."""
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        z = noise["z"]
+        return torch.stack([self.generator(z[i : i + 1] * temperature)[0] for i in range(z.shape[0])])
+
+
+def test_export_refuses_a_graph_whose_batch_axis_froze(tmp_path):
+    config = build_model("gan", BINARY, **SMALL_GAN).config
+    with pytest.raises(ExportError, match=r"froze the batch axis of input\(s\) \['z'\]"):
+        export_sampler(_PerRowGAN(config).eval(), tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-usable left behind
