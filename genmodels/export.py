@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genmodels.models.base import GenerativeModel
+from genmodels.models.base import GenerativeModel, check_temperature
 from genmodels.noise import make_noise
 
 __all__ = ["ExportError", "ExportParityError", "OnnxPixelRNNSampler", "check_parity", "export_sampler", "read_metadata"]
@@ -315,8 +315,7 @@ class OnnxPixelRNNSampler:
         C, H, W, levels = (self.image[k] for k in ("channels", "height", "width", "levels"))
         if u.ndim != 4 or u.shape[1:] != (C, H, W):
             raise ValueError(f"noise 'u' must be [n, {C}, {H}, {W}], got {u.shape}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         n = u.shape[0]
         gate_bias, head_bias = self._conditioning(labels, n)
         L, hid = self.net["num_layers"], self.net["hidden_channels"]

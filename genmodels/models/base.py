@@ -27,6 +27,15 @@ from genmodels.config import dataclass_from_dict
 from genmodels.noise import NoiseSpec, make_noise
 
 
+def check_temperature(temperature: Any) -> None:
+    """Refuse a non-positive sampling temperature. Tensors pass unchecked: they are graph
+    inputs during ONNX export, where reading their value would freeze it into the graph."""
+    if isinstance(temperature, torch.Tensor):
+        return
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What a model's images look like."""
@@ -155,6 +164,7 @@ class GenerativeModel(nn.Module):
         temperature: float = 1.0,
         start: int = 0,
     ) -> torch.Tensor:
+        check_temperature(temperature)
         noise = make_noise(self.noise_spec(), seed, n, start=start)
         device = next(self.parameters()).device
         noise = {k: v.to(device) for k, v in noise.items()}

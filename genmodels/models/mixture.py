@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from genmodels.models.base import GenerativeModel, ModelConfig
+from genmodels.models.base import GenerativeModel, ModelConfig, check_temperature
 from genmodels.noise import NoiseField, NoiseSpec
 
 __all__ = ["MixtureConfig", "MixtureModel"]
@@ -316,8 +316,7 @@ class MixtureModel(GenerativeModel):
         labels: torch.Tensor | None = None,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        if isinstance(temperature, (int, float)) and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         if self.conditional and labels is None:
             raise ValueError("mixture model is class-conditional: labels are required")
         if not self.conditional and labels is not None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmodels.models._pixelrnn_layers import GATES, DiagonalBiLSTMLayer, MaskedConv2d, RowLSTMLayer
-from genmodels.models.base import GenerativeModel, ModelConfig
+from genmodels.models.base import GenerativeModel, ModelConfig, check_temperature
 from genmodels.noise import NoiseField, NoiseSpec
 
 LAYER_KINDS = ("row", "diagonal")
@@ -207,8 +207,7 @@ class PixelRNN(GenerativeModel):
             raise ValueError(
                 f"noise 'u' must be [n, {', '.join(map(str, self.image.shape))}], got {tuple(u.shape)}"
             )
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         return u.to(self._ref())
 
     def sample_from_noise(

@@ -41,3 +41,4 @@ def test_bad_seed_is_refused(seed):
 
 def test_numpy_integer_seed_accepted():
     assert torch.equal(make_noise(SPEC, np.int64(3), 2)["z"], make_noise(SPEC, 3, 2)["z"])
+
