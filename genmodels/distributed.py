@@ -1,28 +1,38 @@
 """Distributed training on Ray Train: the same loop as local training, under DDP.
 
-:func:`ray_train_loop` is the ``train_loop_per_worker`` of a ``TorchTrainer``; each worker
-reads the dataset snapshot from object storage (nothing depends on the driver's disk),
-trains with :class:`RayTrainContext`, and reports a checkpoint every epoch. When a worker
-dies, Ray Train (``FailureConfig(max_failures=N)``) restarts the group, which resumes from
-the last reported checkpoint: at most the epoch in progress is lost, none is counted twice.
+:func:`train_on_ray` runs a ``TorchTrainer`` whose ``train_loop_per_worker`` is
+:func:`ray_train_loop`: each worker reads the dataset snapshot from object storage (nothing
+depends on the driver's disk), trains with :class:`RayTrainContext`, and reports a checkpoint
+every epoch to ``<storage>/ray/<dataset>/<run name>`` (file or S3, the same store as everything
+else). When a worker dies, Ray Train (``FailureConfig(max_failures=N)``) restarts the group,
+which resumes from the last reported checkpoint: at most the epoch in progress is lost, none is
+counted twice. Running the same plan again resumes (or finds it finished) instead of retraining.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import signal
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import torch
 
-from genmodels.training import CHECKPOINT_KEY, TrainingContext, load_training_state
+from genmodels.storage import FileStorage, S3Storage, Storage
+from genmodels.training import CHECKPOINT_KEY, TrainingContext, TrainResult, load_training_state
 
 
 class RayTrainContext(TrainingContext):
     """``fail_once_at_epoch`` / ``fail_marker`` are a test hook for fault tolerance: rank 1
-    (rank 0 in a one-worker group) raises when about to report epoch ``fail_once_at_epoch``
-    (1-based), unless the file ``fail_marker`` exists, which it creates first, so that only the
-    first attempt fails and the restarted group runs through."""
+    (rank 0 in a one-worker group) kills its own process (SIGKILL, as an OOM killer or a lost
+    node would) when about to report epoch ``fail_once_at_epoch`` (1-based), unless the file
+    ``fail_marker`` exists, which it creates first, so that only the first attempt dies and the
+    restarted group runs through."""
 
     def __init__(self, fail_once_at_epoch: int | None = None, fail_marker: str | None = None) -> None:
         import ray.train
@@ -39,8 +49,12 @@ class RayTrainContext(TrainingContext):
             return
         if int(metrics["epoch"]) == self.fail_once_at_epoch and not os.path.exists(self.fail_marker):
             with open(self.fail_marker, "w") as f:
-                f.write(f"rank {self.rank} failed at epoch {self.fail_once_at_epoch}\n")
-            raise RuntimeError(f"injected failure (test hook) on rank {self.rank} at epoch {self.fail_once_at_epoch}")
+                f.write(f"rank {self.rank} killed at epoch {self.fail_once_at_epoch}\n")
+            # The controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a real
+            # epoch outlasts that, a test's tiny one does not. Wait so that the previous epoch's
+            # checkpoint is registered, as it would be in a real run, before dying.
+            time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _dist(self):
         import torch.distributed as dist
@@ -116,3 +130,144 @@ def ray_train_loop(config: Mapping[str, Any]) -> None:
     train_cfg = TrainConfig.from_dict({**config["train_config"], "device": str(ray.train.torch.get_device())})
     context = RayTrainContext(config.get("fail_once_at_epoch"), config.get("fail_marker"))
     train(model, snapshot, train_cfg, context, meta=config.get("meta"))
+
+
+# --- the driver side ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RayScaling:
+    """How a run uses the Ray cluster. ``cpus_per_worker=None`` shares the cluster's CPUs
+    evenly between the workers (each worker uses that many torch threads)."""
+
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: GPUs when the cluster has one per worker
+    cpus_per_worker: int | None = None
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # A private local cluster: no token auth to configure (see shared/STACK_NOTES.md).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+def ray_storage(storage: Storage) -> tuple[str, Any]:
+    """(``storage_path``, ``storage_filesystem``) for Ray Train's ``RunConfig`` on ``storage``.
+
+    S3 goes through pyarrow's S3 filesystem so that a custom endpoint (MinIO, moto) is honoured;
+    its path is ``bucket/prefix`` without the scheme."""
+    if isinstance(storage, FileStorage):
+        return str(storage.root), None
+    if isinstance(storage, S3Storage):
+        from pyarrow import fs
+
+        endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+                                   or "us-east-1"}
+        if endpoint:
+            parts = urlsplit(endpoint)
+            options.update(endpoint_override=parts.netloc or parts.path, scheme=parts.scheme or "https")
+        path = f"{storage.bucket}/{storage.prefix}" if storage.prefix else storage.bucket
+        return path, fs.S3FileSystem(**options)
+    raise TypeError(f"no Ray Train storage for {type(storage).__name__}")
+
+
+def ray_run_name(family: str, preset: str, model_config: Mapping[str, Any], train_config: Mapping[str, Any],
+                 snapshot_hash: str, num_workers: int) -> str:
+    """A run's Ray Train name: the same plan (config, data, world size) maps to the same name and
+    so resumes; any change starts a new run instead of resuming an incompatible checkpoint."""
+    plan = json.dumps({"family": family, "model": model_config, "train": train_config, "snapshot": snapshot_hash,
+                       "workers": num_workers}, sort_keys=True, default=str)
+    return f"{family}-{preset}-{hashlib.sha256(plan.encode()).hexdigest()[:12]}"
+
+
+def train_on_ray(
+    storage: Storage,
+    snapshot,
+    family: str,
+    preset: str,
+    *,
+    scaling: RayScaling = RayScaling(),
+    overrides: Mapping[str, Any] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+    fresh: bool = False,
+    keep_checkpoints: int | None = 2,
+    test_hooks: Mapping[str, Any] | None = None,
+):
+    """Train one family on the Ray cluster (``ensure_ray`` first) and write the run's model and
+    history where :func:`genmodels.runs.train_family` would; returns a ``TrainOutcome``.
+
+    The snapshot must already be in ``storage`` (``genmodels.runs.snapshot_for``). Ray keeps
+    the last ``keep_checkpoints`` epoch checkpoints of the run (None: all)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from genmodels.models import model_from_checkpoint
+    from genmodels.runs import TrainOutcome, finish_run, plan_run, run_prefix
+
+    model, train_cfg, meta = plan_run(snapshot, family, preset, overrides=overrides, model_overrides=model_overrides)
+    model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
+    resources = ray.cluster_resources()
+    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else resources.get("GPU", 0) >= scaling.num_workers
+    cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // scaling.num_workers)
+    name = ray_run_name(family, preset, model_config, train_cfg.to_dict(), snapshot.hash, scaling.num_workers)
+    ray_root = storage.child(f"ray/{snapshot.dataset}")
+    if fresh:
+        for key in ray_root.list(f"{name}/"):
+            ray_root.delete(key)
+    storage_path, filesystem = ray_storage(ray_root)
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={
+            "storage_url": storage.url, "snapshot_prefix": snapshot.prefix, "family": family,
+            "model_config": model_config, "train_config": train_cfg.to_dict(), "meta": meta,
+            "threads_per_worker": cpus, **(test_hooks or {}),
+        },
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, CHECKPOINT_KEY), "rb") as f:
+            state = load_training_state(f.read())
+    ts = state["train_state"]
+    best = model_from_checkpoint(state)
+    if ts.get("best_state_dict") is not None:
+        best.load_state_dict(ts["best_state_dict"])
+    history = list(ts["history"])
+    patience = train_cfg.early_stopping_patience
+    train_result = TrainResult(
+        model=best.eval(), history=history, epochs_completed=len(history),
+        best_val_loss=None if ts["best_val"] == float("inf") else float(ts["best_val"]),
+        stopped_early=patience is not None and len(history) < train_cfg.epochs,
+        resumed_from_epoch=0,
+    )
+    run = storage.child(run_prefix(snapshot.dataset, family, preset))
+    finish_run(run, train_result, train_cfg, meta)
+    return TrainOutcome(result=train_result, run=run, train_config=train_cfg)

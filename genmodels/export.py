@@ -6,7 +6,7 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
   (float32 [batch, *shape], sorted by name), ``labels`` (int64 [batch], conditional models
   only), ``temperature`` (float32 scalar); output ``images`` [batch, C, H, W].
 - PixelRNN: its step graphs, which a runtime drives pixel by pixel exactly as
-  ``PixelRNN.sample_cached`` does (:class:`OnnxPixelRNNSampler`): ``pixel_step``,
+  ``PixelRNN.sample_cached`` does (:class:`genmodels.sampling.OnnxPixelRNNSampler`): ``pixel_step``,
   ``row_step`` (Diagonal BiLSTM only) and ``conditioning`` (class-conditional only: labels ->
   per-sample class biases; an unconditional model's biases are zeros).
 - ``likelihood`` (x [batch, C, H, W] -> log p(x) [batch]) where it exports cleanly: the
@@ -32,13 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from genmodels.models.base import GenerativeModel, check_temperature
+from genmodels.models.base import GenerativeModel
 from genmodels.noise import make_noise
+
+# The runtime lives in genmodels.sampling (serving and bulk jobs use it without the exporter);
+# re-exported here so that ``from genmodels.export import read_metadata`` keeps working.
+from genmodels.sampling import OnnxPixelRNNSampler, OnnxSampler, read_metadata
 
 __all__ = ["ExportError", "ExportParityError", "OnnxPixelRNNSampler", "check_parity", "export_sampler", "read_metadata"]
 
 OPSET = 18
-_META_PREFIX = "genmodels."
 
 
 class ExportError(RuntimeError):
@@ -236,150 +239,10 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
     return written
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``genmodels.*`` metadata of an exported graph, keys without the prefix."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key[len(_META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(_META_PREFIX)}
-
-
-def _session(path: str | Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-# --- PixelRNN runtime over the step graphs -----------------------------------------------------
-def categorical_inverse_cdf_np(logits: np.ndarray, u: np.ndarray, temperature: float) -> np.ndarray:
-    """numpy twin of ``pixelrnn.categorical_inverse_cdf`` (float32, same op order)."""
-    z = (logits / np.float32(temperature)).astype(np.float32)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    cdf = np.cumsum(e / e.sum(axis=1, keepdims=True), axis=1, dtype=np.float32)
-    return np.minimum((cdf < u[:, None]).sum(axis=1), logits.shape[1] - 1).astype(np.int64)
-
-
-class OnnxPixelRNNSampler:
-    """Samples a PixelRNN from its exported step graphs, mirroring ``PixelRNN.sample_cached``.
-
-    Built from the files ``export_sampler`` wrote (recognized by their metadata). ``sample``
-    takes the same noise (``u`` [n, C, H, W] uniform) and labels as the torch model and returns
-    float32 images on the quantization grid.
-    """
-
-    def __init__(self, onnx_files: Sequence[str | Path]) -> None:
-        self.sessions: dict[str, Any] = {}
-        meta = None
-        for f in onnx_files:
-            m = read_metadata(f)
-            if m.get("family") != "pixelrnn":
-                raise ValueError(f"{f}: not a PixelRNN graph (family={m.get('family')!r})")
-            self.sessions[m["graph"]] = _session(f)
-            if m["graph"] == "pixel_step":
-                meta = m
-        if meta is None:
-            raise ValueError(f"no pixel_step graph among {[str(f) for f in onnx_files]}")
-        self.image = json.loads(meta["image"])
-        self.net = json.loads(meta["pixelrnn"])
-        self.diagonal = self.net["directions"] == 2
-        needed = ["pixel_step"] + (["row_step"] if self.diagonal else []) + \
-                 (["conditioning"] if self.net["conditional"] else [])
-        missing = [g for g in needed if g not in self.sessions]
-        if missing:
-            raise ValueError(f"PixelRNN ONNX files lack the graph(s) {missing}")
-
-    @property
-    def conditional(self) -> bool:
-        return self.net["conditional"]
-
-    def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
-        L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]
-        if not self.conditional:
-            if labels is not None:
-                raise ValueError("pixelrnn model is unconditional: it takes no labels")
-            return np.zeros((n, L, d, 4 * h), np.float32), np.zeros((n, self.net["head_hidden"]), np.float32)
-        if labels is None:
-            raise ValueError("pixelrnn model is class-conditional: labels are required")
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        k = self.image["num_classes"]
-        if labels.shape[0] != n or (n and (labels.min() < 0 or labels.max() >= k)):
-            raise ValueError(f"labels must be {n} ints in [0, {k}), got {labels.tolist()}")
-        gate, head = self.sessions["conditioning"].run(None, {"labels": labels})
-        return gate, head
-
-    def sample(self, u: np.ndarray, labels: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
-        u = np.asarray(u, dtype=np.float32)
-        C, H, W, levels = (self.image[k] for k in ("channels", "height", "width", "levels"))
-        if u.ndim != 4 or u.shape[1:] != (C, H, W):
-            raise ValueError(f"noise 'u' must be [n, {C}, {H}, {W}], got {u.shape}")
-        check_temperature(temperature)
-        n = u.shape[0]
-        gate_bias, head_bias = self._conditioning(labels, n)
-        L, hid = self.net["num_layers"], self.net["hidden_channels"]
-        pad = self.net["input_kernel"] // 2
-        step, f32 = self.sessions["pixel_step"], np.float32
-        canvas = np.zeros((n, C, H + pad, W + 2 * pad), f32)
-        out = np.zeros((n, C, H, W), np.int64)
-        if self.diagonal:
-            above_h = np.zeros((n, L, hid, W), f32)
-            rl_above = np.zeros((n, L, hid, W), f32)
-        else:
-            above_h = np.zeros((n, L, hid, W + 2), f32)
-            above_c = np.zeros((n, L, hid, W), f32)
-        for i in range(H):
-            row_h = np.zeros_like(above_h)
-            if self.diagonal:
-                left_h = np.zeros((n, L, hid), f32)
-                left_c = np.zeros((n, L, hid), f32)
-                row_inp = np.zeros((n, L, hid, W), f32)
-            else:
-                row_c = np.zeros_like(above_c)
-                left_inp = np.zeros((n, L, hid), f32)
-            for j in range(W):
-                for ch in range(C):
-                    window = np.ascontiguousarray(canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1])
-                    if self.diagonal:
-                        feeds = {"window": window, "left_h": left_h, "left_c": left_c,
-                                 "above_h": np.ascontiguousarray(above_h[..., j]),
-                                 "rl_above": np.ascontiguousarray(rl_above[..., j]),
-                                 "gate_bias": gate_bias, "head_bias": head_bias}
-                    else:
-                        feeds = {"window": window, "above_h": np.ascontiguousarray(above_h[..., j : j + 3]),
-                                 "above_c": np.ascontiguousarray(above_c[..., j]), "left_inp": left_inp,
-                                 "gate_bias": gate_bias, "head_bias": head_bias}
-                    logits, h, c, inp = step.run(None, feeds)
-                    level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
-                    out[:, ch, i, j] = level
-                    canvas[:, ch, i + pad, j + pad] = (level.astype(f32) / f32(levels - 1)) * 2.0 - 1.0
-                if self.diagonal:
-                    left_h, left_c = h, c
-                    row_h[..., j] = h
-                    row_inp[..., j] = inp
-                else:
-                    left_inp = inp
-                    row_h[..., j + 1] = h
-                    row_c[..., j] = c
-            above_h = row_h
-            if self.diagonal:
-                if i + 1 < H:
-                    (rl_above,) = self.sessions["row_step"].run(
-                        None, {"row_inp": row_inp, "rl_above": rl_above, "gate_bias": gate_bias})
-            else:
-                above_c = row_c
-        return (out.astype(f32) / f32(levels - 1)).astype(f32)
-
-
 # --- parity --------------------------------------------------------------------------------------
 def _fail(family: str, graph: str, n: int, err: float, detail: str) -> ExportParityError:
     return ExportParityError(f"{family} graph {graph!r} at batch size {n}: ONNX and torch disagree "
                              f"(max abs error {err:.3g}; {detail})")
-
-
-def _grid_step(model: GenerativeModel) -> float:
-    return 1.0 / (model.image.levels - 1)
 
 
 def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch_sizes: Sequence[int] = (1, 5),
@@ -395,45 +258,42 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
     import onnx
 
     family = model.family
-    files = {}
     for f in onnx_files:
         try:
             onnx.checker.check_model(str(f), full_check=True)
         except Exception as exc:
             raise ExportParityError(f"{family}: {f} fails onnx.checker: {exc}") from exc
-        files[read_metadata(f).get("graph", Path(f).stem)] = f
+    # The same runtime serving and bulk jobs use: parity of the graphs alone would miss a
+    # runtime that feeds them wrongly.
+    try:
+        runtime = OnnxSampler(onnx_files)
+    except ValueError as exc:
+        raise ExportParityError(f"{family}: the files are not one model's complete graphs: {exc}") from exc
+    if runtime.family != family:
+        raise ExportParityError(f"{family}: the files are {runtime.family} graphs")
     model = model.eval()
     img = model.image
     spec = model.noise_spec()
+    graph = "pixel_step" if family == "pixelrnn" else "sampler"
     for n in batch_sizes:
         noise = make_noise(spec, seed, n)
         labels = torch.arange(n, dtype=torch.long) % max(img.num_classes, 1) if model.conditional else None
         with torch.no_grad():
             expected = model.sample_from_noise(noise, labels, temperature)
-        if family == "pixelrnn":
-            got = OnnxPixelRNNSampler(list(files.values())).sample(
-                noise["u"].numpy(), None if labels is None else labels.numpy(), temperature)
-            _compare_levels(model, "pixel_step", n, expected.numpy(), got, max_levels=0)
-        elif "sampler" in files:
-            feeds = {k: v.numpy() for k, v in noise.items()}
-            if labels is not None:
-                feeds["labels"] = labels.numpy()
-            feeds["temperature"] = np.asarray(temperature, np.float32)
-            (got,) = _session(files["sampler"]).run(["images"], feeds)
-            if model.samples_on_grid:
-                allowed = 1 if family == "mixture" and img.levels == 256 else 0
-                _compare_levels(model, "sampler", n, expected.numpy(), got, max_levels=allowed)
-            else:
-                _compare_close(family, "sampler", n, expected.numpy(), got, atol)
+        got = runtime.sample_from_noise({k: v.numpy() for k, v in noise.items()},
+                                        None if labels is None else labels.numpy(), temperature)
+        if model.samples_on_grid:
+            allowed = 1 if family == "mixture" and img.levels == 256 else 0
+            _compare_levels(model, graph, n, expected.numpy(), got, max_levels=allowed)
         else:
-            raise ExportParityError(f"{family}: no sampler graph among {sorted(files)}")
-        if "likelihood" in files:
+            _compare_close(family, graph, n, expected.numpy(), got, atol)
+        if runtime.has_likelihood:
             x = model.from_levels(model.to_levels(expected.float()))
             with torch.no_grad():
                 want = model.log_likelihood(x).double().numpy()
-            (have,) = _session(files["likelihood"]).run(None, {"x": x.numpy().astype(np.float32)})
+            have = runtime.log_likelihood(x.numpy())
             tol = atol * max(1.0, float(np.abs(want).max(initial=0.0)))
-            _compare_close(family, "likelihood", n, want, have.astype(np.float64), tol)
+            _compare_close(family, "likelihood", n, want, have, tol)
 
 
 def _compare_close(family: str, graph: str, n: int, want: np.ndarray, have: np.ndarray, atol: float) -> None:

@@ -58,6 +58,33 @@ class TrainOutcome:
     train_config: TrainConfig
 
 
+def plan_run(
+    snapshot: Snapshot,
+    family: str,
+    preset: str,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> tuple[GenerativeModel, TrainConfig, dict[str, Any]]:
+    """The fresh model, the training config (preset + overrides) and the checkpoint metadata of
+    a run: what local and Ray training both start from."""
+    model_cfg, train_cfg = preset_configs(family, preset)
+    model_cfg.update(model_overrides or {})
+    train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **(overrides or {})})
+    cls = family_class(family)
+    model = cls(cls.config_class.from_dict({**model_cfg, "image": snapshot.image}))
+    meta = {"snapshot_hash": snapshot.hash, "dataset": snapshot.dataset, "preset": preset,
+            "class_names": list(snapshot.class_names)}
+    return model, train_cfg, meta
+
+
+def finish_run(run: Storage, result: TrainResult, train_cfg: TrainConfig, meta: Mapping[str, Any]) -> None:
+    """Write the trained model (best weights) and the epoch log of a run."""
+    run.put_bytes("model.pt", checkpoint_bytes(result.model, {**meta, "train_config": train_cfg.to_dict(),
+                                                               "epochs": result.epochs_completed}))
+    run.put_bytes("history.json", json.dumps(result.history, indent=2).encode())
+
+
 def train_family(
     storage: Storage,
     snapshot: Snapshot,
@@ -70,23 +97,15 @@ def train_family(
     progress: bool = False,
     on_epoch: Callable[[Mapping[str, float]], None] | None = None,
 ) -> TrainOutcome:
-    """Train one family with a preset (plus overrides), resuming an interrupted run."""
-    model_cfg, train_cfg = preset_configs(family, preset)
-    model_cfg.update(model_overrides or {})
-    train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **(overrides or {})})
-    cls = family_class(family)
-    model = cls(cls.config_class.from_dict({**model_cfg, "image": snapshot.image}))
+    """Train one family in this process with a preset (plus overrides), resuming an interrupted run."""
+    model, train_cfg, meta = plan_run(snapshot, family, preset, overrides=overrides, model_overrides=model_overrides)
     run = storage.child(run_prefix(snapshot.dataset, family, preset))
     if fresh:
         run.delete("checkpoint.pt")
-    meta = {"snapshot_hash": snapshot.hash, "dataset": snapshot.dataset, "preset": preset,
-            "class_names": list(snapshot.class_names)}
     _check_resumable(run, model, meta)
     result = train(model, snapshot, train_cfg, LocalContext(run, on_epoch=on_epoch), progress=progress,
                    meta=meta)
-    run.put_bytes("model.pt", checkpoint_bytes(result.model, {**meta, "train_config": train_cfg.to_dict(),
-                                                               "epochs": result.epochs_completed}))
-    run.put_bytes("history.json", json.dumps(result.history, indent=2).encode())
+    finish_run(run, result, train_cfg, meta)
     return TrainOutcome(result=result, run=run, train_config=train_cfg)
 
 

@@ -267,6 +267,11 @@ class S3Storage(Storage):
     def client(self) -> Any:
         return self._s3.get()
 
+    @property
+    def endpoint_url(self) -> str | None:
+        """The endpoint given explicitly (None: boto3's own resolution from AWS_* variables)."""
+        return self._s3.endpoint_url
+
     def _key(self, key: str) -> str:
         return _join(self.prefix, _check_key(key))
 

@@ -1,5 +1,5 @@
-"""Ray Train integration: ``genmodels.distributed.ray_train_loop`` under a real 2-worker
-``TorchTrainer`` (gloo DDP on CPU) on a local Ray cluster.
+"""Ray Train integration: ``genmodels.distributed.train_on_ray`` runs the training loop under a
+real 2-worker ``TorchTrainer`` (gloo DDP on CPU) on a local Ray cluster.
 
 Each fit costs ~20 s on 2 cores (worker group start-up dominates), so every run is as small
 as the property it checks allows: 8x8 binary digits, at most 128 training images per epoch.
@@ -7,13 +7,14 @@ as the property it checks allows: 8x8 binary digits, at most 128 training images
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from genmodels.data import PrepConfig, prepare, write_snapshot
-from genmodels.models import model_from_checkpoint
+from genmodels.models import load_checkpoint, model_from_checkpoint
 from genmodels.storage import open_storage
 from genmodels.training import CHECKPOINT_KEY, load_training_state
 
@@ -21,87 +22,79 @@ pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
+SMALL_TRAIN = {"batch_size": 32, "max_train_examples": 128, "max_val_examples": 64, "early_stopping_patience": None,
+               "seed": 0}
+TINY_VAE = {"latent_dim": 4, "hidden": (32,), "iwae_k": 4}
+
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # No token-auth warning for a throwaway local cluster (see shared/STACK_NOTES.md).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    from genmodels.distributed import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def snapshot_store(tmp_path_factory) -> tuple[str, str]:
-    """(storage_url, snapshot_prefix) of the digits snapshot, written once for the module."""
-    root = tmp_path_factory.mktemp("store")
-    url = root.as_uri()
-    snapshot = prepare("digits", None, PrepConfig(seed=0))
-    prefix = write_snapshot(snapshot, open_storage(url))
-    return url, prefix
+def snapshot():
+    return prepare("digits", None, PrepConfig(seed=0))
 
 
-def _fit(tmp_path: Path, snapshot_store, name: str, family: str, model_config: dict, train_config: dict,
-         max_failures: int = 0, **hooks):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _fit(tmp_path: Path, snapshot, family: str, model_config: dict, train_config: dict, max_failures: int = 0,
+         **hooks):
+    from genmodels.distributed import RayScaling, train_on_ray
 
-    from genmodels.distributed import ray_train_loop
-
-    url, prefix = snapshot_store
-    trainer = TorchTrainer(
-        ray_train_loop,
-        train_loop_config={
-            "storage_url": url, "snapshot_prefix": prefix, "family": family, "model_config": model_config,
-            "train_config": {"batch_size": 32, "max_train_examples": 128, "max_val_examples": 64,
-                             "early_stopping_patience": None, "seed": 0, **train_config},
-            "meta": {"dataset": "digits", "test": name}, **hooks,
-        },
-        scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name=name,
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    result = trainer.fit()
-    assert result.error is None, result.error
-    assert result.checkpoint is not None
-    with result.checkpoint.as_directory() as directory:
-        state = load_training_state((Path(directory) / CHECKPOINT_KEY).read_bytes())
-    return result, state
+    storage = open_storage(tmp_path / "store")
+    write_snapshot(snapshot, storage)
+    outcome = train_on_ray(storage, snapshot, family, "quick",
+                           scaling=RayScaling(num_workers=2, cpus_per_worker=1, max_failures=max_failures),
+                           overrides={**SMALL_TRAIN, **train_config}, model_overrides=model_config,
+                           keep_checkpoints=None, test_hooks=hooks)
+    (run_dir,) = (tmp_path / "store" / "ray" / "digits").iterdir()
+    last = sorted(run_dir.glob("epoch-*"))[-1]
+    state = load_training_state((last / CHECKPOINT_KEY).read_bytes())
+    return outcome, run_dir, state
 
 
-def _assert_complete(state, family: str, epochs: int, meta_test: str) -> None:
+def _assert_complete(outcome, state, family: str, epochs: int) -> None:
     ts = state["train_state"]
     assert state["family"] == family
-    assert state["meta"]["test"] == meta_test
+    assert state["meta"]["dataset"] == "digits" and state["meta"]["preset"] == "quick"
     assert ts["epoch"] == epochs
     assert [h["epoch"] for h in ts["history"]] == list(range(1, epochs + 1))
     for record in ts["history"]:
         assert all(torch.isfinite(torch.tensor(float(v))) for v in record.values()), record
-    model = model_from_checkpoint(state)
+    # The driver wrote the run's model and history where local training would.
+    saved = load_checkpoint(outcome.run.get_bytes("model.pt"))
+    assert saved["family"] == family and saved["meta"]["epochs"] == epochs
+    assert json.loads(outcome.run.get_bytes("history.json")) == ts["history"]
+    model = model_from_checkpoint(saved)
     x = model.sample(5, seed=3)
     assert x.shape == (5, 1, 8, 8)
     assert torch.isfinite(x).all()
     assert torch.equal(x, model.sample(5, seed=3))
+    assert torch.equal(x, outcome.result.model.sample(5, seed=3))
 
 
-def test_vae_on_two_workers(local_ray, snapshot_store, tmp_path):
-    result, state = _fit(tmp_path, snapshot_store, "vae", "vae", {"latent_dim": 4, "hidden": (32,), "iwae_k": 4},
-                         {"epochs": 3})
-    _assert_complete(state, "vae", 3, "vae")
+def test_vae_on_two_workers(local_ray, snapshot, tmp_path):
+    outcome, run_dir, state = _fit(tmp_path, snapshot, "vae", TINY_VAE, {"epochs": 3})
+    _assert_complete(outcome, state, "vae", 3)
     assert "val_loss" in state["train_state"]["history"][-1]
     # The checkpoint of every epoch was reported (checkpoint_every defaults to 1).
-    run_dir = Path(result.checkpoint.path).parent
     assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-00001", "epoch-00002", "epoch-00003"]
+    # Best weights by validation loss are what the run's model.pt holds.
+    ts = state["train_state"]
+    best_epoch = min(ts["history"], key=lambda h: h["val_loss"])["epoch"]
+    assert outcome.result.best_val_loss == pytest.approx(ts["history"][best_epoch - 1]["val_loss"])
 
 
-def test_gan_two_players_under_ddp(local_ray, snapshot_store, tmp_path):
-    _, state = _fit(tmp_path, snapshot_store, "gan", "gan",
-                    {"latent_dim": 8, "g_width": 8, "d_width": 8, "d_features": 16},
-                    {"epochs": 2, "lr": 2e-4, "betas": (0.5, 0.999)})
-    _assert_complete(state, "gan", 2, "gan")
+def test_gan_two_players_under_ddp(local_ray, snapshot, tmp_path):
+    outcome, _, state = _fit(tmp_path, snapshot, "gan", {"latent_dim": 8, "g_width": 8, "d_width": 8, "d_features": 16},
+                             {"epochs": 2, "lr": 2e-4, "betas": (0.5, 0.999), "checkpoint_every": 1})
+    _assert_complete(outcome, state, "gan", 2)
     history = state["train_state"]["history"]
     # Both players stepped: per-player losses carry the player's prefix.
     assert any(k.startswith("train_generator_") for k in history[0]), history[0]
@@ -109,24 +102,33 @@ def test_gan_two_players_under_ddp(local_ray, snapshot_store, tmp_path):
     assert set(state["train_state"]["optimizers"]) == {"generator", "discriminator"}
 
 
-def test_mixture_em_stats_all_reduced(local_ray, snapshot_store, tmp_path):
-    _, state = _fit(tmp_path, snapshot_store, "mixture", "mixture", {"n_components": 3}, {"epochs": 2})
-    _assert_complete(state, "mixture", 2, "mixture")
+def test_mixture_em_stats_all_reduced(local_ray, snapshot, tmp_path):
+    outcome, _, state = _fit(tmp_path, snapshot, "mixture", {"n_components": 3}, {"epochs": 2, "checkpoint_every": 1})
+    _assert_complete(outcome, state, "mixture", 2)
     history = state["train_state"]["history"]
     # train_loss is the mean NLL from the pooled (all-reduced) E-step statistics: one EM step
     # on them (MAP, small smoothing prior) must not make the fit worse.
     assert history[1]["train_loss"] <= history[0]["train_loss"] + 1e-3
 
 
-def test_worker_failure_resumes_from_last_checkpoint(local_ray, snapshot_store, tmp_path):
-    marker = tmp_path / "crashed-once"
-    result, state = _fit(tmp_path, snapshot_store, "fault", "vae", {"latent_dim": 4, "hidden": (32,), "iwae_k": 4},
-                         {"epochs": 3}, max_failures=1, fail_once_at_epoch=2, fail_marker=str(marker))
-    assert marker.read_text() == "rank 1 failed at epoch 2\n"
-    _assert_complete(state, "vae", 3, "fault")  # each of the 3 epochs exactly once
-    # Resumed, not restarted: epoch 1's checkpoint predates the crash (a restart from scratch
+def test_killed_worker_resumes_from_last_checkpoint(local_ray, snapshot, tmp_path):
+    marker = tmp_path / "killed-once"
+    outcome, run_dir, state = _fit(tmp_path, snapshot, "vae", TINY_VAE, {"epochs": 3}, max_failures=1,
+                                   fail_once_at_epoch=2, fail_marker=str(marker))
+    assert marker.read_text() == "rank 1 killed at epoch 2\n"
+    _assert_complete(outcome, state, "vae", 3)  # each of the 3 epochs exactly once
+    # Resumed, not restarted: epoch 1's checkpoint predates the kill (a restart from scratch
     # would have rewritten it); the final one came after it.
-    run_dir = Path(result.checkpoint.path).parent
-    crash = marker.stat().st_mtime_ns
-    assert (run_dir / "epoch-00001" / CHECKPOINT_KEY).stat().st_mtime_ns < crash
-    assert (run_dir / "epoch-00003" / CHECKPOINT_KEY).stat().st_mtime_ns > crash
+    kill = marker.stat().st_mtime_ns
+    assert (run_dir / "epoch-00001" / CHECKPOINT_KEY).stat().st_mtime_ns < kill
+    assert (run_dir / "epoch-00003" / CHECKPOINT_KEY).stat().st_mtime_ns > kill
+
+
+def test_same_plan_again_finds_the_run_finished(local_ray, snapshot, tmp_path):
+    first, run_dir, _ = _fit(tmp_path, snapshot, "vae", TINY_VAE, {"epochs": 2})
+    model_bytes = first.run.get_bytes("model.pt")
+    checkpoint_times = {p.name: (p / CHECKPOINT_KEY).stat().st_mtime_ns for p in run_dir.glob("epoch-*")}
+    again, _, _ = _fit(tmp_path, snapshot, "vae", TINY_VAE, {"epochs": 2})
+    # No epoch was trained again and the model is byte-identical (so registering it again is a no-op).
+    assert {p.name: (p / CHECKPOINT_KEY).stat().st_mtime_ns for p in run_dir.glob("epoch-*")} == checkpoint_times
+    assert again.run.get_bytes("model.pt") == model_bytes

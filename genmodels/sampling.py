@@ -1,0 +1,402 @@
+"""The sampler runtime over exported ONNX graphs, shared by online serving and bulk jobs.
+
+:class:`OnnxSampler` loads the files :func:`genmodels.export.export_sampler` wrote (recognized
+by their ``genmodels.*`` metadata, never by name) and samples from them with onnxruntime on
+CPU. Noise comes from :func:`genmodels.noise.make_noise` with the spec stored in the graphs,
+so image ``i`` of seed ``s`` is the image ``model.sample(..., seed=s)`` gives in torch,
+whatever the batching: online, in a batch of other requests, or in one shard of a bulk job.
+
+Families with a ``sampler`` graph run it once; the PixelRNN's step graphs are driven pixel by
+pixel by :class:`OnnxPixelRNNSampler`, exactly as ``PixelRNN.sample_cached`` does in torch.
+
+This module imports neither torch models nor :mod:`genmodels.export` (which imports it), and
+needs the ``onnx`` package only for :func:`read_metadata`: a serving image needs onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genmodels.models.base import check_temperature
+from genmodels.noise import NoiseField, check_seed, make_noise
+
+__all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "categorical_inverse_cdf_np", "read_metadata"]
+
+META_PREFIX = "genmodels."
+# Metadata every graph of one exported model carries with the same value; two files that
+# disagree on one of these come from different models.
+_MODEL_KEYS = ("family", "image", "conditional", "noise", "pixelrnn")
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``genmodels.*`` metadata of an exported graph, keys without the prefix."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+def _session(path: str | Path, intra_op_num_threads: int | None = None):
+    """An onnxruntime CPU session (``InferenceSession.run`` is safe to call from many threads)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if intra_op_num_threads is not None:
+        opts.intra_op_num_threads = int(intra_op_num_threads)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _session_metadata(session) -> dict[str, str]:
+    # Read from the session rather than with onnx.load: the file is parsed once, and serving
+    # needs no onnx package.
+    props = session.get_modelmeta().custom_metadata_map
+    return {k[len(META_PREFIX):]: v for k, v in props.items() if k.startswith(META_PREFIX)}
+
+
+# --- PixelRNN runtime over the step graphs -----------------------------------------------------
+def categorical_inverse_cdf_np(logits: np.ndarray, u: np.ndarray, temperature: float) -> np.ndarray:
+    """numpy twin of ``pixelrnn.categorical_inverse_cdf`` (float32, same op order)."""
+    z = (logits / np.float32(temperature)).astype(np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    cdf = np.cumsum(e / e.sum(axis=1, keepdims=True), axis=1, dtype=np.float32)
+    return np.minimum((cdf < u[:, None]).sum(axis=1), logits.shape[1] - 1).astype(np.int64)
+
+
+class OnnxPixelRNNSampler:
+    """Samples a PixelRNN from its exported step graphs, mirroring ``PixelRNN.sample_cached``.
+
+    Built from the files ``export_sampler`` wrote (recognized by their metadata). ``sample``
+    takes the same noise (``u`` [n, C, H, W] uniform) and labels as the torch model and returns
+    float32 images on the quantization grid. Keeps no per-call state: safe to share by threads.
+    """
+
+    def __init__(self, onnx_files: Sequence[str | Path], intra_op_num_threads: int | None = None) -> None:
+        sessions: dict[str, Any] = {}
+        meta = None
+        for f in onnx_files:
+            session = _session(f, intra_op_num_threads)
+            m = _session_metadata(session)
+            if m.get("family") != "pixelrnn":
+                raise ValueError(f"{f}: not a PixelRNN graph (family={m.get('family')!r})")
+            sessions[m["graph"]] = session
+            if m["graph"] == "pixel_step":
+                meta = m
+        if meta is None:
+            raise ValueError(f"no pixel_step graph among {[str(f) for f in onnx_files]}")
+        self._init(sessions, meta)
+
+    @classmethod
+    def _from_sessions(cls, sessions: Mapping[str, Any], meta: Mapping[str, str]) -> OnnxPixelRNNSampler:
+        self = cls.__new__(cls)
+        self._init(dict(sessions), meta)
+        return self
+
+    def _init(self, sessions: dict[str, Any], meta: Mapping[str, str]) -> None:
+        self.sessions = sessions
+        self.image = json.loads(meta["image"])
+        self.net = json.loads(meta["pixelrnn"])
+        self.diagonal = self.net["directions"] == 2
+        missing = [g for g in self.needed_graphs(self.net) if g not in self.sessions]
+        if missing:
+            raise ValueError(f"PixelRNN ONNX files lack the graph(s) {missing}")
+
+    @staticmethod
+    def needed_graphs(net: Mapping[str, Any]) -> list[str]:
+        return ["pixel_step"] + (["row_step"] if net["directions"] == 2 else []) + \
+               (["conditioning"] if net["conditional"] else [])
+
+    @property
+    def conditional(self) -> bool:
+        return self.net["conditional"]
+
+    def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]
+        if not self.conditional:
+            if labels is not None:
+                raise ValueError("pixelrnn model is unconditional: it takes no labels")
+            return np.zeros((n, L, d, 4 * h), np.float32), np.zeros((n, self.net["head_hidden"]), np.float32)
+        if labels is None:
+            raise ValueError("pixelrnn model is class-conditional: labels are required")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        k = self.image["num_classes"]
+        if labels.shape[0] != n or (n and (labels.min() < 0 or labels.max() >= k)):
+            raise ValueError(f"labels must be {n} ints in [0, {k}), got {labels.tolist()}")
+        gate, head = self.sessions["conditioning"].run(None, {"labels": labels})
+        return gate, head
+
+    def sample(self, u: np.ndarray, labels: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
+        u = np.asarray(u, dtype=np.float32)
+        C, H, W, levels = (self.image[k] for k in ("channels", "height", "width", "levels"))
+        if u.ndim != 4 or u.shape[1:] != (C, H, W):
+            raise ValueError(f"noise 'u' must be [n, {C}, {H}, {W}], got {u.shape}")
+        check_temperature(temperature)
+        n = u.shape[0]
+        gate_bias, head_bias = self._conditioning(labels, n)
+        L, hid = self.net["num_layers"], self.net["hidden_channels"]
+        pad = self.net["input_kernel"] // 2
+        step, f32 = self.sessions["pixel_step"], np.float32
+        canvas = np.zeros((n, C, H + pad, W + 2 * pad), f32)
+        out = np.zeros((n, C, H, W), np.int64)
+        if self.diagonal:
+            above_h = np.zeros((n, L, hid, W), f32)
+            rl_above = np.zeros((n, L, hid, W), f32)
+        else:
+            above_h = np.zeros((n, L, hid, W + 2), f32)
+            above_c = np.zeros((n, L, hid, W), f32)
+        for i in range(H):
+            row_h = np.zeros_like(above_h)
+            if self.diagonal:
+                left_h = np.zeros((n, L, hid), f32)
+                left_c = np.zeros((n, L, hid), f32)
+                row_inp = np.zeros((n, L, hid, W), f32)
+            else:
+                row_c = np.zeros_like(above_c)
+                left_inp = np.zeros((n, L, hid), f32)
+            for j in range(W):
+                for ch in range(C):
+                    window = np.ascontiguousarray(canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1])
+                    if self.diagonal:
+                        feeds = {"window": window, "left_h": left_h, "left_c": left_c,
+                                 "above_h": np.ascontiguousarray(above_h[..., j]),
+                                 "rl_above": np.ascontiguousarray(rl_above[..., j]),
+                                 "gate_bias": gate_bias, "head_bias": head_bias}
+                    else:
+                        feeds = {"window": window, "above_h": np.ascontiguousarray(above_h[..., j : j + 3]),
+                                 "above_c": np.ascontiguousarray(above_c[..., j]), "left_inp": left_inp,
+                                 "gate_bias": gate_bias, "head_bias": head_bias}
+                    logits, h, c, inp = step.run(None, feeds)
+                    level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
+                    out[:, ch, i, j] = level
+                    canvas[:, ch, i + pad, j + pad] = (level.astype(f32) / f32(levels - 1)) * 2.0 - 1.0
+                if self.diagonal:
+                    left_h, left_c = h, c
+                    row_h[..., j] = h
+                    row_inp[..., j] = inp
+                else:
+                    left_inp = inp
+                    row_h[..., j + 1] = h
+                    row_c[..., j] = c
+            above_h = row_h
+            if self.diagonal:
+                if i + 1 < H:
+                    (rl_above,) = self.sessions["row_step"].run(
+                        None, {"row_inp": row_inp, "rl_above": rl_above, "gate_bias": gate_bias})
+            else:
+                above_c = row_c
+        return (out.astype(f32) / f32(levels - 1)).astype(f32)
+
+
+# --- the one runtime for every family ----------------------------------------------------------
+def _count(value: Any, name: str, minimum: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class OnnxSampler:
+    """Samples any family from its exported ONNX graphs with onnxruntime (CPU).
+
+    ``OnnxSampler(files)`` or ``OnnxSampler.from_dir(directory)``. Safe to share between
+    threads: sessions are read-only and every call keeps its state in locals.
+    """
+
+    def __init__(self, onnx_files: Sequence[str | Path], intra_op_num_threads: int | None = None) -> None:
+        files = [Path(f) for f in onnx_files]
+        if not files:
+            raise ValueError("OnnxSampler needs at least one .onnx file, got none")
+        sessions: dict[str, Any] = {}
+        where: dict[str, Path] = {}
+        meta: dict[str, str] | None = None
+        first: Path | None = None
+        for f in files:
+            try:
+                session = _session(f, intra_op_num_threads)
+            except Exception as exc:  # not an ONNX model at all
+                raise ValueError(f"{f}: onnxruntime cannot load it as an ONNX graph ({exc})") from exc
+            m = _session_metadata(session)
+            if "family" not in m or "graph" not in m:
+                raise ValueError(f"{f}: not a genmodels graph (no genmodels.family/genmodels.graph metadata)")
+            if meta is None:
+                meta, first = m, f
+            else:
+                for key in _MODEL_KEYS:
+                    if key in m and key in meta and m[key] != meta[key]:
+                        what = "families are mixed" if key == "family" else f"their {key!r} metadata differs"
+                        raise ValueError(f"{f} and {first} are graphs of different models ({what}: "
+                                         f"{m[key]!r} vs {meta[key]!r})")
+            graph = m["graph"]
+            if graph in sessions:
+                raise ValueError(f"{f} and {where[graph]} are both a {m['family']} {graph!r} graph; "
+                                 f"keep one model's graphs per set of files")
+            sessions[graph], where[graph] = session, f
+        assert meta is not None
+        self._sessions = sessions
+        self._family = meta["family"]
+        image = json.loads(meta["image"])
+        self._image_shape = (int(image["channels"]), int(image["height"]), int(image["width"]))
+        self._levels = int(image["levels"])
+        self._num_classes = int(image["num_classes"])
+        self._conditional = bool(json.loads(meta["conditional"]))
+        self._noise_spec = {name: NoiseField(tuple(f["shape"]), f["distribution"])
+                            for name, f in sorted(json.loads(meta["noise"]).items())}
+        names = [str(f) for f in files]
+        if self._family == "pixelrnn":
+            pixel_meta = next((_session_metadata(s) for g, s in sessions.items() if g == "pixel_step"), None)
+            if pixel_meta is None:
+                raise ValueError(f"pixelrnn files {names} lack the 'pixel_step' graph")
+            missing = [g for g in OnnxPixelRNNSampler.needed_graphs(json.loads(pixel_meta["pixelrnn"]))
+                       if g not in sessions]
+            if missing:
+                raise ValueError(f"pixelrnn files {names} lack the graph(s) {missing}")
+            self._pixelrnn: OnnxPixelRNNSampler | None = OnnxPixelRNNSampler._from_sessions(sessions, pixel_meta)
+        else:
+            if "sampler" not in sessions:
+                raise ValueError(f"{self._family} files {names} lack the 'sampler' graph "
+                                 f"(found {sorted(sessions)})")
+            self._pixelrnn = None
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, intra_op_num_threads: int | None = None) -> OnnxSampler:
+        """All ``*.onnx`` files of ``directory`` (one model's graphs)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"{directory}: not a directory")
+        files = sorted(directory.glob("*.onnx"))
+        if not files:
+            raise ValueError(f"{directory}: no .onnx files there")
+        return cls(files, intra_op_num_threads=intra_op_num_threads)
+
+    # --- what the model is ---------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self._family
+
+    @property
+    def conditional(self) -> bool:
+        return self._conditional
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._image_shape
+
+    @property
+    def levels(self) -> int:
+        return self._levels
+
+    @property
+    def noise_spec(self) -> dict[str, NoiseField]:
+        return dict(self._noise_spec)
+
+    @property
+    def has_likelihood(self) -> bool:
+        return "likelihood" in self._sessions
+
+    @property
+    def graphs(self) -> list[str]:
+        return sorted(self._sessions)
+
+    # --- sampling --------------------------------------------------------------------------
+    def check_labels(self, labels: Any, n: int) -> np.ndarray | None:
+        """None, one int for all ``n`` rows, or ``n`` ints in [0, num_classes) -> int64 [n]."""
+        if labels is None:
+            if self._conditional:
+                raise ValueError(f"{self._family} model is class-conditional: labels are required")
+            return None
+        if not self._conditional:
+            raise ValueError(f"{self._family} model is unconditional: it takes no labels")
+        arr = np.asarray(labels)
+        if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+        if arr.ndim == 0:
+            arr = np.full(n, arr, dtype=np.int64)
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ValueError(f"labels must be one int or {n} ints, got shape {arr.shape}")
+        k = self._num_classes
+        if arr.size and (arr.min() < 0 or arr.max() >= k):
+            raise ValueError(f"labels must lie in [0, {k}), got {arr.min()}..{arr.max()}")
+        return arr
+
+    def _check_noise(self, noise: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+        missing = sorted(set(self._noise_spec) - set(noise))
+        extra = sorted(set(noise) - set(self._noise_spec))
+        if missing or extra:
+            raise ValueError(f"{self._family} noise needs fields {sorted(self._noise_spec)}, got {sorted(noise)}")
+        out: dict[str, np.ndarray] = {}
+        sizes = set()
+        for name, field in self._noise_spec.items():
+            arr = np.ascontiguousarray(np.asarray(noise[name], dtype=np.float32))
+            if arr.ndim != 1 + len(field.shape) or arr.shape[1:] != tuple(field.shape):
+                raise ValueError(f"noise {name!r} must be [n, {', '.join(map(str, field.shape))}], got {arr.shape}")
+            out[name] = arr
+            sizes.add(arr.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"noise fields disagree on the batch size: { {k: v.shape[0] for k, v in out.items()} }")
+        return out, sizes.pop()
+
+    def sample_from_noise(self, noise: Mapping[str, Any], labels: Any = None, temperature: float = 1.0) -> np.ndarray:
+        """Images float32 [n, C, H, W] from explicit noise (the fields of ``noise_spec``,
+        float32 [n, *shape]); a pure function of (graphs, noise, labels, temperature)."""
+        check_temperature(temperature)
+        arrays, n = self._check_noise(noise)
+        checked = self.check_labels(labels, n)
+        if n == 0:  # some kernels reject empty batches; the answer is known
+            return np.zeros((0, *self._image_shape), np.float32)
+        if self._pixelrnn is not None:
+            return self._pixelrnn.sample(arrays["u"], checked, float(temperature))
+        feeds: dict[str, np.ndarray] = dict(arrays)
+        if checked is not None:
+            feeds["labels"] = checked
+        feeds["temperature"] = np.asarray(temperature, np.float32)
+        (images,) = self._sessions["sampler"].run(["images"], feeds)
+        return np.asarray(images, dtype=np.float32)
+
+    def sample(self, n: int, seed: int, labels: Any = None, temperature: float = 1.0, start: int = 0) -> np.ndarray:
+        """Images ``start .. start+n-1`` of ``seed``: the same as ``model.sample(n, labels,
+        seed=seed, temperature=temperature, start=start)`` in torch, whatever the batching."""
+        n = _count(n, "n", 1)
+        start = _count(start, "start", 0)
+        seed = check_seed(seed)
+        check_temperature(temperature)
+        # Labels before noise: a bad request fails before paying for the noise.
+        checked = self.check_labels(labels, n)
+        noise = {k: v.numpy() for k, v in make_noise(self._noise_spec, seed, n, start=start).items()}
+        return self.sample_from_noise(noise, checked, temperature)
+
+    # --- likelihood ------------------------------------------------------------------------
+    def log_likelihood(self, x: Any) -> np.ndarray:
+        """log p(x) in nats per image, float64 [n], for images on the quantization grid."""
+        if "likelihood" not in self._sessions:
+            raise NotImplementedError(f"these {self._family} graphs have no likelihood graph "
+                                      f"(exported: {sorted(self._sessions)})")
+        arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        if arr.ndim != 4 or arr.shape[1:] != self._image_shape:
+            raise ValueError(f"x must be [n, {', '.join(map(str, self._image_shape))}], got {arr.shape}")
+        if not (np.isfinite(arr).all() and (arr >= 0).all() and (arr <= 1).all()):
+            raise ValueError("x must hold values in [0, 1] (grid values k/(levels-1))")
+        if arr.shape[0] == 0:
+            return np.zeros(0, np.float64)
+        (logp,) = self._sessions["likelihood"].run(None, {"x": arr})
+        return np.asarray(logp, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (f"OnnxSampler(family={self._family!r}, image_shape={self._image_shape}, levels={self._levels}, "
+                f"conditional={self._conditional}, graphs={self.graphs})")
