@@ -71,11 +71,9 @@ def _snapshot(storage, dataset: str, source: str | None, quantization: str, seed
 
 
 def _families(spec: str) -> list[str]:
-    names = list(FAMILIES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
-    if unknown or not names:
-        raise ValueError(f"unknown family {', '.join(unknown) or spec!r}; choose from {', '.join(FAMILIES)} or all")
-    return names
+    from genmodels.models import parse_families
+
+    return parse_families(spec)
 
 
 def _train_overrides(epochs, batch_size, max_train_examples, device) -> dict:
@@ -201,6 +199,83 @@ def run_cmd(
     storage.put_bytes(report_key, (header + table).encode())
     Console().print(Markdown(header + table))
     console.print(f"report: {storage.url_for(report_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")
+
+
+WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray Train workers (DDP).")]
+
+
+@app.command("retrain")
+@friendly_errors
+def retrain_cmd(
+    family: Annotated[str, typer.Option("--family", "-f", help="Comma list or 'all'.")] = "all",
+    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
+    quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = 1,
+    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
+    max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
+    if_no_champion: Annotated[bool, typer.Option("--if-no-champion", help="Skip families that already have a "
+                                                 "champion.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the runs' checkpoints and start over.")] = False,
+) -> None:
+    """The retrain pipeline (Prefect flow): prepare data, train on Ray, evaluate, export ONNX,
+    register in MLflow, promote champions. Embedded defaults unless RAY_ADDRESS, PREFECT_API_URL,
+    MLFLOW_TRACKING_URI, GENMODELS_STORAGE point elsewhere."""
+    from pipelines.flows import RetrainFailed, check_plan, retrain
+
+    names = _families(family)
+    storage_url = out or get_settings().storage_url
+    check_plan(names, preset, workers, storage_url)  # fail fast, before Prefect and Ray start
+    overrides = _train_overrides(epochs, None, max_train_examples, None)
+    try:
+        outcomes = retrain(families=",".join(names), dataset=dataset, preset=preset, workers=workers, source=source,
+                           quantization=quantization, seed=seed, if_no_champion=if_no_champion, fresh=fresh,
+                           overrides=overrides or None, storage=storage_url)
+    except RetrainFailed as exc:
+        _print_outcomes(exc.outcomes)
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=1) from None
+    if not outcomes:
+        console.print("every family asked for already has a champion: nothing to retrain")
+    _print_outcomes(outcomes)
+
+
+def _print_outcomes(outcomes: dict) -> None:
+    from rich.table import Table
+
+    if not outcomes:
+        return
+    table = Table("model", "version", "gate metric", "alias", "why")
+    for o in outcomes.values():
+        reg, promo = o["registered"], o["promotion"]
+        table.add_row(reg["name"], str(reg["version"]) + ("" if reg["created"] else " (existing)"),
+                      f"{reg['gate_metric']} {reg['gate_value']:.4f}", promo["alias"], promo["reason"])
+    Console().print(table)
+
+
+@app.command("schedule")
+@friendly_errors
+def schedule_cmd(
+    cron: Annotated[str, typer.Option("--cron", help="Cron expression, e.g. '0 3 * * *' (daily at 03:00).")],
+    family: Annotated[str, typer.Option("--family", "-f", help="Comma list or 'all'.")] = "all",
+    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", workers: WorkersOpt = 1,
+    timezone: Annotated[str, typer.Option(help="Timezone of the cron schedule.")] = "UTC",
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
+) -> None:
+    """Serve the retrain deployment on a cron schedule against a Prefect server (blocks; runs
+    each scheduled retrain in this process). Needs PREFECT_API_URL: schedules cannot live in
+    Prefect's ephemeral server."""
+    import os
+
+    from prefect import serve
+
+    from pipelines.flows import deployment
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("schedules need a Prefect server: start one with `prefect server start` and set "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    names = _families(family)
+    params = {"families": ",".join(names), "dataset": dataset, "preset": preset, "workers": workers}
+    console.print(f"serving retrain/{name} ({cron} {timezone}) for {', '.join(names)}; Ctrl-C stops")
+    serve(deployment(name, cron, params, timezone=timezone))
 
 
 if __name__ == "__main__":

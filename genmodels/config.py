@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     def storage_url(self) -> str:
         return self.storage or (self.work_dir.resolve() / "store").as_uri()
 
+    @cached_property
+    def default_tracking_uri(self) -> str:
+        """MLflow's embedded default (``MLFLOW_TRACKING_URI``, read by MLflow itself, wins)."""
+        return f"sqlite:///{self.work_dir.resolve() / 'mlflow.db'}"
+
 
 def get_settings() -> Settings:
     return Settings()

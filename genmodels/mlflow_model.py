@@ -10,11 +10,15 @@ quantization grid or in [0, 1]. The ONNX graphs are the model's artifacts; the s
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
 
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
+
+# The model's signature is explicit (tensor specs logged with it); MLflow still asks, on every
+# log and load, for predict() type hints, which cannot express named tensors.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class OnnxSamplerModel(PythonModel):
@@ -23,7 +27,7 @@ class OnnxSamplerModel(PythonModel):
 
         self.sampler = OnnxSampler(sorted(context.artifacts.values()))
 
-    def predict(self, context, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a schema from them
         columns = model_input if isinstance(model_input, dict) else {c: np.stack(model_input[c].to_numpy())
                                                                       for c in model_input.columns}
         noise = {name: np.asarray(columns[name], np.float32) for name in self.sampler.noise_spec}

@@ -10,13 +10,16 @@ storage root (``file://`` or ``s3://``)::
         model.pt                                the trained model (best validation loss)
         history.json  metrics.json              per-epoch training log, evaluation metrics
         samples.png  interpolation.png ...      pictures
+        onnx/<graph>.onnx                       exported graphs, parity-checked against torch
     reports/<dataset>-<preset>.md               metrics table of the families run together
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +37,9 @@ EVAL_SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"max_examples": 1000, "n_samples": 1000, "iwae_k": 1000},
     "full": {"max_examples": None, "n_samples": 10000, "iwae_k": 5000},
 }
+
+
+ONNX_PREFIX = "onnx"
 
 
 def run_prefix(dataset: str, family: str, preset: str) -> str:
@@ -128,23 +134,64 @@ def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
     return model_from_checkpoint(ckpt), ckpt["meta"]
 
 
-def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str, seed: int = 0) -> dict[str, float]:
-    """Evaluate a trained run, write metrics.json and its pictures, return the metrics."""
-    from genmodels.evaluation import evaluate, render_pictures
+def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot, preset: str,
+                   seed: int = 0) -> dict[str, float]:
+    """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort."""
+    from genmodels.evaluation import evaluate
 
-    model, meta = load_model(run)
-    if meta.get("snapshot_hash") != snapshot.hash:
-        raise ValueError(f"{run.url} was trained on snapshot {meta.get('snapshot_hash', '?')[:16]}, "
-                         f"not on {snapshot.hash[:16]}")
     settings = EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"])
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     metrics = evaluate(model, snapshot, storage=storage, seed=seed, **settings)
     metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str, seed: int = 0) -> dict[str, float]:
+    """Evaluate a trained run, write metrics.json and its pictures, return the metrics."""
+    from genmodels.evaluation import render_pictures
+
+    model, meta = load_model(run)
+    if meta.get("snapshot_hash") != snapshot.hash:
+        raise ValueError(f"{run.url} was trained on snapshot {meta.get('snapshot_hash', '?')[:16]}, "
+                         f"not on {snapshot.hash[:16]}")
+    metrics = evaluate_model(storage, model, snapshot, preset, seed=seed)
     run.put_bytes("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
     for name, png in render_pictures(model, snapshot, seed=seed).items():
         run.put_bytes(name, png)
     return metrics
+
+
+def export_run(run: Storage) -> list[str]:
+    """Export the run's model to ONNX, check the graphs against torch (a disagreement raises
+    ``ExportParityError`` and nothing is written), store them under ``onnx/``; returns the keys."""
+    from genmodels.export import check_parity, export_sampler
+
+    model, _ = load_model(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_sampler(model, tmp)
+        check_parity(model, files)
+        stale = [k for k in run.list(f"{ONNX_PREFIX}/") if Path(k).name not in {f.name for f in files}]
+        for key in stale:
+            run.delete(key)
+        keys = []
+        for f in files:
+            keys.append(f"{ONNX_PREFIX}/{f.name}")
+            run.put_bytes(keys[-1], f.read_bytes())
+    return keys
+
+
+def fetch_onnx(run: Storage, directory: str | Path) -> list[Path]:
+    """Copy the run's exported graphs into a local directory (onnxruntime reads files)."""
+    keys = run.list(f"{ONNX_PREFIX}/")
+    if not keys:
+        raise FileNotFoundError(f"no ONNX graphs under {run.url_for(ONNX_PREFIX)}: export the run first")
+    paths = []
+    for key in keys:
+        path = Path(directory) / Path(key).name
+        path.write_bytes(run.get_bytes(key))
+        paths.append(path)
+    return paths
 
 
 def collect_metrics(storage: Storage, dataset: str, preset: str, snapshot_hash: str) -> dict[str, dict[str, float]]:

@@ -1,2 +1,3 @@
 """Prefect flows: thin orchestration over `genmodels` (data prep, Ray training, evaluation,
-ONNX export, MLflow registration, promotion). Arrives with the pipelines issue."""
+ONNX export, MLflow registration, promotion). Each task calls one `genmodels` function; the
+flows only order them, retry what can fail transiently and record inputs and outputs."""

@@ -29,9 +29,22 @@ FAMILIES: tuple[str, ...] = tuple(_FAMILY_CLASSES)
 CHECKPOINT_FORMAT = "genmodels.checkpoint/1"
 
 __all__ = [
-    "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class",
+    "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class", "parse_families",
     "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint",
 ]
+
+
+def parse_families(spec: str | list[str]) -> list[str]:
+    """``"all"``, ``"vae,cvae"`` or a list -> family names, each once; unknown ones are an error."""
+    if isinstance(spec, str):
+        names = list(FAMILIES) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        names = list(spec)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise ValueError(f"unknown family {', '.join(map(repr, unknown)) or repr(spec)}; "
+                         f"choose from {', '.join(FAMILIES)} or all")
+    return list(dict.fromkeys(names))
 
 
 def family_class(family: str) -> type[GenerativeModel]:

@@ -1,0 +1,328 @@
+"""MLflow tracking and registry of trained runs: log, register, promote.
+
+- One experiment per dataset; its artifacts live in the same object store as everything else
+  (``<storage>/mlflow/<dataset>``), so an S3 store keeps them on S3 too.
+- Registered model ``<dataset>-<family>``; a version holds the ONNX graphs under the ``onnx``
+  flavor and a ``python_function`` flavor (``genmodels/mlflow_model.py``, logged as code, over
+  the sampler runtime) with a tensor signature, so ``mlflow.pyfunc.load_model(
+  "models:/<name>@champion")`` samples exactly what torch, serving and bulk jobs sample.
+- A version is keyed by the sha256 of its torch checkpoint: registering the same trained model
+  again returns the existing version instead of creating a duplicate.
+- Alias ``champion`` moves to a version only if its gate metric (test NLL for likelihood
+  families, domain FID for the GAN; lower is better for both) beats the champion's on the same
+  test snapshot; otherwise the version gets ``challenger``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_NAME_IN_RUN = "model"
+_TAG = "genmodels."
+_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def registered_name(dataset: str, family: str) -> str:
+    return f"{dataset}-{family}"
+
+
+def gate_metric(family: str) -> str:
+    """The metric that decides promotion (lower is better)."""
+    return "fid" if family == "gan" else "nll_nats"
+
+
+def model_digest(checkpoint: bytes) -> str:
+    return hashlib.sha256(checkpoint).hexdigest()
+
+
+def configure(tracking_uri: str | None, default_uri: str) -> str:
+    """Point MLflow at ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ``default_uri``) and
+    give MLflow's S3 client the endpoint boto3 uses (MinIO, moto)."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(dataset: str, artifact_root: str) -> str:
+    """The dataset's experiment, created with its artifacts under ``artifact_root/<dataset>``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(dataset)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(dataset, artifact_location=f"{artifact_root.rstrip('/')}/{dataset}")
+    except Exception:
+        # Another process created it between our lookup and create.
+        found = client.get_experiment_by_name(dataset)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def source_commit() -> str:
+    """The git commit of the code that trained the model (``unknown`` outside a checkout)."""
+    commit = os.environ.get("GENMODELS_GIT_COMMIT")
+    if commit:
+        return commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    """Nested configs -> MLflow params (``model.hidden`` = ``[512, 256]``)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return out
+
+
+# --- the logged model -------------------------------------------------------------------------
+def signature_for(sampler) -> Any:
+    """Tensor signature of the pyfunc: noise fields (+ labels) in, images out; temperature param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    inputs = [TensorSpec(np.dtype(np.float32), (-1, *field.shape), name)
+              for name, field in sorted(sampler.noise_spec.items())]
+    if sampler.conditional:
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "labels"))
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *sampler.image_shape), "images")])
+    return ModelSignature(Schema(inputs), outputs, ParamSchema([ParamSpec("temperature", "float", 1.0)]))
+
+
+def input_example(sampler) -> dict[str, np.ndarray]:
+    """Two samples' worth of input (seed 0), stored with the model as documentation."""
+    from genmodels.noise import make_noise
+
+    example = {name: noise.numpy() for name, noise in make_noise(sampler.noise_spec, 0, 2).items()}
+    if sampler.conditional:
+        example["labels"] = np.arange(2, dtype=np.int64) % max(sampler.num_classes, 1)
+    return example
+
+
+class _SamplerFlavor:
+    """What ``mlflow.models.Model.log`` calls: the pyfunc (model code + ONNX artifacts), with the
+    ``onnx`` flavor added over the primary graph for tools that read ONNX models."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, *, onnx_files: Sequence[Path], signature, input_example,
+                   pip_requirements) -> None:
+        import mlflow.pyfunc
+        import onnx
+
+        artifacts = {f.stem: str(f) for f in onnx_files}
+        mlflow.pyfunc.save_model(path, python_model=str(_CODE), artifacts=artifacts, signature=signature,
+                                 input_example=input_example, mlflow_model=mlflow_model, pip_requirements=pip_requirements)
+        primary = next((f for f in onnx_files if f.stem in ("sampler", "pixel_step")), onnx_files[0])
+        mlflow_model.add_flavor("onnx", onnx_version=onnx.__version__, data=f"artifacts/{primary.name}",
+                                providers=["CPUExecutionProvider"], code=None)
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"genmodels=={version('genmodels')}", f"onnxruntime=={version('onnxruntime')}",
+            f"numpy=={version('numpy')}", f"mlflow=={version('mlflow')}"]
+
+
+# --- register -------------------------------------------------------------------------------------
+@dataclass
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    model_digest: str
+    gate_metric: str
+    gate_value: float
+    snapshot_hash: str
+    created: bool  # False: this model was registered before and that version is returned
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_version(name: str, digest: str):
+    """The version of ``name`` holding the model with this checkpoint digest, if any."""
+    from mlflow import MlflowClient
+
+    for mv in MlflowClient().search_model_versions(f"name='{name}'"):
+        if mv.tags.get(f"{_TAG}model_digest") == digest:
+            return mv
+    return None
+
+
+def register(
+    *,
+    dataset: str,
+    family: str,
+    preset: str,
+    checkpoint: bytes,
+    onnx_files: Sequence[str | Path],
+    metrics: Mapping[str, float],
+    params: Mapping[str, Any],
+    snapshot_hash: str,
+    artifact_root: str,
+    artifacts: Mapping[str, bytes] = {},
+    history: Sequence[Mapping[str, float]] = (),
+) -> Registered:
+    """Log an MLflow run (params, metrics, per-epoch history, tags, artifacts, the sampler model)
+    and register it as a version of ``<dataset>-<family>``; idempotent by checkpoint digest."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from genmodels.sampling import OnnxSampler
+
+    name = registered_name(dataset, family)
+    digest = model_digest(checkpoint)
+    metric = gate_metric(family)
+    if metric not in metrics or not math.isfinite(float(metrics[metric])):
+        raise ValueError(f"{name}: evaluation gave no finite gate metric {metric!r}; cannot register")
+    gate_value = float(metrics[metric])
+    existing = find_version(name, digest)
+    if existing is not None:
+        return Registered(name, str(existing.version), existing.run_id, digest, metric, gate_value, snapshot_hash, False)
+
+    files = [Path(f) for f in onnx_files]
+    sampler = OnnxSampler(files)
+    if sampler.family != family:
+        raise ValueError(f"{name}: the ONNX graphs are of family {sampler.family!r}")
+    tags = {f"{_TAG}family": family, f"{_TAG}dataset": dataset, f"{_TAG}preset": preset,
+            f"{_TAG}snapshot_hash": snapshot_hash, f"{_TAG}model_digest": digest,
+            f"{_TAG}git_commit": source_commit(), f"{_TAG}gate_metric": metric}
+    with mlflow.start_run(experiment_id=experiment_id(dataset, artifact_root),
+                          run_name=f"{family}-{preset}-{digest[:8]}", tags=tags) as run:
+        mlflow.log_params(flatten("", params, {}))
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
+        for record in history:
+            step = int(record.get("epoch", 0))
+            mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items() if k != "epoch" and _is_number(v)},
+                               step=step)
+        with tempfile.TemporaryDirectory() as tmp:
+            for key, data in {**artifacts, "model.pt": checkpoint}.items():
+                (Path(tmp) / key).write_bytes(data)
+            mlflow.log_artifacts(tmp)
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="onnx")
+        from mlflow.models import Model
+
+        info = Model.log(None, _SamplerFlavor, name=MODEL_NAME_IN_RUN, onnx_files=files,
+                         signature=signature_for(sampler), input_example=input_example(sampler),
+                         pip_requirements=_pip_requirements(),
+                         tags=tags, params=None)
+    version_tags = {**tags, f"{_TAG}gate_value": repr(gate_value)}
+    mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    MlflowClient().update_model_version(name, mv.version, description=(
+        f"{family} ({preset} preset) on {dataset} snapshot {snapshot_hash[:16]}: {metric} = {gate_value:.4f}"))
+    return Registered(name, str(mv.version), run.info.run_id, digest, metric, gate_value, snapshot_hash, True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+# --- promote --------------------------------------------------------------------------------------
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    alias: str  # the alias this version holds now: champion or challenger
+    previous_champion: str | None
+    candidate_value: float
+    champion_value: float | None  # the champion's gate metric on the candidate's test snapshot
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def champion(name: str):
+    """The champion version of ``name``, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def promote(
+    name: str,
+    version: str,
+    *,
+    reevaluate: Callable[[Any], float | None] | None = None,
+) -> Promotion:
+    """Give ``version`` the ``champion`` alias if its gate metric beats the champion's, else
+    ``challenger``. When the champion was evaluated on another test snapshot, its metric on the
+    candidate's snapshot comes from ``reevaluate(champion_version)``; when it cannot be had
+    (None), the champion stays: metrics on different data are not comparable."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    value = float(mv.tags[f"{_TAG}gate_value"])
+    metric = mv.tags[f"{_TAG}gate_metric"]
+    current = champion(name)
+
+    def decide(alias: str, champion_value: float | None, reason: str) -> Promotion:
+        client.set_registered_model_alias(name, alias, version)
+        return Promotion(name, str(version), alias, None if current is None else str(current.version), value,
+                         champion_value, reason)
+
+    if current is None:
+        return decide(CHAMPION, None, "no champion yet")
+    if str(current.version) == str(version):
+        return Promotion(name, str(version), CHAMPION, str(version), value, value, "already the champion")
+    if current.tags.get(f"{_TAG}snapshot_hash") == mv.tags.get(f"{_TAG}snapshot_hash"):
+        champion_value = float(current.tags[f"{_TAG}gate_value"])
+        how = "on the same test snapshot"
+    else:
+        measured = None if reevaluate is None else reevaluate(current)
+        if measured is None:
+            return decide(CHALLENGER, None, f"champion v{current.version} was evaluated on another test snapshot "
+                                            "and cannot be re-evaluated on this one; champion kept")
+        champion_value = float(measured)
+        how = "re-evaluated on the candidate's test snapshot"
+    if value < champion_value:
+        return decide(CHAMPION, champion_value, f"{metric} {value:.4f} < champion v{current.version}'s "
+                                                f"{champion_value:.4f} {how}")
+    return decide(CHALLENGER, champion_value, f"{metric} {value:.4f} does not beat champion v{current.version}'s "
+                                              f"{champion_value:.4f} {how}")
+
+
+def download_checkpoint(mv) -> bytes:
+    """The torch checkpoint logged with a model version's run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model.pt", dst_path=tmp)
+        return Path(path).read_bytes()

@@ -1,0 +1,114 @@
+"""The retrain flow: prepare_data -> (train -> evaluate -> export_onnx -> register -> promote)
+for each family, on the embedded defaults unless pointed elsewhere:
+
+- compute: a local Ray started by the process, or the cluster at ``RAY_ADDRESS``;
+- orchestration: Prefect's ephemeral server, or ``PREFECT_API_URL``;
+- tracking/registry: ``sqlite:///<work dir>/mlflow.db``, or ``MLFLOW_TRACKING_URI``;
+- storage: ``file://<work dir>/store``, or ``GENMODELS_STORAGE`` (``s3://bucket/prefix``, with
+  ``AWS_ENDPOINT_URL`` for MinIO-style endpoints).
+
+Everything is checked before any training starts (families, preset, storage reachable, dataset
+readable). Families run one after another on the shared cluster; one family's failure does not
+stop the others, and the flow fails at the end naming each failed family.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from genmodels.config import get_settings
+from genmodels.models import parse_families
+from pipelines import tasks
+
+
+def check_plan(families: list[str], preset: str, workers: int, storage_url: str) -> None:
+    """Bad input fails here, before data is prepared or a Ray worker starts."""
+    from genmodels.storage import check_reachable
+    from genmodels.training import preset_configs
+
+    for family in families:
+        preset_configs(family, preset)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    check_reachable(storage_url)
+
+
+@flow(name="retrain", validate_parameters=True)
+def retrain(
+    families: str = "all",
+    dataset: str = "fashion-mnist",
+    preset: str = "quick",
+    workers: int = 1,
+    source: str | None = None,
+    quantization: str = "binary",
+    seed: int = 0,
+    if_no_champion: bool = False,
+    fresh: bool = False,
+    overrides: dict[str, Any] | None = None,
+    storage: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Retrain ``families`` ("all" or a comma list) on ``dataset``; register each model and
+    promote it where it beats the champion. ``if_no_champion``: skip families that already have
+    one. ``overrides``: TrainConfig fields over the preset (e.g. ``{"epochs": 2}``). Returns,
+    per family, the outputs of its steps."""
+    from genmodels import registry
+
+    settings = get_settings()
+    names = parse_families(families)
+    storage_url = storage or settings.storage_url
+    if dataset == "fashion-mnist" and source is None:
+        source = settings.fashion_mnist_dir
+    check_plan(names, preset, workers, storage_url)
+    registry.configure(None, settings.default_tracking_uri)
+    logger = get_run_logger()
+    if if_no_champion:
+        have = [f for f in names if registry.champion(registry.registered_name(dataset, f)) is not None]
+        if have:
+            logger.info("champions exist for %s: not retrained", ", ".join(have))
+        names = [f for f in names if f not in have]
+        if not names:
+            return {}
+
+    snapshot = tasks.prepare_data(storage_url, dataset, source, quantization, seed)
+    artifact_root = f"{storage_url.rstrip('/')}/mlflow"
+    outcomes: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for family in names:
+        try:
+            trained = tasks.train(storage_url, snapshot["prefix"], family, preset, workers,
+                                  overrides={"seed": seed, **(overrides or {})}, fresh=fresh)
+            metrics = tasks.evaluate(storage_url, snapshot["prefix"], trained["run"], preset, seed)
+            onnx = tasks.export_onnx(trained["run"])
+            registered = tasks.register(trained["run"], preset, metrics, artifact_root)
+            promotion = tasks.promote(storage_url, snapshot["prefix"], registered["name"], registered["version"],
+                                      preset, seed)
+        except Exception as exc:  # noqa: BLE001 - reported per family, then the flow fails below
+            logger.error("%s failed: %s: %s", family, type(exc).__name__, exc)
+            failed[family] = f"{type(exc).__name__}: {exc}"
+            continue
+        outcomes[family] = {"train": trained, "metrics": metrics, "onnx": onnx, "registered": registered,
+                            "promotion": promotion}
+    if failed:
+        raise RetrainFailed(failed, outcomes)
+    return outcomes
+
+
+class RetrainFailed(RuntimeError):
+    """Some families failed; the others finished and are registered."""
+
+    def __init__(self, failed: dict[str, str], outcomes: dict[str, dict[str, Any]]) -> None:
+        self.failed, self.outcomes = failed, outcomes
+        done = f"; done: {', '.join(outcomes)}" if outcomes else ""
+        super().__init__("retrain failed for " + "; ".join(f"{f} ({why})" for f, why in failed.items()) + done)
+
+
+def deployment(name: str, cron: str, parameters: dict[str, Any], timezone: str = "UTC"):
+    """The retrain deployment on a cron schedule, for ``prefect.serve`` (``genmodels schedule``)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    schedule = CronSchedule(cron=cron, timezone=timezone)  # validates the cron string
+    retrain.validate_parameters(parameters)
+    return retrain.to_deployment(name=name, schedule=schedule, parameters=parameters,
+                                 description="Retrain, evaluate, export, register and promote genmodels families.")

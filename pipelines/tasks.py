@@ -1,0 +1,154 @@
+"""The steps of a retrain, as Prefect tasks over `genmodels`.
+
+Tasks take and return small JSON-able values (URLs, prefixes, hashes, metrics), never arrays,
+so Prefect records every input and output. Retries, with exponential backoff, only where a
+failure can be transient: object storage and the MLflow registry. Training, evaluation and
+export are deterministic: retrying them would fail the same way (Ray restarts dead workers
+itself)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import tempfile
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from genmodels import registry, runs
+from genmodels.data import PrepConfig
+from genmodels.storage import StorageError, open_storage
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Connection trouble, throttling, server-side errors, a busy database: worth a retry.
+    A bad request, a missing object or bucket, denied access, invalid data: not."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+
+            if isinstance(exc, BotoConnectionError):
+                return True
+            if isinstance(exc, ClientError):
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                return status >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+        except ImportError:
+            pass
+        try:
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(exc, MlflowException):
+                return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED")
+        except ImportError:
+            pass
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    return is_transient(state.data if isinstance(state.data, BaseException) else None)
+
+
+TRANSIENT_RETRIES: dict[str, Any] = {
+    "retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5,
+    "retry_condition_fn": _retry_if_transient,
+}
+
+
+@functools.lru_cache(maxsize=2)
+def _snapshot(storage_url: str, prefix: str):
+    """Snapshots are immutable (content-addressed): one read per flow process is enough."""
+    return runs.load_snapshot(open_storage(storage_url), prefix)
+
+
+@task(name="prepare_data", **TRANSIENT_RETRIES)
+def prepare_data(storage_url: str, dataset: str, source: str | None, quantization: str, seed: int) -> dict[str, Any]:
+    """Validate, quantize and split the source; store the content-hashed snapshot (once)."""
+    storage = open_storage(storage_url)
+    snapshot = runs.snapshot_for(storage, dataset, source, PrepConfig(quantization=quantization, seed=seed))
+    sizes = {name: len(split.y) for name, split in snapshot.splits.items()}
+    get_run_logger().info("snapshot %s of %s: %s", snapshot.hash[:16], dataset, sizes)
+    return {"prefix": snapshot.prefix, "hash": snapshot.hash, "dataset": snapshot.dataset, "sizes": sizes}
+
+
+@task(name="train")
+def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, workers: int,
+          overrides: dict[str, Any] | None = None, fresh: bool = False) -> dict[str, Any]:
+    """Distributed training on Ray Train; resumes the same plan's checkpoints."""
+    from genmodels.distributed import RayScaling, ensure_ray, train_on_ray
+
+    ensure_ray()
+    storage = open_storage(storage_url)
+    outcome = train_on_ray(storage, _snapshot(storage_url, snapshot_prefix), family, preset,
+                           scaling=RayScaling(num_workers=workers), overrides=overrides, fresh=fresh)
+    r = outcome.result
+    get_run_logger().info("%s: %d epochs, best val loss %s", family, r.epochs_completed, r.best_val_loss)
+    return {"run": outcome.run.url, "epochs": r.epochs_completed, "best_val_loss": r.best_val_loss,
+            "stopped_early": r.stopped_early, "seconds": sum(h.get("seconds", 0.0) for h in r.history)}
+
+
+@task(name="evaluate")
+def evaluate(storage_url: str, snapshot_prefix: str, run_url: str, preset: str, seed: int) -> dict[str, float]:
+    """Likelihoods, domain FID/KID, precision/recall, class accuracy; pictures into the run."""
+    metrics = runs.evaluate_run(open_storage(storage_url), open_storage(run_url),
+                                _snapshot(storage_url, snapshot_prefix), preset, seed=seed)
+    get_run_logger().info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return metrics
+
+
+@task(name="export_onnx")
+def export_onnx(run_url: str) -> list[str]:
+    """ONNX graphs of the sampler, checked against torch; a disagreement fails the run here."""
+    run = open_storage(run_url)
+    return [run.url_for(key) for key in runs.export_run(run)]
+
+
+@task(name="register", **TRANSIENT_RETRIES)
+def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root: str) -> dict[str, Any]:
+    """An MLflow run with everything needed to reproduce and judge the model, registered as a
+    version of ``<dataset>-<family>`` (the same model twice: the existing version)."""
+    run = open_storage(run_url)
+    checkpoint = run.get_bytes("model.pt")
+    model, meta = runs.load_model(run)
+    model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
+    pictures = {key: run.get_bytes(key) for key in run.list() if key.endswith(".png") and "/" not in key}
+    with tempfile.TemporaryDirectory() as tmp:
+        registered = registry.register(
+            dataset=meta["dataset"], family=model.family, preset=preset, checkpoint=checkpoint,
+            onnx_files=runs.fetch_onnx(run, tmp), metrics=metrics,
+            params={"family": model.family, "preset": preset, "dataset": meta["dataset"], "model": model_config,
+                    "image": model.config.to_dict()["image"], "train": meta["train_config"]},
+            snapshot_hash=meta["snapshot_hash"], artifact_root=artifact_root,
+            artifacts={**pictures, "metrics.json": run.get_bytes("metrics.json"),
+                       "history.json": run.get_bytes("history.json")},
+            history=json.loads(run.get_bytes("history.json")),
+        )
+    get_run_logger().info("%s version %s (%s)", registered.name, registered.version,
+                          "new" if registered.created else "already registered")
+    return registered.to_dict()
+
+
+@task(name="promote", **TRANSIENT_RETRIES)
+def promote(storage_url: str, snapshot_prefix: str, name: str, version: str, preset: str, seed: int) -> dict[str, Any]:
+    """``champion`` moves to this version only if its gate metric beats the champion's."""
+    from genmodels.models import model_from_checkpoint
+
+    def reevaluate(champion) -> float | None:
+        model = model_from_checkpoint(registry.download_checkpoint(champion))
+        snapshot = _snapshot(storage_url, snapshot_prefix)
+        if model.image != snapshot.image:
+            return None  # another image format (size, quantization): not comparable
+        metric = champion.tags["genmodels.gate_metric"]
+        return runs.evaluate_model(open_storage(storage_url), model, snapshot, preset, seed=seed)[metric]
+
+    decision = registry.promote(name, version, reevaluate=reevaluate)
+    get_run_logger().info("%s v%s -> %s: %s", name, version, decision.alias, decision.reason)
+    return decision.to_dict()

@@ -1,0 +1,257 @@
+"""The deployment manifests in infra/ agree with the code they launch.
+
+Nothing here needs a server, a cluster or the network: the Prefect project file is checked
+against the `retrain` flow object itself, and the RayJob's entrypoint against the `genmodels`
+command's real options, so renaming a parameter or an option breaks these tests, not a 3 a.m.
+run on a cluster.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+
+from genmodels.models import FAMILIES
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+PREFECT_FILE = INFRA / "prefect.yaml"
+RAYJOB_FILE = INFRA / "k8s" / "rayjob-retrain.yaml"
+SECRET_FILE = INFRA / "k8s" / "secret.example.yaml"
+
+RETRAIN_ENTRYPOINT = "pipelines/flows.py:retrain"
+WORK_POOL = "genmodels"
+SECRET_NAME = "genmodels-settings"
+
+# What `genmodels retrain` reads from its environment on a cluster. GENMODELS_STORAGE is only
+# needed when no --out is given; the dataset directory only for fashion-mnist without --source.
+RETRAIN_SETTINGS = {
+    "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "GENMODELS_WORK_DIR",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+}
+
+
+def _load(path: Path) -> Any:
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def project() -> dict:
+    return _load(PREFECT_FILE)
+
+
+@pytest.fixture(scope="module")
+def deployments(project: dict) -> dict[str, dict]:
+    by_name = {d["name"]: d for d in project["deployments"]}
+    assert len(by_name) == len(project["deployments"]), "two deployments share a name"
+    return by_name
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return _load(RAYJOB_FILE)
+
+
+@pytest.fixture(scope="module")
+def secret() -> dict:
+    return _load(SECRET_FILE)
+
+
+def _load_entrypoint(entrypoint: str):
+    """Import `path/to/file.py:name` as the module it is in the repository (never skipped: a
+    missing file or attribute must fail the test, since deploying would fail the same way)."""
+    path, _, attr = entrypoint.partition(":")
+    assert path.endswith(".py") and attr, f"entrypoint {entrypoint!r} is not 'path/to/file.py:function'"
+    assert (REPO / path).is_file(), f"entrypoint {entrypoint!r}: {REPO / path} does not exist"
+    module = importlib.import_module(path[: -len(".py")].replace("/", "."))
+    assert hasattr(module, attr), f"entrypoint {entrypoint!r}: module {module.__name__} has no {attr!r}"
+    return getattr(module, attr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect project file
+
+
+def test_prefect_file_is_accepted_by_prefect_deploy_schema(project: dict):
+    # The model `prefect deploy` itself validates the file with (private, hence imported here
+    # only: if Prefect moves it, this import is the line to update).
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(project)
+    assert [d.name for d in model.deployments] == [d["name"] for d in project["deployments"]]
+
+
+def test_one_nightly_deployment_and_one_on_demand_deployment_per_family(deployments: dict):
+    assert set(deployments) == {"retrain-all"} | {f"retrain-{family}" for family in FAMILIES}
+    assert deployments["retrain-all"]["parameters"]["families"] == "all"
+    assert deployments["retrain-all"]["parameters"]["preset"] == "quick"
+    for family in FAMILIES:
+        deployment = deployments[f"retrain-{family}"]
+        assert deployment["parameters"]["families"] == family
+        assert not deployment.get("schedules"), f"retrain-{family} is on demand, yet has a schedule"
+
+
+def test_every_entrypoint_is_the_retrain_flow(deployments: dict):
+    from prefect import Flow
+
+    for name, deployment in deployments.items():
+        assert deployment["entrypoint"] == RETRAIN_ENTRYPOINT, name
+        flow = _load_entrypoint(deployment["entrypoint"])
+        assert isinstance(flow, Flow), f"{name}: {RETRAIN_ENTRYPOINT} is a {type(flow).__name__}, not a Prefect flow"
+
+
+def test_every_parameter_set_is_accepted_by_the_flow(deployments: dict):
+    flow = _load_entrypoint(RETRAIN_ENTRYPOINT)
+    for name, deployment in deployments.items():
+        # A schedule's own parameters are merged over the deployment's at run time.
+        variants = [deployment["parameters"]] + [
+            {**deployment["parameters"], **s.get("parameters", {})} for s in deployment.get("schedules") or []
+        ]
+        for params in variants:
+            try:
+                flow.validate_parameters(params)
+            except Exception as exc:  # Prefect raises several types; the message is what matters
+                pytest.fail(f"{name}: parameters {params} rejected by the flow: {exc}")
+            families = params["families"]
+            assert families == "all" or set(families.split(",")) <= set(FAMILIES), (name, families)
+
+
+def test_nightly_schedule_is_a_valid_utc_cron(deployments: dict):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    schedules = deployments["retrain-all"]["schedules"]
+    assert [(s["cron"], s["timezone"]) for s in schedules] == [("0 3 * * *", "UTC")]
+    for name, deployment in deployments.items():
+        for s in deployment.get("schedules") or []:
+            # Raises on a malformed cron string or an unknown IANA zone.
+            CronSchedule(cron=s["cron"], timezone=s.get("timezone"))
+
+
+def test_every_deployment_targets_the_genmodels_work_pool(deployments: dict):
+    for name, deployment in deployments.items():
+        assert deployment["work_pool"]["name"] == WORK_POOL, name
+
+
+def test_pull_steps_name_existing_prefect_steps(project: dict):
+    for step in project["pull"]:
+        (fqn,) = step
+        module, _, function = fqn.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), function, None)), fqn
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay RayJob and its Secret
+
+
+def _containers(rayjob: dict) -> list[dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [c for t in templates for c in t["spec"]["containers"]]
+
+
+def _entrypoint_argv(rayjob: dict) -> list[str]:
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:1] == ["genmodels"], f"RayJob entrypoint is not a genmodels command: {argv}"
+    return argv
+
+
+def test_rayjob_kind_and_version(rayjob: dict):
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    assert rayjob["kind"] == "RayJob"
+    # The cluster runs the image's ray; a mismatch with the version declared to KubeRay (and
+    # with the one pinned for the project) breaks the job at submission.
+    installed = importlib.metadata.version("ray").split(".")[:2]
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"].split(".")[:2] == installed
+
+
+def test_rayjob_entrypoint_is_a_valid_genmodels_retrain_command(rayjob: dict):
+    from genmodels.cli import app
+
+    argv = _entrypoint_argv(rayjob)
+    # Typer's command objects (click's API; recent Typer vendors click, so no isinstance).
+    root = typer.main.get_command(app)
+    assert argv[1] in root.commands, f"`genmodels {argv[1]}` does not exist; commands: {sorted(root.commands)}"
+    command = root.commands[argv[1]]
+    assert argv[1] == "retrain"
+    known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+    used = {a.split("=", 1)[0] for a in argv[2:] if a.startswith("-")}
+    assert used <= known, f"`genmodels retrain` has no option(s) {sorted(used - known)}; it has {sorted(known)}"
+    # Parsing (without running) also checks values: types, choices, required options.
+    try:
+        ctx = command.make_context("retrain", list(argv[2:]))
+    except Exception as exc:  # click's usage errors; the message names the bad option
+        pytest.fail(f"`{rayjob['spec']['entrypoint']}` does not parse: {exc}")
+    by_option = {opt: p.name for p in command.params for opt in p.opts}
+    assert ctx.params[by_option["--preset"]] == "full"
+    families = ctx.params[by_option["--family"]]
+    assert families == "all" or set(families.split(",")) <= set(FAMILIES), families
+
+
+def test_rayjob_workers_match_the_worker_replicas(rayjob: dict):
+    from genmodels.cli import app
+
+    command = typer.main.get_command(app).commands["retrain"]
+    by_option = {opt: p.name for p in command.params for opt in p.opts}
+    workers = command.make_context("retrain", _entrypoint_argv(rayjob)[2:]).params[by_option["--workers"]]
+    replicas = sum(g["replicas"] for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert workers == replicas == 2
+
+
+def test_rayjob_cleans_up_its_cluster(rayjob: dict):
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode"}
+
+
+def test_every_container_runs_the_project_image_with_bounded_resources(rayjob: dict):
+    containers = _containers(rayjob)
+    assert len(containers) == 2  # one head template, one worker-group template
+    for c in containers:
+        assert c["image"] == "genmodels:latest", c["name"]
+        for kind in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert c["resources"][kind].get(resource), f"{c['name']}: no {resource} {kind}"
+        # requests == limits (Guaranteed QoS): Ray sizes itself from the limits, so anything
+        # less than them as a request lets the node overcommit what Ray believes it has.
+        assert c["resources"]["requests"] == c["resources"]["limits"], c["name"]
+
+
+def test_every_container_reads_the_settings_secret(rayjob: dict, secret: dict):
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == SECRET_NAME
+    for c in _containers(rayjob):
+        refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+        assert refs == [SECRET_NAME], f"{c['name']}: envFrom secrets {refs}"
+
+
+def test_every_setting_the_entrypoint_needs_is_provided(rayjob: dict, secret: dict):
+    argv = _entrypoint_argv(rayjob)
+    needed = set(RETRAIN_SETTINGS)
+    if not any(a == "--out" or a.startswith("--out=") or a == "-o" for a in argv):
+        needed.add("GENMODELS_STORAGE")
+    if "--source" not in argv:
+        needed.add("GENMODELS_FASHION_MNIST_DIR")
+    secret_keys = set(secret["stringData"])
+    for c in _containers(rayjob):
+        provided = secret_keys | {e["name"] for e in c.get("env", [])}
+        assert needed <= provided, f"{c['name']}: settings missing: {sorted(needed - provided)}"
+        # The Ray Jobs driver is given the address of its own cluster; any RAY_ADDRESS from
+        # the manifest would point the training somewhere else.
+        assert "RAY_ADDRESS" not in provided, c["name"]
+    # Pods are deleted after the job: results must go to object storage, not a pod's disk.
+    assert secret["stringData"]["GENMODELS_STORAGE"].startswith("s3://")
+
+
+def test_secret_example_holds_only_placeholders(secret: dict):
+    values = secret["stringData"]
+    assert all(isinstance(v, str) for v in values.values()), "stringData values must all be strings"
+    assert values["AWS_ACCESS_KEY_ID"] == values["AWS_SECRET_ACCESS_KEY"] == "REPLACE_ME"
+    assert "data" not in secret  # base64 `data` would hide what is committed from review
