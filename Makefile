@@ -30,8 +30,10 @@ data:
 		exit 1; \
 	fi
 
+# The retrain pipeline on the embedded defaults (local Ray, Prefect's ephemeral server, MLflow on
+# sqlite and file:// storage under ./.genmodels); families that already have a champion are skipped.
 run: setup data
-	GENMODELS_FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/genmodels run --preset $(PRESET)
+	GENMODELS_FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/genmodels retrain --family all --preset $(PRESET) --if-no-champion
 
 test: setup
 	$(BIN)/python -m pytest

@@ -244,6 +244,7 @@ def _print_outcomes(outcomes: dict) -> None:
     if not outcomes:
         return
     table = Table("model", "version", "gate metric", "alias", "why")
+    table.columns[0].no_wrap = True
     for o in outcomes.values():
         reg, promo = o["registered"], o["promotion"]
         table.add_row(reg["name"], str(reg["version"]) + ("" if reg["created"] else " (existing)"),
@@ -274,8 +275,9 @@ def schedule_cmd(
                          "PREFECT_API_URL=http://127.0.0.1:4200/api")
     names = _families(family)
     params = {"families": ",".join(names), "dataset": dataset, "preset": preset, "workers": workers}
+    to_serve = deployment(name, cron, params, timezone=timezone)
     console.print(f"serving retrain/{name} ({cron} {timezone}) for {', '.join(names)}; Ctrl-C stops")
-    serve(deployment(name, cron, params, timezone=timezone))
+    serve(to_serve)
 
 
 if __name__ == "__main__":

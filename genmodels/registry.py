@@ -294,6 +294,8 @@ def promote(
     current = champion(name)
 
     def decide(alias: str, champion_value: float | None, reason: str) -> Promotion:
+        if alias == CHAMPION and CHALLENGER in (mv.aliases or []):
+            client.delete_registered_model_alias(name, CHALLENGER)  # one version, one role
         client.set_registered_model_alias(name, alias, version)
         return Promotion(name, str(version), alias, None if current is None else str(current.version), value,
                          champion_value, reason)

@@ -42,14 +42,18 @@ def is_transient(exc: BaseException | None) -> bool:
             from mlflow.exceptions import MlflowException
 
             if isinstance(exc, MlflowException):
-                return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED")
+                # Not INTERNAL_ERROR: the sqlite store wraps every unexpected exception, bugs
+                # included, in it; MLflow's REST client already retries HTTP 5xx itself.
+                return exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
         except ImportError:
             pass
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return True
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             return True
-        exc = exc.__cause__ or exc.__context__
+        # Only explicit chaining (raise ... from exc): an error raised while handling a
+        # transient one is a different failure.
+        exc = exc.__cause__
     return False
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from genmodels.data.errors import DataError
-from genmodels.storage import Storage, open_storage, split_url
+from genmodels.storage import FileStorage, Storage, open_storage, split_url
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC",
@@ -235,6 +235,8 @@ def read_folder(location: str, *, image_size: int | None = None, channels: str =
     if channels not in CHANNEL_MODES:
         raise ValueError(f"channels must be one of {sorted(CHANNEL_MODES)}, got {channels!r}")
     storage = open_storage(location)
+    if isinstance(storage, FileStorage) and not storage.root.is_dir():
+        raise DataError(f"{storage.url}: no such directory")
     keys = [k for k in storage.list() if k.lower().endswith(IMAGE_EXTENSIONS)]
     if not keys:
         raise DataError(f"{storage.url}: empty folder: no {'/'.join(IMAGE_EXTENSIONS)} images found")

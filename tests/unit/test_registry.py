@@ -1,0 +1,295 @@
+"""The MLflow registry gate on a real MLflow (sqlite in a temp dir), with tiny real models.
+
+Models are trained once per module on digits, in-process (no Ray, no Prefect): three VAEs of
+increasing quality on one test snapshot, one VAE on a snapshot split with another seed, and a
+tiny CVAE for the conditional pyfunc. Each test registers under its own dataset name, so the
+registered models (``<dataset>-<family>``) of different tests never see each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from genmodels import registry, runs
+from genmodels.data import PrepConfig
+from genmodels.storage import open_storage
+
+TINY = {"latent_dim": 3, "hidden": (16,)}
+
+
+@dataclass
+class Trained:
+    family: str
+    run: Any  # Storage of the run
+    metrics: dict[str, float]
+    snapshot_hash: str
+
+    @property
+    def gate_value(self) -> float:
+        return self.metrics[registry.gate_metric(self.family)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """MLflow on sqlite in a fresh directory for the module, a file store, two test snapshots."""
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")  # no `git` subprocess per registration
+        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        uri = registry.configure(None, "sqlite:///must-not-be-used.db")
+        assert uri == f"sqlite:///{root}/mlflow.db"
+        store = open_storage(root / "store")
+        snapshots = {seed: runs.snapshot_for(store, "digits", None, PrepConfig(seed=seed)) for seed in (0, 1)}
+        assert snapshots[0].hash != snapshots[1].hash
+        yield {"root": root, "store": store, "snapshots": snapshots, "artifact_root": (root / "mlflow").as_uri()}
+
+
+@pytest.fixture(scope="module")
+def models(work) -> dict[str, Trained]:
+    store, snaps = work["store"], work["snapshots"]
+
+    def train(key: str, family: str, seed: int, epochs: int, examples: int | None) -> Trained:
+        # Each model gets its own storage root: runs of one family and preset share a prefix,
+        # and a second training there would resume the first.
+        outcome = runs.train_family(store.child(f"models/{key}"), snaps[seed], family, "quick",
+                                    overrides={"epochs": epochs, "max_train_examples": examples, "seed": 0},
+                                    model_overrides=TINY)
+        metrics = runs.evaluate_run(store, outcome.run, snaps[seed], "quick")  # classifier cached in `store`
+        runs.export_run(outcome.run)
+        return Trained(family, outcome.run, metrics, snaps[seed].hash)
+
+    trained = {
+        "worst": train("worst", "vae", 0, 1, 64),
+        "mid": train("mid", "vae", 0, 2, None),
+        "best": train("best", "vae", 0, 8, None),
+        "other_snapshot": train("other", "vae", 1, 2, 512),
+        "cvae": train("cvae", "cvae", 0, 1, 256),
+    }
+    worst, mid, best = (trained[k].gate_value for k in ("worst", "mid", "best"))
+    # The gate tests below mean something only if more training gave a clearly better NLL.
+    assert worst > mid + 0.5 and mid > best + 0.5, (worst, mid, best)
+    return trained
+
+
+def register(work, model: Trained, dataset: str, metrics: dict[str, float] | None = None,
+             family: str | None = None) -> registry.Registered:
+    """What ``pipelines.tasks.register`` passes, from a run in storage."""
+    loaded, meta = runs.load_model(model.run)
+    with tempfile.TemporaryDirectory() as tmp:
+        return registry.register(
+            dataset=dataset, family=family or model.family, preset="quick", checkpoint=model.run.get_bytes("model.pt"),
+            onnx_files=runs.fetch_onnx(model.run, tmp), metrics=model.metrics if metrics is None else metrics,
+            params={"family": model.family, "model": {k: v for k, v in loaded.config.to_dict().items() if k != "image"},
+                    "train": meta["train_config"]},
+            snapshot_hash=meta["snapshot_hash"], artifact_root=work["artifact_root"],
+            artifacts={"metrics.json": model.run.get_bytes("metrics.json")},
+            history=json.loads(model.run.get_bytes("history.json")),
+        )
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def versions(name: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return sorted(str(mv.version) for mv in MlflowClient().search_model_versions(f"name='{name}'"))
+
+
+# --- the gate on one test snapshot ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gate(work, models):
+    """mid, then worst, then best registered and promoted in turn under ``gate-vae``; the
+    decision and the aliases after each step."""
+    steps = {}
+    for key in ("mid", "worst", "best"):
+        reg = register(work, models[key], "gate")
+        assert reg.created
+        promotion = registry.promote(reg.name, reg.version)
+        steps[key] = {"registered": reg, "promotion": promotion,
+                      "aliases": (alias_version(reg.name, "champion"), alias_version(reg.name, "challenger"))}
+    return steps
+
+
+def test_first_version_becomes_champion(gate, models):
+    reg, promo = gate["mid"]["registered"], gate["mid"]["promotion"]
+    assert (reg.name, reg.version, reg.gate_metric) == ("gate-vae", "1", "nll_nats")
+    assert reg.gate_value == models["mid"].gate_value
+    assert (promo.alias, promo.previous_champion, promo.champion_value) == ("champion", None, None)
+    assert promo.reason == "no champion yet"
+    assert gate["mid"]["aliases"] == ("1", None)
+
+
+def test_worse_version_becomes_challenger_and_champion_stays(gate, models):
+    promo = gate["worst"]["promotion"]
+    assert (promo.version, promo.alias, promo.previous_champion) == ("2", "challenger", "1")
+    assert promo.candidate_value == models["worst"].gate_value
+    assert promo.champion_value == models["mid"].gate_value
+    assert "does not beat champion v1" in promo.reason and "same test snapshot" in promo.reason
+    assert gate["worst"]["aliases"] == ("1", "2")
+
+
+def test_better_version_takes_champion(gate, models):
+    promo = gate["best"]["promotion"]
+    assert (promo.version, promo.alias, promo.previous_champion) == ("3", "champion", "1")
+    assert promo.champion_value == models["mid"].gate_value
+    assert promo.candidate_value == models["best"].gate_value < promo.champion_value
+    assert "< champion v1" in promo.reason
+    assert gate["best"]["aliases"] == ("3", "2")
+    assert alias_version("gate-vae", "champion") == "3"
+
+
+def test_promoting_the_champion_again_moves_nothing(gate):
+    before = (alias_version("gate-vae", "champion"), alias_version("gate-vae", "challenger"))
+    promo = registry.promote("gate-vae", "3")
+    assert (promo.alias, promo.reason) == ("champion", "already the champion")
+    assert promo.candidate_value == promo.champion_value
+    assert (alias_version("gate-vae", "champion"), alias_version("gate-vae", "challenger")) == before == ("3", "2")
+
+
+def test_same_checkpoint_registered_again_returns_the_existing_version(work, gate, models):
+    again = register(work, models["mid"], "gate")
+    first = gate["mid"]["registered"]
+    assert again.created is False
+    assert (again.version, again.run_id, again.model_digest) == (first.version, first.run_id, first.model_digest)
+    assert versions("gate-vae") == ["1", "2", "3"]
+    # No extra MLflow run either: one run per registered version.
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient().get_experiment_by_name("gate")
+    assert len(MlflowClient().search_runs([experiment.experiment_id])) == 3
+
+
+def test_version_carries_digest_snapshot_and_gate_tags(gate, models):
+    from mlflow import MlflowClient
+
+    reg = gate["best"]["registered"]
+    mv = MlflowClient().get_model_version(reg.name, reg.version)
+    assert mv.tags["genmodels.model_digest"] == registry.model_digest(models["best"].run.get_bytes("model.pt"))
+    assert mv.tags["genmodels.snapshot_hash"] == models["best"].snapshot_hash
+    assert float(mv.tags["genmodels.gate_value"]) == models["best"].gate_value
+    assert mv.tags["genmodels.git_commit"] == "0123456789abcdef"
+
+
+# --- another test snapshot ------------------------------------------------------------------------
+def test_champion_of_another_snapshot_is_only_replaced_when_reevaluated(work, models):
+    champ = register(work, models["best"], "resplit")
+    assert registry.promote(champ.name, champ.version).alias == "champion"
+    candidate = register(work, models["other_snapshot"], "resplit")
+    assert candidate.snapshot_hash != champ.snapshot_hash
+
+    # Without a way to re-evaluate, metrics on different test data are not compared.
+    kept = registry.promote(candidate.name, candidate.version)
+    assert (kept.alias, kept.previous_champion, kept.champion_value) == ("challenger", "1", None)
+    assert "another test snapshot" in kept.reason and "champion kept" in kept.reason
+    assert (alias_version("resplit-vae", "champion"), alias_version("resplit-vae", "challenger")) == ("1", "2")
+
+    # Re-evaluated on the candidate's snapshot, the champion scores worse: the candidate wins.
+    asked = []
+    worse = models["other_snapshot"].gate_value + 5.0
+
+    def reevaluate_worse(mv) -> float:
+        asked.append(str(mv.version))
+        return worse
+
+    won = registry.promote(candidate.name, candidate.version, reevaluate=reevaluate_worse)
+    assert asked == ["1"]  # called with the champion's version
+    assert (won.alias, won.previous_champion, won.champion_value) == ("champion", "1", worse)
+    assert "re-evaluated" in won.reason
+    assert alias_version("resplit-vae", "champion") == "2"
+    assert alias_version("resplit-vae", "challenger") is None  # the winner drops its challenger alias
+
+    # The old champion (other snapshot) comes back as candidate; no re-evaluation: champion kept.
+    back = registry.promote(champ.name, champ.version, reevaluate=lambda mv: None)
+    assert (back.alias, back.previous_champion) == ("challenger", "2")
+    assert (alias_version("resplit-vae", "champion"), alias_version("resplit-vae", "challenger")) == ("2", "1")
+
+
+def test_reevaluated_champion_that_scores_better_stays(work, models):
+    champ = register(work, models["best"], "resplit-better")
+    registry.promote(champ.name, champ.version)
+    candidate = register(work, models["other_snapshot"], "resplit-better")
+    better = models["other_snapshot"].gate_value - 5.0
+    lost = registry.promote(candidate.name, candidate.version, reevaluate=lambda mv: better)
+    assert (lost.alias, lost.champion_value) == ("challenger", better)
+    assert "does not beat" in lost.reason and "re-evaluated" in lost.reason
+    assert alias_version("resplit-better-vae", "champion") == "1"
+
+
+# --- registration refusals --------------------------------------------------------------------------
+def test_gate_metric_is_fid_for_the_gan_and_nll_otherwise():
+    assert registry.gate_metric("gan") == "fid"
+    for family in ("mixture", "vae", "cvae", "pixelrnn"):
+        assert registry.gate_metric(family) == "nll_nats"
+
+
+@pytest.mark.parametrize("bad", ["missing", math.nan, math.inf], ids=["missing", "nan", "inf"])
+def test_register_without_finite_gate_metric_creates_nothing(work, models, bad):
+    from mlflow import MlflowClient
+
+    metrics = {k: v for k, v in models["mid"].metrics.items() if k != "nll_nats"}
+    if bad != "missing":
+        metrics["nll_nats"] = bad
+    dataset = f"nogate-{bad}"
+    with pytest.raises(ValueError, match=r"finite gate metric 'nll_nats'"):
+        register(work, models["mid"], dataset, metrics=metrics)
+    client = MlflowClient()
+    assert client.search_registered_models(filter_string=f"name='{dataset}-vae'") == []
+    assert client.get_experiment_by_name(dataset) is None  # no run logged anywhere
+
+
+def test_register_refuses_graphs_of_another_family(work, models):
+    from mlflow import MlflowClient
+
+    metrics = {**models["mid"].metrics, "fid": 1.0}
+    with pytest.raises(ValueError, match="family 'vae'"):
+        register(work, models["mid"], "wrongfamily", metrics=metrics, family="gan")
+    assert MlflowClient().get_experiment_by_name("wrongfamily") is None
+
+
+# --- the registered model itself (conditional case) --------------------------------------------------
+def test_registered_cvae_loads_as_onnx_and_pyfunc_with_labels_in_its_signature(work, models):
+    import mlflow
+
+    from genmodels.models import load_checkpoint, model_from_checkpoint
+    from genmodels.noise import make_noise
+
+    reg = register(work, models["cvae"], "cond")
+    uri = f"models:/{reg.name}/{reg.version}"
+    graph = mlflow.onnx.load_model(uri)
+    assert graph.graph.node and {i.name for i in graph.graph.input} >= {"labels"}
+
+    model = model_from_checkpoint(load_checkpoint(models["cvae"].run.get_bytes("model.pt")))
+    spec = model.noise_spec()
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    inputs = pyfunc.metadata.get_input_schema().inputs
+    assert [t.name for t in inputs] == sorted(spec) + ["labels"]
+    assert inputs[-1].type == np.dtype(np.int64)
+    assert [t.name for t in pyfunc.metadata.get_output_schema().inputs] == ["images"]
+
+    # It samples what torch samples, label by label.
+    noise = make_noise(spec, seed=3, count=5)
+    labels = torch.tensor([0, 1, 2, 3, 9])
+    with torch.no_grad():
+        want = model.sample_from_noise(noise, labels, 0.8).numpy()
+    got = pyfunc.predict({**{k: v.numpy() for k, v in noise.items()}, "labels": labels.numpy()},
+                         params={"temperature": 0.8})
+    assert got.shape == want.shape == (5, 1, 8, 8)
+    assert np.abs(got - want).max() <= 1e-4
