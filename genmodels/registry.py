@@ -262,17 +262,22 @@ class Promotion:
         return asdict(self)
 
 
-def champion(name: str):
-    """The champion version of ``name``, or None."""
+def version_by_alias(name: str, alias: str):
+    """The version of ``name`` holding ``alias``, or None (also when the model does not exist)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
+        return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
             return None
         raise
+
+
+def champion(name: str):
+    """The champion version of ``name``, or None."""
+    return version_by_alias(name, CHAMPION)
 
 
 def promote(
@@ -328,3 +333,48 @@ def download_checkpoint(mv) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model.pt", dst_path=tmp)
         return Path(path).read_bytes()
+
+
+# --- load -----------------------------------------------------------------------------------------
+@dataclass
+class LoadedSampler:
+    name: str
+    version: str
+    sampler: Any  # genmodels.sampling.OnnxSampler
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def load_sampler(name: str, alias: str = CHAMPION, directory: str | Path | None = None,
+                 intra_op_num_threads: int | None = None) -> LoadedSampler:
+    """The ONNX sampler of ``models:/<name>@<alias>``, with its version and its run's metrics.
+
+    The graphs are downloaded into ``directory`` (a fresh temporary one by default, kept for the
+    life of the process: onnxruntime has read them by the time this returns)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from genmodels.sampling import OnnxSampler
+
+    client = MlflowClient()
+    mv = version_by_alias(name, alias)
+    if mv is None:
+        raise LookupError(f"no version of model {name!r} has the alias {alias!r}")
+    target = Path(directory or tempfile.mkdtemp(prefix=f"genmodels-{name}-v{mv.version}-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target)))
+    sampler = OnnxSampler(sorted((local / "artifacts").glob("*.onnx")), intra_op_num_threads=intra_op_num_threads)
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    return LoadedSampler(name, str(mv.version), sampler, dict(metrics), dict(mv.tags))
+
+
+def current_version(name: str, alias: str = CHAMPION) -> str | None:
+    """The version holding ``alias`` now (cheap: for polling), or None."""
+    mv = version_by_alias(name, alias)
+    return None if mv is None else str(mv.version)
+
+
+def served_models(alias: str = CHAMPION) -> list[str]:
+    """Registered models that have a version with ``alias`` (what serving loads by default)."""
+    from mlflow import MlflowClient
+
+    return sorted(m.name for m in MlflowClient().search_registered_models() if alias in (m.aliases or {}))

@@ -19,7 +19,7 @@ from prefect.tasks import exponential_backoff
 
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
-from genmodels.storage import StorageError, open_storage
+from genmodels.storage import open_storage
 
 
 def is_transient(exc: BaseException | None) -> bool:

@@ -129,7 +129,7 @@ def test_nightly_schedule_is_a_valid_utc_cron(deployments: dict):
 
     schedules = deployments["retrain-all"]["schedules"]
     assert [(s["cron"], s["timezone"]) for s in schedules] == [("0 3 * * *", "UTC")]
-    for name, deployment in deployments.items():
+    for deployment in deployments.values():
         for s in deployment.get("schedules") or []:
             # Raises on a malformed cron string or an unknown IANA zone.
             CronSchedule(cron=s["cron"], timezone=s.get("timezone"))
