@@ -156,3 +156,22 @@ def test_running_again_adds_no_version(stack, first_run):
         assert again[family]["train"]["epochs"] == 2
     # With champions in place, if_no_champion has nothing to do.
     assert _retrain(stack, if_no_champion=True) == {}
+
+
+def test_failed_parity_fails_the_family_and_registers_nothing(stack, first_run, monkeypatch):
+    from mlflow import MlflowClient
+
+    from genmodels import export
+    from pipelines.flows import RetrainFailed, retrain
+
+    def disagree(model, files, **kwargs):
+        raise export.ExportParityError(f"{model.family} graph 'sampler': ONNX and torch disagree (test)")
+
+    monkeypatch.setattr(export, "check_parity", disagree)
+    with pytest.raises(RetrainFailed) as failure:
+        retrain(families="mixture", dataset="digits", preset="quick", workers=2, overrides=TINY,
+                storage=stack["storage"])
+    assert set(failure.value.failed) == {"mixture"}
+    assert "ExportParityError" in failure.value.failed["mixture"]
+    assert MlflowClient().search_registered_models(filter_string="name='digits-mixture'") == []
+    assert not _s3_objects(stack["bucket"], "store/runs/digits/mixture-quick/onnx/")
