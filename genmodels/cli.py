@@ -280,5 +280,96 @@ def schedule_cmd(
     serve(to_serve)
 
 
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="HTTP host of the Serve proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the Serve proxy.")] = 8000,
+    models: Annotated[Optional[str], typer.Option("--models", help="Comma list of registered models "
+                                                  "(default: every model with a champion).")] = None,
+    reload_interval: Annotated[float, typer.Option("--reload-interval", min=0.1, help="Seconds between checks "
+                                                   "of the champion alias (hot reload).")] = 10.0,
+) -> None:
+    """The online sampling API (Ray Serve) on the champions of the MLflow registry; blocks until
+    Ctrl-C. Local Ray unless RAY_ADDRESS; MLFLOW_TRACKING_URI as for retrain."""
+    import os
+    import time
+
+    from genmodels import registry
+    from genmodels.distributed import ensure_ray
+
+    # Check the registry before starting Ray: a typo or an empty registry is one clear line.
+    registry.configure(None, get_settings().default_tracking_uri)
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else registry.served_models()
+    if not names:
+        raise ValueError("no registered model has a champion yet: run `genmodels retrain` first")
+    missing = [n for n in names if registry.current_version(n) is None]
+    if missing:
+        raise ValueError(f"no champion version for {missing}; served models with one: {registry.served_models()}")
+
+    from ray import serve
+
+    from serving.app import build_app
+
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    with console.status(f"loading {', '.join(names)}"):
+        serve.run(build_app({"models": names, "reload_interval_s": reload_interval}), name="genmodels",
+                  route_prefix="/")
+    base = f"http://{host}:{port}"
+    auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if os.environ.get("GENMODELS_API_KEY") else ""
+    console.print(f"serving {', '.join(names)} at {base} (OpenAPI: {base}/docs); Ctrl-C stops\n"
+                  f"  curl{auth} {base}/v1/models\n"
+                  f"  curl{auth} -X POST {base}/v1/models/{names[0]}/samples -H 'content-type: application/json' "
+                  f"-d '{{\"n\": 4, \"seed\": 0}}'\n"
+                  f"  curl{auth} -o grid.png '{base}/v1/models/{names[0]}/grid.png?n=16&seed=0'")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        serve.shutdown()
+
+
+@app.command("generate")
+@friendly_errors
+def generate_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model, e.g. fashion-mnist-vae.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples (1..100000000).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output prefix: s3://bucket/prefix or file:///abs/dir.")],
+    seed: Annotated[int, typer.Option("--seed", help="Sample i of a seed is the same image in every run.")] = 0,
+    label: Annotated[Optional[list[int]], typer.Option("--label", help="Class label (conditional models); "
+                                                       "repeat it to cycle: sample i gets label i mod count.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard object.")] = 10_000,
+    fmt: Annotated[str, typer.Option("--format", help="npz | png (webdataset-style tar).")] = "npz",
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray actors writing shards.")] = 1,
+    alias: Annotated[str, typer.Option("--alias", help="Registry alias to sample from.")] = "champion",
+    ray: Annotated[bool, typer.Option("--ray/--no-ray", help="Write shards on Ray (default) or in this "
+                                      "process (small jobs).")] = True,
+) -> None:
+    """Bulk generation (Prefect flow): n samples of a registered model written as shards plus
+    manifest.json. Re-running the same command resumes an interrupted job."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from genmodels.bulk import JobSpec
+    from pipelines.generate import generate
+
+    labels = None if not label else (label[0] if len(label) == 1 else list(label))
+    # Bad input fails here, before Prefect, MLflow and Ray start (the version is resolved later).
+    JobSpec(model=model, version="?", n=n, output=out, seed=seed, labels=labels, temperature=temperature,
+            shard_size=shard_size, format=fmt)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(f"{model} -> {out}", total=n)
+        manifest = generate(model=model, n=n, out=out, seed=seed, labels=labels, temperature=temperature,
+                            shard_size=shard_size, format=fmt, workers=workers, alias=alias, use_ray=ray,
+                            on_progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    totals = manifest["totals"]
+    console.print(f"{totals['samples']} samples of {model} v{manifest['model']['version']} in {totals['shards']} "
+                  f"shards ({totals['bytes']} bytes) -> {out.rstrip('/')}/manifest.json")
+
+
 if __name__ == "__main__":
     app()

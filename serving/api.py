@@ -1,0 +1,263 @@
+"""HTTP API v1 of the online sampler (FastAPI): routes, request schemas, JSON errors.
+
+``create_api(backend, ...)`` builds the app over any object with async ``describe()``,
+``sample(request)`` and ``interpolate(request)`` (``serving.app.HandleBackend`` in Serve).
+A backend answers a bad request with a dict ``{status, error, detail}`` instead of raising;
+every error leaves as ``{"error": <code>, "detail": <message>}`` and bad input never as a 5xx.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import math
+import secrets
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException
+
+from genmodels.noise import MAX_SEED
+
+MAX_SAMPLES = 256
+MAX_STEPS = 64
+#: Seeds the server picks stay below 2**53 so that every JSON client (JavaScript included)
+#: reads them back exactly; explicit seeds may use the whole [0, 2**63-1].
+RANDOM_SEED_BOUND = 2**53
+
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Label = Annotated[StrictInt, Field(ge=0)]
+Temperature = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+ModelName = Annotated[str, Path(description="Registered model name, e.g. fashion-mnist-vae")]
+
+_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large", 422: "invalid_request", 501: "not_implemented"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class SampleRequest(_Strict):
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_SAMPLES)] = 1
+    seed: Seed | None = Field(default=None, description="Omitted: a random seed, returned in the response.")
+    labels: Label | list[Label] | None = Field(
+        default=None, description="One class for every image or one per image (conditional models only; "
+                                  "omitted on a conditional model: image i gets class i % num_classes).")
+    temperature: Temperature = 1.0
+    format: Literal["png", "array"] = Field(default="png", description="png: base64 PNG per image; array: "
+                                                                         "floats in [0, 1] shaped [n, C, H, W].")
+
+
+class SampleResponse(BaseModel):
+    model: str
+    version: str
+    seed: int
+    images: list[str] | list[Any]
+
+
+class InterpolateRequest(_Strict):
+    seed_a: Seed
+    seed_b: Seed
+    steps: Annotated[StrictInt, Field(ge=2, le=MAX_STEPS)] = 10
+    label: Label | None = None
+    temperature: Temperature = 1.0
+    format: Literal["png", "array"] = "png"
+
+
+class InterpolateResponse(BaseModel):
+    model: str
+    version: str
+    seed_a: int
+    seed_b: int
+    images: list[str] | list[Any]
+
+
+class AnalogyRequest(_Strict):
+    image: str = Field(description="base64 PNG")
+    label: Label
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    version: str
+    conditional: bool
+    num_classes: int
+    image_shape: list[int]
+    metrics: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any
+
+
+def error_response(status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """One image [C, H, W] in [0, 1] as a PNG at its own size (no upscaling, no border)."""
+    from genmodels.evaluation.pictures import grid_png
+
+    return grid_png(image[None], nrow=1, scale=1, padding=0)
+
+
+def encode_images(images: np.ndarray, fmt: str) -> list:
+    if fmt == "array":
+        return images.astype(np.float64).tolist()
+    return [base64.b64encode(image_png(im)).decode("ascii") for im in images]
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, by Content-Length or as they stream in."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = f"request body over {self.limit} bytes"
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(413, "payload_too_large", too_large)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPException from body reading; the handler makes it JSON.
+                    raise HTTPException(413, too_large)
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    api = FastAPI(title="genmodels sampling API", version="1",
+                  description="Online sampling from the champion version of each registered generative model. "
+                              "Same model version, seed, labels and temperature -> the same images, whether "
+                              "asked alone or batched with other requests.",
+                  responses={k: {"model": ErrorBody} for k in (401, 404, 413, 422)})
+
+    # --- errors: always {"error", "detail"} ---------------------------------------------------------
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, _ERROR_CODES.get(exc.status_code, "error"), exc.detail,
+                              getattr(exc, "headers", None))
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "invalid_json", "the request body is not valid JSON")
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in ctype and any(tuple(e.get("loc", ())) == ("body",)
+                                                                    for e in errors):
+            return error_response(400, "invalid_json", f"the request body must be JSON (content-type was "
+                                                       f"{ctype or 'missing'!r})")
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in errors]
+        return error_response(422, "invalid_request", detail)
+
+    @api.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return error_response(500, "internal", f"{type(exc).__name__}: {exc}")
+
+    def answer(result: dict[str, Any]) -> dict[str, Any]:
+        if "error" in result:
+            raise _Answered(result)
+        return result
+
+    @api.exception_handler(_Answered)
+    async def answered(request: Request, exc: _Answered):
+        r = exc.result
+        return error_response(r["status"], r["error"], r["detail"])
+
+    # --- auth ----------------------------------------------------------------------------------------
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    # --- routes ----------------------------------------------------------------------------------------
+    @api.get("/healthz", tags=["health"])
+    async def healthz():
+        """200 once the sampler replicas have loaded their models (they answer only then)."""
+        await backend.describe()
+        return {"status": "ok"}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/models", response_model=list[ModelInfo], tags=["models"])
+    async def list_models():
+        return await backend.describe()
+
+    async def sample(name: str, n: int, seed: int | None, labels, temperature: float) -> dict[str, Any]:
+        seed = secrets.randbelow(RANDOM_SEED_BOUND) if seed is None else seed
+        return answer(await backend.sample({"model": name, "n": n, "seed": seed, "labels": labels,
+                                            "temperature": temperature}))
+
+    @v1.post("/models/{name}/samples", response_model=SampleResponse, tags=["sampling"])
+    async def samples(name: ModelName, body: SampleRequest):
+        """n images of the model's current version; the same seed gives the same images."""
+        out = await sample(name, body.n, body.seed, body.labels, body.temperature)
+        return {**out, "images": encode_images(out["images"], body.format)}
+
+    @v1.get("/models/{name}/grid.png", response_class=Response, tags=["sampling"],
+            responses={200: {"content": {"image/png": {}}}})
+    async def grid(name: ModelName, n: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 16,
+                   seed: Annotated[int | None, Query(ge=0, le=MAX_SEED)] = None,
+                   label: Annotated[int | None, Query(ge=0)] = None,
+                   temperature: Annotated[float, Query(gt=0, le=100, allow_inf_nan=False)] = 1.0):
+        """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
+        from genmodels.evaluation.pictures import grid_png
+
+        out = await sample(name, n, seed, label, temperature)
+        png = grid_png(out["images"], nrow=max(1, math.ceil(math.sqrt(n))))
+        return Response(png, media_type="image/png",
+                        headers={"X-Model-Version": out["version"], "X-Seed": str(out["seed"])})
+
+    @v1.post("/models/{name}/interpolate", response_model=InterpolateResponse, tags=["sampling"])
+    async def interpolate(name: ModelName, body: InterpolateRequest):
+        """steps images along the slerp between seed_a's and seed_b's latent points (VAE, CVAE, GAN);
+        the ends are the first sample of seed_a and of seed_b."""
+        out = answer(await backend.interpolate({"model": name, "seed_a": body.seed_a, "seed_b": body.seed_b,
+                                                "steps": body.steps, "label": body.label,
+                                                "temperature": body.temperature}))
+        return {**out, "images": encode_images(out["images"], body.format)}
+
+    @v1.post("/models/{name}/analogies", tags=["sampling"], status_code=501,
+             responses={501: {"model": ErrorBody}})
+    async def analogies(name: ModelName, body: AnalogyRequest):
+        """Not available yet: style analogies need the CVAE's encoder as an ONNX graph, which the
+        export does not produce yet."""
+        return error_response(501, "not_implemented", "analogies need an exported CVAE encoder graph, "
+                                                      "which genmodels.export does not produce yet")
+
+    # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py) get their own router, included here:
+    #   v1.include_router(jobs_router)   (same auth dependency, same error format)
+
+    api.include_router(v1)
+    api.add_middleware(BodyLimit, limit=int(max_body_bytes))
+    return api
+
+
+class _Answered(Exception):
+    """A backend's error dict on its way to the JSON error handler."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(result.get("detail"))
+        self.result = result

@@ -1,0 +1,367 @@
+"""Ray Serve deployments of the online sampling API.
+
+- ``Sampler`` (one per replica set, every served model in each replica): loads
+  ``models:/<name>@champion`` from the MLflow registry at start, merges concurrent sample
+  requests with ``@serve.batch`` into one onnxruntime call per (model version, temperature),
+  and hot-reloads a model when its ``champion`` alias moves.
+- ``Api``: the FastAPI ingress (routes in :mod:`serving.api`), a thin HTTP layer over
+  ``Sampler``'s handle.
+
+``build_app(args)`` is the application builder that ``serve run serving/config.yaml``,
+``serve deploy`` and ``genmodels serve`` use. The sampling itself stays in
+:class:`ModelSet`, plain Python without Serve, so it can be reasoned about (and tested) alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+logger = logging.getLogger("ray.serve")
+
+#: Every knob of the application, with its default; ``build_app`` refuses any other key.
+DEFAULTS: dict[str, Any] = {
+    "models": None,              # comma list or list; None: every registered model with a champion
+    "alias": "champion",         # the alias served (and watched for hot reload)
+    "tracking_uri": None,        # None: MLFLOW_TRACKING_URI, else the embedded sqlite default
+    "reload_interval_s": 10.0,   # how often each sampler replica polls the alias
+    "max_batch_size": 32,        # requests merged into one onnxruntime call, at most
+    "batch_wait_timeout_s": 0.01,  # how long a batch waits for company once its first request arrived
+    "api_key": None,             # None: GENMODELS_API_KEY; empty/None there too: no auth
+    "max_body_bytes": 1 << 20,   # request bodies above this get 413
+}
+
+#: Cap of rows per onnxruntime call; a batch above it is split (memory stays bounded at any batch size).
+MAX_ROWS_PER_CALL = 4096
+
+
+class RequestError(Exception):
+    """A request the API must answer with ``status`` (never 5xx): travels back as a plain dict,
+    because exceptions raised in a replica reach the ingress wrapped in Ray's error types."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "error": self.error, "detail": self.detail}
+
+
+def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    # NaN/inf are not JSON: a metric that could not be computed is left out rather than sent.
+    return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+@dataclass
+class SampleItem:
+    """One validated sample request, bound to the model version it started on."""
+
+    loaded: Any  # registry.LoadedSampler
+    n: int
+    seed: int
+    labels: np.ndarray | None
+    temperature: float
+    images: np.ndarray | None = field(default=None, repr=False)
+
+
+class ModelSet:
+    """The served models of one replica: load, describe, sample in batches, hot reload.
+
+    ``self._models[name]`` is the one reference a reload swaps; a request reads it once, in
+    :meth:`prepare`, and keeps that ``LoadedSampler`` to the end, so a reload never changes
+    the version (or the images) of a request already under way.
+    """
+
+    def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None,
+                 intra_op_num_threads: int | None = None) -> None:
+        from genmodels import registry
+        from genmodels.config import get_settings
+
+        registry.configure(tracking_uri, get_settings().default_tracking_uri)
+        self.alias = alias
+        self._threads = intra_op_num_threads
+        self._root = Path(tempfile.mkdtemp(prefix="genmodels-serve-"))
+        names = list(names) if names else registry.served_models(alias)
+        if not names:
+            raise ValueError(f"no registered model has a version with the alias {alias!r}: nothing to serve "
+                             "(run `genmodels retrain` first, or name models that have one)")
+        self._dirs: dict[str, Path] = {}
+        self._models: dict[str, Any] = {name: self._load(name) for name in names}
+        self.onnx_calls = 0
+        self.requests_sampled = 0
+
+    def _load(self, name: str):
+        from genmodels import registry
+
+        directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self._root))
+        try:
+            loaded = registry.load_sampler(name, self.alias, directory=directory, intra_op_num_threads=self._threads)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        # onnxruntime has read the graphs into memory: the previous version's files can go.
+        old, self._dirs[name] = self._dirs.get(name), directory
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return loaded
+
+    # --- what is served ---------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self) -> dict[str, str]:
+        return {name: loaded.version for name, loaded in sorted(self._models.items())}
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name, loaded in sorted(self._models.items()):
+            s = loaded.sampler
+            out.append({"name": name, "family": s.family, "version": loaded.version, "conditional": s.conditional,
+                        "num_classes": s.num_classes, "image_shape": list(s.image_shape),
+                        "metrics": _finite_metrics(loaded.metrics)})
+        return out
+
+    def get(self, name: str):
+        loaded = self._models.get(name)
+        if loaded is None:
+            raise RequestError(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
+        return loaded
+
+    # --- sampling -----------------------------------------------------------------------------
+    def prepare(self, request: Mapping[str, Any]) -> SampleItem:
+        """Validate a sample request against its model (raises :class:`RequestError`)."""
+        loaded = self.get(request["model"])
+        s = loaded.sampler
+        n, labels = int(request["n"]), request.get("labels")
+        if labels is None and s.conditional:
+            # A conditional model asked without labels walks through the classes, so a grid
+            # of n >= num_classes images shows every class (deterministic, like the seed).
+            labels = np.arange(n, dtype=np.int64) % s.num_classes
+        try:
+            checked = s.check_labels(labels, n)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(422, "invalid_labels", str(exc)) from None
+        return SampleItem(loaded, n, int(request["seed"]), checked, float(request["temperature"]))
+
+    def run_batch(self, items: Sequence[SampleItem]) -> None:
+        """Fill ``item.images`` for every item with as few onnxruntime calls as possible.
+
+        Items are grouped by (model version, temperature): temperature is one scalar input of
+        the graphs. Each item's noise is its own seed's stream (``make_noise(spec, seed, n)``);
+        samplers are row-independent, so sampling the concatenation once gives every item
+        exactly the images it would get alone.
+        """
+        from genmodels.noise import make_noise
+
+        groups: dict[tuple[int, float], list[SampleItem]] = {}
+        for item in items:
+            groups.setdefault((id(item.loaded), item.temperature), []).append(item)
+        for group in groups.values():
+            sampler, temperature = group[0].loaded.sampler, group[0].temperature
+            spec = sampler.noise_spec
+            start = 0
+            while start < len(group):
+                # Chunks of whole requests up to MAX_ROWS_PER_CALL rows (a single request may exceed it).
+                chunk, rows = [], 0
+                while start < len(group) and (not chunk or rows + group[start].n <= MAX_ROWS_PER_CALL):
+                    chunk.append(group[start])
+                    rows += group[start].n
+                    start += 1
+                parts = [make_noise(spec, it.seed, it.n) for it in chunk]
+                noise = {k: np.concatenate([p[k].numpy() for p in parts]) for k in spec}
+                labels = None if not sampler.conditional else np.concatenate([it.labels for it in chunk])
+                images = sampler.sample_from_noise(noise, labels, temperature)
+                self.onnx_calls += 1
+                offset = 0
+                for it in chunk:
+                    it.images = images[offset : offset + it.n]
+                    offset += it.n
+        self.requests_sampled += len(items)
+
+    def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Images along the slerp between seed_a's and seed_b's latent ``z`` (other noise fields
+        held at seed_a's), the same walk as ``genmodels.evaluation.pictures.interpolate``."""
+        import torch
+
+        from genmodels.evaluation.pictures import slerp
+        from genmodels.noise import make_noise
+
+        loaded = self.get(request["model"])
+        s = loaded.sampler
+        if "z" not in s.noise_spec:
+            raise RequestError(422, "not_a_latent_model",
+                               f"the {s.family} family has no latent 'z' to interpolate in (latent families: "
+                               "vae, cvae, gan)")
+        steps, label = int(request["steps"]), request.get("label")
+        if s.conditional and label is None:
+            raise RequestError(422, "invalid_labels", f"{request['model']} is class-conditional: give a label")
+        try:
+            labels = s.check_labels(label, steps)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(422, "invalid_labels", str(exc)) from None
+        a, b = make_noise(s.noise_spec, request["seed_a"], 1), make_noise(s.noise_spec, request["seed_b"], 1)
+        noise = {k: v.expand(steps, *v.shape[1:]).numpy().copy() for k, v in a.items()}
+        noise["z"] = slerp(a["z"][0], b["z"][0], torch.linspace(0.0, 1.0, steps)).numpy()
+        images = s.sample_from_noise(noise, labels, float(request["temperature"]))
+        return {"model": loaded.name, "version": loaded.version, "seed_a": request["seed_a"],
+                "seed_b": request["seed_b"], "images": images}
+
+    # --- hot reload ---------------------------------------------------------------------------
+    def poll_once(self) -> list[str]:
+        """Load every model whose alias moved and swap it in; the names swapped."""
+        from genmodels import registry
+
+        swapped = []
+        for name, loaded in list(self._models.items()):
+            try:
+                current = registry.current_version(name, self.alias)
+                if current is None or current == loaded.version:
+                    continue  # alias removed: keep serving what we have rather than fail requests
+                fresh = self._load(name)
+            except Exception:  # registry briefly unreachable or locked: try again next tick
+                logger.warning("reload of %s failed; still serving v%s", name, loaded.version, exc_info=True)
+                continue
+            self._models[name] = fresh  # the one swap: later requests see the new version
+            swapped.append(name)
+            logger.info("%s: serving v%s (was v%s)", name, fresh.version, loaded.version)
+        return swapped
+
+    def close(self) -> None:
+        shutil.rmtree(self._root, ignore_errors=True)
+
+
+@serve.deployment(
+    max_ongoing_requests=256,  # far above the default 5: batches form only from requests in flight
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+)
+class Sampler:
+    """Every served model in one replica; batches sample requests; polls the alias to reload."""
+
+    def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
+                 reload_interval_s: float = 10.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01) -> None:
+        self.models = ModelSet(models, alias, tracking_uri)
+        self._batched.set_max_batch_size(int(max_batch_size))
+        self._batched.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._stop = threading.Event()
+        # A thread rather than a task on the replica's event loop: MLflow calls and graph loading
+        # block, and the loop must keep accepting (and batching) requests meanwhile.
+        self._poller = threading.Thread(target=self._poll, args=(float(reload_interval_s),), daemon=True,
+                                        name="genmodels-reload")
+        self._poller.start()
+
+    def _poll(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.models.poll_once()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    async def describe(self) -> list[dict[str, Any]]:
+        return self.models.describe()
+
+    async def stats(self) -> dict[str, Any]:
+        return {"onnx_calls": self.models.onnx_calls, "requests_sampled": self.models.requests_sampled,
+                "versions": self.models.versions()}
+
+    async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}`` or an
+        error dict ``{status, error, detail}``."""
+        try:
+            item = self.models.prepare(request)
+        except RequestError as exc:
+            return exc.to_dict()
+        item = await self._batched(item)
+        return {"model": item.loaded.name, "version": item.loaded.version, "seed": item.seed, "images": item.images}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _batched(self, items: list[SampleItem]) -> list[SampleItem]:
+        # In a worker thread: the event loop keeps collecting the next batch meanwhile.
+        await asyncio.to_thread(self.models.run_batch, items)
+        return items
+
+    async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(self.models.interpolate, request)
+        except RequestError as exc:
+            return exc.to_dict()
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Api:
+    """The HTTP ingress: FastAPI routes of :mod:`serving.api` over the ``Sampler`` handle."""
+
+    def __init__(self, sampler, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"]) -> None:
+        self.sampler = sampler
+        self.api_key = api_key
+        self.max_body_bytes = int(max_body_bytes)
+
+    def __serve_build_asgi_app__(self):
+        from serving.api import create_api
+
+        return create_api(HandleBackend(self.sampler), api_key=self.api_key, max_body_bytes=self.max_body_bytes)
+
+
+class HandleBackend:
+    """What :func:`serving.api.create_api` calls, over a ``Sampler`` deployment handle."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    async def describe(self) -> list[dict[str, Any]]:
+        return await self.handle.describe.remote()
+
+    async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.handle.sample.remote(request)
+
+    async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.handle.interpolate.remote(request)
+
+
+def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``args`` over :data:`DEFAULTS`, with models split and the tracking URI and API key
+    resolved here (in the process that builds the app) so every replica gets the same ones."""
+    from genmodels.config import get_settings
+
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown serving args {unknown}; known: {sorted(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
+    models = out["models"]
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    out["models"] = list(models) if models else None
+    out["tracking_uri"] = (out["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                           or get_settings().default_tracking_uri)
+    out["api_key"] = out["api_key"] or os.environ.get("GENMODELS_API_KEY") or None
+    for key in ("reload_interval_s", "batch_wait_timeout_s"):
+        if float(out[key]) < 0:
+            raise ValueError(f"{key} must be >= 0, got {out[key]}")
+    for key in ("max_batch_size", "max_body_bytes"):
+        if int(out[key]) < 1:
+            raise ValueError(f"{key} must be >= 1, got {out[key]}")
+    return out
+
+
+def build_app(args: Mapping[str, Any] | None = None):
+    """The Serve application (``import_path: serving.app:build_app``); ``args`` keys: :data:`DEFAULTS`."""
+    a = resolve_args(args)
+    sampler = Sampler.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"],
+                           reload_interval_s=a["reload_interval_s"], max_batch_size=a["max_batch_size"],
+                           batch_wait_timeout_s=a["batch_wait_timeout_s"])
+    return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"])

@@ -1,0 +1,256 @@
+"""Bulk generation in-process (no Ray): layout, checksums, sample identity across shard sizes,
+cancel + resume, repair of a corrupted shard, refusal of another job's output, bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from genmodels import bulk
+from genmodels.export import export_sampler
+from genmodels.models import build_model
+from genmodels.models.base import ImageSpec
+from genmodels.sampling import OnnxSampler
+from genmodels.storage import FileStorage
+
+TINY = {"latent_dim": 3, "hidden": (16,)}
+
+
+def _export(tmp_path_factory, family: str, image: ImageSpec) -> dict[str, bytes]:
+    torch.manual_seed(0)
+    model = build_model(family, image, **TINY).eval()
+    directory = tmp_path_factory.mktemp(family)
+    export_sampler(model, directory, likelihood=False)
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).glob("*.onnx"))}
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory) -> dict[str, bytes]:
+    return _export(tmp_path_factory, "vae", ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=3))
+
+
+@pytest.fixture(scope="module")
+def cvae(tmp_path_factory) -> dict[str, bytes]:
+    return _export(tmp_path_factory, "cvae", ImageSpec(channels=1, height=8, width=8, levels=256, num_classes=3))
+
+
+def spec(out: Path | str, **kw) -> bulk.JobSpec:
+    url = out if isinstance(out, str) else out.as_uri()
+    return bulk.JobSpec(**{"model": "digits-vae", "version": "1", "n": 50, "output": url, "seed": 3,
+                           "shard_size": 16, **kw})
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def decoded_by_index(root: Path) -> dict[str, np.ndarray]:
+    """Every shard of a finished job decoded and concatenated in index order."""
+    manifest = bulk.verify(root.as_uri())
+    parts = [bulk.read_shard(root.as_uri(), r) for r in manifest["shards"]]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(out["index"])
+    return {k: v[order] for k, v in out.items()}
+
+
+class PutSpy:
+    """Records every key written through FileStorage.put_bytes."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.keys: list[str] = []
+        original = FileStorage.put_bytes
+
+        def put(storage, key, data):
+            self.keys.append(key)
+            return original(storage, key, data)
+
+        monkeypatch.setattr(FileStorage, "put_bytes", put)
+
+
+# --- layout and content ------------------------------------------------------------------------
+def test_shard_plan_tiles_the_range():
+    assert bulk.shard_plan(50, 16) == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    assert bulk.shard_plan(16, 16) == [(0, 16)]
+    assert bulk.shard_key(7, "npz") == "shards/shard-00007.npz" and bulk.shard_key(7, "png") == "shards/shard-00007.tar"
+
+
+def test_job_writes_shards_sidecars_and_manifest_that_match_the_sampler(vae, tmp_path):
+    progress = []
+    manifest = bulk.run_job(spec(tmp_path / "out"), vae, use_ray=False, on_progress=lambda d, t: progress.append((d, t)))
+    root = tmp_path / "out"
+    assert sorted(files_of(root)) == ["job.json", "manifest.json"] + sorted(
+        f"shards/shard-{k:05d}.{ext}" for k in range(4) for ext in ("json", "npz"))
+    assert progress == [(0, 50), (16, 50), (32, 50), (48, 50), (50, 50)]
+    assert manifest == json.loads((root / "manifest.json").read_text())
+    assert manifest["model"]["name"] == "digits-vae" and manifest["model"]["version"] == "1"
+    assert manifest["model"]["family"] == "vae" and manifest["seed"] == 3 and manifest["index_range"] == [0, 50]
+    assert manifest["totals"] == {"samples": 50, "shards": 4, "bytes": sum(r["bytes"] for r in manifest["shards"])}
+    for k, record in enumerate(manifest["shards"]):
+        data = (root / record["key"]).read_bytes()
+        assert record["sha256"] == hashlib.sha256(data).hexdigest() and record["bytes"] == len(data)
+        assert (record["start"], record["end"], record["count"]) == (16 * k, min(50, 16 * k + 16), record["end"] - record["start"])
+        assert json.loads((root / f"shards/shard-{k:05d}.json").read_text()) == record
+    job = json.loads((root / "job.json").read_text())
+    assert job["spec"] == spec(tmp_path / "out").to_dict()
+    assert job["graphs"] == {name: hashlib.sha256(data).hexdigest() for name, data in vae.items()}
+
+    got = decoded_by_index(root)
+    assert set(got) == {"images", "index"}  # unconditional: no labels array
+    assert got["index"].tolist() == list(range(50))
+    sampler = OnnxSampler.from_dir(_write(vae, tmp_path / "graphs"))
+    want = np.rint(sampler.sample(50, seed=3) * 255).astype(np.uint8)
+    assert got["images"].dtype == np.uint8 and np.array_equal(got["images"], want)
+
+
+def _write(files: dict[str, bytes], directory: Path) -> Path:
+    directory.mkdir()
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+@pytest.mark.parametrize("fmt", ["npz", "png"])
+def test_sample_i_is_the_same_whatever_the_shard_size(cvae, tmp_path, fmt):
+    runs = {}
+    for size in (7, 10, 64):
+        out = tmp_path / f"s{size}"
+        bulk.run_job(spec(out, model="digits-cvae", n=45, shard_size=size, labels=[2, 0, 1, 1], format=fmt,
+                          temperature=0.8), cvae, use_ray=False)
+        runs[size] = decoded_by_index(out)
+    for size in (10, 64):
+        for key in ("images", "index", "labels"):
+            assert np.array_equal(runs[size][key], runs[7][key]), (size, key)
+    assert runs[7]["labels"].tolist() == [[2, 0, 1, 1][i % 4] for i in range(45)]
+    assert runs[7]["images"].shape == (45, 1, 8, 8)
+    assert len(np.unique(runs[7]["images"].reshape(45, -1), axis=0)) == 45  # different noise per index
+
+
+def test_png_shard_is_a_sorted_webdataset_tar_with_fixed_metadata(cvae, tmp_path):
+    bulk.run_job(spec(tmp_path / "o", model="c", n=12, shard_size=5, labels=1, format="png"), cvae, use_ray=False)
+    with tarfile.open(tmp_path / "o/shards/shard-00001.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [f"{i:09d}.{ext}" for i in range(5, 10) for ext in ("png", "cls")]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
+
+
+def test_encoding_is_deterministic():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 1, 4, 4), dtype=np.uint8)
+    index, labels = np.arange(10, 16), np.array([0, 1, 2, 0, 1, 2])
+    for fmt in ("npz", "png"):
+        a = bulk.encode_shard(images, index, labels, fmt)
+        assert a == bulk.encode_shard(images.copy(), index.copy(), labels.copy(), fmt)
+        back = bulk.decode_shard(a, fmt)
+        assert np.array_equal(back["images"], images) and back["index"].tolist() == list(range(10, 16))
+        assert back["labels"].tolist() == labels.tolist()
+
+
+# --- resume --------------------------------------------------------------------------------------
+def test_cancelled_job_resumes_to_exactly_the_uninterrupted_bytes(vae, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    bulk.run_job(spec(whole), vae, use_ray=False)
+
+    done = []
+    with pytest.raises(bulk.JobCancelled) as cancelled:
+        bulk.run_job(spec(cut), vae, use_ray=False, on_progress=lambda d, t: done.append(d),
+                     should_stop=lambda: len(done) > 2)  # progress at 0, 16, 32: stop after 2 shards
+    assert (cancelled.value.done_shards, cancelled.value.total_shards) == (2, 4)
+    partial = files_of(cut)
+    assert "manifest.json" not in partial
+    assert sorted(k for k in partial if k.startswith("shards/")) == [
+        "shards/shard-00000.json", "shards/shard-00000.npz", "shards/shard-00001.json", "shards/shard-00001.npz"]
+
+    manifest = bulk.run_job(spec(cut), vae, use_ray=False)
+    shards = lambda root: {k: v for k, v in files_of(root).items() if k.startswith("shards/")}
+    assert shards(cut) == shards(whole)  # every shard and sidecar: same bytes
+    assert len(shards(cut)) == 8
+    without_output = lambda m: {**m, "spec": {**m["spec"], "output": None}}
+    assert without_output(manifest) == without_output(bulk.read_manifest(whole.as_uri()))
+    assert sorted(i for r in manifest["shards"] for i in range(r["start"], r["end"])) == list(range(50))
+    assert decoded_by_index(cut)["index"].tolist() == list(range(50))
+
+
+def test_rerun_of_finished_job_verifies_and_writes_nothing(vae, tmp_path, monkeypatch):
+    first = bulk.run_job(spec(tmp_path / "o"), vae, use_ray=False)
+    spy = PutSpy(monkeypatch)
+    assert bulk.run_job(spec(tmp_path / "o"), vae, use_ray=False) == first
+    assert spy.keys == []
+
+
+def test_corrupted_shard_is_the_only_one_rewritten(vae, tmp_path, monkeypatch):
+    root = tmp_path / "o"
+    bulk.run_job(spec(root), vae, use_ray=False)
+    before = files_of(root)
+    (root / "shards/shard-00002.npz").write_bytes(b"garbage")
+    with pytest.raises(bulk.ShardMismatch, match="shard-00002.npz"):
+        bulk.verify(root.as_uri())
+    (root / "shards/shard-00003.json").unlink()  # a crash between object and sidecar
+
+    spy = PutSpy(monkeypatch)
+    bulk.run_job(spec(root), vae, use_ray=False)
+    assert spy.keys == ["shards/shard-00002.npz", "shards/shard-00002.json",
+                        "shards/shard-00003.npz", "shards/shard-00003.json"]
+    assert files_of(root) == before
+    bulk.verify(root.as_uri())
+
+
+# --- refusals --------------------------------------------------------------------------------------
+def test_other_spec_to_the_same_output_is_refused_and_nothing_changes(vae, tmp_path):
+    root = tmp_path / "o"
+    bulk.run_job(spec(root), vae, use_ray=False)
+    before = files_of(root)
+    for other, field in ((spec(root, seed=4), "seed"), (spec(root, version="2"), "version"),
+                         (spec(root, shard_size=10), "shard_size")):
+        with pytest.raises(ValueError, match=f"holds another job.*{field}"):
+            bulk.run_job(other, vae, use_ray=False)
+    assert files_of(root) == before
+
+
+def test_non_empty_prefix_without_a_job_is_refused(vae, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o/data.csv").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        bulk.run_job(spec(tmp_path / "o"), vae, use_ray=False)
+    assert sorted(files_of(tmp_path / "o")) == ["data.csv"]
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"n": 0}, "n"), ({"n": 100_000_001}, "n"), ({"n": True}, "n"),
+    ({"output": "http://x"}, "output"), ({"output": "/tmp/plain/path"}, "output"), ({"output": "s3://"}, "output"),
+    ({"temperature": 0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"shard_size": 0}, "shard_size"), ({"shard_size": 1_000_001}, "shard_size"),
+    ({"n": 100_000_000, "shard_size": 999}, "shard_size"),
+    ({"format": "jpg"}, "format"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"labels": []}, "labels"), ({"labels": [1, -1]}, r"labels\[1\]"), ({"labels": "a"}, "labels"),
+    ({"version": ""}, "version"), ({"model": ""}, "model"),
+])
+def test_bad_spec_is_a_value_error_naming_the_field(tmp_path, kw, field):
+    with pytest.raises(ValueError, match=rf"^{field}\s"):
+        spec(tmp_path / "o", **kw)
+
+
+def test_limits_are_accepted_at_the_edges(tmp_path):
+    s = spec(tmp_path / "o", n=100_000_000, shard_size=1000)
+    assert s.num_shards == 100_000
+    assert spec(tmp_path / "o", n=1, shard_size=1_000_000).num_shards == 1
+
+
+@pytest.mark.parametrize("model, labels, match", [
+    ("vae", 1, "unconditional"), ("cvae", None, "class-conditional"), ("cvae", [0, 3], r"\[0, 3\).*\[3\]"),
+])
+def test_labels_that_do_not_fit_the_model_are_refused_before_writing(vae, cvae, tmp_path, model, labels, match):
+    files = {"vae": vae, "cvae": cvae}[model]
+    with pytest.raises(ValueError, match=rf"labels.*{match}|{match}"):
+        bulk.run_job(spec(tmp_path / "o", labels=labels), files, use_ray=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_manifest_reads_as_unfinished(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never finished"):
+        bulk.read_manifest((tmp_path / "nothing").as_uri())
