@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PRESET ?= quick
 
-.PHONY: setup data run test clean
+.PHONY: setup data browser run test clean
 
 # torch first, pinned: its CPU wheel is on disk here, and a range resolved by pip alone would
 # pull a CUDA build of several GB.
@@ -30,12 +30,25 @@ data:
 		exit 1; \
 	fi
 
+# The playground's test drives Debian's headless Chromium.
+browser:
+	@if command -v chromium >/dev/null; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing (the playground test needs it): sudo apt-get install chromium" >&2; \
+		exit 1; \
+	fi
+
 # The retrain pipeline on the embedded defaults (local Ray, Prefect's ephemeral server, MLflow on
-# sqlite and file:// storage under ./.genmodels); families that already have a champion are skipped.
+# sqlite and file:// storage under ./.genmodels); families that already have a champion are
+# skipped. Then the online API on the champions, at http://127.0.0.1:8000 (Ctrl-C stops).
 run: setup data
 	GENMODELS_FASHION_MNIST_DIR=$(FASHION_MNIST_DIR) $(BIN)/genmodels retrain --family all --preset $(PRESET) --if-no-champion
+	$(BIN)/genmodels serve --host 127.0.0.1 --port 8000
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:

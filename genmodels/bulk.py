@@ -354,6 +354,14 @@ class _ShardWriter:
     def write(self, k: int, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
         """Shard k's record and whether it was written (False: verified and skipped); None when
         ``should_stop`` fired before the shard was written."""
+        produced = self.produce(k, should_stop)
+        if produced is None or "data" not in produced:
+            return produced
+        return self.store(produced["record"], produced["data"])
+
+    def produce(self, k: int, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """Shard k sampled and encoded (``{"record", "data"}``), or ``{"record", "written":
+        False}`` when it is already complete and verified, or None when ``should_stop`` fired."""
         spec, storage = self.spec, self.storage
         start = k * spec.shard_size
         end = min(spec.n, start + spec.shard_size)
@@ -370,9 +378,12 @@ class _ShardWriter:
         data = encode_shard(images, np.arange(start, end, dtype=np.int64), spec.labels_for(start, end), spec.format)
         record = {"shard": k, "key": shard_key(k, spec.format), "start": start, "end": end, "count": end - start,
                   "sha256": _sha256(data), "bytes": len(data)}
+        return {"record": record, "data": data}
+
+    def store(self, record: dict[str, Any], data: bytes) -> dict[str, Any]:
         # Object first, sidecar second: a sidecar never vouches for an object not yet there.
-        storage.put_bytes(record["key"], data)
-        storage.put_json(_sidecar_key(k), record)
+        self.storage.put_bytes(record["key"], data)
+        self.storage.put_json(_sidecar_key(record["shard"]), record)
         return {"record": record, "written": True}
 
     def write_indexed(self, k: int) -> tuple[int, dict[str, Any]]:
@@ -484,13 +495,7 @@ def run_job(
     if use_ray and len(plan) > 1:
         _run_on_ray(spec, sampler_files, storage, len(plan), workers, finished, should_stop)
     else:
-        for k in range(len(plan)):
-            if should_stop is not None and should_stop():
-                raise JobCancelled(len(results), len(plan))
-            result = local.write(k, should_stop)
-            if result is None:
-                raise JobCancelled(len(results), len(plan))
-            finished(k, result)
+        _run_in_process(local, len(plan), finished, should_stop)
 
     manifest = _manifest(spec, job, sampler, [results[k]["record"] for k in range(len(plan))])
     # Written last, and only when it changes: re-running a finished job writes nothing.
@@ -501,6 +506,43 @@ def run_job(
     if existing != manifest:
         storage.put_json(MANIFEST_KEY, manifest)
     return manifest
+
+
+#: Shards encoded and waiting for (or in) upload, at most, in a local run: bounds memory.
+_UPLOADS_IN_FLIGHT = 2
+
+
+def _run_in_process(writer: _ShardWriter, num_shards: int, finished: Callable[[int, dict[str, Any]], None],
+                    should_stop: Callable[[], bool] | None) -> None:
+    """Sample shard k+1 while shard k uploads: the job runs at the pace of the slower of the
+    two, not of their sum."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+
+    def settle(limit: int) -> None:
+        while len(pending) > limit:
+            k, future = pending.popleft()
+            finished(k, future.result())
+
+    with ThreadPoolExecutor(max_workers=_UPLOADS_IN_FLIGHT, thread_name_prefix="genmodels-upload") as uploads:
+        try:
+            for k in range(num_shards):
+                produced = None if should_stop is not None and should_stop() else writer.produce(k, should_stop)
+                if produced is None:
+                    settle(0)  # what is uploading completes: it stays valid for a resume
+                    raise JobCancelled(k, num_shards)
+                if "data" in produced:
+                    pending.append((k, uploads.submit(writer.store, produced["record"], produced["data"])))
+                else:
+                    settle(0)
+                    finished(k, produced)
+                settle(_UPLOADS_IN_FLIGHT - 1)
+            settle(0)
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def _run_on_ray(spec: JobSpec, sampler_files: Mapping[str, bytes], storage: Storage, num_shards: int,

@@ -160,11 +160,13 @@ def test_cancelled_job_resumes_to_exactly_the_uninterrupted_bytes(vae, tmp_path)
     with pytest.raises(bulk.JobCancelled) as cancelled:
         bulk.run_job(spec(cut), vae, use_ray=False, on_progress=lambda d, t: done.append(d),
                      should_stop=lambda: len(done) > 2)  # progress at 0, 16, 32: stop after 2 shards
-    assert (cancelled.value.done_shards, cancelled.value.total_shards) == (2, 4)
+    # Stopped once 2 shards were done; the one already sampled while they uploaded completes too.
+    done_shards = cancelled.value.done_shards
+    assert cancelled.value.total_shards == 4 and 2 <= done_shards <= 3
     partial = files_of(cut)
     assert "manifest.json" not in partial
-    assert sorted(k for k in partial if k.startswith("shards/")) == [
-        "shards/shard-00000.json", "shards/shard-00000.npz", "shards/shard-00001.json", "shards/shard-00001.npz"]
+    assert sorted(k for k in partial if k.startswith("shards/")) == sorted(
+        f"shards/shard-{k:05d}.{ext}" for k in range(done_shards) for ext in ("json", "npz"))
 
     manifest = bulk.run_job(spec(cut), vae, use_ray=False)
     shards = lambda root: {k: v for k, v in files_of(root).items() if k.startswith("shards/")}

@@ -1,0 +1,149 @@
+"""Online API under load: the Ray Serve application (batching over onnxruntime) vs a baseline
+server that runs torch eager per request (no batching), on the same cores and the same model.
+
+Both answer ``POST /v1/models/{name}/samples {n, seed}`` with base64 PNGs. The baseline is a
+one-process FastAPI/uvicorn app (``_torch_eager_server``) serving the same registered
+version's torch checkpoint. A closed-loop load generator (httpx, asyncio) keeps ``c``
+requests in flight for ``--seconds`` per level, after a warm-up; requests/s and p50/p99
+latency are reported per (server, n, concurrency).
+
+Needs a registry with a champion, e.g. after ``make run``:
+
+    .venv/bin/python benchmarks/serving_load.py --model fashion-mnist-vae --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, n: int, concurrency: int, seconds: float, warmup: float) -> dict[str, float]:
+    import httpx
+
+    latencies: list[float] = []
+    failures = 0
+    stop_at = time.perf_counter() + warmup + seconds
+    measure_from = time.perf_counter() + warmup
+    counter = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal failures, counter
+        while time.perf_counter() < stop_at:
+            counter += 1
+            t0 = time.perf_counter()
+            r = await client.post(url, json={"n": n, "seed": counter})
+            t1 = time.perf_counter()
+            if r.status_code != 200:
+                failures += 1
+            elif t0 >= measure_from:
+                latencies.append(t1 - t0)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"rps": len(latencies) / seconds, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3, "failures": failures,
+            "requests": len(latencies)}
+
+
+def wait_ready(url: str, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fashion-mnist-vae")
+    parser.add_argument("--sizes", default="1,64", help="images per request")
+    parser.add_argument("--concurrency", default="1,16,32,64")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from genmodels import registry
+    from genmodels.config import get_settings
+    from genmodels.distributed import ensure_ray
+    from serving.app import build_app
+
+    registry.configure(None, get_settings().default_tracking_uri)
+    champion = registry.champion(args.model)
+    if champion is None:
+        sys.exit(f"{args.model} has no champion in {os.environ.get('MLFLOW_TRACKING_URI') or 'the default registry'}")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "model.pt"
+        checkpoint.write_bytes(registry.download_checkpoint(champion))
+
+        # Baseline first, alone on the machine (Ray not started yet).
+        port = free_port()
+        server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_torch_eager_server.py")),
+                                   "--checkpoint", str(checkpoint), "--model", args.model, "--port", str(port)])
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/healthz")
+            for n in sizes:
+                for c in levels:
+                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/models/{args.model}/samples", n, c,
+                                         args.seconds, args.warmup))
+                    rows.append(("torch eager, per request", n, c, r))
+                    print(rows[-1], flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+        ensure_ray()
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"models": [args.model], "reload_interval_s": 3600}), name="bench", route_prefix="/")
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/healthz")
+            for n in sizes:
+                for c in levels:
+                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/models/{args.model}/samples", n, c,
+                                         args.seconds, args.warmup))
+                    rows.append(("Ray Serve + onnxruntime, batched", n, c, r))
+                    print(rows[-1], flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    base = {(n, c): r["rps"] for name, n, c, r in rows if name.startswith("torch")}
+    print(f"\n{args.model} v{champion.version}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per level")
+    print("| server | n | concurrency | requests/s | vs baseline | p50 ms | p99 ms | failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, c, r in rows:
+        print(f"| {name} | {n} | {c} | {r['rps']:.1f} | {r['rps'] / max(base[(n, c)], 1e-9):.2f}x | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failures']} |")
+
+
+if __name__ == "__main__":
+    main()
