@@ -60,7 +60,7 @@ from genmodels.storage import Storage, open_storage
 
 __all__ = [
     "DEFAULT_SHARD_SIZE", "FORMATS", "JOB_FORMAT", "MAX_N", "MAX_SHARDS", "MAX_SHARD_SIZE", "JobCancelled",
-    "JobSpec", "ShardMismatch", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
+    "JobSpec", "ShardMismatch", "build_sampler", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
     "shard_key", "shard_plan", "verify",
 ]
 
@@ -349,7 +349,7 @@ class _ShardWriter:
     def __init__(self, spec: JobSpec, sampler_files: Mapping[str, bytes], storage: Storage,
                  intra_op_num_threads: int | None = None) -> None:
         self.spec, self.storage = spec, storage
-        self.sampler = _build_sampler(sampler_files, intra_op_num_threads)
+        self.sampler = build_sampler(sampler_files, intra_op_num_threads)
 
     def write(self, k: int, should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
         """Shard k's record and whether it was written (False: verified and skipped); None when
@@ -391,7 +391,7 @@ class _ShardWriter:
         return k, self.write(k)
 
 
-def _build_sampler(files: Mapping[str, bytes], intra_op_num_threads: int | None):
+def build_sampler(files: Mapping[str, bytes], intra_op_num_threads: int | None):
     from genmodels.sampling import OnnxSampler
 
     if not files:

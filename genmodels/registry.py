@@ -378,3 +378,22 @@ def served_models(alias: str = CHAMPION) -> list[str]:
     from mlflow import MlflowClient
 
     return sorted(m.name for m in MlflowClient().search_registered_models() if alias in (m.aliases or {}))
+
+
+def sampler_files(name: str, alias: str = CHAMPION) -> tuple[str, dict[str, bytes]]:
+    """``(version, {file name: bytes})``: the ONNX graphs of ``models:/<name>@<alias>``, resolved
+    once, as :func:`genmodels.bulk.run_job` takes them (bulk jobs from the CLI flow and from serving).
+
+    ``LookupError`` when no version of ``name`` holds ``alias`` (also when ``name`` is unknown)."""
+    import mlflow
+
+    mv = version_by_alias(name, alias)
+    if mv is None:
+        raise LookupError(f"no version of model {name!r} has the alias {alias!r}")
+    with tempfile.TemporaryDirectory(prefix=f"genmodels-{name}-v{mv.version}-") as tmp:
+        # By explicit version, not by alias: the alias may move between the lookup and the download.
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp))
+        files = {p.name: p.read_bytes() for p in sorted((local / "artifacts").glob("*.onnx"))}
+    if not files:
+        raise LookupError(f"model {name!r} v{mv.version} holds no ONNX graphs under artifacts/")
+    return str(mv.version), files

@@ -9,9 +9,7 @@ version differs and the resume is refused rather than mixing two models' samples
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -24,15 +22,13 @@ from pipelines.tasks import TRANSIENT_RETRIES
 
 @task(name="resolve_model", cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def resolve_model(model: str, alias: str) -> dict[str, Any]:
-    """The version holding ``alias`` and its ONNX graphs' bytes (checked loadable)."""
+    """The version holding ``alias`` and its ONNX graphs' bytes (``run_job`` loads them first thing)."""
     from genmodels import registry
 
     registry.configure(None, get_settings().default_tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="genmodels-generate-") as tmp:
-        loaded = registry.load_sampler(model, alias, directory=tmp)
-        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).rglob("*.onnx"))}
-    get_run_logger().info("%s@%s is version %s (%s)", model, alias, loaded.version, loaded.sampler.family)
-    return {"name": model, "version": loaded.version, "files": files}
+    version, files = registry.sampler_files(model, alias)
+    get_run_logger().info("%s@%s is version %s (%s)", model, alias, version, ", ".join(sorted(files)))
+    return {"name": model, "version": version, "files": files}
 
 
 # Inputs hold the graphs' bytes and callables: nothing worth hashing for a cache key.

@@ -11,17 +11,23 @@ from __future__ import annotations
 import base64
 import hmac
 import math
+import pathlib
 import secrets
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from genmodels.noise import MAX_SEED
+
+#: The web playground (GET /), shipped as package data (pyproject: ``serving = ["static/*.html"]``).
+PLAYGROUND = pathlib.Path(__file__).with_name("static") / "playground.html"
+#: The page's auth flag; the server flips it to "bearer" when an API key guards /v1.
+_AUTH_FLAG = 'data-auth="none"'
 
 MAX_SAMPLES = 256
 MAX_STEPS = 64
@@ -199,6 +205,19 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         await backend.describe()
         return {"status": "ok"}
 
+    playground = playground_html(auth=bool(api_key))
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        """The web playground. Open without a key: it holds no data, and the API calls it makes
+        carry the key the user types."""
+        return HTMLResponse(playground, headers={
+            "Cache-Control": "no-cache",
+            # Everything the page needs is inline or on this origin (grids as blob:, frames as data:).
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                       "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff"})
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @v1.get("/models", response_model=list[ModelInfo], tags=["models"])
@@ -247,12 +266,27 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         return error_response(501, "not_implemented", "analogies need an exported CVAE encoder graph, "
                                                       "which genmodels.export does not produce yet")
 
-    # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py) get their own router, included here:
-    #   v1.include_router(jobs_router)   (same auth dependency, same error format)
+    # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py): same auth dependency, same error format.
+    from serving.jobs import jobs_router
+
+    v1.include_router(jobs_router(backend))
 
     api.include_router(v1)
     api.add_middleware(BodyLimit, limit=int(max_body_bytes))
     return api
+
+
+def playground_html(auth: bool) -> str:
+    """The playground page, flagged to ask for an API key when ``auth``."""
+    try:
+        html = PLAYGROUND.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the web playground {PLAYGROUND} is missing: the serving package was installed "
+                                "without its package data (pyproject: [tool.setuptools.package-data] "
+                                'serving = ["static/*.html"])') from None
+    if html.count(_AUTH_FLAG) != 1:
+        raise ValueError(f"{PLAYGROUND} must carry exactly one {_AUTH_FLAG} (the server's auth flag)")
+    return html.replace(_AUTH_FLAG, 'data-auth="bearer"') if auth else html
 
 
 class _Answered(Exception):

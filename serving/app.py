@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_wait_timeout_s": 0.01,  # how long a batch waits for company once its first request arrived
     "api_key": None,             # None: GENMODELS_API_KEY; empty/None there too: no auth
     "max_body_bytes": 1 << 20,   # request bodies above this get 413
+    "job_workers": 2,            # Ray actors (one CPU each) writing the shards of one bulk job
 }
 
 #: Cap of rows per onnxruntime call; a batch above it is split (memory stays bounded at any batch size).
@@ -305,22 +306,30 @@ class Sampler:
 class Api:
     """The HTTP ingress: FastAPI routes of :mod:`serving.api` over the ``Sampler`` handle."""
 
-    def __init__(self, sampler, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"]) -> None:
+    def __init__(self, sampler, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"],
+                 jobs=None) -> None:
         self.sampler = sampler
+        self.jobs = jobs
         self.api_key = api_key
         self.max_body_bytes = int(max_body_bytes)
 
     def __serve_build_asgi_app__(self):
         from serving.api import create_api
 
-        return create_api(HandleBackend(self.sampler), api_key=self.api_key, max_body_bytes=self.max_body_bytes)
+        return create_api(HandleBackend(self.sampler, self.jobs), api_key=self.api_key, max_body_bytes=self.max_body_bytes)
 
 
 class HandleBackend:
-    """What :func:`serving.api.create_api` calls, over a ``Sampler`` deployment handle."""
+    """What :func:`serving.api.create_api` calls, over a ``Sampler`` deployment handle (and the
+    ``Jobs`` one: without it, the bulk job methods are absent and ``/v1/jobs`` answers 501)."""
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle, jobs=None) -> None:
         self.handle = handle
+        if jobs is not None:
+            self.jobs = jobs
+            self.submit_job = lambda request: jobs.submit.remote(request)
+            self.job_status = lambda job_id: jobs.get.remote(job_id)
+            self.cancel_job = lambda job_id: jobs.cancel.remote(job_id)
 
     async def describe(self) -> list[dict[str, Any]]:
         return await self.handle.describe.remote()
@@ -352,7 +361,7 @@ def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in ("reload_interval_s", "batch_wait_timeout_s"):
         if float(out[key]) < 0:
             raise ValueError(f"{key} must be >= 0, got {out[key]}")
-    for key in ("max_batch_size", "max_body_bytes"):
+    for key in ("max_batch_size", "max_body_bytes", "job_workers"):
         if int(out[key]) < 1:
             raise ValueError(f"{key} must be >= 1, got {out[key]}")
     return out
@@ -364,4 +373,7 @@ def build_app(args: Mapping[str, Any] | None = None):
     sampler = Sampler.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"],
                            reload_interval_s=a["reload_interval_s"], max_batch_size=a["max_batch_size"],
                            batch_wait_timeout_s=a["batch_wait_timeout_s"])
-    return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"])
+    from serving.jobs import Jobs
+
+    jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"])
+    return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)

@@ -298,7 +298,7 @@ def test_config_yaml_is_a_valid_serve_config_for_build_app():
     (app,) = config.applications
     assert (app.import_path, app.route_prefix) == ("serving.app:build_app", "/")
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"Sampler", "Api"}
+    assert set(deployments) == {"Sampler", "Api", "Jobs"}
     assert deployments["Sampler"].max_ongoing_requests >= 4 * app.args["max_batch_size"]
     assert deployments["Sampler"].autoscaling_config["max_replicas"] > 1
     assert set(app.args) <= set(DEFAULTS)
