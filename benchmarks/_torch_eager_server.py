@@ -8,6 +8,13 @@ import argparse
 import base64
 import threading
 
+from pydantic import BaseModel
+
+
+class Body(BaseModel):  # module level: FastAPI resolves the (string) annotation of the route here
+    n: int = 1
+    seed: int = 0
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -19,7 +26,6 @@ def main() -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     from genmodels.models import model_from_checkpoint
     from serving.api import image_png
@@ -27,10 +33,6 @@ def main() -> None:
     model = model_from_checkpoint(args.checkpoint).eval()
     lock = threading.Lock()  # torch eager, one request at a time: the naive server
     app = FastAPI()
-
-    class Body(BaseModel):
-        n: int = 1
-        seed: int = 0
 
     @app.get("/healthz")
     def healthz():

@@ -56,8 +56,10 @@ async def load(url: str, n: int, concurrency: int, seconds: float, warmup: float
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    if len(latencies) < 2:
+        raise RuntimeError(f"{url}: {len(latencies)} successful requests, {failures} failed; is the server healthy?")
     latencies.sort()
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    q = statistics.quantiles(latencies, n=100)
     return {"rps": len(latencies) / seconds, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3, "failures": failures,
             "requests": len(latencies)}
 
