@@ -1,0 +1,132 @@
+"""`genmodels retrain | schedule | generate`: the commands over the Prefect flows. Imported by
+``genmodels.cli`` through the ``genmodels.cli`` entry point; registers on its ``app``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from genmodels.cli import (
+    DatasetOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, app, console, friendly_errors, train_overrides,
+)
+from genmodels.config import get_settings
+from genmodels.models import parse_families
+
+WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray Train workers (DDP).")]
+
+
+@app.command("retrain")
+@friendly_errors
+def retrain_cmd(
+    family: Annotated[str, typer.Option("--family", "-f", help="Comma list or 'all'.")] = "all",
+    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
+    quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = 1,
+    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
+    max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
+    if_no_champion: Annotated[bool, typer.Option("--if-no-champion", help="Skip families that already have a "
+                                                 "champion.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the runs' checkpoints and start over.")] = False,
+) -> None:
+    """The retrain pipeline (Prefect flow): prepare data, train on Ray, evaluate, export ONNX,
+    register in MLflow, promote champions. Embedded defaults unless RAY_ADDRESS, PREFECT_API_URL,
+    MLFLOW_TRACKING_URI, GENMODELS_STORAGE point elsewhere."""
+    from pipelines.flows import RetrainFailed, check_plan, retrain
+
+    names = parse_families(family)
+    storage_url = out or get_settings().storage_url
+    check_plan(names, preset, workers, storage_url)  # fail fast, before Prefect and Ray start
+    overrides = train_overrides(epochs, None, max_train_examples, None)
+    try:
+        outcomes = retrain(families=",".join(names), dataset=dataset, preset=preset, workers=workers, source=source,
+                           quantization=quantization, seed=seed, if_no_champion=if_no_champion, fresh=fresh,
+                           overrides=overrides or None, storage=storage_url)
+    except RetrainFailed as exc:
+        _print_outcomes(exc.outcomes)
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=1) from None
+    if not outcomes:
+        console.print("every family asked for already has a champion: nothing to retrain")
+    _print_outcomes(outcomes)
+
+
+def _print_outcomes(outcomes: dict) -> None:
+    from rich.table import Table
+
+    if not outcomes:
+        return
+    table = Table("model", "version", "gate metric", "alias", "why")
+    table.columns[0].no_wrap = True
+    for o in outcomes.values():
+        reg, promo = o["registered"], o["promotion"]
+        table.add_row(reg["name"], str(reg["version"]) + ("" if reg["created"] else " (existing)"),
+                      f"{reg['gate_metric']} {reg['gate_value']:.4f}", promo["alias"], promo["reason"])
+    Console().print(table)
+
+
+@app.command("schedule")
+@friendly_errors
+def schedule_cmd(
+    cron: Annotated[str, typer.Option("--cron", help="Cron expression, e.g. '0 3 * * *' (daily at 03:00).")],
+    family: Annotated[str, typer.Option("--family", "-f", help="Comma list or 'all'.")] = "all",
+    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", workers: WorkersOpt = 1,
+    timezone: Annotated[str, typer.Option(help="Timezone of the cron schedule.")] = "UTC",
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
+) -> None:
+    """Serve the retrain deployment on a cron schedule against a Prefect server (blocks; runs
+    each scheduled retrain in this process). Needs PREFECT_API_URL: schedules cannot live in
+    Prefect's ephemeral server."""
+    import os
+
+    from prefect import serve
+
+    from pipelines.flows import deployment
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("schedules need a Prefect server: start one with `prefect server start` and set "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    names = parse_families(family)
+    params = {"families": ",".join(names), "dataset": dataset, "preset": preset, "workers": workers}
+    to_serve = deployment(name, cron, params, timezone=timezone)
+    console.print(f"serving retrain/{name} ({cron} {timezone}) for {', '.join(names)}; Ctrl-C stops")
+    serve(to_serve)
+
+
+@app.command("generate")
+@friendly_errors
+def generate_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model, e.g. fashion-mnist-vae.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples (1..100000000).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output prefix: s3://bucket/prefix or file:///abs/dir.")],
+    seed: Annotated[int, typer.Option("--seed", help="Sample i of a seed is the same image in every run.")] = 0,
+    label: Annotated[Optional[list[int]], typer.Option("--label", help="Class label (conditional models); "
+                                                       "repeat it to cycle: sample i gets label i mod count.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard object.")] = 10_000,
+    fmt: Annotated[str, typer.Option("--format", help="npz | png (webdataset-style tar).")] = "npz",
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray actors writing shards.")] = 1,
+    alias: Annotated[str, typer.Option("--alias", help="Registry alias to sample from.")] = "champion",
+    ray: Annotated[bool, typer.Option("--ray/--no-ray", help="Write shards on Ray (default) or in this "
+                                      "process (small jobs).")] = True,
+) -> None:
+    """Bulk generation (Prefect flow): n samples of a registered model written as shards plus
+    manifest.json. Re-running the same command resumes an interrupted job."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from genmodels.bulk import JobSpec
+    from pipelines.generate import generate
+
+    labels = None if not label else (label[0] if len(label) == 1 else list(label))
+    # Bad input fails here, before Prefect, MLflow and Ray start (the version is resolved later).
+    JobSpec(model=model, version="?", n=n, output=out, seed=seed, labels=labels, temperature=temperature,
+            shard_size=shard_size, format=fmt)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(f"{model} -> {out}", total=n)
+        manifest = generate(model=model, n=n, out=out, seed=seed, labels=labels, temperature=temperature,
+                            shard_size=shard_size, format=fmt, workers=workers, alias=alias, use_ray=ray,
+                            on_progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    totals = manifest["totals"]
+    console.print(f"{totals['samples']} samples of {model} v{manifest['model']['version']} in {totals['shards']} "
+                  f"shards ({totals['bytes']} bytes) -> {out.rstrip('/')}/manifest.json")

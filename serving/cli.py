@@ -1,0 +1,63 @@
+"""`genmodels serve`: the online API on the registry's champions. Imported by ``genmodels.cli``
+through the ``genmodels.cli`` entry point; registers on its ``app``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from genmodels.cli import app, console, friendly_errors
+from genmodels.config import get_settings
+
+
+@app.command("serve")
+@friendly_errors
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="HTTP host of the Serve proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the Serve proxy.")] = 8000,
+    models: Annotated[Optional[str], typer.Option("--models", help="Comma list of registered models "
+                                                  "(default: every model with a champion).")] = None,
+    reload_interval: Annotated[float, typer.Option("--reload-interval", min=0.1, help="Seconds between checks "
+                                                   "of the champion alias (hot reload).")] = 10.0,
+) -> None:
+    """The online sampling API (Ray Serve) on the champions of the MLflow registry; blocks until
+    Ctrl-C. Local Ray unless RAY_ADDRESS; MLFLOW_TRACKING_URI as for retrain."""
+    import os
+    import time
+
+    from genmodels import registry
+    from genmodels.distributed import ensure_ray
+
+    # Check the registry before starting Ray: a typo or an empty registry is one clear line.
+    registry.configure(None, get_settings().default_tracking_uri)
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else registry.served_models()
+    if not names:
+        raise ValueError("no registered model has a champion yet: run `genmodels retrain` first")
+    missing = [n for n in names if registry.current_version(n) is None]
+    if missing:
+        raise ValueError(f"no champion version for {missing}; served models with one: {registry.served_models()}")
+
+    from ray import serve
+
+    from serving.app import build_app
+
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    with console.status(f"loading {', '.join(names)}"):
+        serve.run(build_app({"models": names, "reload_interval_s": reload_interval}), name="genmodels",
+                  route_prefix="/")
+    base = f"http://{host}:{port}"
+    auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if os.environ.get("GENMODELS_API_KEY") else ""
+    console.print(f"serving {', '.join(names)} at {base} (OpenAPI: {base}/docs); Ctrl-C stops\n"
+                  f"  curl{auth} {base}/v1/models\n"
+                  f"  curl{auth} -X POST {base}/v1/models/{names[0]}/samples -H 'content-type: application/json' "
+                  f"-d '{{\"n\": 4, \"seed\": 0}}'\n"
+                  f"  curl{auth} -o grid.png '{base}/v1/models/{names[0]}/grid.png?n=16&seed=0'")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        serve.shutdown()
