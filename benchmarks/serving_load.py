@@ -102,6 +102,16 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     rows = []
+
+    def measure(server: str, port: int) -> None:
+        wait_ready(f"http://127.0.0.1:{port}/healthz")
+        for n in sizes:
+            for c in levels:
+                r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/models/{args.model}/samples", n, c,
+                                     args.seconds, args.warmup))
+                rows.append((server, n, c, r))
+                print(rows[-1], flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model.pt"
         checkpoint.write_bytes(registry.download_checkpoint(champion))
@@ -111,13 +121,7 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_torch_eager_server.py")),
                                    "--checkpoint", str(checkpoint), "--model", args.model, "--port", str(port)])
         try:
-            wait_ready(f"http://127.0.0.1:{port}/healthz")
-            for n in sizes:
-                for c in levels:
-                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/models/{args.model}/samples", n, c,
-                                         args.seconds, args.warmup))
-                    rows.append(("torch eager, per request", n, c, r))
-                    print(rows[-1], flush=True)
+            measure("torch eager, per request", port)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -127,13 +131,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"models": [args.model], "reload_interval_s": 3600}), name="bench", route_prefix="/")
         try:
-            wait_ready(f"http://127.0.0.1:{port}/healthz")
-            for n in sizes:
-                for c in levels:
-                    r = asyncio.run(load(f"http://127.0.0.1:{port}/v1/models/{args.model}/samples", n, c,
-                                         args.seconds, args.warmup))
-                    rows.append(("Ray Serve + onnxruntime, batched", n, c, r))
-                    print(rows[-1], flush=True)
+            measure("Ray Serve + onnxruntime, batched", port)
         finally:
             serve.shutdown()
             ray.shutdown()
