@@ -5,6 +5,9 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
 - VAE, CVAE, GAN, mixture: ``sampler``: inputs = the noise fields of ``model.noise_spec()``
   (float32 [batch, *shape], sorted by name), ``labels`` (int64 [batch], conditional models
   only), ``temperature`` (float32 scalar); output ``images`` [batch, C, H, W].
+- CVAE also: ``analogies``: inputs ``x`` (float32 [batch, C, H, W], on the quantization grid)
+  and ``labels`` (int64 [batch]); output ``images`` [batch, num_classes, C, H, W]: each image's
+  posterior mean decoded with every class label (``CVAE.analogies``).
 - PixelRNN: its step graphs, which a runtime drives pixel by pixel exactly as
   ``PixelRNN.sample_cached`` does (:class:`genmodels.sampling.OnnxPixelRNNSampler`): ``pixel_step``,
   ``row_step`` (Diagonal BiLSTM only) and ``conditioning`` (class-conditional only: labels ->
@@ -64,6 +67,17 @@ class _Sampler(nn.Module):
         rest = args[len(self.fields):]
         labels = rest[0] if self.model.conditional else None
         return self.model.sample_from_noise(noise, labels, rest[-1])
+
+
+class _Analogies(nn.Module):
+    """``CVAE._analogies``: the export path, without the label value checks of ``analogies``."""
+
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model._analogies(x, labels)
 
 
 class _Likelihood(nn.Module):
@@ -231,6 +245,9 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
         names.append("temperature")
         dyn = tuple([{0: batch}] * (len(args) - 1) + [None])
         graphs["sampler"] = (_Sampler(model, fields), tuple(args), names, ["images"], (dyn,))
+        if model.family == "cvae":
+            graphs["analogies"] = (_Analogies(model), (x_example, labels), ["x", "labels"], ["images"],
+                                   ({0: batch}, {0: batch}))
 
     paths = _graph_paths(path_or_dir, list(graphs))
     written = []
@@ -253,7 +270,9 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
     Samplers on the quantization grid are compared level by level: PixelRNN exactly; an 8-bit
     mixture may differ by exactly one grey level (floor at a bin boundary can round either way
     across runtimes), nothing more. Continuous outputs and likelihoods must agree within
-    ``atol`` (likelihoods relative to their magnitude: they are sums over all pixels).
+    ``atol`` (likelihoods relative to their magnitude: they are sums over all pixels). A CVAE's
+    ``analogies`` graph (required) is compared with ``model.analogies`` within ``atol`` on the
+    sampled images rounded to the grid.
     """
     import onnx
 
@@ -271,6 +290,9 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
         raise ExportParityError(f"{family}: the files are not one model's complete graphs: {exc}") from exc
     if runtime.family != family:
         raise ExportParityError(f"{family}: the files are {runtime.family} graphs")
+    if family == "cvae" and not runtime.has_analogies:
+        # The runtime loads a CVAE without it (older exports), but a fresh export always writes it.
+        raise ExportParityError(f"{family}: the files lack the 'analogies' graph (found {runtime.graphs})")
     model = model.eval()
     img = model.image
     spec = model.noise_spec()
@@ -294,6 +316,11 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
             have = runtime.log_likelihood(x.numpy())
             tol = atol * max(1.0, float(np.abs(want).max(initial=0.0)))
             _compare_close(family, "likelihood", n, want, have, tol)
+        if runtime.has_analogies:
+            # Real images are on the grid, and so is what the runtime feeds the graph.
+            x = model.from_levels(model.to_levels(expected.float()))
+            want = model.analogies(x, labels).numpy()
+            _compare_close(family, "analogies", n, want, runtime.analogies(x.numpy(), labels.numpy()), atol)
 
 
 def _compare_close(family: str, graph: str, n: int, want: np.ndarray, have: np.ndarray, atol: float) -> None:

@@ -8,6 +8,7 @@ whatever the batching: online, in a batch of other requests, or in one shard of 
 
 Families with a ``sampler`` graph run it once; the PixelRNN's step graphs are driven pixel by
 pixel by :class:`OnnxPixelRNNSampler`, exactly as ``PixelRNN.sample_cached`` does in torch.
+A CVAE's ``analogies`` graph (when exported) renders given images' style in every class.
 
 This module imports neither torch models nor :mod:`genmodels.export` (which imports it), and
 needs the ``onnx`` package only for :func:`read_metadata`: a serving image needs onnxruntime.
@@ -310,6 +311,10 @@ class OnnxSampler:
         return "likelihood" in self._sessions
 
     @property
+    def has_analogies(self) -> bool:
+        return "analogies" in self._sessions
+
+    @property
     def graphs(self) -> list[str]:
         return sorted(self._sessions)
 
@@ -396,6 +401,34 @@ class OnnxSampler:
             return np.zeros(0, np.float64)
         (logp,) = self._sessions["likelihood"].run(None, {"x": arr})
         return np.asarray(logp, dtype=np.float64)
+
+    # --- analogies ---------------------------------------------------------------------------
+    def analogies(self, x: Any, labels: Any) -> np.ndarray:
+        """float32 [n, num_classes, C, H, W]: image ``x[i]`` (of class ``labels[i]``) encoded, and
+        its posterior mean decoded with every class label in turn (``CVAE.analogies`` in torch).
+
+        ``x`` [n, C, H, W] holds values in [0, 1]; they are rounded onto the model's grid
+        k/(levels-1) first, as training images were, so that 8-bit PNG values or a binary
+        model's grey input get what the encoder saw in training. ``labels``: one int or n ints.
+        """
+        if "analogies" not in self._sessions:
+            why = ("this cvae was exported without it: export it again" if self._family == "cvae"
+                   else "style analogies need a conditional VAE (family cvae)")
+            raise NotImplementedError(f"these {self._family} graphs have no analogies graph ({why}; "
+                                      f"exported: {sorted(self._sessions)})")
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[1:] != self._image_shape:
+            raise ValueError(f"x must be [n, {', '.join(map(str, self._image_shape))}], got {arr.shape}")
+        if not (np.isfinite(arr).all() and (arr >= 0).all() and (arr <= 1).all()):
+            raise ValueError("x must hold values in [0, 1]")
+        n = arr.shape[0]
+        checked = self.check_labels(labels, n)
+        if n == 0:
+            return np.zeros((0, self._num_classes, *self._image_shape), np.float32)
+        scale = np.float32(self._levels - 1)
+        arr = np.ascontiguousarray(np.rint(arr * scale) / scale, dtype=np.float32)
+        (images,) = self._sessions["analogies"].run(["images"], {"x": arr, "labels": checked})
+        return np.asarray(images, dtype=np.float32)
 
     def __repr__(self) -> str:
         return (f"OnnxSampler(family={self._family!r}, image_shape={self._image_shape}, levels={self._levels}, "

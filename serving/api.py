@@ -1,7 +1,8 @@
 """HTTP API v1 of the online sampler (FastAPI): routes, request schemas, JSON errors.
 
 ``create_api(backend, ...)`` builds the app over any object with async ``describe()``,
-``sample(request)`` and ``interpolate(request)`` (``serving.app.HandleBackend`` in Serve).
+``sample(request)``, ``interpolate(request)`` and ``analogies(request)``
+(``serving.app.HandleBackend`` in Serve).
 A backend answers a bad request with a dict ``{status, error, detail}`` instead of raising;
 every error leaves as ``{"error": <code>, "detail": <message>}`` and bad input never as a 5xx.
 """
@@ -84,8 +85,19 @@ class InterpolateResponse(BaseModel):
 
 
 class AnalogyRequest(_Strict):
-    image: str = Field(description="base64 PNG")
-    label: Label
+    image: str = Field(description="base64 PNG of the model's size: 8-bit (or 1-bit) grey for 1-channel models, "
+                                   "8-bit RGB for 3-channel ones; values / 255 are rounded onto the model's grid.")
+    label: Label = Field(description="The class the image shows.")
+    format: Literal["png", "array"] = Field(default="png", description="png: base64 PNG per image; array: floats "
+                                                                         "in [0, 1] shaped [num_classes, C, H, W].")
+
+
+class AnalogyResponse(BaseModel):
+    model: str
+    version: str
+    label: int
+    images: list[str] | list[Any] = Field(description="One per class, in class order: the given image's style "
+                                                      "drawn as that class.")
 
 
 class ModelInfo(BaseModel):
@@ -258,13 +270,12 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
                                                 "temperature": body.temperature}))
         return {**out, "images": encode_images(out["images"], body.format)}
 
-    @v1.post("/models/{name}/analogies", tags=["sampling"], status_code=501,
-             responses={501: {"model": ErrorBody}})
+    @v1.post("/models/{name}/analogies", response_model=AnalogyResponse, tags=["sampling"])
     async def analogies(name: ModelName, body: AnalogyRequest):
-        """Not available yet: style analogies need the CVAE's encoder as an ONNX graph, which the
-        export does not produce yet."""
-        return error_response(501, "not_implemented", "analogies need an exported CVAE encoder graph, "
-                                                      "which genmodels.export does not produce yet")
+        """The style of a given image (of class ``label``) drawn as every class (CVAE only): the
+        image's posterior mean decoded with each label; image ``label`` is its reconstruction."""
+        out = answer(await backend.analogies({"model": name, "image": body.image, "label": body.label}))
+        return {**out, "images": encode_images(out["images"], body.format)}
 
     # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py): same auth dependency, same error format.
     from serving.jobs import jobs_router

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 import os
@@ -58,6 +59,51 @@ class RequestError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "error": self.error, "detail": self.detail}
+
+
+#: Pillow modes accepted for each channel count: grey images for C=1 ("1" is 1-bit grey), RGB for
+#: C=3. Alpha, palettes and 16-bit grey are refused rather than guessed at.
+_PNG_MODES = {1: ("L", "1"), 3: ("RGB",)}
+_MODE_NAMES = {"1": "1-bit grey", "L": "8-bit grey", "LA": "grey + alpha", "I;16": "16-bit grey",
+               "I": "32-bit grey", "P": "palette", "RGB": "RGB", "RGBA": "RGB + alpha"}
+
+
+def decode_png(data: str, shape: Sequence[int]) -> np.ndarray:
+    """A base64 PNG -> float32 [C, H, W] in [0, 1] (8-bit values / 255), for a model of image
+    ``shape`` (C, H, W); :class:`RequestError` 422 naming what was expected and what came."""
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = (int(v) for v in shape)
+    try:
+        # Line-wrapped base64 (as `base64` and MIME encoders write it) is still base64.
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "invalid_image", "image must be a base64-encoded PNG: it is not valid base64") from None
+    try:
+        picture = Image.open(io.BytesIO(raw), formats=["PNG"])
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(422, "invalid_image", f"image must be a base64-encoded PNG: its {len(raw)} bytes "
+                                                 "are not one") from None
+    with picture:
+        # Size and mode come from the header: checked before any pixel is decompressed.
+        if picture.size != (width, height):
+            raise RequestError(422, "invalid_image", f"image must be {width}x{height} pixels (width x height) "
+                                                     f"for this model, got {picture.size[0]}x{picture.size[1]}")
+        if picture.mode not in _PNG_MODES.get(channels, ()):
+            want = {1: "grey (8-bit or 1-bit)", 3: "RGB (8 bits per channel, no alpha)"}.get(
+                channels, f"{channels}-channel")
+            got = _MODE_NAMES.get(picture.mode, picture.mode)
+            raise RequestError(422, "invalid_image", f"image must be {want} for this model's {channels} "
+                                                     f"channel(s), got {got} (PNG mode {picture.mode!r})")
+        try:
+            pixels = np.asarray(picture.convert("L") if picture.mode == "1" else picture, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
+            raise RequestError(422, "invalid_image", f"image is a damaged PNG: {exc}") from None
+    pixels = pixels.reshape(height, width, channels).transpose(2, 0, 1)
+    return (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)
 
 
 def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -220,6 +266,25 @@ class ModelSet:
         return {"model": loaded.name, "version": loaded.version, "seed_a": request["seed_a"],
                 "seed_b": request["seed_b"], "images": images}
 
+    def analogies(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``{model, image (base64 PNG), label}`` -> the image's style drawn in every class:
+        ``{model, version, label, images}`` with images float32 [num_classes, C, H, W]."""
+        loaded = self.get(request["model"])
+        s = loaded.sampler
+        if not s.has_analogies:
+            why = ("this version was exported before CVAEs had an analogies graph: export and register it again"
+                   if s.family == "cvae" else f"the {s.family} family has none: style analogies need a "
+                                              "conditional VAE (family cvae)")
+            raise RequestError(422, "no_analogies", f"{request['model']} v{loaded.version} has no analogies "
+                                                    f"graph ({why})")
+        try:
+            labels = s.check_labels(request["label"], 1)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(422, "invalid_labels", str(exc)) from None
+        x = decode_png(request["image"], s.image_shape)
+        images = s.analogies(x[None], labels)[0]
+        return {"model": loaded.name, "version": loaded.version, "label": int(labels[0]), "images": images}
+
     # --- hot reload ---------------------------------------------------------------------------
     def poll_once(self) -> list[str]:
         """Load every model whose alias moved and swap it in; the names swapped."""
@@ -300,6 +365,12 @@ class Sampler:
         except RequestError as exc:
             return exc.to_dict()
 
+    async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(self.models.analogies, request)
+        except RequestError as exc:
+            return exc.to_dict()
+
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
@@ -339,6 +410,9 @@ class HandleBackend:
 
     async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.handle.interpolate.remote(request)
+
+    async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.handle.analogies.remote(request)
 
 
 def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:

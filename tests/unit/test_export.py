@@ -32,7 +32,7 @@ SMALL_RNN = {"num_layers": 2, "hidden_channels": 4, "head_hidden": 6}
 # case -> (family, image, config overrides, graphs expected)
 CASES = {
     "vae": ("vae", BINARY, {"latent_dim": 3, "hidden": (16,)}, {"sampler"}),
-    "cvae": ("cvae", GREY, {"latent_dim": 3, "hidden": (16,)}, {"sampler"}),
+    "cvae": ("cvae", GREY, {"latent_dim": 3, "hidden": (16,)}, {"sampler", "analogies"}),
     "gan": ("gan", BINARY, SMALL_GAN, {"sampler"}),
     "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True), {"sampler"}),
     "mixture_binary": ("mixture", BINARY, {"n_components": 3}, {"sampler"}),
@@ -187,3 +187,37 @@ def test_export_refuses_a_graph_whose_batch_axis_froze(tmp_path):
     with pytest.raises(ExportError, match=r"froze the batch axis of input\(s\) \['z'\]"):
         export_sampler(_PerRowGAN(config).eval(), tmp_path)
     assert not list(tmp_path.iterdir())  # nothing half-usable left behind
+
+
+# --- CVAE analogies graph --------------------------------------------------------------------------
+def test_cvae_analogies_graph_interface(exported):
+    _model, files = exported("cvae")
+    (path,) = [f for f in files if read_metadata(f)["graph"] == "analogies"]
+    proto = onnx.load(str(path))
+    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+    assert list(inputs) == ["x", "labels"]
+    assert inputs["x"].elem_type == onnx.TensorProto.FLOAT
+    assert inputs["labels"].elem_type == onnx.TensorProto.INT64
+    assert inputs["x"].shape.dim[0].dim_param and inputs["labels"].shape.dim[0].dim_param
+    assert [d.dim_value for d in inputs["x"].shape.dim[1:]] == [1, 8, 8]
+    (out,) = proto.graph.output
+    assert out.name == "images"
+    assert [d.dim_value for d in out.type.tensor_type.shape.dim[1:]] == [3, 1, 8, 8]  # [batch, K, C, H, W]
+    assert read_metadata(path)["family"] == "cvae"
+
+
+def test_corrupted_analogies_graph_fails_parity(exported, tmp_path):
+    model, files = exported("cvae")
+    by_graph = {read_metadata(f)["graph"]: f for f in files}
+    bad = tmp_path / "analogies.onnx"
+    _perturb_largest_initializer(by_graph["analogies"], bad, delta=1.0)
+    # The sampler graph still matches: the disagreement is the analogies graph's alone.
+    with pytest.raises(ExportParityError, match=r"cvae graph 'analogies' at batch size 1.*max abs error"):
+        check_parity(model, [by_graph["sampler"], bad])
+
+
+def test_cvae_parity_needs_the_analogies_graph(exported):
+    model, files = exported("cvae")
+    sampler_only = [f for f in files if read_metadata(f)["graph"] == "sampler"]
+    with pytest.raises(ExportParityError, match=r"cvae: the files lack the 'analogies' graph \(found \['sampler'\]\)"):
+        check_parity(model, sampler_only)

@@ -276,3 +276,55 @@ def test_an_empty_directory_is_refused(tmp_path):
         OnnxSampler.from_dir(tmp_path)
     with pytest.raises(ValueError, match="not a directory"):
         OnnxSampler.from_dir(tmp_path / "absent")
+
+
+# --- CVAE analogies ----------------------------------------------------------------------------
+def test_analogies_match_torch_on_grid_images_and_round_off_grid_ones(exported):
+    model, _directory, sampler = exported("cvae")
+    assert sampler.has_analogies and "analogies" in sampler.graphs
+    x = sampler.sample(4, 2, labels=[0, 1, 2, 0])  # continuous decoder means: off the grid
+    on_grid = np.rint(x * 255) / np.float32(255)
+    labels = np.array([2, 0, 1, 1])
+    got = sampler.analogies(x, labels)
+    assert got.dtype == np.float32 and got.shape == (4, 3, 1, 8, 8)
+    want = model.analogies(torch.from_numpy(on_grid), torch.from_numpy(labels)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    # Off-grid input is rounded exactly as the grid image: the same images, bit for bit.
+    np.testing.assert_array_equal(got, sampler.analogies(on_grid, labels))
+    # Rows are independent (row 1 alone equals row 1 of the batch) and the classes differ.
+    np.testing.assert_array_equal(sampler.analogies(x[1:2], 0), got[1:2])
+    assert np.abs(got[:, 0] - got[:, 1]).max() > 1e-4
+    assert sampler.analogies(x[:0], []).shape == (0, 3, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("x", "labels", "error", "match"),
+    [
+        (np.zeros((2, 1, 8, 7), np.float32), [0, 1], ValueError, r"x must be \[n, 1, 8, 8\], got \(2, 1, 8, 7\)"),
+        (np.zeros((1, 8, 8), np.float32), 0, ValueError, r"x must be \[n, 1, 8, 8\], got \(1, 8, 8\)"),
+        (np.full((1, 1, 8, 8), 1.5, np.float32), 0, ValueError, r"x must hold values in \[0, 1\]"),
+        (np.full((1, 1, 8, 8), np.nan, np.float32), 0, ValueError, r"x must hold values in \[0, 1\]"),
+        (np.zeros((2, 1, 8, 8), np.float32), [0, 3], ValueError, r"labels must lie in \[0, 3\), got 0\.\.3"),
+        (np.zeros((2, 1, 8, 8), np.float32), [0], ValueError, r"labels must be one int or 2 ints"),
+        (np.zeros((2, 1, 8, 8), np.float32), None, ValueError, "class-conditional: labels are required"),
+    ],
+)
+def test_bad_analogy_requests_are_refused_with_the_reason(x, labels, error, match, exported):
+    _model, _directory, sampler = exported("cvae")
+    with pytest.raises(error, match=match):
+        sampler.analogies(x, labels)
+
+
+def test_analogies_without_the_graph_say_why(exported, tmp_path):
+    _model, _directory, vae = exported("vae")
+    assert not vae.has_analogies
+    with pytest.raises(NotImplementedError, match=r"vae graphs have no analogies graph \(style analogies need a "
+                                                  r"conditional VAE"):
+        vae.analogies(np.zeros((1, 1, 8, 8), np.float32), None)
+    # A CVAE exported before the analogies graph existed still samples, and says what to do.
+    _cvae, directory, _sampler = exported("cvae")
+    shutil.copy(directory / "sampler.onnx", tmp_path / "sampler.onnx")
+    old = OnnxSampler.from_dir(tmp_path)
+    assert not old.has_analogies and old.sample(2, 0, labels=1).shape == (2, 1, 8, 8)
+    with pytest.raises(NotImplementedError, match="exported without it: export it again"):
+        old.analogies(np.zeros((1, 1, 8, 8), np.float32), 0)
