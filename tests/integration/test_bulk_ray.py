@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from s3_objects import s3_objects
 
 from genmodels import bulk
 from genmodels.export import export_sampler
@@ -43,16 +44,6 @@ def ray_cluster(s3_endpoint):
     ray.shutdown()
 
 
-def _objects(url: str) -> dict[str, bytes]:
-    import boto3
-
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    s3 = boto3.client("s3")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", [])]
-    return {k[len(prefix) + 1:]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
-
-
 def _decode_all(objects: dict[str, bytes], manifest: dict) -> dict[str, np.ndarray]:
     parts = [bulk.decode_shard(objects[r["key"]], "npz") for r in manifest["shards"]]
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -69,7 +60,7 @@ def test_two_actors_write_to_s3_what_one_process_writes_and_a_cancel_resumes(gra
     manifest = bulk.run_job(spec, files, workers=2, use_ray=True, on_progress=lambda d, t: progress.append(d))
     assert progress[0] == 0 and progress[-1] == n and len(progress) == 1 + 8
 
-    objects = _objects(spec.output)
+    objects = s3_objects(spec.output)
     assert json.loads(objects["manifest.json"]) == manifest
     assert sorted(objects) == sorted(["job.json", "manifest.json"] + [f"shards/shard-{k:05d}.{e}"
                                                                        for k in range(8) for e in ("npz", "json")])
@@ -93,10 +84,10 @@ def test_two_actors_write_to_s3_what_one_process_writes_and_a_cancel_resumes(gra
     with pytest.raises(bulk.JobCancelled):
         bulk.run_job(cut, files, workers=2, use_ray=True, on_progress=lambda d, t: seen.append(d),
                      should_stop=lambda: len(seen) > 3)
-    partial = _objects(cut.output)
+    partial = s3_objects(cut.output)
     assert "manifest.json" not in partial and 3 <= sum(k.endswith(".npz") for k in partial) < 8
     resumed = bulk.run_job(cut, files, workers=2, use_ray=True)
-    again = _objects(cut.output)
+    again = s3_objects(cut.output)
     assert {k: v for k, v in again.items() if k.startswith("shards/")} == \
            {k: v for k, v in objects.items() if k.startswith("shards/")}
     assert resumed["shards"] == manifest["shards"]

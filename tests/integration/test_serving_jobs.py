@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
+from s3_objects import s3_objects
+
 from genmodels import bulk, registry
 
 VAE, CVAE = "jobs-vae", "jobs-cvae"
@@ -112,22 +114,12 @@ def _wait(server, jid: str, timeout: float = 90.0) -> dict:
     raise AssertionError(f"job {jid} still running after {timeout} s")
 
 
-def _objects(url: str) -> dict[str, bytes]:
-    import boto3
-
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    s3 = boto3.client("s3")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", [])]
-    return {k[len(prefix) + 1:]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
-
-
 @pytest.fixture(scope="module")
 def reference(server, bucket):
     """The uninterrupted job on S3: its final status and every object read back with boto3."""
     output = f"s3://{bucket}/reference"
     status = _wait(server, _submit(server, **BIG, output=output))
-    return status, _objects(output)
+    return status, s3_objects(output)
 
 
 def test_a_job_to_s3_writes_shards_whose_checksums_match_its_manifest(reference):
@@ -160,13 +152,13 @@ def test_cancelled_then_resubmitted_job_ends_with_the_uninterrupted_bytes(server
     assert r.status_code == 202 and r.json()["cancel_requested"] is True, r.text
     cut = _wait(server, jid)
     assert cut["status"] == "cancelled" and 0 < cut["done"] < 10_000 and "manifest" not in cut, cut
-    partial = _objects(output)
+    partial = s3_objects(output)
     assert "manifest.json" not in partial and 1 <= sum(k.endswith(".tar") for k in partial) < 20
 
     assert _submit(server, **BIG, output=output) == jid  # same spec, same job: resumed
     resumed = _wait(server, jid)
     assert (resumed["status"], resumed["done"], resumed["cancel_requested"]) == ("succeeded", 10_000, False)
-    objects = _objects(output)
+    objects = s3_objects(output)
     assert {k: v for k, v in objects.items() if k.startswith("shards/")} == \
            {k: v for k, v in expected.items() if k.startswith("shards/")}
     assert resumed["manifest"]["shards"] == reference[0]["manifest"]["shards"]
@@ -190,7 +182,7 @@ def test_resubmitting_a_finished_job_verifies_it_and_rewrites_nothing_and_anothe
     # Another spec on that output (a seed apart) fails before writing anything, saying what differs.
     other = _wait(server, _submit(server, **{**BIG, "seed": 4}, output=output))
     assert other["status"] == "failed" and "holds another job" in other["error"] and "seed" in other["error"]
-    assert _objects(output) == reference[1]
+    assert s3_objects(output) == reference[1]
 
 
 def test_conditional_job_to_a_file_url_cycles_its_labels(server, tmp_path):

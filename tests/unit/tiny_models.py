@@ -1,0 +1,41 @@
+"""Tiny models of every family on 8x8 images, shared by the export and sampling-runtime tests."""
+
+from __future__ import annotations
+
+import torch
+
+from genmodels.models import build_model
+from genmodels.models.base import ImageSpec
+
+BINARY = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=3)
+GREY = ImageSpec(channels=1, height=8, width=8, levels=256, num_classes=3)
+SMALL_GAN = {"latent_dim": 4, "g_width": 4, "d_width": 4, "d_features": 8, "embed_dim": 4}
+SMALL_RNN = {"num_layers": 2, "hidden_channels": 4, "head_hidden": 6}
+# case -> (family, image, config overrides)
+CASES = {
+    "mixture_binary": ("mixture", BINARY, {"n_components": 3}),
+    "mixture_8bit": ("mixture", GREY, {"n_components": 3, "conditional": True}),
+    "vae": ("vae", BINARY, {"latent_dim": 3, "hidden": (16,)}),
+    "cvae": ("cvae", GREY, {"latent_dim": 3, "hidden": (16,)}),
+    "gan": ("gan", BINARY, SMALL_GAN),
+    "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True)),
+    "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row")),
+    "pixelrnn_diagonal": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="diagonal", conditional=True)),
+}
+
+
+def make_model(case: str):
+    family, image, overrides = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(family, image, **overrides)
+    if family == "mixture":
+        # Fit the mixture to random images so components differ (fresh ones are all alike).
+        gen = torch.Generator().manual_seed(1)
+        levels = torch.randint(0, image.levels, (40, *image.shape), generator=gen)
+        y = torch.arange(40) % image.num_classes if model.conditional else None
+        model.em_initialize(model.from_levels(levels), seed=0, y=y)
+    if family == "pixelrnn" and model.conditional:
+        with torch.no_grad():  # zero-initialized class biases would make conditioning vacuous
+            model.gate_class_bias.normal_()
+            model.head_class_bias.normal_()
+    return model.eval()
