@@ -14,7 +14,7 @@ import hmac
 import math
 import pathlib
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
 from genmodels.noise import MAX_SEED
+from serving.observability import Observe, RequestLog
 
 #: The web playground (GET /), shipped as package data (pyproject: ``serving = ["static/*.html"]``).
 PLAYGROUND = pathlib.Path(__file__).with_name("static") / "playground.html"
@@ -121,15 +122,17 @@ def error_response(status: int, error: str, detail: Any, headers: dict[str, str]
 
 def image_png(image: np.ndarray) -> bytes:
     """One image [C, H, W] in [0, 1] as a PNG at its own size (no upscaling, no border)."""
-    from genmodels.evaluation.pictures import grid_png
+    from genmodels.evaluation.pictures import image_pngs
 
-    return grid_png(image[None], nrow=1, scale=1, padding=0)
+    return image_pngs(image[None])[0]
 
 
 def encode_images(images: np.ndarray, fmt: str) -> list:
     if fmt == "array":
         return images.astype(np.float64).tolist()
-    return [base64.b64encode(image_png(im)).decode("ascii") for im in images]
+    from genmodels.evaluation.pictures import image_pngs
+
+    return [base64.b64encode(png).decode("ascii") for png in image_pngs(images)]
 
 
 class BodyLimit:
@@ -160,7 +163,10 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               request_log: Callable[[dict[str, Any]], None] | None = None) -> FastAPI:
+    """The app over ``backend``; ``request_log`` gets one record per request (default: a
+    :class:`serving.observability.RequestLog` without metrics)."""
     api = FastAPI(title="genmodels sampling API", version="1",
                   description="Online sampling from the champion version of each registered generative model. "
                               "Same model version, seed, labels and temperature -> the same images, whether "
@@ -236,45 +242,54 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
     async def list_models():
         return await backend.describe()
 
-    async def sample(name: str, n: int, seed: int | None, labels, temperature: float) -> dict[str, Any]:
+    def observed(request: Request, out: dict[str, Any], n: int) -> dict[str, Any]:
+        # Read by the request log: which model version answered, with how many images.
+        request.state.observed = {"model": out["model"], "version": out["version"], "n": n}
+        return out
+
+    async def sample(request: Request, name: str, n: int, seed: int | None, labels,
+                     temperature: float) -> dict[str, Any]:
         seed = secrets.randbelow(RANDOM_SEED_BOUND) if seed is None else seed
-        return answer(await backend.sample({"model": name, "n": n, "seed": seed, "labels": labels,
-                                            "temperature": temperature}))
+        out = answer(await backend.sample({"model": name, "n": n, "seed": seed, "labels": labels,
+                                           "temperature": temperature}))
+        return observed(request, out, n)
 
     @v1.post("/models/{name}/samples", response_model=SampleResponse, tags=["sampling"])
-    async def samples(name: ModelName, body: SampleRequest):
+    async def samples(request: Request, name: ModelName, body: SampleRequest):
         """n images of the model's current version; the same seed gives the same images."""
-        out = await sample(name, body.n, body.seed, body.labels, body.temperature)
+        out = await sample(request, name, body.n, body.seed, body.labels, body.temperature)
         return {**out, "images": encode_images(out["images"], body.format)}
 
     @v1.get("/models/{name}/grid.png", response_class=Response, tags=["sampling"],
             responses={200: {"content": {"image/png": {}}}})
-    async def grid(name: ModelName, n: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 16,
+    async def grid(request: Request, name: ModelName, n: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 16,
                    seed: Annotated[int | None, Query(ge=0, le=MAX_SEED)] = None,
                    label: Annotated[int | None, Query(ge=0)] = None,
                    temperature: Annotated[float, Query(gt=0, le=100, allow_inf_nan=False)] = 1.0):
         """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
         from genmodels.evaluation.pictures import grid_png
 
-        out = await sample(name, n, seed, label, temperature)
+        out = await sample(request, name, n, seed, label, temperature)
         png = grid_png(out["images"], nrow=max(1, math.ceil(math.sqrt(n))))
         return Response(png, media_type="image/png",
                         headers={"X-Model-Version": out["version"], "X-Seed": str(out["seed"])})
 
     @v1.post("/models/{name}/interpolate", response_model=InterpolateResponse, tags=["sampling"])
-    async def interpolate(name: ModelName, body: InterpolateRequest):
+    async def interpolate(request: Request, name: ModelName, body: InterpolateRequest):
         """steps images along the slerp between seed_a's and seed_b's latent points (VAE, CVAE, GAN);
         the ends are the first sample of seed_a and of seed_b."""
         out = answer(await backend.interpolate({"model": name, "seed_a": body.seed_a, "seed_b": body.seed_b,
                                                 "steps": body.steps, "label": body.label,
                                                 "temperature": body.temperature}))
+        observed(request, out, body.steps)
         return {**out, "images": encode_images(out["images"], body.format)}
 
     @v1.post("/models/{name}/analogies", response_model=AnalogyResponse, tags=["sampling"])
-    async def analogies(name: ModelName, body: AnalogyRequest):
+    async def analogies(request: Request, name: ModelName, body: AnalogyRequest):
         """The style of a given image (of class ``label``) drawn as every class (CVAE only): the
         image's posterior mean decoded with each label; image ``label`` is its reconstruction."""
         out = answer(await backend.analogies({"model": name, "image": body.image, "label": body.label}))
+        observed(request, out, len(out["images"]))
         return {**out, "images": encode_images(out["images"], body.format)}
 
     # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py): same auth dependency, same error format.
@@ -284,6 +299,8 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
 
     api.include_router(v1)
     api.add_middleware(BodyLimit, limit=int(max_body_bytes))
+    # Added last, so outermost: it also times (and logs) what BodyLimit refuses.
+    api.add_middleware(Observe, sink=request_log or RequestLog())
     return api
 
 

@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "tracking_uri": None,        # None: MLFLOW_TRACKING_URI, else the embedded sqlite default
     "reload_interval_s": 10.0,   # how often each sampler replica polls the alias
     "max_batch_size": 32,        # requests merged into one onnxruntime call, at most
-    "batch_wait_timeout_s": 0.01,  # how long a batch waits for company once its first request arrived
+    "batch_wait_timeout_s": 0.002,  # how long a batch waits for company once its first request arrived
+    "sampler_threads": 1,        # onnxruntime intra-op threads per Sampler replica (it reserves num_cpus=1)
     "api_key": None,             # None: GENMODELS_API_KEY; empty/None there too: no auth
     "max_body_bytes": 1 << 20,   # request bodies above this get 413
     "job_workers": 2,            # Ray actors (one CPU each) writing the shards of one bulk job
@@ -318,8 +319,11 @@ class Sampler:
     """Every served model in one replica; batches sample requests; polls the alias to reload."""
 
     def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
-                 reload_interval_s: float = 10.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01) -> None:
-        self.models = ModelSet(models, alias, tracking_uri)
+                 reload_interval_s: float = 10.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002,
+                 sampler_threads: int | None = 1) -> None:
+        # One intra-op thread per reserved CPU: a pool sized to the machine spins on cores that the
+        # proxy, the ingress and the other replicas need.
+        self.models = ModelSet(models, alias, tracking_uri, intra_op_num_threads=sampler_threads)
         self._batched.set_max_batch_size(int(max_batch_size))
         self._batched.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self._stop = threading.Event()
@@ -353,7 +357,7 @@ class Sampler:
         item = await self._batched(item)
         return {"model": item.loaded.name, "version": item.loaded.version, "seed": item.seed, "images": item.images}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _batched(self, items: list[SampleItem]) -> list[SampleItem]:
         # In a worker thread: the event loop keeps collecting the next batch meanwhile.
         await asyncio.to_thread(self.models.run_batch, items)
@@ -387,7 +391,10 @@ class Api:
     def __serve_build_asgi_app__(self):
         from serving.api import create_api
 
-        return create_api(HandleBackend(self.sampler, self.jobs), api_key=self.api_key, max_body_bytes=self.max_body_bytes)
+        from serving.observability import RequestLog
+
+        return create_api(HandleBackend(self.sampler, self.jobs), api_key=self.api_key,
+                          max_body_bytes=self.max_body_bytes, request_log=RequestLog(metrics=True))
 
 
 class HandleBackend:
@@ -435,7 +442,7 @@ def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in ("reload_interval_s", "batch_wait_timeout_s"):
         if float(out[key]) < 0:
             raise ValueError(f"{key} must be >= 0, got {out[key]}")
-    for key in ("max_batch_size", "max_body_bytes", "job_workers"):
+    for key in ("max_batch_size", "max_body_bytes", "job_workers", "sampler_threads"):
         if int(out[key]) < 1:
             raise ValueError(f"{key} must be >= 1, got {out[key]}")
     return out
@@ -446,7 +453,7 @@ def build_app(args: Mapping[str, Any] | None = None):
     a = resolve_args(args)
     sampler = Sampler.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"],
                            reload_interval_s=a["reload_interval_s"], max_batch_size=a["max_batch_size"],
-                           batch_wait_timeout_s=a["batch_wait_timeout_s"])
+                           batch_wait_timeout_s=a["batch_wait_timeout_s"], sampler_threads=a["sampler_threads"])
     from serving.jobs import Jobs
 
     jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"])

@@ -101,12 +101,17 @@ def server(trained):
 
     from genmodels.distributed import ensure_ray
 
-    ensure_ray(num_cpus=4)  # logical CPUs: the Sampler replica reserves one
+    metrics_port = _free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray's processes read it at start: metrics reach the Prometheus endpoint within a second.
+        mp.setenv("RAY_metrics_report_interval_ms", "500")
+        ensure_ray(num_cpus=4, metrics_export_port=metrics_port)  # logical CPUs: the Sampler replica reserves one
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         _deploy(trained)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            client.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             yield client
     finally:
         serve.shutdown()
@@ -287,6 +292,58 @@ def test_non_json_400_and_oversized_body_413(server):
     assert (text.status_code, text.json()["error"]) == (400, "invalid_json")
     big = server.post(path, json={"n": 1, "labels": [0] * 5000})  # over the test's 4096-byte limit
     assert (big.status_code, big.json()["error"]) == (413, "payload_too_large")
+
+
+def _metric(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none yet)."""
+    text = httpx.get(metrics_url, timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _settled(read, timeout: float = 30.0) -> float:
+    """A metric's value once two reads a report interval apart agree (earlier traffic has landed)."""
+    deadline, last = time.monotonic() + timeout, read()
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"metric still moving after {timeout} s: {last}")
+
+
+def test_prometheus_metrics_and_request_logs_name_model_version_and_n(server):
+    from ray._private.worker import global_worker
+
+    images = lambda: _metric(server.metrics_url, "ray_genmodels_images_total", model=CVAE, version="1")  # noqa: E731
+    not_found = lambda: _metric(server.metrics_url, "ray_genmodels_http_requests_total",  # noqa: E731
+                                route="/v1/models/{name}/samples", status="404")
+    images_before, not_found_before = _settled(images), _settled(not_found)
+    for seed in range(3):
+        _samples(server, CVAE, n=5, seed=seed)
+    assert server.post("/v1/models/nope/samples", json={"n": 1}).status_code == 404
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (images() < images_before + 15 or not_found() < not_found_before + 1):
+        time.sleep(0.5)
+    assert images() == images_before + 15
+    assert not_found() == not_found_before + 1
+    assert _metric(server.metrics_url, "ray_genmodels_http_request_latency_ms_count",
+                   route="/v1/models/{name}/samples", status="200") >= 3
+    assert _metric(server.metrics_url, "ray_serve_num_http_requests_total") > 0  # Serve's own, same endpoint
+
+    # The ingress replica's log file has one line per request with model, version and n.
+    logs = Path(global_worker.node.get_session_dir_path()) / "logs" / "serve"
+    deadline, lines = time.monotonic() + 10, []
+    while time.monotonic() < deadline and len(lines) < 3:
+        lines = [line for f in logs.glob("replica_genmodels_Api_*.log") for line in f.read_text().splitlines()
+                 if "route=/v1/models/{name}/samples status=200" in line and f"model={CVAE} version=1 n=5" in line]
+        time.sleep(0.5)
+    assert len(lines) >= 3
 
 
 def test_config_yaml_is_a_valid_serve_config_for_build_app():

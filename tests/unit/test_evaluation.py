@@ -32,6 +32,7 @@ from genmodels.evaluation import (
     frechet_distance,
     generate,
     grid_png,
+    image_pngs,
     interpolate,
     interpolation_png,
     kid,
@@ -534,6 +535,20 @@ def test_grid_png_rejects_what_it_cannot_draw():
         grid_png(torch.full((1, 1, 4, 4), float("nan")))
     with pytest.raises(ValueError, match="non-empty"):
         grid_png(torch.rand(0, 1, 4, 4))
+
+
+def test_image_pngs_are_the_bytes_of_one_image_grids():
+    # Values on and around rounding edges, outside [0, 1], grey and RGB.
+    grey = torch.rand(6, 1, 5, 7)
+    grey[0, 0, 0, :4] = torch.tensor([-0.5, 1.5, 0.5 / 255, 2.5 / 255])
+    for images in (grey, torch.rand(3, 3, 4, 4)):
+        assert image_pngs(images) == [grid_png(images[i : i + 1], nrow=1, scale=1, padding=0)
+                                      for i in range(len(images))]
+        assert image_pngs(images.numpy()) == image_pngs(images)
+    with pytest.raises(ValueError, match="NaN"):
+        image_pngs(torch.full((1, 1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\) channels"):
+        image_pngs(torch.rand(1, 2, 2, 2))
 
 
 def test_slerp_endpoints_and_constant_norm():
