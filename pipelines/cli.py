@@ -1,5 +1,6 @@
-"""`genmodels retrain | schedule | generate`: the commands over the Prefect flows. Imported by
-``genmodels.cli`` through the ``genmodels.cli`` entry point; registers on its ``app``."""
+"""`genmodels retrain | schedule | generate | status`: the commands over the Prefect flows (status
+only reads their records). Imported by ``genmodels.cli`` through the ``genmodels.cli`` entry
+point; registers on its ``app``."""
 
 from __future__ import annotations
 
@@ -130,3 +131,84 @@ def generate_cmd(
     totals = manifest["totals"]
     console.print(f"{totals['samples']} samples of {model} v{manifest['model']['version']} in {totals['shards']} "
                   f"shards ({totals['bytes']} bytes) -> {out.rstrip('/')}/manifest.json")
+
+
+@app.command("status")
+@friendly_errors
+def status_cmd(
+    out: OutOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of tables.")] = False,
+) -> None:
+    """Champions per registered model, the last retrain's outcome, queued and running bulk jobs.
+    Reads the registry (MLFLOW_TRACKING_URI or the work dir's sqlite) and the storage's records;
+    starts no server. Exit code 1 if a part could not be read."""
+    import json
+    import os
+
+    from genmodels.status import collect
+
+    # Fail in seconds, not minutes, when a tracking server is down: this only reads.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    report = collect(out)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        _print_status(report)
+    for section, message in report["errors"].items():
+        console.print(f"[bold red]error:[/] cannot read {section}: {message}")
+    if report["errors"]:
+        raise typer.Exit(code=1)
+
+
+def _print_status(report: dict) -> None:
+    from rich.table import Table
+
+    out = Console()
+    out.print(f"storage [bold]{report['storage']}[/]  registry [bold]{report['tracking_uri']}[/]")
+    if report["models"]:
+        table = Table("model", "champion", "gate metric", "challenger", "versions", title="models")
+        for m in report["models"]:
+            champ, chall = m["champion"], m["challenger"]
+            table.add_row(m["name"], f"v{champ['version']}" if champ else "-", _gate(champ),
+                          f"v{chall['version']} ({_gate(chall)})" if chall else "-", str(m["versions"]))
+        out.print(table)
+    elif "models" not in report["errors"]:
+        out.print("no models yet: `genmodels retrain` trains and registers them")
+
+    last = report["last_retrain"]
+    if last is None:
+        if "last_retrain" not in report["errors"]:
+            out.print("no retrain recorded yet")
+    else:
+        color = "green" if last["status"] == "succeeded" else "red"
+        out.print(f"last retrain [{color}]{last['status']}[/] {last['ended_at']} ({last.get('seconds', 0):.0f} s): "
+                  f"{last['dataset']}, preset {last['preset']}, run {last['run_id']}")
+        if last.get("error"):
+            out.print(f"  [red]{last['error']}[/]")
+        table = Table("family", "outcome", "model", "gate metric", "alias", "note")
+        for family, o in last["outcomes"].items():
+            if o["status"] == "registered":
+                table.add_row(family, "promoted" if o["promoted"] else "registered",
+                              f"{o['model']} v{o['version']}" + ("" if o["new_version"] else " (existing)"),
+                              f"{o['gate_metric']} {o['gate_value']:.4f}", o["alias"], o.get("reason") or "")
+            else:
+                table.add_row(family, o["status"], "", "", "", o.get("error") or o.get("reason") or "")
+        out.print(table)
+
+    if report["jobs"]:
+        table = Table("job", "status", "model", "done", "output", "updated", title="bulk jobs in progress")
+        for j in report["jobs"]:
+            note = " [red](no heartbeat: its server may have stopped)[/]" if j["stale"] else ""
+            table.add_row(j["job_id"][:12], j["status"], f"{j['model']} v{j['version']}",
+                          f"{j['done']}/{j['total']}", j["output"], f"{j.get('updated_at')}{note}")
+        out.print(table)
+    elif "jobs" not in report["errors"]:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(report["job_counts"].items()))
+        out.print("no queued or running bulk jobs" + (f" (recorded: {counts})" if counts else ""))
+
+
+def _gate(version: dict | None) -> str:
+    if not version or version.get("gate_value") is None:
+        return "-"
+    return f"{version['gate_metric']} {version['gate_value']:.4f}"

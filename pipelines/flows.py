@@ -10,6 +10,9 @@ for each family, on the embedded defaults unless pointed elsewhere:
 Everything is checked before any training starts (families, preset, storage reachable, dataset
 readable). Families run one after another on the shared cluster; one family's failure does not
 stop the others, and the flow fails at the end naming each failed family.
+
+However it ends (past the input checks), the run leaves an outcome record under
+``<storage>/retrains/`` (:class:`genmodels.records.RetrainRecorder`), read by ``genmodels status``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from genmodels.config import get_settings
 from genmodels.models import parse_families
+from genmodels.records import RetrainRecorder
 from pipelines import tasks
 
 
@@ -63,36 +68,46 @@ def retrain(
     check_plan(names, preset, workers, storage_url)
     registry.configure(None, settings.default_tracking_uri)
     logger = get_run_logger()
-    if if_no_champion:
-        have = [f for f in names if registry.champion(registry.registered_name(dataset, f)) is not None]
-        if have:
-            logger.info("champions exist for %s: not retrained", ", ".join(have))
-        names = [f for f in names if f not in have]
-        if not names:
-            return {}
+    params = {"workers": workers, "source": source, "quantization": quantization, "seed": seed,
+              "if_no_champion": if_no_champion, "fresh": fresh, "overrides": overrides}
+    # The outcome record (<storage>/retrains/) is written however the block below ends.
+    with RetrainRecorder(storage_url, run_id=str(flow_run.id or "local"), dataset=dataset, preset=preset,
+                         families=names, parameters=params) as record:
+        if if_no_champion:
+            have = [f for f in names if registry.champion(registry.registered_name(dataset, f)) is not None]
+            if have:
+                logger.info("champions exist for %s: not retrained", ", ".join(have))
+            for family in have:
+                record.skipped(family, "a champion exists (if_no_champion)")
+            names = [f for f in names if f not in have]
+            if not names:
+                return {}
 
-    snapshot = tasks.prepare_data(storage_url, dataset, source, quantization, seed)
-    artifact_root = f"{storage_url.rstrip('/')}/mlflow"
-    outcomes: dict[str, dict[str, Any]] = {}
-    failed: dict[str, str] = {}
-    for family in names:
-        try:
-            trained = tasks.train(storage_url, snapshot["prefix"], family, preset, workers,
-                                  overrides={"seed": seed, **(overrides or {})}, fresh=fresh)
-            metrics = tasks.evaluate(storage_url, snapshot["prefix"], trained["run"], preset, seed)
-            onnx = tasks.export_onnx(trained["run"])
-            registered = tasks.register(trained["run"], preset, metrics, artifact_root)
-            promotion = tasks.promote(storage_url, snapshot["prefix"], registered["name"], registered["version"],
-                                      preset, seed)
-        except Exception as exc:  # noqa: BLE001 - reported per family, then the flow fails below
-            logger.error("%s failed: %s: %s", family, type(exc).__name__, exc)
-            failed[family] = f"{type(exc).__name__}: {exc}"
-            continue
-        outcomes[family] = {"train": trained, "metrics": metrics, "onnx": onnx, "registered": registered,
-                            "promotion": promotion}
-    if failed:
-        raise RetrainFailed(failed, outcomes)
-    return outcomes
+        snapshot = tasks.prepare_data(storage_url, dataset, source, quantization, seed)
+        record.snapshot(snapshot)
+        artifact_root = f"{storage_url.rstrip('/')}/mlflow"
+        outcomes: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
+        for family in names:
+            try:
+                trained = tasks.train(storage_url, snapshot["prefix"], family, preset, workers,
+                                      overrides={"seed": seed, **(overrides or {})}, fresh=fresh)
+                metrics = tasks.evaluate(storage_url, snapshot["prefix"], trained["run"], preset, seed)
+                onnx = tasks.export_onnx(trained["run"])
+                registered = tasks.register(trained["run"], preset, metrics, artifact_root)
+                promotion = tasks.promote(storage_url, snapshot["prefix"], registered["name"],
+                                          registered["version"], preset, seed)
+            except Exception as exc:  # noqa: BLE001 - reported per family, then the flow fails below
+                logger.error("%s failed: %s: %s", family, type(exc).__name__, exc)
+                failed[family] = f"{type(exc).__name__}: {exc}"
+                record.failed(family, failed[family])
+                continue
+            outcomes[family] = {"train": trained, "metrics": metrics, "onnx": onnx, "registered": registered,
+                                "promotion": promotion}
+            record.done(family, outcomes[family])
+        if failed:
+            raise RetrainFailed(failed, outcomes)
+        return outcomes
 
 
 class RetrainFailed(RuntimeError):

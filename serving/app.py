@@ -408,6 +408,7 @@ class HandleBackend:
             self.submit_job = lambda request: jobs.submit.remote(request)
             self.job_status = lambda job_id: jobs.get.remote(job_id)
             self.cancel_job = lambda job_id: jobs.cancel.remote(job_id)
+            self.list_jobs = lambda status, limit: jobs.list.remote(status, limit)
 
     async def describe(self) -> list[dict[str, Any]]:
         return await self.handle.describe.remote()
@@ -439,6 +440,9 @@ def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     out["tracking_uri"] = (out["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
                            or get_settings().default_tracking_uri)
     out["api_key"] = out["api_key"] or os.environ.get("GENMODELS_API_KEY") or None
+    # Resolved here: a relative GENMODELS_WORK_DIR would otherwise resolve in each replica's own cwd,
+    # away from where `genmodels status` reads the job records.
+    out["storage"] = get_settings().storage_url
     for key in ("reload_interval_s", "batch_wait_timeout_s"):
         if float(out[key]) < 0:
             raise ValueError(f"{key} must be >= 0, got {out[key]}")
@@ -456,5 +460,6 @@ def build_app(args: Mapping[str, Any] | None = None):
                            batch_wait_timeout_s=a["batch_wait_timeout_s"], sampler_threads=a["sampler_threads"])
     from serving.jobs import Jobs
 
-    jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"])
+    jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"],
+                   storage=a["storage"])
     return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)

@@ -4,16 +4,23 @@
   shares its auth and error format): validates a request (pydantic, then
   :class:`genmodels.bulk.JobSpec`'s own checks, both 422 naming the field) and forwards it.
 - :class:`JobManager` (plain Python, no Serve): resolves the model's alias to a version and its
-  graphs at submission, keeps job records in memory, runs each job in a thread with
-  ``run_job(..., use_ray=True)`` (Ray actors write the shards).
-- :class:`Jobs`: the Serve deployment holding one ``JobManager``. One replica only: records live
-  in its memory, and a job id must always reach the replica that runs it.
+  graphs at submission, runs each job in a thread with ``run_job(..., use_ray=True)`` (Ray
+  actors write the shards), and keeps each job's record in the platform storage
+  (``<storage>/jobs/<job id>.json``, :mod:`genmodels.records`): written on every state change,
+  on progress (at most every :attr:`JobManager.progress_interval_s`) and every
+  :data:`genmodels.records.HEARTBEAT_S` while running.
+- :class:`Jobs`: the Serve deployment holding one ``JobManager``. One replica only: a job runs
+  in the replica that accepted it, and only that replica can cancel it.
 
 A job's id is a hash of its resolved spec (model, version, n, seed, labels, temperature,
 shard_size, format, output). Submitting a spec that is queued or running returns that job;
-submitting it again after it ended (succeeded, failed, cancelled, or lost with a replica
-restart) runs it again, and ``run_job`` resumes: verified shards are skipped, so nothing is
-duplicated or lost. Records are not persisted: after a restart, re-submit to see the job again.
+submitting it again after it ended (succeeded, failed, cancelled) runs it again, and
+``run_job`` resumes: verified shards are skipped, so nothing is duplicated or lost.
+
+After a restart, ``GET /v1/jobs/{id}`` answers from the record. A record left ``queued`` or
+``running`` by a replica that stopped reads as ``failed``, its error saying the job was
+interrupted and that re-submitting the same spec resumes it (the record itself is left as
+written: it is the last thing known about the job).
 """
 
 from __future__ import annotations
@@ -22,23 +29,31 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from fastapi import Path as PathParam
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 
-from genmodels import bulk
+from genmodels import bulk, records
 from genmodels.noise import MAX_SEED
 
 logger = logging.getLogger("ray.serve")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
+DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 Label = Annotated[StrictInt, Field(ge=0)]
 
@@ -65,14 +80,20 @@ class JobAccepted(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobState
     done: int = Field(description="Samples written or verified so far.")
     total: int
     model: str
     version: str
     output: str
     cancel_requested: bool
-    manifest: dict[str, Any] | None = None
+    submitted_at: str | None = Field(default=None, description="ISO 8601 UTC time of the latest submission.")
+    started_at: str | None = None
+    updated_at: str | None = Field(default=None, description="When this state was recorded.")
+    ended_at: str | None = None
+    result: dict[str, Any] | None = Field(
+        default=None, description="Succeeded jobs: {manifest: URL of manifest.json, totals: {samples, shards, bytes}}.")
+    manifest: dict[str, Any] | None = Field(default=None, description="GET /v1/jobs/{id} of a succeeded job only.")
     error: str | None = None
 
 
@@ -93,41 +114,73 @@ def _field_of(message: str) -> str:
     return head.split("[", 1)[0] or "body"
 
 
+#: The fields of a record that the API answers with (the rest: spec, owner, format).
+_PUBLIC = tuple(JobStatus.model_fields)
+
+
 @dataclass
 class _Job:
     spec: bulk.JobSpec
+    submitted_at: str
     status: str = QUEUED
     done: int = 0
     manifest: dict[str, Any] | None = None
     error: str | None = None
+    started_at: str | None = None
+    updated_at: str | None = None
+    ended_at: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # stops the heartbeat
     thread: threading.Thread | None = None
+    # One record write at a time, each of the state at that moment: an older state can never
+    # overwrite a newer one.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_write: float = 0.0  # time.monotonic() of the last record write
 
-    def to_dict(self, job_id_: str) -> dict[str, Any]:
+    def to_dict(self, job_id_: str, manifest: bool = True) -> dict[str, Any]:
         out = {"job_id": job_id_, "status": self.status, "done": self.done, "total": self.spec.n,
                "model": self.spec.model, "version": self.spec.version, "output": self.spec.output,
-               "cancel_requested": self.cancel.is_set()}
+               "cancel_requested": self.cancel.is_set(), "submitted_at": self.submitted_at,
+               "started_at": self.started_at, "updated_at": self.updated_at, "ended_at": self.ended_at}
         if self.manifest is not None:
-            out["manifest"] = self.manifest
+            out["result"] = {"manifest": f"{self.spec.output.rstrip('/')}/{bulk.MANIFEST_KEY}",
+                             "totals": self.manifest["totals"]}
+            if manifest:
+                out["manifest"] = self.manifest
         if self.error is not None:
             out["error"] = self.error
         return out
 
 
 class JobManager:
-    """Job records and their threads; every public method answers a dict (errors as
-    ``{status, error, detail}``, like :class:`serving.app.Sampler`), never raises on bad input."""
+    """Jobs, their threads and their records; every public method answers a dict (errors as
+    ``{status, error, detail}``, like :class:`serving.app.Sampler`), never raises on bad input.
+
+    ``storage``: the platform storage URL holding ``jobs/`` (default ``Settings().storage_url``).
+    """
+
+    #: Progress is recorded at most this often (seconds); state changes always are.
+    progress_interval_s: float = 5.0
+    heartbeat_s: float = records.HEARTBEAT_S
 
     def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None, workers: int = 2,
-                 use_ray: bool = True) -> None:
+                 use_ray: bool = True, storage: str | None = None) -> None:
         from genmodels import registry
         from genmodels.config import get_settings
+        from genmodels.storage import open_storage
 
-        registry.configure(tracking_uri, get_settings().default_tracking_uri)
+        settings = get_settings()
+        registry.configure(tracking_uri, settings.default_tracking_uri)
         self.names = sorted(names) if names else None  # None: any registered model with the alias
         self.alias, self.workers, self.use_ray = alias, int(workers), use_ray
+        self.storage = open_storage(storage or settings.storage_url)
+        # Written into every record this manager writes: which process ran the job.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        # Records of jobs that ended, read from storage: only this manager rewrites them (by
+        # re-running the job), so they are read once.
+        self._ended: dict[str, dict[str, Any]] = {}
         # (name, version) -> (graphs, conditional, num_classes): a version's graphs never change.
         self._models: dict[tuple[str, str], tuple[dict[str, bytes], bool, int]] = {}
 
@@ -151,6 +204,48 @@ class JobManager:
                 cached = self._models.setdefault((name, version), (files, sampler.conditional, sampler.num_classes))
         return (version, *cached)
 
+    # --- records --------------------------------------------------------------------------------
+    def _persist(self, jid: str, job: _Job) -> None:
+        with job.lock:
+            job.updated_at, job.last_write = records.utc_now(), time.monotonic()
+            record = {**job.to_dict(jid, manifest=False), "spec": job.spec.to_dict(), "owner": self.owner}
+            try:
+                records.put_job(self.storage, record)
+            except Exception as exc:  # noqa: BLE001 - the job runs on; its state is still served from memory
+                logger.warning("job %s: cannot record its state (%s) in %s: %s", jid, job.status,
+                               records.prefix_url(self.storage, records.JOBS), exc)
+
+    def _heartbeat(self, jid: str, job: _Job) -> None:
+        # A long shard reports no progress for a while: the record still shows the job alive.
+        while not job.ended.wait(self.heartbeat_s):
+            self._persist(jid, job)
+
+    def _from_record(self, record: dict[str, Any], manifest: bool = False) -> dict[str, Any]:
+        """A stored record as the API answers it. Called for jobs not running in this process:
+        one recorded as queued/running was interrupted (its server stopped before it ended)."""
+        out = {k: record[k] for k in _PUBLIC if record.get(k) is not None and k != "manifest"}
+        out.setdefault("cancel_requested", False)
+        if out.get("status") in ACTIVE:
+            out["status"] = FAILED
+            out["error"] = (f"interrupted: the server running this job stopped before it ended (last recorded "
+                            f"{record.get('updated_at')} at {record.get('done', 0)} of {record.get('total')} "
+                            "samples); re-submit the same spec to resume it: its completed shards are kept")
+        elif manifest and out.get("status") == SUCCEEDED:
+            try:
+                out["manifest"] = bulk.read_manifest(out["output"])
+            except Exception as exc:  # noqa: BLE001 - the status stands; result still says where and how much
+                logger.warning("job %s: cannot read its manifest at %s: %s", out.get("job_id"), out.get("output"), exc)
+        return out
+
+    def _record(self, jid: str) -> dict[str, Any] | None:
+        cached = self._ended.get(jid)
+        if cached is not None:
+            return cached
+        record = records.get_job(self.storage, jid)
+        if record is not None and record.get("status") not in ACTIVE:
+            self._ended[jid] = record
+        return record
+
     # --- the routes' work -----------------------------------------------------------------------
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{model, n, seed, labels, temperature, output, shard_size, format}`` -> ``{job_id, status}``."""
@@ -173,45 +268,91 @@ class JobManager:
             if busy:
                 return _error(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
                                                     "wait for it to end")
-            job = self._jobs[jid] = _Job(spec)
-            job.thread = threading.Thread(target=self._run, args=(jid, job, files), daemon=True,
-                                          name=f"genmodels-job-{jid[:8]}")
-            job.thread.start()
+            job = self._jobs[jid] = _Job(spec, submitted_at=records.utc_now())
+            self._ended.pop(jid, None)
+        self._persist(jid, job)  # "queued" first: the thread's "running" must not be overwritten by it
+        job.thread = threading.Thread(target=self._run, args=(jid, job, files), daemon=True,
+                                      name=f"genmodels-job-{jid[:8]}")
+        job.thread.start()
         logger.info("job %s: %s v%s n=%d -> %s", jid, spec.model, spec.version, spec.n, spec.output)
         return {"job_id": jid, "status": QUEUED}
 
     def _run(self, jid: str, job: _Job, files: dict[str, bytes]) -> None:
         def progress(done: int, total: int) -> None:
             job.done = done
+            if time.monotonic() - job.last_write >= self.progress_interval_s:
+                self._persist(jid, job)
 
-        job.status = RUNNING
+        job.status, job.started_at = RUNNING, records.utc_now()
+        self._persist(jid, job)
+        threading.Thread(target=self._heartbeat, args=(jid, job), daemon=True,
+                         name=f"genmodels-job-{jid[:8]}-heartbeat").start()
         try:
             manifest = bulk.run_job(job.spec, files, workers=self.workers, on_progress=progress,
                                     should_stop=job.cancel.is_set, use_ray=self.use_ray)
         except bulk.JobCancelled as exc:
-            job.status, job.error = CANCELLED, str(exc)
+            with job.lock:
+                job.status, job.error = CANCELLED, str(exc)
         except Exception as exc:  # the job's failure is its status; the replica keeps serving
             logger.warning("job %s failed", jid, exc_info=True)
-            job.status, job.error = FAILED, f"{type(exc).__name__}: {exc}"
+            with job.lock:
+                job.status, job.error = FAILED, f"{type(exc).__name__}: {exc}"
         else:
-            job.manifest, job.done, job.status = manifest, manifest["totals"]["samples"], SUCCEEDED
+            with job.lock:
+                job.manifest, job.done, job.status = manifest, manifest["totals"]["samples"], SUCCEEDED
+        finally:
+            job.ended_at = records.utc_now()
+            job.ended.set()
+            self._persist(jid, job)
         logger.info("job %s: %s", jid, job.status)
 
     def get(self, jid: str) -> dict[str, Any]:
         job = self._jobs.get(jid)
-        if job is None:
-            return _error(404, "job_not_found", f"no job {jid!r} in this server's memory (jobs are not kept across "
-                                                "restarts: re-submit the same spec to resume it)")
-        return job.to_dict(jid)
+        if job is not None:
+            return job.to_dict(jid)
+        try:
+            record = self._record(jid)
+        except Exception as exc:  # noqa: BLE001 - storage trouble is the answer's error, not a crash
+            return _error(503, "storage_unavailable", f"cannot read the record of job {jid!r}: {exc}")
+        if record is None:
+            return _error(404, "job_not_found", f"no job {jid!r}: not running here and not recorded under "
+                                                f"{records.prefix_url(self.storage, records.JOBS)}")
+        return self._from_record(record, manifest=True)
 
     def cancel(self, jid: str) -> dict[str, Any]:
-        """Ask a queued or running job to stop; its completed shards stay (re-submitting resumes)."""
+        """Ask a queued or running job to stop; its completed shards stay (re-submitting resumes).
+        A job not running here (ended, or interrupted) is answered as it is."""
         job = self._jobs.get(jid)
         if job is None:
             return self.get(jid)
         if job.status in ACTIVE:
             job.cancel.set()
+            self._persist(jid, job)
         return job.to_dict(jid)
+
+    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]] | dict[str, Any]:
+        """Job statuses (no manifests), the most recently submitted first: this process's jobs
+        and every recorded one; ``status`` filters, ``limit`` bounds the answer."""
+        if status is not None and status not in STATUSES:
+            return _error(422, "invalid_request", [{"loc": ["query", "status"],
+                                                    "msg": f"status must be one of {list(STATUSES)}"}])
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            return _error(422, "invalid_request", [{"loc": ["query", "limit"],
+                                                    "msg": f"limit must be an integer in [1, {MAX_LIST_LIMIT}]"}])
+        with self._lock:
+            live = {jid: job.to_dict(jid, manifest=False) for jid, job in self._jobs.items()}
+        try:
+            fresh = records.list_jobs(self.storage, skip_ids=set(live) | set(self._ended))
+        except Exception as exc:  # noqa: BLE001 - see get()
+            return _error(503, "storage_unavailable", f"cannot list the job records: {exc}")
+        for record in fresh:
+            if record.get("status") not in ACTIVE:
+                self._ended.setdefault(record["job_id"], record)
+        recorded = {r["job_id"]: r for r in [*self._ended.values(), *fresh] if r.get("job_id") not in live}
+        jobs = [*live.values(), *(self._from_record(r) for r in recorded.values())]
+        if status is not None:
+            jobs = [j for j in jobs if j["status"] == status]
+        return records.sort_jobs(jobs)[:limit]
 
     def wait(self, jid: str, timeout: float | None = None) -> dict[str, Any]:
         """The job's status once its thread ended (or ``timeout`` passed): for tests and scripts."""
@@ -223,22 +364,26 @@ class JobManager:
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 class Jobs:
-    """The one replica holding the job records; the shards are written by Ray actors it starts
-    (``workers`` per job, one CPU each), so it reserves no CPU itself."""
+    """The one replica running the jobs; the shards are written by Ray actors it starts
+    (``workers`` per job, one CPU each), so it reserves no CPU itself. ``storage``: where the
+    job records live (default ``Settings().storage_url`` as this replica resolves it)."""
 
     def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
-                 workers: int = 2) -> None:
-        self.manager = JobManager(models, alias, tracking_uri, workers=workers)
+                 workers: int = 2, storage: str | None = None) -> None:
+        self.manager = JobManager(models, alias, tracking_uri, workers=workers, storage=storage)
 
+    # MLflow look-ups, graph downloads and record reads/writes block: keep the event loop free.
     async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
-        # MLflow look-ups and graph downloads block: keep the replica's event loop free.
         return await asyncio.to_thread(self.manager.submit, request)
 
     async def get(self, jid: str) -> dict[str, Any]:
-        return self.manager.get(jid)
+        return await asyncio.to_thread(self.manager.get, jid)
 
     async def cancel(self, jid: str) -> dict[str, Any]:
-        return self.manager.cancel(jid)
+        return await asyncio.to_thread(self.manager.cancel, jid)
+
+    async def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT):
+        return await asyncio.to_thread(self.manager.list, status, limit)
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
@@ -247,15 +392,15 @@ JobId = Annotated[str, PathParam(min_length=1, max_length=128, description="As r
 
 def jobs_router(backend) -> APIRouter:
     """``/jobs`` routes over ``backend.submit_job(request)``, ``job_status(id)``, ``cancel_job(id)``
-    (async, answering dicts as :class:`JobManager` does)."""
+    and ``list_jobs(status, limit)`` (async, answering as :class:`JobManager` does)."""
     from serving.api import error_response
 
     router = APIRouter(prefix="/jobs", tags=["bulk jobs"])
     enabled = all(hasattr(backend, m) for m in ("submit_job", "job_status", "cancel_job"))
 
-    def answer(result: dict[str, Any], status: int = 200):
+    def answer(result: dict[str, Any] | list[dict[str, Any]], status: int = 200):
         # An error answer's status is an HTTP code; a job's status is a word (its "error" is data).
-        if isinstance(result.get("status"), int):
+        if isinstance(result, dict) and isinstance(result.get("status"), int):
             return error_response(result["status"], result["error"], result["detail"])
         from fastapi.responses import JSONResponse
 
@@ -277,6 +422,18 @@ def jobs_router(backend) -> APIRouter:
         except ValueError as exc:
             return error_response(422, "invalid_request", [{"loc": ["body", _field_of(str(exc))], "msg": str(exc)}])
         return answer(await backend.submit_job(request), status=202)
+
+    @router.get("", response_model=list[JobStatus])
+    async def list_jobs(
+        status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs.")] =
+            DEFAULT_LIST_LIMIT,
+    ):
+        """Jobs, the most recently submitted first (running ones and those recorded in the
+        platform storage, across restarts); no manifests: GET /v1/jobs/{id} has a job's."""
+        if not enabled or not hasattr(backend, "list_jobs"):
+            return disabled()
+        return answer(await backend.list_jobs(status, limit))
 
     @router.get("/{job_id}", response_model=JobStatus)
     async def status(job_id: JobId):

@@ -53,6 +53,8 @@ def registered(tmp_path_factory, s3_endpoint):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
         mp.delenv("GENMODELS_API_KEY", raising=False)
+        # The Jobs replica (started later, inheriting this) records its jobs here.
+        mp.setenv("GENMODELS_STORAGE", (root / "store").as_uri())
         registry.configure(None, "sqlite:///must-not-be-used.db")
         for family in ("vae", "cvae"):
             torch.manual_seed(0)
@@ -64,7 +66,7 @@ def registered(tmp_path_factory, s3_endpoint):
                                     onnx_files=paths, metrics={"nll_nats": 30.0}, params={}, snapshot_hash="0" * 64,
                                     artifact_root=(root / "mlflow").as_uri())
             registry.promote(reg.name, reg.version)
-        yield {"root": root, "tracking_uri": f"sqlite:///{root}/mlflow.db"}
+        yield {"root": root, "tracking_uri": f"sqlite:///{root}/mlflow.db", "store": root / "store"}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,16 @@ def test_a_job_to_s3_writes_shards_whose_checksums_match_its_manifest(reference)
         assert len(objects[record["key"]]) == record["bytes"]
     indices = np.concatenate([bulk.decode_shard(objects[r["key"]], "png")["index"] for r in manifest["shards"]])
     assert indices.tolist() == list(range(10_000))
+
+
+def test_the_served_jobs_are_recorded_and_listed(server, registered, reference):
+    status, _ = reference
+    record = json.loads((registered["store"] / "jobs" / f"{status['job_id']}.json").read_text())
+    assert (record["status"], record["done"], record["result"]["totals"]) == ("succeeded", 10_000,
+                                                                              status["manifest"]["totals"])
+    r = server.get("/v1/jobs", params={"status": "succeeded"})
+    assert r.status_code == 200, r.text
+    assert status["job_id"] in [j["job_id"] for j in r.json()]
 
 
 def test_cancelled_then_resubmitted_job_ends_with_the_uninterrupted_bytes(server, bucket, reference):
@@ -233,3 +245,191 @@ def test_unknown_job_404_and_auth_like_every_v1_route(server):
         assert (r.status_code, r.json()["error"]) == (401, "unauthorized")
         assert server.get("/v1/jobs/0123abcd", headers=headers).status_code == 401
     assert "/v1/jobs" in server.get("/openapi.json").json()["paths"]
+
+
+# --- job records: persistence across restarts, listing (JobManager in-process, no Serve) ---------
+SMALL = {"model": VAE, "n": 40, "seed": 5, "shard_size": 16}
+
+
+def _manager(registered, storage, **kw):
+    from serving.jobs import JobManager
+
+    return JobManager(None, "champion", registered["tracking_uri"], workers=1, use_ray=False, storage=storage, **kw)
+
+
+def _record(storage_root, jid) -> dict:
+    return json.loads((storage_root / "jobs" / f"{jid}.json").read_text())
+
+
+def test_a_new_manager_over_the_same_storage_answers_for_a_finished_job(registered, tmp_path):
+    store, out = tmp_path / "store", tmp_path / "out"
+    first = _manager(registered, store.as_uri())
+    jid = first.submit({**SMALL, "output": out.as_uri()})["job_id"]
+    done = first.wait(jid, timeout=60)
+    assert done["status"] == "succeeded", done
+    record = _record(store, jid)
+    assert (record["status"], record["done"], record["total"], record["owner"]) == ("succeeded", 40, 40, first.owner)
+    assert record["spec"]["seed"] == 5 and record["result"] == {"manifest": f"{out.as_uri()}/manifest.json",
+                                                               "totals": done["manifest"]["totals"]}
+    assert "manifest" not in record  # shard lists stay in the output's manifest.json
+
+    restarted = _manager(registered, store.as_uri())  # what a replica restart leaves: storage only
+    again = restarted.get(jid)
+    assert again == done
+    assert [j["job_id"] for j in restarted.list()] == [jid]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert restarted.submit({**SMALL, "output": out.as_uri()})["job_id"] == jid  # re-run: verifies, writes nothing
+    assert restarted.wait(jid, timeout=60)["status"] == "succeeded"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert _record(store, jid)["owner"] == restarted.owner
+
+
+def test_a_job_whose_server_stopped_reads_as_failed_and_resubmitting_resumes_it(registered, tmp_path, monkeypatch):
+    import threading
+
+    store, out = tmp_path / "store", tmp_path / "out"
+    release = threading.Event()
+    real_run_job = bulk.run_job
+
+    def stuck(spec, files, **kw):  # a replica that will never finish this job
+        kw["on_progress"](0, spec.n)
+        release.wait(30)
+        raise RuntimeError("replica killed (test)")
+
+    monkeypatch.setattr(bulk, "run_job", stuck)
+    dying = _manager(registered, store.as_uri())
+    dying.heartbeat_s = 0.05
+    jid = dying.submit({**SMALL, "output": out.as_uri()})["job_id"]
+    deadline = time.monotonic() + 10
+    while _record(store, jid)["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    beat = _record(store, jid)["updated_at"]
+    time.sleep(0.3)
+    assert _record(store, jid)["updated_at"] > beat  # the heartbeat keeps a running record fresh
+
+    restarted = _manager(registered, store.as_uri())
+    seen = restarted.get(jid)
+    assert (seen["status"], seen["done"], seen["total"]) == ("failed", 0, 40)
+    assert seen["error"].startswith("interrupted:") and "re-submit the same spec to resume" in seen["error"]
+    assert [j["job_id"] for j in restarted.list(status="failed")] == [jid]
+    assert restarted.list(status="running") == []
+    assert restarted.cancel(jid) == seen  # nothing runs here to cancel
+    assert _record(store, jid)["status"] == "running"  # the record stays the last thing known
+    release.set()
+    assert dying.wait(jid, timeout=10)["status"] == "failed"
+
+    monkeypatch.setattr(bulk, "run_job", real_run_job)
+    assert restarted.submit({**SMALL, "output": out.as_uri()})["job_id"] == jid
+    resumed = restarted.wait(jid, timeout=60)
+    assert (resumed["status"], resumed["done"]) == ("succeeded", 40), resumed
+    assert _record(store, jid)["status"] == "succeeded"
+    bulk.verify(out.as_uri())
+
+
+@pytest.mark.parametrize("interval, writes", [
+    (3600.0, [("queued", 0), ("running", 0), ("succeeded", 40)]),
+    (0.0, [("queued", 0), ("running", 0), ("running", 0), ("running", 16), ("running", 32), ("running", 40),
+           ("succeeded", 40)]),
+])
+def test_progress_is_recorded_at_most_every_interval_and_every_state_change_always(registered, tmp_path, monkeypatch,
+                                                                                    interval, writes):
+    from genmodels import records
+
+    seen = []
+    put_job = records.put_job
+    monkeypatch.setattr(records, "put_job", lambda storage, r: (seen.append((r["status"], r["done"])),
+                                                                put_job(storage, r)))
+    manager = _manager(registered, (tmp_path / "store").as_uri())
+    manager.progress_interval_s = interval
+    jid = manager.submit({**SMALL, "output": (tmp_path / "out").as_uri()})["job_id"]
+    assert manager.wait(jid, timeout=60)["status"] == "succeeded"
+    assert seen == writes
+
+
+def test_an_unknown_or_impossible_job_id_is_404_naming_where_records_live(registered, tmp_path):
+    manager = _manager(registered, (tmp_path / "store").as_uri())
+    for jid in ("0123abcd", "../../etc/passwd", "a/b"):
+        r = manager.get(jid)
+        assert (r["status"], r["error"]) == (404, "job_not_found") and "/store/jobs/" in r["detail"], r
+
+
+class _ManagerBackend:
+    """create_api's backend over a JobManager, as serving.app.HandleBackend is over the Jobs handle."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    async def describe(self):
+        return []
+
+    async def submit_job(self, request):
+        return self.manager.submit(request)
+
+    async def job_status(self, jid):
+        return self.manager.get(jid)
+
+    async def cancel_job(self, jid):
+        return self.manager.cancel(jid)
+
+
+class _ListingBackend(_ManagerBackend):
+    async def list_jobs(self, status, limit):
+        return self.manager.list(status, limit)
+
+
+@pytest.fixture(scope="module")
+def listing(registered, tmp_path_factory):
+    """Three ended jobs (two succeeded, one failed) through the HTTP routes of create_api."""
+    from fastapi.testclient import TestClient
+
+    from serving.api import create_api
+
+    root = tmp_path_factory.mktemp("listing")
+    manager = _manager(registered, (root / "store").as_uri())
+    client = TestClient(create_api(_ListingBackend(manager), api_key=KEY), headers=AUTH)
+    ids = []
+    for i, output in enumerate([root / "a", root / "b", root / "a"]):  # the third: another job's output
+        r = client.post("/v1/jobs", json={**SMALL, "seed": i, "output": output.as_uri()})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["job_id"])
+        manager.wait(ids[-1], timeout=60)
+    return client, ids
+
+
+def test_listing_jobs_newest_first_filtered_and_bounded(listing):
+    client, (a, b, clash) = listing
+    r = client.get("/v1/jobs")
+    assert r.status_code == 200, r.text
+    jobs = r.json()
+    assert [j["job_id"] for j in jobs] == [clash, b, a]
+    assert [j["status"] for j in jobs] == ["failed", "succeeded", "succeeded"]
+    assert "holds another job" in jobs[0]["error"]
+    assert all("manifest" not in j for j in jobs) and jobs[1]["result"]["totals"]["samples"] == 40
+    assert [j["job_id"] for j in client.get("/v1/jobs", params={"status": "succeeded"}).json()] == [b, a]
+    assert client.get("/v1/jobs", params={"status": "running"}).json() == []
+    assert [j["job_id"] for j in client.get("/v1/jobs", params={"limit": 2}).json()] == [clash, b]
+    assert client.get(f"/v1/jobs/{b}").json()["manifest"]["totals"]["samples"] == 40
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"status": "done"}, "status"), ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "x"}, "limit"),
+])
+def test_listing_jobs_with_bad_parameters_is_422_naming_them(listing, params, field):
+    client, _ = listing
+    r = client.get("/v1/jobs", params=params)
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
+    assert [e["loc"] for e in r.json()["detail"]] == [["query", field]]
+
+
+def test_listing_jobs_needs_the_key_and_a_backend_that_lists(listing):
+    from fastapi.testclient import TestClient
+
+    from serving.api import create_api
+
+    client, _ = listing
+    r = client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"})
+    assert (r.status_code, r.json()["error"]) == (401, "unauthorized")
+
+    r = TestClient(create_api(_ManagerBackend(None))).get("/v1/jobs")
+    assert (r.status_code, r.json()["error"]) == (501, "not_implemented")

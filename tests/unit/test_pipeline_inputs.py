@@ -264,6 +264,13 @@ def test_retrain_missing_folder_fails_in_prepare_data_before_training(cli_env, p
     store = cli_env / "store"
     assert not (store / "runs").exists() and not (store / "snapshots").exists()
     assert not ray.is_initialized()
+    # The failed run still left its outcome record, for `genmodels status`.
+    from genmodels import records
+    from genmodels.storage import FileStorage
+
+    record = records.last_retrain(FileStorage(store))
+    assert (record["status"], record["dataset"], record["outcomes"]) == ("failed", "folder", {"vae": {"status": "not_run"}})
+    assert missing in record["error"] and len(record["run_id"]) == 36  # the Prefect flow run's UUID
 
 
 def test_retrain_unreachable_storage_fails_fast_naming_bucket_and_endpoint(cli_env, closed_port):

@@ -1,0 +1,238 @@
+"""What the platform did, as small JSON records in its object store (``Settings().storage_url``):
+
+    jobs/<job id>.json                          a bulk job's last known state (serving's Jobs deployment)
+    retrains/<UTC end time>-<run id>.json       the outcome of one retrain flow run
+
+Each record is written with one atomic put (:meth:`genmodels.storage.Storage.put_json`), so a
+reader sees the previous state or the next, never a mix. Readers need no server: the Jobs
+deployment reads job records back after a restart, ``genmodels status`` reads both kinds.
+
+Times are ISO 8601 UTC strings (``2026-11-24T23:40:01.123+00:00``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+from genmodels.storage import Storage, open_storage
+
+__all__ = [
+    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "RetrainRecorder", "get_job", "job_is_stale", "last_retrain",
+    "list_jobs", "list_retrains", "put_job", "put_retrain", "retrain_key", "utc_now",
+]
+
+logger = logging.getLogger(__name__)
+
+JOBS, RETRAINS = "jobs/", "retrains/"
+JOB_RECORD_FORMAT, RETRAIN_RECORD_FORMAT = "genmodels.job-record/1", "genmodels.retrain/1"
+ACTIVE_JOB_STATUSES = ("queued", "running")
+#: A running job's record is rewritten at least this often, progress or not.
+HEARTBEAT_S = 30.0
+#: A queued/running record not rewritten for this long: whoever ran it has most likely stopped.
+STALE_AFTER_S = 4 * HEARTBEAT_S
+# Job ids are hex digests; anything else (a path, "..") can never name a record.
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_READERS = 8
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _storage(storage: Storage | str) -> Storage:
+    return open_storage(storage) if isinstance(storage, str) else storage
+
+
+def prefix_url(storage: Storage, prefix: str) -> str:
+    """The URL of a "directory" of records (``url_for`` takes object keys only)."""
+    return f"{storage.url.rstrip('/')}/{prefix}"
+
+
+def _read_all(storage: Storage, keys: Iterable[str]) -> list[dict[str, Any]]:
+    """The records at ``keys``, in order; missing ones are left out, unreadable ones (not JSON,
+    not an object) too, with a warning: one bad record must not hide the others."""
+    keys = list(keys)
+
+    def read(key: str) -> dict[str, Any] | None:
+        try:
+            record = storage.get_json(key)
+        except FileNotFoundError:
+            return None  # no such record, or deleted since it was listed
+        except ValueError as exc:
+            logger.warning("skipping record %s: %s", storage.url_for(key), exc)
+            return None
+        if not isinstance(record, dict):
+            logger.warning("skipping record %s: not a JSON object", storage.url_for(key))
+            return None
+        return record
+
+    if len(keys) <= 1:
+        found = [read(k) for k in keys]
+    else:
+        # One GET per record: on S3 the round trips, not the bytes, are the cost.
+        with ThreadPoolExecutor(max_workers=min(_READERS, len(keys)), thread_name_prefix="genmodels-records") as pool:
+            found = list(pool.map(read, keys))
+    return [r for r in found if r is not None]
+
+
+# --- bulk jobs ---------------------------------------------------------------------------------
+def job_key(job_id: str) -> str | None:
+    """``jobs/<id>.json``, or None for a string that cannot be a job id."""
+    return f"{JOBS}{job_id}.json" if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else None
+
+
+def put_job(storage: Storage | str, record: Mapping[str, Any]) -> None:
+    key = job_key(record["job_id"])
+    if key is None:
+        raise ValueError(f"job_id {record['job_id']!r}: job ids are 1-128 letters, digits, '_' or '-'")
+    _storage(storage).put_json(key, {"format": JOB_RECORD_FORMAT, **record})
+
+
+def get_job(storage: Storage | str, job_id: str) -> dict[str, Any] | None:
+    """The job's record, or None when there is none (or the id cannot be one)."""
+    key = job_key(job_id)
+    if key is None:
+        return None
+    found = _read_all(_storage(storage), [key])
+    return found[0] if found else None
+
+
+def list_jobs(storage: Storage | str, skip_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Every readable job record, most recently submitted first. ``skip_ids``: job ids the
+    caller already holds (not read again)."""
+    storage = _storage(storage)
+    skip = {job_key(j) for j in skip_ids}
+    keys = [k for k in storage.list(JOBS) if k.endswith(".json") and "/" not in k[len(JOBS):] and k not in skip]
+    return sort_jobs(_read_all(storage, keys))
+
+
+def sort_jobs(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return sorted((dict(r) for r in records), key=lambda r: (r.get("submitted_at") or "", r.get("job_id", "")),
+                  reverse=True)
+
+
+def job_is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
+    """A queued/running record its writer has not refreshed for :data:`STALE_AFTER_S`: the
+    server running the job has most likely stopped (a live one rewrites it every
+    :data:`HEARTBEAT_S`)."""
+    if record.get("status") not in ACTIVE_JOB_STATUSES:
+        return False
+    try:
+        updated = parse_time(record["updated_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return True
+    return (time.time() if now is None else now) - updated > STALE_AFTER_S
+
+
+# --- retrains ------------------------------------------------------------------------------------
+def retrain_key(ended_at: str, run_id: str) -> str:
+    """``retrains/<YYYYmmddTHHMMSS.fffZ>-<run id>.json``: keys sort in the order runs ended."""
+    stamp = parse_time(ended_at).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:64] or "run"
+    return f"{RETRAINS}{stamp}-{safe}.json"
+
+
+def put_retrain(storage: Storage | str, record: Mapping[str, Any]) -> str:
+    """Write a retrain record; its URL."""
+    storage = _storage(storage)
+    key = retrain_key(record["ended_at"], record["run_id"])
+    storage.put_json(key, {"format": RETRAIN_RECORD_FORMAT, **record})
+    return storage.url_for(key)
+
+
+def list_retrains(storage: Storage | str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Retrain records, the most recently ended first (at most ``limit``)."""
+    storage = _storage(storage)
+    keys = sorted((k for k in storage.list(RETRAINS) if k.endswith(".json")), reverse=True)
+    if limit is None:
+        return _read_all(storage, keys)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(keys), limit):  # unreadable records are skipped: read on until `limit`
+        out.extend(_read_all(storage, keys[start:start + limit]))
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def last_retrain(storage: Storage | str) -> dict[str, Any] | None:
+    found = list_retrains(storage, limit=1)
+    return found[0] if found else None
+
+
+def family_outcome(step_outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """A family's entry in the record, from the retrain flow's outputs of its steps
+    (``train``, ``registered``, ``promotion``: the dicts the pipeline tasks return)."""
+    reg, promo, train = step_outputs["registered"], step_outputs["promotion"], step_outputs.get("train") or {}
+    return {
+        "status": "registered",
+        "model": reg["name"], "version": str(reg["version"]), "new_version": bool(reg["created"]),
+        "gate_metric": reg["gate_metric"], "gate_value": reg["gate_value"],
+        "alias": promo["alias"],
+        # Newly champion: already holding the alias before this run is not a promotion.
+        "promoted": promo["alias"] == "champion" and promo.get("previous_champion") != str(reg["version"]),
+        "previous_champion": promo.get("previous_champion"), "champion_value": promo.get("champion_value"),
+        "reason": promo.get("reason"),
+        "epochs": train.get("epochs"), "train_seconds": train.get("seconds"),
+    }
+
+
+class RetrainRecorder:
+    """Collects one retrain's outcome and writes its record when the ``with`` block ends,
+    whether it returns or raises. A record that cannot be written is logged, never raised:
+    it must not replace the retrain's own outcome."""
+
+    def __init__(self, storage: Storage | str, *, run_id: str, dataset: str, preset: str, families: Iterable[str],
+                 parameters: Mapping[str, Any] | None = None) -> None:
+        self.storage = _storage(storage)
+        self.record: dict[str, Any] = {
+            "run_id": run_id, "dataset": dataset, "preset": preset, "families": list(families),
+            "parameters": dict(parameters or {}), "started_at": utc_now(), "ended_at": None,
+            "status": None, "error": None, "snapshot": None,
+            "outcomes": {},
+        }
+        self.url: str | None = None
+        self._t0 = time.monotonic()
+
+    def snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        self.record["snapshot"] = {k: snapshot[k] for k in ("hash", "prefix", "sizes") if k in snapshot}
+
+    def done(self, family: str, step_outputs: Mapping[str, Any]) -> None:
+        self.record["outcomes"][family] = family_outcome(step_outputs)
+
+    def failed(self, family: str, error: str) -> None:
+        self.record["outcomes"][family] = {"status": "failed", "error": error}
+
+    def skipped(self, family: str, why: str) -> None:
+        self.record["outcomes"][family] = {"status": "skipped", "reason": why}
+
+    def __enter__(self) -> RetrainRecorder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        r = self.record
+        outcomes = r["outcomes"]
+        for family in r["families"]:
+            # Reached by no step: the flow stopped before it (data preparation failed...).
+            outcomes.setdefault(family, {"status": "not_run"})
+        failed = any(o["status"] != "registered" and o["status"] != "skipped" for o in outcomes.values())
+        r["status"] = "failed" if exc is not None or failed else "succeeded"
+        if exc is not None:
+            r["error"] = f"{type(exc).__name__}: {exc}"
+        r["ended_at"] = utc_now()
+        r["seconds"] = round(time.monotonic() - self._t0, 3)
+        try:
+            self.url = put_retrain(self.storage, r)
+        except Exception:  # noqa: BLE001 - the record is secondary to the retrain's own result
+            logger.warning("could not write the retrain record under %s", prefix_url(self.storage, RETRAINS),
+                           exc_info=True)
