@@ -3,6 +3,13 @@
 Everything defaults to one machine and zero servers: a work directory ``./.genmodels``
 holding ``file://`` object storage. Point ``GENMODELS_STORAGE`` at ``s3://bucket/prefix``
 (with ``AWS_ENDPOINT_URL`` for MinIO-style endpoints) to scale out.
+
+Only genmodels' own variables are fields here. The servers and clouds are configured by the
+variables their libraries read themselves, which genmodels passes through untouched:
+``RAY_ADDRESS`` (Ray), ``MLFLOW_TRACKING_URI`` and ``MLFLOW_S3_ENDPOINT_URL`` (MLflow),
+``PREFECT_API_URL`` (Prefect), ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` (boto3, pyarrow). README.md ("Configuration")
+has the one table of all of them.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +43,20 @@ class Settings(BaseSettings):
     fashion_mnist_dir: str = Field(
         default="/usr/share/datasets/fashion-mnist", description="Fashion-MNIST IDX directory (path, file:// or s3://)."
     )
+    # repr=False: a Settings object printed in a log or a traceback must not show the key.
+    api_key: str | None = Field(
+        default=None, repr=False,
+        description="Bearer key every /v1 route of the serving API requires; unset or empty: no auth.",
+    )
+    git_commit: str | None = Field(
+        default=None, description="Commit tagged on MLflow runs; unset: asked of git (images have no .git).",
+    )
+
+    @field_validator("api_key", "git_commit", "storage")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        # docker compose passes `VAR=${VAR:-}` through as an empty string, which means "not set".
+        return value or None
 
     @cached_property
     def storage_url(self) -> str:

@@ -81,7 +81,9 @@ def experiment_id(dataset: str, artifact_root: str) -> str:
 
 def source_commit() -> str:
     """The git commit of the code that trained the model (``unknown`` outside a checkout)."""
-    commit = os.environ.get("GENMODELS_GIT_COMMIT")
+    from genmodels.config import get_settings
+
+    commit = get_settings().git_commit
     if commit:
         return commit
     try:

@@ -439,7 +439,7 @@ def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     out["models"] = list(models) if models else None
     out["tracking_uri"] = (out["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
                            or get_settings().default_tracking_uri)
-    out["api_key"] = out["api_key"] or os.environ.get("GENMODELS_API_KEY") or None
+    out["api_key"] = out["api_key"] or get_settings().api_key
     # Resolved here: a relative GENMODELS_WORK_DIR would otherwise resolve in each replica's own cwd,
     # away from where `genmodels status` reads the job records.
     out["storage"] = get_settings().storage_url

@@ -10,6 +10,9 @@ import typer
 from genmodels.cli import app, console, friendly_errors
 from genmodels.config import get_settings
 
+#: How often ``--wait-for-champion`` asks the registry again.
+CHAMPION_POLL_S = 5.0
+
 
 @app.command("serve")
 @friendly_errors
@@ -20,6 +23,14 @@ def serve_cmd(
                                                   "(default: every model with a champion).")] = None,
     reload_interval: Annotated[float, typer.Option("--reload-interval", min=0.1, help="Seconds between checks "
                                                    "of the champion alias (hot reload).")] = 10.0,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", min=1, max=65535, help="Prometheus metrics of the "
+                                              "local Ray started here (Serve's and genmodels'), at "
+                                              "http://127.0.0.1:PORT/metrics; a cluster (RAY_ADDRESS) sets its own "
+                                              "with `ray start --metrics-export-port`.")] = 8080,
+    wait_for_champion: Annotated[float, typer.Option("--wait-for-champion", min=0, metavar="SECONDS",
+                                                     help="Wait up to SECONDS for the models to have a champion "
+                                                     "(a stack started before its first retrain) instead of "
+                                                     "failing at once.")] = 0.0,
 ) -> None:
     """The online sampling API (Ray Serve) on the champions of the MLflow registry; blocks until
     Ctrl-C. Local Ray unless RAY_ADDRESS; MLFLOW_TRACKING_URI as for retrain."""
@@ -31,29 +42,40 @@ def serve_cmd(
 
     # Check the registry before starting Ray: a typo or an empty registry is one clear line.
     registry.configure(None, get_settings().default_tracking_uri)
-    names = [m.strip() for m in models.split(",") if m.strip()] if models else registry.served_models()
-    if not names:
-        raise ValueError("no registered model has a champion yet: run `genmodels retrain` first")
-    missing = [n for n in names if registry.current_version(n) is None]
-    if missing:
-        raise ValueError(f"no champion version for {missing}; served models with one: {registry.served_models()}")
+    deadline = time.monotonic() + wait_for_champion
+    while True:
+        names = [m.strip() for m in models.split(",") if m.strip()] if models else registry.served_models()
+        missing = [n for n in names if registry.current_version(n) is None]
+        if names and not missing:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if not names:
+                raise ValueError("no registered model has a champion yet: run `genmodels retrain` first")
+            raise ValueError(f"no champion version for {missing}; served models with one: "
+                             f"{registry.served_models()}")
+        with console.status(f"waiting for a champion ({'every model' if models else 'any model'}; "
+                            f"{left:.0f} s left)"):
+            time.sleep(min(CHAMPION_POLL_S, left))
 
     from ray import serve
 
     from serving.app import build_app
 
-    ensure_ray()
+    ensure_ray(metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):
         serve.run(build_app({"models": names, "reload_interval_s": reload_interval}), name="genmodels",
                   route_prefix="/")
     base = f"http://{host}:{port}"
-    auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if os.environ.get("GENMODELS_API_KEY") else ""
+    auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if get_settings().api_key else ""
     console.print(f"serving {', '.join(names)} at {base} (OpenAPI: {base}/docs); Ctrl-C stops\n"
                   f"  curl{auth} {base}/v1/models\n"
                   f"  curl{auth} -X POST {base}/v1/models/{names[0]}/samples -H 'content-type: application/json' "
                   f"-d '{{\"n\": 4, \"seed\": 0}}'\n"
                   f"  curl{auth} -o grid.png '{base}/v1/models/{names[0]}/grid.png?n=16&seed=0'")
+    if not os.environ.get("RAY_ADDRESS"):
+        console.print(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics (ray_serve_*, ray_genmodels_*)")
     try:
         while True:
             time.sleep(3600)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import struct
 import zipfile
 import zlib
@@ -23,13 +22,11 @@ from genmodels.data.errors import DataError
 from genmodels.storage import FileStorage, Storage, open_storage, split_url
 
 __all__ = [
-    "DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC",
+    "FASHION_MNIST_CLASSES", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC",
     "RawDataset", "decode_idx", "encode_idx", "read_digits", "read_fashion_mnist", "read_folder",
     "read_npz", "read_source", "source_names",
 ]
 
-DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_ENV = "GENMODELS_FASHION_MNIST_DIR"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -175,7 +172,10 @@ def _read_idx_pair(storage: Storage, split: str) -> tuple[np.ndarray, np.ndarray
 
 def read_fashion_mnist(location: str | None = None) -> RawDataset:
     """Fashion-MNIST IDX files (gzip or raw), with the source's own train/test split."""
-    location = location or os.environ.get(FASHION_MNIST_ENV) or DEFAULT_FASHION_MNIST_DIR
+    if location is None:
+        from genmodels.config import get_settings
+
+        location = get_settings().fashion_mnist_dir
     storage = open_storage(location)
     x, y, named = _read_idx_pair(storage, "train")
     x_test, y_test, named_test = _read_idx_pair(storage, "t10k")

@@ -68,8 +68,14 @@ def _s3_objects(bucket: str, prefix: str) -> dict[str, bytes]:
 def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first_run):
     from mlflow import MlflowClient
 
+    from genmodels import records
+
     client = MlflowClient()
     assert set(first_run) == set(FAMILIES)
+    # What `genmodels status` shows: the run's outcome record, in the storage.
+    last = records.last_retrain(stack["storage"])
+    assert last["status"] == "succeeded" and set(last["outcomes"]) == set(FAMILIES)
+    assert {o["status"] for o in last["outcomes"].values()} == {"registered"}
     for family, outcome in first_run.items():
         reg = outcome["registered"]
         assert reg["name"] == f"digits-{family}" and reg["created"]

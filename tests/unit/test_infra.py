@@ -1,9 +1,10 @@
 """The deployment manifests in infra/ agree with the code they launch.
 
 Nothing here needs a server, a cluster or the network: the Prefect project file is checked
-against the `retrain` flow object itself, and the RayJob's entrypoint against the `genmodels`
-command's real options, so renaming a parameter or an option breaks these tests, not a 3 a.m.
-run on a cluster.
+against the `retrain` flow object itself, the RayJob's entrypoint against the `genmodels`
+command's real options, and the RayService's Serve config against serving/config.yaml and Serve's
+own schema, so renaming a parameter or an option breaks these tests, not a 3 a.m. run on a
+cluster.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 PREFECT_FILE = INFRA / "prefect.yaml"
 RAYJOB_FILE = INFRA / "k8s" / "rayjob-retrain.yaml"
+RAYSERVICE_FILE = INFRA / "k8s" / "rayservice.yaml"
+SERVE_CONFIG_FILE = REPO / "serving" / "config.yaml"
 SECRET_FILE = INFRA / "k8s" / "secret.example.yaml"
 
 RETRAIN_ENTRYPOINT = "pipelines/flows.py:retrain"
@@ -58,6 +61,11 @@ def deployments(project: dict) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def rayjob() -> dict:
     return _load(RAYJOB_FILE)
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    return _load(RAYSERVICE_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +159,14 @@ def test_pull_steps_name_existing_prefect_steps(project: dict):
 # KubeRay RayJob and its Secret
 
 
-def _containers(rayjob: dict) -> list[dict]:
-    cluster = rayjob["spec"]["rayClusterSpec"]
+def _cluster(manifest: dict) -> dict:
+    """The RayCluster spec of a RayJob (`rayClusterSpec`) or a RayService (`rayClusterConfig`)."""
+    spec = manifest["spec"]
+    return spec["rayClusterSpec"] if manifest["kind"] == "RayJob" else spec["rayClusterConfig"]
+
+
+def _containers(manifest: dict) -> list[dict]:
+    cluster = _cluster(manifest)
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     return [c for t in templates for c in t["spec"]["containers"]]
 
@@ -255,3 +269,69 @@ def test_secret_example_holds_only_placeholders(secret: dict):
     assert all(isinstance(v, str) for v in values.values()), "stringData values must all be strings"
     assert values["AWS_ACCESS_KEY_ID"] == values["AWS_SECRET_ACCESS_KEY"] == "REPLACE_ME"
     assert "data" not in secret  # base64 `data` would hide what is committed from review
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay RayService: the serving application on a cluster
+
+
+def _serve_config(rayservice: dict) -> dict:
+    text = rayservice["spec"]["serveConfigV2"]
+    assert isinstance(text, str), "serveConfigV2 must be a YAML string (a block scalar), not a mapping"
+    return yaml.safe_load(text)
+
+
+def test_rayservice_kind_and_version_match_the_rayjob(rayservice: dict, rayjob: dict):
+    assert (rayservice["apiVersion"], rayservice["kind"]) == ("ray.io/v1", "RayService")
+    assert _cluster(rayservice)["rayVersion"] == _cluster(rayjob)["rayVersion"]
+
+
+def test_rayservice_serves_the_applications_of_serving_config_yaml(rayservice: dict):
+    served = _serve_config(rayservice)
+    local = _load(SERVE_CONFIG_FILE)
+    # The same application, deployments, autoscaling and args: one definition of the service.
+    assert served["applications"] == local["applications"]
+    assert served.get("proxy_location", "EveryNode") == local.get("proxy_location", "EveryNode")
+    # Only where the proxy listens differs: a pod's proxy must be reachable from its Service.
+    assert served["http_options"] == {**local["http_options"], "host": "0.0.0.0"}
+
+
+def test_rayservice_serve_config_is_accepted_by_serve_and_build_app(rayservice: dict):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import resolve_args
+
+    config = ServeDeploySchema.model_validate(_serve_config(rayservice))
+    (app,) = config.applications
+    module, _, attr = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attr, None)), app.import_path
+    resolve_args(app.args)  # raises on an unknown or out-of-range arg
+    ports = {p["name"]: p["containerPort"] for c in _containers(rayservice) for p in c.get("ports", [])}
+    assert ports["serve"] == config.http_options.port
+
+
+def test_rayservice_pods_run_the_rayjob_image_with_bounded_resources(rayservice: dict, rayjob: dict):
+    images = {c["image"] for c in _containers(rayjob)}
+    containers = _containers(rayservice)
+    assert len(containers) == 2  # one head template, one worker-group template
+    for c in containers:
+        assert {c["image"]} == images, c["name"]
+        for kind in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert c["resources"][kind].get(resource), f"{c['name']}: no {resource} {kind}"
+        assert c["resources"]["requests"] == c["resources"]["limits"], c["name"]
+    groups = _cluster(rayservice)["workerGroupSpecs"]
+    assert groups and all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in groups)
+
+
+def test_rayservice_pods_read_the_settings_secret_and_what_serving_needs(rayservice: dict, secret: dict):
+    # Replicas resolve models:/<name>@champion in MLflow and read its S3 artifacts.
+    needed = {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "GENMODELS_WORK_DIR"}
+    for c in _containers(rayservice):
+        refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+        assert refs == [SECRET_NAME], f"{c['name']}: envFrom secrets {refs}"
+        provided = set(secret["stringData"]) | {e["name"] for e in c.get("env", [])}
+        assert needed <= provided, f"{c['name']}: settings missing: {sorted(needed - provided)}"
+        assert "RAY_ADDRESS" not in provided, c["name"]
+
