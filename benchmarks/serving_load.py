@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,32,64")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--serve-defaults", action="store_true", help="Ray Serve's own defaults instead of "
+                        "serving.app.SERVE_ENV (the throughput mode `genmodels serve` sets)")
     args = parser.parse_args()
 
     import ray
@@ -93,7 +95,7 @@ def main() -> None:
     from genmodels import registry
     from genmodels.config import get_settings
     from genmodels.distributed import ensure_ray
-    from serving.app import build_app
+    from serving.app import build_app, use_serve_env
 
     registry.configure(None, get_settings().default_tracking_uri)
     champion = registry.champion(args.model)
@@ -126,6 +128,8 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
+        if not args.serve_defaults:
+            use_serve_env()  # what `genmodels serve` runs with
         ensure_ray()
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

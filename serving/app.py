@@ -46,6 +46,23 @@ DEFAULTS: dict[str, Any] = {
     "job_workers": 2,            # Ray actors (one CPU each) writing the shards of one bulk job
 }
 
+#: Ray Serve's throughput mode (user code and router on each replica's own event loop, gRPC between
+#: proxy and replicas) without its experimental direct ingress, which would drop the HTTP proxy and
+#: the port it listens on, and without its log buffering, which holds request logs back until 1000
+#: have piled up (a quiet server's logs would never show). +26% requests/s for n=1 on 2 cores
+#: (benchmarks/RESULTS.md). Every Ray process reads these at start: a cluster sets them in the
+#: environment of `ray start` (docker-compose.yml, infra/k8s/rayservice.yaml); `genmodels serve`
+#: sets them for the local Ray it starts (:func:`use_serve_env`).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+
+
+def use_serve_env() -> None:
+    """:data:`SERVE_ENV` for a local Ray started after this call (explicit settings win)."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 #: Cap of rows per onnxruntime call; a batch above it is split (memory stays bounded at any batch size).
 MAX_ROWS_PER_CALL = 4096
 

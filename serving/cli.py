@@ -60,8 +60,9 @@ def serve_cmd(
 
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, use_serve_env
 
+    use_serve_env()
     ensure_ray(metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):

@@ -77,7 +77,12 @@ def serve_on_free_port(tracking_uri: str, models: Sequence[str], **args) -> Iter
 
     from genmodels.distributed import ensure_ray
 
-    ensure_ray(num_cpus=4)  # logical CPUs: the Sampler replica reserves one
+    from serving.app import SERVE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SERVE_ENV.items():  # the Ray Serve settings `genmodels serve` runs with
+            mp.setenv(key, value)
+        ensure_ray(num_cpus=4)  # logical CPUs: the Sampler replica reserves one
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

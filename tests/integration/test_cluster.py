@@ -41,10 +41,12 @@ def stack(tmp_path_factory, s3_endpoint):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
     # os.environ carries the session's AWS_* settings (s3_endpoint): the cluster's processes and
     # the MLflow server get them as a deployment's Secret would give them.
+    from serving.app import SERVE_ENV
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "GENMODELS_"))}
     db_dir = tmp_path_factory.mktemp("mlflow-db")
     with mlflow_server(db_dir, f"s3://{BUCKET}/mlflow-default", env) as tracking_uri, \
-            ray_cluster(env, num_nodes=2, cpus_per_node=1) as cluster, pytest.MonkeyPatch.context() as mp:
+            ray_cluster({**env, **SERVE_ENV}, num_nodes=2, cpus_per_node=1) as cluster, pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         ray.init(address=cluster.address, log_to_driver=False)

@@ -105,6 +105,10 @@ def server(trained):
     with pytest.MonkeyPatch.context() as mp:
         # Ray's processes read it at start: metrics reach the Prometheus endpoint within a second.
         mp.setenv("RAY_metrics_report_interval_ms", "500")
+        from serving.app import SERVE_ENV
+
+        for key, value in SERVE_ENV.items():  # the Ray Serve settings `genmodels serve` runs with
+            mp.setenv(key, value)
         ensure_ray(num_cpus=4, metrics_export_port=metrics_port)  # logical CPUs: the Sampler replica reserves one
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -41,6 +41,7 @@ ENVIRONMENT = {
     "GENMODELS_WORK_DIR", "GENMODELS_STORAGE", "GENMODELS_FASHION_MNIST_DIR", "GENMODELS_API_KEY",
     "GENMODELS_GIT_COMMIT",
     "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE",
     "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
     "PREFECT_API_URL",
@@ -409,6 +410,10 @@ def test_every_ray_node_and_driver_gets_the_platform_settings(services: dict):
         if name in RAY_NODES:
             # A node's own address comes from `ray start`; RAY_ADDRESS there would only mislead.
             assert "RAY_ADDRESS" not in env, name
+            # Serve's processes read these at start: the same settings as `genmodels serve`.
+            from serving.app import SERVE_ENV
+
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, name
     tokens = {_env(services[n])["RAY_AUTH_TOKEN"] for n in RAY_NODES | DRIVERS}
     assert len(tokens) == 1, "every Ray node must share one token"
 

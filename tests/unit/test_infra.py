@@ -334,4 +334,8 @@ def test_rayservice_pods_read_the_settings_secret_and_what_serving_needs(rayserv
         provided = set(secret["stringData"]) | {e["name"] for e in c.get("env", [])}
         assert needed <= provided, f"{c['name']}: settings missing: {sorted(needed - provided)}"
         assert "RAY_ADDRESS" not in provided, c["name"]
+        from serving.app import SERVE_ENV
+
+        values = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {k: values.get(k) for k in SERVE_ENV} == SERVE_ENV, f"{c['name']}: Serve settings"
 
