@@ -1,0 +1,89 @@
+"""Where the CPU of an online request goes: CPU seconds per process (from /proc) while the load
+generator of ``serving_load.py`` keeps ``--concurrency`` sample requests in flight against the
+Ray Serve application, reported per request.
+
+On a machine with few cores the processes of a Serve request (HTTP proxy, FastAPI ingress
+replica, Sampler replica) and the load generator compete for the same CPUs, so CPU per request,
+not latency, says what bounds throughput. Linux only (reads /proc).
+
+    GENMODELS_WORK_DIR=<work dir of make run> .venv/bin/python benchmarks/serving_cpu.py \\
+        --model fashion-mnist-vae --n 1 --concurrency 16 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+from serving_load import free_port, load, wait_ready
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[float, str]]:
+    """pid -> (user + system CPU seconds, command line) of every process readable in /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                command = f.read().replace("\0", " ").strip()
+        except OSError:  # the process ended meanwhile
+            continue
+        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, command)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fashion-mnist-vae")
+    parser.add_argument("--n", type=int, default=1, help="images per request")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--top", type=int, default=6, help="processes listed")
+    parser.add_argument("--serve-defaults", action="store_true", help="Ray Serve's own defaults instead of "
+                        "serving.app.SERVE_ENV")
+    args = parser.parse_args()
+
+    from ray import serve
+
+    from genmodels import registry
+    from genmodels.config import get_settings
+    from genmodels.distributed import ensure_ray
+    from serving.app import build_app, use_serve_env
+
+    registry.configure(None, get_settings().default_tracking_uri)
+    if not args.serve_defaults:
+        use_serve_env()
+    ensure_ray()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"models": [args.model], "reload_interval_s": 3600}), name="bench", route_prefix="/")
+        wait_ready(f"http://127.0.0.1:{port}/healthz")
+        url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"
+        asyncio.run(load(url, args.n, args.concurrency, 2.0, 1.0))  # warm-up
+        before, started = cpu_seconds_by_process(), time.perf_counter()
+        result = asyncio.run(load(url, args.n, args.concurrency, args.seconds, 0.0))
+        after, elapsed = cpu_seconds_by_process(), time.perf_counter() - started
+    finally:
+        serve.shutdown()
+
+    requests = result["requests"]
+    used = sorted(((cpu - before.get(pid, (0.0, ""))[0], command) for pid, (cpu, command) in after.items()),
+                  reverse=True)
+    mode = "Ray Serve defaults" if args.serve_defaults else "serving.app.SERVE_ENV"
+    print(f"{args.model}, n={args.n}, concurrency {args.concurrency}, {mode}: {result['rps']:.1f} requests/s, "
+          f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, {os.cpu_count()} CPUs")
+    print("| process | CPU ms per request | share of one core |")
+    print("|---|---|---|")
+    for cpu, command in used[: args.top]:
+        name = command.split()[0] if command.startswith("ray::") else command[:60]
+        print(f"| `{name}` | {cpu / requests * 1e3:.2f} | {cpu / elapsed:.0%} |")
+    print(f"| all processes | {sum(c for c, _ in used) / requests * 1e3:.2f} | {sum(c for c, _ in used) / elapsed:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
