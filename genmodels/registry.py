@@ -46,12 +46,22 @@ def model_digest(checkpoint: bytes) -> str:
     return hashlib.sha256(checkpoint).hexdigest()
 
 
+def resolve_tracking_uri(tracking_uri: str | None = None, default_uri: str | None = None) -> str:
+    """``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``default_uri`` (by default the work
+    dir's sqlite): the registry every genmodels command uses."""
+    if default_uri is None:
+        from genmodels.config import get_settings
+
+        default_uri = get_settings().default_tracking_uri
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri
+
+
 def configure(tracking_uri: str | None, default_uri: str) -> str:
-    """Point MLflow at ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ``default_uri``) and
-    give MLflow's S3 client the endpoint boto3 uses (MinIO, moto)."""
+    """Point MLflow at :func:`resolve_tracking_uri` and give MLflow's S3 client the endpoint
+    boto3 uses (MinIO, moto)."""
     import mlflow
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri
+    uri = resolve_tracking_uri(tracking_uri, default_uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

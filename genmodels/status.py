@@ -19,15 +19,7 @@ from typing import Any
 
 from genmodels import records
 
-__all__ = ["collect", "registry_overview", "tracking_uri"]
-
-
-def tracking_uri(explicit: str | None = None) -> str:
-    """The registry ``genmodels`` uses: ``explicit``, else ``MLFLOW_TRACKING_URI``, else the
-    work dir's sqlite (as :func:`genmodels.registry.configure` resolves it)."""
-    from genmodels.config import get_settings
-
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or get_settings().default_tracking_uri
+__all__ = ["collect", "registry_overview"]
 
 
 def _version_summary(client, name: str, version: str) -> dict[str, Any]:
@@ -76,7 +68,9 @@ def collect(storage_url: str | None = None, tracking: str | None = None) -> dict
     from genmodels.storage import open_storage
 
     storage_url = storage_url or get_settings().storage_url
-    uri = tracking_uri(tracking)
+    from genmodels.registry import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking)
     report: dict[str, Any] = {"storage": storage_url, "tracking_uri": uri, "models": [], "last_retrain": None,
                               "jobs": [], "job_counts": {}, "errors": {}}
     try:

@@ -443,6 +443,7 @@ class HandleBackend:
 def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     """``args`` over :data:`DEFAULTS`, with models split and the tracking URI and API key
     resolved here (in the process that builds the app) so every replica gets the same ones."""
+    from genmodels import registry
     from genmodels.config import get_settings
 
     args = dict(args or {})
@@ -454,8 +455,7 @@ def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
     out["models"] = list(models) if models else None
-    out["tracking_uri"] = (out["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-                           or get_settings().default_tracking_uri)
+    out["tracking_uri"] = registry.resolve_tracking_uri(out["tracking_uri"])
     out["api_key"] = out["api_key"] or get_settings().api_key
     # Resolved here: a relative GENMODELS_WORK_DIR would otherwise resolve in each replica's own cwd,
     # away from where `genmodels status` reads the job records.
