@@ -34,7 +34,7 @@ logger = logging.getLogger("ray.serve")
 
 #: Every knob of the application, with its default; ``build_app`` refuses any other key.
 DEFAULTS: dict[str, Any] = {
-    "models": None,              # comma list or list; None: every registered model with a champion
+    "models": None,              # comma list or list; None: every model with a champion, now or later
     "alias": "champion",         # the alias served (and watched for hot reload)
     "tracking_uri": None,        # None: MLFLOW_TRACKING_URI, else the embedded sqlite default
     "reload_interval_s": 10.0,   # how often each sampler replica polls the alias
@@ -144,9 +144,13 @@ class SampleItem:
 class ModelSet:
     """The served models of one replica: load, describe, sample in batches, hot reload.
 
-    ``self._models[name]`` is the one reference a reload swaps; a request reads it once, in
-    :meth:`prepare`, and keeps that ``LoadedSampler`` to the end, so a reload never changes
-    the version (or the images) of a request already under way.
+    ``self._models`` is replaced, never changed in place: a reload or a newly served model swaps
+    that one reference. A request reads its model once, in :meth:`prepare`, and keeps that
+    ``LoadedSampler`` to the end, so a reload never changes the version (or the images) of a
+    request already under way.
+
+    ``names`` None: every registered model with the alias, including those that get it later
+    (found by :meth:`poll_once`); a list pins the served models.
     """
 
     def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None,
@@ -158,6 +162,7 @@ class ModelSet:
         self.alias = alias
         self._threads = intra_op_num_threads
         self._root = Path(tempfile.mkdtemp(prefix="genmodels-serve-"))
+        self._pinned = bool(names)
         names = list(names) if names else registry.served_models(alias)
         if not names:
             raise ValueError(f"no registered model has a version with the alias {alias!r}: nothing to serve "
@@ -305,11 +310,12 @@ class ModelSet:
 
     # --- hot reload ---------------------------------------------------------------------------
     def poll_once(self) -> list[str]:
-        """Load every model whose alias moved and swap it in; the names swapped."""
+        """Load every model whose alias moved (and, unpinned, every model that newly has the
+        alias) and swap it in; the names swapped or added."""
         from genmodels import registry
 
         swapped = []
-        for name, loaded in list(self._models.items()):
+        for name, loaded in self._models.items():
             try:
                 current = registry.current_version(name, self.alias)
                 if current is None or current == loaded.version:
@@ -318,9 +324,25 @@ class ModelSet:
             except Exception:  # registry briefly unreachable or locked: try again next tick
                 logger.warning("reload of %s failed; still serving v%s", name, loaded.version, exc_info=True)
                 continue
-            self._models[name] = fresh  # the one swap: later requests see the new version
+            self._models = {**self._models, name: fresh}  # the one swap: later requests see the new version
             swapped.append(name)
             logger.info("%s: serving v%s (was v%s)", name, fresh.version, loaded.version)
+        if not self._pinned:
+            try:
+                new = [n for n in registry.served_models(self.alias) if n not in self._models]
+            except Exception:
+                logger.warning("listing models with the alias %r failed; trying again next tick", self.alias,
+                               exc_info=True)
+                new = []
+            for name in new:
+                try:
+                    fresh = self._load(name)
+                except Exception:
+                    logger.warning("loading newly served %s failed; trying again next tick", name, exc_info=True)
+                    continue
+                self._models = {**self._models, name: fresh}
+                swapped.append(name)
+                logger.info("%s: now served (v%s)", name, fresh.version)
         return swapped
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="HTTP host of the Serve proxy.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the Serve proxy.")] = 8000,
     models: Annotated[Optional[str], typer.Option("--models", help="Comma list of registered models "
-                                                  "(default: every model with a champion).")] = None,
+                                                  "(default: every model with a champion, and those that get one while serving).")] = None,
     reload_interval: Annotated[float, typer.Option("--reload-interval", min=0.1, help="Seconds between checks "
                                                    "of the champion alias (hot reload).")] = 10.0,
     metrics_port: Annotated[int, typer.Option("--metrics-port", min=1, max=65535, help="Prometheus metrics of the "
@@ -66,7 +66,7 @@ def serve_cmd(
     ensure_ray(metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):
-        serve.run(build_app({"models": names, "reload_interval_s": reload_interval}), name="genmodels",
+        serve.run(build_app({"models": names if models else None, "reload_interval_s": reload_interval}), name="genmodels",
                   route_prefix="/")
     base = f"http://{host}:{port}"
     auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if get_settings().api_key else ""

@@ -62,11 +62,11 @@ def trained(tmp_path_factory):
 
         runs_ = {"vae1": train("vae1", "vae", 0), "vae2": train("vae2", "vae", 1), "cvae": train("cvae", "cvae", 0)}
 
-        def register(key: str, family: str, nll: float) -> str:
+        def register(key: str, family: str, nll: float, dataset: str = "srv") -> str:
             run = runs_[key]
             _, meta = runs.load_model(run)
             with tempfile.TemporaryDirectory() as tmp:
-                reg = registry.register(dataset="srv", family=family, preset="quick",
+                reg = registry.register(dataset=dataset, family=family, preset="quick",
                                         checkpoint=run.get_bytes("model.pt"), onnx_files=runs.fetch_onnx(run, tmp),
                                         metrics={"nll_nats": nll}, params={"family": family},
                                         snapshot_hash=meta["snapshot_hash"], artifact_root=(root / "mlflow").as_uri())
@@ -419,3 +419,22 @@ def test_hot_reload_switches_version_without_failing_requests(server, trained, l
     now = _samples(server, headers=auth, n=4, seed=21, format="array")
     assert now["version"] == "2"
     assert np.array_equal(np.asarray(now["images"], np.float32), v2.sample(4, seed=21))
+
+
+def test_unpinned_models_include_those_promoted_later_and_pinned_ones_do_not(trained):
+    from serving.app import ModelSet
+
+    unpinned = ModelSet(None, "champion", trained["tracking_uri"])
+    pinned = ModelSet([VAE], "champion", trained["tracking_uri"])
+    try:
+        assert "later-vae" not in unpinned.names
+        assert unpinned.poll_once() == []  # nothing moved yet
+        version = trained["register"]("vae1", "vae", 48.0, dataset="later")
+        assert unpinned.poll_once() == []  # registered, but no champion yet: not served
+        trained["champion"]("later-vae", version)
+        assert unpinned.poll_once() == ["later-vae"]
+        assert "later-vae" in unpinned.names and unpinned.get("later-vae").version == version
+        assert pinned.poll_once() == [] and pinned.names == [VAE]
+    finally:
+        unpinned.close()
+        pinned.close()
