@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from genmodels.models.base import check_temperature
+from genmodels.models.base import check_labels_array, check_temperature
 from genmodels.noise import NoiseField, check_seed, make_noise
 
 __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "categorical_inverse_cdf_np", "read_metadata"]
@@ -320,25 +320,10 @@ class OnnxSampler:
 
     # --- sampling --------------------------------------------------------------------------
     def check_labels(self, labels: Any, n: int) -> np.ndarray | None:
-        """None, one int for all ``n`` rows, or ``n`` ints in [0, num_classes) -> int64 [n]."""
-        if labels is None:
-            if self._conditional:
-                raise ValueError(f"{self._family} model is class-conditional: labels are required")
-            return None
-        if not self._conditional:
-            raise ValueError(f"{self._family} model is unconditional: it takes no labels")
-        arr = np.asarray(labels)
-        if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-            raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
-        arr = arr.astype(np.int64)
-        if arr.ndim == 0:
-            arr = np.full(n, arr, dtype=np.int64)
-        if arr.ndim != 1 or arr.shape[0] != n:
-            raise ValueError(f"labels must be one int or {n} ints, got shape {arr.shape}")
-        k = self._num_classes
-        if arr.size and (arr.min() < 0 or arr.max() >= k):
-            raise ValueError(f"labels must lie in [0, {k}), got {arr.min()}..{arr.max()}")
-        return arr
+        """None, one int for all ``n`` rows, or ``n`` ints in [0, num_classes) -> int64 [n]
+        (:func:`genmodels.models.base.check_labels_array`, the torch models' check too)."""
+        return check_labels_array(labels, n, family=self._family, conditional=self._conditional,
+                                  num_classes=self._num_classes)
 
     def _check_noise(self, noise: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         missing = sorted(set(self._noise_spec) - set(noise))

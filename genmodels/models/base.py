@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,31 @@ def check_temperature(temperature: Any) -> None:
         return
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, num_classes: int) -> np.ndarray | None:
+    """The one label check of torch models and of the ONNX runtime: None for an unconditional
+    model, else one int for all ``n`` rows or ``n`` ints in [0, num_classes) -> int64 [n].
+    Floats and bools are refused rather than truncated to a class."""
+    if labels is None:
+        if conditional:
+            raise ValueError(f"{family} model is class-conditional: labels are required")
+        return None
+    if not conditional:
+        raise ValueError(f"{family} model is unconditional: it takes no labels")
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.ndim == 0:
+        arr = np.full(n, arr, dtype=np.int64)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"labels must be one int or {n} ints, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {arr.min()}..{arr.max()}")
+    return arr
 
 
 @dataclass(frozen=True)
@@ -177,23 +203,11 @@ class GenerativeModel(nn.Module):
 
     # --- helpers ---------------------------------------------------------------------
     def check_labels(self, labels: Any, n: int) -> torch.Tensor | None:
-        """Validate labels against the model: None, one int for all, or n ints."""
-        if labels is None:
-            if self.conditional:
-                raise ValueError(f"{self.family} model is class-conditional: labels are required")
-            return None
-        if not self.conditional:
-            raise ValueError(f"{self.family} model is unconditional: it takes no labels")
-        device = next(self.parameters()).device
-        t = torch.as_tensor(labels, dtype=torch.long, device=device)
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.ndim != 1 or t.shape[0] != n:
-            raise ValueError(f"labels must be one int or {n} ints, got shape {tuple(t.shape)}")
-        k = self.image.num_classes
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= k):
-            raise ValueError(f"labels must lie in [0, {k}), got {t.min().item()}..{t.max().item()}")
-        return t
+        """Validate labels against the model (:func:`check_labels_array`) -> int64 [n] on the
+        model's device, or None."""
+        arr = check_labels_array(labels, n, family=self.family, conditional=self.conditional,
+                                 num_classes=self.image.num_classes)
+        return None if arr is None else torch.from_numpy(arr).to(next(self.parameters()).device)
 
     def to_levels(self, x: torch.Tensor) -> torch.Tensor:
         """Float grid values -> int64 level indices in [0, levels)."""
