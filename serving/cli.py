@@ -3,6 +3,7 @@ through the ``genmodels.cli`` entry point; registers on its ``app``."""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -12,6 +13,13 @@ from genmodels.config import get_settings
 
 #: How often ``--wait-for-champion`` asks the registry again.
 CHAMPION_POLL_S = 5.0
+
+
+class ProxyLocation(str, Enum):
+    """Where Serve runs its HTTP proxies (Serve's own names)."""
+
+    every_node = "EveryNode"
+    head_only = "HeadOnly"
 
 
 @app.command("serve")
@@ -31,6 +39,10 @@ def serve_cmd(
                                                      help="Wait up to SECONDS for the models to have a champion "
                                                      "(a stack started before its first retrain) instead of "
                                                      "failing at once.")] = 0.0,
+    proxy_location: Annotated[ProxyLocation, typer.Option("--proxy-location", help="HTTP proxies on every Ray "
+                                                          "node, or on the head only (several nodes sharing one "
+                                                          "host would otherwise compete for the port).")]
+    = ProxyLocation.every_node,
 ) -> None:
     """The online sampling API (Ray Serve) on the champions of the MLflow registry; blocks until
     Ctrl-C. Local Ray unless RAY_ADDRESS; MLFLOW_TRACKING_URI as for retrain."""
@@ -64,7 +76,7 @@ def serve_cmd(
 
     use_serve_env()
     ensure_ray(metrics_export_port=metrics_port)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=proxy_location.value, http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):
         serve.run(build_app({"models": names if models else None, "reload_interval_s": reload_interval}), name="genmodels",
                   route_prefix="/")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,24 +120,37 @@ def test_training_used_both_nodes(stack, retrained):
     assert {w.node_id for w in workers} == alive
 
 
-def test_serve_on_the_cluster_answers_from_the_registry(stack, retrained):
+def test_serve_on_the_cluster_answers_from_the_registry(stack, retrained, tmp_path):
+    """`genmodels serve` as users run it, from a fresh work dir: a driver joining the cluster."""
     import httpx
-    from ray import serve
 
     from genmodels import registry
-    from serving.app import build_app
 
     registry.configure(stack["tracking_uri"], "sqlite:///must-not-be-used.db")
     want = registry.load_sampler(MODEL).sampler.sample(3, seed=5, temperature=1.0)
     port = free_port()
+    env = {**stack["env"], "RAY_ADDRESS": stack["ray_address"], "RAY_AUTH_MODE": "disabled",
+           "MLFLOW_TRACKING_URI": stack["tracking_uri"], "GENMODELS_STORAGE": stack["storage"],
+           "GENMODELS_WORK_DIR": str(tmp_path / ".genmodels")}
     # HeadOnly: both nodes share this host's address, so a proxy per node would fight over the port.
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    cmd = [str(Path(sys.executable).parent / "genmodels"), "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--proxy-location", "HeadOnly", "--reload-interval", "60"]
+    server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     try:
-        serve.run(build_app({"models": [MODEL], "tracking_uri": stack["tracking_uri"]}), name="genmodels",
-                  route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            r = http.get("/healthz")
-            assert (r.status_code, r.json()) == (200, {"status": "ok"})
+            deadline = time.monotonic() + 180
+            while True:
+                assert server.poll() is None, f"genmodels serve exited:\n{server.stdout.read()[-4000:]}"
+                assert time.monotonic() < deadline, "genmodels serve did not answer /healthz in 180 s"
+                try:
+                    r = http.get("/healthz")
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
+            assert r.json() == {"status": "ok"}
             models = http.get("/v1/models").json()
             assert [(m["name"], m["family"], m["version"], m["image_shape"]) for m in models] == \
                 [(MODEL, FAMILY, "1", [1, 8, 8])]
@@ -148,4 +162,9 @@ def test_serve_on_the_cluster_answers_from_the_registry(stack, retrained):
             png = http.post(f"/v1/models/{MODEL}/samples", json={"n": 2, "seed": 5}).json()
             assert len(png["images"]) == 2 and all(isinstance(i, str) and i for i in png["images"])
     finally:
-        serve.shutdown()
+        server.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down on its way out
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
