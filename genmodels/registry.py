@@ -287,6 +287,14 @@ def version_by_alias(name: str, alias: str):
         raise
 
 
+def version_gate(mv) -> tuple[str | None, float | None]:
+    """(gate metric name, its value) as :func:`register` tagged them on model version ``mv``;
+    None where a tag is missing."""
+    tags = mv.tags or {}
+    value = tags.get(f"{_TAG}gate_value")
+    return tags.get(f"{_TAG}gate_metric"), None if value is None else float(value)
+
+
 def champion(name: str):
     """The champion version of ``name``, or None."""
     return version_by_alias(name, CHAMPION)

@@ -23,11 +23,11 @@ __all__ = ["collect", "registry_overview"]
 
 
 def _version_summary(client, name: str, version: str) -> dict[str, Any]:
+    from genmodels.registry import version_gate
+
     mv = client.get_model_version(name, version)
-    tags = mv.tags or {}
-    value = tags.get("genmodels.gate_value")
-    return {"version": str(mv.version), "gate_metric": tags.get("genmodels.gate_metric"),
-            "gate_value": None if value is None else float(value),
+    metric, value = version_gate(mv)
+    return {"version": str(mv.version), "gate_metric": metric, "gate_value": value,
             "registered_at_ms": mv.creation_timestamp}
 
 

@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 import pytest
-from serving_fixtures import register_champions, serve_on_free_port
+from serving_fixtures import register_champions, registry_env, serve_on_free_port
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -26,10 +26,7 @@ K = 10  # digits classes
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("analogies")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
-        mp.delenv("GENMODELS_API_KEY", raising=False)
+    with registry_env(root):
         tracking_uri = register_champions(root, DATASET, ["cvae", "vae"],
                                           metrics={"cvae": {"nll_nats": 40.0}, "vae": {"nll_nats": 50.0}})
         with serve_on_free_port(tracking_uri, [CVAE, VAE]) as url, httpx.Client(base_url=url, timeout=60) as client:

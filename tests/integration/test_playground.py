@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from serving_fixtures import register_champions, serve_on_free_port
+from serving_fixtures import register_champions, registry_env, serve_on_free_port
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
@@ -41,10 +41,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("playground")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
-        mp.delenv("GENMODELS_API_KEY", raising=False)
+    with registry_env(root):
         tracking_uri = register_champions(root, DATASET, ["vae", "cvae"],
                                           metrics={"vae": {"nll_nats": 50.0}, "cvae": {"nll_nats": 40.0}})
         models = [VAE, CVAE]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import tempfile
 import threading
 import time
@@ -28,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
 from genmodels.storage import open_storage
+from serving_fixtures import free_port, registry_env
 
 TINY = {"latent_dim": 3, "hidden": (16,)}
 VAE, CVAE = "srv-vae", "srv-cvae"
@@ -35,20 +35,11 @@ APP = "genmodels"
 KEY = "s3cret-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """MLflow in a temp dir; VAE v1 and the CVAE registered as champions, VAE v2 trained only."""
     root = tmp_path_factory.mktemp("serving")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
-        mp.delenv("GENMODELS_API_KEY", raising=False)
+    with registry_env(root):
         registry.configure(None, "sqlite:///must-not-be-used.db")
         store = open_storage(root / "store")
         snap = runs.snapshot_for(store, "digits", None, PrepConfig(seed=0))
@@ -101,7 +92,7 @@ def server(trained):
 
     from genmodels.distributed import ensure_ray
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         # Ray's processes read it at start: metrics reach the Prometheus endpoint within a second.
         mp.setenv("RAY_metrics_report_interval_ms", "500")
@@ -110,7 +101,7 @@ def server(trained):
         for key, value in SERVE_ENV.items():  # the Ray Serve settings `genmodels serve` runs with
             mp.setenv(key, value)
         ensure_ray(num_cpus=4, metrics_export_port=metrics_port)  # logical CPUs: the Sampler replica reserves one
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         _deploy(trained)
