@@ -62,6 +62,14 @@ def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, n
     return arr
 
 
+def require_completion(family: str, can_complete: bool) -> None:
+    """The one refusal of families without an exact completion (torch models, ONNX runtime, API)."""
+    if not can_complete:
+        raise NotImplementedError(
+            f"the {family} family has no exact image completion: only pixelrnn (known rows) and "
+            f"mixture (any known pixels) can complete an image")
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What a model's images look like."""
@@ -159,6 +167,9 @@ class GenerativeModel(nn.Module):
     def begin_epoch(self, epoch: int, total_epochs: int) -> None:
         """Called by the training loop before each epoch (warm-up schedules and the like)."""
 
+    def after_step(self, player: str) -> None:
+        """Called by the training loop after each optimizer step of ``player`` (weight averages)."""
+
     def forward(self, batch: Mapping[str, torch.Tensor], player: str = "model") -> dict[str, torch.Tensor]:
         # DDP wraps ``forward``; routing the loss through it keeps gradient sync correct.
         return self.loss(batch, player)
@@ -195,6 +206,77 @@ class GenerativeModel(nn.Module):
         device = next(self.parameters()).device
         noise = {k: v.to(device) for k, v in noise.items()}
         return self.sample_from_noise(noise, self.check_labels(labels, n), temperature)
+
+    # --- completion -----------------------------------------------------------------
+    #: Whether ``complete`` draws exactly from p(unknown | known) (PixelRNN, mixture).
+    can_complete: ClassVar[bool] = False
+    #: Whether ``known`` may be any boolean mask [H, W] (mixture) rather than known rows only.
+    completes_any_mask: ClassVar[bool] = False
+
+    def completion_mask(self, known: Any) -> torch.Tensor:
+        """``known`` (a number of known rows, or a boolean mask [H, W] where the family takes
+        one) -> bool [H, W] on CPU, True = known. Refuses what the family cannot complete."""
+        require_completion(self.family, self.can_complete)
+        h, w = self.image.height, self.image.width
+        if isinstance(known, (int, np.integer)) and not isinstance(known, bool):
+            if not 0 <= int(known) <= h:
+                raise ValueError(f"known rows must be in [0, {h}], got {int(known)}")
+            mask = torch.zeros(h, w, dtype=torch.bool)
+            mask[: int(known)] = True
+            return mask
+        if not self.completes_any_mask:
+            raise ValueError(f"the {self.family} family completes after known rows only (an int in "
+                             f"[0, {h}]), got {type(known).__name__}: a mask of known pixels needs the mixture")
+        arr = known.detach().cpu().numpy() if isinstance(known, torch.Tensor) else np.asarray(known)
+        if arr.dtype != np.bool_ or arr.shape != (h, w):
+            raise ValueError(f"a mask of known pixels must be bool [{h}, {w}], got {arr.dtype} {arr.shape}")
+        return torch.from_numpy(arr.copy())
+
+    def complete_from_noise(
+        self,
+        x: torch.Tensor,
+        known: Any,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Completions [B, n, C, H, W] of images ``x`` [B, C, H, W]: noise row ``b * n + j``
+        (fields of ``noise_spec``, [B * n, ...]) draws completion ``j`` of image ``b``."""
+        require_completion(self.family, self.can_complete)
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def complete(
+        self,
+        x: torch.Tensor,
+        known: Any,
+        n: int,
+        seed: int = 0,
+        temperature: float = 1.0,
+        labels: torch.Tensor | Iterable[int] | int | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """``n`` draws from p(unknown pixels | known pixels) of each image ``x`` ([C, H, W] ->
+        [n, C, H, W]; [B, C, H, W] -> [B, n, C, H, W]). Known pixels come back exactly as given
+        (rounded to the model's grid). Completion ``j`` of every image uses noise stream
+        ``start + j`` of ``seed``, so it is the same whatever else is in the batch."""
+        require_completion(self.family, self.can_complete)
+        check_temperature(temperature)
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        single = x.ndim == 3
+        xb = x[None] if single else x
+        if xb.ndim != 4 or tuple(xb.shape[1:]) != self.image.shape:
+            raise ValueError(f"expected an image [{', '.join(map(str, self.image.shape))}] or a batch of them, "
+                             f"got {tuple(x.shape)}")
+        b = xb.shape[0]
+        device = next(self.parameters()).device
+        labels = self.check_labels(labels, b)
+        noise = make_noise(self.noise_spec(), seed, int(n), start=start)
+        # Every image gets the same streams: completion j of an image never depends on its batch.
+        noise = {k: v.repeat(b, *([1] * (v.ndim - 1))).to(device) for k, v in noise.items()}
+        out = self.complete_from_noise(xb.to(device), known, noise, labels, temperature)
+        return out[0] if single else out
 
     # --- likelihood -----------------------------------------------------------------
     def log_likelihood(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -130,6 +130,8 @@ class MixtureModel(GenerativeModel):
     has_latent: ClassVar[bool] = False
     samples_on_grid: ClassVar[bool] = True
     train_input: ClassVar[str] = "quantized"
+    can_complete: ClassVar[bool] = True
+    completes_any_mask: ClassVar[bool] = True
     # One EM iteration per epoch; the loop sums em_accumulate over the epoch's batches.
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "quick": {
@@ -341,6 +343,85 @@ class MixtureModel(GenerativeModel):
             v = mean + std * temperature * eps
             img = torch.clamp(torch.floor(v * _LEVELS_8BIT), 0, _LEVELS_8BIT - 1) / (_LEVELS_8BIT - 1)
         return img.reshape(n, *self.image.shape)
+
+    # --- completion -------------------------------------------------------------------------
+    def complete_from_noise(
+        self,
+        x: torch.Tensor,
+        known: Any,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Completions [B, n, C, H, W] given the pixels ``known`` marks (rows or a bool mask
+        [H, W], every channel of a marked pixel): the component is drawn from its posterior
+        given the known pixels, then the unknown pixels from that component."""
+        check_temperature(temperature)
+        mask = self.completion_mask(known).to(self.log_weights.device)
+        levels = self._levels(x)
+        b, m = levels.shape[0], noise["pixels"].shape[0]
+        if b < 1 or m % b or noise["component"].shape[0] != m:
+            raise ValueError(f"noise rows ({m}) must be a multiple of the {b} image(s): n per image")
+        n = m // b
+        if self.conditional:
+            labels = self._groups(labels, b, required_for="complete").repeat_interleave(n)
+        elif labels is not None:
+            raise ValueError("mixture model is unconditional: it takes no labels")
+        known_d = mask.expand(self.image.channels, -1, -1).reshape(1, self.dims).expand(m, -1)
+        x_rows = self.from_levels(levels.repeat_interleave(n, dim=0)).reshape(m, *self.image.shape)
+        out = self.complete_rows(x_rows, known_d.reshape(m, *self.image.shape).to(x_rows.dtype),
+                                 noise["component"], noise["pixels"], labels, temperature)
+        return out.reshape(b, n, *self.image.shape)
+
+    def complete_rows(
+        self,
+        x: torch.Tensor,
+        known: torch.Tensor,
+        component: torch.Tensor,
+        pixels: torch.Tensor,
+        labels: torch.Tensor | None,
+        temperature: float | torch.Tensor,
+        log_mass_table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One completion per row, plain tensor ops (the exported ``complete`` graph): ``x``
+        [m, C, H, W] on the grid, ``known`` [m, C, H, W] 1 = known, the sampler's noise fields,
+        labels [m] (conditional) -> [m, C, H, W]. The posterior is float64, like the
+        likelihood: a sum over hundreds of pixels must not decide the component by rounding.
+        ``log_mass_table``: the 8-bit log P(level) table (the export passes it as a constant)."""
+        m = x.shape[0]
+        levels = torch.round(x * (self.image.levels - 1)).to(torch.int64).clamp(0, self.image.levels - 1)
+        levels = levels.reshape(m, self.dims)
+        mask = known.reshape(m, self.dims).to(torch.float64)
+        group = labels if self.conditional else torch.zeros(m, dtype=torch.int64, device=x.device)
+        if self.binary:
+            logp = torch.log(self.probs).reshape(-1, self.dims)
+            log1mp = torch.log1p(-self.probs).reshape(-1, self.dims)
+            all_ll = (mask * levels.to(torch.float64)) @ (logp - log1mp).T + mask @ log1mp.T  # [m, G*K]
+            comp_ll = torch.gather(all_ll.view(m, self.groups, self.k), 1,
+                                   group.view(m, 1, 1).expand(m, 1, self.k)).view(m, self.k)
+        else:
+            table = self._gaussian_tables()[0] if log_mass_table is None else log_mass_table
+            pixel = torch.arange(self.dims, device=x.device) * _LEVELS_8BIT
+            rows = ((pixel + levels) * self.groups + group[:, None]).reshape(-1)
+            comp_ll = (table.index_select(0, rows).view(m, self.dims, self.k) * mask[..., None]).sum(1)
+        post = self.log_weights.index_select(0, group) + comp_ll
+        cdf = torch.cumsum(torch.softmax(post / temperature, dim=1), dim=1)
+        cdf = cdf / cdf[:, -1:]
+        comp = (cdf < component.reshape(m, 1).to(torch.float64)).to(torch.int64).sum(1).clamp(max=self.k - 1)
+        flat = group * self.k + comp
+        dtype = pixels.dtype
+        eps = pixels.reshape(m, self.dims)
+        if self.binary:
+            p = self.probs.reshape(-1, self.dims).to(dtype)[flat]
+            p = torch.sigmoid(torch.logit(p) / temperature)
+            drawn = (eps < p).to(dtype)
+        else:
+            mean = self.means.reshape(-1, self.dims).to(dtype)[flat]
+            std = self.stds.reshape(-1, self.dims).to(dtype)[flat]
+            v = mean + std * temperature * eps
+            drawn = torch.clamp(torch.floor(v * _LEVELS_8BIT), 0, _LEVELS_8BIT - 1) / (_LEVELS_8BIT - 1)
+        given = levels.to(dtype) / (self.image.levels - 1)
+        return torch.where(mask > 0, given, drawn).reshape(m, *self.image.shape)
 
     # --- internals --------------------------------------------------------------------------
     def _batch_labels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
