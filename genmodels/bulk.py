@@ -33,9 +33,11 @@ quantization grid (mixture, PixelRNN) give level ``k`` of ``L`` as ``round(255 *
 binary images hold {0, 255}, 8-bit images their level exactly; VAE/CVAE/GAN intensities
 (decoder means, generator outputs in [0, 1]) are rounded to the nearest of 256 grey levels.
 
-:func:`run_job` runs a job in-process or on Ray (an ``ActorPool``: each actor builds one sampler
-from the graphs' bytes and writes whole shards). It keeps no global state, reports progress
-through ``on_progress`` and stops at ``should_stop``, so a long-lived server can run many.
+:func:`run_job` runs a job in-process or on Ray: one-CPU actors in a placement group sized to
+what the cluster can place (in-process when it can place none), each building one sampler from
+the graphs' bytes and writing whole shards; a shard whose actor died is retried on a fresh one.
+It keeps no global state, reports progress through ``on_progress`` and stops at
+``should_stop`` within a fraction of a second, so a long-lived server can run many.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from genmodels.storage import Storage, open_storage
 
 __all__ = [
     "DEFAULT_SHARD_SIZE", "FORMATS", "JOB_FORMAT", "MAX_N", "MAX_SHARDS", "MAX_SHARD_SIZE", "JobCancelled",
-    "JobSpec", "ShardMismatch", "build_sampler", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
+    "JobSpec", "ShardMismatch", "build_sampler", "check_output_root", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
     "shard_key", "shard_plan", "verify",
 ]
 
@@ -107,6 +109,9 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
 def _check_output(output: Any) -> str:
     if not isinstance(output, str) or not output:
         raise ValueError(f"output must be an s3://bucket/prefix or file:///abs/path URL, got {output!r}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in output):
+        # A newline in a URL that ends up in log lines could forge them; no storage needs one.
+        raise ValueError(f"output must not contain control characters (newlines, tabs...), got {output!r}")
     url = output.rstrip("/")
     if url.startswith("s3://"):
         bucket, _, _ = url[len("s3://"):].partition("/")
@@ -119,6 +124,39 @@ def _check_output(output: Any) -> str:
     except ValueError as exc:
         raise ValueError(f"output {output!r}: {exc}") from None
     return url
+
+
+def _under_form(url: str) -> str | None:
+    """``url`` as a comparable prefix ending in "/" (file: the real path, symlinks resolved), or
+    None when it has "." or ".." segments or is no file:// / s3:// URL."""
+    from urllib.parse import unquote, urlsplit
+
+    if url.startswith("s3://"):
+        path = url[len("s3://"):]
+        if any(part in (".", "..") for part in path.split("/")):
+            return None
+        return "s3://" + path.rstrip("/") + "/"
+    if url.startswith("file:"):
+        parts = urlsplit(url)
+        path = unquote(parts.path)  # the storage layer unquotes too: %2e%2e is ".." there
+        if parts.netloc not in ("", "localhost") or not path.startswith("/") or "\0" in path \
+                or any(part in (".", "..") for part in path.split("/")):
+            return None
+        return "file://" + os.path.realpath(path).rstrip("/") + "/"
+    return None
+
+
+def check_output_root(output: str, roots: Sequence[str]) -> None:
+    """``ValueError`` unless ``output`` lies strictly under one of ``roots`` (URL prefixes), compared
+    after normalization: no "." or ".." segment, file paths with their symlinks resolved (a link
+    under a root pointing elsewhere is outside it). The message names neither the output's
+    resolved path nor the roots: a caller learns nothing about the server's files."""
+    target = _under_form(output)
+    bases = [b for b in (_under_form(r) for r in roots) if b is not None]
+    if target is None or not any(target.startswith(b) and target != b for b in bases):
+        raise ValueError("output is not under an output root of this server (GENMODELS_JOB_OUTPUT_ROOTS; by "
+                         "default <storage>/outputs/): give a fresh prefix below one, without '.' or '..' "
+                         "segments or links leading out of it")
 
 
 @dataclass(frozen=True)
@@ -437,7 +475,8 @@ def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
         return
     others = storage.list("")
     if others:
-        raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY} (e.g. {others[0]!r}); "
+        # Naming no object found there: the caller may not own it (and learns nothing about it).
+        raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
                          "bulk jobs write only into a fresh prefix or their own")
     storage.put_json(JOB_KEY, job)
 
@@ -460,19 +499,26 @@ def run_job(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     use_ray: bool = True,
+    threads: int | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or verify) ``spec``; return its manifest.
 
     ``sampler_files``: the ONNX graphs of ``spec.model`` v``spec.version`` as {file name: bytes}.
-    ``workers``: Ray actors (``use_ray``), each writing whole shards; ignored in-process.
+    ``workers``: Ray actors (``use_ray``), each writing whole shards, at most as many as the
+    cluster can place (one CPU each); none placeable: the shards are written in-process.
+    ``threads``: onnxruntime intra-op threads when writing in-process (None: onnxruntime's
+    default, every core; a server passes 1); actors always use one.
     ``on_progress(done_samples, total)`` after every shard (verified ones count as done).
-    ``should_stop()`` is polled between shards (and between chunks in-process); when it returns
-    True the job raises :class:`JobCancelled`, keeping every completed shard.
+    ``should_stop()`` is polled between chunks in-process and every few tenths of a second on
+    Ray; when it returns True the job raises :class:`JobCancelled`, keeping every completed shard.
+    ``on_event(event, detail)``: ``("writers", {count, wanted})`` once the pool is placed (count 0:
+    in-process), ``("retry", {shard, attempt, error})`` when a writer died and its shard is retried.
     """
     if not isinstance(spec, JobSpec):
         raise TypeError(f"spec must be a JobSpec, got {type(spec).__name__}")
     workers = _int(workers, "workers", 1, 10_000)
-    local = _ShardWriter(spec, sampler_files, _open_output(spec.output))
+    local = _ShardWriter(spec, sampler_files, _open_output(spec.output), threads)
     sampler, storage = local.sampler, local.storage
     spec.check_model(sampler.conditional, sampler.num_classes)
     storage.check_reachable()
@@ -492,10 +538,11 @@ def run_job(
 
     if on_progress is not None:
         on_progress(0, spec.n)
+    in_process = lambda: _run_in_process(local, len(plan), finished, should_stop)
     if use_ray and len(plan) > 1:
-        _run_on_ray(spec, sampler_files, storage, len(plan), workers, finished, should_stop)
+        _run_on_ray(spec, sampler_files, storage, len(plan), workers, finished, should_stop, on_event, in_process)
     else:
-        _run_in_process(local, len(plan), finished, should_stop)
+        in_process()
 
     manifest = _manifest(spec, job, sampler, [results[k]["record"] for k in range(len(plan))])
     # Written last, and only when it changes: re-running a finished job writes nothing.
@@ -507,6 +554,13 @@ def run_job(
         storage.put_json(MANIFEST_KEY, manifest)
     return manifest
 
+
+#: How long the cluster gets to place a pool of writers before a job asks for fewer.
+PLACEMENT_TIMEOUT_S = 5.0
+#: Times a shard is handed to a writer whose actor then died, before the job fails.
+SHARD_ATTEMPTS = 3
+#: How often a job on Ray wakes to check ``should_stop`` while shards are being written.
+_POLL_S = 0.25
 
 #: Shards encoded and waiting for (or in) upload, at most, in a local run: bounds memory.
 _UPLOADS_IN_FLIGHT = 2
@@ -545,42 +599,99 @@ def _run_in_process(writer: _ShardWriter, num_shards: int, finished: Callable[[i
                 future.cancel()
 
 
+def _place_writers(ray, wanted: int, should_stop: Callable[[], bool] | None):
+    """A placement group of ``count`` one-CPU bundles, ``count <= wanted``, that the cluster
+    placed within :data:`PLACEMENT_TIMEOUT_S`; ``(None, 0)`` when not even one fits.
+
+    An actor asking for a CPU the cluster does not have stays pending forever (and work handed
+    to it with it): asking first is what keeps a job on a busy cluster from hanging. The free
+    CPUs are a hint (another job may take them meanwhile); the placement group's own wait is
+    the answer."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    count = min(wanted, int(ray.available_resources().get("CPU", 0)))
+    while count >= 1:
+        if should_stop is not None and should_stop():
+            return None, 0
+        group = placement_group([{"CPU": 1}] * count, strategy="PACK")
+        if group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+            return group, count
+        remove_placement_group(group)
+        count //= 2
+    return None, 0
+
+
 def _run_on_ray(spec: JobSpec, sampler_files: Mapping[str, bytes], storage: Storage, num_shards: int,
                 workers: int, finished: Callable[[int, dict[str, Any]], None],
-                should_stop: Callable[[], bool] | None) -> None:
+                should_stop: Callable[[], bool] | None, on_event: Callable[[str, dict[str, Any]], None] | None,
+                fallback: Callable[[], None]) -> None:
+    """Shards on one-CPU actors, as many as the cluster can place (``fallback()`` writes them
+    in-process when it can place none). A shard whose actor died (OOM killer, lost node, kill)
+    is written again by a fresh actor, up to :data:`SHARD_ATTEMPTS` times: its bytes depend only
+    on the job and the shard index, and its object and sidecar are each one atomic put, so a
+    retry leaves exactly what an uninterrupted run would. ``should_stop`` is polled every
+    :data:`_POLL_S` seconds; cancelling kills the actors (the shards they were writing are
+    dropped, finished ones kept)."""
+    from collections import Counter, deque
+
     import ray
-    from ray.util import ActorPool
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from genmodels.distributed import ensure_ray
 
+    emit = on_event or (lambda event, detail: None)
     ensure_ray()
-    # One CPU each and one onnxruntime thread each: actors, not threads, give the parallelism.
-    actor_cls = ray.remote(num_cpus=1, max_restarts=0)(_ShardWriter)
+    group, count = _place_writers(ray, min(workers, num_shards), should_stop)
+    emit("writers", {"count": count, "wanted": min(workers, num_shards)})
+    if count == 0:
+        if should_stop is not None and should_stop():
+            raise JobCancelled(0, num_shards)
+        return fallback()
+    # One onnxruntime thread each: actors, not threads, give the parallelism.
+    actor_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_ShardWriter)
     files_ref = ray.put(dict(sampler_files))
-    actors = [actor_cls.remote(spec, files_ref, storage, 1) for _ in range(min(workers, num_shards))]
-    pool = ActorPool(actors)
+
+    def start(bundle: int):
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+        return actor_cls.options(scheduling_strategy=strategy).remote(spec, files_ref, storage, 1)
+
+    actors = {b: start(b) for b in range(count)}
+    idle, todo = deque(range(count)), deque(range(num_shards))
+    running: dict[Any, tuple[int, int]] = {}  # result ref -> (shard, bundle)
+    attempts: Counter[int] = Counter()
+    done = 0
     try:
-        pending = iter(range(num_shards))
-        # Submit everything up front: ActorPool queues what it cannot place yet; the
-        # shard index travels back with each result.
-        for k in pending:
-            if should_stop is not None and should_stop():
-                break
-            pool.submit(lambda actor, shard: actor.write_indexed.remote(shard), k)
-        done = 0
-        while pool.has_next():
+        while todo or running:
             if should_stop is not None and should_stop():
                 raise JobCancelled(done, num_shards)
-            k, result = pool.get_next_unordered()
-            finished(k, result)
-            done += 1
-        if done < num_shards:
-            raise JobCancelled(done, num_shards)
+            while idle and todo:
+                bundle, k = idle.popleft(), todo.popleft()
+                running[actors[bundle].write_indexed.remote(k)] = (k, bundle)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=_POLL_S)
+            for ref in ready:
+                k, bundle = running.pop(ref)
+                try:
+                    _, result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    attempts[k] += 1
+                    if attempts[k] >= SHARD_ATTEMPTS:
+                        raise RuntimeError(f"shard {k}: its writer died {attempts[k]} times; giving up "
+                                           f"(last: {type(exc).__name__})") from exc
+                    emit("retry", {"shard": k, "attempt": attempts[k], "error": type(exc).__name__})
+                    ray.kill(actors[bundle], no_restart=True)
+                    actors[bundle] = start(bundle)  # its bundle is free again: the new actor fits
+                    todo.appendleft(k)
+                else:
+                    finished(k, result)
+                    done += 1
+                idle.append(bundle)
     finally:
         # Kill, not drain: an interrupted shard is harmless (its object and sidecar are each
         # written atomically, the sidecar last) and a cancel should not wait for big shards.
-        for actor in actors:
+        for actor in actors.values():
             ray.kill(actor, no_restart=True)
+        remove_placement_group(group)
 
 
 def _manifest(spec: JobSpec, job: Mapping[str, Any], sampler, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -51,8 +51,20 @@ class Settings(BaseSettings):
     git_commit: str | None = Field(
         default=None, description="Commit tagged on MLflow runs; unset: asked of git (images have no .git).",
     )
+    # Bulk jobs of the serving API (the CLI is bound by none of these: it writes as its user).
+    job_output_roots: str | None = Field(
+        default=None, description="Comma-separated URL prefixes (file:// or s3://) under which the API accepts "
+                                  "a job's output; unset: <storage>/outputs/.",
+    )
+    max_active_jobs: int = Field(default=2, ge=1, description="Jobs running at once per server; later ones queue.")
+    job_max_samples: int = Field(default=10_000_000, ge=1, description="Samples (n) per job, at most.")
+    job_max_shards: int = Field(default=10_000, ge=1, description="Shards per job (n / shard_size), at most.")
+    job_max_bytes: int = Field(default=50 * 2**30, ge=1, description="Uncompressed image bytes per job "
+                                                                     "(n x C x H x W), at most.")
+    jobs_kept_in_memory: int = Field(default=100, ge=0, description="Ended jobs a server keeps in memory; older "
+                                                                    "ones are answered from their records.")
 
-    @field_validator("api_key", "git_commit", "storage")
+    @field_validator("api_key", "git_commit", "storage", "job_output_roots")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         # docker compose passes `VAR=${VAR:-}` through as an empty string, which means "not set".
@@ -61,6 +73,13 @@ class Settings(BaseSettings):
     @cached_property
     def storage_url(self) -> str:
         return self.storage or (self.work_dir.resolve() / "store").as_uri()
+
+    @cached_property
+    def output_roots(self) -> list[str]:
+        """Where the serving API lets bulk jobs write (:func:`genmodels.bulk.check_output_root`)."""
+        if self.job_output_roots:
+            return [r.strip() for r in self.job_output_roots.split(",") if r.strip()]
+        return [self.storage_url.rstrip("/") + "/outputs/"]
 
     @cached_property
     def default_tracking_uri(self) -> str:

@@ -114,12 +114,25 @@ def list_jobs(storage: Storage | str, skip_ids: Iterable[str] = ()) -> list[dict
     storage = _storage(storage)
     skip = {job_key(j) for j in skip_ids}
     keys = [k for k in storage.list(JOBS) if k.endswith(".json") and "/" not in k[len(JOBS):] and k not in skip]
-    return sort_jobs(_read_all(storage, keys))
+    return sort_jobs(r for r in _read_all(storage, keys) if _is_job_record(storage, r))
+
+
+_JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def _is_job_record(storage: Storage, record: Mapping[str, Any]) -> bool:
+    # A record someone wrote by hand (or a half-migrated one) must not break a listing of the others.
+    jid, status = record.get("job_id"), record.get("status")
+    if job_key(jid) is None or status not in _JOB_STATUSES or not isinstance(record.get("submitted_at") or "", str):
+        logger.warning("skipping job record %r under %s: no valid job_id, status or submitted_at",
+                       jid if isinstance(jid, str) else None, prefix_url(storage, JOBS))
+        return False
+    return True
 
 
 def sort_jobs(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return sorted((dict(r) for r in records), key=lambda r: (r.get("submitted_at") or "", r.get("job_id", "")),
-                  reverse=True)
+    return sorted((dict(r) for r in records),
+                  key=lambda r: (str(r.get("submitted_at") or ""), str(r.get("job_id", ""))), reverse=True)
 
 
 def job_is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:

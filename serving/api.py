@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
 import math
 import pathlib
 import secrets
+import uuid
 from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
@@ -25,6 +27,8 @@ from starlette.exceptions import HTTPException
 
 from genmodels.noise import MAX_SEED
 from serving.observability import Observe, RequestLog
+
+logger = logging.getLogger("ray.serve")
 
 #: The web playground (GET /), shipped as package data (pyproject: ``serving = ["static/*.html"]``).
 PLAYGROUND = pathlib.Path(__file__).with_name("static") / "playground.html"
@@ -194,7 +198,16 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
 
     @api.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        return error_response(500, "internal", f"{type(exc).__name__}: {exc}")
+        # The details (remote tracebacks, endpoints, paths) go to the server log only, under an id
+        # the caller can quote.
+        error_id = uuid.uuid4().hex[:16]
+        if _unavailable(exc):
+            logger.warning("error %s: %s %s: a deployment is unavailable: %r", error_id, request.method,
+                           request.url.path, exc)
+            return error_response(503, "unavailable", f"the service is restarting or overloaded; try again "
+                                                      f"(error id {error_id})", {"Retry-After": "1"})
+        logger.error("error %s: %s %s", error_id, request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", error_id)
 
     def answer(result: dict[str, Any]) -> dict[str, Any]:
         if "error" in result:
@@ -315,6 +328,21 @@ def playground_html(auth: bool) -> str:
     if html.count(_AUTH_FLAG) != 1:
         raise ValueError(f"{PLAYGROUND} must carry exactly one {_AUTH_FLAG} (the server's auth flag)")
     return html.replace(_AUTH_FLAG, 'data-auth="bearer"') if auth else html
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """A replica that died, is restarting or sheds load: the request may succeed if retried (503)."""
+    try:
+        from ray import exceptions as ray_errors
+        from ray.serve import exceptions as serve_errors
+    except ImportError:  # the API without Ray (tests over a plain backend)
+        return False
+    kinds = tuple(k for k in (getattr(ray_errors, "RayActorError", None), getattr(ray_errors, "WorkerCrashedError", None),
+                              getattr(ray_errors, "NodeDiedError", None),
+                              getattr(serve_errors, "BackPressureError", None),
+                              getattr(serve_errors, "DeploymentUnavailableError", None),
+                              getattr(serve_errors, "ReplicaUnavailableError", None)) if k is not None)
+    return isinstance(exc, kinds)
 
 
 class _Answered(Exception):

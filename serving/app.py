@@ -86,6 +86,17 @@ _MODE_NAMES = {"1": "1-bit grey", "L": "8-bit grey", "LA": "grey + alpha", "I;16
                "I": "32-bit grey", "P": "palette", "RGB": "RGB", "RGBA": "RGB + alpha"}
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (its first, by the PNG spec), or None when the
+    bytes do not start like a PNG; reads 24 bytes, decodes nothing."""
+    if len(raw) < 24 or not raw.startswith(_PNG_SIGNATURE) or raw[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+
+
 def decode_png(data: str, shape: Sequence[int]) -> np.ndarray:
     """A base64 PNG -> float32 [C, H, W] in [0, 1] (8-bit values / 255), for a model of image
     ``shape`` (C, H, W); :class:`RequestError` 422 naming what was expected and what came."""
@@ -100,9 +111,18 @@ def decode_png(data: str, shape: Sequence[int]) -> np.ndarray:
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(422, "invalid_image", "image must be a base64-encoded PNG: it is not valid base64") from None
+    header = png_size(raw)
+    if header is None:
+        raise RequestError(422, "invalid_image", f"image must be a base64-encoded PNG: its {len(raw)} bytes "
+                                                 "are not one")
+    if header != (width, height):
+        # From the IHDR chunk, before Pillow sees the data: a header claiming 30000x30000 is refused
+        # here, not by Pillow's decompression-bomb check (an exception of its own, a 500).
+        raise RequestError(422, "invalid_image", f"image must be {width}x{height} pixels (width x height) "
+                                                 f"for this model, got {header[0]}x{header[1]}")
     try:
         picture = Image.open(io.BytesIO(raw), formats=["PNG"])
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise RequestError(422, "invalid_image", f"image must be a base64-encoded PNG: its {len(raw)} bytes "
                                                  "are not one") from None
     with picture:
@@ -447,7 +467,7 @@ class HandleBackend:
             self.submit_job = lambda request: jobs.submit.remote(request)
             self.job_status = lambda job_id: jobs.get.remote(job_id)
             self.cancel_job = lambda job_id: jobs.cancel.remote(job_id)
-            self.list_jobs = lambda status, limit: jobs.list.remote(status, limit)
+            self.list_jobs = lambda status, limit, offset=0: jobs.list.remote(status, limit, offset)
 
     async def describe(self) -> list[dict[str, Any]]:
         return await self.handle.describe.remote()
@@ -482,6 +502,7 @@ def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     # Resolved here: a relative GENMODELS_WORK_DIR would otherwise resolve in each replica's own cwd,
     # away from where `genmodels status` reads the job records.
     out["storage"] = get_settings().storage_url
+    out["job_output_roots"] = get_settings().output_roots
     for key in ("reload_interval_s", "batch_wait_timeout_s"):
         if float(out[key]) < 0:
             raise ValueError(f"{key} must be >= 0, got {out[key]}")
@@ -500,5 +521,5 @@ def build_app(args: Mapping[str, Any] | None = None):
     from serving.jobs import Jobs
 
     jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"],
-                   storage=a["storage"])
+                     storage=a["storage"], output_roots=a["job_output_roots"])
     return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)

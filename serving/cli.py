@@ -43,10 +43,16 @@ def serve_cmd(
                                                           "node, or on the head only (several nodes sharing one "
                                                           "host would otherwise compete for the port).")]
     = ProxyLocation.every_node,
+    num_cpus: Annotated[Optional[int], typer.Option("--num-cpus", min=1, help="CPUs of the local Ray started here "
+                                                    "(default: the machine's; the Sampler replica reserves one, bulk "
+                                                    "job writers take what is left); ignored with RAY_ADDRESS.")]
+    = None,
 ) -> None:
     """The online sampling API (Ray Serve) on the champions of the MLflow registry; blocks until
-    Ctrl-C. Local Ray unless RAY_ADDRESS; MLFLOW_TRACKING_URI as for retrain."""
+    Ctrl-C or SIGTERM (then stops within seconds, running bulk jobs cancelled with their finished
+    shards kept). Local Ray unless RAY_ADDRESS; MLFLOW_TRACKING_URI as for retrain."""
     import os
+    import signal
     import time
 
     from genmodels import registry
@@ -75,7 +81,10 @@ def serve_cmd(
     from serving.app import build_app, use_serve_env
 
     use_serve_env()
-    ensure_ray(metrics_export_port=metrics_port)
+    ensure_ray(num_cpus=num_cpus, metrics_export_port=metrics_port)
+    # SIGTERM (docker stop, systemd, kill) takes the same way out as Ctrl-C; set after ray.init,
+    # which installs a handler of its own.
+    signal.signal(signal.SIGTERM, _interrupt)
     serve.start(proxy_location=proxy_location.value, http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):
         serve.run(build_app({"models": names if models else None, "reload_interval_s": reload_interval}), name="genmodels",
@@ -95,4 +104,31 @@ def serve_cmd(
     except KeyboardInterrupt:
         console.print("stopping")
     finally:
-        serve.shutdown()
+        _stop_within(SHUTDOWN_S)
+
+
+#: How long ``genmodels serve`` gives Serve to stop its replicas before it stops Ray under them.
+SHUTDOWN_S = 6.0
+
+
+def _interrupt(signum, frame) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+    raise KeyboardInterrupt
+
+
+def _stop_within(seconds: float) -> None:
+    """``serve.shutdown()`` (replicas stop: the Jobs one cancels its jobs), bounded: a replica that
+    does not stop in time is taken down with the local Ray by ``ray.shutdown()``."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    done = threading.Thread(target=serve.shutdown, daemon=True, name="genmodels-serve-shutdown")
+    done.start()
+    done.join(seconds)
+    if done.is_alive():
+        console.print(f"Serve did not stop within {seconds:.0f} s; stopping Ray")
+    ray.shutdown()

@@ -26,9 +26,11 @@ written: it is the last thing known about the job).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -38,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -76,6 +78,8 @@ class JobRequest(BaseModel):
 
 class JobAccepted(BaseModel):
     job_id: str
+    status: JobState
+    queue_position: int | None = Field(default=None, description="While queued behind other jobs: 1 runs next.")
 
 
 class JobStatus(BaseModel):
@@ -91,6 +95,12 @@ class JobStatus(BaseModel):
     started_at: str | None = None
     updated_at: str | None = Field(default=None, description="When this state was recorded.")
     ended_at: str | None = None
+    heartbeat_at: str | None = Field(default=None, description="Running jobs: the runner's last sign of life "
+                                                               "(at least every 30 s).")
+    queue_position: int | None = Field(default=None, description="Queued jobs: 1 runs next.")
+    writers: int | None = Field(default=None, description="Shard writers the cluster could place (0: written "
+                                                          "in the server's process).")
+    retries: int = Field(default=0, description="Shards written again because their writer died.")
     result: dict[str, Any] | None = Field(
         default=None, description="Succeeded jobs: {manifest: URL of manifest.json, totals: {samples, shards, bytes}}.")
     manifest: dict[str, Any] | None = Field(default=None, description="GET /v1/jobs/{id} of a succeeded job only.")
@@ -129,9 +139,14 @@ class _Job:
     started_at: str | None = None
     updated_at: str | None = None
     ended_at: str | None = None
+    heartbeat_at: str | None = None
+    position: int | None = None  # in the queue, while queued
+    writers: int | None = None
+    retries: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)  # stops the heartbeat
     thread: threading.Thread | None = None
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)  # the graphs, until the job ends
     # One record write at a time, each of the state at that moment: an older state can never
     # overwrite a newer one.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -141,7 +156,12 @@ class _Job:
         out = {"job_id": job_id_, "status": self.status, "done": self.done, "total": self.spec.n,
                "model": self.spec.model, "version": self.spec.version, "output": self.spec.output,
                "cancel_requested": self.cancel.is_set(), "submitted_at": self.submitted_at,
-               "started_at": self.started_at, "updated_at": self.updated_at, "ended_at": self.ended_at}
+               "started_at": self.started_at, "updated_at": self.updated_at, "ended_at": self.ended_at,
+               "retries": self.retries}
+        for key, value in (("heartbeat_at", self.heartbeat_at), ("writers", self.writers),
+                           ("queue_position", self.position if self.status == QUEUED else None)):
+            if value is not None:
+                out[key] = value
         if self.manifest is not None:
             out["result"] = {"manifest": f"{self.spec.output.rstrip('/')}/{bulk.MANIFEST_KEY}",
                              "totals": self.manifest["totals"]}
@@ -157,6 +177,10 @@ class JobManager:
     ``{status, error, detail}``, like :class:`serving.app.Sampler`), never raises on bad input.
 
     ``storage``: the platform storage URL holding ``jobs/`` (default ``Settings().storage_url``).
+    ``output_roots``: URL prefixes a job may write under (default ``Settings().output_roots``).
+    Limits (default: ``Settings``): ``max_active`` jobs run at once, later ones queue in
+    submission order; ``max_samples`` / ``max_shards`` / ``max_bytes`` per job; ``keep_ended``
+    ended jobs stay in memory (older ones are answered from their records).
     """
 
     #: Progress is recorded at most this often (seconds); state changes always are.
@@ -164,7 +188,9 @@ class JobManager:
     heartbeat_s: float = records.HEARTBEAT_S
 
     def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None, workers: int = 2,
-                 use_ray: bool = True, storage: str | None = None) -> None:
+                 use_ray: bool = True, storage: str | None = None, output_roots: Sequence[str] | None = None,
+                 max_active: int | None = None, max_samples: int | None = None, max_shards: int | None = None,
+                 max_bytes: int | None = None, keep_ended: int | None = None) -> None:
         from genmodels import registry
         from genmodels.config import get_settings
         from genmodels.storage import open_storage
@@ -174,45 +200,63 @@ class JobManager:
         self.names = sorted(names) if names else None  # None: any registered model with the alias
         self.alias, self.workers, self.use_ray = alias, int(workers), use_ray
         self.storage = open_storage(storage or settings.storage_url)
+        self.output_roots = list(output_roots) if output_roots else settings.output_roots
+        pick = lambda value, default: int(default if value is None else value)
+        self.max_active = max(1, pick(max_active, settings.max_active_jobs))
+        self.max_samples = pick(max_samples, settings.job_max_samples)
+        self.max_shards = pick(max_shards, settings.job_max_shards)
+        self.max_bytes = pick(max_bytes, settings.job_max_bytes)
+        self.keep_ended = max(0, pick(keep_ended, settings.jobs_kept_in_memory))
         # Written into every record this manager writes: which process ran the job.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._queue: collections.deque[str] = collections.deque()  # queued job ids, next first
+        self._active: set[str] = set()  # admitted: their thread runs
+        self._ended_order: collections.deque[str] = collections.deque()  # ended jobs still in _jobs, oldest first
         # Records of jobs that ended, read from storage: only this manager rewrites them (by
-        # re-running the job), so they are read once.
-        self._ended: dict[str, dict[str, Any]] = {}
-        # (name, version) -> (graphs, conditional, num_classes): a version's graphs never change.
-        self._models: dict[tuple[str, str], tuple[dict[str, bytes], bool, int]] = {}
+        # re-running the job), so they are read once; bounded, the oldest read is dropped first.
+        self._ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        # (name, version) -> (graphs, conditional, num_classes, pixels per image): a version's graphs never change.
+        self._models: dict[tuple[str, str], tuple[dict[str, bytes], bool, int, int]] = {}
 
     # --- the model -------------------------------------------------------------------------------
-    def _resolve(self, name: str) -> tuple[str, dict[str, bytes], bool, int] | dict[str, Any]:
+    def _resolve(self, name: str) -> tuple[str, dict[str, bytes], bool, int, int] | dict[str, Any]:
         from genmodels import registry
 
         if self.names is not None and name not in self.names:
             return _error(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
-        version = registry.current_version(name, self.alias)
-        if version is None:
-            return _error(404, "model_not_found", f"no registered model {name!r} with a version holding the "
-                                                  f"alias {self.alias!r}")
-        cached = self._models.get((name, version))
-        if cached is None:
-            # The version sampler_files resolves is the one its graphs belong to (the alias may move).
-            version, files = registry.sampler_files(name, self.alias)
+        try:
+            version = registry.current_version(name, self.alias)
+            if version is None:
+                return _error(404, "model_not_found", f"no registered model {name!r} with a version holding the "
+                                                      f"alias {self.alias!r}")
             cached = self._models.get((name, version))
             if cached is None:
-                sampler = bulk.build_sampler(files, 1)
-                cached = self._models.setdefault((name, version), (files, sampler.conditional, sampler.num_classes))
+                # The version sampler_files resolves is the one its graphs belong to (the alias may move).
+                version, files = registry.sampler_files(name, self.alias)
+                cached = self._models.get((name, version))
+                if cached is None:
+                    sampler = bulk.build_sampler(files, 1)
+                    cached = self._models.setdefault((name, version), (
+                        files, sampler.conditional, sampler.num_classes, math.prod(sampler.image_shape)))
+        except Exception:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
+            logger.warning("job submission: cannot resolve %r@%s in the registry", name, self.alias, exc_info=True)
+            return _error(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
+                                                       "later")
         return (version, *cached)
 
     # --- records --------------------------------------------------------------------------------
     def _persist(self, jid: str, job: _Job) -> None:
         with job.lock:
             job.updated_at, job.last_write = records.utc_now(), time.monotonic()
+            if job.status == RUNNING:
+                job.heartbeat_at = job.updated_at
             record = {**job.to_dict(jid, manifest=False), "spec": job.spec.to_dict(), "owner": self.owner}
             try:
                 records.put_job(self.storage, record)
             except Exception as exc:  # noqa: BLE001 - the job runs on; its state is still served from memory
-                logger.warning("job %s: cannot record its state (%s) in %s: %s", jid, job.status,
+                logger.warning("job %s: cannot record its state (%s) in %s: %r", jid, job.status,
                                records.prefix_url(self.storage, records.JOBS), exc)
 
     def _heartbeat(self, jid: str, job: _Job) -> None:
@@ -237,45 +281,104 @@ class JobManager:
                 logger.warning("job %s: cannot read its manifest at %s: %s", out.get("job_id"), out.get("output"), exc)
         return out
 
+    #: Ended records read from storage kept in memory, at most.
+    ended_records_cached: int = 1000
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._ended[record["job_id"]] = record
+            self._ended.move_to_end(record["job_id"])
+            while len(self._ended) > self.ended_records_cached:
+                self._ended.popitem(last=False)
+
     def _record(self, jid: str) -> dict[str, Any] | None:
         cached = self._ended.get(jid)
         if cached is not None:
             return cached
         record = records.get_job(self.storage, jid)
         if record is not None and record.get("status") not in ACTIVE:
-            self._ended[jid] = record
+            self._remember(record)
         return record
 
     # --- the routes' work -----------------------------------------------------------------------
+    def _check_limits(self, spec: bulk.JobSpec, pixels: int) -> dict[str, Any] | None:
+        def refuse(field_: str, msg: str) -> dict[str, Any]:
+            return _error(422, "invalid_request", [{"loc": ["body", field_], "msg": msg}])
+
+        if spec.n > self.max_samples:
+            return refuse("n", f"n must be at most {self.max_samples:_} on this server (GENMODELS_JOB_MAX_SAMPLES), "
+                               f"got {spec.n:_}")
+        if spec.num_shards > self.max_shards:
+            return refuse("shard_size", f"n={spec.n:_} in shards of {spec.shard_size:_} makes {spec.num_shards:_} "
+                                        f"shards, at most {self.max_shards:_} on this server "
+                                        f"(GENMODELS_JOB_MAX_SHARDS); use shard_size >= "
+                                        f"{-(-spec.n // self.max_shards):_}")
+        if spec.n * pixels > self.max_bytes:
+            return refuse("n", f"n={spec.n:_} images of {pixels:_} bytes make {spec.n * pixels:_} bytes, at most "
+                               f"{self.max_bytes:_} on this server (GENMODELS_JOB_MAX_BYTES)")
+        try:
+            bulk.check_output_root(spec.output, self.output_roots)
+        except ValueError as exc:
+            return refuse("output", str(exc))
+        return None
+
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``{model, n, seed, labels, temperature, output, shard_size, format}`` -> ``{job_id, status}``."""
+        """``{model, n, seed, labels, temperature, output, shard_size, format}`` -> ``{job_id, status}``
+        (and ``queue_position`` while it waits for a free slot)."""
         resolved = self._resolve(request["model"])
         if isinstance(resolved, dict):
             return resolved
-        version, files, conditional, num_classes = resolved
+        version, files, conditional, num_classes, pixels = resolved
         try:
             spec = bulk.JobSpec(version=version, **request)
             spec.check_model(conditional, num_classes)
         except ValueError as exc:
             return _error(422, "invalid_request", [{"loc": ["body", _field_of(str(exc))], "msg": str(exc)}])
+        refused = self._check_limits(spec, pixels)
+        if refused is not None:
+            return refused
         jid = job_id(spec)
         with self._lock:
             job = self._jobs.get(jid)
             if job is not None and job.status in ACTIVE:
-                return {"job_id": jid, "status": job.status}
+                return self._accepted(jid, job)
             # Two live jobs writing one prefix would interleave their shards: the second waits its turn.
             busy = [i for i, j in self._jobs.items() if j.status in ACTIVE and j.spec.output == spec.output]
             if busy:
                 return _error(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
                                                     "wait for it to end")
             job = self._jobs[jid] = _Job(spec, submitted_at=records.utc_now())
+            job.files = files
             self._ended.pop(jid, None)
+            if jid in self._ended_order:
+                self._ended_order.remove(jid)
         self._persist(jid, job)  # "queued" first: the thread's "running" must not be overwritten by it
-        job.thread = threading.Thread(target=self._run, args=(jid, job, files), daemon=True,
-                                      name=f"genmodels-job-{jid[:8]}")
-        job.thread.start()
-        logger.info("job %s: %s v%s n=%d -> %s", jid, spec.model, spec.version, spec.n, spec.output)
-        return {"job_id": jid, "status": QUEUED}
+        # %r: the output is the caller's text; quoted, a newline in it cannot start a log line of its own.
+        logger.info("job %s: %s v%s n=%d -> %r", jid, spec.model, spec.version, spec.n, spec.output)
+        with self._lock:
+            self._queue.append(jid)
+            self._admit()
+            return self._accepted(jid, job)
+
+    @staticmethod
+    def _accepted(jid: str, job: _Job) -> dict[str, Any]:
+        out = {"job_id": jid, "status": job.status}
+        if job.status == QUEUED and job.position is not None:
+            out["queue_position"] = job.position
+        return out
+
+    def _admit(self) -> None:
+        """Start queued jobs while fewer than ``max_active`` run; renumber the queue (holds ``_lock``)."""
+        while self._queue and len(self._active) < self.max_active:
+            jid = self._queue.popleft()
+            job = self._jobs[jid]
+            job.position = None
+            self._active.add(jid)
+            job.thread = threading.Thread(target=self._run, args=(jid, job, job.files), daemon=True,
+                                          name=f"genmodels-job-{jid[:8]}")
+            job.thread.start()
+        for position, jid in enumerate(self._queue, 1):
+            self._jobs[jid].position = position
 
     def _run(self, jid: str, job: _Job, files: dict[str, bytes]) -> None:
         def progress(done: int, total: int) -> None:
@@ -283,13 +386,24 @@ class JobManager:
             if time.monotonic() - job.last_write >= self.progress_interval_s:
                 self._persist(jid, job)
 
+        def event(kind: str, detail: dict[str, Any]) -> None:
+            if kind == "writers":
+                job.writers = detail["count"]
+            elif kind == "retry":
+                job.retries += 1
+                logger.warning("job %s: the writer of shard %d died (%s); writing it again (attempt %d)", jid,
+                               detail["shard"], detail["error"], detail["attempt"] + 1)
+            self._persist(jid, job)
+
         job.status, job.started_at = RUNNING, records.utc_now()
         self._persist(jid, job)
         threading.Thread(target=self._heartbeat, args=(jid, job), daemon=True,
                          name=f"genmodels-job-{jid[:8]}-heartbeat").start()
         try:
+            # One onnxruntime thread when writing in this process: the replica shares its node with
+            # the sampler and the proxy.
             manifest = bulk.run_job(job.spec, files, workers=self.workers, on_progress=progress,
-                                    should_stop=job.cancel.is_set, use_ray=self.use_ray)
+                                    should_stop=job.cancel.is_set, use_ray=self.use_ray, threads=1, on_event=event)
         except bulk.JobCancelled as exc:
             with job.lock:
                 job.status, job.error = CANCELLED, str(exc)
@@ -301,10 +415,40 @@ class JobManager:
             with job.lock:
                 job.manifest, job.done, job.status = manifest, manifest["totals"]["samples"], SUCCEEDED
         finally:
-            job.ended_at = records.utc_now()
-            job.ended.set()
-            self._persist(jid, job)
+            self._end(jid, job)
         logger.info("job %s: %s", jid, job.status)
+
+    def _end(self, jid: str, job: _Job) -> None:
+        job.ended_at = records.utc_now()
+        job.ended.set()
+        job.files = {}
+        self._persist(jid, job)
+        with self._lock:
+            self._active.discard(jid)
+            self._ended_order.append(jid)
+            # Ended jobs leave memory, oldest first; their records stay in storage and answer for them.
+            while len(self._ended_order) > self.keep_ended:
+                old = self._ended_order.popleft()
+                if self._jobs.get(old) is not None and self._jobs[old].status not in ACTIVE:
+                    del self._jobs[old]
+            self._admit()
+
+    def shutdown(self) -> None:
+        """Cancel every job (the server is stopping): queued ones end now, running ones within seconds."""
+        with self._lock:
+            queued, self._queue = list(self._queue), collections.deque()
+            running = [self._jobs[j] for j in self._active]
+        for jid in queued:
+            self._cancel_queued(jid, self._jobs[jid])
+        for job in running:
+            job.cancel.set()
+
+    def _cancel_queued(self, jid: str, job: _Job) -> None:
+        job.cancel.set()
+        with job.lock:
+            job.status, job.position = CANCELLED, None
+            job.error = f"job cancelled before it started; 0 of {job.spec.num_shards} shards written"
+        self._end(jid, job)
 
     def get(self, jid: str) -> dict[str, Any]:
         job = self._jobs.get(jid)
@@ -312,8 +456,9 @@ class JobManager:
             return job.to_dict(jid)
         try:
             record = self._record(jid)
-        except Exception as exc:  # noqa: BLE001 - storage trouble is the answer's error, not a crash
-            return _error(503, "storage_unavailable", f"cannot read the record of job {jid!r}: {exc}")
+        except Exception:  # noqa: BLE001 - storage trouble is the answer's error, not a crash
+            logger.warning("cannot read the record of job %r", jid, exc_info=True)
+            return _error(503, "storage_unavailable", "the job records cannot be read right now; try again later")
         if record is None:
             return _error(404, "job_not_found", f"no job {jid!r}: not running here and not recorded under "
                                                 f"{records.prefix_url(self.storage, records.JOBS)}")
@@ -322,37 +467,59 @@ class JobManager:
     def cancel(self, jid: str) -> dict[str, Any]:
         """Ask a queued or running job to stop; its completed shards stay (re-submitting resumes).
         A job not running here (ended, or interrupted) is answered as it is."""
-        job = self._jobs.get(jid)
+        with self._lock:
+            job = self._jobs.get(jid)
+            queued = job is not None and jid in self._queue
+            if queued:
+                self._queue.remove(jid)
+                for position, other in enumerate(self._queue, 1):
+                    self._jobs[other].position = position
         if job is None:
             return self.get(jid)
-        if job.status in ACTIVE:
+        if queued:
+            self._cancel_queued(jid, job)
+        elif job.status in ACTIVE:
             job.cancel.set()
             self._persist(jid, job)
         return job.to_dict(jid)
 
-    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]] | dict[str, Any]:
+    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT,
+             offset: int = 0) -> list[dict[str, Any]] | dict[str, Any]:
         """Job statuses (no manifests), the most recently submitted first: this process's jobs
-        and every recorded one; ``status`` filters, ``limit`` bounds the answer."""
+        and every recorded one; ``status`` filters, ``offset`` skips that many, ``limit`` bounds
+        the page. Use :meth:`page` for the total too."""
+        page = self.page(status, limit, offset)
+        return page if "error" in page else page["jobs"]
+
+    def page(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0) -> dict[str, Any]:
+        """``{"jobs": [...], "total": jobs matching ``status``}`` (see :meth:`list`)."""
         if status is not None and status not in STATUSES:
             return _error(422, "invalid_request", [{"loc": ["query", "status"],
                                                     "msg": f"status must be one of {list(STATUSES)}"}])
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
             return _error(422, "invalid_request", [{"loc": ["query", "limit"],
                                                     "msg": f"limit must be an integer in [1, {MAX_LIST_LIMIT}]"}])
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            return _error(422, "invalid_request", [{"loc": ["query", "offset"], "msg": "offset must be an integer >= 0"}])
         with self._lock:
             live = {jid: job.to_dict(jid, manifest=False) for jid, job in self._jobs.items()}
         try:
             fresh = records.list_jobs(self.storage, skip_ids=set(live) | set(self._ended))
-        except Exception as exc:  # noqa: BLE001 - see get()
-            return _error(503, "storage_unavailable", f"cannot list the job records: {exc}")
+        except Exception:  # noqa: BLE001 - see get()
+            logger.warning("cannot list the job records in %s", records.prefix_url(self.storage, records.JOBS),
+                           exc_info=True)
+            return _error(503, "storage_unavailable", "the job records cannot be read right now; try again later")
         for record in fresh:
             if record.get("status") not in ACTIVE:
-                self._ended.setdefault(record["job_id"], record)
-        recorded = {r["job_id"]: r for r in [*self._ended.values(), *fresh] if r.get("job_id") not in live}
+                self._remember(record)
+        with self._lock:
+            cached = list(self._ended.values())
+        recorded = {r["job_id"]: r for r in [*cached, *fresh] if r.get("job_id") not in live}
         jobs = [*live.values(), *(self._from_record(r) for r in recorded.values())]
         if status is not None:
             jobs = [j for j in jobs if j["status"] == status]
-        return records.sort_jobs(jobs)[:limit]
+        ordered = records.sort_jobs(jobs)
+        return {"jobs": ordered[offset:offset + limit], "total": len(ordered)}
 
     def wait(self, jid: str, timeout: float | None = None) -> dict[str, Any]:
         """The job's status once its thread ended (or ``timeout`` passed): for tests and scripts."""
@@ -362,15 +529,26 @@ class JobManager:
         return self.get(jid)
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+# A short graceful shutdown: jobs are cancelled at once (their finished shards stay), and a server
+# asked to stop must be gone in seconds.
+@serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0},
+                  graceful_shutdown_timeout_s=3, graceful_shutdown_wait_loop_s=0.5)
 class Jobs:
     """The one replica running the jobs; the shards are written by Ray actors it starts
-    (``workers`` per job, one CPU each), so it reserves no CPU itself. ``storage``: where the
-    job records live (default ``Settings().storage_url`` as this replica resolves it)."""
+    (``workers`` per job at most, one CPU each, as many as the cluster can place), so it
+    reserves no CPU itself. ``storage``: where the job records live, ``output_roots`` where jobs
+    may write (defaults: ``Settings()`` as this replica resolves them)."""
 
     def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
-                 workers: int = 2, storage: str | None = None) -> None:
-        self.manager = JobManager(models, alias, tracking_uri, workers=workers, storage=storage)
+                 workers: int = 2, storage: str | None = None, output_roots: Sequence[str] | None = None) -> None:
+        self.manager = JobManager(models, alias, tracking_uri, workers=workers, storage=storage,
+                                  output_roots=output_roots)
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: running jobs stop and record "cancelled".
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            manager.shutdown()
 
     # MLflow look-ups, graph downloads and record reads/writes block: keep the event loop free.
     async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -382,8 +560,8 @@ class Jobs:
     async def cancel(self, jid: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.manager.cancel, jid)
 
-    async def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT):
-        return await asyncio.to_thread(self.manager.list, status, limit)
+    async def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0):
+        return await asyncio.to_thread(self.manager.page, status, limit, offset)
 
 
 # --- HTTP ----------------------------------------------------------------------------------------
@@ -392,7 +570,8 @@ JobId = Annotated[str, PathParam(min_length=1, max_length=128, description="As r
 
 def jobs_router(backend) -> APIRouter:
     """``/jobs`` routes over ``backend.submit_job(request)``, ``job_status(id)``, ``cancel_job(id)``
-    and ``list_jobs(status, limit)`` (async, answering as :class:`JobManager` does)."""
+    and ``list_jobs(status, limit, offset)`` (async, answering as :class:`JobManager` does;
+    ``list_jobs`` as :meth:`JobManager.page`, or a plain list)."""
     from serving.api import error_response
 
     router = APIRouter(prefix="/jobs", tags=["bulk jobs"])
@@ -425,15 +604,29 @@ def jobs_router(backend) -> APIRouter:
 
     @router.get("", response_model=list[JobStatus])
     async def list_jobs(
+        request: Request,
         status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs.")] =
             DEFAULT_LIST_LIMIT,
+        offset: Annotated[int, Query(ge=0, le=10**9, description="Skip this many (the next page: offset + "
+                                                                  "limit; see the Link header).")] = 0,
     ):
         """Jobs, the most recently submitted first (running ones and those recorded in the
-        platform storage, across restarts); no manifests: GET /v1/jobs/{id} has a job's."""
+        platform storage, across restarts); no manifests: GET /v1/jobs/{id} has a job's. One page
+        per call: ``X-Total-Count`` says how many match, ``Link: <...>; rel="next"`` where the
+        next page is."""
         if not enabled or not hasattr(backend, "list_jobs"):
             return disabled()
-        return answer(await backend.list_jobs(status, limit))
+        result = await backend.list_jobs(status, limit, offset)
+        if isinstance(result, dict) and "jobs" in result:
+            response = answer(result["jobs"])
+            total = int(result["total"])
+            response.headers["X-Total-Count"] = str(total)
+            if offset + limit < total:
+                following = request.url.include_query_params(offset=offset + limit, limit=limit)
+                response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+            return response
+        return answer(result)
 
     @router.get("/{job_id}", response_model=JobStatus)
     async def status(job_id: JobId):

@@ -31,6 +31,7 @@ KEY = "jobs-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # Slow enough (png encoding, 20 shards over 2 actors) that a cancel lands mid-way.
 BIG = {"model": VAE, "n": 10_000, "seed": 3, "shard_size": 500, "format": "png"}
+BUCKET = f"genmodels-jobs-{uuid.uuid4().hex[:12]}"
 
 
 def _free_port() -> int:
@@ -55,6 +56,9 @@ def registered(tmp_path_factory, s3_endpoint):
         mp.delenv("GENMODELS_API_KEY", raising=False)
         # The Jobs replica (started later, inheriting this) records its jobs here.
         mp.setenv("GENMODELS_STORAGE", (root / "store").as_uri())
+        # The outputs these tests write: the test bucket and pytest's temporary directories.
+        roots = [f"s3://{BUCKET}/", tmp_path_factory.getbasetemp().as_uri() + "/"]
+        mp.setenv("GENMODELS_JOB_OUTPUT_ROOTS", ",".join(roots))
         registry.configure(None, "sqlite:///must-not-be-used.db")
         for family in ("vae", "cvae"):
             torch.manual_seed(0)
@@ -66,7 +70,7 @@ def registered(tmp_path_factory, s3_endpoint):
                                     onnx_files=paths, metrics={"nll_nats": 30.0}, params={}, snapshot_hash="0" * 64,
                                     artifact_root=(root / "mlflow").as_uri())
             registry.promote(reg.name, reg.version)
-        yield {"root": root, "tracking_uri": f"sqlite:///{root}/mlflow.db", "store": root / "store"}
+        yield {"root": root, "tracking_uri": f"sqlite:///{root}/mlflow.db", "store": root / "store", "roots": roots}
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +98,8 @@ def server(registered, s3_endpoint):
 def bucket(s3_endpoint) -> str:
     import boto3
 
-    name = f"genmodels-jobs-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return BUCKET
 
 
 def _submit(server, **body) -> str:
@@ -254,6 +257,7 @@ SMALL = {"model": VAE, "n": 40, "seed": 5, "shard_size": 16}
 def _manager(registered, storage, **kw):
     from serving.jobs import JobManager
 
+    kw.setdefault("output_roots", registered["roots"])
     return JobManager(None, "champion", registered["tracking_uri"], workers=1, use_ray=False, storage=storage, **kw)
 
 
@@ -374,8 +378,8 @@ class _ManagerBackend:
 
 
 class _ListingBackend(_ManagerBackend):
-    async def list_jobs(self, status, limit):
-        return self.manager.list(status, limit)
+    async def list_jobs(self, status, limit, offset=0):
+        return self.manager.page(status, limit, offset)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,211 @@
+"""Bulk jobs in the embedded setting itself: `genmodels serve --num-cpus 2` as a user runs it (its
+own local Ray, 2 CPUs, one held by the Sampler replica), over HTTP on 127.0.0.1.
+
+A tiny untrained VAE on 8x8 binary images is registered as champion; PNG shards keep a job busy
+for seconds, long enough to kill a writer or cancel mid-way. The job outputs go under the
+default output root, ``<storage>/outputs/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+httpx = pytest.importorskip("httpx")
+
+from serving_fixtures import free_port
+
+from genmodels import bulk, registry
+
+MODEL = "embedded-vae"
+# 16 shards; one writer (the only CPU left) needs several seconds for them.
+JOB = {"model": MODEL, "n": 32_000, "seed": 11, "shard_size": 2_000, "format": "png"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import torch
+
+    from genmodels.export import export_sampler
+    from genmodels.models import build_model
+    from genmodels.models.base import ImageSpec
+
+    root = tmp_path_factory.mktemp("embedded")
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GENMODELS_", "MLFLOW_"))}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, GENMODELS_GIT_COMMIT="0123456789abcdef",
+               GENMODELS_WORK_DIR=str(root / "work"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
+        registry.configure(None, "sqlite:///must-not-be-used.db")
+        torch.manual_seed(0)
+        model = build_model("vae", ImageSpec(channels=1, height=8, width=8, levels=2), latent_dim=3,
+                            hidden=(16,)).eval()
+        paths = export_sampler(model, root / "vae", likelihood=False)
+        checkpoint = io.BytesIO()
+        torch.save({"family": "vae", "weights": model.state_dict()}, checkpoint)
+        reg = registry.register(dataset="embedded", family="vae", preset="quick", checkpoint=checkpoint.getvalue(),
+                                onnx_files=paths, metrics={"nll_nats": 30.0}, params={}, snapshot_hash="0" * 64,
+                                artifact_root=(root / "mlflow").as_uri())
+        registry.promote(reg.name, reg.version)
+
+    port = free_port()
+    cli = str(Path(sys.executable).parent / "genmodels")  # the venv's console script
+    proc = subprocess.Popen([cli, "serve", "--num-cpus", "2", "--port", str(port), "--metrics-port",
+                             str(free_port()), "--models", MODEL, "--reload-interval", "60"],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "genmodels serve did not come up in 180 s"
+            time.sleep(0.5)
+        yield {"client": client, "proc": proc, "outputs": (root / "work" / "store" / "outputs")}
+    finally:
+        client.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _submit(client, output: Path, **over) -> str:
+    r = client.post("/v1/jobs", json={**JOB, **over, "output": output.as_uri()})
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def _wait(client, jid: str, until=lambda s: s["status"] not in ("queued", "running"), timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(f"/v1/jobs/{jid}")
+        assert r.status_code == 200, r.text
+        if until(r.json()):
+            return r.json()
+        time.sleep(0.05)
+    raise AssertionError(f"job {jid}: condition not met in {timeout} s; last {r.json()}")
+
+
+def _shard_writers(session: int) -> list[int]:
+    """PIDs of the bulk-job writer actors in the process session ``session`` (the server's: it
+    was started in a session of its own; Ray titles actor processes ``ray::<class>``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and title.startswith(b"ray::_ShardWriter"):
+            out.append(int(entry))
+    return out
+
+
+def _shards(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((directory / "shards").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(served):
+    client, outputs = served["client"], served["outputs"]
+    status = _wait(client, _submit(client, outputs / "reference"))
+    return status, outputs / "reference"
+
+
+def test_a_16_shard_job_finishes_on_the_one_cpu_the_sampler_leaves(reference):
+    status, output = reference
+    assert (status["status"], status["done"]) == ("succeeded", 32_000), status
+    # 2 CPUs, the Sampler holds one: exactly one writer can be placed, and the job used it.
+    assert status["writers"] == 1 and status["retries"] == 0, status
+    assert status["manifest"]["totals"]["shards"] == 16
+    bulk.verify(output.as_uri())
+
+
+def test_a_killed_writer_is_replaced_and_the_job_ends_with_the_uninterrupted_bytes(served, reference):
+    client, outputs = served["client"], served["outputs"]
+    jid = _submit(client, outputs / "killed")
+    _wait(client, jid, until=lambda s: s["done"] > 0 or s["status"] != "running")
+    killed = _shard_writers(served["proc"].pid)
+    assert killed, "no writer actor found to kill"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    status = _wait(client, jid)
+    assert (status["status"], status["done"]) == ("succeeded", 32_000), status
+    assert status["retries"] >= 1, status
+    assert _shards(outputs / "killed") == _shards(reference[1])
+    assert status["manifest"]["shards"] == reference[0]["manifest"]["shards"]
+
+
+def test_delete_cancels_a_running_job_within_seconds_keeping_its_finished_shards(served):
+    client, outputs = served["client"], served["outputs"]
+    jid = _submit(client, outputs / "cancelled", seed=12)
+    _wait(client, jid, until=lambda s: s["done"] > 0)
+    asked = time.monotonic()
+    r = client.delete(f"/v1/jobs/{jid}")
+    assert r.status_code == 202 and r.json()["cancel_requested"], r.text
+    status = _wait(client, jid, timeout=15)
+    took = time.monotonic() - asked
+    assert status["status"] == "cancelled" and 0 < status["done"] < 32_000, status
+    assert took < 15, took
+    kept = [p for p in (outputs / "cancelled" / "shards").glob("*.json")]
+    assert kept and not (outputs / "cancelled" / "manifest.json").exists()
+    # What was kept is valid: each sidecar's object hashes to it (a resume skips them).
+    for sidecar in kept:
+        record = json.loads(sidecar.read_text())
+        data = (outputs / "cancelled" / record["key"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+
+
+def test_outputs_outside_the_output_root_are_refused_naming_no_file(served, tmp_path):
+    client, outputs = served["client"], served["outputs"]
+    (outputs / "link").parent.mkdir(parents=True, exist_ok=True)
+    (outputs / "link").symlink_to(tmp_path)
+    for output in (tmp_path.as_uri(), (outputs / ".." / "x").as_uri(), "file:///dev/shm/x", (outputs / "link" / "y").as_uri()):
+        r = client.post("/v1/jobs", json={**JOB, "output": output})
+        assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), (output, r.text)
+        (detail,) = r.json()["detail"]
+        assert detail["loc"][-1] == "output" and str(tmp_path) not in detail["msg"] and "/dev/shm" not in detail["msg"]
+        assert str(outputs) not in detail["msg"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_sigterm_stops_the_server_within_10_s_while_a_job_runs(served):
+    client, outputs, proc = served["client"], served["outputs"], served["proc"]
+    jid = _submit(client, outputs / "interrupted", seed=13)
+    _wait(client, jid, until=lambda s: s["status"] == "running")
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # the server process only, as `docker stop` or `kill` would
+    proc.wait(15)
+    took = time.monotonic() - asked
+    assert took < 10, f"genmodels serve took {took:.1f} s to stop"
+    # Its writers went with it (Ray stopped under them), within the same 10 s.
+    while _shard_writers(proc.pid) and time.monotonic() - asked < 10:
+        time.sleep(0.1)
+    assert not _shard_writers(proc.pid)
