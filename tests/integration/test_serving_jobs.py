@@ -437,3 +437,121 @@ def test_listing_jobs_needs_the_key_and_a_backend_that_lists(listing):
 
     r = TestClient(create_api(_ManagerBackend(None))).get("/v1/jobs")
     assert (r.status_code, r.json()["error"]) == (501, "not_implemented")
+
+
+# --- lanes, limits, queue, memory (JobManager in-process, no Serve) -----------------------------
+def test_an_output_outside_the_roots_is_422_naming_no_file(registered, tmp_path):
+    root, elsewhere = tmp_path / "outputs", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "escape").symlink_to(elsewhere, target_is_directory=True)
+    manager = _manager(registered, (tmp_path / "store").as_uri(), output_roots=[root.as_uri() + "/"])
+    for output in [(tmp_path / "x").as_uri(), root.as_uri() + "/../x", root.as_uri() + "/a/%2e%2e/%2e%2e/x",
+                   (root / "escape" / "y").as_uri(), root.as_uri(), "file:///dev/shm/x", f"s3://{BUCKET}/x",
+                   root.as_uri() + "/a\nlevel=error msg=forged"]:
+        r = manager.submit({**SMALL, "output": output})
+        assert (r["status"], r["error"]) == (422, "invalid_request"), (output, r)
+        (detail,) = r["detail"]
+        assert detail["loc"] == ["body", "output"], (output, detail)
+        # Names nothing but what the caller sent (quoted: a newline in it stays "\n", not a new log line).
+        rest = detail["msg"].replace(repr(output), "").replace(output, "")
+        assert str(tmp_path) not in rest and "elsewhere" not in rest and "\n" not in detail["msg"], detail
+    assert list(elsewhere.iterdir()) == [] and manager.list() == []
+    accepted = manager.submit({**SMALL, "output": (root / "run").as_uri()})
+    assert manager.wait(accepted["job_id"], timeout=60)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"n": 101}, "n"),                       # samples
+    ({"n": 40, "shard_size": 10}, "shard_size"),  # 4 shards
+    ({"n": 60, "shard_size": 30}, "n"),      # 60 images of 8x8 = 3,840 bytes
+])
+def test_limits_per_job_are_422_naming_the_field(registered, tmp_path, body, field):
+    manager = _manager(registered, (tmp_path / "store").as_uri(), max_samples=100, max_shards=3, max_bytes=50 * 64)
+    r = manager.submit({**SMALL, **body, "output": (tmp_path / "out").as_uri()})
+    assert (r["status"], r["error"]) == (422, "invalid_request"), r
+    assert [d["loc"] for d in r["detail"]] == [["body", field]] and "GENMODELS_JOB_MAX_" in r["detail"][0]["msg"]
+    assert manager.list() == []
+
+
+def test_jobs_beyond_the_active_limit_queue_with_their_position_and_a_queued_one_cancels_at_once(
+        registered, tmp_path, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    real_run_job = bulk.run_job
+
+    def gated(spec, files, **kw):
+        release.wait(30)
+        return real_run_job(spec, files, **kw)
+
+    monkeypatch.setattr(bulk, "run_job", gated)
+    store = tmp_path / "store"
+    manager = _manager(registered, store.as_uri(), max_active=1)
+    a, b, c = (manager.submit({**SMALL, "output": (tmp_path / name).as_uri()}) for name in "abc")
+    assert (b["status"], b["queue_position"], c["status"], c["queue_position"]) == ("queued", 1, "queued", 2)
+    deadline = time.monotonic() + 10
+    while manager.get(a["job_id"])["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert _record(store, a["job_id"])["heartbeat_at"] is not None
+
+    cancelled = manager.cancel(b["job_id"])
+    assert (cancelled["status"], cancelled.get("queue_position")) == ("cancelled", None), cancelled
+    assert _record(store, b["job_id"])["status"] == "cancelled"
+    assert manager.get(c["job_id"])["queue_position"] == 1
+    release.set()
+    first, third = manager.wait(a["job_id"], timeout=60), None
+    deadline = time.monotonic() + 60
+    while (third := manager.get(c["job_id"]))["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert (first["status"], third["status"]) == ("succeeded", "succeeded")
+    assert third["started_at"] >= first["ended_at"]  # one at a time
+    assert not (tmp_path / "b").exists()  # never started: nothing written
+
+
+def test_ended_jobs_leave_memory_and_are_answered_from_their_records(registered, tmp_path):
+    manager = _manager(registered, (tmp_path / "store").as_uri(), keep_ended=1)
+    ids = []
+    for seed in (1, 2):
+        ids.append(manager.submit({**SMALL, "seed": seed, "output": (tmp_path / f"o{seed}").as_uri()})["job_id"])
+        assert manager.wait(ids[-1], timeout=60)["status"] == "succeeded"
+    assert list(manager._jobs) == [ids[1]]
+    again = manager.get(ids[0])
+    assert (again["status"], again["done"], again["manifest"]["totals"]["samples"]) == ("succeeded", 40, 40)
+    assert [j["job_id"] for j in manager.list()] == ids[::-1]
+
+
+def test_records_without_a_job_id_do_not_break_the_listing(registered, tmp_path):
+    store = tmp_path / "store"
+    manager = _manager(registered, store.as_uri())
+    jid = manager.submit({**SMALL, "output": (tmp_path / "o").as_uri()})["job_id"]
+    manager.wait(jid, timeout=60)
+    (store / "jobs" / "hand-written.json").write_text(json.dumps({"status": "succeeded", "done": 1}))
+    (store / "jobs" / "numeric.json").write_text(json.dumps({"job_id": 5, "status": "failed", "submitted_at": 7}))
+    (store / "jobs" / "wrong-status.json").write_text(json.dumps({"job_id": "wrong-status", "status": "done"}))
+    restarted = _manager(registered, store.as_uri())
+    assert [j["job_id"] for j in restarted.list()] == [jid]
+
+
+def test_a_registry_that_cannot_be_reached_is_503_without_its_details(registered, tmp_path, monkeypatch):
+    manager = _manager(registered, (tmp_path / "store").as_uri())
+
+    def down(*args, **kwargs):
+        raise ConnectionError("http://mlflow.internal:5000 refused (token=s3cr3t)")
+
+    monkeypatch.setattr(registry, "current_version", down)
+    r = manager.submit({**SMALL, "output": (tmp_path / "o").as_uri()})
+    assert (r["status"], r["error"]) == (503, "registry_unavailable"), r
+    assert "mlflow.internal" not in json.dumps(r) and "s3cr3t" not in json.dumps(r)
+
+
+def test_listing_jobs_is_paged_with_a_total_and_a_next_link(listing):
+    client, (a, b, clash) = listing
+    r = client.get("/v1/jobs", params={"limit": 2})
+    assert [j["job_id"] for j in r.json()] == [clash, b] and r.headers["X-Total-Count"] == "3"
+    assert "offset=2" in r.headers["Link"] and r.headers["Link"].endswith('rel="next"')
+    last = client.get("/v1/jobs", params={"limit": 2, "offset": 2})
+    assert [j["job_id"] for j in last.json()] == [a] and "Link" not in last.headers
+    assert client.get("/v1/jobs", params={"offset": 3}).json() == []

@@ -1,0 +1,72 @@
+"""Errors of the HTTP layer (serving.api over a stand-in backend, no Serve): a server fault is a
+500 carrying only an error id, an unavailable replica a 503, and PNG payloads are sized from
+their header before any decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.api import create_api
+from serving.app import RequestError, decode_png, png_size
+
+
+class _Failing:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def describe(self):
+        raise self.exc
+
+
+def test_a_server_fault_is_a_500_with_an_error_id_and_the_details_only_in_the_log(caplog):
+    client = TestClient(create_api(_Failing(RuntimeError("s3://secret-bucket at http://10.0.0.7:9000"))),
+                        raise_server_exceptions=False)
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        r = client.get("/v1/models")
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "internal" and re.fullmatch(r"[0-9a-f]{16}", body["detail"]), body
+    assert "secret" not in r.text and "10.0.0.7" not in r.text
+    logged = [rec for rec in caplog.records if body["detail"] in rec.getMessage()]
+    assert logged and "secret-bucket" in logging.Formatter().formatException(logged[0].exc_info)
+
+
+def test_a_dead_replica_is_a_503_not_a_500():
+    from ray.exceptions import RayActorError
+
+    r = TestClient(create_api(_Failing(RayActorError())), raise_server_exceptions=False).get("/v1/models")
+    assert (r.status_code, r.json()["error"]) == (503, "unavailable"), r.text
+    assert r.headers["Retry-After"] == "1"
+
+
+def _png(width: int, height: int, claim: tuple[int, int] | None = None) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((height, width), np.uint8), mode="L").save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    if claim is not None:  # rewrite the IHDR size (its CRC no longer matches: never read)
+        data[16:24] = claim[0].to_bytes(4, "big") + claim[1].to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_png_size_reads_the_header_only():
+    assert png_size(_png(8, 6)) == (8, 6)
+    assert png_size(_png(8, 8, claim=(30000, 30000))) == (30000, 30000)
+    assert png_size(b"GIF89a" + bytes(30)) is None and png_size(b"") is None
+
+
+@pytest.mark.parametrize("claim, message", [((30000, 30000), "got 30000x30000"), ((9, 8), "got 9x8")])
+def test_a_png_claiming_another_size_is_422_before_pillow_decodes_it(claim, message):
+    payload = base64.b64encode(_png(8, 8, claim=claim)).decode()
+    with pytest.raises(RequestError) as err:
+        decode_png(payload, (1, 8, 8))
+    assert (err.value.status, err.value.error) == (422, "invalid_image") and message in err.value.detail
+    assert decode_png(base64.b64encode(_png(8, 8)).decode(), (1, 8, 8)).shape == (1, 8, 8)
