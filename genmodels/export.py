@@ -8,6 +8,11 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
 - CVAE also: ``analogies``: inputs ``x`` (float32 [batch, C, H, W], on the quantization grid)
   and ``labels`` (int64 [batch]); output ``images`` [batch, num_classes, C, H, W]: each image's
   posterior mean decoded with every class label (``CVAE.analogies``).
+- Mixture also: ``complete``: inputs ``x``, ``known`` (float32 [batch, C, H, W]; 1 = known
+  pixel), the sampler's noise fields, ``labels`` (conditional only), ``temperature``; output
+  ``images``: one completion per row (``MixtureModel.complete_rows``: the posterior over
+  components given the known pixels, then the unknown pixels). An 8-bit mixture's graph holds
+  its log P(level) table as a constant (D * 256 * classes * K float64).
 - PixelRNN: its step graphs, which a runtime drives pixel by pixel exactly as
   ``PixelRNN.sample_cached`` does (:class:`genmodels.sampling.OnnxPixelRNNSampler`): ``pixel_step``,
   ``row_step`` (Diagonal BiLSTM only) and ``conditioning`` (class-conditional only: labels ->
@@ -78,6 +83,21 @@ class _Analogies(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model._analogies(x, labels)
+
+
+class _MixtureComplete(nn.Module):
+    """``MixtureModel.complete_rows``, with the 8-bit log P(level) table as a constant: the
+    model's own table is a cache keyed by parameter versions, which tracing must not see."""
+
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+        self.log_mass = None if model.binary else model._gaussian_tables()[0].clone()
+
+    def forward(self, x: torch.Tensor, known: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        component, pixels = args[0], args[1]
+        labels = args[2] if self.model.conditional else None
+        return self.model.complete_rows(x, known, component, pixels, labels, args[-1], self.log_mass)
 
 
 class _Likelihood(nn.Module):
@@ -245,6 +265,10 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
         names.append("temperature")
         dyn = tuple([{0: batch}] * (len(args) - 1) + [None])
         graphs["sampler"] = (_Sampler(model, fields), tuple(args), names, ["images"], (dyn,))
+        if model.family == "mixture":
+            # The sampler's noise fields are exactly ("component", "pixels"), in that order.
+            graphs["complete"] = (_MixtureComplete(model), (x_example, x_example.clone(), *args),
+                                  ["x", "known", *names], ["images"], ({0: batch}, {0: batch}, dyn))
         if model.family == "cvae":
             graphs["analogies"] = (_Analogies(model), (x_example, labels), ["x", "labels"], ["images"],
                                    ({0: batch}, {0: batch}))
@@ -290,6 +314,8 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
         raise ExportParityError(f"{family}: the files are not one model's complete graphs: {exc}") from exc
     if runtime.family != family:
         raise ExportParityError(f"{family}: the files are {runtime.family} graphs")
+    if family == "mixture" and not runtime.can_complete:
+        raise ExportParityError(f"{family}: the files lack the 'complete' graph (found {runtime.graphs})")
     if family == "cvae" and not runtime.has_analogies:
         # The runtime loads a CVAE without it (older exports), but a fresh export always writes it.
         raise ExportParityError(f"{family}: the files lack the 'analogies' graph (found {runtime.graphs})")
@@ -316,11 +342,34 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
             have = runtime.log_likelihood(x.numpy())
             tol = atol * max(1.0, float(np.abs(want).max(initial=0.0)))
             _compare_close(family, "likelihood", n, want, have, tol)
+        if runtime.can_complete:
+            _check_completion_parity(model, runtime, expected, labels, seed, temperature)
         if runtime.has_analogies:
             # Real images are on the grid, and so is what the runtime feeds the graph.
             x = model.from_levels(model.to_levels(expected.float()))
             want = model.analogies(x, labels).numpy()
             _compare_close(family, "analogies", n, want, runtime.analogies(x.numpy(), labels.numpy()), atol)
+
+
+def _check_completion_parity(model: GenerativeModel, runtime: OnnxSampler, images: torch.Tensor,
+                             labels: torch.Tensor | None, seed: int, temperature: float) -> None:
+    """Torch and the runtime complete the sampled ``images`` alike (2 completions each) after
+    half the rows, and for a mixture given a checkerboard mask too."""
+    img = model.image
+    n = images.shape[0]
+    x = model.from_levels(model.to_levels(images.float()))
+    knowns: list[Any] = [img.height // 2]
+    if runtime.completes_any_mask:
+        knowns.append((np.add.outer(np.arange(img.height), np.arange(img.width)) % 2 == 0))
+    noise = make_noise(model.noise_spec(), seed + 1, 2 * n)
+    allowed = 1 if model.family == "mixture" and img.levels == 256 else 0
+    for known in knowns:
+        with torch.no_grad():
+            want = model.complete_from_noise(x, known, noise, labels, temperature).numpy()
+        got = runtime.complete_from_noise(x.numpy(), known, {k: v.numpy() for k, v in noise.items()},
+                                          None if labels is None else labels.numpy(), temperature)
+        what = "complete" if model.family == "mixture" else "pixel_step (completion)"
+        _compare_levels(model, what, n, want, got, max_levels=allowed)
 
 
 def _compare_close(family: str, graph: str, n: int, want: np.ndarray, have: np.ndarray, atol: float) -> None:

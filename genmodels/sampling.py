@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from genmodels.models.base import check_labels_array, check_temperature
+from genmodels.models.base import check_labels_array, check_temperature, completion_mask_array, require_completion
 from genmodels.noise import NoiseField, check_seed, make_noise
 
 __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "categorical_inverse_cdf_np", "read_metadata"]
@@ -193,6 +193,88 @@ class OnnxPixelRNNSampler:
             else:
                 above_c = row_c
         return (out.astype(f32) / f32(levels - 1)).astype(f32)
+
+    def complete_prefix(self, known: np.ndarray, prefix: int, u: np.ndarray, labels: np.ndarray | None = None,
+                        temperature: float = 1.0) -> np.ndarray:
+        """``PixelRNN.complete_prefix_cached`` over the step graphs: ``known`` int64 levels
+        [B, C, H, W], of which the first ``prefix`` pixels in raster order are kept; noise row
+        ``b * n + j`` of ``u`` [B * n, C, H, W] draws completion ``j`` of image ``b``. The
+        states are warmed over the known pixels once per image (one step per known pixel),
+        then repeated n times. Returns float32 [B, n, C, H, W] on the grid."""
+        C, H, W, levels = (self.image[k] for k in ("channels", "height", "width", "levels"))
+        B = known.shape[0]
+        n = u.shape[0] // B
+        gate_bias, head_bias = self._conditioning(labels, B)
+        L, hid = self.net["num_layers"], self.net["hidden_channels"]
+        pad = self.net["input_kernel"] // 2
+        step, f32 = self.sessions["pixel_step"], np.float32
+        scale = f32(levels - 1)
+        s: dict[str, np.ndarray] = {"canvas": np.zeros((B, C, H + pad, W + 2 * pad), f32),
+                                    "out": known.astype(np.int64), "gate_bias": gate_bias, "head_bias": head_bias}
+        if self.diagonal:
+            s["above_h"] = np.zeros((B, L, hid, W), f32)
+            s["rl_above"] = np.zeros((B, L, hid, W), f32)
+        else:
+            s["above_h"] = np.zeros((B, L, hid, W + 2), f32)
+            s["above_c"] = np.zeros((B, L, hid, W), f32)
+        expanded = False
+
+        def expand() -> None:
+            for key, value in s.items():
+                s[key] = np.repeat(value, n, axis=0)
+
+        for i in range(H):
+            rows = s["above_h"].shape[0]
+            s["row_h"] = np.zeros_like(s["above_h"])
+            if self.diagonal:
+                s["left_h"] = np.zeros((rows, L, hid), f32)
+                s["left_c"] = np.zeros((rows, L, hid), f32)
+                s["row_inp"] = np.zeros((rows, L, hid, W), f32)
+            else:
+                s["row_c"] = np.zeros_like(s["above_c"])
+                s["left_inp"] = np.zeros((rows, L, hid), f32)
+            for j in range(W):
+                is_known = i * W + j < prefix
+                if not is_known and not expanded:
+                    expand()
+                    expanded = True
+                canvas = s["canvas"]
+                if is_known:
+                    canvas[:, :, i + pad, j + pad] = (s["out"][:, :, i, j].astype(f32) / scale) * 2.0 - 1.0
+                for ch in range(1 if is_known else C):
+                    window = np.ascontiguousarray(canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1])
+                    if self.diagonal:
+                        feeds = {"window": window, "left_h": s["left_h"], "left_c": s["left_c"],
+                                 "above_h": np.ascontiguousarray(s["above_h"][..., j]),
+                                 "rl_above": np.ascontiguousarray(s["rl_above"][..., j]),
+                                 "gate_bias": s["gate_bias"], "head_bias": s["head_bias"]}
+                    else:
+                        feeds = {"window": window, "above_h": np.ascontiguousarray(s["above_h"][..., j : j + 3]),
+                                 "above_c": np.ascontiguousarray(s["above_c"][..., j]), "left_inp": s["left_inp"],
+                                 "gate_bias": s["gate_bias"], "head_bias": s["head_bias"]}
+                    logits, h, c, inp = step.run(None, feeds)
+                    if not is_known:
+                        level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
+                        s["out"][:, ch, i, j] = level
+                        canvas[:, ch, i + pad, j + pad] = (level.astype(f32) / scale) * 2.0 - 1.0
+                if self.diagonal:
+                    s["left_h"], s["left_c"] = h, c
+                    s["row_h"][..., j] = h
+                    s["row_inp"][..., j] = inp
+                else:
+                    s["left_inp"] = inp
+                    s["row_h"][..., j + 1] = h
+                    s["row_c"][..., j] = c
+            s["above_h"] = s["row_h"]
+            if self.diagonal:
+                if i + 1 < H:
+                    (s["rl_above"],) = self.sessions["row_step"].run(
+                        None, {"row_inp": s["row_inp"], "rl_above": s["rl_above"], "gate_bias": s["gate_bias"]})
+            else:
+                s["above_c"] = s["row_c"]
+        if not expanded:
+            expand()
+        return (s["out"].astype(f32) / scale).astype(f32).reshape(B, n, C, H, W)
 
 
 # --- the one runtime for every family ----------------------------------------------------------
@@ -414,6 +496,78 @@ class OnnxSampler:
         arr = np.ascontiguousarray(np.rint(arr * scale) / scale, dtype=np.float32)
         (images,) = self._sessions["analogies"].run(["images"], {"x": arr, "labels": checked})
         return np.asarray(images, dtype=np.float32)
+
+    # --- completion --------------------------------------------------------------------------
+    @property
+    def can_complete(self) -> bool:
+        """PixelRNN (from its step graphs) and a mixture exported with its ``complete`` graph."""
+        return self._family == "pixelrnn" or "complete" in self._sessions
+
+    @property
+    def completes_any_mask(self) -> bool:
+        return self._family == "mixture"
+
+    def completion_mask(self, known: Any) -> np.ndarray:
+        """``known`` rows or a bool mask [H, W] (mixture) -> bool [H, W], True = known; the
+        torch models' check (:func:`genmodels.models.base.completion_mask_array`)."""
+        if self._family == "mixture" and "complete" not in self._sessions:
+            raise NotImplementedError(f"these mixture graphs have no complete graph (exported before "
+                                      f"completion existed: export again; exported: {sorted(self._sessions)})")
+        require_completion(self._family, self.can_complete)
+        _, h, w = self._image_shape
+        return completion_mask_array(known, family=self._family, height=h, width=w,
+                                     any_mask=self.completes_any_mask)
+
+    def complete_from_noise(self, x: Any, known: Any, noise: Mapping[str, Any], labels: Any = None,
+                            temperature: float = 1.0) -> np.ndarray:
+        """Completions float32 [B, n, C, H, W] of images ``x`` [B, C, H, W] (values in [0, 1],
+        rounded to the grid): noise row ``b * n + j`` draws completion ``j`` of image ``b``.
+        The same as ``model.complete_from_noise`` in torch, level for level."""
+        mask = self.completion_mask(known)
+        check_temperature(temperature)
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 4 or arr.shape[1:] != self._image_shape or arr.shape[0] < 1:
+            raise ValueError(f"x must be [B >= 1, {', '.join(map(str, self._image_shape))}], got {arr.shape}")
+        if not (np.isfinite(arr).all() and (arr >= 0).all() and (arr <= 1).all()):
+            raise ValueError("x must hold values in [0, 1]")
+        arrays, m = self._check_noise(noise)
+        b = arr.shape[0]
+        if m % b or m == 0:
+            raise ValueError(f"noise rows ({m}) must be a positive multiple of the {b} image(s): n per image")
+        n = m // b
+        checked = self.check_labels(labels, b)
+        scale = np.float32(self._levels - 1)
+        levels = np.rint(arr * scale).astype(np.int64)
+        if self._pixelrnn is not None:
+            prefix = int(mask[:, 0].sum()) * self._image_shape[2]
+            return self._pixelrnn.complete_prefix(levels, prefix, arrays["u"], checked, float(temperature))
+        rows = np.repeat((levels.astype(np.float32) / scale).astype(np.float32), n, axis=0)
+        known_rows = np.broadcast_to(mask, (m, *self._image_shape)).astype(np.float32)
+        feeds: dict[str, np.ndarray] = {"x": rows, "known": known_rows, **arrays}
+        if checked is not None:
+            feeds["labels"] = np.repeat(checked, n)
+        feeds["temperature"] = np.asarray(temperature, np.float32)
+        (images,) = self._sessions["complete"].run(["images"], feeds)
+        return np.asarray(images, dtype=np.float32).reshape(b, n, *self._image_shape)
+
+    def complete(self, x: Any, known: Any, n: int, seed: int, temperature: float = 1.0, labels: Any = None,
+                 start: int = 0) -> np.ndarray:
+        """``n`` completions of each image, as ``model.complete`` in torch: ``x`` [C, H, W] ->
+        [n, C, H, W], [B, C, H, W] -> [B, n, C, H, W]; completion ``j`` uses noise stream
+        ``start + j`` of ``seed`` whatever the batch."""
+        self.completion_mask(known)  # a family without completion fails before anything else
+        n = _count(n, "n", 1)
+        start = _count(start, "start", 0)
+        seed = check_seed(seed)
+        check_temperature(temperature)
+        arr = np.asarray(x, dtype=np.float32)
+        single = arr.ndim == 3
+        batch = arr[None] if single else arr
+        b = batch.shape[0] if batch.ndim == 4 else 1
+        noise = {k: np.tile(v.numpy(), (b, *([1] * (v.ndim - 1))))
+                 for k, v in make_noise(self._noise_spec, seed, n, start=start).items()}
+        out = self.complete_from_noise(batch, known, noise, labels, temperature)
+        return out[0] if single else out
 
     def __repr__(self) -> str:
         return (f"OnnxSampler(family={self._family!r}, image_shape={self._image_shape}, levels={self._levels}, "

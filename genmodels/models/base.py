@@ -70,6 +70,25 @@ def require_completion(family: str, can_complete: bool) -> None:
             f"mixture (any known pixels) can complete an image")
 
 
+def completion_mask_array(known: Any, *, family: str, height: int, width: int, any_mask: bool) -> np.ndarray:
+    """The one check of ``known`` (torch models and the ONNX runtime): a number of known rows
+    in [0, height], or (families completing any mask) a bool mask [height, width] ->
+    bool [height, width], True = known."""
+    if isinstance(known, (int, np.integer)) and not isinstance(known, (bool, np.bool_)):
+        if not 0 <= int(known) <= height:
+            raise ValueError(f"known rows must be in [0, {height}], got {int(known)}")
+        mask = np.zeros((height, width), dtype=np.bool_)
+        mask[: int(known)] = True
+        return mask
+    if not any_mask:
+        raise ValueError(f"the {family} family completes after known rows only (an int in [0, {height}]), "
+                         f"got {type(known).__name__}: a mask of known pixels needs the mixture")
+    arr = known.detach().cpu().numpy() if isinstance(known, torch.Tensor) else np.asarray(known)
+    if arr.dtype != np.bool_ or arr.shape != (height, width):
+        raise ValueError(f"a mask of known pixels must be bool [{height}, {width}], got {arr.dtype} {arr.shape}")
+    return arr.copy()
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What a model's images look like."""
@@ -217,20 +236,8 @@ class GenerativeModel(nn.Module):
         """``known`` (a number of known rows, or a boolean mask [H, W] where the family takes
         one) -> bool [H, W] on CPU, True = known. Refuses what the family cannot complete."""
         require_completion(self.family, self.can_complete)
-        h, w = self.image.height, self.image.width
-        if isinstance(known, (int, np.integer)) and not isinstance(known, bool):
-            if not 0 <= int(known) <= h:
-                raise ValueError(f"known rows must be in [0, {h}], got {int(known)}")
-            mask = torch.zeros(h, w, dtype=torch.bool)
-            mask[: int(known)] = True
-            return mask
-        if not self.completes_any_mask:
-            raise ValueError(f"the {self.family} family completes after known rows only (an int in "
-                             f"[0, {h}]), got {type(known).__name__}: a mask of known pixels needs the mixture")
-        arr = known.detach().cpu().numpy() if isinstance(known, torch.Tensor) else np.asarray(known)
-        if arr.dtype != np.bool_ or arr.shape != (h, w):
-            raise ValueError(f"a mask of known pixels must be bool [{h}, {w}], got {arr.dtype} {arr.shape}")
-        return torch.from_numpy(arr.copy())
+        return torch.from_numpy(completion_mask_array(known, family=self.family, height=self.image.height,
+                                                      width=self.image.width, any_mask=self.completes_any_mask))
 
     def complete_from_noise(
         self,

@@ -30,8 +30,8 @@ GRAPHS = {
     "cvae": {"sampler", "analogies"},
     "gan": {"sampler"},
     "gan_conditional": {"sampler"},
-    "mixture_binary": {"sampler"},
-    "mixture_8bit": {"sampler"},
+    "mixture_binary": {"sampler", "complete"},
+    "mixture_8bit": {"sampler", "complete"},
     "pixelrnn_row": {"pixel_step", "likelihood"},
     "pixelrnn_diagonal": {"pixel_step", "row_step", "conditioning"},
 }
