@@ -1,7 +1,7 @@
 """HTTP API v1 of the online sampler (FastAPI): routes, request schemas, JSON errors.
 
 ``create_api(backend, ...)`` builds the app over any object with async ``describe()``,
-``sample(request)``, ``interpolate(request)`` and ``analogies(request)``
+``sample(request)``, ``interpolate(request)``, ``analogies(request)`` and ``complete(request)``
 (``serving.app.HandleBackend`` in Serve).
 A backend answers a bad request with a dict ``{status, error, detail}`` instead of raising;
 every error leaves as ``{"error": <code>, "detail": <message>}`` and bad input never as a 5xx.
@@ -37,6 +37,7 @@ _AUTH_FLAG = 'data-auth="none"'
 
 MAX_SAMPLES = 256
 MAX_STEPS = 64
+MAX_COMPLETIONS = 64
 #: Seeds the server picks stay below 2**53 so that every JSON client (JavaScript included)
 #: reads them back exactly; explicit seeds may use the whole [0, 2**63-1].
 RANDOM_SEED_BOUND = 2**53
@@ -103,6 +104,30 @@ class AnalogyResponse(BaseModel):
     label: int
     images: list[str] | list[Any] = Field(description="One per class, in class order: the given image's style "
                                                       "drawn as that class.")
+
+
+class CompleteRequest(_Strict):
+    image: str = Field(description="base64 PNG of the model's size and mode (as for analogies); its known pixels "
+                                   "come back exactly (rounded onto the model's grid).")
+    known_rows: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        default=None, description="Rows known from the top, 1..H-1 (PixelRNN and mixture). Exactly one of "
+                                  "known_rows and mask.")
+    mask: str | None = Field(default=None, description="Mixture only: base64 grey PNG of the model's size, "
+                                                       "white (>= 128) = known pixel.")
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_COMPLETIONS)] = 1
+    seed: Seed | None = Field(default=None, description="Omitted: a random seed, returned in the response.")
+    temperature: Temperature = 1.0
+    labels: Label | None = Field(default=None, description="The image's class (conditional models only).")
+    format: Literal["png", "array"] = Field(default="png", description="png: base64 PNG per completion; array: "
+                                                                         "floats in [0, 1] shaped [n, C, H, W].")
+
+
+class CompleteResponse(BaseModel):
+    model: str
+    version: str
+    seed: int
+    images: list[str] | list[Any] = Field(description="n completions: the known pixels as given, the others "
+                                                      "drawn from p(unknown | known).")
 
 
 class ModelInfo(BaseModel):
@@ -303,6 +328,18 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         image's posterior mean decoded with each label; image ``label`` is its reconstruction."""
         out = answer(await backend.analogies({"model": name, "image": body.image, "label": body.label}))
         observed(request, out, len(out["images"]))
+        return {**out, "images": encode_images(out["images"], body.format)}
+
+    @v1.post("/models/{name}/complete", response_model=CompleteResponse, tags=["sampling"])
+    async def complete(request: Request, name: ModelName, body: CompleteRequest):
+        """n completions of a partly known image, drawn exactly from p(unknown | known): PixelRNN
+        completes everything below ``known_rows``; a mixture completes any ``mask``. The same
+        seed gives the same completions."""
+        seed = secrets.randbelow(RANDOM_SEED_BOUND) if body.seed is None else body.seed
+        out = answer(await backend.complete({"model": name, "image": body.image, "known_rows": body.known_rows,
+                                             "mask": body.mask, "n": body.n, "seed": seed,
+                                             "temperature": body.temperature, "labels": body.labels}))
+        observed(request, out, body.n)
         return {**out, "images": encode_images(out["images"], body.format)}
 
     # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py): same auth dependency, same error format.

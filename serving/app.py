@@ -328,6 +328,50 @@ class ModelSet:
         images = s.analogies(x[None], labels)[0]
         return {"model": loaded.name, "version": loaded.version, "label": int(labels[0]), "images": images}
 
+    def complete(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``{model, image, known_rows | mask, n, seed, temperature, labels}`` -> ``{model, version,
+        seed, images}`` with images float32 [n, C, H, W]: n draws of the unknown pixels given the
+        known ones (PixelRNN: the rows above ``known_rows``; mixture: any mask, white = known)."""
+        loaded = self.get(request["model"])
+        s = loaded.sampler
+        if not s.can_complete:
+            why = (f"the {s.family} family has no exact completion: pixelrnn (known rows) and mixture (any mask) "
+                   "do" if s.family != "mixture" else "this version was exported before mixtures had a complete "
+                                                      "graph: export and register it again")
+            raise RequestError(422, "no_completion", f"{request['model']} v{loaded.version} cannot complete "
+                                                     f"images ({why})")
+        rows, mask_png = request.get("known_rows"), request.get("mask")
+        if (rows is None) == (mask_png is None):
+            raise RequestError(422, "invalid_known", "give exactly one of known_rows (the number of known rows "
+                                                     "from the top) and mask (a PNG, white = known), got "
+                                                     f"{'both' if rows is not None else 'neither'}")
+        channels, height, width = s.image_shape
+        if mask_png is not None and not s.completes_any_mask:
+            raise RequestError(422, "invalid_known", f"the {s.family} family completes after known rows only: "
+                                                     "send known_rows; a mask needs a mixture model")
+        x = decode_png(request["image"], s.image_shape)
+        if rows is not None:
+            if not 1 <= int(rows) <= height - 1:
+                raise RequestError(422, "invalid_known", f"known_rows must be in [1, {height - 1}] for this "
+                                                         f"model's {height} rows, got {rows}")
+            known: Any = int(rows)
+        else:
+            try:
+                known = decode_png(mask_png, (1, height, width))[0] >= 0.5
+            except RequestError as exc:
+                raise RequestError(422, "invalid_mask", exc.detail.replace("image", "mask", 1)) from None
+        label = request.get("labels")
+        if s.conditional and label is None:
+            raise RequestError(422, "invalid_labels", f"{request['model']} is class-conditional: give labels "
+                                                      "(the image's class)")
+        try:
+            labels = s.check_labels(label, 1)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(422, "invalid_labels", str(exc)) from None
+        images = s.complete(x[None], known, int(request["n"]), int(request["seed"]),
+                            float(request["temperature"]), labels)[0]
+        return {"model": loaded.name, "version": loaded.version, "seed": int(request["seed"]), "images": images}
+
     # --- hot reload ---------------------------------------------------------------------------
     def poll_once(self) -> list[str]:
         """Load every model whose alias moved (and, unpinned, every model that newly has the
@@ -434,6 +478,12 @@ class Sampler:
         except RequestError as exc:
             return exc.to_dict()
 
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(self.models.complete, request)
+        except RequestError as exc:
+            return exc.to_dict()
+
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
@@ -480,6 +530,9 @@ class HandleBackend:
 
     async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self.handle.analogies.remote(request)
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.handle.complete.remote(request)
 
 
 def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
