@@ -300,16 +300,49 @@ def champion(name: str):
     return version_by_alias(name, CHAMPION)
 
 
+#: Seconds a promotion waits for another promotion of the same model to finish.
+PROMOTE_WAIT_S = 600.0
+
+
+class ChampionMoved(RuntimeError):
+    """The champion changed between reading it and moving the alias (a concurrent promotion)."""
+
+
 def promote(
     name: str,
     version: str,
     *,
     reevaluate: Callable[[Any], float | None] | None = None,
+    lease_storage: Any = None,
 ) -> Promotion:
     """Give ``version`` the ``champion`` alias if its gate metric beats the champion's, else
     ``challenger``. When the champion was evaluated on another test snapshot, its metric on the
     candidate's snapshot comes from ``reevaluate(champion_version)``; when it cannot be had
-    (None), the champion stays: metrics on different data are not comparable."""
+    (None), the champion stays: metrics on different data are not comparable.
+
+    Compare-and-set: the champion is read again right before the alias moves, and the decision
+    is taken again when it changed meanwhile. ``lease_storage`` (the platform storage, URL or
+    :class:`~genmodels.storage.Storage`): promotions of one model hold the lease
+    ``leases/promote/<name>`` there, so two retrains finishing together decide one after the
+    other and the better model ends champion whatever the order."""
+    if lease_storage is None:
+        return _promote_once(name, version, reevaluate)
+    from genmodels.lease import Lease
+
+    with Lease(lease_storage, f"promote/{name}", ttl_s=120.0, wait_s=PROMOTE_WAIT_S):
+        return _promote_once(name, version, reevaluate)
+
+
+def _promote_once(name: str, version: str, reevaluate: Callable[[Any], float | None] | None) -> Promotion:
+    for _ in range(5):
+        try:
+            return _decide(name, version, reevaluate)
+        except ChampionMoved:
+            continue
+    raise ChampionMoved(f"{name}: the champion kept moving during the promotion of v{version}; try again")
+
+
+def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] | None) -> Promotion:
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -319,8 +352,12 @@ def promote(
     current = champion(name)
 
     def decide(alias: str, champion_value: float | None, reason: str) -> Promotion:
-        if alias == CHAMPION and CHALLENGER in (mv.aliases or []):
-            client.delete_registered_model_alias(name, CHALLENGER)  # one version, one role
+        if alias == CHAMPION:
+            now = champion(name)  # the compare-and-set: re-read right before moving the alias
+            if (None if now is None else str(now.version)) != (None if current is None else str(current.version)):
+                raise ChampionMoved(name)
+            if CHALLENGER in (mv.aliases or []):
+                client.delete_registered_model_alias(name, CHALLENGER)  # one version, one role
         client.set_registered_model_alias(name, alias, version)
         return Promotion(name, str(version), alias, None if current is None else str(current.version), value,
                          champion_value, reason)

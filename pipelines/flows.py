@@ -23,9 +23,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from genmodels.config import get_settings
+from genmodels.lease import Lease
 from genmodels.models import parse_families
 from genmodels.records import RetrainRecorder
 from pipelines import tasks
+
+#: A retrain that stopped renewing its lease (killed) blocks the next one of its family this long.
+RETRAIN_LEASE_TTL_S = 300.0
 
 
 def check_plan(families: list[str], preset: str, workers: int, storage_url: str) -> None:
@@ -90,13 +94,17 @@ def retrain(
         failed: dict[str, str] = {}
         for family in names:
             try:
-                trained = tasks.train(storage_url, snapshot["prefix"], family, preset, workers,
-                                      overrides={"seed": seed, **(overrides or {})}, fresh=fresh)
-                metrics = tasks.evaluate(storage_url, snapshot["prefix"], trained["run"], preset, seed)
-                onnx = tasks.export_onnx(trained["run"])
-                registered = tasks.register(trained["run"], preset, metrics, artifact_root)
-                promotion = tasks.promote(storage_url, snapshot["prefix"], registered["name"],
-                                          registered["version"], preset, seed)
+                # One retrain of a (dataset, family) at a time, whoever starts it (CLI, deployments):
+                # they share its run directory and Ray run name, so a second one would mix its
+                # checkpoint with the first one's graphs and metrics. It fails at once, saying who holds it.
+                with Lease(storage_url, f"retrain/{dataset}/{family}", ttl_s=RETRAIN_LEASE_TTL_S):
+                    trained = tasks.train(storage_url, snapshot["prefix"], family, preset, workers,
+                                          overrides={"seed": seed, **(overrides or {})}, fresh=fresh)
+                    metrics = tasks.evaluate(storage_url, snapshot["prefix"], trained["run"], preset, seed)
+                    onnx = tasks.export_onnx(trained["run"])
+                    registered = tasks.register(trained["run"], preset, metrics, artifact_root)
+                    promotion = tasks.promote(storage_url, snapshot["prefix"], registered["name"],
+                                              registered["version"], preset, seed)
             except Exception as exc:  # noqa: BLE001 - reported per family, then the flow fails below
                 logger.error("%s failed: %s: %s", family, type(exc).__name__, exc)
                 failed[family] = f"{type(exc).__name__}: {exc}"

@@ -153,6 +153,7 @@ def promote(storage_url: str, snapshot_prefix: str, name: str, version: str, pre
         metric = champion.tags["genmodels.gate_metric"]
         return runs.evaluate_model(open_storage(storage_url), model, snapshot, preset, seed=seed)[metric]
 
-    decision = registry.promote(name, version, reevaluate=reevaluate)
+    # The lease in the platform storage serializes promotions of one model across processes.
+    decision = registry.promote(name, version, reevaluate=reevaluate, lease_storage=storage_url)
     get_run_logger().info("%s v%s -> %s: %s", name, version, decision.alias, decision.reason)
     return decision.to_dict()

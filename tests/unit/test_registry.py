@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,3 +294,45 @@ def test_registered_cvae_loads_as_onnx_and_pyfunc_with_labels_in_its_signature(w
                          params={"temperature": 0.8})
     assert got.shape == want.shape == (5, 1, 8, 8)
     assert np.abs(got - want).max() <= 1e-4
+
+
+# --- concurrent promotions ------------------------------------------------------------------------
+@pytest.mark.parametrize("first", ["mid", "best"])
+def test_two_concurrent_promotions_end_with_the_better_one_champion(work, models, monkeypatch, first):
+    """Both retrains read the champion (worst) before either moves the alias, and the worse one
+    moves it last: a read-compare-write would leave it champion."""
+    import threading
+
+    base = register(work, models["worst"], f"race-{first}")
+    registry.promote(base.name, base.version)
+    regs = {key: register(work, models[key], f"race-{first}") for key in ("mid", "best")}
+    both_read = threading.Barrier(2, timeout=2.0)  # broken (not waited out twice) once the lease serializes them
+    real_champion = registry.champion
+    reads: dict[str, int] = {}
+
+    def champion(name):
+        current = real_champion(name)
+        me = threading.current_thread().name
+        reads[me] = reads.get(me, 0) + 1
+        if reads[me] == 1:
+            try:
+                both_read.wait()
+            except threading.BrokenBarrierError:
+                pass
+            if me != first:
+                time.sleep(0.5)
+        return current
+
+    monkeypatch.setattr(registry, "champion", champion)
+    out = {}
+    threads = [threading.Thread(target=lambda k=key: out.__setitem__(k, registry.promote(
+        regs[k].name, regs[k].version, lease_storage=work["store"])), name=key) for key in ("mid", "best")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert alias_version(base.name, "champion") == regs["best"].version, out
+    # Whichever decided first, best decided against what was then champion (worst, or mid): it won.
+    assert out["best"].alias == "champion" and out["best"].previous_champion in (base.version, regs["mid"].version)
+    if out["mid"].alias == "champion":  # mid went first and beat worst; best then beat mid
+        assert out["best"].previous_champion == regs["mid"].version

@@ -1,0 +1,164 @@
+"""Exclusive, expiring leases in the platform storage: one holder at a time per name, across
+processes and machines that share the storage (the CLI, Prefect workers, Ray nodes).
+
+A lease on ``name`` is a series of generations ``leases/<name>/<generation:012d>.json``, each
+created with an exclusive create (a file hard-linked into place; an S3 ``PUT`` with
+``If-None-Match: *``), so of two processes taking the same generation exactly one succeeds.
+The newest generation is held while it is neither released nor expired; a holder renews it
+(rewrites its expiry) from a background thread, and whoever finds it released or expired takes
+the next generation. A holder whose generation was superseded (it stalled past its expiry) learns
+so at its next renewal: :attr:`Lease.lost` is set and :meth:`Lease.check` raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from genmodels.storage import FileStorage, S3Storage, Storage, open_storage
+
+__all__ = ["Lease", "LeaseBusy", "LeaseLost", "create_exclusive"]
+
+PREFIX = "leases/"
+
+
+class LeaseBusy(RuntimeError):
+    """Another holder has the lease."""
+
+
+class LeaseLost(RuntimeError):
+    """The lease expired and someone else took it while we thought we held it."""
+
+
+def create_exclusive(storage: Storage, key: str, data: bytes) -> bool:
+    """Write ``key`` only if it does not exist; False when it does. The object appears whole."""
+    if isinstance(storage, FileStorage):
+        path = storage._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if the name exists: the exclusive step
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+    if isinstance(storage, S3Storage):
+        from botocore.exceptions import ClientError
+
+        try:
+            storage.client.put_object(Bucket=storage.bucket, Key=storage._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise storage._error(exc, "write", storage.url_for(key)) from exc
+        return True
+    raise TypeError(f"no exclusive create on {type(storage).__name__}")
+
+
+class Lease:
+    """``with Lease(storage, "retrain/fashion-mnist/vae"):`` holds the lease for the block or raises
+    :class:`LeaseBusy` (after waiting up to ``wait_s``). ``ttl_s``: how long a holder that stopped
+    renewing (killed, partitioned) keeps others out; renewed every ``ttl_s / 4``."""
+
+    def __init__(self, storage: Storage | str, name: str, *, ttl_s: float = 300.0, wait_s: float = 0.0,
+                 owner: str | None = None, poll_s: float = 0.2) -> None:
+        self.storage = open_storage(storage) if isinstance(storage, str) else storage
+        self.name, self.ttl_s, self.wait_s, self.poll_s = name.strip("/"), float(ttl_s), float(wait_s), poll_s
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.generation: int | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _key(self, generation: int) -> str:
+        return f"{PREFIX}{self.name}/{generation:012d}.json"
+
+    def _newest(self) -> tuple[int, dict[str, Any] | None]:
+        keys = [k for k in self.storage.list(f"{PREFIX}{self.name}/") if k.endswith(".json")
+                and k.rsplit("/", 1)[-1][:-5].isdigit()]
+        if not keys:
+            return 0, None
+        key = max(keys, key=lambda k: int(k.rsplit("/", 1)[-1][:-5]))
+        try:
+            return int(key.rsplit("/", 1)[-1][:-5]), self.storage.get_json(key)
+        except (FileNotFoundError, ValueError):
+            return int(key.rsplit("/", 1)[-1][:-5]), {"released": True}  # unreadable: not held
+
+    def _body(self, released: bool = False) -> bytes:
+        return json.dumps({"owner": self.owner, "expires_at": time.time() + self.ttl_s, "released": released,
+                           "ttl_s": self.ttl_s}).encode()
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current holder's record, or None when the lease is free."""
+        _, record = self._newest()
+        if record is None or record.get("released") or float(record.get("expires_at", 0)) < time.time():
+            return None
+        return record
+
+    def acquire(self) -> Lease:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            generation, record = self._newest()
+            free = record is None or record.get("released") or float(record.get("expires_at", 0)) < time.time()
+            if free and create_exclusive(self.storage, self._key(generation + 1), self._body()):
+                self.generation = generation + 1
+                for old in range(max(1, generation - 8), generation):  # keep the listing short; best effort
+                    try:
+                        self.storage.delete(self._key(old))
+                    except Exception:  # noqa: BLE001 - an old generation left behind is harmless
+                        pass
+                self._renewer = threading.Thread(target=self._renew_loop, daemon=True, name=f"lease-{self.name}")
+                self._renewer.start()
+                return self
+            if time.monotonic() >= deadline:
+                holder = (record or {}).get("owner", "another process")
+                raise LeaseBusy(f"lease {self.name!r} is held by {holder} (until "
+                                f"{time.strftime('%H:%M:%S', time.gmtime(float((record or {}).get('expires_at', 0))))}"
+                                " UTC unless renewed)")
+            time.sleep(self.poll_s)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                self.renew()
+            except LeaseLost:
+                return
+            except Exception:  # noqa: BLE001 - storage hiccup: try again at the next tick
+                continue
+
+    def renew(self) -> None:
+        generation, _ = self._newest()
+        if generation != self.generation:
+            self.lost.set()
+            raise LeaseLost(f"lease {self.name!r} was taken over (generation {generation} > {self.generation})")
+        self.storage.put_bytes(self._key(self.generation), self._body())
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is no longer ours (call before acting on it)."""
+        if self.generation is None or self.lost.is_set() or self._newest()[0] != self.generation:
+            self.lost.set()
+            raise LeaseLost(f"lease {self.name!r} is no longer held by {self.owner}")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(5)
+        if self.generation is not None and not self.lost.is_set() and self._newest()[0] == self.generation:
+            self.storage.put_bytes(self._key(self.generation), self._body(released=True))
+        self.generation = None
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

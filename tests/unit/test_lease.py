@@ -1,0 +1,72 @@
+"""Leases in the platform storage (file:// and S3 over HTTP): one holder at a time, expiry and
+take-over, renewal, and a holder that lost its lease finding out."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from genmodels.lease import Lease, LeaseBusy, LeaseLost, create_exclusive
+from genmodels.storage import open_storage
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request, tmp_path):
+    if request.param == "file":
+        return open_storage(tmp_path / "store")
+    return open_storage(request.getfixturevalue("s3_bucket"))
+
+
+def test_exclusive_create_lets_exactly_one_writer_win(storage):
+    results = []
+    barrier = threading.Barrier(6)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        results.append((create_exclusive(storage, "leases/x/000000000001.json", f"{i}".encode()), i))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for won, i in results if won]
+    assert len(winners) == 1 and storage.get_bytes("leases/x/000000000001.json") == f"{winners[0]}".encode()
+
+
+def test_one_holder_at_a_time_and_release_frees_it(storage):
+    first = Lease(storage, "retrain/digits/vae", ttl_s=30).acquire()
+    with pytest.raises(LeaseBusy, match=first.owner):
+        Lease(storage, "retrain/digits/vae", ttl_s=30).acquire()
+    with Lease(storage, "retrain/digits/gan", ttl_s=30):  # another name: independent
+        pass
+    first.release()
+    with Lease(storage, "retrain/digits/vae", ttl_s=30) as second:
+        assert second.holder()["owner"] == second.owner
+    assert second.holder() is None
+
+
+def test_a_holder_that_stopped_renewing_is_taken_over_and_finds_out(tmp_path):
+    storage = open_storage(tmp_path / "store")
+    stalled = Lease(storage, "promote/m", ttl_s=0.4).acquire()
+    stalled._stop.set()  # as a killed or frozen process: no more renewals
+    with pytest.raises(LeaseBusy):
+        Lease(storage, "promote/m", ttl_s=0.4).acquire()
+    taker = Lease(storage, "promote/m", ttl_s=30, wait_s=5).acquire()
+    assert taker.generation == stalled.generation + 1
+    with pytest.raises(LeaseLost):
+        stalled.check()
+    stalled.release()  # must not free the taker's lease
+    assert Lease(storage, "promote/m").holder()["owner"] == taker.owner
+    taker.release()
+
+
+def test_a_live_holder_keeps_its_lease_past_the_ttl_by_renewing(tmp_path):
+    storage = open_storage(tmp_path / "store")
+    with Lease(storage, "n", ttl_s=0.4) as holder:
+        time.sleep(1.0)
+        holder.check()
+        with pytest.raises(LeaseBusy):
+            Lease(storage, "n", ttl_s=0.4).acquire()
