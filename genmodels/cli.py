@@ -171,6 +171,69 @@ def sample_cmd(
     console.print(f"{n} samples of {model.family} (seed {seed}) -> {png}")
 
 
+def read_image_png(path: Path, shape: tuple[int, int, int]) -> "np.ndarray":
+    """A PNG file -> float32 [C, H, W] in [0, 1] for a model of image ``shape``: grey (8- or
+    1-bit) for 1 channel, RGB for 3; the size must be the model's (no resizing: it would
+    invent the very pixels a completion keeps exactly)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    try:
+        picture = Image.open(path, formats=["PNG"])
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a PNG image ({exc})") from None
+    with picture:
+        if picture.size != (width, height):
+            raise ValueError(f"{path}: the model takes {width}x{height} images, got {picture.size[0]}x{picture.size[1]}")
+        modes = {1: ("L", "1"), 3: ("RGB",)}[channels]
+        if picture.mode not in modes:
+            raise ValueError(f"{path}: the model takes {'grey' if channels == 1 else 'RGB'} images, "
+                             f"got PNG mode {picture.mode!r}")
+        pixels = np.asarray(picture.convert("L") if picture.mode == "1" else picture, dtype=np.uint8)
+    return (pixels.reshape(height, width, channels).transpose(2, 0, 1) / np.float32(255)).astype(np.float32)
+
+
+@app.command("complete")
+@friendly_errors
+def complete_cmd(
+    image: Annotated[Path, typer.Option("--image", help="PNG of the model's size (grey, or RGB for 3 channels).")],
+    family: FamilyOpt = "pixelrnn", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
+    out: OutOpt = None,
+    known_rows: Annotated[Optional[int], typer.Option("--known-rows", help="Rows known from the top.")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Mixture only: PNG, white = known pixel.")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Number of completions.")] = 8,
+    seed: SeedOpt = 0,
+    label: Annotated[Optional[int], typer.Option(help="The image's class (conditional models).")] = None,
+    temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature (> 0).")] = 1.0,
+    png: Annotated[Path, typer.Option("--png", help="Where to write the PNG grid of completions.")] = Path(
+        "completions.png"),
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Use this model checkpoint instead of a run.")] = None,
+) -> None:
+    """Complete a partly known image: n draws of the unknown pixels given the known ones
+    (pixelrnn: below --known-rows; mixture: --known-rows or any --mask). Same seed, same PNG."""
+    import torch
+
+    from genmodels.evaluation import grid_png
+    from genmodels.models import model_from_checkpoint
+    from genmodels.runs import load_model, run_prefix
+
+    (family,) = _families(family)
+    if (known_rows is None) == (mask is None):
+        raise ValueError("give exactly one of --known-rows and --mask")
+    if checkpoint is not None:
+        model = model_from_checkpoint(checkpoint)
+    else:
+        model, _ = load_model(_storage(out).child(run_prefix(dataset, family, preset)))
+    x = torch.from_numpy(read_image_png(image, model.image.shape))
+    known = known_rows if mask is None else torch.from_numpy(
+        read_image_png(mask, (1, model.image.height, model.image.width))[0] >= 0.5)
+    images = model.complete(x, known, n, seed=seed, temperature=temperature, labels=label)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(grid_png(images, nrow=max(1, int(round(n**0.5)))))
+    console.print(f"{n} completions by {model.family} (seed {seed}) -> {png}")
+
+
 @app.command("run")
 @friendly_errors
 def run_cmd(

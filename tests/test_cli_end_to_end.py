@@ -56,6 +56,20 @@ def test_sample_same_seed_same_png(trained_store, tmp_path):
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
 
 
+@pytest.mark.parametrize("family", ["pixelrnn", "mixture"])
+def test_complete_from_a_run_keeps_the_known_rows(trained_store, tmp_path, family):
+    import numpy as np
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.where(np.arange(64).reshape(8, 8) % 3 == 0, 255, 0).astype(np.uint8)).save(image)
+    out = tmp_path / "out.png"
+    result = invoke("complete", "--family", family, "--dataset", "digits", "--out", trained_store,
+                    "--image", image, "--known-rows", 4, "--n", 4, "--png", out)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        assert grid.size[0] > 8 and grid.size[1] > 8
+
+
 def test_train_again_resumes_finished_run_without_retraining(trained_store):
     run = trained_store / "runs" / "digits" / "vae-quick"
     before = load_checkpoint(run / "checkpoint.pt")["train_state"]["epoch"]
