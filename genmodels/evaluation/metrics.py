@@ -17,6 +17,7 @@ from genmodels.evaluation.classifier import (
     extract,
     load_or_train_classifier,
 )
+from genmodels.evaluation.completion import completion_metrics
 from genmodels.evaluation.likelihood import likelihood_metrics
 from genmodels.models.base import GenerativeModel
 
@@ -124,6 +125,8 @@ def evaluate(
       ``fid``, ``kid``, ``precision``, ``recall``, the real-vs-real floors ``fid_real_floor``
       and ``kid_real_floor``, ``class_accuracy`` (conditional models) and
       ``classifier_test_accuracy``;
+    - completion (PixelRNN, mixture): ``completion_nll_nats``, ``completion_bits_per_dim``
+      (see :func:`genmodels.evaluation.completion.completion_metrics`);
     - counts: ``likelihood_examples``, ``n_samples``, ``n_reference``, ``n_floor``.
 
     The domain classifier comes from (or goes into) ``storage``; ``storage=None`` trains it
@@ -134,6 +137,8 @@ def evaluate(
     out = likelihood_metrics(
         model, snapshot, "test", max_examples=max_examples, batch_size=batch_size, iwae_k=iwae_k, seed=seed
     )
+    # Hidden bottom half given the visible top half, beside the unconditional NLL (PixelRNN, mixture).
+    out.update(completion_metrics(model, snapshot, "test", max_examples=max_examples, batch_size=batch_size))
     if snapshot.image.num_classes < 2:
         logger.warning("snapshot %s has no class labels: no domain classifier, so no FID/KID", snapshot.dataset)
         return out

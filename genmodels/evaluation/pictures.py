@@ -210,7 +210,9 @@ def render_pictures(model: GenerativeModel, snapshot, seed: int = 0) -> dict[str
     - ``interpolation.png`` (families with a latent ``z``): 4 slerp rows between seed pairs,
       or one row per class (up to 10) along the same latent walk if conditional;
     - ``analogies.png`` (conditional VAEs): 8 test images, each re-rendered in every class;
-    - ``manifold.png`` (VAEs with a 2-D latent; class 0 if conditional).
+    - ``manifold.png`` (VAEs with a 2-D latent; class 0 if conditional);
+    - ``completion.png`` (PixelRNN, mixture): 8 test images with the bottom half hidden, 6
+      completions each and the original.
     """
     steps = 10
     with evaluating(model):
@@ -227,4 +229,8 @@ def render_pictures(model: GenerativeModel, snapshot, seed: int = 0) -> dict[str
             out["analogies.png"] = analogy_png(model, x, torch.as_tensor(test.y[: len(x)], dtype=torch.long))
         if getattr(model, "latent_dim", None) == 2 and callable(getattr(model, "decode", None)):
             out["manifold.png"] = manifold_png(model, 20, label=0 if model.conditional else None)
+        if model.can_complete:
+            from genmodels.evaluation.completion import completion_png  # it imports this module
+
+            out["completion.png"] = completion_png(model, snapshot, seed=seed)
     return out

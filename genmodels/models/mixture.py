@@ -373,6 +373,25 @@ class MixtureModel(GenerativeModel):
                                  noise["component"], noise["pixels"], labels, temperature)
         return out.reshape(b, n, *self.image.shape)
 
+    @torch.no_grad()
+    def log_marginal(self, x: torch.Tensor, known: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(the known pixels of x) in nats, float64 [B]: the unknown pixels summed out
+        (a product distribution per component marginalizes by leaving them out)."""
+        mask = self.completion_mask(known).to(self.log_weights.device)
+        levels = self._levels(x)
+        groups = self._groups(labels if self.conditional else None, levels.shape[0], required_for="log_marginal")
+        m = levels.shape[0]
+        keep = mask.expand(self.image.channels, -1, -1).reshape(1, self.dims).expand(m, -1).to(torch.float64)
+        if self.binary:
+            logp = torch.log(self.probs).reshape(-1, self.dims)
+            log1mp = torch.log1p(-self.probs).reshape(-1, self.dims)
+            all_ll = (keep * levels.double()) @ (logp - log1mp).T + keep @ log1mp.T
+            comp_ll = all_ll.view(m, self.groups, self.k)[torch.arange(m), groups]
+        else:
+            picked = self._gaussian_tables()[0].index_select(0, self._table_rows(levels, groups))
+            comp_ll = (picked.view(m, self.dims, self.k) * keep[..., None]).sum(1)
+        return torch.logsumexp(self.log_weights[groups] + comp_ll, dim=1)
+
     def complete_rows(
         self,
         x: torch.Tensor,

@@ -510,3 +510,11 @@ class PixelRNN(GenerativeModel):
                 level = categorical_inverse_cdf(logits, u[:, ch, i, j], temperature)
                 xs[:, ch, i, j] = self.from_levels(level).to(u)
         return xs.view(B, n, C, H, W)
+
+    def log_marginal(self, x: torch.Tensor, known: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact log p(known rows of x) in nats, [B]: the sum of the prefix's conditionals, which
+        by causality depend on the prefix alone (one forward pass)."""
+        mask = self.completion_mask(known)
+        logp = F.log_softmax(self.logits(x, labels), dim=1)
+        per_sub = logp.gather(1, self.to_levels(x).unsqueeze(1)).squeeze(1)  # [B, C, H, W]
+        return (per_sub * mask.to(per_sub)).flatten(1).sum(dim=1)

@@ -1,0 +1,88 @@
+"""Completion in evaluation: log_marginal is the exact marginal (enumerated on 2x2 images), the
+completion NLL is -(log p(x) - log p(top half)), and the figure shows occluded / completions /
+original for PixelRNN and mixture runs only."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_completion import ALL_2x2, make_mixture_2x2, make_pixelrnn_2x2
+from tiny_models import make_model
+
+from genmodels.data.prep import PrepConfig, prepare
+from genmodels.evaluation.completion import completion_images, completion_metrics, completion_png
+from genmodels.evaluation.pictures import render_pictures
+from genmodels.models import build_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare("digits", prep=PrepConfig(quantization="binary"))
+
+
+def _enumerated_marginal(model, x, mask, labels=None) -> torch.Tensor:
+    agrees = (ALL_2x2[:, 0][:, mask] == x[0][mask]).all(dim=1)
+    lab = None if labels is None else torch.full((16,), int(labels))
+    with torch.no_grad():
+        ll = model.log_likelihood(ALL_2x2, lab).double()
+    return torch.logsumexp(ll[agrees], dim=0)
+
+
+@pytest.mark.parametrize("make", [lambda: make_pixelrnn_2x2("row"), lambda: make_pixelrnn_2x2("diagonal", True),
+                                  make_mixture_2x2, lambda: make_mixture_2x2(True)])
+def test_log_marginal_of_the_known_pixels_is_exact(make):
+    model = make()
+    label = 1 if model.conditional else None
+    knowns = [0, 1, 2] + ([torch.tensor(b).view(2, 2) for b in itertools.product([False, True], repeat=4)]
+                          if model.completes_any_mask else [])
+    for known in knowns:
+        mask = model.completion_mask(known)
+        with torch.no_grad():
+            got = model.log_marginal(ALL_2x2, known, None if label is None else torch.full((16,), label)).double()
+        for b in range(16):
+            want = _enumerated_marginal(model, ALL_2x2[b], mask, label)
+            assert abs(float(got[b]) - float(want)) < 1e-5, (known, b)
+
+
+@pytest.mark.parametrize("case", ["pixelrnn_row", "mixture_binary"])
+def test_completion_nll_is_the_hidden_half_given_the_visible_one(case, digits):
+    model = make_model(case)
+    metrics = completion_metrics(model, digits, max_examples=20, batch_size=8)
+    x = torch.from_numpy(digits.splits["test"].x_binary[:20]).float()
+    with torch.no_grad():
+        want = -(model.log_likelihood(x).double() - model.log_marginal(x, 4).double()).mean()
+    assert metrics["completion_examples"] == 20.0
+    assert metrics["completion_nll_nats"] == pytest.approx(float(want), rel=1e-9)
+    assert metrics["completion_bits_per_dim"] == pytest.approx(float(want) / (32 * np.log(2)), rel=1e-9)
+    with torch.no_grad():
+        full_nll = -float(model.log_likelihood(x).double().mean())
+    assert 0 < metrics["completion_nll_nats"] < full_nll  # the hidden half is part of the whole
+
+
+def test_families_without_completion_get_no_completion_metric(digits):
+    assert completion_metrics(make_model("vae"), digits, max_examples=10) == {}
+
+
+def test_completion_figure_rows_are_occluded_completions_original(digits):
+    model = make_model("mixture_binary")
+    x = torch.from_numpy(digits.splits["test"].x_binary[:3]).float()
+    rows = completion_images(model, x, None, 4, n=5, seed=2).view(3, 7, 1, 8, 8)
+    assert torch.equal(rows[:, 0, :, :4], x[:, :, :4]) and (rows[:, 0, :, 4:] == 0.5).all()
+    assert torch.equal(rows[:, 1:6], model.complete(x, 4, 5, seed=2))
+    assert torch.equal(rows[:, 6], x)
+    png = completion_png(model, digits, seed=2, images=3, n=5)
+    with Image.open(io.BytesIO(png)) as picture:
+        width, height = picture.size
+    assert width > height and round(width / height) == round(7 / 3)
+
+
+def test_render_pictures_adds_the_completion_figure_for_completing_families(digits):
+    assert "completion.png" in render_pictures(make_model("pixelrnn_row"), digits)
+    assert "completion.png" in render_pictures(make_model("mixture_binary"), digits)
+    vae = build_model("vae", digits.image, latent_dim=3, hidden=(16,)).eval()
+    assert "completion.png" not in render_pictures(vae, digits)
