@@ -339,3 +339,56 @@ def test_rayservice_pods_read_the_settings_secret_and_what_serving_needs(rayserv
         values = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert {k: values.get(k) for k in SERVE_ENV} == SERVE_ENV, f"{c['name']}: Serve settings"
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray's control plane on Kubernetes: token auth on every node, a NetworkPolicy around it
+
+NETWORK_POLICY_FILE = INFRA / "k8s" / "networkpolicy.yaml"
+RAY_CONTROL_PORTS = (6379, 8265, 10001)
+
+
+def _pod_templates(manifest: dict) -> list[dict]:
+    cluster = _cluster(manifest)
+    return [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+
+
+@pytest.mark.parametrize("name", ["rayjob", "rayservice"])
+def test_every_ray_container_uses_token_auth_from_the_secret(request, name: str, secret: dict):
+    for c in _containers(request.getfixturevalue(name)):
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}/{c['name']}: no RAY_AUTH_MODE=token"
+        # From the Secret by key (not envFrom alone): a Secret without the token stops the pod
+        # from starting instead of starting it without auth.
+        assert env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef") == \
+            {"name": SECRET_NAME, "key": "RAY_AUTH_TOKEN"}, f"{name}/{c['name']}: RAY_AUTH_TOKEN"
+    assert secret["stringData"]["RAY_AUTH_TOKEN"] == "REPLACE_ME"
+
+
+def _admits(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port for p in ports)
+
+
+def test_the_network_policy_keeps_rays_control_plane_to_the_cluster_and_its_drivers(rayjob: dict, rayservice: dict):
+    policy = _load(NETWORK_POLICY_FILE)
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    for manifest in (rayjob, rayservice):
+        for template in _pod_templates(manifest):
+            labels = template.get("metadata", {}).get("labels", {})
+            assert selected.items() <= labels.items(), f"a pod template outside the policy: {labels}"
+    rules = policy["spec"]["ingress"]
+    for port in RAY_CONTROL_PORTS:
+        admitting = [r for r in rules if _admits(r, port)]
+        assert admitting, f"port {port}: not even the cluster's own pods get in"
+        for rule in admitting:
+            peers = rule.get("from")
+            assert peers, f"port {port} is open to every source: {rule}"
+            for peer in peers:
+                assert "ipBlock" not in peer, f"port {port}: an IP range gets in: {peer}"
+                # Every peer names the pods it lets in (an empty selector would mean all of them).
+                assert peer.get("podSelector", {}).get("matchLabels"), f"port {port}: unlabelled peer {peer}"
+    api = [r for r in rules if _admits(r, 8000)]
+    assert any(not r.get("from") for r in api), "the sampling API (8000) must stay reachable through its Service"
