@@ -127,3 +127,25 @@ def test_cli_generate_end_to_end_on_a_registered_model(graphs, tmp_path, monkeyp
         assert bad.exit_code == 2 and "n must be in [1, 100_000_000]" in bad.output
         other = CliRunner().invoke(app, [*args[:-2], "3", "--no-ray"])  # same output, another seed
         assert other.exit_code == 2 and "holds another job" in other.output
+
+
+def test_a_cluster_with_no_free_cpu_gets_the_job_written_in_process_not_hung(graphs, ray_cluster, tmp_path):
+    """Every CPU taken (as by Serve replicas): asking for writer actors would wait forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    _, files = graphs
+    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
+    assert hog.wait(timeout_seconds=30)
+    try:
+        events = []
+        spec = bulk.JobSpec(model="digits-vae", version="1", n=60, output=(tmp_path / "o").as_uri(), seed=9,
+                            shard_size=20)
+        manifest = bulk.run_job(spec, files, workers=2, use_ray=True, on_event=lambda e, d: events.append((e, d)))
+    finally:
+        remove_placement_group(hog)
+    assert events == [("writers", {"count": 0, "wanted": 2})]
+    assert manifest["totals"]["samples"] == 60
+    bulk.run_job(bulk.JobSpec(**{**spec.to_dict(), "output": (tmp_path / "ref").as_uri()}), files, use_ray=False)
+    assert [r["sha256"] for r in manifest["shards"]] == [r["sha256"] for r in bulk.read_manifest(
+        (tmp_path / "ref").as_uri())["shards"]]
