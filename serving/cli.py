@@ -108,7 +108,7 @@ def serve_cmd(
 
 
 #: How long ``genmodels serve`` gives Serve to stop its replicas before it stops Ray under them.
-SHUTDOWN_S = 6.0
+SHUTDOWN_S = 4.0
 
 
 def _interrupt(signum, frame) -> None:

@@ -172,6 +172,7 @@ def test_delete_cancels_a_running_job_within_seconds_keeping_its_finished_shards
     assert r.status_code == 202 and r.json()["cancel_requested"], r.text
     status = _wait(client, jid, timeout=15)
     took = time.monotonic() - asked
+    print(f"cancelled {took:.2f} s after DELETE at {status['done']} of 32000")
     assert status["status"] == "cancelled" and 0 < status["done"] < 32_000, status
     assert took < 15, took
     kept = [p for p in (outputs / "cancelled" / "shards").glob("*.json")]
@@ -204,6 +205,7 @@ def test_sigterm_stops_the_server_within_10_s_while_a_job_runs(served):
     proc.send_signal(signal.SIGTERM)  # the server process only, as `docker stop` or `kill` would
     proc.wait(15)
     took = time.monotonic() - asked
+    print(f"genmodels serve stopped {took:.1f} s after SIGTERM")
     assert took < 10, f"genmodels serve took {took:.1f} s to stop"
     # Its writers went with it (Ray stopped under them), within the same 10 s.
     while _shard_writers(proc.pid) and time.monotonic() - asked < 10:
