@@ -35,6 +35,7 @@ from genmodels.training import LocalContext, TrainConfig, TrainResult, preset_co
 # full runs use the whole test split and k=5000 importance samples like the published figures.
 EVAL_SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"max_examples": 1000, "n_samples": 1000, "iwae_k": 1000},
+    "cpu": {"max_examples": None, "n_samples": 10000, "iwae_k": 5000},
     "full": {"max_examples": None, "n_samples": 10000, "iwae_k": 5000},
 }
 

@@ -32,6 +32,7 @@ from genmodels.models.base import GenerativeModel
 from genmodels.noise import derive_seed
 
 CHECKPOINT_KEY = "checkpoint.pt"
+AUTOCAST_MODES = ("none", "bf16")
 
 
 @dataclass
@@ -51,6 +52,12 @@ class TrainConfig:
     max_val_examples: int | None = 5000
     em_init_examples: int = 5000
     device: str = "auto"
+    #: "bf16": training forward passes under bfloat16 autocast (AMX on these CPUs, tensor
+    #: cores on GPUs); validation, evaluation and every reported likelihood stay fp32.
+    autocast: str = "none"
+    #: Wall-clock budget of this invocation: training stops after the epoch that crosses it,
+    #: with a checkpoint, and a later run with the same storage resumes from there.
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -63,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"scheduler must be none, cosine or step, got {self.scheduler!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_MODES)}, got {self.autocast!r}")
         self.betas = tuple(self.betas)  # JSON/MLflow round trips turn tuples into lists
 
     @classmethod
@@ -247,6 +256,7 @@ def train(
     bar = _Progress(progress and ctx.is_chief, cfg.epochs, steps_per_epoch, f"train {model.family}")
     bar.set_completed(start_epoch * steps_per_epoch)
     stopped_early = False
+    started = time.monotonic()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # Each epoch's randomness is a function of (seed, epoch, rank) alone: a resumed run
@@ -278,14 +288,15 @@ def train(
             history.append(record)
             patience = cfg.early_stopping_patience
             stopped_early = patience is not None and best_state is not None and bad_epochs >= patience
-            last = stopped_early or epoch + 1 == cfg.epochs
+            out_of_time = cfg.max_seconds is not None and time.monotonic() - started >= cfg.max_seconds
+            last = stopped_early or out_of_time or epoch + 1 == cfg.epochs
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 state = _training_state(model, optimizers, schedulers, history, epoch + 1, best_val, bad_epochs,
                                         best_state, cfg, meta)
                 ctx.save_state(state, epoch + 1, record)
             else:
                 ctx.report(record)
-            if stopped_early:
+            if stopped_early or out_of_time:
                 break
     finally:
         bar.close()
@@ -301,20 +312,24 @@ def train(
 
 
 def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar) -> tuple[dict[str, float], int]:
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
     sums: dict[str, float] = {}
     seen = steps = 0
     t0 = time.perf_counter()
     for batch in epoch_batches:
         for player, opt in optimizers.items():
             opt.zero_grad(set_to_none=True)
-            out = wrapped(batch, player)
-            loss = out["loss"]
+            with autocast:
+                out = wrapped(batch, player)
+            loss = out["loss"].float()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{model.family}: non-finite {player} loss at step {steps}: {loss.item()}")
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
+            model.after_step(player)
             prefix = "" if len(optimizers) == 1 else f"{player}_"
             for key, value in out.items():
                 sums[prefix + key] = sums.get(prefix + key, 0.0) + float(value.detach())

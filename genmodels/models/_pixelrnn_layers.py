@@ -106,11 +106,24 @@ class MaskedConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, self._pad), w, self.bias)
 
 
-def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSTM update on channel axis 1; elementwise, so it preserves channel groups."""
-    i, f, o, g = gates.chunk(GATES, dim=1)
-    c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSTM update with the gate blocks along ``dim``; elementwise, so it preserves channel groups.
+
+    One sigmoid over the three sigmoid gates and one tanh: the recurrent loops call this once
+    per row or column, where per-op overhead, not arithmetic, is the cost."""
+    hidden = c_prev.shape[dim]
+    ifo = torch.sigmoid(gates.narrow(dim, 0, 3 * hidden))
+    g = torch.tanh(gates.narrow(dim, 3 * hidden, hidden))
+    i, f, o = ifo.chunk(3, dim=dim)
+    c = f * c_prev + i * g
+    return o * torch.tanh(c), c
+
+
+def _taps_weight(state_to_state: torch.Tensor) -> torch.Tensor:
+    """A conv1d weight [4h, h, k] as a matrix [k*h, 4h] over tap-major concatenated inputs, so a
+    recurrence step is one matmul (a tiny conv1d's backward costs ~100x a matmul's on CPU)."""
+    out_f, in_f, k = state_to_state.shape
+    return state_to_state.permute(2, 1, 0).reshape(k * in_f, out_f)
 
 
 def skew(x: torch.Tensor) -> torch.Tensor:
@@ -141,19 +154,22 @@ def diagonal_scan(gates_in: torch.Tensor, state_to_state: torch.Tensor) -> torch
     """
     b, _, height, width = gates_in.shape
     hidden = state_to_state.shape[1]
-    skewed = skew(gates_in)
+    # Channels last ([B, T, H, 4h]): each step is then one matmul over [B, H, 2h] taps.
+    skewed = skew(gates_in).permute(0, 3, 2, 1)
     # States outside the image (left and right of each skewed row) are zeroed so that the
     # left neighbour of column 0 is exactly zero, as in the cached sampler.
-    valid = skew(gates_in.new_ones(1, 1, height, width))
-    h = gates_in.new_zeros(b, hidden, height)
-    c = gates_in.new_zeros(b, hidden, height)
+    valid = skew(gates_in.new_ones(1, 1, height, width)).permute(0, 3, 2, 1)
+    weight = _taps_weight(state_to_state)
+    h = gates_in.new_zeros(b, height, hidden)
+    c = gates_in.new_zeros(b, height, hidden)
     hs = []
-    # unbind, not skewed[..., t]: the backward of T selects would build T full-size zero grads.
-    for pre, m in zip(skewed.unbind(-1), valid.unbind(-1)):
-        h, c = lstm_cell(pre + F.conv1d(F.pad(h, (1, 0)), state_to_state), c)
+    # unbind, not skewed[:, t]: the backward of T selects would build T full-size zero grads.
+    for pre, m in zip(skewed.unbind(1), valid.unbind(1)):
+        above = F.pad(h, (0, 0, 1, 0))[:, :height]  # tap 0: the row above; tap 1: the same row
+        h, c = lstm_cell(pre + torch.cat([above, h], dim=2) @ weight, c, dim=2)
         h, c = h * m, c * m
         hs.append(h)
-    return unskew(torch.stack(hs, dim=-1), width)
+    return unskew(torch.stack(hs, dim=1).permute(0, 3, 2, 1), width)
 
 
 class RowLSTMLayer(nn.Module):
@@ -176,17 +192,22 @@ class RowLSTMLayer(nn.Module):
     def forward(self, inp: torch.Tensor, gate_bias: torch.Tensor | None) -> torch.Tensor:
         """inp [B, h, H, W], gate_bias [B, 4h] or None -> next layer's input [B, h, H, W]."""
         b, _, height, width = inp.shape
-        pre = self.input_to_state(inp)
+        pre = self.input_to_state(inp)  # every row's input-to-state at once
         if gate_bias is not None:
             pre = pre + gate_bias[:, :, None, None]
-        h = inp.new_zeros(b, self.hidden, width)
-        c = inp.new_zeros(b, self.hidden, width)
+        # Channels last ([B, H, W, 4h]): each row step is one matmul over [B, W, 3h] taps.
+        pre = pre.permute(0, 2, 3, 1)
+        weight = _taps_weight(self.state_to_state.weight)
+        h = inp.new_zeros(b, width, self.hidden)
+        c = inp.new_zeros(b, width, self.hidden)
         hs = []
-        # unbind, not pre[:, :, i]: the backward of H selects would build H full-size zero grads.
-        for pre_row in pre.unbind(2):
-            h, c = lstm_cell(pre_row + self.state_to_state(h), c)
+        # unbind, not pre[:, i]: the backward of H selects would build H full-size zero grads.
+        for pre_row in pre.unbind(1):
+            padded = F.pad(h, (0, 0, 1, 1))  # taps j-1, j, j+1 of the row above
+            taps = torch.cat([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], dim=2)
+            h, c = lstm_cell(pre_row + taps @ weight, c, dim=2)
             hs.append(h)
-        out = self.output(torch.stack(hs, dim=2))
+        out = self.output(torch.stack(hs, dim=1).permute(0, 3, 1, 2))
         return inp + out if self.residual else out
 
     def step(

@@ -29,21 +29,10 @@ class CVAE(VAE):
     config_class: ClassVar[type[ModelConfig]] = CVAEConfig
     _requires_conditional: ClassVar[bool] = True
 
+    # The VAE's networks and schedules; the label enters the encoder's dense layer and, as
+    # constant feature maps, every decoder stage, so the decoder cannot ignore it.
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
-        # As the VAE's quick preset; IWAE k=100 for fast evaluation (looser than k>=1000).
-        "quick": {
-            "model": {"latent_dim": 20, "architecture": "mlp", "hidden": (512, 256), "iwae_k": 100},
-            "train": {"epochs": 15, "batch_size": 128, "lr": 1e-3, "max_train_examples": 20000,
-                      "early_stopping_patience": None},
-        },
-        # GPU. Targets: >= 90% of class-conditional samples classified as their label, and an
-        # NLL at least as good as the VAE's. Same network and schedule as the VAE's full preset.
-        "full": {
-            "model": {"latent_dim": 32, "architecture": "conv", "hidden": (512,), "conv_channels": (64, 128),
-                      "iwae_k": 5000, "kl_warmup_epochs": 10},
-            "train": {"epochs": 150, "batch_size": 128, "lr": 1e-3, "scheduler": "cosine",
-                      "early_stopping_patience": 20, "grad_clip": 100.0},
-        },
+        name: {"model": dict(spec["model"]), "train": dict(spec["train"])} for name, spec in VAE.presets.items()
     }
 
     @torch.no_grad()

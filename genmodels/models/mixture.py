@@ -139,6 +139,12 @@ class MixtureModel(GenerativeModel):
             "train": {"epochs": 8, "batch_size": 500, "max_train_examples": 20000,
                       "early_stopping_patience": None, "checkpoint_every": 4},
         },
+        # 2 CPU cores: a few minutes of EM over the whole training set.
+        "cpu": {
+            "model": {"n_components": 100, "init": "kmeans++"},
+            "train": {"epochs": 30, "batch_size": 1000, "max_train_examples": None,
+                      "early_stopping_patience": 3, "checkpoint_every": 5},
+        },
         "full": {
             "model": {"n_components": 200, "init": "kmeans++"},
             "train": {"epochs": 100, "batch_size": 1000, "max_train_examples": None,

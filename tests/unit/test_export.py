@@ -198,3 +198,18 @@ def test_cvae_parity_needs_the_analogies_graph(exported):
     sampler_only = [f for f in files if read_metadata(f)["graph"] == "sampler"]
     with pytest.raises(ExportParityError, match=r"cvae: the files lack the 'analogies' graph \(found \['sampler'\]\)"):
         check_parity(model, sampler_only)
+
+
+def test_gan_exports_its_averaged_generator(tmp_path):
+    """The EMA generator is what samples, so it is what the served graph must hold."""
+    from genmodels.sampling import OnnxSampler
+
+    model = make_model("gan")
+    with torch.no_grad():  # a trained G that the average has not caught up with
+        for p in model.generator.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    export_sampler(model, tmp_path)
+    images = OnnxSampler.from_dir(tmp_path, intra_op_num_threads=1).sample(6, seed=3)
+    noise = make_noise(model.noise_spec(), seed=3, count=6)
+    np.testing.assert_allclose(images, model.generator_ema(noise["z"]).detach().numpy(), atol=1e-5)
+    assert not np.allclose(images, model.generator(noise["z"]).detach().numpy(), atol=1e-3)

@@ -68,7 +68,10 @@ def test_class_attributes_and_noise_spec():
     g_ids = {id(p) for p in model.players()["generator"]}
     assert d_ids == {id(p) for p in model.discriminator.parameters()}
     assert g_ids == {id(p) for p in model.generator.parameters()}
-    assert d_ids.isdisjoint(g_ids) and len(d_ids | g_ids) == len(list(model.parameters()))
+    assert d_ids.isdisjoint(g_ids)
+    # Every trainable parameter belongs to a player; the averaged generator is no player.
+    assert d_ids | g_ids == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any(p.requires_grad for p in model.generator_ema.parameters())
 
 
 def test_same_seed_same_samples():
@@ -147,10 +150,13 @@ def test_checkpoint_round_trip():
     assert torch.equal(restored.discriminator(batch["x"], batch["y"]), model.discriminator(batch["x"], batch["y"]))
 
 
-@pytest.mark.parametrize("conditional,r1_gamma", [(False, 0.0), (True, 0.0), (False, 1.0)])
-def test_training_steps_follow_the_loop_contract(conditional, r1_gamma):
+@pytest.mark.parametrize("conditional,r1_gamma,loss", [
+    (False, 0.0, "nonsaturating"), (True, 0.0, "nonsaturating"), (False, 1.0, "nonsaturating"),
+    (False, 0.0, "hinge"), (True, 1.0, "hinge"),
+])
+def test_training_steps_follow_the_loop_contract(conditional, r1_gamma, loss):
     """Players stepped in order with their own Adam, as the training loop does."""
-    model = tiny_gan(conditional=conditional, r1_gamma=r1_gamma)
+    model = tiny_gan(conditional=conditional, r1_gamma=r1_gamma, loss=loss)
     model.train()
     optimizers = {name: torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
                   for name, params in model.players().items()}
@@ -170,8 +176,11 @@ def test_training_steps_follow_the_loop_contract(conditional, r1_gamma):
                 assert {"d_real", "d_fake"} <= set(out) and ("r1" in out) == (r1_gamma > 0)
                 assert 0 <= float(out["d_real"]) <= 1 and 0 <= float(out["d_fake"]) <= 1
             opt.step()
+    # Under the hinge loss D's output bias has gradient mean(1[fake > -1]) - mean(1[real < 1]),
+    # exactly 0 while every logit is inside the margin, as at initialization.
+    frozen = {id(model.discriminator.head.bias)} if loss == "hinge" else set()
     for name, params in model.players().items():
-        moved = [not torch.equal(a, p) for a, p in zip(before[name], params)]
+        moved = [not torch.equal(a, p) for a, p in zip(before[name], params) if id(p) not in frozen]
         assert all(moved), f"{name}: {moved.count(False)} of {len(moved)} parameters never changed"
 
 
@@ -184,13 +193,62 @@ def test_validation_loss_is_the_deterministic_generator_loss():
     assert torch.equal(model.validation_loss(batch), first)
 
 
-@pytest.mark.parametrize("preset", ["quick", "full"])
+@pytest.mark.parametrize("preset", ["quick", "cpu", "full"])
 def test_presets_build(preset):
     spec = GAN.presets[preset]
     model = build_model("gan", ImageSpec(1, 28, 28, 256, 10), **spec["model"])
     assert isinstance(model, GAN)
+    # The recipe that did not collapse: hinge loss, an averaged G, D faster than G, beta1 = 0.
+    assert model.config.loss == "hinge" and model.config.ema_decay > 0
     train = TrainConfig.from_dict(spec["train"])
-    assert train.early_stopping_patience is None and train.betas == (0.5, 0.999)
+    assert train.early_stopping_patience is None and train.betas == (0.0, 0.9)
+    assert train.player_lr["discriminator"] > train.lr
+
+
+def test_generator_upsamples_by_resize_then_conv():
+    """No transposed convolutions: their uneven kernel overlap paints checkerboards."""
+    model = tiny_gan(image=ImageSpec(1, 28, 28, 2, 10))
+    kinds = {type(m).__name__ for m in model.generator.modules()}
+    assert "ConvTranspose2d" not in kinds and "Upsample" in kinds
+
+
+def test_ema_generator_follows_the_trained_one_and_is_what_samples():
+    model = tiny_gan()
+    optimizers = {name: torch.optim.Adam(params, lr=1e-2, betas=(0.0, 0.9)) for name, params in model.players().items()}
+    for step in range(5):
+        for name, opt in optimizers.items():
+            opt.zero_grad(set_to_none=True)
+            model(batch_of(DIGITS, n=8, seed=step), name)["loss"].backward()
+            opt.step()
+            model.after_step(name)
+    assert int(model.ema_steps) == 5  # one update per generator step, none for D's
+    model.eval()
+    noise = make_noise(model.noise_spec(), seed=0, count=4)
+    live, averaged = model.generator(noise["z"]), model.generator_ema(noise["z"])
+    assert not torch.equal(live, averaged)  # the average lags the trained weights
+    assert torch.equal(model.sample_from_noise(noise), averaged)
+    for avg, cur in zip(model.generator_ema.parameters(), model.generator.parameters()):
+        assert torch.isfinite(avg).all() and not torch.equal(avg, cur)
+    # ema_decay=0 samples from the trained G itself.
+    plain = tiny_gan(ema_decay=0.0).eval()
+    assert torch.equal(plain.sample_from_noise(noise), plain.generator(noise["z"]))
+    # The average is part of the checkpoint, so a resumed run keeps it.
+    restored = model_from_checkpoint(checkpoint_bytes(model))
+    assert torch.equal(restored.sample_from_noise(noise), averaged) and int(restored.ema_steps) == 5
+
+
+@pytest.mark.parametrize("loss", ["hinge", "nonsaturating"])
+def test_discriminator_losses(loss):
+    model = tiny_gan(loss=loss)
+    batch = batch_of(DIGITS, n=8)
+    with torch.no_grad():
+        model.discriminator.eval()
+        out = model.loss(batch, "discriminator")
+    assert torch.isfinite(out["loss"]) and float(out["loss"]) >= 0
+    with pytest.raises(ValueError, match="GANConfig.loss"):
+        GANConfig(image=DIGITS, loss="wasserstein")
+    with pytest.raises(ValueError, match="ema_decay"):
+        GANConfig(image=DIGITS, ema_decay=1.0)
 
 
 def test_trains_through_the_training_loop():

@@ -391,7 +391,7 @@ def test_loading_new_parameters_refreshes_the_cached_tables(fitted_grey):
     assert torch.equal(other.log_likelihood(x, y), fitted_grey.log_likelihood(x, y))
 
 
-@pytest.mark.parametrize("preset", ["quick", "full"])
+@pytest.mark.parametrize("preset", ["quick", "cpu", "full"])
 def test_presets_build(preset):
     spec = MixtureModel.presets[preset]
     model = build_model("mixture", ImageSpec(1, 28, 28, 256, 10), **spec["model"])

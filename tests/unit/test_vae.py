@@ -295,7 +295,7 @@ def test_optimizer_steps_decrease_loss(architecture, levels, digits):
     assert fixed_loss() < before * 0.9
 
 
-@pytest.mark.parametrize("preset", ["quick", "full"])
+@pytest.mark.parametrize("preset", ["quick", "cpu", "full"])
 def test_presets_build_and_run_on_fashion_mnist_shape(preset):
     from genmodels.training import preset_configs
 

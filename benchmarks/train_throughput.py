@@ -1,0 +1,87 @@
+"""Training throughput (images/s) of a family's preset network, fp32 against bf16 autocast.
+
+One optimizer step per player per batch, as the training loop does, on a fixed random batch
+of 28x28 images (binary, Fashion-MNIST's shape), after warm-up steps. Medians over repeats;
+the variants alternate within each repeat so drift hits them alike.
+
+    .venv/bin/python benchmarks/train_throughput.py --family pixelrnn --preset quick --threads 2
+    .venv/bin/python benchmarks/train_throughput.py --family vae --preset quick --set res_blocks=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from genmodels.models import build_model
+from genmodels.models.base import ImageSpec
+from genmodels.training import TrainConfig, preset_configs
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def steps_per_second(model, batch, cfg: TrainConfig, steps: int, bf16: bool) -> float:
+    optimizers = {name: torch.optim.Adam(params, lr=1e-4, betas=cfg.betas) for name, params in model.players().items()}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    model.train()
+
+    def step() -> None:
+        for player, opt in optimizers.items():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = model(batch, player)["loss"]
+            loss.float().backward()
+            opt.step()
+            model.after_step(player)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True)
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--set", action="append", default=[], help="model override key=value (JSON value)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    overrides, cfg = preset_configs(args.family, args.preset)
+    overrides.update({k: _value(v) for k, v in (item.split("=", 1) for item in args.set)})
+    image = ImageSpec(1, 28, 28, 2, 10)
+    torch.manual_seed(0)
+    model = build_model(args.family, image, **overrides)
+    batch_size = args.batch_size or cfg.batch_size
+    x = (torch.rand(batch_size, *image.shape) < 0.3).float()
+    batch = {"x": x, "y": torch.randint(0, 10, (batch_size,))}
+    rates: dict[str, list[float]] = {name: [] for name in args.variants.split(",")}
+    for _ in range(args.repeats):
+        for name in rates:
+            rates[name].append(steps_per_second(model, batch, cfg, args.steps, name == "bf16") * batch_size)
+    medians = {f"{name}_images_per_s": round(statistics.median(r), 1) for name, r in rates.items()}
+    if len(rates) == 2:
+        medians["bf16_speedup"] = round(medians["bf16_images_per_s"] / medians["fp32_images_per_s"], 3)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(json.dumps({"family": args.family, "preset": args.preset, "overrides": overrides, "batch": batch_size,
+                      "threads": args.threads, "params": params, **medians}))
+
+
+if __name__ == "__main__":
+    main()
