@@ -241,16 +241,26 @@ def run_cmd(
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
     quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Retrain even where a run already finished.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop each family's training after the epoch that crosses this many minutes (checkpointed: "
+             "running the same command again resumes).")] = None,
 ) -> None:
-    """Prepare, train and evaluate several families; write grids and a metrics table."""
-    from genmodels.runs import collect_metrics, evaluate_run, metrics_table, train_family
+    """Prepare, train and evaluate several families; write grids, a comparison picture and a
+    metrics table."""
+    from genmodels.runs import collect_metrics, comparison_png, evaluate_run, metrics_table, train_family
 
     names = _families(families)
     storage = _storage(out)
     snap = _snapshot(storage, dataset, source, quantization, seed, None, "L")
+    overrides: dict = {"seed": seed}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if max_minutes is not None:
+        overrides["max_seconds"] = 60.0 * max_minutes
     for family in names:
         console.rule(f"{family} ({preset})")
-        outcome = train_family(storage, snap, family, preset, overrides={"seed": seed}, fresh=fresh, progress=True)
+        outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
         with console.status(f"evaluating {family}"):
             evaluate_run(storage, outcome.run, snap, preset, seed=seed)
     table = metrics_table(collect_metrics(storage, snap.dataset, preset, snap.hash))
@@ -260,6 +270,9 @@ def run_cmd(
               "is better); elbo_nats: the ELBO itself (a lower bound on log p). FID/KID on the domain "
               "classifier's features; class_accuracy of conditional samples; train_seconds: sum of epoch times.\n\n")
     storage.put_bytes(report_key, (header + table).encode())
+    picture = comparison_png(storage, snap.dataset, preset, snap.hash, seed=seed)
+    if picture is not None:
+        storage.put_bytes(f"reports/{snap.dataset}-{preset}.png", picture)
     Console().print(Markdown(header + table))
     console.print(f"report: {storage.url_for(report_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")
 

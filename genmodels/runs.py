@@ -29,7 +29,7 @@ from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, write_s
 from genmodels.models import checkpoint_bytes, family_class, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.storage import Storage
-from genmodels.training import LocalContext, TrainConfig, TrainResult, preset_configs, train
+from genmodels.training import LocalContext, TrainConfig, TrainResult, preset_configs, resolve_device, train
 
 # Evaluation effort per preset: quick runs evaluate on a subset so `make run` stays in minutes;
 # full runs use the whole test split and k=5000 importance samples like the published figures.
@@ -140,7 +140,12 @@ def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot,
     """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort."""
     from genmodels.evaluation import evaluate
 
-    settings = EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"])
+    settings = dict(EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"]))
+    # On a GPU, large batches for the pixel-by-pixel samplers and exact likelihoods (the IWAE
+    # estimate already batches k samples per image, so the VAEs keep the default).
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if on_gpu and not model.has_latent:
+        settings["batch_size"] = 1000
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     metrics = evaluate(model, snapshot, storage=storage, seed=seed, **settings)
@@ -156,9 +161,10 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
     if meta.get("snapshot_hash") != snapshot.hash:
         raise ValueError(f"{run.url} was trained on snapshot {meta.get('snapshot_hash', '?')[:16]}, "
                          f"not on {snapshot.hash[:16]}")
-    metrics = evaluate_model(storage, model, snapshot, preset, seed=seed)
+    # Evaluate where training ran (a GPU when there is one); the pictures are cheap on the CPU.
+    metrics = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed)
     run.put_bytes("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
-    for name, png in render_pictures(model, snapshot, seed=seed).items():
+    for name, png in render_pictures(model.cpu(), snapshot, seed=seed).items():
         run.put_bytes(name, png)
     return metrics
 
@@ -208,12 +214,37 @@ def collect_metrics(storage: Storage, dataset: str, preset: str, snapshot_hash: 
         if load_checkpoint(run.get_bytes("model.pt"))["meta"].get("snapshot_hash") != snapshot_hash:
             continue
         history = json.loads(run.get_bytes("history.json")) if run.exists("history.json") else []
-        rows[family] = {**json.loads(run.get_bytes("metrics.json")),
-                        "train_seconds": sum(h.get("seconds", 0.0) for h in history)}
+        seconds = sum(h.get("seconds", 0.0) for h in history)
+        images = sum(h.get("images_per_s", 0.0) * h.get("seconds", 0.0) for h in history)
+        rows[family] = {**json.loads(run.get_bytes("metrics.json")), "train_seconds": seconds,
+                        "train_epochs": float(len(history)),
+                        "train_images_per_s": images / seconds if seconds else 0.0}
     return rows
 
 
-REPORT_COLUMNS = ("nll_nats", "bits_per_dim", "elbo_nats", "fid", "kid", "class_accuracy", "train_seconds")
+def comparison_png(storage: Storage, dataset: str, preset: str, snapshot_hash: str, n: int = 10,
+                   seed: int = 0) -> bytes | None:
+    """One row of ``n`` samples per family trained on this snapshot (same seed for all;
+    class-conditional families draw classes 0, 1, 2, ...): the lecture's comparison at a
+    glance. None when no family has a model yet."""
+    from genmodels.evaluation import grid_png
+    from genmodels.models import FAMILIES
+
+    rows = []
+    for family in FAMILIES:
+        run = storage.child(run_prefix(dataset, family, preset))
+        if not run.exists("model.pt"):
+            continue
+        model, meta = load_model(run)
+        if meta.get("snapshot_hash") != snapshot_hash:
+            continue
+        labels = torch.arange(n) % model.image.num_classes if model.conditional else None
+        rows.append(model.sample(n, labels=labels, seed=seed).cpu())
+    return grid_png(torch.cat(rows), nrow=n) if rows else None
+
+
+REPORT_COLUMNS = ("nll_nats", "bits_per_dim", "elbo_nats", "fid", "fid_real_floor", "kid", "precision", "recall",
+                  "class_accuracy", "completion_nll_nats", "train_seconds", "train_images_per_s")
 
 
 def metrics_table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = REPORT_COLUMNS) -> str:

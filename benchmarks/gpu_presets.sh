@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Train and evaluate presets on a lent GPU machine (no network, the image's own torch) within
+# one short window; results land under $OUT. Families run as parallel processes on the one GPU,
+# each stopped by --max-minutes after the epoch that crosses it (checkpointed, resumable).
+#   usage: benchmarks/gpu_presets.sh MINUTES "cpu:vae,cvae,gan,pixelrnn,mixture full:gan,pixelrnn"
+# Needs, carried beside the checkout: .whl/ (pydantic & co. for python 3.12) and
+# .data/fashion-mnist/ (the four IDX files).
+set -uo pipefail
+minutes=$1; plan=$2
+SECONDS=0
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GENMODELS_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist
+store=/tmp/store; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
+# The snapshot and the domain classifier first, once, so the parallel runs share them.
+python3 - <<'PY' > "$OUT/prep.log" 2>&1 || { cat "$OUT/prep.log"; exit 1; }
+import time, torch
+from genmodels.data import PrepConfig
+from genmodels.evaluation.classifier import load_or_train_classifier
+from genmodels.runs import snapshot_for
+from genmodels.storage import open_storage
+t = time.time()
+storage = open_storage("file:///tmp/store")
+snap = snapshot_for(storage, "fashion-mnist", None, PrepConfig())
+clf = load_or_train_classifier(snap, storage, None, torch.device("cuda"))
+open("/tmp/snapshot_hash", "w").write(snap.hash)
+print("snapshot", snap.hash[:16], "classifier test accuracy", clf.test_accuracy, "seconds", round(time.time() - t, 1))
+PY
+pids=()
+for entry in $plan; do
+  preset=${entry%%:*}
+  for family in ${entry#*:}; do
+    family=${family//,/ }
+    for f in $family; do
+      python3 -m genmodels.cli run --families "$f" --preset "$preset" --out "file://$store" \
+        --max-minutes "$minutes" > "$OUT/$preset-$f.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+done
+# A hard deadline so whatever finished still comes back inside the machine's window.
+deadline=$((SECONDS + ${DEADLINE_S:-540}))
+while [ $SECONDS -lt $deadline ] && pgrep -f "genmodels.cli run" >/dev/null; do sleep 5; done
+pkill -f "genmodels.cli run" && echo "deadline: runs still going were stopped" >> "$OUT/prep.log"
+# Reports (tables and comparison pictures) once every family is in, then the small files back.
+for entry in $plan; do
+  python3 - "${entry%%:*}" <<'PY' >> "$OUT/prep.log" 2>&1
+import json, sys
+from genmodels.runs import collect_metrics, comparison_png, metrics_table
+from genmodels.storage import open_storage
+preset, storage = sys.argv[1], open_storage("file:///tmp/store")
+snap_hash = open("/tmp/snapshot_hash").read().strip()
+rows = collect_metrics(storage, "fashion-mnist", preset, snap_hash)
+storage.put_bytes(f"reports/fashion-mnist-{preset}.md", metrics_table(rows).encode())
+storage.put_bytes(f"reports/fashion-mnist-{preset}.json", json.dumps(rows, indent=1).encode())
+picture = comparison_png(storage, "fashion-mnist", preset, snap_hash)
+if picture:
+    storage.put_bytes(f"reports/fashion-mnist-{preset}.png", picture)
+print(preset, metrics_table(rows))
+PY
+done
+cd "$store" && tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='snapshots' --exclude='classifiers' . 
+find "$store/runs" -name model.pt -size -12M | tar czf "$OUT/models.tgz" -T - 2>/dev/null
+ls -la "$OUT"
