@@ -400,6 +400,7 @@ class LoadedSampler:
     sampler: Any  # genmodels.sampling.OnnxSampler
     metrics: dict[str, float]
     tags: dict[str, str]
+    registered_at: str | None = None  # ISO 8601 UTC: when this version was registered (after training)
 
 
 def load_sampler(name: str, alias: str = CHAMPION, directory: str | Path | None = None,
@@ -421,7 +422,12 @@ def load_sampler(name: str, alias: str = CHAMPION, directory: str | Path | None 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target)))
     sampler = OnnxSampler(sorted((local / "artifacts").glob("*.onnx")), intra_op_num_threads=intra_op_num_threads)
     metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-    return LoadedSampler(name, str(mv.version), sampler, dict(metrics), dict(mv.tags))
+    registered_at = None
+    if mv.creation_timestamp:
+        from datetime import datetime, timezone
+
+        registered_at = datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")
+    return LoadedSampler(name, str(mv.version), sampler, dict(metrics), dict(mv.tags), registered_at)
 
 
 def current_version(name: str, alias: str = CHAMPION) -> str | None:

@@ -137,7 +137,18 @@ class ModelInfo(BaseModel):
     conditional: bool
     num_classes: int
     image_shape: list[int]
-    metrics: dict[str, float]
+    can_complete: bool = Field(default=False, description="POST /complete works for this version (PixelRNN; mixture).")
+    completes_any_mask: bool = Field(default=False, description="/complete takes a mask, not only known_rows (mixture).")
+    dataset: str | None = Field(default=None, description="The dataset it was trained on.")
+    preset: str | None = Field(default=None, description="The training preset (quick, cpu, full).")
+    snapshot_hash: str | None = Field(default=None, description="Content hash of the data snapshot trained "
+                                                                 "and evaluated on.")
+    registered_at: str | None = Field(default=None, description="When this version was registered (ISO 8601 "
+                                                                 "UTC), right after its training and evaluation.")
+    metrics: dict[str, float] = Field(description="The MLflow run's metrics as logged: likelihood metrics "
+                                                  "named *_nats/*bits_per_dim are NLLs (lower is better) "
+                                                  "except elbo_nats, iwae_k*_nats and epoch_*_elbo/_recon, "
+                                                  "which are log-likelihoods (higher is better).")
 
 
 class ErrorBody(BaseModel):

@@ -219,8 +219,13 @@ class ModelSet:
         out = []
         for name, loaded in sorted(self._models.items()):
             s = loaded.sampler
+            tags = loaded.tags or {}
             out.append({"name": name, "family": s.family, "version": loaded.version, "conditional": s.conditional,
                         "num_classes": s.num_classes, "image_shape": list(s.image_shape),
+                        "can_complete": bool(s.can_complete), "completes_any_mask": bool(s.completes_any_mask),
+                        "dataset": tags.get("genmodels.dataset"), "preset": tags.get("genmodels.preset"),
+                        "snapshot_hash": tags.get("genmodels.snapshot_hash"),
+                        "registered_at": getattr(loaded, "registered_at", None),
                         "metrics": _finite_metrics(loaded.metrics)})
         return out
 

@@ -149,3 +149,8 @@ def test_openapi_documents_the_route(served):
     schema = spec["components"]["schemas"]["CompleteRequest"]
     assert {"image", "known_rows", "mask", "n", "seed", "temperature", "labels"} <= set(schema["properties"])
     assert schema["properties"]["n"]["maximum"] == 64
+
+
+def test_models_list_says_which_models_complete_and_which_take_a_mask(served):
+    flags = {m["name"]: (m["can_complete"], m["completes_any_mask"]) for m in served.get("/v1/models").json()}
+    assert flags == {RNN: (True, False), MIX: (True, True), VAE: (False, False)}

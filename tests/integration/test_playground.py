@@ -3,27 +3,39 @@
 Chromium runs as a plain subprocess: ``--dump-dom`` gives the DOM after the page's JavaScript
 ran (the page records what it rendered in data-* attributes), ``--screenshot`` the pixels.
 ``--virtual-time-budget`` makes Chromium wait for the page's fetches before it dumps or shoots.
+What needs a user's hands (dragging the occlusion line, uploading a file, opening "details") goes
+through the DevTools protocol of the same Chromium (:class:`Browser`): real pointer events, a real
+file input.
 The application runs with an API key throughout (a redeploy costs ~10 s on 2 cores); pages get
 the key in the URL fragment, as a user would paste it in the key field.
 """
 
 from __future__ import annotations
 
+import base64
 import html.parser
 import io
+import json
 import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
-from serving_fixtures import register_champions, registry_env, serve_on_free_port
+from serving_fixtures import free_port, register_champions, registry_env, serve_on_free_port
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
 
 DATASET = "pg"
 VAE, CVAE = f"{DATASET}-vae", f"{DATASET}-cvae"
+RNN, MIX = f"{DATASET}-pixelrnn", f"{DATASET}-mixture"
+#: What a real CVAE run logs, signs included: NLLs (positive) beside log-likelihoods (negative).
+CVAE_METRICS = {"nll_nats": 40.0, "bits_per_dim": 0.9017, "iwae_k1000_nats": -40.0, "elbo_nats": -42.5,
+                "elbo_bits_per_dim": 0.958, "epoch_train_recon": -35.0, "epoch_train_kl": 7.5,
+                "epoch_train_loss": 42.5, "fid": 12.5, "fid_real_floor": 1.25, "class_accuracy": 0.76,
+                "classifier_test_accuracy": 0.9}
 KEY = "playground-key"
 WINDOW = (1000, 900)
 
@@ -42,9 +54,10 @@ def chromium() -> str:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("playground")
     with registry_env(root):
-        tracking_uri = register_champions(root, DATASET, ["vae", "cvae"],
-                                          metrics={"vae": {"nll_nats": 50.0}, "cvae": {"nll_nats": 40.0}})
-        models = [VAE, CVAE]
+        tracking_uri = register_champions(root, DATASET, ["vae", "cvae", "pixelrnn", "mixture"],
+                                          metrics={"vae": {"nll_nats": 50.0}, "cvae": CVAE_METRICS,
+                                                   "pixelrnn": {"nll_nats": 30.0}, "mixture": {"nll_nats": 45.0}})
+        models = [VAE, CVAE, RNN, MIX]
         with serve_on_free_port(tracking_uri, models, api_key=KEY) as url:
             yield url
 
@@ -57,6 +70,7 @@ class _Elements(html.parser.HTMLParser):
         self.attrs: dict[str, dict[str, str]] = {}
         self.text: dict[str, str] = {}
         self.options: dict[str, list[str]] = {}
+        self.raw = ""
         self._open: list[str | None] = []
         self._select: str | None = None
 
@@ -97,7 +111,8 @@ def _run(chromium: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 def dom(chromium: str, tmp_path, url: str) -> _Elements:
     parsed = _Elements()
-    parsed.feed(_run(chromium, tmp_path, "--dump-dom", url).stdout)
+    parsed.raw = _run(chromium, tmp_path, "--dump-dom", url).stdout
+    parsed.feed(parsed.raw)
     return parsed
 
 
@@ -142,8 +157,8 @@ def test_root_without_api_key_is_flagged_none():
 
 def test_page_lists_models_and_renders_the_conditional_grid_and_walk(chromium, server, tmp_path):
     page = dom(chromium, tmp_path, server + f"/?label=3&seed=7&seed_b=9#key={KEY}")
-    assert page.options["model"] == [CVAE, VAE]
-    assert page.attrs["model"]["data-count"] == "2"
+    assert page.options["model"] == [CVAE, MIX, RNN, VAE]
+    assert page.attrs["model"]["data-count"] == "4"
     assert "cvae" in page.text["model-info"] and "version 1" in page.text["model-info"]
     assert "nll_nats = 40.00" in page.text["model-info"]
     assert "disabled" not in page.attrs["label"]
@@ -182,3 +197,196 @@ def test_without_the_key_the_page_shows_the_401_and_renders_nothing(chromium, se
     assert "401 unauthorized" in page.text["error"] and "Bearer" in page.text["error"]
     assert page.attrs["model"].get("data-count") is None and "disabled" in page.attrs["model"]
     assert "data-loaded" not in page.attrs["grid"]
+    assert "hidden" in page.attrs["completion"]  # no model list, nothing to complete with
+
+
+# --- the model panel (issue 14) and the completion panel (issue 11) ---------------------------------
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _png_b64(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _sample_pixels(server: str, model: str, seed: int) -> np.ndarray:
+    """The model's sample of ``seed`` as 8-bit grey [H, W]: the page's test image for that seed."""
+    r = httpx.post(f"{server}/v1/models/{model}/samples", json={"n": 1, "seed": seed, "format": "array"},
+                   headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return np.rint(np.asarray(r.json()["images"][0][0]) * 255).astype(np.uint8)
+
+
+def _completions(server: str, model: str, pixels: np.ndarray, known_rows: int, n: int, seed: int) -> list[str]:
+    r = httpx.post(f"{server}/v1/models/{model}/complete", headers=AUTH, timeout=60,
+                   json={"image": _png_b64(pixels), "known_rows": known_rows, "n": n, "seed": seed})
+    assert r.status_code == 200, r.text
+    return r.json()["images"]
+
+
+def test_model_panel_shows_labelled_figures_and_every_likelihood_as_a_positive_nll(chromium, server, tmp_path):
+    import datetime
+
+    page = dom(chromium, tmp_path, server + f"/?model={CVAE}#key={KEY}")
+    assert page.text["figure-model"] == "cvae · version 1 · 1×8×8"
+    assert page.text["figure-nll"] == "40.0 nats · 0.902 bits/dim (IWAE bound, k=1000) · lower is better"
+    assert page.text["figure-fid"] == "12.50 (real data vs real data: 1.25) · lower is better"
+    assert page.text["figure-accuracy"].startswith("76.0% of samples show the asked class")
+    assert "90.0% on real test images" in page.text["figure-accuracy"]
+    assert re.fullmatch(r"pg · preset quick · snapshot [0-9a-f]{12}", page.text["figure-trained"])
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    assert re.fullmatch(rf"{today} \d\d:\d\d UTC", page.text["figure-registered"]), page.text["figure-registered"]
+    assert "open" not in page.attrs["model-details"]  # the raw metrics stay folded away
+    lines = dict(line.split(" = ") for line in page.text["model-metrics"].strip().splitlines())
+    assert len(lines) == len(CVAE_METRICS) and "12 metrics" in page.text["model-details"]
+    # One convention: log-likelihoods are shown negated (and marked so), every likelihood positive.
+    assert lines["−iwae_k1000_nats"] == "40.00" and lines["nll_nats"] == "40.00"
+    assert lines["−elbo_nats"] == "42.50" and lines["−epoch_train_recon"] == "35.00"
+    assert lines["elbo_bits_per_dim"] == "0.9580" and lines["epoch_train_kl"] == "7.500"
+    assert not any(v.startswith("-") for v in lines.values()), lines
+    # A GAN-less, FID-less model shows only the figures it has.
+    page = dom(chromium, tmp_path, server + f"/?model={RNN}#key={KEY}")
+    assert page.text["figure-nll"] == "30.0 nats · lower is better"
+    assert "figure-fid" not in page.text and "figure-accuracy" not in page.text
+
+
+def test_completion_panel_offers_only_completing_models_and_shows_the_apis_completions(chromium, server, tmp_path):
+    page = dom(chromium, tmp_path, server + f"/?complete={RNN}&image_seed=5&known_rows=3&complete_seed=11#key={KEY}")
+    assert page.text["error"].strip() == ""
+    assert "hidden" not in page.attrs["completion"]
+    assert page.options["complete-model"] == [MIX, RNN]  # the VAE and CVAE cannot complete
+    box = page.attrs["completions"]
+    assert (box["data-count"], box["data-known-rows"], box["data-seed"], box["data-model"]) == ("8", "3", "11",
+                                                                                                f"{RNN} v1")
+    assert page.attrs["occlusion"]["data-known-rows"] == "3"
+    assert page.attrs["occlusion"]["data-source"] == "sample of seed 5"
+    (inner,) = re.findall(r'<div id="completions"[^>]*>(.*?)</div>', page.raw, flags=re.S)
+    shown = re.findall(r'src="data:image/png;base64,([^"]+)"', inner)
+    # The page's own PNG of the test image decodes to the pixels the API sampled: same completions.
+    assert shown == _completions(server, RNN, _sample_pixels(server, RNN, 5), 3, 8, 11)
+
+
+
+class Browser:
+    """One headless Chromium page driven over the DevTools protocol (``websockets``, which Prefect
+    and Uvicorn already bring): what a user does by hand, with real input events."""
+
+    def __init__(self, chromium: str, profile) -> None:
+        from websockets.sync.client import connect
+
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--force-device-scale-factor=1", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--no-first-run",
+             "--disable-extensions", f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (httpx.HTTPError, StopIteration):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise AssertionError("chromium's DevTools endpoint did not come up") from None
+                time.sleep(0.2)
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self._id = 0
+
+    def send(self, method: str, **params):
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:  # events arrive interleaved with answers
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == self._id:
+                assert "error" not in message, message["error"]
+                return message.get("result", {})
+
+    def eval(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while not (value := self.eval(expression)):
+            if time.monotonic() > deadline:
+                shown = self.eval("document.getElementById('error').textContent")
+                raise AssertionError(f"timed out waiting for {expression}; the page's error box: {shown!r}")
+            time.sleep(0.1)
+        return value
+
+    def mouse(self, kind: str, x: float, y: float) -> None:
+        self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                  buttons=0 if kind == "mouseReleased" else 1, clickCount=1)
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    b = Browser(chromium, tmp_path / "cdp-profile")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def _done(box: str = "completions") -> str:
+    return f"document.getElementById('{box}').dataset"
+
+
+def test_dragging_the_line_and_uploading_a_picture_complete_with_the_api(browser, server, tmp_path):
+    from PIL import Image
+
+    browser.send("Page.navigate", url=server + f"/?complete={RNN}&image_seed=2&complete_seed=4#key={KEY}")
+    browser.wait_for(f"{_done()}.count === '8' && {_done()}.knownRows === '4'")  # 8 rows: half known at first
+    # Folded until asked for: the raw metrics of the selected model.
+    assert browser.eval("document.getElementById('model-metrics').checkVisibility()") is False
+    browser.eval("document.querySelector('#model-details summary').click()")
+    assert browser.eval("document.getElementById('model-metrics').checkVisibility()") is True
+
+    # Drag the occlusion line from row 4 up to row 2 on the canvas (8x8 image drawn 28x).
+    browser.eval("document.getElementById('occlusion').scrollIntoView()")
+    left, top, height = browser.eval("(() => { const r = document.getElementById('occlusion')"
+                                     ".getBoundingClientRect(); return [r.left, r.top, r.height]; })()")
+    row = height / 8
+    x = left + 30
+    browser.mouse("mousePressed", x, top + 4 * row)
+    for y in (3.6, 3.0, 2.4, 2.1):
+        browser.mouse("mouseMoved", x, top + y * row)
+    assert browser.eval("document.getElementById('known-rows').value") == "2"  # the line follows the pointer
+    assert browser.eval(f"{_done()}.knownRows") == "4"  # one request per drag, sent on release
+    browser.mouse("mouseReleased", x, top + 2.1 * row)
+    browser.wait_for(f"{_done()}.knownRows === '2'")
+    assert browser.eval("document.getElementById('occlusion').dataset.knownRows") == "2"
+    shown = browser.eval("[...document.querySelectorAll('#completions img')].map((i) => i.src.split(',')[1])")
+    assert shown == _completions(server, RNN, _sample_pixels(server, RNN, 2), 2, 8, 4)
+
+    # Upload an RGB picture: the page turns it into the model's 8-bit grey (the API refuses RGB
+    # for a grey model) and the completions keep its visible rows exactly.
+    pattern = np.where(np.add.outer(np.arange(8), np.arange(8)) % 3 == 0, 255, 0).astype(np.uint8)
+    picture = tmp_path / "mine.png"
+    Image.fromarray(np.repeat(pattern[:, :, None], 3, axis=2), "RGB").save(picture)
+    document = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", nodeId=document, selector="#upload")["nodeId"]
+    browser.send("DOM.setFileInputFiles", files=[str(picture)], nodeId=node)
+    browser.wait_for("document.getElementById('occlusion').dataset.source === 'upload mine.png' && "
+                     f"document.getElementById('complete-caption').textContent.includes('mine.png')")
+    assert browser.eval("document.getElementById('error').textContent") == ""
+    shown = browser.eval("[...document.querySelectorAll('#completions img')].map((i) => i.src.split(',')[1])")
+    assert shown == _completions(server, RNN, pattern, 2, 8, 4)
+    tops = {np.asarray(Image.open(io.BytesIO(base64.b64decode(b))))[:2].tobytes() for b in shown}
+    assert tops == {pattern[:2].tobytes()}

@@ -152,13 +152,22 @@ def test_healthz_and_openapi(server):
 
 
 def test_models_lists_each_champion_with_its_metadata(server):
+    import datetime
+
     r = server.get("/v1/models")
     assert r.status_code == 200
-    assert r.json() == [
+    models = r.json()
+    for m in models:  # registered moments ago, as an ISO 8601 UTC time
+        registered = datetime.datetime.fromisoformat(m.pop("registered_at"))
+        assert abs(datetime.datetime.now(datetime.timezone.utc) - registered) < datetime.timedelta(hours=1)
+        assert len(m.pop("snapshot_hash")) == 64
+    assert models == [
         {"name": CVAE, "family": "cvae", "version": "1", "conditional": True, "num_classes": 10,
-         "image_shape": [1, 8, 8], "metrics": {"nll_nats": 40.0}},
+         "image_shape": [1, 8, 8], "can_complete": False, "completes_any_mask": False, "dataset": "srv",
+         "preset": "quick", "metrics": {"nll_nats": 40.0}},
         {"name": VAE, "family": "vae", "version": "1", "conditional": False, "num_classes": 10,
-         "image_shape": [1, 8, 8], "metrics": {"nll_nats": 50.0}},
+         "image_shape": [1, 8, 8], "can_complete": False, "completes_any_mask": False, "dataset": "srv",
+         "preset": "quick", "metrics": {"nll_nats": 50.0}},
     ]
 
 
