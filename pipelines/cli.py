@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from genmodels.bulk import FORMATS
 from genmodels.cli import (
-    DatasetOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, app, console, friendly_errors, train_overrides,
+    DatasetOpt, FamiliesOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, app, choice, console, friendly_errors,
+    train_overrides,
 )
 from genmodels.config import get_settings
 from genmodels.models import parse_families
@@ -21,7 +23,7 @@ WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray Tra
 @app.command("retrain")
 @friendly_errors
 def retrain_cmd(
-    family: Annotated[str, typer.Option("--family", "-f", help="Comma list or 'all'.")] = "all",
+    family: FamiliesOpt = "all",
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
     quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
@@ -70,7 +72,7 @@ def _print_outcomes(outcomes: dict) -> None:
 @friendly_errors
 def schedule_cmd(
     cron: Annotated[str, typer.Option("--cron", help="Cron expression, e.g. '0 3 * * *' (daily at 03:00).")],
-    family: Annotated[str, typer.Option("--family", "-f", help="Comma list or 'all'.")] = "all",
+    family: FamiliesOpt = "all",
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", workers: WorkersOpt = 1,
     timezone: Annotated[str, typer.Option(help="Timezone of the cron schedule.")] = "UTC",
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
@@ -105,7 +107,8 @@ def generate_cmd(
                                                        "repeat it to cycle: sample i gets label i mod count.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard object.")] = 10_000,
-    fmt: Annotated[str, typer.Option("--format", help="npz | png (webdataset-style tar).")] = "npz",
+    fmt: Annotated[str, typer.Option("--format", help="Shard format (png: a webdataset-style tar).",
+                                     **choice("format", FORMATS))] = "npz",
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray actors writing shards.")] = 1,
     alias: Annotated[str, typer.Option("--alias", help="Registry alias to sample from.")] = "champion",
     ray: Annotated[bool, typer.Option("--ray/--no-ray", help="Write shards on Ray (default) or in this "

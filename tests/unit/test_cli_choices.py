@@ -1,0 +1,87 @@
+"""Options of `genmodels` with fixed choices: shown in --help, completed by the shell, refused
+at parse time naming the choices (issue 14)."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from genmodels.cli import PRESETS, app
+from genmodels.models import FAMILIES, family_class
+
+runner = CliRunner()
+
+
+def _command(*path: str):
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def _metavars(*path: str) -> dict[str, str]:
+    return {opt: p.metavar for p in _command(*path).params for opt in p.opts if opt.startswith("--")}
+
+
+def test_presets_are_every_familys_presets_quick_cpu_full():
+    assert PRESETS == ("quick", "cpu", "full")
+    for family in FAMILIES:
+        assert set(family_class(family).presets) == set(PRESETS), family
+
+
+@pytest.mark.parametrize("path", [("train",), ("evaluate",), ("run",), ("retrain",), ("data", "prepare")])
+def test_help_lists_the_choices(path):
+    metavars = _metavars(*path)
+    assert metavars["--dataset"] == "[fashion-mnist|digits|folder|npz]"
+    assert metavars["--quantization"] == "[binary|8bit]"
+    if "--preset" in metavars:
+        assert metavars["--preset"] == "[quick|cpu|full]"
+    result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "[binary|8bit]" in result.output
+
+
+def test_family_is_one_family_or_a_list_by_command():
+    assert _metavars("train")["--family"] == f"[{'|'.join(FAMILIES)}]"
+    for path, option in ((("retrain",), "--family"), (("schedule",), "--family"), (("run",), "--families")):
+        assert _metavars(*path)[option] == f"[{'|'.join(FAMILIES)}][,...]|all"
+    assert _metavars("generate")["--format"].startswith("[npz|png")
+
+
+@pytest.mark.parametrize("value", ["all", "vae,cvae", "gan"])
+def test_retrain_still_takes_comma_lists_and_all(value):
+    ctx = _command("retrain").make_context("retrain", ["--family", value, "--preset", "cpu"])
+    assert (ctx.params["family"], ctx.params["preset"]) == (value, "cpu")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of quick, cpu, full"),
+    (["train", "--family", "all"], "unknown family 'all'; choose one of " + ", ".join(FAMILIES)),
+    (["evaluate", "--dataset", "cifar"], "unknown dataset 'cifar'; choose one of fashion-mnist, digits, folder, npz"),
+    (["data", "prepare", "--channels", "RGBA"], "unknown channels 'RGBA'; choose one of L, RGB"),
+    (["run", "--families", "vae,flow"], "unknown family 'flow'"),
+    (["generate", "--model", "m", "--n", "1", "--out", "file:///tmp/x", "--format", "tiff"], "unknown format 'tiff'"),
+])
+def test_a_value_outside_the_choices_exits_2_with_one_line(args, message, tmp_path):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path)] if "--out" not in args else args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "error: " + message in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+def _complete(words: str) -> list[str]:
+    cword = len(words.split()) - (0 if words.endswith(" ") else 1)
+    result = runner.invoke(app, [], prog_name="genmodels", env={
+        "_GENMODELS_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)})
+    assert result.exit_code == 0, result.output
+    return result.output.split()
+
+
+def test_shell_completion_is_on_and_offers_the_choices():
+    assert "--install-completion" in {o for p in typer.main.get_command(app).params for o in p.opts}
+    assert _complete("genmodels train --preset ") == ["quick", "cpu", "full"]
+    assert _complete("genmodels train --dataset f") == ["fashion-mnist", "folder"]
+    assert _complete("genmodels retrain --family vae,c") == ["vae,cvae"]
+    assert "all" in _complete("genmodels retrain --family ")
+    assert _complete("genmodels generate --format n") == ["npz"]
