@@ -100,7 +100,11 @@ def sample_quality(
         "n_floor": float(len(floor_feats)),
     }
     if labels is not None:
-        out["class_accuracy"] = float(np.mean(predicted == labels.numpy()))
+        asked = labels.numpy()
+        out["class_accuracy"] = float(np.mean(predicted == asked))
+        # Per class too: an average hides the classes a conditional model cannot draw.
+        for k in np.unique(asked):
+            out[f"class_accuracy_{int(k)}"] = float(np.mean(predicted[asked == k] == k))
     return out
 
 

@@ -495,6 +495,11 @@ def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, cl
     assert right["class_accuracy"] > 0.8
     assert wrong["class_accuracy"] < 0.2
     assert "class_accuracy" not in noise  # unconditional
+    # Per class as well; with class-balanced labels their mean is the overall accuracy.
+    per_class = [right[f"class_accuracy_{k}"] for k in range(DIGITS.num_classes)]
+    assert right["class_accuracy"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
+    assert max(wrong[f"class_accuracy_{k}"] for k in range(DIGITS.num_classes)) < 0.5
+    assert not any(key.startswith("class_accuracy_") for key in noise)
     # Real digits (either label) are far closer to the test set than a random decoder.
     assert right["fid"] < 0.5 * noise["fid"] and wrong["fid"] < 0.5 * noise["fid"]
     assert right["precision"] > noise["precision"]

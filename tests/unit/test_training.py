@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from genmodels.data.loader import batches, shard_indices
+from genmodels.models import build_model
 from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
 from genmodels.noise import NoiseField
 from genmodels.training import LocalContext, TrainConfig, train
@@ -159,3 +160,33 @@ def test_bad_train_config_is_refused():
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="scheduler"):
         TrainConfig(scheduler="linear")
+
+
+@pytest.mark.parametrize("family", ["mixture", "vae", "cvae", "pixelrnn", "gan"])
+def test_every_family_has_the_three_presets(family):
+    """quick (`make run`), cpu (2 cores, <= 90 min) and full (GPU), each a valid config."""
+    from genmodels.training import preset_configs
+
+    for preset in ("quick", "cpu", "full"):
+        overrides, cfg = preset_configs(family, preset)
+        build_model(family, ImageSpec(), **overrides)
+        assert cfg.autocast == "none" or preset == "full"  # bf16 is slower than fp32 on these CPUs
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_resumes(tmp_path):
+    """A time budget ends training after the epoch that crosses it; the same run resumes."""
+    from genmodels.storage import open_storage
+
+    image = ImageSpec(1, 4, 4, 2, 2)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2, (64, 1, 4, 4)).astype(np.uint8) * 255
+    y = rng.integers(0, 2, 64).astype(np.int64)
+    split = SimpleNamespace(x=x, y=y, x_binary=(x > 127).astype(np.uint8))
+    snapshot = SimpleNamespace(image=image, splits={"train": split, "val": split}, dataset="t", hash="0" * 64)
+    storage = open_storage(f"file://{tmp_path}")
+    cfg = TrainConfig(epochs=4, batch_size=16, max_seconds=0.0, early_stopping_patience=None)
+    first = train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot, cfg, LocalContext(storage))
+    assert first.epochs_completed == 1 and storage.exists("checkpoint.pt")
+    rest = train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot,
+                 TrainConfig(epochs=4, batch_size=16, early_stopping_patience=None), LocalContext(storage))
+    assert rest.resumed_from_epoch == 1 and rest.epochs_completed == 4
