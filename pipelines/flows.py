@@ -113,6 +113,9 @@ def retrain(
             outcomes[family] = {"train": trained, "metrics": metrics, "onnx": onnx, "registered": registered,
                                 "promotion": promotion}
             record.done(family, outcomes[family])
+        if outcomes:
+            tasks.report(storage_url, snapshot["prefix"], preset, seed,
+                         {family: out["registered"]["run_id"] for family, out in outcomes.items()})
         if failed:
             raise RetrainFailed(failed, outcomes)
         return outcomes

@@ -12,6 +12,7 @@ import functools
 import json
 import sqlite3
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -138,6 +139,31 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
     get_run_logger().info("%s version %s (%s)", registered.name, registered.version,
                           "new" if registered.created else "already registered")
     return registered.to_dict()
+
+
+@task(name="report")
+def report(storage_url: str, snapshot_prefix: str, preset: str, seed: int, run_ids: dict[str, str]) -> str | None:
+    """The families side by side: ``reports/<dataset>-<preset>.png`` (one row of samples per
+    family, same seed) and the metrics table beside it, the picture also logged to the MLflow
+    run of every family retrained here."""
+    from mlflow.tracking import MlflowClient
+
+    storage = open_storage(storage_url)
+    snapshot = _snapshot(storage_url, snapshot_prefix)
+    picture = runs.comparison_png(storage, snapshot.dataset, preset, snapshot.hash, seed=seed)
+    if picture is None:
+        return None
+    key = f"reports/{snapshot.dataset}-{preset}.png"
+    storage.put_bytes(key, picture)
+    table = runs.metrics_table(runs.collect_metrics(storage, snapshot.dataset, preset, snapshot.hash))
+    storage.put_bytes(f"reports/{snapshot.dataset}-{preset}.md", table.encode())
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "comparison.png"
+        path.write_bytes(picture)
+        for run_id in run_ids.values():
+            client.log_artifact(run_id, str(path))
+    return storage.url_for(key)
 
 
 @task(name="promote", **TRANSIENT_RETRIES)

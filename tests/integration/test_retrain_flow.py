@@ -101,6 +101,24 @@ def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first
         assert onnx_logged == {Path(u).name for u in outcome["onnx"]}
 
 
+def test_the_families_side_by_side_are_reported_and_logged(stack, first_run):
+    import io
+
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    objects = _s3_objects(stack["bucket"], "store/reports/")
+    picture = objects["store/reports/digits-quick.png"]
+    assert b"| vae |" in objects["store/reports/digits-quick.md"]
+    with Image.open(io.BytesIO(picture)) as grid:
+        width, height = grid.size
+    assert width > 4 * height  # one row of 10 samples per family, two families
+    client = MlflowClient()
+    for outcome in first_run.values():
+        run_id = outcome["registered"]["run_id"]
+        assert "comparison.png" in {a.path for a in client.list_artifacts(run_id)}
+
+
 def test_champion_pyfunc_samples_what_torch_samples(stack, first_run):
     import mlflow
 
