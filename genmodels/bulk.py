@@ -5,10 +5,16 @@ shard size, format, output URL). Its output prefix holds::
 
     job.json                    the job (spec + sha256 of the model's graphs), written first
     shards/shard-00000.npz      shard k: samples [k*shard_size, min(n, (k+1)*shard_size))
-    shards/shard-00000.json     its sidecar record (key, count, start, end, sha256, bytes),
+    ...                         (.npz, .tar or .parquet: the folder holds nothing but shards)
+    sidecars/shard-00000.json   shard k's sidecar record (key, count, start, end, sha256, bytes),
                                 written after the shard object
-    ...
     manifest.json               written last: the job, the model, every shard record, totals
+
+``shards/`` holds the shard objects only, so a reader given the folder (``pyarrow.dataset``,
+``pandas.read_parquet``, ``ray.data.read_parquet``, ``datasets.load_dataset("parquet")``,
+``ray.data.read_webdataset``) reads every sample once and nothing else. Outputs written before
+sidecars moved out (``shards/shard-00000.json``) still resume: their sidecars are accepted where
+they are.
 
 Every object is written with one atomic put. Sample ``i`` is image ``i`` of the seed under
 :meth:`genmodels.sampling.OnnxSampler.sample`, so it is the same whatever the shard size, the
@@ -27,6 +33,11 @@ Shard formats (bytes are a pure function of the samples):
   models; members sorted by index, mtime 0, uid/gid 0. PNG bytes come from Pillow's zlib at a
   fixed level: identical on one build, possibly not across zlib builds (resume is unaffected:
   it checks each shard against the sha256 recorded when *that* shard was written).
+- ``parquet``: one file, rows sorted by index, columns ``index`` int64, ``label`` int64 (null
+  for unconditional models), ``image`` binary (the PNG bytes of the ``png`` format), ``height``,
+  ``width``, ``channels`` int32; uncompressed (PNG is compressed already), one row group per
+  :data:`_CHUNK` rows. Bytes are identical for one pyarrow and zlib build (the file names its
+  writer, ``parquet-cpp-arrow version X``); resume is unaffected, as for ``png``.
 
 Pixel values: ``uint8 = round(255 * intensity)`` for every family. Samplers on the
 quantization grid (mixture, PixelRNN) give level ``k`` of ``L`` as ``round(255 * k / (L - 1))``:
@@ -62,18 +73,19 @@ from genmodels.storage import Storage, open_storage
 
 __all__ = [
     "DEFAULT_SHARD_SIZE", "FORMATS", "JOB_FORMAT", "MAX_N", "MAX_SHARDS", "MAX_SHARD_SIZE", "JobCancelled",
-    "JobSpec", "ShardMismatch", "build_sampler", "check_output_root", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
+    "JobSpec", "SHARDS_DIR", "ShardMismatch", "build_sampler", "check_output_root", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
     "shard_key", "shard_plan", "verify",
 ]
 
 JOB_FORMAT = "genmodels.bulk/1"
-FORMATS = ("npz", "png")
+FORMATS = ("npz", "png", "parquet")
 MAX_N = 100_000_000
 MAX_SHARD_SIZE = 1_000_000
 MAX_SHARDS = 100_000
 DEFAULT_SHARD_SIZE = 10_000
 JOB_KEY, MANIFEST_KEY = "job.json", "manifest.json"
-_EXT = {"npz": "npz", "png": "tar"}
+_EXT = {"npz": "npz", "png": "tar", "parquet": "parquet"}
+SHARDS_DIR, SIDECARS_DIR = "shards/", "sidecars/"
 # Rows sampled per call inside a shard: bounds memory for million-sample shards.
 _CHUNK = 4096
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -269,11 +281,16 @@ def shard_plan(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def shard_key(k: int, fmt: str) -> str:
-    return f"shards/shard-{k:05d}.{_EXT[fmt]}"
+    return f"{SHARDS_DIR}shard-{k:05d}.{_EXT[fmt]}"
 
 
 def _sidecar_key(k: int) -> str:
-    return f"shards/shard-{k:05d}.json"
+    return f"{SIDECARS_DIR}shard-{k:05d}.json"
+
+
+def _legacy_sidecar_key(k: int) -> str:
+    # Where sidecars lived before they moved out of the shard folder: read, never written.
+    return f"{SHARDS_DIR}shard-{k:05d}.json"
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -308,6 +325,54 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _png_array(payload: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 [C, H, W]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(payload)) as img:
+        arr = np.asarray(img)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("channels", pa.int32(), nullable=False),
+    ])
+
+
+def _parquet_bytes(images: np.ndarray, index: np.ndarray, labels: np.ndarray | None) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _parquet_schema()
+    _, c, h, w = images.shape
+    order = np.argsort(index, kind="stable")
+    sink = pa.BufferOutputStream()
+    # Row groups of _CHUNK rows: a binary column chunk stays far below Arrow's 2 GiB per-array
+    # limit whatever the shard size, and readers (Ray Data) can split a big shard.
+    with pq.ParquetWriter(sink, schema, compression="none", write_statistics=True) as writer:
+        for s in range(0, len(order), _CHUNK):
+            rows = order[s:s + _CHUNK]
+            count = len(rows)
+            writer.write_table(pa.table({
+                "index": pa.array(index[rows].astype(np.int64), pa.int64()),
+                "label": pa.nulls(count, pa.int64()) if labels is None
+                else pa.array(labels[rows].astype(np.int64), pa.int64()),
+                "image": pa.array([_png_bytes(images[r]) for r in rows], pa.binary()),
+                "height": pa.array(np.full(count, h, np.int32)),
+                "width": pa.array(np.full(count, w, np.int32)),
+                "channels": pa.array(np.full(count, c, np.int32)),
+            }, schema=schema))
+    return sink.getvalue().to_pybytes()
+
+
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -332,6 +397,8 @@ def encode_shard(images: np.ndarray, index: np.ndarray, labels: np.ndarray | Non
                 if labels is not None:
                     _tar_add(tar, f"{i:09d}.cls", str(int(labels[row])).encode())
         return buf.getvalue()
+    if fmt == "parquet":
+        return _parquet_bytes(images, index, labels)
     raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
 
 
@@ -341,8 +408,6 @@ def decode_shard(data: bytes, fmt: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     if fmt == "png":
-        from PIL import Image
-
         images: dict[int, np.ndarray] = {}
         labels: dict[int, int] = {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -350,9 +415,7 @@ def decode_shard(data: bytes, fmt: str) -> dict[str, np.ndarray]:
                 stem, _, ext = member.name.partition(".")
                 payload = tar.extractfile(member).read()
                 if ext == "png":
-                    with Image.open(io.BytesIO(payload)) as img:
-                        arr = np.asarray(img)
-                    images[int(stem)] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+                    images[int(stem)] = _png_array(payload)
                 elif ext == "cls":
                     labels[int(stem)] = int(payload)
         order = sorted(images)
@@ -360,6 +423,17 @@ def decode_shard(data: bytes, fmt: str) -> dict[str, np.ndarray]:
                "index": np.asarray(order, dtype=np.int64)}
         if labels:
             out["labels"] = np.asarray([labels[i] for i in order], dtype=np.int64)
+        return out
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pa.BufferReader(data))
+        out = {"images": np.stack([_png_array(b) for b in table.column("image").to_pylist()]).astype(np.uint8),
+               "index": table.column("index").to_numpy().astype(np.int64)}
+        label = table.column("label")
+        if label.null_count < len(label):
+            out["labels"] = label.to_numpy().astype(np.int64)
         return out
     raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
 
@@ -371,14 +445,17 @@ def _sha256(data: bytes) -> str:
 
 def _shard_is_complete(storage: Storage, k: int, start: int, end: int, fmt: str) -> dict[str, Any] | None:
     """The sidecar record when the shard is there and its object hashes to it, else None."""
-    try:
-        record = storage.get_json(_sidecar_key(k))
-        if (record.get("key"), record.get("start"), record.get("end")) != (shard_key(k, fmt), start, end):
-            return None
-        data = storage.get_bytes(record["key"])
-    except (FileNotFoundError, ValueError, AttributeError, KeyError):
-        return None  # missing, unreadable or from another layout: rewrite it
-    return record if _sha256(data) == record.get("sha256") else None
+    for sidecar in (_sidecar_key(k), _legacy_sidecar_key(k)):
+        try:
+            record = storage.get_json(sidecar)
+            if (record.get("key"), record.get("start"), record.get("end")) != (shard_key(k, fmt), start, end):
+                continue
+            data = storage.get_bytes(record["key"])
+        except (FileNotFoundError, ValueError, AttributeError, KeyError):
+            continue  # missing, unreadable or from another layout: the other sidecar, or rewrite it
+        if _sha256(data) == record.get("sha256"):
+            return record
+    return None
 
 
 class _ShardWriter:
@@ -712,7 +789,11 @@ def _manifest(spec: JobSpec, job: Mapping[str, Any], sampler, records: Sequence[
             "images": "uint8 [count, C, H, W] = round(255 * intensity); grid level k of L -> round(255*k/(L-1))",
             "npz": "arrays images, index (int64 sample indices), labels (int64, conditional models only)",
             "png": "uncompressed tar: <index:09d>.png per sample, <index:09d>.cls label text (conditional only)",
+            "parquet": "rows by index: index int64, label int64 (null: unconditional), image PNG bytes, "
+                       "height, width, channels int32",
         },
+        # Give readers the folder: it holds the shards and nothing else.
+        "layout": {"shards": SHARDS_DIR},
         "shards": [dict(r) for r in records],
         "totals": {"samples": sum(r["count"] for r in records), "shards": len(records),
                    "bytes": sum(r["bytes"] for r in records)},

@@ -107,7 +107,8 @@ def generate_cmd(
                                                        "repeat it to cycle: sample i gets label i mod count.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard object.")] = 10_000,
-    fmt: Annotated[str, typer.Option("--format", help="Shard format (png: a webdataset-style tar).",
+    fmt: Annotated[str, typer.Option("--format", help="Shard format (png: a webdataset-style tar; parquet: rows of "
+                                     "index, label, PNG bytes, read by pandas/pyarrow/Ray Data from <out>/shards/).",
                                      **choice("format", FORMATS))] = "npz",
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray actors writing shards.")] = 1,
     alias: Annotated[str, typer.Option("--alias", help="Registry alias to sample from.")] = "champion",

@@ -73,7 +73,9 @@ class JobRequest(BaseModel):
     output: str = Field(description="s3://bucket/prefix or file:///abs/path: a fresh prefix, or this job's own "
                                     "(re-submitting resumes)")
     shard_size: Annotated[StrictInt, Field(ge=1, le=bulk.MAX_SHARD_SIZE)] = bulk.DEFAULT_SHARD_SIZE
-    format: Literal["npz", "png"] = "npz"
+    format: Literal["npz", "png", "parquet"] = Field(
+        default="npz", description="npz: numpy arrays; png: webdataset-style tars of PNGs; parquet: rows (index, "
+                                   "label, image PNG bytes, height, width, channels). Readers take <output>/shards/.")
 
 
 class JobAccepted(BaseModel):

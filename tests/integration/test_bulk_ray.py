@@ -62,8 +62,8 @@ def test_two_actors_write_to_s3_what_one_process_writes_and_a_cancel_resumes(gra
 
     objects = s3_objects(spec.output)
     assert json.loads(objects["manifest.json"]) == manifest
-    assert sorted(objects) == sorted(["job.json", "manifest.json"] + [f"shards/shard-{k:05d}.{e}"
-                                                                       for k in range(8) for e in ("npz", "json")])
+    assert sorted(objects) == sorted(["job.json", "manifest.json"] + [f"shards/shard-{k:05d}.npz" for k in range(8)]
+                                     + [f"sidecars/shard-{k:05d}.json" for k in range(8)])
     for record in manifest["shards"]:
         assert hashlib.sha256(objects[record["key"]]).hexdigest() == record["sha256"]
     bulk.verify(spec.output)
@@ -88,10 +88,31 @@ def test_two_actors_write_to_s3_what_one_process_writes_and_a_cancel_resumes(gra
     assert "manifest.json" not in partial and 3 <= sum(k.endswith(".npz") for k in partial) < 8
     resumed = bulk.run_job(cut, files, workers=2, use_ray=True)
     again = s3_objects(cut.output)
-    assert {k: v for k, v in again.items() if k.startswith("shards/")} == \
-           {k: v for k, v in objects.items() if k.startswith("shards/")}
+    assert {k: v for k, v in again.items() if k.startswith(("shards/", "sidecars/"))} == \
+           {k: v for k, v in objects.items() if k.startswith(("shards/", "sidecars/"))}
     assert resumed["shards"] == manifest["shards"]
     assert sorted(_decode_all(again, resumed)["index"].tolist()) == list(range(n))
+
+
+def test_ray_data_reads_a_parquet_job_folder_every_row_once(graphs, ray_cluster, tmp_path):
+    import ray.data
+
+    _, files = graphs
+    spec = bulk.JobSpec(model="digits-vae", version="1", n=70, output=(tmp_path / "pq").as_uri(), seed=5,
+                        shard_size=16, format="parquet")
+    bulk.run_job(spec, files, use_ray=False)
+    npz = bulk.JobSpec(**{**spec.to_dict(), "output": (tmp_path / "npz").as_uri(), "format": "npz"})
+    bulk.run_job(npz, files, use_ray=False)
+    want = {}
+    for k in range(npz.num_shards):
+        shard = bulk.read_shard(npz.output, k)
+        want.update(zip(shard["index"].tolist(), shard["images"]))
+
+    rows = ray.data.read_parquet(str(tmp_path / "pq" / bulk.SHARDS_DIR)).take_all()
+    assert sorted(r["index"] for r in rows) == list(range(70))
+    assert all(np.array_equal(bulk._png_array(r["image"]), want[r["index"]]) for r in rows)
+    assert {(r["height"], r["width"], r["channels"]) for r in rows} == {(8, 8, 1)}
+    assert all(r["label"] is None for r in rows)
 
 
 def test_cli_generate_end_to_end_on_a_registered_model(graphs, tmp_path, monkeypatch):

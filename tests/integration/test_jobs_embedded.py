@@ -175,7 +175,7 @@ def test_delete_cancels_a_running_job_within_seconds_keeping_its_finished_shards
     print(f"cancelled {took:.2f} s after DELETE at {status['done']} of 32000")
     assert status["status"] == "cancelled" and 0 < status["done"] < 32_000, status
     assert took < 15, took
-    kept = [p for p in (outputs / "cancelled" / "shards").glob("*.json")]
+    kept = [p for p in (outputs / "cancelled" / "sidecars").glob("*.json")]
     assert kept and not (outputs / "cancelled" / "manifest.json").exists()
     # What was kept is valid: each sidecar's object hashes to it (a resume skips them).
     for sidecar in kept:

@@ -133,8 +133,8 @@ def test_a_job_to_s3_writes_shards_whose_checksums_match_its_manifest(reference)
     manifest = status["manifest"]
     assert json.loads(objects["manifest.json"]) == manifest
     assert manifest["totals"] == {"samples": 10_000, "shards": 20, "bytes": sum(r["bytes"] for r in manifest["shards"])}
-    assert sorted(objects) == sorted(["job.json", "manifest.json"] + [f"shards/shard-{k:05d}.{e}" for k in range(20)
-                                                                       for e in ("tar", "json")])
+    assert sorted(objects) == sorted(["job.json", "manifest.json"] + [f"shards/shard-{k:05d}.tar" for k in range(20)]
+                                     + [f"sidecars/shard-{k:05d}.json" for k in range(20)])
     for record in manifest["shards"]:
         assert hashlib.sha256(objects[record["key"]]).hexdigest() == record["sha256"]
         assert len(objects[record["key"]]) == record["bytes"]
@@ -174,8 +174,8 @@ def test_cancelled_then_resubmitted_job_ends_with_the_uninterrupted_bytes(server
     resumed = _wait(server, jid)
     assert (resumed["status"], resumed["done"], resumed["cancel_requested"]) == ("succeeded", 10_000, False)
     objects = s3_objects(output)
-    assert {k: v for k, v in objects.items() if k.startswith("shards/")} == \
-           {k: v for k, v in expected.items() if k.startswith("shards/")}
+    assert {k: v for k, v in objects.items() if k.startswith(("shards/", "sidecars/"))} == \
+           {k: v for k, v in expected.items() if k.startswith(("shards/", "sidecars/"))}
     assert resumed["manifest"]["shards"] == reference[0]["manifest"]["shards"]
     bulk.verify(output)
 

@@ -78,14 +78,19 @@ def test_shard_plan_tiles_the_range():
     assert bulk.shard_plan(50, 16) == [(0, 16), (16, 32), (32, 48), (48, 50)]
     assert bulk.shard_plan(16, 16) == [(0, 16)]
     assert bulk.shard_key(7, "npz") == "shards/shard-00007.npz" and bulk.shard_key(7, "png") == "shards/shard-00007.tar"
+    assert bulk.shard_key(7, "parquet") == "shards/shard-00007.parquet"
+
+
+def layout(shards: range, ext: str = "npz") -> list[str]:
+    """Shard objects under shards/ (nothing else there), their sidecars under sidecars/."""
+    return sorted([f"shards/shard-{k:05d}.{ext}" for k in shards] + [f"sidecars/shard-{k:05d}.json" for k in shards])
 
 
 def test_job_writes_shards_sidecars_and_manifest_that_match_the_sampler(vae, tmp_path):
     progress = []
     manifest = bulk.run_job(spec(tmp_path / "out"), vae, use_ray=False, on_progress=lambda d, t: progress.append((d, t)))
     root = tmp_path / "out"
-    assert sorted(files_of(root)) == ["job.json", "manifest.json"] + sorted(
-        f"shards/shard-{k:05d}.{ext}" for k in range(4) for ext in ("json", "npz"))
+    assert sorted(files_of(root)) == ["job.json", "manifest.json"] + layout(range(4))
     assert progress == [(0, 50), (16, 50), (32, 50), (48, 50), (50, 50)]
     assert manifest == json.loads((root / "manifest.json").read_text())
     assert manifest["model"]["name"] == "digits-vae" and manifest["model"]["version"] == "1"
@@ -95,7 +100,7 @@ def test_job_writes_shards_sidecars_and_manifest_that_match_the_sampler(vae, tmp
         data = (root / record["key"]).read_bytes()
         assert record["sha256"] == hashlib.sha256(data).hexdigest() and record["bytes"] == len(data)
         assert (record["start"], record["end"], record["count"]) == (16 * k, min(50, 16 * k + 16), record["end"] - record["start"])
-        assert json.loads((root / f"shards/shard-{k:05d}.json").read_text()) == record
+        assert json.loads((root / f"sidecars/shard-{k:05d}.json").read_text()) == record
     job = json.loads((root / "job.json").read_text())
     assert job["spec"] == spec(tmp_path / "out").to_dict()
     assert job["graphs"] == {name: hashlib.sha256(data).hexdigest() for name, data in vae.items()}
@@ -115,7 +120,7 @@ def _write(files: dict[str, bytes], directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("fmt", ["npz", "png"])
+@pytest.mark.parametrize("fmt", ["npz", "png", "parquet"])
 def test_sample_i_is_the_same_whatever_the_shard_size(cvae, tmp_path, fmt):
     runs = {}
     for size in (7, 10, 64):
@@ -143,12 +148,86 @@ def test_encoding_is_deterministic():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 1, 4, 4), dtype=np.uint8)
     index, labels = np.arange(10, 16), np.array([0, 1, 2, 0, 1, 2])
-    for fmt in ("npz", "png"):
+    for fmt in ("npz", "png", "parquet"):
         a = bulk.encode_shard(images, index, labels, fmt)
         assert a == bulk.encode_shard(images.copy(), index.copy(), labels.copy(), fmt)
         back = bulk.decode_shard(a, fmt)
         assert np.array_equal(back["images"], images) and back["index"].tolist() == list(range(10, 16))
         assert back["labels"].tolist() == labels.tolist()
+
+
+# --- parquet: the shard folder as standard readers see it ----------------------------------------
+def test_parquet_folder_reads_with_pyarrow_and_pandas_every_row_once(cvae, tmp_path):
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    kw = dict(model="digits-cvae", n=45, shard_size=10, labels=[2, 0, 1], temperature=0.8)
+    bulk.run_job(spec(tmp_path / "npz", **kw), cvae, use_ray=False)
+    bulk.run_job(spec(tmp_path / "pq", format="parquet", **kw), cvae, use_ray=False)
+    want = decoded_by_index(tmp_path / "npz")
+    folder = tmp_path / "pq" / bulk.SHARDS_DIR
+    assert sorted(p.name for p in folder.iterdir()) == [f"shard-{k:05d}.parquet" for k in range(5)]
+    assert bulk.read_manifest((tmp_path / "pq").as_uri())["layout"] == {"shards": "shards/"}
+
+    table = ds.dataset(folder, format="parquet").to_table()
+    assert table.schema.names == ["index", "label", "image", "height", "width", "channels"]
+    assert str(table.schema.field("index").type) == "int64" and str(table.schema.field("label").type) == "int64"
+    rows = sorted(table.to_pylist(), key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == list(range(45))
+    assert [r["label"] for r in rows] == want["labels"].tolist()
+    assert {(r["height"], r["width"], r["channels"]) for r in rows} == {(8, 8, 1)}
+    images = np.stack([bulk._png_array(r["image"]) for r in rows])
+    assert images.dtype == np.uint8 and np.array_equal(images, want["images"])
+
+    frame = pd.read_parquet(folder).sort_values("index")
+    assert len(frame) == 45 and frame["index"].tolist() == list(range(45))
+    assert all(isinstance(b, bytes) and b.startswith(b"\x89PNG") for b in frame["image"])
+    assert np.array_equal(np.stack([bulk._png_array(b) for b in frame["image"]]), want["images"])
+
+
+def test_parquet_of_an_unconditional_model_has_null_labels(vae, tmp_path):
+    import pyarrow.dataset as ds
+
+    bulk.run_job(spec(tmp_path / "o", n=20, shard_size=8, format="parquet"), vae, use_ray=False)
+    table = ds.dataset(tmp_path / "o" / bulk.SHARDS_DIR, format="parquet").to_table()
+    assert table.num_rows == 20 and table.column("label").null_count == 20
+    assert sorted(table.column("index").to_pylist()) == list(range(20))
+    assert set(decoded_by_index(tmp_path / "o")) == {"images", "index"}
+
+
+def test_parquet_job_resumes_to_the_uninterrupted_bytes_and_then_writes_nothing(vae, tmp_path, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    bulk.run_job(spec(whole, format="parquet"), vae, use_ray=False)
+    done = []
+    with pytest.raises(bulk.JobCancelled):
+        bulk.run_job(spec(cut, format="parquet"), vae, use_ray=False, on_progress=lambda d, t: done.append(d),
+                     should_stop=lambda: len(done) > 2)
+    kept = {k for k in files_of(cut) if k.startswith("shards/")}
+    assert 2 <= len(kept) <= 3 and "manifest.json" not in files_of(cut)
+
+    spy = PutSpy(monkeypatch)
+    bulk.run_job(spec(cut, format="parquet"), vae, use_ray=False)
+    assert not kept & set(spy.keys)  # verified shards are not written again
+    body = lambda root: {k: v for k, v in files_of(root).items() if k.startswith(("shards/", "sidecars/"))}
+    assert body(cut) == body(whole) and sorted(body(cut)) == layout(range(4), "parquet")
+    bulk.verify(cut.as_uri())
+    spy.keys.clear()
+    bulk.run_job(spec(cut, format="parquet"), vae, use_ray=False)
+    assert spy.keys == []
+
+
+def test_output_with_sidecars_in_the_shard_folder_still_resumes(vae, tmp_path, monkeypatch):
+    # The layout before sidecars moved out of shards/: its shards are verified, not rewritten.
+    root = tmp_path / "o"
+    bulk.run_job(spec(root), vae, use_ray=False)
+    for k in range(4):
+        (root / f"sidecars/shard-{k:05d}.json").rename(root / f"shards/shard-{k:05d}.json")
+    (root / "manifest.json").unlink()
+    (root / "shards/shard-00001.npz").write_bytes(b"garbage")
+    spy = PutSpy(monkeypatch)
+    manifest = bulk.run_job(spec(root), vae, use_ray=False)
+    assert sorted(spy.keys) == ["manifest.json", "shards/shard-00001.npz", "sidecars/shard-00001.json"]
+    assert bulk.verify(root.as_uri()) == manifest
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -165,11 +244,10 @@ def test_cancelled_job_resumes_to_exactly_the_uninterrupted_bytes(vae, tmp_path)
     assert cancelled.value.total_shards == 4 and 2 <= done_shards <= 3
     partial = files_of(cut)
     assert "manifest.json" not in partial
-    assert sorted(k for k in partial if k.startswith("shards/")) == sorted(
-        f"shards/shard-{k:05d}.{ext}" for k in range(done_shards) for ext in ("json", "npz"))
+    assert sorted(k for k in partial if k.startswith(("shards/", "sidecars/"))) == layout(range(done_shards))
 
     manifest = bulk.run_job(spec(cut), vae, use_ray=False)
-    shards = lambda root: {k: v for k, v in files_of(root).items() if k.startswith("shards/")}
+    shards = lambda root: {k: v for k, v in files_of(root).items() if k.startswith(("shards/", "sidecars/"))}
     assert shards(cut) == shards(whole)  # every shard and sidecar: same bytes
     assert len(shards(cut)) == 8
     without_output = lambda m: {**m, "spec": {**m["spec"], "output": None}}
@@ -192,15 +270,14 @@ def test_corrupted_shard_is_the_only_one_rewritten(vae, tmp_path, monkeypatch):
     (root / "shards/shard-00002.npz").write_bytes(b"garbage")
     with pytest.raises(bulk.ShardMismatch, match="shard-00002.npz"):
         bulk.verify(root.as_uri())
-    (root / "shards/shard-00003.json").unlink()  # a crash between object and sidecar
+    (root / "sidecars/shard-00003.json").unlink()  # a crash between object and sidecar
 
     spy = PutSpy(monkeypatch)
     bulk.run_job(spec(root), vae, use_ray=False)
     # Only those two shards, each object before its sidecar (shards upload concurrently).
-    assert sorted(spy.keys) == ["shards/shard-00002.json", "shards/shard-00002.npz",
-                                "shards/shard-00003.json", "shards/shard-00003.npz"]
+    assert sorted(spy.keys) == layout(range(2, 4))
     for k in (2, 3):
-        assert spy.keys.index(f"shards/shard-{k:05d}.npz") < spy.keys.index(f"shards/shard-{k:05d}.json")
+        assert spy.keys.index(f"shards/shard-{k:05d}.npz") < spy.keys.index(f"sidecars/shard-{k:05d}.json")
     assert files_of(root) == before
     bulk.verify(root.as_uri())
 
