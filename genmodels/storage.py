@@ -8,7 +8,11 @@ never escape its root.
 
 S3 endpoints: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) is honoured by boto3 itself;
 an explicit ``endpoint_url`` argument wins over it. Path-style addressing is forced because
-local endpoints (MinIO, moto) have no per-bucket DNS names.
+local endpoints (MinIO, moto) have no per-bucket DNS names. Objects of
+:attr:`S3Storage.multipart_threshold` bytes or more go up through boto3's transfer manager as
+multipart uploads (beyond the 5 GB of one PUT); S3 shows them only once complete, so every write
+stays atomic. A bucket lifecycle rule aborting incomplete multipart uploads after a day frees
+the parts of a writer killed mid-upload.
 """
 
 from __future__ import annotations
@@ -245,6 +249,13 @@ class S3Storage(Storage):
 
     #: Keys per LIST request (S3 caps it at 1000); tests lower it to exercise pagination.
     list_page_size: int = 1000
+    #: Objects of at least this many bytes go up as multipart uploads (one PUT is capped at 5 GB;
+    #: a shard of a million RGB 64x64 images is ~12 GB). Below it, one PUT: one round trip.
+    multipart_threshold: int = 64 * 1024**2
+    #: Part size; raised for very large objects so that they need at most S3's 10,000 parts.
+    multipart_chunksize: int = 64 * 1024**2
+    #: Parts in flight per upload: bounds the memory an upload holds beside the object itself.
+    multipart_concurrency: int = 4
 
     def __init__(
         self,
@@ -298,8 +309,34 @@ class S3Storage(Storage):
             raise self._error(exc, action, url) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        # A single PUT is atomic on S3: readers never see a partial object.
-        self._call("write", self.url_for(key), "put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
+        # Atomic either way: a single PUT, or a multipart upload, which S3 makes visible only at
+        # CompleteMultipartUpload (the transfer manager aborts the upload if a part fails).
+        if len(data) < self.multipart_threshold:
+            self._call("write", self.url_for(key), "put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
+            return
+        self._put_multipart(key, data)
+
+    def _put_multipart(self, key: str, data: bytes | memoryview) -> None:
+        import io
+
+        from boto3.exceptions import S3UploadFailedError
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        max_parts = 10_000
+        chunk = max(self.multipart_chunksize, -(-len(data) // max_parts))
+        config = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=chunk,
+                                max_concurrency=self.multipart_concurrency)
+        url = self.url_for(key)
+        try:
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=config)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "write", url) from exc
+        except S3UploadFailedError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (BotoCoreError, ClientError)):
+                raise self._error(cause, "write", url) from exc
+            raise StorageError(f"cannot write {url} (endpoint {self._s3.endpoint}): {exc}") from exc
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

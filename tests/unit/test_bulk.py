@@ -230,6 +230,20 @@ def test_output_with_sidecars_in_the_shard_folder_still_resumes(vae, tmp_path, m
     assert bulk.verify(root.as_uri()) == manifest
 
 
+def test_job_to_s3_in_multipart_uploads_matches_the_file_job(vae, tmp_path, s3_bucket, monkeypatch):
+    from genmodels.storage import S3Storage, open_storage
+
+    monkeypatch.setattr(S3Storage, "multipart_threshold", 1024)  # every shard, not the small JSON objects
+    bulk.run_job(spec(tmp_path / "o", format="parquet"), vae, use_ray=False)
+    manifest = bulk.run_job(spec(s3_bucket, format="parquet"), vae, use_ray=False)
+    assert bulk.verify(s3_bucket) == manifest
+    storage = open_storage(s3_bucket)
+    for record in manifest["shards"]:
+        assert storage.get_bytes(record["key"]) == (tmp_path / "o" / record["key"]).read_bytes()
+        etag = storage.client.head_object(Bucket=storage.bucket, Key=storage._key(record["key"]))["ETag"]
+        assert etag.strip('"').endswith("-1")  # went up as a (one-part) multipart upload
+
+
 # --- resume --------------------------------------------------------------------------------------
 def test_cancelled_job_resumes_to_exactly_the_uninterrupted_bytes(vae, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"

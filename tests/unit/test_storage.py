@@ -206,3 +206,56 @@ def test_s3_explicit_endpoint_wins_over_env(s3_bucket, s3_endpoint, monkeypatch)
     storage = open_storage(s3_bucket, endpoint_url=s3_endpoint)
     storage.put_bytes("k", b"v")
     assert storage.get_bytes("k") == b"v"
+
+
+def _multipart_small(monkeypatch) -> None:
+    # 5 MiB: the smallest part S3 (and moto, and boto3's transfer manager) accepts.
+    monkeypatch.setattr(S3Storage, "multipart_threshold", 1024**2)
+    monkeypatch.setattr(S3Storage, "multipart_chunksize", 5 * 1024**2)
+
+
+def test_s3_large_object_goes_up_in_parts_and_appears_only_when_complete(s3_bucket, monkeypatch):
+    _multipart_small(monkeypatch)
+    storage, reader = open_storage(s3_bucket), open_storage(s3_bucket)
+    storage.put_bytes("shard", b"old")
+    data = os.urandom(11 * 1024**2 + 17)  # 5 + 5 + 1 MiB and a bit: three parts
+    parts, seen_before_complete = [], []
+    events = storage.client.meta.events
+    events.register("before-call.s3.PutObject", lambda **kw: pytest.fail("a large object went up as one PUT"))
+    events.register("before-call.s3.UploadPart", lambda **kw: parts.append(1))
+    events.register("before-call.s3.CompleteMultipartUpload",
+                    lambda **kw: seen_before_complete.append(reader.get_bytes("shard")))
+    storage.put_bytes("shard", data)
+    assert len(parts) == 3
+    assert seen_before_complete == [b"old"]  # until CompleteMultipartUpload, readers see the old object
+    assert reader.get_bytes("shard") == data
+    etag = storage.client.head_object(Bucket=storage.bucket, Key=storage._key("shard"))["ETag"]
+    assert etag.strip('"').endswith("-3")  # S3's mark of a 3-part upload
+
+
+def test_s3_small_object_is_one_put(s3_bucket, monkeypatch):
+    _multipart_small(monkeypatch)
+    storage = open_storage(s3_bucket)
+    calls = []
+    storage.client.meta.events.register("before-call.s3.CreateMultipartUpload", lambda **kw: calls.append(1))
+    storage.put_bytes("k", b"x" * (1024**2 - 1))
+    assert calls == [] and storage.get_bytes("k") == b"x" * (1024**2 - 1)
+
+
+def test_s3_failed_part_aborts_the_upload_and_keeps_the_old_object(s3_bucket, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    _multipart_small(monkeypatch)
+    storage = open_storage(s3_bucket)
+    storage.put_bytes("shard", b"old")
+
+    def fail_second_part(params, **kw):
+        if params.get("PartNumber") == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "UploadPart")
+
+    storage.client.meta.events.register("before-parameter-build.s3.UploadPart", fail_second_part)
+    with pytest.raises(StorageError, match=r"cannot write s3://.*/shard.*InternalError"):
+        storage.put_bytes("shard", os.urandom(11 * 1024**2))
+    assert open_storage(s3_bucket).get_bytes("shard") == b"old"
+    uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
+    assert uploads == []  # aborted: no parts left behind to pay for
