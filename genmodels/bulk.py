@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import operator
 import os
@@ -73,7 +74,7 @@ from genmodels.storage import Storage, open_storage
 
 __all__ = [
     "DEFAULT_SHARD_SIZE", "FORMATS", "JOB_FORMAT", "MAX_N", "MAX_SHARDS", "MAX_SHARD_SIZE", "JobCancelled",
-    "JobSpec", "SHARDS_DIR", "ShardMismatch", "build_sampler", "check_output_root", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
+    "JobSpec", "SHARDS_DIR", "ShardMismatch", "build_sampler", "check_output_root", "job_id", "decode_shard", "encode_shard", "read_manifest", "read_shard", "run_job",
     "shard_key", "shard_plan", "verify",
 ]
 
@@ -273,6 +274,13 @@ class JobSpec:
             bad = [v for v in values if not 0 <= v < num_classes]
             if bad:
                 raise ValueError(f"labels must lie in [0, {num_classes}) for model {self.model}, got {bad[:10]}")
+
+
+def job_id(spec: JobSpec) -> str:
+    """The id of a resolved spec: equal specs (model version included) share it, whoever runs
+    them (the serving API or the generate flow), so both record a job under one id."""
+    canonical = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def shard_plan(n: int, shard_size: int) -> list[tuple[int, int]]:

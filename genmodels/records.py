@@ -1,6 +1,7 @@
 """What the platform did, as small JSON records in its object store (``Settings().storage_url``):
 
-    jobs/<job id>.json                          a bulk job's last known state (serving's Jobs deployment)
+    jobs/<job id>.json                          a bulk job's last known state (serving's Jobs deployment,
+                                                or the generate flow through JobRecorder)
     retrains/<UTC end time>-<run id>.json       the outcome of one retrain flow run
 
 Each record is written with one atomic put (:meth:`genmodels.storage.Storage.put_json`), so a
@@ -13,8 +14,12 @@ Times are ISO 8601 UTC strings (``2026-11-24T23:40:01.123+00:00``).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -23,7 +28,7 @@ from typing import Any
 from genmodels.storage import Storage, open_storage
 
 __all__ = [
-    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "RetrainRecorder", "get_job", "job_is_stale", "last_retrain",
+    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "JobRecorder", "RetrainRecorder", "get_job", "job_is_stale", "last_retrain",
     "list_jobs", "list_retrains", "put_job", "put_retrain", "retrain_key", "utc_now",
 ]
 
@@ -133,6 +138,100 @@ def _is_job_record(storage: Storage, record: Mapping[str, Any]) -> bool:
 def sort_jobs(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return sorted((dict(r) for r in records),
                   key=lambda r: (str(r.get("submitted_at") or ""), str(r.get("job_id", ""))), reverse=True)
+
+
+class JobRecorder:
+    """The record of a bulk job run outside the serving API (the generate flow, the CLI), in the
+    same form as the Jobs deployment writes, so ``genmodels status`` and ``GET /v1/jobs`` list it:
+    ``running`` on entry, rewritten on progress (at most every :attr:`progress_interval_s`) and
+    every :data:`HEARTBEAT_S` (a long shard reports no progress for a while), ended on exit:
+    ``succeeded`` after :meth:`succeeded`, ``cancelled`` on ``KeyboardInterrupt`` or a job
+    cancelled, ``failed`` on any other exception (which propagates). A record that cannot be
+    written is logged, never raised: the job's own outcome comes first.
+
+    ``spec``: the resolved job spec as a dict (``JobSpec.to_dict()``); ``job_id``: its id
+    (``genmodels.bulk.job_id``), the one the API gives the same spec.
+    """
+
+    progress_interval_s: float = 5.0
+    heartbeat_s: float = HEARTBEAT_S
+
+    def __init__(self, storage: Storage | str, job_id: str, spec: Mapping[str, Any], *, runner: str = "generate") -> None:
+        if job_key(job_id) is None:
+            raise ValueError(f"job_id {job_id!r}: job ids are 1-128 letters, digits, '_' or '-'")
+        self.storage = _storage(storage)
+        now = utc_now()
+        self.record: dict[str, Any] = {
+            "job_id": job_id, "status": "running", "done": 0, "total": int(spec["n"]), "model": spec["model"],
+            "version": str(spec["version"]), "output": spec["output"], "cancel_requested": False,
+            "submitted_at": now, "started_at": now, "updated_at": now, "ended_at": None, "heartbeat_at": now,
+            "retries": 0, "spec": dict(spec), "runner": runner,
+            "owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        }
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._last_write = 0.0
+        self._heartbeat: threading.Thread | None = None
+
+    def _write(self) -> None:
+        with self._lock:  # one write at a time, each of the state at that moment
+            r = self.record
+            r["updated_at"] = utc_now()
+            if r["status"] == "running":
+                r["heartbeat_at"] = r["updated_at"]
+            self._last_write = time.monotonic()
+            try:
+                put_job(self.storage, r)
+            except Exception as exc:  # noqa: BLE001 - the job runs on without its record
+                logger.warning("job %s: cannot record its state (%s) in %s: %r", r["job_id"], r["status"],
+                               prefix_url(self.storage, JOBS), exc)
+
+    def progress(self, done: int, total: int) -> None:
+        self.record["done"] = int(done)
+        if time.monotonic() - self._last_write >= self.progress_interval_s:
+            self._write()
+
+    def event(self, kind: str, detail: Mapping[str, Any]) -> None:
+        """``run_job``'s ``on_event``: the writers placed, the shards retried."""
+        if kind == "writers":
+            self.record["writers"] = detail["count"]
+        elif kind == "retry":
+            self.record["retries"] += 1
+        self._write()
+
+    def succeeded(self, manifest_url: str, totals: Mapping[str, Any]) -> None:
+        self.record["result"] = {"manifest": manifest_url, "totals": dict(totals)}
+        self.record["done"] = int(totals["samples"])
+
+    def __enter__(self) -> JobRecorder:
+        self._write()
+        self._heartbeat = threading.Thread(target=self._beat, daemon=True,
+                                           name=f"genmodels-job-{self.record['job_id'][:8]}-heartbeat")
+        self._heartbeat.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._ended.wait(self.heartbeat_s):
+            self._write()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from genmodels.bulk import JobCancelled  # here: records stay importable without numpy/onnx
+
+        self._ended.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        r = self.record
+        if exc is None:
+            r["status"] = "succeeded" if "result" in r else "failed"
+            if "result" not in r:
+                r["error"] = "ended without a manifest"
+        elif isinstance(exc, (KeyboardInterrupt, JobCancelled)):
+            r["status"], r["cancel_requested"] = "cancelled", True
+            r["error"] = str(exc) or "interrupted; re-running the same command resumes the job"
+        else:
+            r["status"], r["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        r["ended_at"] = utc_now()
+        self._write()
 
 
 def job_is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:

@@ -34,10 +34,24 @@ def resolve_model(model: str, alias: str) -> dict[str, Any]:
 # Inputs hold the graphs' bytes and callables: nothing worth hashing for a cache key.
 @task(name="write_shards", cache_policy=NO_CACHE)
 def write_shards(spec: dict[str, Any], files: dict[str, bytes], workers: int, use_ray: bool,
-                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Every missing or damaged shard written, then the manifest; returns the manifest."""
+                 on_progress: Callable[[int, int], None] | None = None,
+                 storage: str | None = None) -> dict[str, Any]:
+    """Every missing or damaged shard written, then the manifest; returns the manifest. The job is
+    recorded under ``<storage>/jobs/`` as the serving API records its own (same id for the same
+    spec), so ``genmodels status`` and ``GET /v1/jobs`` see it."""
+    from genmodels.records import JobRecorder
+
     job = bulk.JobSpec.from_dict(spec)
-    manifest = bulk.run_job(job, files, workers=workers, on_progress=on_progress, use_ray=use_ray)
+
+    def progress(done: int, total: int) -> None:
+        recorder.progress(done, total)
+        if on_progress is not None:
+            on_progress(done, total)
+
+    with JobRecorder(storage or get_settings().storage_url, bulk.job_id(job), job.to_dict()) as recorder:
+        manifest = bulk.run_job(job, files, workers=workers, on_progress=progress, use_ray=use_ray,
+                                on_event=recorder.event)
+        recorder.succeeded(f"{job.output.rstrip('/')}/{bulk.MANIFEST_KEY}", manifest["totals"])
     totals = manifest["totals"]
     get_run_logger().info("%d samples in %d shards (%d bytes) -> %s", totals["samples"], totals["shards"],
                           totals["bytes"], job.output)
@@ -58,14 +72,16 @@ def generate(
     alias: str = "champion",
     use_ray: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """Write ``n`` samples of ``models:/<model>@<alias>`` to ``out`` (s3:// or file://) as shards
     plus manifest.json; returns the manifest. ``on_progress(done, total)``: in-process callers
-    (the CLI's progress bar) only."""
+    (the CLI's progress bar) only. ``storage``: the platform storage whose ``jobs/`` records the
+    job (default ``Settings().storage_url``, the one the serving API and ``genmodels status`` read)."""
     # The spec's own checks first (with a placeholder version): bad input fails before MLflow.
     bulk.JobSpec(model=model, version="?", n=n, output=out, seed=seed, labels=labels, temperature=temperature,
                  shard_size=shard_size, format=format)
     resolved = resolve_model(model, alias)
     spec = bulk.JobSpec(model=model, version=resolved["version"], n=n, output=out, seed=seed, labels=labels,
                         temperature=temperature, shard_size=shard_size, format=format)
-    return write_shards(spec.to_dict(), resolved["files"], workers, use_ray, on_progress)
+    return write_shards(spec.to_dict(), resolved["files"], workers, use_ray, on_progress, storage)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import json
 import logging
 import math
 import os
@@ -109,10 +107,8 @@ class JobStatus(BaseModel):
     error: str | None = None
 
 
-def job_id(spec: bulk.JobSpec) -> str:
-    """The id of a resolved spec: equal specs (model version included) share it."""
-    canonical = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+#: The id of a resolved spec; the generate flow records its jobs under the same ids.
+job_id = bulk.job_id
 
 
 def _error(status: int, error: str, detail: Any) -> dict[str, Any]:
@@ -268,10 +264,13 @@ class JobManager:
 
     def _from_record(self, record: dict[str, Any], manifest: bool = False) -> dict[str, Any]:
         """A stored record as the API answers it. Called for jobs not running in this process:
-        one recorded as queued/running was interrupted (its server stopped before it ended)."""
+        one a server recorded as queued/running was interrupted (its server stopped before it
+        ended); one the generate flow (CLI, Prefect) is running is answered as recorded until its
+        heartbeat stops."""
         out = {k: record[k] for k in _PUBLIC if record.get(k) is not None and k != "manifest"}
         out.setdefault("cancel_requested", False)
-        if out.get("status") in ACTIVE:
+        elsewhere = record.get("runner") is not None and not records.job_is_stale(record)
+        if out.get("status") in ACTIVE and not elsewhere:
             out["status"] = FAILED
             out["error"] = (f"interrupted: the server running this job stopped before it ended (last recorded "
                             f"{record.get('updated_at')} at {record.get('done', 0)} of {record.get('total')} "

@@ -149,6 +149,19 @@ def test_cli_generate_end_to_end_on_a_registered_model(graphs, tmp_path, monkeyp
         other = CliRunner().invoke(app, [*args[:-2], "3", "--no-ray"])  # same output, another seed
         assert other.exit_code == 2 and "holds another job" in other.output
 
+    # Both runs are recorded as the serving API records its jobs (same id for the same spec):
+    # `genmodels status` and GET /v1/jobs list them.
+    from genmodels import records
+    from genmodels.config import get_settings
+
+    jobs = {j["job_id"]: j for j in records.list_jobs(get_settings().storage_url)}
+    ok = jobs[bulk.job_id(bulk.JobSpec.from_dict(manifest["spec"]))]
+    assert (ok["status"], ok["done"], ok["total"], ok["result"]["totals"]) == ("succeeded", 40, 40, manifest["totals"])
+    assert sorted(j["status"] for j in jobs.values()) == ["failed", "succeeded"]
+    assert "holds another job" in next(j for j in jobs.values() if j["status"] == "failed")["error"]
+    status = CliRunner().invoke(app, ["status", "--json"])
+    assert json.loads(status.stdout)["job_counts"] == {"failed": 1, "succeeded": 1}, status.output
+
 
 def test_a_cluster_with_no_free_cpu_gets_the_job_written_in_process_not_hung(graphs, ray_cluster, tmp_path):
     """Every CPU taken (as by Serve replicas): asking for writer actors would wait forever."""

@@ -1,0 +1,102 @@
+"""Job records of the generate flow (CLI, Prefect): genmodels.records.JobRecorder writes them in
+the form the serving API writes its own, so `GET /v1/jobs` (JobManager, in-process here) and
+`genmodels status` list every job, however it was run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from genmodels import bulk, records
+from genmodels.storage import FileStorage
+
+
+def _spec(tmp_path, **kw) -> bulk.JobSpec:
+    return bulk.JobSpec(**{"model": "digits-vae", "version": "3", "n": 40, "seed": 2, "shard_size": 16,
+                           "output": (tmp_path / "out").as_uri(), "format": "parquet", **kw})
+
+
+def _manager(tmp_path, store):
+    from serving.jobs import JobManager
+
+    return JobManager(None, "champion", f"sqlite:///{tmp_path}/mlflow.db", workers=1, use_ray=False,
+                      storage=store.url)
+
+
+def test_a_flow_job_is_recorded_running_then_succeeded_and_the_api_lists_it(tmp_path):
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+    jid = bulk.job_id(spec)
+    manager = _manager(tmp_path, store)
+    with records.JobRecorder(store, jid, spec.to_dict()) as recorder:
+        recorder.progress(16, 40)  # within progress_interval_s of the first write: not written yet
+        running = records.get_job(store, jid)
+        assert (running["status"], running["done"], running["total"], running["runner"]) == ("running", 0, 40,
+                                                                                             "generate")
+        assert not records.job_is_stale(running)
+        # Another process is running it: the API answers "running", not "interrupted".
+        listed = manager.page()["jobs"]
+        assert [(j["job_id"], j["status"]) for j in listed] == [(jid, "running")]
+        recorder.event("writers", {"count": 2, "wanted": 2})
+        assert records.get_job(store, jid)["done"] == 16  # the state at that moment is written
+        recorder.succeeded("file:///x/manifest.json", {"samples": 40, "shards": 3, "bytes": 1234})
+
+    record = records.get_job(store, jid)
+    assert (record["status"], record["done"], record["writers"], record["version"]) == ("succeeded", 40, 2, "3")
+    assert record["spec"] == spec.to_dict() and record["output"] == spec.output and record["ended_at"]
+    assert record["result"] == {"manifest": "file:///x/manifest.json",
+                                "totals": {"samples": 40, "shards": 3, "bytes": 1234}}
+    page = manager.page(status="succeeded")
+    assert page["total"] == 1 and page["jobs"][0]["job_id"] == jid and page["jobs"][0]["done"] == 40
+    from serving.jobs import JobStatus
+
+    JobStatus.model_validate(page["jobs"][0])  # the API's response model takes it as it is
+    assert manager.get(jid)["status"] == "succeeded"
+
+
+def test_the_api_and_the_flow_give_one_spec_one_id(tmp_path):
+    from serving.jobs import job_id
+
+    assert job_id(_spec(tmp_path)) == bulk.job_id(_spec(tmp_path)) != bulk.job_id(_spec(tmp_path, seed=3))
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("disk full"), "failed"),
+                                           (KeyboardInterrupt(), "cancelled"),
+                                           (bulk.JobCancelled(1, 3), "cancelled")])
+def test_a_job_that_raises_is_recorded_ended_and_the_error_propagates(tmp_path, error, status):
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+    with pytest.raises(type(error)):
+        with records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()):
+            raise error
+    record = records.get_job(store, bulk.job_id(spec))
+    assert record["status"] == status and record["ended_at"] and record["error"]
+    if status == "failed":
+        assert record["error"] == "RuntimeError: disk full"
+    assert records.list_jobs(store)[0]["job_id"] == bulk.job_id(spec)
+
+
+def test_a_long_job_keeps_its_heartbeat_and_a_dead_one_reads_as_interrupted(tmp_path, monkeypatch):
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+    jid = bulk.job_id(spec)
+    monkeypatch.setattr(records.JobRecorder, "heartbeat_s", 0.05)
+    with records.JobRecorder(store, jid, spec.to_dict()):
+        first = records.get_job(store, jid)["heartbeat_at"]
+        time.sleep(0.4)
+        assert records.get_job(store, jid)["heartbeat_at"] > first  # no progress, still alive
+    # A runner killed mid-job (no exit): once stale, the API calls it interrupted, resumable.
+    record = {**records.get_job(store, jid), "status": "running", "updated_at": "2020-01-01T00:00:00.000+00:00"}
+    records.put_job(store, record)
+    answered = _manager(tmp_path, store).get(jid)
+    assert answered["status"] == "failed" and "re-submit the same spec to resume" in answered["error"]
+
+
+def test_a_record_that_cannot_be_written_does_not_stop_the_job(tmp_path, monkeypatch):
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+
+    def refuse(*a, **kw):
+        raise OSError("read-only")
+
+    monkeypatch.setattr(records, "put_job", refuse)
+    with records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()) as recorder:
+        recorder.succeeded("file:///x/manifest.json", {"samples": 40, "shards": 3, "bytes": 1})
+    assert recorder.record["status"] == "succeeded"
