@@ -44,8 +44,16 @@ class CVAE(VAE):
 
     def _analogies(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Export path of ``analogies``: int64 labels [B] in, plain tensor ops, no value checks."""
-        mu, _ = self.encoder(x, self._onehot(labels))
+        onehot = self._onehot(labels)
+        mu, _ = self.encoder(x, onehot)
         k = self.image.num_classes
-        z = mu.repeat_interleave(k, dim=0)  # [B*K, latent]: row b*K + c is (image b, class c)
         every_class = torch.eye(k, dtype=mu.dtype, device=mu.device).repeat(mu.shape[0], 1)
+        prior = self.prior(onehot)
+        if prior is not None:
+            # Style = where z sits in its own class's prior, carried to each class's prior.
+            style = (mu - prior[0]) * torch.exp(-0.5 * prior[1])
+            target_mu, target_logvar = self.prior(every_class)
+            z = target_mu + torch.exp(0.5 * target_logvar) * style.repeat_interleave(k, dim=0)
+        else:
+            z = mu.repeat_interleave(k, dim=0)  # [B*K, latent]: row b*K + c is (image b, class c)
         return self._mean(self.decoder(z, every_class)).reshape(mu.shape[0], k, *self.image.shape)

@@ -56,6 +56,10 @@ class VAEConfig(ModelConfig):
     #: beta of the KL term ramps linearly 0 -> 1 over this many epochs (0: always 1).
     kl_warmup_epochs: int = 0
     conditional: bool = False
+    #: conditional models only: a learned prior N(mu_y, diag sigma_y^2) per class instead of
+    #: N(0, I). Whatever class information the posterior keeps in z, sampling z from its own
+    #: class's prior region keeps samples of the asked-for class.
+    class_prior: bool = False
 
     def __post_init__(self) -> None:
         # JSON / MLflow round trips turn tuples into lists; keep the config hashable.
@@ -77,12 +81,19 @@ class VAEConfig(ModelConfig):
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
         if self.conditional and self.image.num_classes < 1:
             raise ValueError("a conditional model needs image.num_classes >= 1")
+        if self.class_prior and not self.conditional:
+            raise ValueError("class_prior needs a conditional model (the prior is per class)")
 
 
 # --- likelihood pieces (module level so tests and evaluation can use them directly) -----------
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim, in nats."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+                prior_logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over the last dim, in
+    nats; the prior is N(0, I) when not given."""
+    if prior_mu is None:
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    return 0.5 * ((mu - prior_mu).pow(2) * torch.exp(-prior_logvar) + torch.exp(logvar - prior_logvar)
+                  - 1.0 + prior_logvar - logvar).sum(-1)
 
 
 def discretized_logistic_log_prob(
@@ -288,6 +299,10 @@ class VAE(GenerativeModel):
         cond_dim = config.image.num_classes if config.conditional else 0
         self.encoder = _Encoder(config, cond_dim)
         self.decoder = _Decoder(config, cond_dim, self.n_params)
+        if config.class_prior:
+            # Zero init: training starts from the N(0, I) prior and moves each class's.
+            self.prior_mu = nn.Parameter(torch.zeros(config.image.num_classes, config.latent_dim))
+            self.prior_logvar = nn.Parameter(torch.zeros(config.image.num_classes, config.latent_dim))
         # Weight of the KL term in the training loss only (warm-up); 1 unless begin_epoch lowers it.
         self.beta = 1.0
 
@@ -345,15 +360,23 @@ class VAE(GenerativeModel):
         return self._log_px(x, self.decoder(z, onehot))
 
     # --- ELBO -----------------------------------------------------------------------------
-    def kl(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(q(z|x) || N(0, I)) [B] in nats, closed form."""
-        return gaussian_kl(mu, logvar)
+    def prior(self, onehot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mu, logvar) [B, latent] of p(z|y) for a class prior (one-hot rows in: plain tensor
+        ops, so it exports), None for the N(0, I) prior."""
+        if not self.config.class_prior or onehot is None:
+            return None
+        return onehot @ self.prior_mu, onehot @ self.prior_logvar
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """KL(q(z|x[, y]) || p(z[|y])) [B] in nats, closed form."""
+        prior = self.prior(onehot)
+        return gaussian_kl(mu, logvar) if prior is None else gaussian_kl(mu, logvar, *prior)
 
     def _elbo_terms(self, x: torch.Tensor, onehot: torch.Tensor | None) -> dict[str, torch.Tensor]:
         mu, logvar = self.encoder(x, onehot)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # reparameterized: gradients flow
         recon = self._log_px(x, self.decoder(z, onehot))
-        kl = self.kl(mu, logvar)
+        kl = self.kl(mu, logvar, onehot)
         return {"elbo": recon - kl, "recon": recon, "kl": kl}
 
     def elbo_terms(self, x: torch.Tensor, labels: Any = None) -> dict[str, torch.Tensor]:
@@ -408,12 +431,18 @@ class VAE(GenerativeModel):
         std = torch.exp(0.5 * logvar).unsqueeze(1)
         # log q(z|x) at z = mu + std*eps, without the constant shared with log p(z).
         log_q_base = -0.5 * logvar.sum(1, keepdim=True)
+        prior = self.prior(onehot)
         log_w = torch.empty(batch, k, device=mu.device, dtype=mu.dtype)
         for start in range(0, k, chunk):
             e = eps[:, start : start + chunk]
             c = e.shape[1]
             z = mu.unsqueeze(1) + std * e  # [B, c, latent]
-            log_pz_minus_qz = -0.5 * z.pow(2).sum(-1) + 0.5 * e.pow(2).sum(-1) - log_q_base
+            if prior is None:
+                log_pz = -0.5 * z.pow(2).sum(-1)
+            else:  # the same constant as log q's is left out of both
+                p_mu, p_logvar = (t.unsqueeze(1) for t in prior)
+                log_pz = -0.5 * ((z - p_mu).pow(2) * torch.exp(-p_logvar) + p_logvar).sum(-1)
+            log_pz_minus_qz = log_pz + 0.5 * e.pow(2).sum(-1) - log_q_base
             rep_onehot = None if onehot is None else onehot.repeat_interleave(c, dim=0)
             params = self.decoder(z.reshape(batch * c, dim), rep_onehot)
             log_px = self._log_px(x.repeat_interleave(c, dim=0), params).view(batch, c)
@@ -445,8 +474,12 @@ class VAE(GenerativeModel):
             raise ValueError(f"{self.family} model is class-conditional: labels are required")
         if not self.conditional and labels is not None:
             raise ValueError(f"{self.family} model is unconditional: it takes no labels")
+        onehot = self._onehot(labels)
         z = noise["z"] * temperature
-        return self._mean(self.decoder(z, self._onehot(labels)))
+        prior = self.prior(onehot)
+        if prior is not None:  # the class's own prior: z = mu_y + sigma_y * temperature * noise
+            z = prior[0] + torch.exp(0.5 * prior[1]) * z
+        return self._mean(self.decoder(z, onehot))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:

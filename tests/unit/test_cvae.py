@@ -16,7 +16,7 @@ from genmodels.models import (
 )
 from genmodels.models.base import ImageSpec
 from genmodels.models.cvae import CVAE, CVAEConfig
-from genmodels.models.vae import VAE
+from genmodels.models.vae import VAE, VAEConfig
 
 
 def tiny_cvae(image: ImageSpec = DIGITS, **overrides) -> CVAE:
@@ -225,3 +225,46 @@ def test_conv_decoder_sees_the_label_at_every_stage_and_follows_it(digits):
     # The same noise with another label is another class.
     shifted = model.sample(len(labels), labels=(labels + 1) % 10, seed=0).flatten(1)
     assert float((torch.cdist(shifted, class_means).argmin(1) == labels).float().mean()) < 0.2
+
+
+def test_class_prior_kl_iwae_sampling_and_analogies(digits):
+    """A learned N(mu_y, sigma_y^2) prior per class: the closed-form KL is the exact KL, the
+    IWAE bound uses it, samples come from the class's own prior, and analogies carry a style
+    (its standardized position in its class's prior) to every class's prior."""
+    x, y = digits[0][:6], digits[1][:6]
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(image=DIGITS, latent_dim=4, hidden=(16,), class_prior=True)).eval()
+    plain = CVAE(CVAEConfig(image=DIGITS, latent_dim=4, hidden=(16,)))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("prior_")})
+    torch.manual_seed(1)
+    # At its zero initialization the class prior is N(0, I): the same bound as the plain CVAE.
+    torch.manual_seed(2)
+    a = model.iwae(x, y, k=50)
+    torch.manual_seed(2)
+    assert torch.allclose(a, plain.eval().iwae(x, y, k=50), atol=1e-5)
+    with torch.no_grad():
+        model.prior_mu.normal_()
+        model.prior_logvar.normal_(0.0, 0.5)
+    onehot = model._onehot(y)
+    mu, logvar = model.encoder(x, onehot)
+    p_mu, p_logvar = model.prior(onehot)
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), torch.distributions.Normal(p_mu, torch.exp(0.5 * p_logvar))
+    ).sum(-1)
+    torch.testing.assert_close(model.kl(mu, logvar, onehot), exact, rtol=1e-5, atol=1e-5)
+    # IWAE stays a bound that tightens with k (up to Monte-Carlo noise) and stays below the ELBO-free log 1.
+    torch.manual_seed(3)
+    k1 = model.iwae(x, y, k=1).mean()
+    torch.manual_seed(3)
+    k200 = model.iwae(x, y, k=200).mean()
+    assert k200 > k1 and torch.isfinite(k200)
+    noise = {"z": torch.randn(6, 4)}
+    expected = model.decode(p_mu + torch.exp(0.5 * p_logvar) * noise["z"] * 0.5, y)
+    torch.testing.assert_close(model.sample_from_noise(noise, y, temperature=0.5), expected)
+    grid = model.analogies(x, y)
+    style = (mu - p_mu) * torch.exp(-0.5 * p_logvar)
+    for c in (0, 7):
+        c_mu, c_logvar = model.prior(model._onehot(torch.full((6,), c)))
+        torch.testing.assert_close(grid[:, c], model.decode(c_mu + torch.exp(0.5 * c_logvar) * style, torch.full((6,), c)))
+    with pytest.raises(ValueError, match="class_prior"):
+        VAEConfig(image=DIGITS, class_prior=True)

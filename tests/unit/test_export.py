@@ -28,6 +28,7 @@ from genmodels.noise import make_noise
 GRAPHS = {
     "vae": {"sampler"},
     "cvae": {"sampler", "analogies"},
+    "cvae_class_prior": {"sampler", "analogies"},
     "gan": {"sampler"},
     "gan_conditional": {"sampler"},
     "mixture_binary": {"sampler", "complete"},

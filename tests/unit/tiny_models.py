@@ -17,6 +17,8 @@ CASES = {
     "mixture_8bit": ("mixture", GREY, {"n_components": 3, "conditional": True}),
     "vae": ("vae", BINARY, {"latent_dim": 3, "hidden": (16,)}),
     "cvae": ("cvae", GREY, {"latent_dim": 3, "hidden": (16,)}),
+    "cvae_class_prior": ("cvae", BINARY, {"latent_dim": 3, "hidden": (8,), "architecture": "conv",
+                                          "conv_channels": (4, 6), "class_prior": True}),
     "gan": ("gan", BINARY, SMALL_GAN),
     "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True)),
     "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row")),
@@ -34,6 +36,10 @@ def make_model(case: str):
         levels = torch.randint(0, image.levels, (40, *image.shape), generator=gen)
         y = torch.arange(40) % image.num_classes if model.conditional else None
         model.em_initialize(model.from_levels(levels), seed=0, y=y)
+    if getattr(model.config, "class_prior", False):
+        with torch.no_grad():  # zero-initialized class priors would all be N(0, I)
+            model.prior_mu.normal_()
+            model.prior_logvar.normal_(0.0, 0.3)
     if family == "pixelrnn" and model.conditional:
         with torch.no_grad():  # zero-initialized class biases would make conditioning vacuous
             model.gate_class_bias.normal_()
