@@ -45,6 +45,12 @@ class ClassifierConfig:
     lr: float = 2e-3
     seed: int = 0
     max_train_examples: int | None = None
+    #: Fraction of each training batch shown as a Bernoulli draw of its intensities (dynamic
+    #: binarization). Off by default: it makes the classifier name the class of binarized
+    #: images far better (a grey-only one gets 51% of real binarized Fashion-MNIST test images),
+    #: but it also teaches it to ignore pixel noise, so random images land inside the real
+    #: features' k-NN manifold (precision 1.0 on digits) and FID/precision lose their bite.
+    binarized_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("channels", "height", "width", "base_channels", "feature_dim", "epochs", "batch_size"):
@@ -56,6 +62,8 @@ class ClassifierConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"ClassifierConfig.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.binarized_fraction <= 1.0:
+            raise ValueError(f"ClassifierConfig.binarized_fraction must be in [0, 1], got {self.binarized_fraction}")
         if self.max_train_examples is not None and self.max_train_examples < 1:
             raise ValueError(f"ClassifierConfig.max_train_examples must be >= 1 or None, got {self.max_train_examples}")
 
@@ -176,6 +184,9 @@ def train_classifier(
             for start in range(0, n, config.batch_size):
                 idx = np.sort(order[start : start + config.batch_size])
                 xb = _as_unit_float(x[idx]).to(device)
+                if config.binarized_fraction > 0:
+                    flip = torch.rand(len(idx), 1, 1, 1, device=device) < config.binarized_fraction
+                    xb = torch.where(flip, torch.bernoulli(xb), xb)
                 yb = y_t[idx].to(device)
                 loss = nn.functional.cross_entropy(network(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
@@ -265,5 +276,7 @@ def load_or_train_classifier(
     logger.info("domain classifier for %s: test accuracy %.4f", getattr(snapshot, "dataset", "?"), test_accuracy)
     if key is not None:
         meta = {"snapshot_hash": snapshot.hash, "test_accuracy": test_accuracy, "train_examples": int(len(train.y))}
+        if getattr(test, "x_binary", None) is not None:
+            meta["test_accuracy_binarized"] = accuracy(network, test.x_binary.astype(np.float32), test.y)
         storage.put_bytes(key, classifier_bytes(network, meta))
     return TrainedClassifier(network, test_accuracy, from_cache=False, key=key)

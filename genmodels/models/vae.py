@@ -261,11 +261,13 @@ class VAE(GenerativeModel):
         # `make run`: about 3 minutes on 2 CPU cores. A conv encoder/decoder (label maps at every
         # decoder stage for the CVAE); IWAE k=100 keeps the training-time estimate cheap, the
         # reported figure uses the evaluation's k (1000 for quick).
+        # No KL warm-up here: over 4 epochs a warm-up epoch cost ~3 nats (val -ELBO 243.8 with
+        # one, 240.6 without after 3 epochs).
         "quick": {
             "model": {"latent_dim": 32, "architecture": "conv", "hidden": (512,), "conv_channels": (32, 64),
-                      "iwae_k": 100, "kl_warmup_epochs": 1},
+                      "iwae_k": 100},
             "train": {"epochs": 4, "batch_size": 128, "lr": 1e-3, "scheduler": "cosine",
-                      "max_train_examples": 48000, "early_stopping_patience": None, "max_val_examples": 2000},
+                      "max_train_examples": None, "early_stopping_patience": None, "max_val_examples": 2000},
         },
         # 2 CPU cores, about 90 minutes: residual blocks at both resolutions, KL warm-up, a
         # cosine schedule; early stopping guards against overfitting.

@@ -630,3 +630,20 @@ def test_render_pictures_chooses_what_applies(digits):
     assert _decode(pictures["samples.png"]).size == (8 * 8 * scale + 9 * 2,) * 2
     # One row of 8 per class for the conditional model.
     assert _decode(render_pictures(cvae, digits)["samples.png"]).size == (8 * 8 * scale + 9 * 2, 10 * 8 * scale + 11 * 2)
+
+
+def test_classifier_can_learn_binarized_images_too(digits):
+    """binarized_fraction trains on dynamically binarized images as well as grey levels."""
+    assert ClassifierConfig.for_image(digits.image).binarized_fraction == 0.0  # FID's features stay sharp
+    with pytest.raises(ValueError, match="binarized_fraction"):
+        ClassifierConfig.for_image(digits.image, binarized_fraction=1.5)
+    train, test = digits.splits["train"], digits.splits["test"]
+    binary = test.x_binary.astype(np.float32)
+    grey_only = classifier_module.train_classifier(
+        train.x, train.y, ClassifierConfig.for_image(digits.image, **{**TINY, "binarized_fraction": 0.0}))
+    mixed = classifier_module.train_classifier(
+        train.x, train.y, ClassifierConfig.for_image(digits.image, **{**TINY, "binarized_fraction": 0.5}))
+    on_binary = {name: classifier_module.accuracy(net, binary, test.y) for name, net in
+                 (("grey_only", grey_only), ("mixed", mixed))}
+    assert on_binary["mixed"] > on_binary["grey_only"] + 0.05, on_binary
+    assert classifier_module.accuracy(mixed, test.x, test.y) > 0.7  # grey levels still classified
