@@ -1,7 +1,8 @@
-"""PixelRNN training step of one layer: the library's recurrences (one matmul per row/column,
-fused gate math) against the previous implementation (a conv1d per row/column, one sigmoid per
-gate), forward + backward on the same weights and input. Both compute the same function (checked
-first); images/s are medians over repeats, the two alternating within each repeat.
+"""PixelRNN training step of one layer: the library's recurrences (a conv1d per row / skewed
+column) against the alternative tried for issue 10 and rejected (each step as one matmul over
+the concatenated taps, channels last), forward + backward on the same weights and input. Both
+compute the same function (checked first); images/s are medians over repeats, the two
+alternating within each repeat.
 
     .venv/bin/python benchmarks/pixelrnn_layers.py --layer row --hidden 32 --batch 32 --threads 2
 """
@@ -16,46 +17,51 @@ import time
 import torch
 import torch.nn.functional as F
 
-from genmodels.models._pixelrnn_layers import GATES, DiagonalBiLSTMLayer, RowLSTMLayer, skew, unskew
+from genmodels.models._pixelrnn_layers import DiagonalBiLSTMLayer, RowLSTMLayer, lstm_cell, skew, unskew
 
 
-def _previous_cell(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    i, f, o, g = gates.chunk(GATES, dim=1)
-    c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
+def _taps_weight(state_to_state: torch.Tensor) -> torch.Tensor:
+    """conv1d weight [4h, h, k] -> [k*h, 4h] over tap-major concatenated inputs."""
+    out_f, in_f, k = state_to_state.shape
+    return state_to_state.permute(2, 1, 0).reshape(k * in_f, out_f)
 
 
-def previous_row(layer: RowLSTMLayer, inp: torch.Tensor) -> torch.Tensor:
+def matmul_row(layer: RowLSTMLayer, inp: torch.Tensor) -> torch.Tensor:
     b, _, _, width = inp.shape
-    pre = layer.input_to_state(inp)
-    h = inp.new_zeros(b, layer.hidden, width)
-    c = inp.new_zeros(b, layer.hidden, width)
+    pre = layer.input_to_state(inp).permute(0, 2, 3, 1)
+    weight = _taps_weight(layer.state_to_state.weight)
+    h = inp.new_zeros(b, width, layer.hidden)
+    c = inp.new_zeros(b, width, layer.hidden)
     hs = []
-    for pre_row in pre.unbind(2):
-        h, c = _previous_cell(pre_row + layer.state_to_state(h), c)
+    for pre_row in pre.unbind(1):
+        padded = F.pad(h, (0, 0, 1, 1))
+        taps = torch.cat([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], dim=2)
+        h, c = lstm_cell(pre_row + taps @ weight, c, dim=2)
         hs.append(h)
-    out = layer.output(torch.stack(hs, dim=2))
+    out = layer.output(torch.stack(hs, dim=1).permute(0, 3, 1, 2))
     return inp + out if layer.residual else out
 
 
-def _previous_scan(gates_in: torch.Tensor, state_to_state: torch.Tensor) -> torch.Tensor:
+def _matmul_scan(gates_in: torch.Tensor, state_to_state: torch.Tensor) -> torch.Tensor:
     b, _, height, width = gates_in.shape
     hidden = state_to_state.shape[1]
-    skewed = skew(gates_in)
-    valid = skew(gates_in.new_ones(1, 1, height, width))
-    h = gates_in.new_zeros(b, hidden, height)
-    c = gates_in.new_zeros(b, hidden, height)
+    skewed = skew(gates_in).permute(0, 3, 2, 1)
+    valid = skew(gates_in.new_ones(1, 1, height, width)).permute(0, 3, 2, 1)
+    weight = _taps_weight(state_to_state)
+    h = gates_in.new_zeros(b, height, hidden)
+    c = gates_in.new_zeros(b, height, hidden)
     hs = []
-    for pre, m in zip(skewed.unbind(-1), valid.unbind(-1)):
-        h, c = _previous_cell(pre + F.conv1d(F.pad(h, (1, 0)), state_to_state), c)
+    for pre, m in zip(skewed.unbind(1), valid.unbind(1)):
+        above = F.pad(h, (0, 0, 1, 0))[:, :height]
+        h, c = lstm_cell(pre + torch.cat([above, h], dim=2) @ weight, c, dim=2)
         h, c = h * m, c * m
         hs.append(h)
-    return unskew(torch.stack(hs, dim=-1), width)
+    return unskew(torch.stack(hs, dim=1).permute(0, 3, 2, 1), width)
 
 
-def previous_diagonal(layer: DiagonalBiLSTMLayer, inp: torch.Tensor) -> torch.Tensor:
-    h_lr = _previous_scan(layer.input_to_state(inp), layer.state_to_state.weight)
-    h_rl = _previous_scan(layer.rl_input_to_state(inp).flip(-1), layer.rl_state_to_state.weight).flip(-1)
+def matmul_diagonal(layer: DiagonalBiLSTMLayer, inp: torch.Tensor) -> torch.Tensor:
+    h_lr = _matmul_scan(layer.input_to_state(inp), layer.state_to_state.weight)
+    h_rl = _matmul_scan(layer.rl_input_to_state(inp).flip(-1), layer.rl_state_to_state.weight).flip(-1)
     h_rl = F.pad(h_rl[:, :, :-1], (0, 0, 1, 0))
     out = layer.output(h_lr + h_rl)
     return inp + out if layer.residual else out
@@ -83,17 +89,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layer = (RowLSTMLayer if args.layer == "row" else DiagonalBiLSTMLayer)(args.hidden, 1, True)
-    previous = previous_row if args.layer == "row" else previous_diagonal
+    alternative = matmul_row if args.layer == "row" else matmul_diagonal
     inp = torch.randn(args.batch, args.hidden, args.size, args.size, requires_grad=True)
     with torch.no_grad():
-        torch.testing.assert_close(layer(inp, None), previous(layer, inp), rtol=1e-4, atol=1e-5)
-    rates: dict[str, list[float]] = {"previous": [], "current": []}
+        torch.testing.assert_close(layer(inp, None), alternative(layer, inp), rtol=1e-4, atol=1e-5)
+    rates: dict[str, list[float]] = {"library": [], "matmul": []}
     for _ in range(args.repeats):
-        rates["previous"].append(images_per_s(lambda x: previous(layer, x), inp, args.steps))
-        rates["current"].append(images_per_s(lambda x: layer(x, None), inp, args.steps))
-    prev, cur = statistics.median(rates["previous"]), statistics.median(rates["current"])
-    print(json.dumps({**vars(args), "previous_images_per_s": round(prev, 1), "current_images_per_s": round(cur, 1),
-                      "speedup": round(cur / prev, 3)}))
+        rates["library"].append(images_per_s(lambda x: layer(x, None), inp, args.steps))
+        rates["matmul"].append(images_per_s(lambda x: alternative(layer, x), inp, args.steps))
+    lib, alt = statistics.median(rates["library"]), statistics.median(rates["matmul"])
+    print(json.dumps({**vars(args), "library_images_per_s": round(lib, 1), "matmul_images_per_s": round(alt, 1),
+                      "matmul_vs_library": round(alt / lib, 3)}))
 
 
 if __name__ == "__main__":
