@@ -47,17 +47,14 @@ pkill -f "genmodels.cli run" && echo "deadline: runs still going were stopped" >
 for entry in $plan; do
   python3 - "${entry%%:*}" <<'PY' >> "$OUT/prep.log" 2>&1
 import json, sys
-from genmodels.runs import collect_metrics, comparison_png, metrics_table
+from genmodels.runs import collect_metrics, load_snapshot, write_report
 from genmodels.storage import open_storage
 preset, storage = sys.argv[1], open_storage("file:///tmp/store")
-snap_hash = open("/tmp/snapshot_hash").read().strip()
-rows = collect_metrics(storage, "fashion-mnist", preset, snap_hash)
-storage.put_bytes(f"reports/fashion-mnist-{preset}.md", metrics_table(rows).encode())
+snapshot = load_snapshot(storage, "snapshots/fashion-mnist/" + open("/tmp/snapshot_hash").read().strip()[:16])
+report = write_report(storage, snapshot, preset)
+rows = collect_metrics(storage, "fashion-mnist", preset, snapshot.hash)
 storage.put_bytes(f"reports/fashion-mnist-{preset}.json", json.dumps(rows, indent=1).encode())
-picture = comparison_png(storage, "fashion-mnist", preset, snap_hash)
-if picture:
-    storage.put_bytes(f"reports/fashion-mnist-{preset}.png", picture)
-print(preset, metrics_table(rows))
+print(report.markdown)
 PY
 done
 cd "$store" && tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='snapshots' --exclude='classifiers' . 

@@ -305,7 +305,7 @@ def run_cmd(
 ) -> None:
     """Prepare, train and evaluate several families; write grids, a comparison picture and a
     metrics table."""
-    from genmodels.runs import collect_metrics, comparison_png, evaluate_run, metrics_table, train_family
+    from genmodels.runs import evaluate_run, train_family, write_report
 
     names = _families(families)
     storage = _storage(out)
@@ -320,18 +320,9 @@ def run_cmd(
         outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
         with console.status(f"evaluating {family}"):
             evaluate_run(storage, outcome.run, snap, preset, seed=seed)
-    table = metrics_table(collect_metrics(storage, snap.dataset, preset, snap.hash))
-    report_key = f"reports/{snap.dataset}-{preset}.md"
-    header = (f"# {snap.dataset}, preset {preset}, snapshot {snap.hash[:16]} ({snap.image.quantization})\n\n"
-              "Test split. nll_nats: negative log-likelihood in nats/image (exact, or IWAE for the VAEs; lower "
-              "is better); elbo_nats: the ELBO itself (a lower bound on log p). FID/KID on the domain "
-              "classifier's features; class_accuracy of conditional samples; train_seconds: sum of epoch times.\n\n")
-    storage.put_bytes(report_key, (header + table).encode())
-    picture = comparison_png(storage, snap.dataset, preset, snap.hash, seed=seed)
-    if picture is not None:
-        storage.put_bytes(f"reports/{snap.dataset}-{preset}.png", picture)
-    Console().print(Markdown(header + table))
-    console.print(f"report: {storage.url_for(report_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")
+    report = write_report(storage, snap, preset, seed=seed)
+    Console().print(Markdown(report.markdown))
+    console.print(f"report: {storage.url_for(report.markdown_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")
 
 
 def _load_command_plugins() -> None:

@@ -243,6 +243,32 @@ def comparison_png(storage: Storage, dataset: str, preset: str, snapshot_hash: s
     return grid_png(torch.cat(rows), nrow=n) if rows else None
 
 
+@dataclass
+class Report:
+    markdown: str
+    markdown_key: str
+    picture: bytes | None  # None when no family has a model on this snapshot yet
+    picture_key: str
+
+
+def write_report(storage: Storage, snapshot: Snapshot, preset: str, seed: int = 0) -> Report:
+    """The families of ``preset`` side by side on ``snapshot``: the metrics table as
+    ``reports/<dataset>-<preset>.md`` and one row of samples per family (same seed) as
+    ``reports/<dataset>-<preset>.png``; the one writer of both, for the CLI and the pipelines."""
+    table = metrics_table(collect_metrics(storage, snapshot.dataset, preset, snapshot.hash))
+    header = (f"# {snapshot.dataset}, preset {preset}, snapshot {snapshot.hash[:16]} ({snapshot.image.quantization})\n\n"
+              "Test split. nll_nats: negative log-likelihood in nats/image (exact, or IWAE for the VAEs; lower "
+              "is better); elbo_nats: the ELBO itself (a lower bound on log p). FID/KID on the domain "
+              "classifier's features; class_accuracy of conditional samples; train_seconds: sum of epoch times.\n\n")
+    report = Report(header + table, f"reports/{snapshot.dataset}-{preset}.md",
+                    comparison_png(storage, snapshot.dataset, preset, snapshot.hash, seed=seed),
+                    f"reports/{snapshot.dataset}-{preset}.png")
+    storage.put_bytes(report.markdown_key, report.markdown.encode())
+    if report.picture is not None:
+        storage.put_bytes(report.picture_key, report.picture)
+    return report
+
+
 REPORT_COLUMNS = ("nll_nats", "bits_per_dim", "elbo_nats", "fid", "fid_real_floor", "kid", "precision", "recall",
                   "class_accuracy", "completion_nll_nats", "train_seconds", "train_images_per_s")
 

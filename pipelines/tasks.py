@@ -149,21 +149,16 @@ def report(storage_url: str, snapshot_prefix: str, preset: str, seed: int, run_i
     from mlflow.tracking import MlflowClient
 
     storage = open_storage(storage_url)
-    snapshot = _snapshot(storage_url, snapshot_prefix)
-    picture = runs.comparison_png(storage, snapshot.dataset, preset, snapshot.hash, seed=seed)
-    if picture is None:
+    report = runs.write_report(storage, _snapshot(storage_url, snapshot_prefix), preset, seed=seed)
+    if report.picture is None:
         return None
-    key = f"reports/{snapshot.dataset}-{preset}.png"
-    storage.put_bytes(key, picture)
-    table = runs.metrics_table(runs.collect_metrics(storage, snapshot.dataset, preset, snapshot.hash))
-    storage.put_bytes(f"reports/{snapshot.dataset}-{preset}.md", table.encode())
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "comparison.png"
-        path.write_bytes(picture)
+        path.write_bytes(report.picture)
         for run_id in run_ids.values():
             client.log_artifact(run_id, str(path))
-    return storage.url_for(key)
+    return storage.url_for(report.picture_key)
 
 
 @task(name="promote", **TRANSIENT_RETRIES)
