@@ -30,19 +30,31 @@ def digits():
     return binary_digits()
 
 
+def fit(model: CVAE, digits, steps: int) -> CVAE:
+    """Adam(3e-3) on random batches of 128 digits, seeded; the model in eval mode."""
+    x, y = digits
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (128,), generator=gen)
+            opt.zero_grad()
+            model.loss({"x": x[idx], "y": y[idx]})["loss"].backward()
+            opt.step()
+    return model.eval()
+
+
+def nearest_mean_classes(samples: torch.Tensor, digits) -> torch.Tensor:
+    """The class whose mean digit is nearest to each sample."""
+    x, y = digits
+    class_means = torch.stack([x[y == c].mean(0).flatten() for c in range(10)])
+    return torch.cdist(samples.flatten(1), class_means).argmin(1)
+
+
 @pytest.fixture(scope="module")
 def trained(digits):
     """A tiny MLP CVAE fit to the digits for a few hundred steps (~2 s)."""
-    x, y = digits
-    model = tiny_cvae(hidden=(64,), latent_dim=4)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(500):
-        idx = torch.randint(0, len(x), (128,), generator=gen)
-        opt.zero_grad()
-        model.loss({"x": x[idx], "y": y[idx]})["loss"].backward()
-        opt.step()
-    return model.eval()
+    return fit(tiny_cvae(hidden=(64,), latent_dim=4), digits, 500)
 
 
 def test_family_registry_and_contract():
@@ -147,11 +159,8 @@ def test_iwae_with_labels(trained, digits):
 
 @torch.no_grad()
 def test_trained_samples_follow_their_label(trained, digits):
-    x, y = digits
-    class_means = torch.stack([x[y == c].mean(0).flatten() for c in range(10)])
     labels = torch.arange(10).repeat_interleave(30)
-    samples = trained.sample(len(labels), labels=labels, seed=0).flatten(1)
-    predicted = torch.cdist(samples, class_means).argmin(1)
+    predicted = nearest_mean_classes(trained.sample(len(labels), labels=labels, seed=0), digits)
     # Nearest class mean classifies the real digits at 0.88; decoded samples are prototypical
     # (0.98 to 1.0 over training and sampling seeds).
     assert float((predicted == labels).float().mean()) > 0.9
@@ -203,28 +212,17 @@ def test_presets_build_and_run_on_fashion_mnist_shape(preset):
 def test_conv_decoder_sees_the_label_at_every_stage_and_follows_it(digits):
     """The conv recipe feeds the label as feature maps into every decoder stage; trained on
     the digits, the label decides the class of what it samples."""
-    x, y = digits
     torch.manual_seed(0)
     model = CVAE(CVAEConfig(image=DIGITS, architecture="conv", conv_channels=(8, 16), hidden=(32,), latent_dim=4))
     ups = list(model.decoder.ups)
     assert len(ups) == 2 and all(up.in_channels == c + 10 for up, c in zip(ups, (16, 8)))
-    with torch.enable_grad():
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(400):
-            idx = torch.randint(0, len(x), (128,), generator=gen)
-            opt.zero_grad()
-            model.loss({"x": x[idx], "y": y[idx]})["loss"].backward()
-            opt.step()
-    model.eval()
-    class_means = torch.stack([x[y == c].mean(0).flatten() for c in range(10)])
+    fit(model, digits, 400)
     labels = torch.arange(10).repeat_interleave(30)
-    samples = model.sample(len(labels), labels=labels, seed=0).flatten(1)
-    predicted = torch.cdist(samples, class_means).argmin(1)
+    predicted = nearest_mean_classes(model.sample(len(labels), labels=labels, seed=0), digits)
     assert float((predicted == labels).float().mean()) > 0.9
     # The same noise with another label is another class.
-    shifted = model.sample(len(labels), labels=(labels + 1) % 10, seed=0).flatten(1)
-    assert float((torch.cdist(shifted, class_means).argmin(1) == labels).float().mean()) < 0.2
+    shifted = nearest_mean_classes(model.sample(len(labels), labels=(labels + 1) % 10, seed=0), digits)
+    assert float((shifted == labels).float().mean()) < 0.2
 
 
 def test_class_prior_kl_iwae_sampling_and_analogies(digits):
