@@ -57,6 +57,6 @@ storage.put_bytes(f"reports/fashion-mnist-{preset}.json", json.dumps(rows, inden
 print(report.markdown)
 PY
 done
-cd "$store" && tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='snapshots' --exclude='classifiers' . 
+cd "$store" && tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.onnx' --exclude='snapshots' --exclude='classifiers' . 
 find "$store/runs" -name model.pt -size -12M | tar czf "$OUT/models.tgz" -T - 2>/dev/null
 ls -la "$OUT"
