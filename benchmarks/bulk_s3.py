@@ -75,7 +75,7 @@ def main() -> None:
 
     variants = {"in-memory sampling": in_memory, "job to S3, in-process": lambda: job(False, 1)}
     if args.ray_workers:
-        from genmodels.distributed import ensure_ray
+        from genmodels.ray_runtime import ensure_ray
 
         ensure_ray()
         variants[f"job to S3, Ray x{args.ray_workers}"] = lambda: job(True, args.ray_workers)

@@ -33,7 +33,8 @@ def main() -> None:
 
     from genmodels.config import get_settings
     from genmodels.data import PrepConfig
-    from genmodels.distributed import RayScaling, ensure_ray, train_on_ray
+    from genmodels.distributed import RayScaling, train_on_ray
+    from genmodels.ray_runtime import ensure_ray
     from genmodels.runs import snapshot_for, train_family
     from genmodels.storage import open_storage
 

@@ -94,7 +94,7 @@ def main() -> None:
 
     from genmodels import registry
     from genmodels.config import get_settings
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
     from serving.app import build_app, use_serve_env
 
     registry.configure(None, get_settings().default_tracking_uri)

@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import tempfile
-import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import torch
@@ -28,33 +26,14 @@ from genmodels.training import CHECKPOINT_KEY, TrainingContext, TrainResult, loa
 
 
 class RayTrainContext(TrainingContext):
-    """``fail_once_at_epoch`` / ``fail_marker`` are a test hook for fault tolerance: rank 1
-    (rank 0 in a one-worker group) kills its own process (SIGKILL, as an OOM killer or a lost
-    node would) when about to report epoch ``fail_once_at_epoch`` (1-based), unless the file
-    ``fail_marker`` exists, which it creates first, so that only the first attempt dies and the
-    restarted group runs through."""
+    """A worker of a Ray Train group: DDP wrapping, collectives, checkpoints as reports."""
 
-    def __init__(self, fail_once_at_epoch: int | None = None, fail_marker: str | None = None) -> None:
+    def __init__(self) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        if (fail_once_at_epoch is None) != (fail_marker is None):
-            raise ValueError("fail_once_at_epoch and fail_marker go together (a test hook)")
-        self.fail_once_at_epoch, self.fail_marker = fail_once_at_epoch, fail_marker
-
-    def _maybe_fail(self, metrics: Mapping[str, float]) -> None:
-        if self.fail_once_at_epoch is None or self.rank != min(1, self.world_size - 1):
-            return
-        if int(metrics["epoch"]) == self.fail_once_at_epoch and not os.path.exists(self.fail_marker):
-            with open(self.fail_marker, "w") as f:
-                f.write(f"rank {self.rank} killed at epoch {self.fail_once_at_epoch}\n")
-            # The controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a real
-            # epoch outlasts that, a test's tiny one does not. Wait so that the previous epoch's
-            # checkpoint is registered, as it would be in a real run, before dying.
-            time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def _dist(self):
         import torch.distributed as dist
@@ -94,7 +73,6 @@ class RayTrainContext(TrainingContext):
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         import ray.train
 
-        self._maybe_fail(metrics)
         # Every worker reports (Ray Train V2 needs all of them); only the chief ships a checkpoint.
         if not self.is_chief:
             ray.train.report(dict(metrics))
@@ -108,14 +86,12 @@ class RayTrainContext(TrainingContext):
     def report(self, metrics: Mapping[str, float]) -> None:
         import ray.train
 
-        self._maybe_fail(metrics)
         ray.train.report(dict(metrics))
 
 
-def ray_train_loop(config: Mapping[str, Any]) -> None:
+def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContext] = RayTrainContext) -> None:
     """Per-worker entry point. ``config``: storage_url, snapshot_prefix, family,
-    model_config (dict), train_config (dict), meta (dict); optional threads_per_worker, and
-    the test hook fail_once_at_epoch + fail_marker (see :class:`RayTrainContext`)."""
+    model_config (dict), train_config (dict), meta (dict); optional threads_per_worker."""
     from genmodels.data import read_snapshot
     from genmodels.models import family_class
     from genmodels.storage import open_storage
@@ -128,7 +104,7 @@ def ray_train_loop(config: Mapping[str, Any]) -> None:
     cls = family_class(config["family"])
     model = cls(cls.config_class.from_dict({**config["model_config"], "image": snapshot.image}))
     train_cfg = TrainConfig.from_dict({**config["train_config"], "device": str(ray.train.torch.get_device())})
-    context = RayTrainContext(config.get("fail_once_at_epoch"), config.get("fail_marker"))
+    context = context_class()
     train(model, snapshot, train_cfg, context, meta=config.get("meta"))
 
 
@@ -150,24 +126,6 @@ class RayScaling:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_export_port: int | None = None) -> None:
-    """Connect to the cluster at ``address`` / ``RAY_ADDRESS``, or start a local one; a local one
-    serves Prometheus metrics at ``127.0.0.1:<metrics_export_port>/metrics`` when given (a cluster's
-    port is set by its own ``ray start --metrics-export-port``)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        # A private local cluster: no token auth to configure (see shared/STACK_NOTES.md).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _metrics_export_port=metrics_export_port)
-    else:
-        ray.init(address=address, log_to_driver=False)
 
 
 def ray_storage(storage: Storage) -> tuple[str, Any]:
@@ -211,13 +169,14 @@ def train_on_ray(
     model_overrides: Mapping[str, Any] | None = None,
     fresh: bool = False,
     keep_checkpoints: int | None = 2,
-    test_hooks: Mapping[str, Any] | None = None,
+    train_loop: Callable[[Mapping[str, Any]], None] = ray_train_loop,
 ):
     """Train one family on the Ray cluster (``ensure_ray`` first) and write the run's model and
     history where :func:`genmodels.runs.train_family` would; returns a ``TrainOutcome``.
 
     The snapshot must already be in ``storage`` (``genmodels.runs.snapshot_for``). Ray keeps
-    the last ``keep_checkpoints`` epoch checkpoints of the run (None: all)."""
+    the last ``keep_checkpoints`` epoch checkpoints of the run (None: all). ``train_loop``: the
+    per-worker entry point, :func:`ray_train_loop` or a wrapper of it (tests inject faults so)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -237,11 +196,11 @@ def train_on_ray(
             ray_root.delete(key)
     storage_path, filesystem = ray_storage(ray_root)
     trainer = TorchTrainer(
-        ray_train_loop,
+        train_loop,
         train_loop_config={
             "storage_url": storage.url, "snapshot_prefix": snapshot.prefix, "family": family,
             "model_config": model_config, "train_config": train_cfg.to_dict(), "meta": meta,
-            "threads_per_worker": cpus, **(test_hooks or {}),
+            "threads_per_worker": cpus,
         },
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),

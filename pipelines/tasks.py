@@ -88,7 +88,8 @@ def prepare_data(storage_url: str, dataset: str, source: str | None, quantizatio
 def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, workers: int,
           overrides: dict[str, Any] | None = None, fresh: bool = False) -> dict[str, Any]:
     """Distributed training on Ray Train; resumes the same plan's checkpoints."""
-    from genmodels.distributed import RayScaling, ensure_ray, train_on_ray
+    from genmodels.distributed import RayScaling, train_on_ray
+    from genmodels.ray_runtime import ensure_ray
 
     ensure_ray()
     storage = open_storage(storage_url)

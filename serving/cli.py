@@ -56,7 +56,7 @@ def serve_cmd(
     import time
 
     from genmodels import registry
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
 
     # Check the registry before starting Ray: a typo or an empty registry is one clear line.
     registry.configure(None, get_settings().default_tracking_uri)

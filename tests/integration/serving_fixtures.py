@@ -90,7 +90,7 @@ def serve_on_free_port(tracking_uri: str, models: Sequence[str], **args) -> Iter
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
 
     from serving.app import SERVE_ENV
 

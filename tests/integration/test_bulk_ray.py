@@ -37,7 +37,7 @@ def ray_cluster(s3_endpoint):
     """Started after the S3 fixture so that Ray's workers inherit its AWS_* environment."""
     import ray
 
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield
@@ -110,7 +110,7 @@ def test_ray_data_reads_a_parquet_job_folder_every_row_once(graphs, ray_cluster,
 
     rows = ray.data.read_parquet(str(tmp_path / "pq" / bulk.SHARDS_DIR)).take_all()
     assert sorted(r["index"] for r in rows) == list(range(70))
-    assert all(np.array_equal(bulk._png_array(r["image"]), want[r["index"]]) for r in rows)
+    assert all(np.array_equal(bulk.shards.png_array(r["image"]), want[r["index"]]) for r in rows)
     assert {(r["height"], r["width"], r["channels"]) for r in rows} == {(8, 8, 1)}
     assert all(r["label"] is None for r in rows)
 

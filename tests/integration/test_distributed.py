@@ -29,7 +29,7 @@ TINY_VAE = {"latent_dim": 4, "hidden": (32,), "iwae_k": 4}
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
 
     ensure_ray(num_cpus=2)
     try:
@@ -43,16 +43,55 @@ def snapshot():
     return prepare("digits", None, PrepConfig(seed=0))
 
 
+def _killed_once_loop(at_epoch: int, marker: str):
+    """A ``train_loop`` whose rank 1 (rank 0 in a one-worker group) kills its own process
+    (SIGKILL, as an OOM killer or a lost node would) when about to report epoch ``at_epoch``
+    (1-based), unless the file ``marker`` exists, which it creates first: only the first
+    attempt dies and the restarted group runs through. Built in a function so that Ray pickles
+    the class and loop by value: the workers cannot import this test module."""
+    import os
+    import signal
+    import time
+
+    from genmodels.distributed import RayTrainContext, ray_train_loop
+
+    class KilledOnce(RayTrainContext):
+        def _maybe_fail(self, metrics):
+            if self.rank != min(1, self.world_size - 1):
+                return
+            if int(metrics["epoch"]) == at_epoch and not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(f"rank {self.rank} killed at epoch {at_epoch}\n")
+                # The controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a real
+                # epoch outlasts that, a test's tiny one does not. Wait so that the previous epoch's
+                # checkpoint is registered, as it would be in a real run, before dying.
+                time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def save_state(self, state_bytes, epoch, metrics):
+            self._maybe_fail(metrics)
+            super().save_state(state_bytes, epoch, metrics)
+
+        def report(self, metrics):
+            self._maybe_fail(metrics)
+            super().report(metrics)
+
+    def loop(config):
+        ray_train_loop(config, context_class=KilledOnce)
+
+    return loop
+
+
 def _fit(tmp_path: Path, snapshot, family: str, model_config: dict, train_config: dict, max_failures: int = 0,
-         **hooks):
-    from genmodels.distributed import RayScaling, train_on_ray
+         train_loop=None):
+    from genmodels.distributed import RayScaling, ray_train_loop, train_on_ray
 
     storage = open_storage(tmp_path / "store")
     write_snapshot(snapshot, storage)
     outcome = train_on_ray(storage, snapshot, family, "quick",
                            scaling=RayScaling(num_workers=2, cpus_per_worker=1, max_failures=max_failures),
                            overrides={**SMALL_TRAIN, **train_config}, model_overrides=model_config,
-                           keep_checkpoints=None, test_hooks=hooks)
+                           keep_checkpoints=None, train_loop=train_loop or ray_train_loop)
     (run_dir,) = (tmp_path / "store" / "ray" / "digits").iterdir()
     last = sorted(run_dir.glob("epoch-*"))[-1]
     state = load_training_state((last / CHECKPOINT_KEY).read_bytes())
@@ -114,7 +153,7 @@ def test_mixture_em_stats_all_reduced(local_ray, snapshot, tmp_path):
 def test_killed_worker_resumes_from_last_checkpoint(local_ray, snapshot, tmp_path):
     marker = tmp_path / "killed-once"
     outcome, run_dir, state = _fit(tmp_path, snapshot, "vae", TINY_VAE, {"epochs": 3}, max_failures=1,
-                                   fail_once_at_epoch=2, fail_marker=str(marker))
+                                   train_loop=_killed_once_loop(2, str(marker)))
     assert marker.read_text() == "rank 1 killed at epoch 2\n"
     _assert_complete(outcome, state, "vae", 3)  # each of the 3 epochs exactly once
     # Resumed, not restarted: epoch 1's checkpoint predates the kill (a restart from scratch

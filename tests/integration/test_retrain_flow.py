@@ -30,7 +30,7 @@ def stack(tmp_path_factory, s3_endpoint):
     import ray
     from prefect.testing.utilities import prefect_test_harness
 
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
 
     work = tmp_path_factory.mktemp("work")
     bucket = "genmodels-flow"

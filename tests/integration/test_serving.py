@@ -90,7 +90,7 @@ def _deploy(trained, **args):
 def server(trained):
     from ray import serve
 
-    from genmodels.distributed import ensure_ray
+    from genmodels.ray_runtime import ensure_ray
 
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as mp:

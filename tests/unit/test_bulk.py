@@ -176,13 +176,13 @@ def test_parquet_folder_reads_with_pyarrow_and_pandas_every_row_once(cvae, tmp_p
     assert [r["index"] for r in rows] == list(range(45))
     assert [r["label"] for r in rows] == want["labels"].tolist()
     assert {(r["height"], r["width"], r["channels"]) for r in rows} == {(8, 8, 1)}
-    images = np.stack([bulk._png_array(r["image"]) for r in rows])
+    images = np.stack([bulk.shards.png_array(r["image"]) for r in rows])
     assert images.dtype == np.uint8 and np.array_equal(images, want["images"])
 
     frame = pd.read_parquet(folder).sort_values("index")
     assert len(frame) == 45 and frame["index"].tolist() == list(range(45))
     assert all(isinstance(b, bytes) and b.startswith(b"\x89PNG") for b in frame["image"])
-    assert np.array_equal(np.stack([bulk._png_array(b) for b in frame["image"]]), want["images"])
+    assert np.array_equal(np.stack([bulk.shards.png_array(b) for b in frame["image"]]), want["images"])
 
 
 def test_parquet_of_an_unconditional_model_has_null_labels(vae, tmp_path):

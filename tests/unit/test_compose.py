@@ -515,7 +515,7 @@ def test_serve_waits_for_a_champion_then_fails_with_the_reason(monkeypatch):
     from typer.testing import CliRunner
 
     import serving.cli
-    from genmodels import distributed, registry
+    from genmodels import ray_runtime, registry
     from genmodels.cli import app
 
     answers = iter([[], [], ["digits-vae"]])
@@ -530,7 +530,7 @@ def test_serve_waits_for_a_champion_then_fails_with_the_reason(monkeypatch):
     def ensure_ray(**kwargs):
         raise Started
 
-    monkeypatch.setattr(distributed, "ensure_ray", ensure_ray)
+    monkeypatch.setattr(ray_runtime, "ensure_ray", ensure_ray)
     # A champion appears on the third look: serving goes on (to Ray, stopped here).
     result = CliRunner().invoke(app, ["serve", "--wait-for-champion", "5"])
     assert isinstance(result.exception, Started), result.output

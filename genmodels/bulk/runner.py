@@ -1,0 +1,162 @@
+"""Running a job: claim its output, write (or verify) every shard in-process or on Ray, write
+its manifest last."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from genmodels.bulk.manifest import build_manifest
+from genmodels.bulk.on_ray import run_on_ray
+from genmodels.bulk.shards import sha256
+from genmodels.bulk.spec import JOB_FORMAT, JOB_KEY, MANIFEST_KEY, JobCancelled, JobSpec, check_int, shard_plan
+from genmodels.bulk.writer import ShardWriter
+from genmodels.storage import Storage, open_storage
+
+
+def _open_output(url: str) -> Storage:
+    # Pin the endpoint boto3 would resolve from the environment into the storage object, so
+    # Ray workers (which get a pickled copy) write to the same endpoint as the driver.
+    if url.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return open_storage(url, endpoint_url=endpoint)
+    return open_storage(url)
+
+
+def _job_record(spec: JobSpec, sampler_files: Mapping[str, bytes]) -> dict[str, Any]:
+    return {"format": JOB_FORMAT, "spec": spec.to_dict(),
+            "graphs": {os.path.basename(k): sha256(v) for k, v in sorted(sampler_files.items())}}
+
+
+def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
+    """Write job.json for a new job; accept the same job again; refuse anything else untouched."""
+    if storage.exists(JOB_KEY):
+        try:
+            existing = storage.get_json(JOB_KEY)
+        except ValueError:
+            existing = None
+        if existing != job:
+            diff = _describe_difference(existing, job)
+            raise ValueError(f"output {storage.url} holds another job ({diff}); nothing was written. "
+                             "Use a new output prefix, or re-submit the same spec to resume")
+        return
+    others = storage.list("")
+    if others:
+        # Naming no object found there: the caller may not own it (and learns nothing about it).
+        raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
+                         "bulk jobs write only into a fresh prefix or their own")
+    storage.put_json(JOB_KEY, job)
+
+
+def _describe_difference(existing: Any, job: dict[str, Any]) -> str:
+    if not isinstance(existing, dict) or existing.get("format") != JOB_FORMAT:
+        return f"an unreadable or foreign {JOB_KEY}"
+    old, new = existing.get("spec") or {}, job["spec"]
+    fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if fields:
+        return "differs in " + ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in fields)
+    return "same spec, but other model graphs (sha256 differ)"
+
+
+def run_job(
+    spec: JobSpec,
+    sampler_files: Mapping[str, bytes],
+    *,
+    workers: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    use_ray: bool = True,
+    threads: int | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or verify) ``spec``; return its manifest.
+
+    ``sampler_files``: the ONNX graphs of ``spec.model`` v``spec.version`` as {file name: bytes}.
+    ``workers``: Ray actors (``use_ray``), each writing whole shards, at most as many as the
+    cluster can place (one CPU each); none placeable: the shards are written in-process.
+    ``threads``: onnxruntime intra-op threads when writing in-process (None: onnxruntime's
+    default, every core; a server passes 1); actors always use one.
+    ``on_progress(done_samples, total)`` after every shard (verified ones count as done).
+    ``should_stop()`` is polled between chunks in-process and every few tenths of a second on
+    Ray; when it returns True the job raises :class:`JobCancelled`, keeping every completed shard.
+    ``on_event(event, detail)``: ``("writers", {count, wanted})`` once the pool is placed (count 0:
+    in-process), ``("retry", {shard, attempt, error})`` when a writer died and its shard is retried.
+    """
+    if not isinstance(spec, JobSpec):
+        raise TypeError(f"spec must be a JobSpec, got {type(spec).__name__}")
+    workers = check_int(workers, "workers", 1, 10_000)
+    local = ShardWriter(spec, sampler_files, _open_output(spec.output), threads)
+    sampler, storage = local.sampler, local.storage
+    spec.check_model(sampler.conditional, sampler.num_classes)
+    storage.check_reachable()
+    job = _job_record(spec, sampler_files)
+    _claim_output(storage, job)
+
+    plan = shard_plan(spec.n, spec.shard_size)
+    results: dict[int, dict[str, Any]] = {}
+    done_samples = 0
+
+    def finished(k: int, result: dict[str, Any]) -> None:
+        nonlocal done_samples
+        results[k] = result
+        done_samples += result["record"]["count"]
+        if on_progress is not None:
+            on_progress(done_samples, spec.n)
+
+    if on_progress is not None:
+        on_progress(0, spec.n)
+    in_process = lambda: _run_in_process(local, len(plan), finished, should_stop)
+    if use_ray and len(plan) > 1:
+        run_on_ray(spec, sampler_files, storage, len(plan), workers, finished, should_stop, on_event, in_process)
+    else:
+        in_process()
+
+    manifest = build_manifest(spec, job, sampler, [results[k]["record"] for k in range(len(plan))])
+    # Written last, and only when it changes: re-running a finished job writes nothing.
+    try:
+        existing = storage.get_json(MANIFEST_KEY)
+    except (FileNotFoundError, ValueError):
+        existing = None
+    if existing != manifest:
+        storage.put_json(MANIFEST_KEY, manifest)
+    return manifest
+
+
+#: Shards encoded and waiting for (or in) upload, at most, in a local run: bounds memory.
+_UPLOADS_IN_FLIGHT = 2
+
+
+def _run_in_process(writer: ShardWriter, num_shards: int, finished: Callable[[int, dict[str, Any]], None],
+                    should_stop: Callable[[], bool] | None) -> None:
+    """Sample shard k+1 while shard k uploads: the job runs at the pace of the slower of the
+    two, not of their sum."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+
+    def settle(limit: int) -> None:
+        while len(pending) > limit:
+            k, future = pending.popleft()
+            finished(k, future.result())
+
+    with ThreadPoolExecutor(max_workers=_UPLOADS_IN_FLIGHT, thread_name_prefix="genmodels-upload") as uploads:
+        try:
+            for k in range(num_shards):
+                produced = None if should_stop is not None and should_stop() else writer.produce(k, should_stop)
+                if produced is None:
+                    settle(0)  # what is uploading completes: it stays valid for a resume
+                    raise JobCancelled(k, num_shards)
+                if "data" in produced:
+                    pending.append((k, uploads.submit(writer.store, produced["record"], produced["data"])))
+                else:
+                    settle(0)
+                    finished(k, produced)
+                settle(_UPLOADS_IN_FLIGHT - 1)
+            settle(0)
+        finally:
+            for _, future in pending:
+                future.cancel()
+
