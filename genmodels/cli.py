@@ -212,7 +212,7 @@ def sample_cmd(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Sample from this model checkpoint instead of a run.")] = None,
 ) -> None:
     """Sample a PNG grid from a trained model (same seed -> same images)."""
-    from genmodels.evaluation import grid_png
+    from genmodels.images import grid_png
     from genmodels.models import model_from_checkpoint
     from genmodels.runs import load_model, run_prefix
 
@@ -270,7 +270,7 @@ def complete_cmd(
     (pixelrnn: below --known-rows; mixture: --known-rows or any --mask). Same seed, same PNG."""
     import torch
 
-    from genmodels.evaluation import grid_png
+    from genmodels.images import grid_png
     from genmodels.models import model_from_checkpoint
     from genmodels.runs import load_model, run_prefix
 

@@ -76,3 +76,34 @@ def concat_noise(parts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Ten
     if not parts:
         raise ValueError("concat_noise needs at least one part")
     return {name: torch.cat([p[name] for p in parts], dim=0) for name in parts[0]}
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between vectors ``a`` and ``b`` [D] at fractions ``t`` [S] -> [S, D].
+
+    Gaussian latents concentrate near a sphere; a straight line between two of them passes
+    through low-norm points the decoder never saw, slerp stays at typical norms. Falls back
+    to a straight line when the two directions (almost) coincide.
+    """
+    a64, b64, t64 = a.double().flatten(), b.double().flatten(), t.double()[:, None]
+    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    if float(torch.sin(omega)) < 1e-6:
+        out = (1.0 - t64) * a64 + t64 * b64
+    else:
+        out = (torch.sin((1.0 - t64) * omega) * a64 + torch.sin(t64 * omega) * b64) / torch.sin(omega)
+    return out.reshape(len(t), *a.shape).to(a.dtype)
+
+
+def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, torch.Tensor]:
+    """Noise [steps, ...] for a walk along the slerp from sample 0 of ``seed_a``'s latent ``z`` to
+    ``seed_b``'s, other fields held at ``seed_a``'s: the ends are exactly those two samples.
+    The one walk of the torch pictures and the ONNX samplers (served interpolations)."""
+    if "z" not in spec:
+        raise ValueError(f"noise fields {sorted(spec)} have no latent 'z' to interpolate")
+    if steps < 2:
+        raise ValueError(f"an interpolation needs steps >= 2, got {steps}")
+    a, b = make_noise(spec, seed_a, 1), make_noise(spec, seed_b, 1)
+    noise = {name: value.expand(steps, *value.shape[1:]).clone() for name, value in a.items()}
+    noise["z"] = slerp(a["z"][0], b["z"][0], torch.linspace(0.0, 1.0, steps))
+    return noise

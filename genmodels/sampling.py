@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from genmodels.models.base import check_labels_array, check_temperature, completion_mask_array, require_completion
-from genmodels.noise import NoiseField, check_seed, make_noise
+from genmodels.noise import NoiseField, check_seed, interpolation_noise, make_noise
 
 __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "categorical_inverse_cdf_np", "read_metadata"]
 
@@ -452,6 +452,19 @@ class OnnxSampler:
         checked = self.check_labels(labels, n)
         noise = {k: v.numpy() for k, v in make_noise(self._noise_spec, seed, n, start=start).items()}
         return self.sample_from_noise(noise, checked, temperature)
+
+    def interpolate(self, seed_a: int, seed_b: int, steps: int, labels: Any = None,
+                    temperature: float = 1.0) -> np.ndarray:
+        """Images float32 [steps, C, H, W] along the slerp between sample 0 of ``seed_a`` and of
+        ``seed_b`` in the latent ``z`` (VAE, CVAE, GAN): ``genmodels.evaluation.pictures.interpolate``
+        in torch, from the same noise (:func:`genmodels.noise.interpolation_noise`)."""
+        if "z" not in self._noise_spec:
+            raise NotImplementedError(f"the {self._family} family has no latent 'z' to interpolate in "
+                                      "(latent families: vae, cvae, gan)")
+        steps = _count(steps, "steps", 2)
+        checked = self.check_labels(labels, steps)
+        noise = interpolation_noise(self._noise_spec, check_seed(seed_a), check_seed(seed_b), steps)
+        return self.sample_from_noise({k: v.numpy() for k, v in noise.items()}, checked, temperature)
 
     # --- likelihood ------------------------------------------------------------------------
     def log_likelihood(self, x: Any) -> np.ndarray:

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
+from genmodels.images import grid_png, image_pngs
 from genmodels.noise import MAX_SEED
 from serving.observability import Observe, RequestLog
 
@@ -162,16 +163,12 @@ def error_response(status: int, error: str, detail: Any, headers: dict[str, str]
 
 def image_png(image: np.ndarray) -> bytes:
     """One image [C, H, W] in [0, 1] as a PNG at its own size (no upscaling, no border)."""
-    from genmodels.evaluation.pictures import image_pngs
-
     return image_pngs(image[None])[0]
 
 
 def encode_images(images: np.ndarray, fmt: str) -> list:
     if fmt == "array":
         return images.astype(np.float64).tolist()
-    from genmodels.evaluation.pictures import image_pngs
-
     return [base64.b64encode(png).decode("ascii") for png in image_pngs(images)]
 
 
@@ -316,8 +313,6 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
                    label: Annotated[int | None, Query(ge=0)] = None,
                    temperature: Annotated[float, Query(gt=0, le=100, allow_inf_nan=False)] = 1.0):
         """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
-        from genmodels.evaluation.pictures import grid_png
-
         out = await sample(request, name, n, seed, label, temperature)
         png = grid_png(out["images"], nrow=max(1, math.ceil(math.sqrt(n))))
         return Response(png, media_type="image/png",
@@ -353,7 +348,7 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         observed(request, out, body.n)
         return {**out, "images": encode_images(out["images"], body.format)}
 
-    # Bulk jobs (`/v1/jobs`, over genmodels/bulk.py): same auth dependency, same error format.
+    # Bulk jobs (`/v1/jobs`, over genmodels/bulk/): same auth dependency, same error format.
     from serving.jobs import jobs_router
 
     v1.include_router(jobs_router(backend))

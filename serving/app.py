@@ -288,12 +288,7 @@ class ModelSet:
 
     def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Images along the slerp between seed_a's and seed_b's latent ``z`` (other noise fields
-        held at seed_a's), the same walk as ``genmodels.evaluation.pictures.interpolate``."""
-        import torch
-
-        from genmodels.evaluation.pictures import slerp
-        from genmodels.noise import make_noise
-
+        held at seed_a's): :meth:`genmodels.sampling.OnnxSampler.interpolate`."""
         loaded = self.get(request["model"])
         s = loaded.sampler
         if "z" not in s.noise_spec:
@@ -307,10 +302,7 @@ class ModelSet:
             labels = s.check_labels(label, steps)
         except (TypeError, ValueError) as exc:
             raise RequestError(422, "invalid_labels", str(exc)) from None
-        a, b = make_noise(s.noise_spec, request["seed_a"], 1), make_noise(s.noise_spec, request["seed_b"], 1)
-        noise = {k: v.expand(steps, *v.shape[1:]).numpy().copy() for k, v in a.items()}
-        noise["z"] = slerp(a["z"][0], b["z"][0], torch.linspace(0.0, 1.0, steps)).numpy()
-        images = s.sample_from_noise(noise, labels, float(request["temperature"]))
+        images = s.interpolate(request["seed_a"], request["seed_b"], steps, labels, float(request["temperature"]))
         return {"model": loaded.name, "version": loaded.version, "seed_a": request["seed_a"],
                 "seed_b": request["seed_b"], "images": images}
 

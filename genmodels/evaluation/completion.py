@@ -17,7 +17,7 @@ import torch
 
 from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, head, split_of
-from genmodels.evaluation.pictures import grid_png
+from genmodels.images import grid_png
 from genmodels.models.base import GenerativeModel
 
 

@@ -1,111 +1,24 @@
 """Pictures of a model: sample grids, latent interpolations, style analogies, 2-D manifolds.
 
-Everything returns PNG bytes so callers write them through storage or log them to MLflow.
-Tiny images (8x8 digits, 28x28 clothes) are upscaled with nearest-neighbour so the
-pixels stay crisp and visible.
+Everything returns PNG bytes (:mod:`genmodels.images`) so callers write them through storage
+or log them to MLflow.
 """
 
 from __future__ import annotations
 
-import io
-import math
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, module_device, split_of
+from genmodels.images import MIN_TILE_PX, grid_png, image_pngs
 from genmodels.models.base import GenerativeModel
-from genmodels.noise import make_noise
+from genmodels.noise import interpolation_noise, slerp
 
-#: Tiles are upscaled by an integer factor until their longer side reaches this many pixels.
-MIN_TILE_PX = 64
-#: Grey between tiles: visible against both the black and the white of binary images.
-BACKGROUND = 0.5
-
-
-def _grid_array(images: torch.Tensor | np.ndarray, nrow: int, scale: int | None, padding: int) -> np.ndarray:
-    x = torch.as_tensor(images).detach().cpu().float()
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty [N, C, H, W] batch, got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    if c not in (1, 3):
-        raise ValueError(f"images must have 1 (grey) or 3 (RGB) channels to be drawn, got {c}")
-    if torch.isnan(x).any():
-        raise ValueError("images contain NaN")
-    if nrow < 1:
-        raise ValueError(f"nrow (images per row) must be >= 1, got {nrow}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
-    scale = max(1, math.ceil(MIN_TILE_PX / max(h, w))) if scale is None else scale
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    th, tw = h * scale, w * scale
-    tiles = x.clamp(0.0, 1.0).repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    canvas = torch.full((c, rows * th + (rows + 1) * padding, cols * tw + (cols + 1) * padding), BACKGROUND)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        top, left = padding + r * (th + padding), padding + col * (tw + padding)
-        canvas[:, top : top + th, left : left + tw] = tiles[i]
-    return (canvas * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def grid_png(images: torch.Tensor | np.ndarray, nrow: int = 8, *, scale: int | None = None, padding: int = 2) -> bytes:
-    """PNG of ``images`` [N, C, H, W] in [0, 1] (clamped), ``nrow`` images per row.
-
-    Size: ``cols*W*s + (cols+1)*padding`` by ``rows*H*s + (rows+1)*padding`` with
-    ``cols = min(nrow, N)``, ``rows = ceil(N / nrow)`` and ``s`` the upscale factor (default:
-    the smallest integer making tiles at least ``MIN_TILE_PX`` pixels on their longer side).
-    """
-    array = _grid_array(images, nrow, scale, padding)
-    # uint8 [H, W] infers mode "L", uint8 [H, W, 3] infers "RGB".
-    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_pngs(images: torch.Tensor | np.ndarray) -> list[bytes]:
-    """One PNG per image of ``images`` [N, C, H, W] in [0, 1] (clamped), each at its own size:
-    the bytes of ``grid_png(image[None], nrow=1, scale=1, padding=0)``, without the canvas.
-
-    The serving hot path: the batch is quantized to uint8 in one vectorized step, so encoding
-    costs little more than zlib itself."""
-    x = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must be an [N, C, H, W] batch with 1 (grey) or 3 (RGB) channels, got shape "
-                         f"{x.shape}")
-    if np.isnan(x).any():
-        raise ValueError("images contain NaN")
-    # The same float32 arithmetic and round-half-to-even as _grid_array: identical pixels.
-    pixels = np.round(np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8).transpose(0, 2, 3, 1)
-    out = []
-    for p in pixels:
-        buf = io.BytesIO()
-        Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else p).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between vectors ``a`` and ``b`` [D] at fractions ``t`` [S] -> [S, D].
-
-    Gaussian latents concentrate near a sphere; a straight line between two of them passes
-    through low-norm points the decoder never saw, slerp stays at typical norms. Falls back
-    to a straight line when the two directions (almost) coincide.
-    """
-    a64, b64, t64 = a.double().flatten(), b.double().flatten(), t.double()[:, None]
-    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
-    omega = torch.arccos(cos.clamp(-1.0, 1.0))
-    if float(torch.sin(omega)) < 1e-6:
-        out = (1.0 - t64) * a64 + t64 * b64
-    else:
-        out = (torch.sin((1.0 - t64) * omega) * a64 + torch.sin(t64 * omega) * b64) / torch.sin(omega)
-    return out.reshape(len(t), *a.shape).to(a.dtype)
-
+# Drawn here, owned by genmodels.images (encoding) and genmodels.noise (the latent walk).
+__all__ = ["MIN_TILE_PX", "analogies", "analogy_png", "grid_png", "image_pngs", "interpolate", "interpolation_png",
+           "manifold_images", "manifold_png", "render_pictures", "slerp"]
 
 def _require_latent(model: GenerativeModel) -> None:
     if not model.has_latent or "z" not in model.noise_spec():
@@ -126,13 +39,7 @@ def interpolate(
     fields other than ``z`` (if a family has any) are held at seed_a's values.
     """
     _require_latent(model)
-    if steps < 2:
-        raise ValueError(f"an interpolation needs steps >= 2, got {steps}")
-    spec = model.noise_spec()
-    noise_a, noise_b = make_noise(spec, seed_a, 1), make_noise(spec, seed_b, 1)
-    t = torch.linspace(0.0, 1.0, steps)
-    noise = {name: value.expand(steps, *value.shape[1:]).clone() for name, value in noise_a.items()}
-    noise["z"] = slerp(noise_a["z"][0], noise_b["z"][0], t)
+    noise = interpolation_noise(model.noise_spec(), seed_a, seed_b, steps)
     labels = model.check_labels(label, steps)
     device = module_device(model)
     with evaluating(model):

@@ -70,3 +70,15 @@ def test_a_png_claiming_another_size_is_422_before_pillow_decodes_it(claim, mess
         decode_png(payload, (1, 8, 8))
     assert (err.value.status, err.value.error) == (422, "invalid_image") and message in err.value.detail
     assert decode_png(base64.b64encode(_png(8, 8)).decode(), (1, 8, 8)).shape == (1, 8, 8)
+
+
+def test_the_http_layer_encodes_images_without_the_evaluation_package():
+    # Serving needs PNG encoding, not the classifier and metrics of genmodels.evaluation.
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; import serving.api as api; "
+            "api.encode_images(np.zeros((2, 1, 4, 4), np.float32), 'png'); "
+            "print('genmodels.evaluation' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

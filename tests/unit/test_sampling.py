@@ -116,6 +116,29 @@ def test_sample_from_noise_takes_the_torch_models_noise(exported):
         sampler.sample_from_noise({"z": np.zeros((3, 5), np.float32)}, labels.numpy())
 
 
+@pytest.mark.parametrize("case", ["vae", "cvae", "gan_conditional"])
+def test_interpolate_walks_the_torch_models_latent_path(case, exported):
+    from genmodels.evaluation.pictures import interpolate
+
+    model, _directory, sampler = exported(case)
+    label = 1 if model.conditional else None
+    want = interpolate(model, 3, 8, steps=5, label=label, temperature=TEMPERATURE).numpy()
+    got = sampler.interpolate(3, 8, 5, label, TEMPERATURE)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    # The ends are the seeds' first samples.
+    np.testing.assert_array_equal(got[[0, -1]], np.concatenate([sampler.sample(1, 3, label, TEMPERATURE),
+                                                                 sampler.sample(1, 8, label, TEMPERATURE)]))
+
+
+def test_interpolate_needs_a_latent_and_two_steps(exported):
+    _model, _directory, sampler = exported("pixelrnn_row")
+    with pytest.raises(NotImplementedError, match="no latent 'z'"):
+        sampler.interpolate(0, 1, 4)
+    _model, _directory, sampler = exported("vae")
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        sampler.interpolate(0, 1, 1)
+
+
 def test_log_likelihood_matches_torch_where_a_graph_exists(exported):
     model, _directory, sampler = exported("pixelrnn_row")
     x = sampler.sample(3, 0)
