@@ -16,7 +16,7 @@ import math
 import torch
 
 from genmodels.data.loader import model_input
-from genmodels.evaluation._common import evaluating, head, split_of
+from genmodels.evaluation._common import evaluating, head, module_device, split_of
 from genmodels.images import grid_png
 from genmodels.models.base import GenerativeModel
 
@@ -36,11 +36,12 @@ def completion_metrics(model: GenerativeModel, snapshot, split: str = "test", ma
     x_all = model_input(data, model.image, kind="quantized")
     labels_all = _labels(model, data, len(x_all))
     known = model.image.height // 2
+    device = module_device(model)
     total, count = 0.0, 0
     with evaluating(model):
         for start in range(0, len(x_all), batch_size):
-            x = x_all[start : start + batch_size]
-            labels = None if labels_all is None else labels_all[start : start + batch_size]
+            x = x_all[start : start + batch_size].to(device)
+            labels = None if labels_all is None else labels_all[start : start + batch_size].to(device)
             full = model.log_likelihood(x, labels).double()
             top = model.log_marginal(x, known, labels).double()
             total += float((top - full).sum())
@@ -66,6 +67,8 @@ def completion_images(model: GenerativeModel, x: torch.Tensor, labels: torch.Ten
 def completion_png(model: GenerativeModel, snapshot, seed: int = 0, images: int = 8, n: int = 6) -> bytes:
     """The completion figure of ``images`` test images (top half known), ``n`` completions each."""
     data = head(split_of(snapshot, "test"), images)
-    x = model_input(data, model.image, kind="quantized")
-    rows = completion_images(model, x, _labels(model, data, len(x)), model.image.height // 2, n, seed)
-    return grid_png(rows, nrow=n + 2)
+    device = module_device(model)
+    x = model_input(data, model.image, kind="quantized").to(device)
+    labels = _labels(model, data, len(x))
+    rows = completion_images(model, x, None if labels is None else labels.to(device), model.image.height // 2, n, seed)
+    return grid_png(rows.cpu(), nrow=n + 2)
