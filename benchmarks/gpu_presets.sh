@@ -10,11 +10,12 @@ minutes=$1; plan=$2
 SECONDS=0
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GENMODELS_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist
-store=/tmp/store; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
+# Logs gather in one folder and travel as one archive: $OUT returns at most 8 files.
+store=/tmp/store; logs=/tmp/gpu_logs; mkdir -p "$OUT" "$logs"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$logs/gpu.txt" 2>&1
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$logs/gpu.txt" 2>&1
 # The snapshot and the domain classifier first, once, so the parallel runs share them.
-python3 - <<'PY' > "$OUT/prep.log" 2>&1 || { cat "$OUT/prep.log"; exit 1; }
+python3 - <<'PY' > "$logs/prep.log" 2>&1 || { cat "$logs/prep.log"; exit 1; }
 import time, torch
 from genmodels.data import PrepConfig
 from genmodels.evaluation.classifier import load_or_train_classifier
@@ -34,7 +35,7 @@ for entry in $plan; do
     family=${family//,/ }
     for f in $family; do
       python3 -m genmodels.cli run --families "$f" --preset "$preset" --out "file://$store" \
-        --max-minutes "$minutes" > "$OUT/$preset-$f.log" 2>&1 &
+        --max-minutes "$minutes" > "$logs/$preset-$f.log" 2>&1 &
       pids+=($!)
     done
   done
@@ -42,10 +43,10 @@ done
 # A hard deadline so whatever finished still comes back inside the machine's window.
 deadline=$((SECONDS + ${DEADLINE_S:-540}))
 while [ $SECONDS -lt $deadline ] && pgrep -f "genmodels.cli run" >/dev/null; do sleep 5; done
-pkill -f "genmodels.cli run" && echo "deadline: runs still going were stopped" >> "$OUT/prep.log"
+pkill -f "genmodels.cli run" && echo "deadline: runs still going were stopped" >> "$logs/prep.log"
 # Reports (tables and comparison pictures) once every family is in, then the small files back.
 for entry in $plan; do
-  python3 - "${entry%%:*}" <<'PY' >> "$OUT/prep.log" 2>&1
+  python3 - "${entry%%:*}" <<'PY' >> "$logs/prep.log" 2>&1
 import json, sys
 from genmodels.runs import collect_metrics, load_snapshot, write_report
 from genmodels.storage import open_storage
@@ -59,4 +60,5 @@ PY
 done
 cd "$store" && tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.onnx' --exclude='snapshots' --exclude='classifiers' . 
 find "$store/runs" -name model.pt -size -12M | tar czf "$OUT/models.tgz" -T - 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$logs" .
 ls -la "$OUT"
