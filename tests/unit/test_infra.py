@@ -30,6 +30,7 @@ SERVE_CONFIG_FILE = REPO / "serving" / "config.yaml"
 SECRET_FILE = INFRA / "k8s" / "secret.example.yaml"
 
 RETRAIN_ENTRYPOINT = "pipelines/flows.py:retrain"
+GENERATE_ENTRYPOINT = "pipelines/generate.py:generate"
 WORK_POOL = "genmodels"
 SECRET_NAME = "genmodels-settings"
 
@@ -97,8 +98,13 @@ def test_prefect_file_is_accepted_by_prefect_deploy_schema(project: dict):
     assert [d.name for d in model.deployments] == [d["name"] for d in project["deployments"]]
 
 
-def test_one_nightly_deployment_and_one_on_demand_deployment_per_family(deployments: dict):
-    assert set(deployments) == {"retrain-all"} | {f"retrain-{family}" for family in FAMILIES}
+@pytest.fixture(scope="module")
+def retrain_deployments(deployments: dict) -> dict[str, dict]:
+    return {name: d for name, d in deployments.items() if name != "generate"}
+
+
+def test_one_nightly_deployment_one_on_demand_per_family_and_one_generate(deployments: dict):
+    assert set(deployments) == {"retrain-all", "generate"} | {f"retrain-{family}" for family in FAMILIES}
     assert deployments["retrain-all"]["parameters"]["families"] == "all"
     assert deployments["retrain-all"]["parameters"]["preset"] == "quick"
     for family in FAMILIES:
@@ -107,18 +113,41 @@ def test_one_nightly_deployment_and_one_on_demand_deployment_per_family(deployme
         assert not deployment.get("schedules"), f"retrain-{family} is on demand, yet has a schedule"
 
 
-def test_every_entrypoint_is_the_retrain_flow(deployments: dict):
+def test_every_retrain_entrypoint_is_the_retrain_flow(retrain_deployments: dict):
     from prefect import Flow
 
-    for name, deployment in deployments.items():
+    for name, deployment in retrain_deployments.items():
         assert deployment["entrypoint"] == RETRAIN_ENTRYPOINT, name
         flow = _load_entrypoint(deployment["entrypoint"])
         assert isinstance(flow, Flow), f"{name}: {RETRAIN_ENTRYPOINT} is a {type(flow).__name__}, not a Prefect flow"
 
 
-def test_every_parameter_set_is_accepted_by_the_flow(deployments: dict):
+def test_generate_deployment_runs_the_generate_flow_once_given_an_output(deployments: dict):
+    from prefect import Flow
+    from prefect.utilities.callables import parameter_schema
+
+    deployment = deployments["generate"]
+    assert deployment["entrypoint"] == GENERATE_ENTRYPOINT
+    assert not deployment.get("schedules"), "bulk generation is on demand"
+    flow = _load_entrypoint(GENERATE_ENTRYPOINT)
+    assert isinstance(flow, Flow) and flow.name == "generate"
+    # What `prefect deploy` records; a run must name its output, so the deployment gives none.
+    schema = parameter_schema(flow.fn).model_dump()
+    assert set(schema["required"]) == {"model", "n", "out"}
+    assert "out" not in deployment["parameters"]
+    assert set(deployment["parameters"]) <= set(schema["properties"]), deployment["parameters"]
+    params = {**deployment["parameters"], "out": "s3://genmodels/outputs/run-1/"}
+    flow.validate_parameters(params)
+    # The flow's own spec check (before MLflow is asked) accepts the deployment's values.
+    from genmodels import bulk
+
+    bulk.JobSpec(model=params["model"], version="?", n=params["n"], output=params["out"],
+                 format=params["format"])
+
+
+def test_every_parameter_set_is_accepted_by_the_flow(retrain_deployments: dict):
     flow = _load_entrypoint(RETRAIN_ENTRYPOINT)
-    for name, deployment in deployments.items():
+    for name, deployment in retrain_deployments.items():
         # A schedule's own parameters are merged over the deployment's at run time.
         variants = [deployment["parameters"]] + [
             {**deployment["parameters"], **s.get("parameters", {})} for s in deployment.get("schedules") or []
