@@ -1,24 +1,37 @@
 """The MLflow pyfunc of a registered genmodels sampler, logged as *model code*: MLflow runs this
 file when it loads the model, so loading never unpickles anything.
 
-``predict(model_input, params)``: ``model_input`` holds the noise fields of the model
-(``genmodels.noise``; float32 [n, ...]) and, for conditional models, ``labels`` (int64 [n]);
-``params={"temperature": t}``. Returns the images, float32 [n, C, H, W] on the model's
-quantization grid or in [0, 1]. The ONNX graphs are the model's artifacts; the sampler runtime
-(``genmodels.sampling``) drives them, so the images are those of torch and of the serving API.
+Input: a table (pandas DataFrame; ``dataframe_split``/``dataframe_records`` over HTTP), one row
+per request, with the fields of ``POST /v1/models/{name}/samples``:
+
+- ``seed`` (int, required), ``n`` (int in [1, 256], required);
+- ``label`` (int in [0, num_classes), conditional models only; give it on every row or leave the
+  column out: then image i of a conditional model gets class i % num_classes, as in the API);
+- ``temperature`` (float in (0, 100], default 1.0; a float column: ``1.0``, not ``1``).
+
+Output: a DataFrame with one row per input row and one column ``images``: float32
+[n, C, H, W] in [0, 1]; served as JSON, ``{"predictions": [{"images": [[[[...]]]]}, ...]}``,
+each row's ``images`` the same numbers as the API's ``"format": "array"`` answer for the same
+seed, n, label and temperature. The ONNX graphs are the model's artifacts and
+:class:`genmodels.sampling.OnnxSampler` draws the noise and runs them, so the images are those of
+torch, of the serving API and of bulk jobs. The model ships the part of ``genmodels`` it needs
+as ``code_paths``: it loads where genmodels is not installed.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 
 import mlflow
 import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-# The model's signature is explicit (tensor specs logged with it); MLflow still asks, on every
-# log and load, for predict() type hints, which cannot express named tensors.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+#: The HTTP API's limits on one sampling request (``serving.api``: ``MAX_SAMPLES``, ``Temperature``);
+#: this file cannot import serving (it travels alone), tests keep the two equal.
+MAX_SAMPLES = 256
+MAX_TEMPERATURE = 100.0
 
 
 class OnnxSamplerModel(PythonModel):
@@ -27,13 +40,45 @@ class OnnxSamplerModel(PythonModel):
 
         self.sampler = OnnxSampler(sorted(context.artifacts.values()))
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would derive a schema from them
-        columns = model_input if isinstance(model_input, dict) else {c: np.stack(model_input[c].to_numpy())
-                                                                      for c in model_input.columns}
-        noise = {name: np.asarray(columns[name], np.float32) for name in self.sampler.noise_spec}
-        labels = columns.get("labels")
-        temperature = float((params or {}).get("temperature", 1.0))
-        return self.sampler.sample_from_noise(noise, None if labels is None else np.asarray(labels), temperature)
+    # A DataFrame hint is one MLflow infers no schema from (the logged signature stays the one
+    # in force) and it stops MLflow asking for type hints on every log and load.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        table = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = [c for c in ("seed", "n") if c not in table.columns]
+        if missing:
+            raise _bad_input(f"the input table needs the columns {missing} (columns: seed, n, optional label "
+                             f"and temperature; one row per request)")
+        images = []
+        for i, row in enumerate(table.to_dict("records")):
+            try:
+                images.append(self._sample(row))
+            except (TypeError, ValueError) as exc:
+                raise _bad_input(f"row {i}: {exc}") from None
+        return pd.DataFrame({"images": images}, index=table.index)
+
+    def _sample(self, row: dict) -> np.ndarray:
+        s = self.sampler
+        n, seed = row["n"], row["seed"]
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"n must be an integer, got {n!r}")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {n}")
+        temperature = row.get("temperature")
+        if temperature is None or (isinstance(temperature, float) and math.isnan(temperature)):
+            temperature = 1.0  # the API's default; a NaN is a row that left it out
+        if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+        label = row.get("label")
+        if label is None and s.conditional:
+            # The API's rule: a conditional model asked without labels walks through the classes.
+            label = np.arange(n, dtype=np.int64) % s.num_classes
+        return s.sample(n, seed, labels=label, temperature=float(temperature))
+
+
+def _bad_input(message: str) -> MlflowException:
+    # An MlflowException with this code reaches an HTTP client as a 400 with the message; any
+    # other exception becomes a generic "unexpected error".
+    return MlflowException.invalid_parameter_value(message)
 
 
 mlflow.models.set_model(OnnxSamplerModel())

@@ -4,8 +4,11 @@
   (``<storage>/mlflow/<dataset>``), so an S3 store keeps them on S3 too.
 - Registered model ``<dataset>-<family>``; a version holds the ONNX graphs under the ``onnx``
   flavor and a ``python_function`` flavor (``genmodels/mlflow_model.py``, logged as code, over
-  the sampler runtime) with a tensor signature, so ``mlflow.pyfunc.load_model(
-  "models:/<name>@champion")`` samples exactly what torch, serving and bulk jobs sample.
+  the sampler runtime) that takes the sampling API's requests as a table (``seed``, ``n``,
+  ``label``, ``temperature``) and returns its images, so ``mlflow.pyfunc.load_model(
+  "models:/<name>@champion")`` and ``mlflow models serve`` sample exactly what torch, serving and
+  bulk jobs sample. The model carries the genmodels modules it imports (``code_paths``) and pins
+  that resolve from a package index: it loads where genmodels is not installed.
 - A version is keyed by the sha256 of its torch checkpoint: registering the same trained model
   again returns the existing version instead of creating a duplicate.
 - Alias ``champion`` moves to a version only if its gate metric (test NLL for likelihood
@@ -15,22 +18,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import subprocess
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 CHAMPION, CHALLENGER = "champion", "challenger"
-#: MLflow's warning about a PythonModel.predict without type hints (see :func:`register`).
-_NO_TYPE_HINTS = "Add type hints to the `predict` method"
 MODEL_NAME_IN_RUN = "model"
 _TAG = "genmodels."
 _CODE = Path(__file__).with_name("mlflow_model.py")
@@ -119,52 +118,149 @@ def flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 # --- the logged model -------------------------------------------------------------------------
 def signature_for(sampler) -> Any:
-    """Tensor signature of the pyfunc: noise fields (+ labels) in, images out; temperature param."""
+    """Column signature of the pyfunc: one row per request (``seed``, ``n``, optional ``label``
+    and ``temperature``) in, one row of ``images`` [n, C, H, W] out (``mlflow_model.py``).
+
+    ``label`` is in every model's schema: MLflow drops columns a schema lacks before predict()
+    sees them, and a label sent to an unconditional model must be refused, not ignored."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
 
-    inputs = [TensorSpec(np.dtype(np.float32), (-1, *field.shape), name)
-              for name, field in sorted(sampler.noise_spec.items())]
+    inputs = Schema([ColSpec(DataType.long, "seed"), ColSpec(DataType.long, "n"),
+                     ColSpec(DataType.long, "label", required=False),
+                     ColSpec(DataType.double, "temperature", required=False)])
+    outputs = Schema([ColSpec(Array(Array(Array(Array(DataType.float)))), "images")])
+    return ModelSignature(inputs, outputs)
+
+
+def input_example(sampler) -> Any:
+    """One request (seed 0, two images), stored with the model as documentation."""
+    import pandas as pd
+
+    row: dict[str, Any] = {"seed": 0, "n": 2}
     if sampler.conditional:
-        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "labels"))
-    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *sampler.image_shape), "images")])
-    return ModelSignature(Schema(inputs), outputs, ParamSchema([ParamSpec("temperature", "float", 1.0)]))
+        row["label"] = 0
+    row["temperature"] = 1.0
+    return pd.DataFrame([row])
 
 
-def input_example(sampler) -> dict[str, np.ndarray]:
-    """Two samples' worth of input (seed 0), stored with the model as documentation."""
-    from genmodels.noise import make_noise
+def model_metadata(sampler) -> dict[str, Any]:
+    """What a client of the served model needs beyond the signature (MLmodel ``metadata``)."""
+    from genmodels import mlflow_model
 
-    example = {name: noise.numpy() for name, noise in make_noise(sampler.noise_spec, 0, 2).items()}
-    if sampler.conditional:
-        example["labels"] = np.arange(2, dtype=np.int64) % max(sampler.num_classes, 1)
-    return example
+    return {"genmodels": {"family": sampler.family, "conditional": sampler.conditional,
+                          "num_classes": sampler.num_classes, "image_shape": list(sampler.image_shape),
+                          "levels": sampler.levels, "max_n": mlflow_model.MAX_SAMPLES,
+                          "max_temperature": mlflow_model.MAX_TEMPERATURE,
+                          "output": "one row per input row: images, float32 [n, C, H, W] in [0, 1]"}}
 
 
 class _SamplerFlavor:
-    """What ``mlflow.models.Model.log`` calls: the pyfunc (model code + ONNX artifacts), with the
-    ``onnx`` flavor added over the primary graph for tools that read ONNX models."""
+    """What ``mlflow.models.Model.log`` calls: the pyfunc (model code + the genmodels modules it
+    imports + ONNX artifacts), with the ``onnx`` flavor added over the primary graph for tools
+    that read ONNX models."""
 
     @staticmethod
     def save_model(path: str, mlflow_model, *, onnx_files: Sequence[Path], signature, input_example,
                    pip_requirements) -> None:
+        import shutil
+
         import mlflow.pyfunc
         import onnx
 
         artifacts = {f.stem: str(f) for f in onnx_files}
-        mlflow.pyfunc.save_model(path, python_model=str(_CODE), artifacts=artifacts, signature=signature,
-                                 input_example=input_example, mlflow_model=mlflow_model, pip_requirements=pip_requirements)
+        package = Path(__file__).resolve().parent
+        with tempfile.TemporaryDirectory() as tmp:
+            # code_paths copies a path under code/ by its last name: stage the package folder so
+            # that code/genmodels/ holds only the modules the pyfunc imports.
+            staged = Path(tmp) / package.name
+            for f in pyfunc_code()[0]:
+                target = staged / f.relative_to(package)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+            mlflow.pyfunc.save_model(path, python_model=str(_CODE), artifacts=artifacts, code_paths=[str(staged)],
+                                     signature=signature, input_example=input_example, mlflow_model=mlflow_model,
+                                     pip_requirements=pip_requirements)
         primary = next((f for f in onnx_files if f.stem in ("sampler", "pixel_step")), onnx_files[0])
         mlflow_model.add_flavor("onnx", onnx_version=onnx.__version__, data=f"artifacts/{primary.name}",
                                 providers=["CPUExecutionProvider"], code=None)
         mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """Every module ``path`` (module ``module``) imports, at any depth (function-level imports
+    run at predict time), as absolute names; ``from a import b`` also names ``a.b`` (b may be a
+    submodule)."""
+    import ast
 
-    return [f"genmodels=={version('genmodels')}", f"onnxruntime=={version('onnxruntime')}",
-            f"numpy=={version('numpy')}", f"mlflow=={version('mlflow')}"]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+@functools.cache
+def pyfunc_code() -> tuple[list[Path], list[str]]:
+    """``(files, requirements)`` of the logged pyfunc: the genmodels modules that
+    ``mlflow_model.py`` imports, directly or not (with their packages' ``__init__.py``), and pins
+    of the distributions that all of that imports, at the installed versions without local
+    labels (``torch==2.13.0``, not ``+cpu``) so that they resolve from a package index.
+
+    Read from the sources, not from an import: the model stays exactly as heavy as its imports,
+    and a module that stops importing torch takes torch out of the requirements."""
+    import sys
+    from importlib.metadata import packages_distributions, version
+
+    package = Path(__file__).resolve().parent
+    top = package.name
+
+    def source(module: str) -> Path | None:
+        base = package.joinpath(*module.split(".")[1:])
+        for candidate in (base.with_name(base.name + ".py") if module != top else None, base / "__init__.py"):
+            if candidate is not None and candidate.is_file():
+                return candidate
+        return None
+
+    files: dict[str, Path] = {}
+    external: set[str] = set()
+    todo = [(_CODE, "__main__")]
+    while todo:
+        path, module = todo.pop()
+        for name in _imported_modules(path, module):
+            root = name.partition(".")[0]
+            if root != top:
+                if root and root != "__future__" and root not in sys.stdlib_module_names:
+                    external.add(root)
+                continue
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+                sub = ".".join(parts[:i])
+                found = source(sub)
+                if found is not None and sub not in files:
+                    files[sub] = found
+                    todo.append((found, sub))
+    dists = packages_distributions()
+    requirements = set()
+    for root in sorted(external):
+        names = dists.get(root)
+        if not names:
+            raise RuntimeError(f"the pyfunc's code imports {root!r}, which no installed distribution provides")
+        # mlflow's files come from mlflow, mlflow-skinny and mlflow-tracing: the one named like
+        # the module pulls in the others.
+        named = [d for d in names if d.lower().replace("_", "-") == root.lower().replace("_", "-")]
+        for dist in named or names:
+            requirements.add(f"{dist}=={version(dist).partition('+')[0]}")
+    return sorted(files.values()), sorted(requirements)
 
 
 # --- register -------------------------------------------------------------------------------------
@@ -247,18 +343,10 @@ def register(
             mlflow.log_artifact(str(f), artifact_path="onnx")
         from mlflow.models import Model
 
-        # MLflow runs the model's code twice here (saving it, then checking the input example), and
-        # each time warns that predict() has no type hints (none can express named tensors). Its own
-        # simplefilter("once") around that check overrides an "ignore" filter (mlflow_model.py has
-        # one), so the warning is caught here and every other warning passes on.
-        with warnings.catch_warnings(record=True) as caught:
-            info = Model.log(None, _SamplerFlavor, name=MODEL_NAME_IN_RUN, onnx_files=files,
-                             signature=signature_for(sampler), input_example=input_example(sampler),
-                             pip_requirements=_pip_requirements(),
-                             tags=tags, params=None)
-        for w in caught:
-            if _NO_TYPE_HINTS not in str(w.message):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        info = Model.log(None, _SamplerFlavor, name=MODEL_NAME_IN_RUN, onnx_files=files,
+                         signature=signature_for(sampler), input_example=input_example(sampler),
+                         pip_requirements=pyfunc_code()[1], metadata=model_metadata(sampler),
+                         tags=tags, params=None)
     version_tags = {**tags, f"{_TAG}gate_value": repr(gate_value)}
     mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
     MlflowClient().update_model_version(name, mv.version, description=(

@@ -123,18 +123,17 @@ def test_the_families_side_by_side_are_reported_and_logged(stack, first_run):
 
 def test_champion_pyfunc_samples_what_torch_samples(stack, first_run):
     import mlflow
+    import pandas as pd
 
     from genmodels.models import load_checkpoint, model_from_checkpoint
-    from genmodels.noise import make_noise
     from genmodels.storage import open_storage
 
     for family, outcome in first_run.items():
         pyfunc = mlflow.pyfunc.load_model(f"models:/digits-{family}@champion")
         model = model_from_checkpoint(load_checkpoint(open_storage(outcome["train"]["run"]).get_bytes("model.pt")))
-        noise = make_noise(model.noise_spec(), seed=11, count=6)
         with torch.no_grad():
-            want = model.sample_from_noise(noise, None, 0.9).numpy()
-        got = pyfunc.predict({k: v.numpy() for k, v in noise.items()}, params={"temperature": 0.9})
+            want = model.sample(6, seed=11, temperature=0.9).numpy()
+        (got,) = pyfunc.predict(pd.DataFrame({"seed": [11], "n": [6], "temperature": [0.9]}))["images"]
         assert got.shape == want.shape == (6, 1, 8, 8)
         assert np.abs(got - want).max() <= 1e-4, family
         # Also through the ONNX flavor: the version carries its graphs as ONNX models.

@@ -266,11 +266,11 @@ def test_register_refuses_graphs_of_another_family(work, models):
 
 
 # --- the registered model itself (conditional case) --------------------------------------------------
-def test_registered_cvae_loads_as_onnx_and_pyfunc_with_labels_in_its_signature(work, models):
+def test_registered_cvae_loads_as_onnx_and_as_a_pyfunc_over_the_api_table(work, models):
     import mlflow
+    import pandas as pd
 
     from genmodels.models import load_checkpoint, model_from_checkpoint
-    from genmodels.noise import make_noise
 
     reg = register(work, models["cvae"], "cond")
     uri = f"models:/{reg.name}/{reg.version}"
@@ -278,22 +278,21 @@ def test_registered_cvae_loads_as_onnx_and_pyfunc_with_labels_in_its_signature(w
     assert graph.graph.node and {i.name for i in graph.graph.input} >= {"labels"}
 
     model = model_from_checkpoint(load_checkpoint(models["cvae"].run.get_bytes("model.pt")))
-    spec = model.noise_spec()
     pyfunc = mlflow.pyfunc.load_model(uri)
-    inputs = pyfunc.metadata.get_input_schema().inputs
-    assert [t.name for t in inputs] == sorted(spec) + ["labels"]
-    assert inputs[-1].type == np.dtype(np.int64)
-    assert [t.name for t in pyfunc.metadata.get_output_schema().inputs] == ["images"]
+    inputs = pyfunc.metadata.get_input_schema()
+    assert inputs.input_names() == ["seed", "n", "label", "temperature"]
+    assert inputs.required_input_names() == ["seed", "n"]
+    assert pyfunc.metadata.get_output_schema().input_names() == ["images"]
 
-    # It samples what torch samples, label by label.
-    noise = make_noise(spec, seed=3, count=5)
-    labels = torch.tensor([0, 1, 2, 3, 9])
-    with torch.no_grad():
-        want = model.sample_from_noise(noise, labels, 0.8).numpy()
-    got = pyfunc.predict({**{k: v.numpy() for k, v in noise.items()}, "labels": labels.numpy()},
-                         params={"temperature": 0.8})
-    assert got.shape == want.shape == (5, 1, 8, 8)
-    assert np.abs(got - want).max() <= 1e-4
+    # One request per row; each samples what torch samples for that seed, label and temperature.
+    table = pd.DataFrame({"seed": [3, 3, 8], "n": [5, 2, 1], "label": [0, 9, 4], "temperature": [0.8, 0.8, 1.0]})
+    out = pyfunc.predict(table)
+    assert list(out.columns) == ["images"] and len(out) == len(table)
+    for images, row in zip(out["images"], table.itertuples()):
+        with torch.no_grad():
+            want = model.sample(row.n, labels=row.label, seed=row.seed, temperature=row.temperature).numpy()
+        assert images.shape == want.shape == (row.n, 1, 8, 8)
+        assert np.abs(images - want).max() <= 1e-4
 
 
 # --- concurrent promotions ------------------------------------------------------------------------
