@@ -1,8 +1,10 @@
-"""Ray Serve application over `genmodels.sampling`: the online sampling API.
+"""Ray Serve application over `genmodels.sampling`: the online sampling API, by layer.
 
-- :mod:`serving.app`: the ``Sampler`` deployment (champions from the MLflow registry, batched
-  onnxruntime calls, hot reload) and the ``Api`` ingress; ``build_app(args)`` for
-  ``serve run serving/config.yaml``, ``serve deploy`` and ``genmodels serve``.
-- :mod:`serving.api`: the FastAPI routes of HTTP API v1, request schemas and JSON errors.
-Bulk jobs (``/v1/jobs``) arrive later, as a router included in :func:`serving.api.create_api`.
+- :mod:`serving.api`: HTTP API v1 (FastAPI), all of it: sampling and bulk job routes, request and
+  response schemas with one set of field types, the one error responder.
+- :mod:`serving.app`: the Serve deployments (``Sampler``, ``Jobs``, the ``Api`` ingress) and
+  ``build_app`` for ``serve run serving/config.yaml``, ``serve deploy`` and ``genmodels serve``.
+- :mod:`serving.models` and :mod:`serving.jobs`: the work of the Sampler and Jobs replicas,
+  plain Python without Serve or HTTP.
+- :mod:`serving.errors`: the one error type, :class:`serving.errors.RequestError`.
 """

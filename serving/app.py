@@ -1,50 +1,76 @@
-"""Ray Serve deployments of the online sampling API.
+"""Ray Serve deployments of the online sampling API (the HTTP layer is :mod:`serving.api`).
 
 - ``Sampler`` (one per replica set, every served model in each replica): loads
   ``models:/<name>@champion`` from the MLflow registry at start, merges concurrent sample
   requests with ``@serve.batch`` into one onnxruntime call per (model version, temperature),
-  and hot-reloads a model when its ``champion`` alias moves.
-- ``Api``: the FastAPI ingress (routes in :mod:`serving.api`), a thin HTTP layer over
-  ``Sampler``'s handle.
+  and hot-reloads a model when its ``champion`` alias moves. The work is
+  :class:`serving.models.ModelSet`, plain Python without Serve.
+- ``Jobs``: the one replica running bulk jobs (:class:`serving.jobs.JobManager`).
+- ``Api``: the FastAPI ingress (:func:`serving.api.create_api`) over both handles.
+
+A refusal (:class:`serving.errors.RequestError`) crosses from a replica to the ingress as an
+answer and is raised again there by :class:`HandleBackend`.
 
 ``build_app(args)`` is the application builder that ``serve run serving/config.yaml``,
-``serve deploy`` and ``genmodels serve`` use. The sampling itself stays in
-:class:`ModelSet`, plain Python without Serve, so it can be reasoned about (and tested) alone.
+``serve run serving.app:build_app key=val``, ``serve deploy`` and ``genmodels serve`` use; Serve
+validates ``args`` as :class:`ServingArgs`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve validates a builder's args only when its
+# annotation is the model class itself, not a string.
 import asyncio
-import base64
-import logging
-import math
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
-logger = logging.getLogger("ray.serve")
+from serving.errors import RequestError
+from serving.jobs import DEFAULT_LIST_LIMIT, JobManager
+from serving.models import ModelSet, SampleItem
 
-#: Every knob of the application, with its default; ``build_app`` refuses any other key.
-DEFAULTS: dict[str, Any] = {
-    "models": None,              # comma list or list; None: every model with a champion, now or later
-    "alias": "champion",         # the alias served (and watched for hot reload)
-    "tracking_uri": None,        # None: MLFLOW_TRACKING_URI, else the embedded sqlite default
-    "reload_interval_s": 10.0,   # how often each sampler replica polls the alias
-    "max_batch_size": 32,        # requests merged into one onnxruntime call, at most
-    "batch_wait_timeout_s": 0.002,  # how long a batch waits for company once its first request arrived
-    "sampler_threads": 1,        # onnxruntime intra-op threads per Sampler replica (it reserves num_cpus=1)
-    "api_key": None,             # None: GENMODELS_API_KEY; empty/None there too: no auth
-    "max_body_bytes": 1 << 20,   # request bodies above this get 413
-    "job_workers": 2,            # Ray actors (one CPU each) writing the shards of one bulk job
-}
+
+class ServingArgs(BaseModel):
+    """Every knob of the application, with its default; any other key is refused. ``None`` for
+    a knob means its default (``serve run ... key=val`` passes text: numbers are parsed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] | None = None  # comma list or list; None: every model with a champion, now or later
+    alias: str = "champion"  # the alias served (and watched for hot reload)
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the embedded sqlite default
+    reload_interval_s: float = Field(10.0, ge=0)  # how often each sampler replica polls the alias
+    max_batch_size: int = Field(32, ge=1)  # requests merged into one onnxruntime call, at most
+    batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits for company once its first arrived
+    sampler_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per Sampler replica (it reserves 1 CPU)
+    api_key: str | None = None  # None: GENMODELS_API_KEY; empty/None there too: no auth
+    max_body_bytes: int = Field(1 << 20, ge=1)  # request bodies above this get 413
+    job_workers: int = Field(2, ge=1)  # Ray actors (one CPU each) writing the shards of one bulk job
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_and_given(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown serving args {unknown}; known: {sorted(cls.model_fields)}")
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split(cls, models: Any) -> Any:
+        if isinstance(models, str):
+            models = [m.strip() for m in models.split(",") if m.strip()]
+        return list(models) or None if models is not None else None
+
+
+#: The knobs and their defaults (``ServingArgs``), as config files and docs name them.
+DEFAULTS: dict[str, Any] = {name: f.default for name, f in ServingArgs.model_fields.items()}
 
 #: Ray Serve's throughput mode (user code and router on each replica's own event loop, gRPC between
 #: proxy and replicas) without its experimental direct ingress, which would drop the HTTP proxy and
@@ -62,352 +88,6 @@ def use_serve_env() -> None:
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
 
-
-#: Cap of rows per onnxruntime call; a batch above it is split (memory stays bounded at any batch size).
-MAX_ROWS_PER_CALL = 4096
-
-
-class RequestError(Exception):
-    """A request the API must answer with ``status`` (never 5xx): travels back as a plain dict,
-    because exceptions raised in a replica reach the ingress wrapped in Ray's error types."""
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "error": self.error, "detail": self.detail}
-
-
-#: Pillow modes accepted for each channel count: grey images for C=1 ("1" is 1-bit grey), RGB for
-#: C=3. Alpha, palettes and 16-bit grey are refused rather than guessed at.
-_PNG_MODES = {1: ("L", "1"), 3: ("RGB",)}
-_MODE_NAMES = {"1": "1-bit grey", "L": "8-bit grey", "LA": "grey + alpha", "I;16": "16-bit grey",
-               "I": "32-bit grey", "P": "palette", "RGB": "RGB", "RGBA": "RGB + alpha"}
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(raw: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR chunk (its first, by the PNG spec), or None when the
-    bytes do not start like a PNG; reads 24 bytes, decodes nothing."""
-    if len(raw) < 24 or not raw.startswith(_PNG_SIGNATURE) or raw[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
-
-
-def decode_png(data: str, shape: Sequence[int]) -> np.ndarray:
-    """A base64 PNG -> float32 [C, H, W] in [0, 1] (8-bit values / 255), for a model of image
-    ``shape`` (C, H, W); :class:`RequestError` 422 naming what was expected and what came."""
-    import binascii
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    channels, height, width = (int(v) for v in shape)
-    try:
-        # Line-wrapped base64 (as `base64` and MIME encoders write it) is still base64.
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(422, "invalid_image", "image must be a base64-encoded PNG: it is not valid base64") from None
-    header = png_size(raw)
-    if header is None:
-        raise RequestError(422, "invalid_image", f"image must be a base64-encoded PNG: its {len(raw)} bytes "
-                                                 "are not one")
-    if header != (width, height):
-        # From the IHDR chunk, before Pillow sees the data: a header claiming 30000x30000 is refused
-        # here, not by Pillow's decompression-bomb check (an exception of its own, a 500).
-        raise RequestError(422, "invalid_image", f"image must be {width}x{height} pixels (width x height) "
-                                                 f"for this model, got {header[0]}x{header[1]}")
-    try:
-        picture = Image.open(io.BytesIO(raw), formats=["PNG"])
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise RequestError(422, "invalid_image", f"image must be a base64-encoded PNG: its {len(raw)} bytes "
-                                                 "are not one") from None
-    with picture:
-        # Size and mode come from the header: checked before any pixel is decompressed.
-        if picture.size != (width, height):
-            raise RequestError(422, "invalid_image", f"image must be {width}x{height} pixels (width x height) "
-                                                     f"for this model, got {picture.size[0]}x{picture.size[1]}")
-        if picture.mode not in _PNG_MODES.get(channels, ()):
-            want = {1: "grey (8-bit or 1-bit)", 3: "RGB (8 bits per channel, no alpha)"}.get(
-                channels, f"{channels}-channel")
-            got = _MODE_NAMES.get(picture.mode, picture.mode)
-            raise RequestError(422, "invalid_image", f"image must be {want} for this model's {channels} "
-                                                     f"channel(s), got {got} (PNG mode {picture.mode!r})")
-        try:
-            pixels = np.asarray(picture.convert("L") if picture.mode == "1" else picture, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
-            raise RequestError(422, "invalid_image", f"image is a damaged PNG: {exc}") from None
-    pixels = pixels.reshape(height, width, channels).transpose(2, 0, 1)
-    return (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)
-
-
-def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    # NaN/inf are not JSON: a metric that could not be computed is left out rather than sent.
-    return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and math.isfinite(v)}
-
-
-@dataclass
-class SampleItem:
-    """One validated sample request, bound to the model version it started on."""
-
-    loaded: Any  # registry.LoadedSampler
-    n: int
-    seed: int
-    labels: np.ndarray | None
-    temperature: float
-    images: np.ndarray | None = field(default=None, repr=False)
-
-
-class ModelSet:
-    """The served models of one replica: load, describe, sample in batches, hot reload.
-
-    ``self._models`` is replaced, never changed in place: a reload or a newly served model swaps
-    that one reference. A request reads its model once, in :meth:`prepare`, and keeps that
-    ``LoadedSampler`` to the end, so a reload never changes the version (or the images) of a
-    request already under way.
-
-    ``names`` None: every registered model with the alias, including those that get it later
-    (found by :meth:`poll_once`); a list pins the served models.
-    """
-
-    def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None,
-                 intra_op_num_threads: int | None = None) -> None:
-        from genmodels import registry
-        from genmodels.config import get_settings
-
-        registry.configure(tracking_uri, get_settings().default_tracking_uri)
-        self.alias = alias
-        self._threads = intra_op_num_threads
-        self._root = Path(tempfile.mkdtemp(prefix="genmodels-serve-"))
-        self._pinned = bool(names)
-        names = list(names) if names else registry.served_models(alias)
-        if not names:
-            raise ValueError(f"no registered model has a version with the alias {alias!r}: nothing to serve "
-                             "(run `genmodels retrain` first, or name models that have one)")
-        self._dirs: dict[str, Path] = {}
-        self._models: dict[str, Any] = {name: self._load(name) for name in names}
-        self.onnx_calls = 0
-        self.requests_sampled = 0
-
-    def _load(self, name: str):
-        from genmodels import registry
-
-        directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self._root))
-        try:
-            loaded = registry.load_sampler(name, self.alias, directory=directory, intra_op_num_threads=self._threads)
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        # onnxruntime has read the graphs into memory: the previous version's files can go.
-        old, self._dirs[name] = self._dirs.get(name), directory
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return loaded
-
-    # --- what is served ---------------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._models)
-
-    def versions(self) -> dict[str, str]:
-        return {name: loaded.version for name, loaded in sorted(self._models.items())}
-
-    def describe(self) -> list[dict[str, Any]]:
-        out = []
-        for name, loaded in sorted(self._models.items()):
-            s = loaded.sampler
-            tags = loaded.tags or {}
-            out.append({"name": name, "family": s.family, "version": loaded.version, "conditional": s.conditional,
-                        "num_classes": s.num_classes, "image_shape": list(s.image_shape),
-                        "can_complete": bool(s.can_complete), "completes_any_mask": bool(s.completes_any_mask),
-                        "dataset": tags.get("genmodels.dataset"), "preset": tags.get("genmodels.preset"),
-                        "snapshot_hash": tags.get("genmodels.snapshot_hash"),
-                        "registered_at": getattr(loaded, "registered_at", None),
-                        "metrics": _finite_metrics(loaded.metrics)})
-        return out
-
-    def get(self, name: str):
-        loaded = self._models.get(name)
-        if loaded is None:
-            raise RequestError(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
-        return loaded
-
-    # --- sampling -----------------------------------------------------------------------------
-    def prepare(self, request: Mapping[str, Any]) -> SampleItem:
-        """Validate a sample request against its model (raises :class:`RequestError`)."""
-        loaded = self.get(request["model"])
-        s = loaded.sampler
-        n, labels = int(request["n"]), request.get("labels")
-        if labels is None and s.conditional:
-            # A conditional model asked without labels walks through the classes, so a grid
-            # of n >= num_classes images shows every class (deterministic, like the seed).
-            labels = np.arange(n, dtype=np.int64) % s.num_classes
-        try:
-            checked = s.check_labels(labels, n)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
-        return SampleItem(loaded, n, int(request["seed"]), checked, float(request["temperature"]))
-
-    def run_batch(self, items: Sequence[SampleItem]) -> None:
-        """Fill ``item.images`` for every item with as few onnxruntime calls as possible.
-
-        Items are grouped by (model version, temperature): temperature is one scalar input of
-        the graphs. Each item's noise is its own seed's stream (``make_noise(spec, seed, n)``);
-        samplers are row-independent, so sampling the concatenation once gives every item
-        exactly the images it would get alone.
-        """
-        from genmodels.noise import make_noise
-
-        groups: dict[tuple[int, float], list[SampleItem]] = {}
-        for item in items:
-            groups.setdefault((id(item.loaded), item.temperature), []).append(item)
-        for group in groups.values():
-            sampler, temperature = group[0].loaded.sampler, group[0].temperature
-            spec = sampler.noise_spec
-            start = 0
-            while start < len(group):
-                # Chunks of whole requests up to MAX_ROWS_PER_CALL rows (a single request may exceed it).
-                chunk, rows = [], 0
-                while start < len(group) and (not chunk or rows + group[start].n <= MAX_ROWS_PER_CALL):
-                    chunk.append(group[start])
-                    rows += group[start].n
-                    start += 1
-                parts = [make_noise(spec, it.seed, it.n) for it in chunk]
-                noise = {k: np.concatenate([p[k].numpy() for p in parts]) for k in spec}
-                labels = None if not sampler.conditional else np.concatenate([it.labels for it in chunk])
-                images = sampler.sample_from_noise(noise, labels, temperature)
-                self.onnx_calls += 1
-                offset = 0
-                for it in chunk:
-                    it.images = images[offset : offset + it.n]
-                    offset += it.n
-        self.requests_sampled += len(items)
-
-    def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Images along the slerp between seed_a's and seed_b's latent ``z`` (other noise fields
-        held at seed_a's): :meth:`genmodels.sampling.OnnxSampler.interpolate`."""
-        loaded = self.get(request["model"])
-        s = loaded.sampler
-        if "z" not in s.noise_spec:
-            raise RequestError(422, "not_a_latent_model",
-                               f"the {s.family} family has no latent 'z' to interpolate in (latent families: "
-                               "vae, cvae, gan)")
-        steps, label = int(request["steps"]), request.get("label")
-        if s.conditional and label is None:
-            raise RequestError(422, "invalid_labels", f"{request['model']} is class-conditional: give a label")
-        try:
-            labels = s.check_labels(label, steps)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
-        images = s.interpolate(request["seed_a"], request["seed_b"], steps, labels, float(request["temperature"]))
-        return {"model": loaded.name, "version": loaded.version, "seed_a": request["seed_a"],
-                "seed_b": request["seed_b"], "images": images}
-
-    def analogies(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """``{model, image (base64 PNG), label}`` -> the image's style drawn in every class:
-        ``{model, version, label, images}`` with images float32 [num_classes, C, H, W]."""
-        loaded = self.get(request["model"])
-        s = loaded.sampler
-        if not s.has_analogies:
-            why = ("this version was exported before CVAEs had an analogies graph: export and register it again"
-                   if s.family == "cvae" else f"the {s.family} family has none: style analogies need a "
-                                              "conditional VAE (family cvae)")
-            raise RequestError(422, "no_analogies", f"{request['model']} v{loaded.version} has no analogies "
-                                                    f"graph ({why})")
-        try:
-            labels = s.check_labels(request["label"], 1)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
-        x = decode_png(request["image"], s.image_shape)
-        images = s.analogies(x[None], labels)[0]
-        return {"model": loaded.name, "version": loaded.version, "label": int(labels[0]), "images": images}
-
-    def complete(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """``{model, image, known_rows | mask, n, seed, temperature, labels}`` -> ``{model, version,
-        seed, images}`` with images float32 [n, C, H, W]: n draws of the unknown pixels given the
-        known ones (PixelRNN: the rows above ``known_rows``; mixture: any mask, white = known)."""
-        loaded = self.get(request["model"])
-        s = loaded.sampler
-        if not s.can_complete:
-            why = (f"the {s.family} family has no exact completion: pixelrnn (known rows) and mixture (any mask) "
-                   "do" if s.family != "mixture" else "this version was exported before mixtures had a complete "
-                                                      "graph: export and register it again")
-            raise RequestError(422, "no_completion", f"{request['model']} v{loaded.version} cannot complete "
-                                                     f"images ({why})")
-        rows, mask_png = request.get("known_rows"), request.get("mask")
-        if (rows is None) == (mask_png is None):
-            raise RequestError(422, "invalid_known", "give exactly one of known_rows (the number of known rows "
-                                                     "from the top) and mask (a PNG, white = known), got "
-                                                     f"{'both' if rows is not None else 'neither'}")
-        channels, height, width = s.image_shape
-        if mask_png is not None and not s.completes_any_mask:
-            raise RequestError(422, "invalid_known", f"the {s.family} family completes after known rows only: "
-                                                     "send known_rows; a mask needs a mixture model")
-        x = decode_png(request["image"], s.image_shape)
-        if rows is not None:
-            if not 1 <= int(rows) <= height - 1:
-                raise RequestError(422, "invalid_known", f"known_rows must be in [1, {height - 1}] for this "
-                                                         f"model's {height} rows, got {rows}")
-            known: Any = int(rows)
-        else:
-            try:
-                known = decode_png(mask_png, (1, height, width))[0] >= 0.5
-            except RequestError as exc:
-                raise RequestError(422, "invalid_mask", exc.detail.replace("image", "mask", 1)) from None
-        label = request.get("labels")
-        if s.conditional and label is None:
-            raise RequestError(422, "invalid_labels", f"{request['model']} is class-conditional: give labels "
-                                                      "(the image's class)")
-        try:
-            labels = s.check_labels(label, 1)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
-        images = s.complete(x[None], known, int(request["n"]), int(request["seed"]),
-                            float(request["temperature"]), labels)[0]
-        return {"model": loaded.name, "version": loaded.version, "seed": int(request["seed"]), "images": images}
-
-    # --- hot reload ---------------------------------------------------------------------------
-    def poll_once(self) -> list[str]:
-        """Load every model whose alias moved (and, unpinned, every model that newly has the
-        alias) and swap it in; the names swapped or added."""
-        from genmodels import registry
-
-        swapped = []
-        for name, loaded in self._models.items():
-            try:
-                current = registry.current_version(name, self.alias)
-                if current is None or current == loaded.version:
-                    continue  # alias removed: keep serving what we have rather than fail requests
-                fresh = self._load(name)
-            except Exception:  # registry briefly unreachable or locked: try again next tick
-                logger.warning("reload of %s failed; still serving v%s", name, loaded.version, exc_info=True)
-                continue
-            self._models = {**self._models, name: fresh}  # the one swap: later requests see the new version
-            swapped.append(name)
-            logger.info("%s: serving v%s (was v%s)", name, fresh.version, loaded.version)
-        if not self._pinned:
-            try:
-                new = [n for n in registry.served_models(self.alias) if n not in self._models]
-            except Exception:
-                logger.warning("listing models with the alias %r failed; trying again next tick", self.alias,
-                               exc_info=True)
-                new = []
-            for name in new:
-                try:
-                    fresh = self._load(name)
-                except Exception:
-                    logger.warning("loading newly served %s failed; trying again next tick", name, exc_info=True)
-                    continue
-                self._models = {**self._models, name: fresh}
-                swapped.append(name)
-                logger.info("%s: now served (v%s)", name, fresh.version)
-        return swapped
-
-    def close(self) -> None:
-        shutil.rmtree(self._root, ignore_errors=True)
 
 
 @serve.deployment(
@@ -448,12 +128,12 @@ class Sampler:
                 "versions": self.models.versions()}
 
     async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}`` or an
-        error dict ``{status, error, detail}``."""
+        """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}``, or a
+        refusal as :meth:`RequestError.to_answer`."""
         try:
             item = self.models.prepare(request)
         except RequestError as exc:
-            return exc.to_dict()
+            return exc.to_answer()
         item = await self._batched(item)
         return {"model": item.loaded.name, "version": item.loaded.version, "seed": item.seed, "images": item.images}
 
@@ -467,25 +147,67 @@ class Sampler:
         try:
             return await asyncio.to_thread(self.models.interpolate, request)
         except RequestError as exc:
-            return exc.to_dict()
+            return exc.to_answer()
 
     async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             return await asyncio.to_thread(self.models.analogies, request)
         except RequestError as exc:
-            return exc.to_dict()
+            return exc.to_answer()
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             return await asyncio.to_thread(self.models.complete, request)
         except RequestError as exc:
-            return exc.to_dict()
+            return exc.to_answer()
+
+
+# A short graceful shutdown: jobs are cancelled at once (their finished shards stay), and a server
+# asked to stop must be gone in seconds.
+@serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0},
+                  graceful_shutdown_timeout_s=3, graceful_shutdown_wait_loop_s=0.5)
+class Jobs:
+    """The one replica running the jobs: a job runs in the replica that accepted it, and only that
+    replica can cancel it. The shards are written by Ray actors it starts (``workers`` per job at
+    most, one CPU each, as many as the cluster can place), so it reserves no CPU itself.
+    ``storage``: where the job records live, ``output_roots`` where jobs may write (defaults:
+    ``Settings()`` as this replica resolves them)."""
+
+    def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
+                 workers: int = 2, storage: str | None = None, output_roots: Sequence[str] | None = None) -> None:
+        self.manager = JobManager(models, alias, tracking_uri, workers=workers, storage=storage,
+                                  output_roots=output_roots)
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: running jobs stop and record "cancelled".
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            manager.shutdown()
+
+    # MLflow look-ups, graph downloads and record reads/writes block: keep the event loop free.
+    async def _answer(self, method, *args) -> Any:
+        try:
+            return await asyncio.to_thread(method, *args)
+        except RequestError as exc:
+            return exc.to_answer()
+
+    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._answer(self.manager.submit, request)
+
+    async def get(self, jid: str) -> dict[str, Any]:
+        return await self._answer(self.manager.get, jid)
+
+    async def cancel(self, jid: str) -> dict[str, Any]:
+        return await self._answer(self.manager.cancel, jid)
+
+    async def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0):
+        return await self._answer(self.manager.page, status, limit, offset)
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Api:
-    """The HTTP ingress: FastAPI routes of :mod:`serving.api` over the ``Sampler`` handle."""
+    """The HTTP ingress: :func:`serving.api.create_api` over the ``Sampler`` and ``Jobs`` handles."""
 
     def __init__(self, sampler, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"],
                  jobs=None) -> None:
@@ -496,7 +218,6 @@ class Api:
 
     def __serve_build_asgi_app__(self):
         from serving.api import create_api
-
         from serving.observability import RequestLog
 
         return create_api(HandleBackend(self.sampler, self.jobs), api_key=self.api_key,
@@ -505,71 +226,62 @@ class Api:
 
 class HandleBackend:
     """What :func:`serving.api.create_api` calls, over a ``Sampler`` deployment handle (and the
-    ``Jobs`` one: without it, the bulk job methods are absent and ``/v1/jobs`` answers 501)."""
+    ``Jobs`` one: without it, the bulk job methods are absent and ``/v1/jobs`` answers 501).
+    A replica's refusal is raised here again as the :class:`RequestError` it was."""
 
     def __init__(self, handle, jobs=None) -> None:
         self.handle = handle
         if jobs is not None:
             self.jobs = jobs
-            self.submit_job = lambda request: jobs.submit.remote(request)
-            self.job_status = lambda job_id: jobs.get.remote(job_id)
-            self.cancel_job = lambda job_id: jobs.cancel.remote(job_id)
-            self.list_jobs = lambda status, limit, offset=0: jobs.list.remote(status, limit, offset)
+            self.submit_job = lambda request: self._call(jobs.submit, request)
+            self.job_status = lambda job_id: self._call(jobs.get, job_id)
+            self.cancel_job = lambda job_id: self._call(jobs.cancel, job_id)
+            self.list_jobs = lambda status, limit, offset=0: self._call(jobs.list, status, limit, offset)
+
+    @staticmethod
+    async def _call(method, *args) -> Any:
+        return RequestError.check(await method.remote(*args))
 
     async def describe(self) -> list[dict[str, Any]]:
         return await self.handle.describe.remote()
 
     async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle.sample.remote(request)
+        return await self._call(self.handle.sample, request)
 
     async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle.interpolate.remote(request)
+        return await self._call(self.handle.interpolate, request)
 
     async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle.analogies.remote(request)
+        return await self._call(self.handle.analogies, request)
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.handle.complete.remote(request)
+        return await self._call(self.handle.complete, request)
 
 
-def resolve_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``args`` over :data:`DEFAULTS`, with models split and the tracking URI and API key
-    resolved here (in the process that builds the app) so every replica gets the same ones."""
+def resolve_args(args: "ServingArgs | Mapping[str, Any] | None") -> dict[str, Any]:
+    """``args`` validated (:class:`ServingArgs`), with the tracking URI, API key, storage and output
+    roots resolved here (in the process that builds the app) so every replica gets the same ones."""
     from genmodels import registry
     from genmodels.config import get_settings
 
-    args = dict(args or {})
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown serving args {unknown}; known: {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
-    models = out["models"]
-    if isinstance(models, str):
-        models = [m.strip() for m in models.split(",") if m.strip()]
-    out["models"] = list(models) if models else None
+    checked = args if isinstance(args, ServingArgs) else ServingArgs.model_validate(args)
+    out = checked.model_dump()
     out["tracking_uri"] = registry.resolve_tracking_uri(out["tracking_uri"])
     out["api_key"] = out["api_key"] or get_settings().api_key
     # Resolved here: a relative GENMODELS_WORK_DIR would otherwise resolve in each replica's own cwd,
     # away from where `genmodels status` reads the job records.
     out["storage"] = get_settings().storage_url
     out["job_output_roots"] = get_settings().output_roots
-    for key in ("reload_interval_s", "batch_wait_timeout_s"):
-        if float(out[key]) < 0:
-            raise ValueError(f"{key} must be >= 0, got {out[key]}")
-    for key in ("max_batch_size", "max_body_bytes", "job_workers", "sampler_threads"):
-        if int(out[key]) < 1:
-            raise ValueError(f"{key} must be >= 1, got {out[key]}")
     return out
 
 
-def build_app(args: Mapping[str, Any] | None = None):
-    """The Serve application (``import_path: serving.app:build_app``); ``args`` keys: :data:`DEFAULTS`."""
+def build_app(args: ServingArgs):
+    """The Serve application (``import_path: serving.app:build_app``); ``args``: :class:`ServingArgs`
+    (Serve validates them; a plain mapping works too)."""
     a = resolve_args(args)
     sampler = Sampler.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"],
                            reload_interval_s=a["reload_interval_s"], max_batch_size=a["max_batch_size"],
                            batch_wait_timeout_s=a["batch_wait_timeout_s"], sampler_threads=a["sampler_threads"])
-    from serving.jobs import Jobs
-
     jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"],
                      storage=a["storage"], output_roots=a["job_output_roots"])
     return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)

@@ -1,16 +1,13 @@
-"""Bulk jobs of the serving API: ``POST/GET/DELETE /v1/jobs`` over :func:`genmodels.bulk.run_job`.
+"""Bulk jobs of the serving API (``/v1/jobs``, routes in :mod:`serving.api.jobs`) over
+:func:`genmodels.bulk.run_job`.
 
-- :func:`jobs_router` (FastAPI, included by :func:`serving.api.create_api` under ``/v1``, so it
-  shares its auth and error format): validates a request (pydantic, then
-  :class:`genmodels.bulk.JobSpec`'s own checks, both 422 naming the field) and forwards it.
-- :class:`JobManager` (plain Python, no Serve): resolves the model's alias to a version and its
+- :class:`JobManager` (plain Python, no Serve, no HTTP): resolves the model's alias to a version and its
   graphs at submission, runs each job in a thread with ``run_job(..., use_ray=True)`` (Ray
   actors write the shards), and keeps each job's record in the platform storage
   (``<storage>/jobs/<job id>.json``, :mod:`genmodels.records`): written on every state change,
   on progress (at most every :attr:`JobManager.progress_interval_s`) and every
   :data:`genmodels.records.HEARTBEAT_S` while running.
-- :class:`Jobs`: the Serve deployment holding one ``JobManager``. One replica only: a job runs
-  in the replica that accepted it, and only that replica can cancel it.
+- ``serving.app.Jobs``: the Serve deployment holding one ``JobManager``.
 
 A job's id is a hash of its resolved spec (model, version, n, seed, labels, temperature,
 shard_size, format, output). Submitting a spec that is queued or running returns that job;
@@ -25,7 +22,6 @@ written: it is the last thing known about the job).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import math
@@ -36,16 +32,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
-
-from fastapi import APIRouter, Request
-from fastapi import Path as PathParam
-from fastapi import Query
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
-from ray import serve
+from typing import Any, Literal
 
 from genmodels import bulk, records
-from genmodels.noise import MAX_SEED
+from serving.errors import RequestError
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,75 +45,36 @@ ACTIVE = (QUEUED, RUNNING)
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 100, 1000
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
-Label = Annotated[StrictInt, Field(ge=0)]
-
-
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
-
-    model: str = Field(min_length=1, description="Registered model name; its champion at submission is used.")
-    n: Annotated[StrictInt, Field(ge=1, le=bulk.MAX_N)]
-    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
-    labels: Label | list[Label] | None = Field(
-        default=None, description="Conditional models only (required there): one class for every sample, or a "
-                                  "list: sample i gets labels[i % len(labels)].")
-    temperature: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
-    output: str = Field(description="s3://bucket/prefix or file:///abs/path: a fresh prefix, or this job's own "
-                                    "(re-submitting resumes)")
-    shard_size: Annotated[StrictInt, Field(ge=1, le=bulk.MAX_SHARD_SIZE)] = bulk.DEFAULT_SHARD_SIZE
-    format: Literal["npz", "png", "parquet"] = Field(
-        default="npz", description="npz: numpy arrays; png: webdataset-style tars of PNGs; parquet: rows (index, "
-                                   "label, image PNG bytes, height, width, channels). Readers take <output>/shards/.")
-
-
-class JobAccepted(BaseModel):
-    job_id: str
-    status: JobState
-    queue_position: int | None = Field(default=None, description="While queued behind other jobs: 1 runs next.")
-
-
-class JobStatus(BaseModel):
-    job_id: str
-    status: JobState
-    done: int = Field(description="Samples written or verified so far.")
-    total: int
-    model: str
-    version: str
-    output: str
-    cancel_requested: bool
-    submitted_at: str | None = Field(default=None, description="ISO 8601 UTC time of the latest submission.")
-    started_at: str | None = None
-    updated_at: str | None = Field(default=None, description="When this state was recorded.")
-    ended_at: str | None = None
-    heartbeat_at: str | None = Field(default=None, description="Running jobs: the runner's last sign of life "
-                                                               "(at least every 30 s).")
-    queue_position: int | None = Field(default=None, description="Queued jobs: 1 runs next.")
-    writers: int | None = Field(default=None, description="Shard writers the cluster could place (0: written "
-                                                          "in the server's process).")
-    retries: int = Field(default=0, description="Shards written again because their writer died.")
-    result: dict[str, Any] | None = Field(
-        default=None, description="Succeeded jobs: {manifest: URL of manifest.json, totals: {samples, shards, bytes}}.")
-    manifest: dict[str, Any] | None = Field(default=None, description="GET /v1/jobs/{id} of a succeeded job only.")
-    error: str | None = None
-
-
 #: The id of a resolved spec; the generate flow records its jobs under the same ids.
 job_id = bulk.job_id
 
 
-def _error(status: int, error: str, detail: Any) -> dict[str, Any]:
-    return {"status": status, "error": error, "detail": detail}
+def invalid(field_: str, msg: str) -> RequestError:
+    """A 422 about one body field, shaped as the API's validation errors are."""
+    return RequestError(422, "invalid_request", [{"loc": ["body", field_], "msg": msg}])
 
 
-def _field_of(message: str) -> str:
+def _spec_error(exc: ValueError) -> RequestError:
     # JobSpec's messages start with the field they are about ("n must be ...", "labels[3] must ...",
     # "output 's3:/x': ..."); "labels: model ..." names it too.
+    message = str(exc)
     head = message.split(" ", 1)[0].rstrip(":")
-    return head.split("[", 1)[0] or "body"
+    return invalid(head.split("[", 1)[0] or "body", message)
 
 
-#: The fields of a record that the API answers with (the rest: spec, owner, format).
-_PUBLIC = tuple(JobStatus.model_fields)
+def check_request(request: dict[str, Any]) -> None:
+    """The spec's own checks (output URL, shard count...), before any registry look-up."""
+    try:
+        bulk.JobSpec(version="?", **request)
+    except ValueError as exc:
+        raise _spec_error(exc) from None
+
+
+#: The fields of a record that the API answers with (the rest: spec, owner, format);
+#: ``serving.api.schemas.JobStatus`` has exactly these.
+PUBLIC_FIELDS = ("job_id", "status", "done", "total", "model", "version", "output", "cancel_requested",
+                 "submitted_at", "started_at", "updated_at", "ended_at", "heartbeat_at", "queue_position",
+                 "writers", "retries", "result", "manifest", "error")
 
 
 @dataclass
@@ -171,8 +122,9 @@ class _Job:
 
 
 class JobManager:
-    """Jobs, their threads and their records; every public method answers a dict (errors as
-    ``{status, error, detail}``, like :class:`serving.app.Sampler`), never raises on bad input.
+    """Jobs, their threads and their records; every public method answers a dict, or raises
+    :class:`serving.errors.RequestError` for a request it refuses (never another error for bad
+    input). In a job's dict ``status`` is always the job's state.
 
     ``storage``: the platform storage URL holding ``jobs/`` (default ``Settings().storage_url``).
     ``output_roots``: URL prefixes a job may write under (default ``Settings().output_roots``).
@@ -219,16 +171,16 @@ class JobManager:
         self._models: dict[tuple[str, str], tuple[dict[str, bytes], bool, int, int]] = {}
 
     # --- the model -------------------------------------------------------------------------------
-    def _resolve(self, name: str) -> tuple[str, dict[str, bytes], bool, int, int] | dict[str, Any]:
+    def _resolve(self, name: str) -> tuple[str, dict[str, bytes], bool, int, int]:
         from genmodels import registry
 
         if self.names is not None and name not in self.names:
-            return _error(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
+            raise RequestError(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
         try:
             version = registry.current_version(name, self.alias)
             if version is None:
-                return _error(404, "model_not_found", f"no registered model {name!r} with a version holding the "
-                                                      f"alias {self.alias!r}")
+                raise RequestError(404, "model_not_found", f"no registered model {name!r} with a version "
+                                                           f"holding the alias {self.alias!r}")
             cached = self._models.get((name, version))
             if cached is None:
                 # The version sampler_files resolves is the one its graphs belong to (the alias may move).
@@ -238,10 +190,12 @@ class JobManager:
                     sampler = bulk.build_sampler(files, 1)
                     cached = self._models.setdefault((name, version), (
                         files, sampler.conditional, sampler.num_classes, math.prod(sampler.image_shape)))
+        except RequestError:
+            raise
         except Exception:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
             logger.warning("job submission: cannot resolve %r@%s in the registry", name, self.alias, exc_info=True)
-            return _error(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
-                                                       "later")
+            raise RequestError(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
+                                                            "later") from None
         return (version, *cached)
 
     # --- records --------------------------------------------------------------------------------
@@ -267,7 +221,7 @@ class JobManager:
         one a server recorded as queued/running was interrupted (its server stopped before it
         ended); one the generate flow (CLI, Prefect) is running is answered as recorded until its
         heartbeat stops."""
-        out = {k: record[k] for k in _PUBLIC if record.get(k) is not None and k != "manifest"}
+        out = {k: record[k] for k in PUBLIC_FIELDS if record.get(k) is not None and k != "manifest"}
         out.setdefault("cancel_requested", False)
         elsewhere = record.get("runner") is not None and not records.job_is_stale(record)
         if out.get("status") in ACTIVE and not elsewhere:
@@ -302,42 +256,33 @@ class JobManager:
         return record
 
     # --- the routes' work -----------------------------------------------------------------------
-    def _check_limits(self, spec: bulk.JobSpec, pixels: int) -> dict[str, Any] | None:
-        def refuse(field_: str, msg: str) -> dict[str, Any]:
-            return _error(422, "invalid_request", [{"loc": ["body", field_], "msg": msg}])
-
+    def _check_limits(self, spec: bulk.JobSpec, pixels: int) -> None:
         if spec.n > self.max_samples:
-            return refuse("n", f"n must be at most {self.max_samples:_} on this server (GENMODELS_JOB_MAX_SAMPLES), "
+            raise invalid("n", f"n must be at most {self.max_samples:_} on this server (GENMODELS_JOB_MAX_SAMPLES), "
                                f"got {spec.n:_}")
         if spec.num_shards > self.max_shards:
-            return refuse("shard_size", f"n={spec.n:_} in shards of {spec.shard_size:_} makes {spec.num_shards:_} "
+            raise invalid("shard_size", f"n={spec.n:_} in shards of {spec.shard_size:_} makes {spec.num_shards:_} "
                                         f"shards, at most {self.max_shards:_} on this server "
                                         f"(GENMODELS_JOB_MAX_SHARDS); use shard_size >= "
                                         f"{-(-spec.n // self.max_shards):_}")
         if spec.n * pixels > self.max_bytes:
-            return refuse("n", f"n={spec.n:_} images of {pixels:_} bytes make {spec.n * pixels:_} bytes, at most "
+            raise invalid("n", f"n={spec.n:_} images of {pixels:_} bytes make {spec.n * pixels:_} bytes, at most "
                                f"{self.max_bytes:_} on this server (GENMODELS_JOB_MAX_BYTES)")
         try:
             bulk.check_output_root(spec.output, self.output_roots)
         except ValueError as exc:
-            return refuse("output", str(exc))
-        return None
+            raise invalid("output", str(exc)) from None
 
     def submit(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{model, n, seed, labels, temperature, output, shard_size, format}`` -> ``{job_id, status}``
         (and ``queue_position`` while it waits for a free slot)."""
-        resolved = self._resolve(request["model"])
-        if isinstance(resolved, dict):
-            return resolved
-        version, files, conditional, num_classes, pixels = resolved
+        version, files, conditional, num_classes, pixels = self._resolve(request["model"])
         try:
             spec = bulk.JobSpec(version=version, **request)
             spec.check_model(conditional, num_classes)
         except ValueError as exc:
-            return _error(422, "invalid_request", [{"loc": ["body", _field_of(str(exc))], "msg": str(exc)}])
-        refused = self._check_limits(spec, pixels)
-        if refused is not None:
-            return refused
+            raise _spec_error(exc) from None
+        self._check_limits(spec, pixels)
         jid = job_id(spec)
         with self._lock:
             job = self._jobs.get(jid)
@@ -346,7 +291,7 @@ class JobManager:
             # Two live jobs writing one prefix would interleave their shards: the second waits its turn.
             busy = [i for i, j in self._jobs.items() if j.status in ACTIVE and j.spec.output == spec.output]
             if busy:
-                return _error(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
+                raise RequestError(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
                                                     "wait for it to end")
             job = self._jobs[jid] = _Job(spec, submitted_at=records.utc_now())
             job.files = files
@@ -459,9 +404,10 @@ class JobManager:
             record = self._record(jid)
         except Exception:  # noqa: BLE001 - storage trouble is the answer's error, not a crash
             logger.warning("cannot read the record of job %r", jid, exc_info=True)
-            return _error(503, "storage_unavailable", "the job records cannot be read right now; try again later")
+            raise RequestError(503, "storage_unavailable", "the job records cannot be read right now; try again "
+                                                           "later") from None
         if record is None:
-            return _error(404, "job_not_found", f"no job {jid!r}: not running here and not recorded under "
+            raise RequestError(404, "job_not_found", f"no job {jid!r}: not running here and not recorded under "
                                                 f"{records.prefix_url(self.storage, records.JOBS)}")
         return self._from_record(record, manifest=True)
 
@@ -484,24 +430,23 @@ class JobManager:
             self._persist(jid, job)
         return job.to_dict(jid)
 
-    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT,
-             offset: int = 0) -> list[dict[str, Any]] | dict[str, Any]:
+    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0) -> list[dict[str, Any]]:
         """Job statuses (no manifests), the most recently submitted first: this process's jobs
         and every recorded one; ``status`` filters, ``offset`` skips that many, ``limit`` bounds
         the page. Use :meth:`page` for the total too."""
-        page = self.page(status, limit, offset)
-        return page if "error" in page else page["jobs"]
+        return self.page(status, limit, offset)["jobs"]
 
     def page(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0) -> dict[str, Any]:
         """``{"jobs": [...], "total": jobs matching ``status``}`` (see :meth:`list`)."""
+        def refuse(name: str, msg: str) -> RequestError:
+            return RequestError(422, "invalid_request", [{"loc": ["query", name], "msg": msg}])
+
         if status is not None and status not in STATUSES:
-            return _error(422, "invalid_request", [{"loc": ["query", "status"],
-                                                    "msg": f"status must be one of {list(STATUSES)}"}])
+            raise refuse("status", f"status must be one of {list(STATUSES)}")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
-            return _error(422, "invalid_request", [{"loc": ["query", "limit"],
-                                                    "msg": f"limit must be an integer in [1, {MAX_LIST_LIMIT}]"}])
+            raise refuse("limit", f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            return _error(422, "invalid_request", [{"loc": ["query", "offset"], "msg": "offset must be an integer >= 0"}])
+            raise refuse("offset", "offset must be an integer >= 0")
         with self._lock:
             live = {jid: job.to_dict(jid, manifest=False) for jid, job in self._jobs.items()}
         try:
@@ -509,7 +454,8 @@ class JobManager:
         except Exception:  # noqa: BLE001 - see get()
             logger.warning("cannot list the job records in %s", records.prefix_url(self.storage, records.JOBS),
                            exc_info=True)
-            return _error(503, "storage_unavailable", "the job records cannot be read right now; try again later")
+            raise RequestError(503, "storage_unavailable", "the job records cannot be read right now; try again "
+                                                           "later") from None
         for record in fresh:
             if record.get("status") not in ACTIVE:
                 self._remember(record)
@@ -528,121 +474,3 @@ class JobManager:
         if job is not None and job.thread is not None:
             job.thread.join(timeout)
         return self.get(jid)
-
-
-# A short graceful shutdown: jobs are cancelled at once (their finished shards stay), and a server
-# asked to stop must be gone in seconds.
-@serve.deployment(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0},
-                  graceful_shutdown_timeout_s=3, graceful_shutdown_wait_loop_s=0.5)
-class Jobs:
-    """The one replica running the jobs; the shards are written by Ray actors it starts
-    (``workers`` per job at most, one CPU each, as many as the cluster can place), so it
-    reserves no CPU itself. ``storage``: where the job records live, ``output_roots`` where jobs
-    may write (defaults: ``Settings()`` as this replica resolves them)."""
-
-    def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
-                 workers: int = 2, storage: str | None = None, output_roots: Sequence[str] | None = None) -> None:
-        self.manager = JobManager(models, alias, tracking_uri, workers=workers, storage=storage,
-                                  output_roots=output_roots)
-
-    def __del__(self) -> None:
-        # Serve calls this when it stops the replica: running jobs stop and record "cancelled".
-        manager = getattr(self, "manager", None)
-        if manager is not None:
-            manager.shutdown()
-
-    # MLflow look-ups, graph downloads and record reads/writes block: keep the event loop free.
-    async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self.manager.submit, request)
-
-    async def get(self, jid: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.manager.get, jid)
-
-    async def cancel(self, jid: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.manager.cancel, jid)
-
-    async def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0):
-        return await asyncio.to_thread(self.manager.page, status, limit, offset)
-
-
-# --- HTTP ----------------------------------------------------------------------------------------
-JobId = Annotated[str, PathParam(min_length=1, max_length=128, description="As returned by POST /v1/jobs")]
-
-
-def jobs_router(backend) -> APIRouter:
-    """``/jobs`` routes over ``backend.submit_job(request)``, ``job_status(id)``, ``cancel_job(id)``
-    and ``list_jobs(status, limit, offset)`` (async, answering as :class:`JobManager` does;
-    ``list_jobs`` as :meth:`JobManager.page`, or a plain list)."""
-    from serving.api import error_response
-
-    router = APIRouter(prefix="/jobs", tags=["bulk jobs"])
-    enabled = all(hasattr(backend, m) for m in ("submit_job", "job_status", "cancel_job"))
-
-    def answer(result: dict[str, Any] | list[dict[str, Any]], status: int = 200):
-        # An error answer's status is an HTTP code; a job's status is a word (its "error" is data).
-        if isinstance(result, dict) and isinstance(result.get("status"), int):
-            return error_response(result["status"], result["error"], result["detail"])
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse(result, status_code=status)
-
-    def disabled():
-        return error_response(501, "not_implemented", "this server runs no bulk job deployment")
-
-    @router.post("", status_code=202, response_model=JobAccepted)
-    async def submit(body: JobRequest):
-        """Start writing n samples as shards plus manifest.json to ``output``; 202 with the job id.
-        The same spec again: the same id (the running job, or a resumed run once it ended)."""
-        if not enabled:
-            return disabled()
-        request = body.model_dump()
-        try:
-            # The spec's own checks (output URL, shard count...) before any registry look-up.
-            bulk.JobSpec(version="?", **request)
-        except ValueError as exc:
-            return error_response(422, "invalid_request", [{"loc": ["body", _field_of(str(exc))], "msg": str(exc)}])
-        return answer(await backend.submit_job(request), status=202)
-
-    @router.get("", response_model=list[JobStatus])
-    async def list_jobs(
-        request: Request,
-        status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs.")] =
-            DEFAULT_LIST_LIMIT,
-        offset: Annotated[int, Query(ge=0, le=10**9, description="Skip this many (the next page: offset + "
-                                                                  "limit; see the Link header).")] = 0,
-    ):
-        """Jobs, the most recently submitted first (running ones and those recorded in the
-        platform storage, across restarts); no manifests: GET /v1/jobs/{id} has a job's. One page
-        per call: ``X-Total-Count`` says how many match, ``Link: <...>; rel="next"`` where the
-        next page is."""
-        if not enabled or not hasattr(backend, "list_jobs"):
-            return disabled()
-        result = await backend.list_jobs(status, limit, offset)
-        if isinstance(result, dict) and "jobs" in result:
-            response = answer(result["jobs"])
-            total = int(result["total"])
-            response.headers["X-Total-Count"] = str(total)
-            if offset + limit < total:
-                following = request.url.include_query_params(offset=offset + limit, limit=limit)
-                response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
-            return response
-        return answer(result)
-
-    @router.get("/{job_id}", response_model=JobStatus)
-    async def status(job_id: JobId):
-        """The job's status, samples done, and its manifest once it succeeded."""
-        if not enabled:
-            return disabled()
-        return answer(await backend.job_status(job_id))
-
-    @router.delete("/{job_id}", response_model=JobStatus, status_code=202)
-    async def cancel(job_id: JobId):
-        """Ask the job to stop (202; ``status`` turns ``cancelled`` once it has); completed shards are
-        kept. A job already ended is left as it is (200)."""
-        if not enabled:
-            return disabled()
-        result = await backend.cancel_job(job_id)
-        return answer(result, status=202 if result.get("status") in ACTIVE else 200)
-
-    return router

@@ -422,7 +422,7 @@ def test_hot_reload_switches_version_without_failing_requests(server, trained, l
 
 
 def test_unpinned_models_include_those_promoted_later_and_pinned_ones_do_not(trained):
-    from serving.app import ModelSet
+    from serving.models import ModelSet
 
     unpinned = ModelSet(None, "champion", trained["tracking_uri"])
     pinned = ModelSet([VAE], "champion", trained["tracking_uri"])

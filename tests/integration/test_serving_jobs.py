@@ -254,6 +254,15 @@ def test_unknown_job_404_and_auth_like_every_v1_route(server):
 SMALL = {"model": VAE, "n": 40, "seed": 5, "shard_size": 16}
 
 
+def _refused(call, *args):
+    """The refusal (:class:`serving.errors.RequestError`) a JobManager call raises."""
+    from serving.errors import RequestError
+
+    with pytest.raises(RequestError) as refusal:
+        call(*args)
+    return refusal.value
+
+
 def _manager(registered, storage, **kw):
     from serving.jobs import JobManager
 
@@ -354,8 +363,8 @@ def test_progress_is_recorded_at_most_every_interval_and_every_state_change_alwa
 def test_an_unknown_or_impossible_job_id_is_404_naming_where_records_live(registered, tmp_path):
     manager = _manager(registered, (tmp_path / "store").as_uri())
     for jid in ("0123abcd", "../../etc/passwd", "a/b"):
-        r = manager.get(jid)
-        assert (r["status"], r["error"]) == (404, "job_not_found") and "/store/jobs/" in r["detail"], r
+        r = _refused(manager.get, jid)
+        assert (r.status_code, r.error) == (404, "job_not_found") and "/store/jobs/" in r.detail, r
 
 
 class _ManagerBackend:
@@ -449,9 +458,9 @@ def test_an_output_outside_the_roots_is_422_naming_no_file(registered, tmp_path)
     for output in [(tmp_path / "x").as_uri(), root.as_uri() + "/../x", root.as_uri() + "/a/%2e%2e/%2e%2e/x",
                    (root / "escape" / "y").as_uri(), root.as_uri(), "file:///dev/shm/x", f"s3://{BUCKET}/x",
                    root.as_uri() + "/a\nlevel=error msg=forged"]:
-        r = manager.submit({**SMALL, "output": output})
-        assert (r["status"], r["error"]) == (422, "invalid_request"), (output, r)
-        (detail,) = r["detail"]
+        r = _refused(manager.submit, {**SMALL, "output": output})
+        assert (r.status_code, r.error) == (422, "invalid_request"), (output, r)
+        (detail,) = r.detail
         assert detail["loc"] == ["body", "output"], (output, detail)
         # Names nothing but what the caller sent (quoted: a newline in it stays "\n", not a new log line).
         rest = detail["msg"].replace(repr(output), "").replace(output, "")
@@ -468,9 +477,9 @@ def test_an_output_outside_the_roots_is_422_naming_no_file(registered, tmp_path)
 ])
 def test_limits_per_job_are_422_naming_the_field(registered, tmp_path, body, field):
     manager = _manager(registered, (tmp_path / "store").as_uri(), max_samples=100, max_shards=3, max_bytes=50 * 64)
-    r = manager.submit({**SMALL, **body, "output": (tmp_path / "out").as_uri()})
-    assert (r["status"], r["error"]) == (422, "invalid_request"), r
-    assert [d["loc"] for d in r["detail"]] == [["body", field]] and "GENMODELS_JOB_MAX_" in r["detail"][0]["msg"]
+    r = _refused(manager.submit, {**SMALL, **body, "output": (tmp_path / "out").as_uri()})
+    assert (r.status_code, r.error) == (422, "invalid_request"), r
+    assert [d["loc"] for d in r.detail] == [["body", field]] and "GENMODELS_JOB_MAX_" in r.detail[0]["msg"]
     assert manager.list() == []
 
 
@@ -542,9 +551,9 @@ def test_a_registry_that_cannot_be_reached_is_503_without_its_details(registered
         raise ConnectionError("http://mlflow.internal:5000 refused (token=s3cr3t)")
 
     monkeypatch.setattr(registry, "current_version", down)
-    r = manager.submit({**SMALL, "output": (tmp_path / "o").as_uri()})
-    assert (r["status"], r["error"]) == (503, "registry_unavailable"), r
-    assert "mlflow.internal" not in json.dumps(r) and "s3cr3t" not in json.dumps(r)
+    r = _refused(manager.submit, {**SMALL, "output": (tmp_path / "o").as_uri()})
+    assert (r.status_code, r.error) == (503, "registry_unavailable"), r
+    assert "mlflow.internal" not in json.dumps(r.to_answer()) and "s3cr3t" not in json.dumps(r.to_answer())
 
 
 def test_listing_jobs_is_paged_with_a_total_and_a_next_link(listing):

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.api import create_api
-from serving.app import RequestError, decode_png, png_size
+from serving.errors import RequestError
+from serving.models import decode_png, png_size
 
 
 class _Failing:
@@ -68,7 +69,7 @@ def test_a_png_claiming_another_size_is_422_before_pillow_decodes_it(claim, mess
     payload = base64.b64encode(_png(8, 8, claim=claim)).decode()
     with pytest.raises(RequestError) as err:
         decode_png(payload, (1, 8, 8))
-    assert (err.value.status, err.value.error) == (422, "invalid_image") and message in err.value.detail
+    assert (err.value.status_code, err.value.error) == (422, "invalid_image") and message in err.value.detail
     assert decode_png(base64.b64encode(_png(8, 8)).decode(), (1, 8, 8)).shape == (1, 8, 8)
 
 

@@ -48,7 +48,7 @@ def test_a_flow_job_is_recorded_running_then_succeeded_and_the_api_lists_it(tmp_
                                 "totals": {"samples": 40, "shards": 3, "bytes": 1234}}
     page = manager.page(status="succeeded")
     assert page["total"] == 1 and page["jobs"][0]["job_id"] == jid and page["jobs"][0]["done"] == 40
-    from serving.jobs import JobStatus
+    from serving.api.schemas import JobStatus
 
     JobStatus.model_validate(page["jobs"][0])  # the API's response model takes it as it is
     assert manager.get(jid)["status"] == "succeeded"
@@ -100,3 +100,10 @@ def test_a_record_that_cannot_be_written_does_not_stop_the_job(tmp_path, monkeyp
     with records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()) as recorder:
         recorder.succeeded("file:///x/manifest.json", {"samples": 40, "shards": 3, "bytes": 1})
     assert recorder.record["status"] == "succeeded"
+
+
+def test_the_status_schema_has_exactly_the_fields_a_record_answers_with():
+    from serving.api.schemas import JobStatus
+    from serving.jobs import PUBLIC_FIELDS
+
+    assert tuple(JobStatus.model_fields) == PUBLIC_FIELDS

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.api import create_api
+from serving.errors import RequestError
 from serving.observability import logfmt
 
 
@@ -21,7 +22,7 @@ class FakeBackend:
 
     async def sample(self, request):
         if request["model"] != "m":
-            return {"status": 404, "error": "model_not_found", "detail": f"no served model {request['model']!r}"}
+            raise RequestError(404, "model_not_found", f"no served model {request['model']!r}")
         return {"model": "m", "version": "7", "seed": request["seed"],
                 "images": np.full((request["n"], 1, 2, 2), 0.5, np.float32)}
 

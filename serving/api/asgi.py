@@ -1,0 +1,117 @@
+"""The FastAPI application of HTTP API v1: auth, body limit, request log, the playground page,
+the sampling and job routes and the one error responder."""
+
+from __future__ import annotations
+
+import hmac
+import pathlib
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse
+from starlette.exceptions import HTTPException
+
+from serving.api.errors import error_response, install_error_handlers
+from serving.api.jobs import jobs_router
+from serving.api.sampling import add_sampling_routes
+from serving.api.schemas import ErrorBody
+from serving.observability import Observe, RequestLog
+
+#: The web playground (GET /), shipped as package data (pyproject: ``serving = ["static/*.html"]``).
+PLAYGROUND = pathlib.Path(__file__).parent.parent / "static" / "playground.html"
+#: The page's auth flag; the server flips it to "bearer" when an API key guards /v1.
+_AUTH_FLAG = 'data-auth="none"'
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``limit`` bytes, by Content-Length or as they stream in."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = f"request body over {self.limit} bytes"
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(413, "payload_too_large", too_large)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPException from body reading (any other error becomes its
+                    # own 400); the error responder makes it JSON.
+                    raise HTTPException(413, too_large)
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               request_log: Callable[[dict[str, Any]], None] | None = None) -> FastAPI:
+    """The app over ``backend`` (see :func:`serving.api.sampling.add_sampling_routes` and
+    :func:`serving.api.jobs.jobs_router`; ``serving.app.HandleBackend`` in Serve); ``request_log``
+    gets one record per request (default: a :class:`serving.observability.RequestLog` without
+    metrics)."""
+    api = FastAPI(title="genmodels sampling API", version="1",
+                  description="Online sampling from the champion version of each registered generative model. "
+                              "Same model version, seed, labels and temperature -> the same images, whether "
+                              "asked alone or batched with other requests.",
+                  responses={k: {"model": ErrorBody} for k in (401, 404, 413, 422)})
+    install_error_handlers(api)
+
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @api.get("/healthz", tags=["health"])
+    async def healthz():
+        """200 once the sampler replicas have loaded their models (they answer only then)."""
+        await backend.describe()
+        return {"status": "ok"}
+
+    playground = playground_html(auth=bool(api_key))
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        """The web playground. Open without a key: it holds no data, and the API calls it makes
+        carry the key the user types."""
+        return HTMLResponse(playground, headers={
+            "Cache-Control": "no-cache",
+            # Everything the page needs is inline or on this origin (grids as blob:, frames as data:).
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                       "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff"})
+
+    # One auth dependency and one error format for sampling and bulk jobs alike.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    add_sampling_routes(v1, backend)
+    v1.include_router(jobs_router(backend))
+    api.include_router(v1)
+    api.add_middleware(BodyLimit, limit=int(max_body_bytes))
+    # Added last, so outermost: it also times (and logs) what BodyLimit refuses.
+    api.add_middleware(Observe, sink=request_log or RequestLog())
+    return api
+
+
+def playground_html(auth: bool) -> str:
+    """The playground page, flagged to ask for an API key when ``auth``."""
+    try:
+        html = PLAYGROUND.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the web playground {PLAYGROUND} is missing: the serving package was installed "
+                                "without its package data (pyproject: [tool.setuptools.package-data] "
+                                'serving = ["static/*.html"])') from None
+    if html.count(_AUTH_FLAG) != 1:
+        raise ValueError(f"{PLAYGROUND} must carry exactly one {_AUTH_FLAG} (the server's auth flag)")
+    return html.replace(_AUTH_FLAG, 'data-auth="bearer"') if auth else html

@@ -1,0 +1,78 @@
+"""Routes of bulk jobs: ``POST/GET/DELETE /v1/jobs`` (the work: :class:`serving.jobs.JobManager`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from serving.api.schemas import JobAccepted, JobId, JobRequest, JobStatus
+from serving.errors import RequestError
+from serving.jobs import ACTIVE, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, JobState, check_request
+
+
+def jobs_router(backend) -> APIRouter:
+    """``/jobs`` routes over ``backend.submit_job(request)``, ``job_status(id)``, ``cancel_job(id)``
+    and ``list_jobs(status, limit, offset)`` (async, answering as :class:`serving.jobs.JobManager`
+    does, :meth:`~serving.jobs.JobManager.page` or a plain list for ``list_jobs``); a backend
+    without them answers 501."""
+    router = APIRouter(prefix="/jobs", tags=["bulk jobs"])
+    enabled = all(hasattr(backend, m) for m in ("submit_job", "job_status", "cancel_job"))
+
+    def require(method: str = "submit_job") -> None:
+        if not enabled or not hasattr(backend, method):
+            raise RequestError(501, "not_implemented", "this server runs no bulk job deployment")
+
+    def answer(result: dict[str, Any] | list[dict[str, Any]], status: int = 200) -> JSONResponse:
+        return JSONResponse(result, status_code=status)
+
+    @router.post("", status_code=202, response_model=JobAccepted)
+    async def submit(body: JobRequest):
+        """Start writing n samples as shards plus manifest.json to ``output``; 202 with the job id.
+        The same spec again: the same id (the running job, or a resumed run once it ended)."""
+        require()
+        request = body.model_dump()
+        check_request(request)
+        return answer(await backend.submit_job(request), status=202)
+
+    @router.get("", response_model=list[JobStatus])
+    async def list_jobs(
+        request: Request,
+        status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="At most this many jobs.")] =
+            DEFAULT_LIST_LIMIT,
+        offset: Annotated[int, Query(ge=0, le=10**9, description="Skip this many (the next page: offset + "
+                                                                  "limit; see the Link header).")] = 0,
+    ):
+        """Jobs, the most recently submitted first (running ones and those recorded in the
+        platform storage, across restarts); no manifests: GET /v1/jobs/{id} has a job's. One page
+        per call: ``X-Total-Count`` says how many match, ``Link: <...>; rel="next"`` where the
+        next page is."""
+        require("list_jobs")
+        result = await backend.list_jobs(status, limit, offset)
+        if isinstance(result, dict) and "jobs" in result:
+            response = answer(result["jobs"])
+            total = int(result["total"])
+            response.headers["X-Total-Count"] = str(total)
+            if offset + limit < total:
+                following = request.url.include_query_params(offset=offset + limit, limit=limit)
+                response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+            return response
+        return answer(result)
+
+    @router.get("/{job_id}", response_model=JobStatus)
+    async def status(job_id: JobId):
+        """The job's status, samples done, and its manifest once it succeeded."""
+        require()
+        return answer(await backend.job_status(job_id))
+
+    @router.delete("/{job_id}", response_model=JobStatus, status_code=202)
+    async def cancel(job_id: JobId):
+        """Ask the job to stop (202; ``status`` turns ``cancelled`` once it has); completed shards are
+        kept. A job already ended is left as it is (200)."""
+        require()
+        result = await backend.cancel_job(job_id)
+        return answer(result, status=202 if result.get("status") in ACTIVE else 200)
+
+    return router

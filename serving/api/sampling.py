@@ -1,0 +1,113 @@
+"""Routes of the online sampler: models, samples, grid, interpolations, analogies, completions."""
+
+from __future__ import annotations
+
+import base64
+import math
+import secrets
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from genmodels.images import grid_png, image_pngs
+from serving.api.schemas import (
+    MAX_SAMPLES,
+    RANDOM_SEED_BOUND,
+    AnalogyRequest,
+    AnalogyResponse,
+    CompleteRequest,
+    CompleteResponse,
+    InterpolateRequest,
+    InterpolateResponse,
+    LabelQuery,
+    ModelInfo,
+    ModelName,
+    SampleRequest,
+    SampleResponse,
+    SeedQuery,
+    TemperatureQuery,
+)
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """One image [C, H, W] in [0, 1] as a PNG at its own size (no upscaling, no border)."""
+    return image_pngs(image[None])[0]
+
+
+def encode_images(images: np.ndarray, fmt: str) -> list:
+    if fmt == "array":
+        return images.astype(np.float64).tolist()
+    return [base64.b64encode(png).decode("ascii") for png in image_pngs(images)]
+
+
+def _observed(request: Request, out: dict[str, Any], n: int) -> dict[str, Any]:
+    # Read by the request log: which model version answered, with how many images.
+    request.state.observed = {"model": out["model"], "version": out["version"], "n": n}
+    return out
+
+
+def _seed(seed: int | None) -> int:
+    return secrets.randbelow(RANDOM_SEED_BOUND) if seed is None else seed
+
+
+def add_sampling_routes(router: APIRouter, backend) -> None:
+    """The routes, on ``router`` itself (so that their path, as the request log and metrics name
+    it, carries the router's prefix), over ``backend``'s async ``describe()``, ``sample``,
+    ``interpolate``, ``analogies`` and ``complete`` (each taking a request dict, raising
+    :class:`serving.errors.RequestError` to refuse it)."""
+
+    @router.get("/models", response_model=list[ModelInfo], tags=["models"])
+    async def list_models():
+        return await backend.describe()
+
+    async def sample(request: Request, name: str, n: int, seed: int | None, labels,
+                     temperature: float) -> dict[str, Any]:
+        out = await backend.sample({"model": name, "n": n, "seed": _seed(seed), "labels": labels,
+                                    "temperature": temperature})
+        return _observed(request, out, n)
+
+    @router.post("/models/{name}/samples", response_model=SampleResponse, tags=["sampling"])
+    async def samples(request: Request, name: ModelName, body: SampleRequest):
+        """n images of the model's current version; the same seed gives the same images."""
+        out = await sample(request, name, body.n, body.seed, body.labels, body.temperature)
+        return {**out, "images": encode_images(out["images"], body.format)}
+
+    @router.get("/models/{name}/grid.png", response_class=Response, tags=["sampling"],
+                responses={200: {"content": {"image/png": {}}}})
+    async def grid(request: Request, name: ModelName, n: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 16,
+                   seed: SeedQuery = None, label: LabelQuery = None, temperature: TemperatureQuery = 1.0):
+        """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
+        out = await sample(request, name, n, seed, label, temperature)
+        png = grid_png(out["images"], nrow=max(1, math.ceil(math.sqrt(n))))
+        return Response(png, media_type="image/png",
+                        headers={"X-Model-Version": out["version"], "X-Seed": str(out["seed"])})
+
+    @router.post("/models/{name}/interpolate", response_model=InterpolateResponse, tags=["sampling"])
+    async def interpolate(request: Request, name: ModelName, body: InterpolateRequest):
+        """steps images along the slerp between seed_a's and seed_b's latent points (VAE, CVAE, GAN);
+        the ends are the first sample of seed_a and of seed_b."""
+        out = await backend.interpolate({"model": name, "seed_a": body.seed_a, "seed_b": body.seed_b,
+                                         "steps": body.steps, "label": body.label, "temperature": body.temperature})
+        _observed(request, out, body.steps)
+        return {**out, "images": encode_images(out["images"], body.format)}
+
+    @router.post("/models/{name}/analogies", response_model=AnalogyResponse, tags=["sampling"])
+    async def analogies(request: Request, name: ModelName, body: AnalogyRequest):
+        """The style of a given image (of class ``label``) drawn as every class (CVAE only): the
+        image's posterior mean decoded with each label; image ``label`` is its reconstruction."""
+        out = await backend.analogies({"model": name, "image": body.image, "label": body.label})
+        _observed(request, out, len(out["images"]))
+        return {**out, "images": encode_images(out["images"], body.format)}
+
+    @router.post("/models/{name}/complete", response_model=CompleteResponse, tags=["sampling"])
+    async def complete(request: Request, name: ModelName, body: CompleteRequest):
+        """n completions of a partly known image, drawn exactly from p(unknown | known): PixelRNN
+        completes everything below ``known_rows``; a mixture completes any ``mask``. The same
+        seed gives the same completions."""
+        out = await backend.complete({"model": name, "image": body.image, "known_rows": body.known_rows,
+                                      "mask": body.mask, "n": body.n, "seed": _seed(body.seed),
+                                      "temperature": body.temperature, "labels": body.labels})
+        _observed(request, out, body.n)
+        return {**out, "images": encode_images(out["images"], body.format)}
