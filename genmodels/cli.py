@@ -2,109 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Annotated, Callable, Optional, Sequence
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
+from genmodels.cli_options import (  # noqa: F401 - PRESETS: the presets the commands offer, read by tests
+    DEFAULT_FAMILIES, PRESETS, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt, PresetOpt,
+    QuantOpt, SeedOpt, SourceOpt, console, family_list, friendly_errors, train_overrides,
+)
 from genmodels.config import get_settings
-from genmodels.data.prep import QUANTIZATIONS
-from genmodels.data.sources import source_names
-from genmodels.models import FAMILIES, family_class, parse_families
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)
 data_app = typer.Typer(help="Dataset sources and snapshots.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-
-DEFAULT_FAMILIES = ",".join(FAMILIES)
-
-# --- options with fixed choices -------------------------------------------------------------------
-#: Every family's presets, in the families' order (quick, cpu, full): the models define them.
-PRESETS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FAMILIES for p in family_class(f).presets))
-DATASETS: tuple[str, ...] = tuple(source_names())
-QUANTIZATION_CHOICES: tuple[str, ...] = tuple(QUANTIZATIONS)
-CHANNELS: tuple[str, ...] = ("L", "RGB")
-
-
-def _fail(message: str):
-    # The one red line and exit code 2 of every other bad input (friendly_errors), rather than
-    # click's usage panel: the value is checked while the command line is parsed, before any work.
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
-
-
-def choice(what: str, choices: Sequence[str]) -> dict:
-    """typer.Option arguments for an option with fixed ``choices``: listed in ``--help``, offered
-    by shell completion, refused at parse time naming the choices."""
-
-    def parse(value: str) -> str:
-        if value not in choices:
-            _fail(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-        return value
-
-    def complete(incomplete: str) -> list[str]:
-        return [c for c in choices if c.startswith(incomplete)]
-
-    return {"parser": parse, "metavar": f"[{'|'.join(choices)}]", "autocompletion": complete}
-
-
-def family_list() -> dict:
-    """typer.Option arguments for ``--family``/``--families`` taking a comma list of families or
-    ``all``; completion completes the item after the last comma."""
-
-    def parse(value: str) -> str:
-        try:
-            parse_families(value)
-        except ValueError as exc:
-            _fail(str(exc))
-        return value
-
-    def complete(incomplete: str) -> list[str]:
-        head, comma, last = incomplete.rpartition(",")
-        taken = set(head.split(",")) if comma else set()
-        options = [f for f in FAMILIES if f not in taken] + ([] if comma else ["all"])
-        return [head + comma + f for f in options if f.startswith(last)]
-
-    return {"parser": parse, "metavar": f"[{'|'.join(FAMILIES)}][,...]|all", "autocompletion": complete}
-
-
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="The data source.", **choice("dataset", DATASETS))]
-SourceOpt = Annotated[Optional[str], typer.Option("--source", help="Data location: path, file:// or s3:// (folder/npz; "
-                                                 "fashion-mnist defaults to GENMODELS_FASHION_MNIST_DIR).")]
-FamilyOpt = Annotated[str, typer.Option("--family", "-f", help="The model family.", **choice("family", FAMILIES))]
-FamiliesOpt = Annotated[str, typer.Option("--family", "-f", help="Comma list of families, or 'all'.", **family_list())]
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="quick (minutes on CPU), cpu (2 cores, <= 90 min), "
-                                        "full (quality targets, GPU).", **choice("preset", PRESETS))]
-OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Storage root for snapshots, runs and reports: "
-                                              "a path, file:// or s3://bucket/prefix. Default: GENMODELS_STORAGE "
-                                              "or ./.genmodels/store.")]
-QuantOpt = Annotated[str, typer.Option("--quantization", "-q", help="Pixel levels: binary (2) or 8bit (256).",
-                                      **choice("quantization", QUANTIZATION_CHOICES))]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of splits, binarization and training.")]
-ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Folder sources: resize to SIZE x SIZE.")]
-ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L (grey) or RGB.",
-                                         **choice("channels", CHANNELS))]
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Expected failures (bad input, missing files, storage) become one red line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from genmodels.storage import StorageError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, StorageError, NotImplementedError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(code=2) from None
-
-    return wrapper
 
 
 def _storage(out: str | None):
@@ -132,9 +46,6 @@ def _families(spec: str) -> list[str]:
     return parse_families(spec)
 
 
-def train_overrides(epochs, batch_size, max_train_examples, device) -> dict:
-    given = {"epochs": epochs, "batch_size": batch_size, "max_train_examples": max_train_examples, "device": device}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 @data_app.command("prepare")
@@ -326,14 +237,16 @@ def run_cmd(
 
 
 def _load_command_plugins() -> None:
-    """Commands of the layers above the library (``pipelines``: retrain, schedule, generate;
-    ``serving``: serve) register themselves on ``app`` when imported. They are found through
-    the ``genmodels.cli`` entry points of the installed distribution, so this library never
-    imports those layers by name."""
+    """Commands of the layers above the library (``pipelines``: retrain, schedule, generate,
+    status; ``serving``: serve), registered on ``app`` by their ``register(app)``. They are found
+    through the ``genmodels.cli`` entry points of the installed distribution (a module, whose
+    ``register`` is called, or the function itself), so this library never imports those layers
+    by name, and they never import ``app``."""
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="genmodels.cli"):
-        entry.load()
+        plugin = entry.load()
+        getattr(plugin, "register", plugin)(app)
 
 
 _load_command_plugins()

@@ -1,6 +1,6 @@
 """`genmodels retrain | schedule | generate | status`: the commands over the Prefect flows (status
-only reads their records). Imported by ``genmodels.cli`` through the ``genmodels.cli`` entry
-point; registers on its ``app``."""
+only reads their records). ``genmodels.cli`` finds :func:`register` through the ``genmodels.cli``
+entry point."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 
 from genmodels.bulk import FORMATS
-from genmodels.cli import (
-    DatasetOpt, FamiliesOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, app, choice, console, friendly_errors,
+from genmodels.cli_options import (
+    DatasetOpt, FamiliesOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, choice, console, friendly_errors,
     train_overrides,
 )
 from genmodels.config import get_settings
@@ -20,7 +20,6 @@ from genmodels.models import parse_families
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray Train workers (DDP).")]
 
 
-@app.command("retrain")
 @friendly_errors
 def retrain_cmd(
     family: FamiliesOpt = "all",
@@ -68,7 +67,6 @@ def _print_outcomes(outcomes: dict) -> None:
     Console().print(table)
 
 
-@app.command("schedule")
 @friendly_errors
 def schedule_cmd(
     cron: Annotated[str, typer.Option("--cron", help="Cron expression, e.g. '0 3 * * *' (daily at 03:00).")],
@@ -96,7 +94,6 @@ def schedule_cmd(
     serve(to_serve)
 
 
-@app.command("generate")
 @friendly_errors
 def generate_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Registered model, e.g. fashion-mnist-vae.")],
@@ -137,7 +134,6 @@ def generate_cmd(
                   f"shards ({totals['bytes']} bytes) -> {out.rstrip('/')}/manifest.json")
 
 
-@app.command("status")
 @friendly_errors
 def status_cmd(
     out: OutOpt = None,
@@ -216,3 +212,11 @@ def _gate(version: dict | None) -> str:
     if not version or version.get("gate_value") is None:
         return "-"
     return f"{version['gate_metric']} {version['gate_value']:.4f}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to ``app`` (the ``genmodels`` command, through the ``genmodels.cli`` entry point)."""
+    app.command("retrain")(retrain_cmd)
+    app.command("schedule")(schedule_cmd)
+    app.command("generate")(generate_cmd)
+    app.command("status")(status_cmd)

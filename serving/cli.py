@@ -1,5 +1,5 @@
-"""`genmodels serve`: the online API on the registry's champions. Imported by ``genmodels.cli``
-through the ``genmodels.cli`` entry point; registers on its ``app``."""
+"""`genmodels serve`: the online API on the registry's champions. ``genmodels.cli`` finds
+:func:`register` through the ``genmodels.cli`` entry point."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from genmodels.cli import app, console, friendly_errors
+from genmodels.cli_options import console, friendly_errors
 from genmodels.config import get_settings
 
 #: How often ``--wait-for-champion`` asks the registry again.
@@ -22,7 +22,6 @@ class ProxyLocation(str, Enum):
     head_only = "HeadOnly"
 
 
-@app.command("serve")
 @friendly_errors
 def serve_cmd(
     host: Annotated[str, typer.Option(help="HTTP host of the Serve proxy.")] = "127.0.0.1",
@@ -132,3 +131,8 @@ def _stop_within(seconds: float) -> None:
     if done.is_alive():
         console.print(f"Serve did not stop within {seconds:.0f} s; stopping Ray")
     ray.shutdown()
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to ``app`` (the ``genmodels`` command, through the ``genmodels.cli`` entry point)."""
+    app.command("serve")(serve_cmd)

@@ -85,3 +85,17 @@ def test_shell_completion_is_on_and_offers_the_choices():
     assert _complete("genmodels retrain --family vae,c") == ["vae,cvae"]
     assert "all" in _complete("genmodels retrain --family ")
     assert _complete("genmodels generate --format n") == ["npz"]
+
+
+def test_command_plugins_register_on_the_app_without_importing_it():
+    # The layers above the library add their commands through register(app): they never import
+    # genmodels.cli (no import cycle through the app).
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.cli, serving.cli; "
+            "print('genmodels.cli' in sys.modules, callable(pipelines.cli.register), callable(serving.cli.register))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]
+    names = {c.name for c in app.registered_commands}
+    assert {"retrain", "schedule", "generate", "status", "serve"} <= names
