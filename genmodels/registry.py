@@ -58,18 +58,28 @@ def resolve_tracking_uri(tracking_uri: str | None = None, default_uri: str | Non
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri
 
 
-def configure(tracking_uri: str | None, default_uri: str) -> str:
-    """Point MLflow at :func:`resolve_tracking_uri` and give MLflow's S3 client the endpoint
-    boto3 uses (MinIO, moto)."""
+#: The tracking URI this process configured last (:func:`configure`).
+_configured: str | None = None
+
+
+def configure(tracking_uri: str | None = None, default_uri: str | None = None) -> str:
+    """Point MLflow at :func:`resolve_tracking_uri` (``tracking_uri``, else ``MLFLOW_TRACKING_URI``,
+    else ``default_uri``, by default the work dir's sqlite) and give MLflow's S3 client the
+    endpoint boto3 uses (MinIO, moto). Idempotent: an entry point calls it once; calling it again
+    for the same URI changes nothing."""
+    global _configured
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri, default_uri)
+    if uri == _configured and mlflow.get_tracking_uri() == uri:
+        return uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     mlflow.set_tracking_uri(uri)
+    _configured = uri
     return uri
 
 
@@ -502,25 +512,16 @@ class LoadedSampler:
     registered_at: str | None = None  # ISO 8601 UTC: when this version was registered (after training)
 
 
-def load_sampler(name: str, alias: str = CHAMPION, directory: str | Path | None = None,
-                 intra_op_num_threads: int | None = None) -> LoadedSampler:
-    """The ONNX sampler of ``models:/<name>@<alias>``, with its version and its run's metrics.
-
-    The graphs are downloaded into ``directory`` (a fresh temporary one by default, kept for the
-    life of the process: onnxruntime has read them by the time this returns)."""
-    import mlflow
+def load_sampler(name: str, alias: str = CHAMPION, intra_op_num_threads: int | None = None) -> LoadedSampler:
+    """The ONNX sampler of ``models:/<name>@<alias>`` (:func:`fetch_graphs`), with its version and
+    its run's metrics."""
     from mlflow import MlflowClient
 
     from genmodels.sampling import OnnxSampler
 
-    client = MlflowClient()
-    mv = version_by_alias(name, alias)
-    if mv is None:
-        raise LookupError(f"no version of model {name!r} has the alias {alias!r}")
-    target = Path(directory or tempfile.mkdtemp(prefix=f"genmodels-{name}-v{mv.version}-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target)))
-    sampler = OnnxSampler(sorted((local / "artifacts").glob("*.onnx")), intra_op_num_threads=intra_op_num_threads)
-    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    mv, files = fetch_graphs(name, alias)
+    sampler = OnnxSampler.from_bytes(files, intra_op_num_threads=intra_op_num_threads)
+    metrics = MlflowClient().get_run(mv.run_id).data.metrics if mv.run_id else {}
     registered_at = None
     if mv.creation_timestamp:
         from datetime import datetime, timezone
@@ -542,9 +543,10 @@ def served_models(alias: str = CHAMPION) -> list[str]:
     return sorted(m.name for m in MlflowClient().search_registered_models() if alias in (m.aliases or {}))
 
 
-def sampler_files(name: str, alias: str = CHAMPION) -> tuple[str, dict[str, bytes]]:
-    """``(version, {file name: bytes})``: the ONNX graphs of ``models:/<name>@<alias>``, resolved
-    once, as :func:`genmodels.bulk.run_job` takes them (bulk jobs from the CLI flow and from serving).
+def fetch_graphs(name: str, alias: str = CHAMPION) -> tuple[Any, dict[str, bytes]]:
+    """``(model version, {file name: bytes})``: the ONNX graphs of ``models:/<name>@<alias>``,
+    resolved once and downloaded by that version (the alias may move meanwhile); what
+    :func:`load_sampler` builds a sampler from and :func:`genmodels.bulk.run_job` takes.
 
     ``LookupError`` when no version of ``name`` holds ``alias`` (also when ``name`` is unknown)."""
     import mlflow
@@ -553,9 +555,8 @@ def sampler_files(name: str, alias: str = CHAMPION) -> tuple[str, dict[str, byte
     if mv is None:
         raise LookupError(f"no version of model {name!r} has the alias {alias!r}")
     with tempfile.TemporaryDirectory(prefix=f"genmodels-{name}-v{mv.version}-") as tmp:
-        # By explicit version, not by alias: the alias may move between the lookup and the download.
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp))
         files = {p.name: p.read_bytes() for p in sorted((local / "artifacts").glob("*.onnx"))}
     if not files:
         raise LookupError(f"model {name!r} v{mv.version} holds no ONNX graphs under artifacts/")
-    return str(mv.version), files
+    return mv, files

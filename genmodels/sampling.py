@@ -120,16 +120,10 @@ class OnnxPixelRNNSampler:
 
     def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]
-        if not self.conditional:
-            if labels is not None:
-                raise ValueError("pixelrnn model is unconditional: it takes no labels")
-            return np.zeros((n, L, d, 4 * h), np.float32), np.zeros((n, self.net["head_hidden"]), np.float32)
+        labels = check_labels_array(labels, n, family="pixelrnn", conditional=self.conditional,
+                                    num_classes=self.image["num_classes"])
         if labels is None:
-            raise ValueError("pixelrnn model is class-conditional: labels are required")
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        k = self.image["num_classes"]
-        if labels.shape[0] != n or (n and (labels.min() < 0 or labels.max() >= k)):
-            raise ValueError(f"labels must be {n} ints in [0, {k}), got {labels.tolist()}")
+            return np.zeros((n, L, d, 4 * h), np.float32), np.zeros((n, self.net["head_hidden"]), np.float32)
         gate, head = self.sessions["conditioning"].run(None, {"labels": labels})
         return gate, head
 
@@ -362,6 +356,24 @@ class OnnxSampler:
         if not files:
             raise ValueError(f"{directory}: no .onnx files there")
         return cls(files, intra_op_num_threads=intra_op_num_threads)
+
+    @classmethod
+    def from_bytes(cls, files: Mapping[str, bytes], intra_op_num_threads: int | None = None) -> OnnxSampler:
+        """One model's graphs as ``{file name: bytes}`` (as :func:`genmodels.registry.fetch_graphs`
+        gives them): written to a temporary folder only while onnxruntime reads them."""
+        import os
+        import tempfile
+
+        if not files:
+            raise ValueError("no graphs: give the model's ONNX graphs as {file name: bytes}")
+        with tempfile.TemporaryDirectory(prefix="genmodels-graphs-") as tmp:
+            paths = []
+            for name, data in sorted(files.items()):
+                path = os.path.join(tmp, os.path.basename(name) or "graph.onnx")
+                with open(path, "wb") as f:
+                    f.write(data)
+                paths.append(path)
+            return cls(paths, intra_op_num_threads=intra_op_num_threads)
 
     # --- what the model is ---------------------------------------------------------------
     @property

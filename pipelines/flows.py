@@ -70,7 +70,7 @@ def retrain(
     if dataset == "fashion-mnist" and source is None:
         source = settings.fashion_mnist_dir
     check_plan(names, preset, workers, storage_url)
-    registry.configure(None, settings.default_tracking_uri)
+    registry.configure()
     logger = get_run_logger()
     params = {"workers": workers, "source": source, "quantization": quantization, "seed": seed,
               "if_no_champion": if_no_champion, "fresh": fresh, "overrides": overrides}

@@ -25,8 +25,9 @@ def resolve_model(model: str, alias: str) -> dict[str, Any]:
     """The version holding ``alias`` and its ONNX graphs' bytes (``run_job`` loads them first thing)."""
     from genmodels import registry
 
-    registry.configure(None, get_settings().default_tracking_uri)
-    version, files = registry.sampler_files(model, alias)
+    registry.configure()
+    mv, files = registry.fetch_graphs(model, alias)
+    version = str(mv.version)
     get_run_logger().info("%s@%s is version %s (%s)", model, alias, version, ", ".join(sorted(files)))
     return {"name": model, "version": version, "files": files}
 

@@ -58,7 +58,7 @@ def serve_cmd(
     from genmodels.ray_runtime import ensure_ray
 
     # Check the registry before starting Ray: a typo or an empty registry is one clear line.
-    registry.configure(None, get_settings().default_tracking_uri)
+    registry.configure()
     deadline = time.monotonic() + wait_for_champion
     while True:
         names = [m.strip() for m in models.split(",") if m.strip()] if models else registry.served_models()

@@ -146,7 +146,7 @@ class JobManager:
         from genmodels.storage import open_storage
 
         settings = get_settings()
-        registry.configure(tracking_uri, settings.default_tracking_uri)
+        registry.configure(tracking_uri)
         self.names = sorted(names) if names else None  # None: any registered model with the alias
         self.alias, self.workers, self.use_ray = alias, int(workers), use_ray
         self.storage = open_storage(storage or settings.storage_url)
@@ -183,8 +183,9 @@ class JobManager:
                                                            f"holding the alias {self.alias!r}")
             cached = self._models.get((name, version))
             if cached is None:
-                # The version sampler_files resolves is the one its graphs belong to (the alias may move).
-                version, files = registry.sampler_files(name, self.alias)
+                # The version fetch_graphs resolves is the one its graphs belong to (the alias may move).
+                mv, files = registry.fetch_graphs(name, self.alias)
+                version = str(mv.version)
                 cached = self._models.get((name, version))
                 if cached is None:
                     sampler = bulk.build_sampler(files, 1)

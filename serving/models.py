@@ -7,11 +7,8 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,18 +117,15 @@ class ModelSet:
     def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None,
                  intra_op_num_threads: int | None = None) -> None:
         from genmodels import registry
-        from genmodels.config import get_settings
 
-        registry.configure(tracking_uri, get_settings().default_tracking_uri)
+        registry.configure(tracking_uri)
         self.alias = alias
         self._threads = intra_op_num_threads
-        self._root = Path(tempfile.mkdtemp(prefix="genmodels-serve-"))
         self._pinned = bool(names)
         names = list(names) if names else registry.served_models(alias)
         if not names:
             raise ValueError(f"no registered model has a version with the alias {alias!r}: nothing to serve "
                              "(run `genmodels retrain` first, or name models that have one)")
-        self._dirs: dict[str, Path] = {}
         self._models: dict[str, Any] = {name: self._load(name) for name in names}
         self.onnx_calls = 0
         self.requests_sampled = 0
@@ -139,17 +133,7 @@ class ModelSet:
     def _load(self, name: str):
         from genmodels import registry
 
-        directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self._root))
-        try:
-            loaded = registry.load_sampler(name, self.alias, directory=directory, intra_op_num_threads=self._threads)
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        # onnxruntime has read the graphs into memory: the previous version's files can go.
-        old, self._dirs[name] = self._dirs.get(name), directory
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return loaded
+        return registry.load_sampler(name, self.alias, intra_op_num_threads=self._threads)
 
     # --- what is served ---------------------------------------------------------------------
     @property
@@ -351,4 +335,5 @@ class ModelSet:
         return swapped
 
     def close(self) -> None:
-        shutil.rmtree(self._root, ignore_errors=True)
+        """Nothing to release: the graphs live in onnxruntime's memory only (kept for callers
+        that close what they open)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,13 +80,4 @@ def build_sampler(files: Mapping[str, bytes], intra_op_num_threads: int | None):
 
     if not files:
         raise ValueError("sampler_files is empty: give the model's ONNX graphs as {file name: bytes}")
-    with tempfile.TemporaryDirectory(prefix="genmodels-bulk-") as tmp:
-        paths = []
-        for name, data in sorted(files.items()):
-            path = os.path.join(tmp, os.path.basename(name) or "graph.onnx")
-            with open(path, "wb") as f:
-                f.write(data)
-            paths.append(path)
-        # onnxruntime has read the graphs once the sessions exist: the files can go.
-        return OnnxSampler(paths, intra_op_num_threads=intra_op_num_threads)
-
+    return OnnxSampler.from_bytes(files, intra_op_num_threads)

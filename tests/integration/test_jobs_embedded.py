@@ -123,7 +123,7 @@ def _shard_writers(session: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, session, ...
-        if int(fields[3]) == session and title.startswith(b"ray::_ShardWriter"):
+        if int(fields[3]) == session and title.startswith(b"ray::ShardWriter"):
             out.append(int(entry))
     return out
 

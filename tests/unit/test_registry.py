@@ -295,6 +295,30 @@ def test_registered_cvae_loads_as_onnx_and_as_a_pyfunc_over_the_api_table(work, 
         assert np.abs(images - want).max() <= 1e-4
 
 
+def test_load_sampler_and_the_bulk_path_share_one_fetch_of_the_graphs(work, gate):
+    from genmodels.sampling import OnnxSampler
+
+    name = gate["best"]["registered"].name
+    mv, files = registry.fetch_graphs(name, "champion")
+    assert str(mv.version) == registry.current_version(name) and files and all(k.endswith(".onnx") for k in files)
+    loaded = registry.load_sampler(name)
+    assert loaded.version == str(mv.version)
+    np.testing.assert_array_equal(loaded.sampler.sample(3, seed=4), OnnxSampler.from_bytes(files).sample(3, seed=4))
+    with pytest.raises(LookupError, match="has the alias 'nobody'"):
+        registry.fetch_graphs(name, "nobody")
+
+
+def test_configure_is_idempotent_with_its_own_default(work, monkeypatch):
+    import mlflow
+
+    calls = []
+    set_uri = mlflow.set_tracking_uri
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: (calls.append(uri), set_uri(uri)))
+    # No argument: MLFLOW_TRACKING_URI (set for this module), which the fixture configured already.
+    assert registry.configure() == registry.configure() == f"sqlite:///{work['root']}/mlflow.db"
+    assert calls == []
+
+
 # --- concurrent promotions ------------------------------------------------------------------------
 @pytest.mark.parametrize("first", ["mid", "best"])
 def test_two_concurrent_promotions_end_with_the_better_one_champion(work, models, monkeypatch, first):
