@@ -20,14 +20,14 @@ import json
 import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from genmodels.models.base import check_labels_array, check_temperature, completion_mask_array, require_completion
 from genmodels.noise import NoiseField, check_seed, interpolation_noise, make_noise
 
-__all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "categorical_inverse_cdf_np", "read_metadata"]
+__all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "Request", "categorical_inverse_cdf_np", "read_metadata"]
 
 META_PREFIX = "genmodels."
 # Metadata every graph of one exported model carries with the same value; two files that
@@ -272,6 +272,16 @@ class OnnxPixelRNNSampler:
 
 
 # --- the one runtime for every family ----------------------------------------------------------
+class Request(NamedTuple):
+    """One sampling request: images ``start .. start+n-1`` of ``seed`` (labels: None, one class
+    or one per image)."""
+
+    n: int
+    seed: int
+    labels: Any = None
+    start: int = 0
+
+
 def _count(value: Any, name: str, minimum: int) -> int:
     try:
         if isinstance(value, bool):
@@ -456,14 +466,23 @@ class OnnxSampler:
     def sample(self, n: int, seed: int, labels: Any = None, temperature: float = 1.0, start: int = 0) -> np.ndarray:
         """Images ``start .. start+n-1`` of ``seed``: the same as ``model.sample(n, labels,
         seed=seed, temperature=temperature, start=start)`` in torch, whatever the batching."""
-        n = _count(n, "n", 1)
-        start = _count(start, "start", 0)
-        seed = check_seed(seed)
+        return self.sample_many([Request(n, seed, labels, start)], temperature)[0]
+
+    def sample_many(self, requests: Sequence[Request], temperature: float = 1.0) -> list[np.ndarray]:
+        """Several requests in one graph call, each getting exactly the images :meth:`sample`
+        gives it alone: each draws its own seed's noise, and samplers are row-independent, so
+        sampling the concatenation once changes no image. How the serving API batches."""
+        checked = [(_count(r.n, "n", 1), _count(r.start, "start", 0), check_seed(r.seed)) for r in requests]
         check_temperature(temperature)
+        if not checked:
+            return []
         # Labels before noise: a bad request fails before paying for the noise.
-        checked = self.check_labels(labels, n)
-        noise = {k: v.numpy() for k, v in make_noise(self._noise_spec, seed, n, start=start).items()}
-        return self.sample_from_noise(noise, checked, temperature)
+        labels = [self.check_labels(r.labels, n) for r, (n, _, _) in zip(requests, checked)]
+        counts = [n for n, _, _ in checked]
+        parts = [make_noise(self._noise_spec, seed, n, start=start) for n, start, seed in checked]
+        noise = {k: np.concatenate([p[k].numpy() for p in parts]) for k in self._noise_spec}
+        images = self.sample_from_noise(noise, np.concatenate(labels) if self._conditional else None, temperature)
+        return np.split(images, np.cumsum(counts)[:-1])
 
     def interpolate(self, seed_a: int, seed_b: int, steps: int, labels: Any = None,
                     temperature: float = 1.0) -> np.ndarray:

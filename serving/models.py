@@ -180,21 +180,17 @@ class ModelSet:
         return SampleItem(loaded, n, int(request["seed"]), checked, float(request["temperature"]))
 
     def run_batch(self, items: Sequence[SampleItem]) -> None:
-        """Fill ``item.images`` for every item with as few onnxruntime calls as possible.
-
-        Items are grouped by (model version, temperature): temperature is one scalar input of
-        the graphs. Each item's noise is its own seed's stream (``make_noise(spec, seed, n)``);
-        samplers are row-independent, so sampling the concatenation once gives every item
-        exactly the images it would get alone.
-        """
-        from genmodels.noise import make_noise
+        """Fill ``item.images`` for every item with as few onnxruntime calls as possible: items
+        grouped by (model version, temperature), temperature being one scalar input of the
+        graphs, each group in :meth:`genmodels.sampling.OnnxSampler.sample_many` calls of at
+        most :data:`MAX_ROWS_PER_CALL` rows."""
+        from genmodels.sampling import Request
 
         groups: dict[tuple[int, float], list[SampleItem]] = {}
         for item in items:
             groups.setdefault((id(item.loaded), item.temperature), []).append(item)
         for group in groups.values():
             sampler, temperature = group[0].loaded.sampler, group[0].temperature
-            spec = sampler.noise_spec
             start = 0
             while start < len(group):
                 # Chunks of whole requests up to MAX_ROWS_PER_CALL rows (a single request may exceed it).
@@ -203,15 +199,10 @@ class ModelSet:
                     chunk.append(group[start])
                     rows += group[start].n
                     start += 1
-                parts = [make_noise(spec, it.seed, it.n) for it in chunk]
-                noise = {k: np.concatenate([p[k].numpy() for p in parts]) for k in spec}
-                labels = None if not sampler.conditional else np.concatenate([it.labels for it in chunk])
-                images = sampler.sample_from_noise(noise, labels, temperature)
+                images = sampler.sample_many([Request(it.n, it.seed, it.labels) for it in chunk], temperature)
                 self.onnx_calls += 1
-                offset = 0
-                for it in chunk:
-                    it.images = images[offset : offset + it.n]
-                    offset += it.n
+                for it, out in zip(chunk, images):
+                    it.images = out
         self.requests_sampled += len(items)
 
     def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:

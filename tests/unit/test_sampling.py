@@ -116,6 +116,20 @@ def test_sample_from_noise_takes_the_torch_models_noise(exported):
         sampler.sample_from_noise({"z": np.zeros((3, 5), np.float32)}, labels.numpy())
 
 
+@pytest.mark.parametrize("case", ["vae", "cvae", "pixelrnn_diagonal"])
+def test_sample_many_gives_each_request_the_images_it_gets_alone(case, exported):
+    from genmodels.sampling import Request
+
+    model, _directory, sampler = exported(case)
+    label = (lambda k: k % 3) if model.conditional else (lambda k: None)
+    requests = [Request(3, 7, label(1)), Request(1, 2, label(2)), Request(2, 7, label(0), start=2)]
+    got = sampler.sample_many(requests, TEMPERATURE)
+    assert len(got) == len(requests)
+    for r, images in zip(requests, got):
+        assert_same_images(model, images, sampler.sample(r.n, r.seed, r.labels, TEMPERATURE, start=r.start))
+    assert sampler.sample_many([], TEMPERATURE) == []
+
+
 @pytest.mark.parametrize("case", ["vae", "cvae", "gan_conditional"])
 def test_interpolate_walks_the_torch_models_latent_path(case, exported):
     from genmodels.evaluation.pictures import interpolate
