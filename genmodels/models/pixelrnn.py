@@ -16,7 +16,7 @@ pure step functions, so a pixel costs the same whatever the image size:
 - ``row_step`` (Diagonal BiLSTM only) runs the right-to-left direction over a finished row;
   the output needs it only from the next row on, because of its one-row shift.
 
-The driver (``sample_cached``) only slices windows out of and writes results into row
+The driver (``_drive_cached``, under ``sample_cached`` and ``complete_prefix_cached``) only slices windows out of and writes results into row
 buffers, the same work a runtime over exported step graphs does. With C = 3, each pixel
 takes C steps (R, then G given R, then B given R and G); the states of the last one are
 kept, since no state at a pixel depends on its last channel. ``sample_naive`` recomputes the
@@ -286,69 +286,19 @@ class PixelRNN(GenerativeModel):
         temperature: float = 1.0,
         return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Pixel-by-pixel sampling with cached recurrent state (see the module docstring).
+        """Pixel-by-pixel sampling with cached recurrent state (see the module docstring): the
+        cached driver with nothing known, one sample per noise row.
 
         With ``return_logits``, also returns the logits [n, levels, C, H, W] each sub-pixel
         was drawn from (they equal ``self.logits`` of the returned images).
         """
         u = self._check_noise(noise, temperature)
-        n, C, H, W = u.shape
+        n = u.shape[0]
         gate_bias, head_bias = self.conditioning(labels, n)
-        L, hid, levels = self.config.num_layers, self.config.hidden_channels, self.image.levels
-        pad = self.config.input_kernel // 2
-        # Network-input values of the sampled image, zero-padded like the input conv's input.
-        canvas = u.new_zeros(n, C, H + pad, W + 2 * pad)
-        out_levels = torch.zeros(n, C, H, W, dtype=torch.long, device=u.device)
-        all_logits = u.new_zeros(n, levels, C, H, W) if return_logits else None
-        diagonal = self.directions == 2
-        if diagonal:
-            above_h = u.new_zeros(n, L, hid, W)
-            rl_above = u.new_zeros(n, L, hid, W)
-        else:
-            above_h = u.new_zeros(n, L, hid, W + 2)  # one zero column each side for the 1x3 conv
-            above_c = u.new_zeros(n, L, hid, W)
-        for i in range(H):
-            row_h = torch.zeros_like(above_h)
-            if diagonal:
-                left_h = u.new_zeros(n, L, hid)
-                left_c = u.new_zeros(n, L, hid)
-                row_inp = u.new_zeros(n, L, hid, W)
-            else:
-                row_c = torch.zeros_like(above_c)
-                left_inp = u.new_zeros(n, L, hid)
-            for j in range(W):
-                # A view: sub-pixels written below are visible to this pixel's next channel.
-                window = canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1]
-                for ch in range(C):
-                    if diagonal:
-                        logits, h, c, inp = self.pixel_step(
-                            window, left_h, left_c, above_h[..., j], rl_above[..., j], gate_bias, head_bias
-                        )
-                    else:
-                        logits, h, c, inp = self.pixel_step(
-                            window, above_h[..., j : j + 3], above_c[..., j], left_inp, gate_bias, head_bias
-                        )
-                    level = categorical_inverse_cdf(logits[:, :, ch], u[:, ch, i, j], temperature)
-                    out_levels[:, ch, i, j] = level
-                    canvas[:, ch, i + pad, j + pad] = self.network_input(self.from_levels(level).to(u))
-                    if all_logits is not None:
-                        all_logits[:, :, ch, i, j] = logits[:, :, ch]
-                if diagonal:
-                    left_h, left_c = h, c
-                    row_h[..., j] = h
-                    row_inp[..., j] = inp
-                else:
-                    left_inp = inp
-                    row_h[..., j + 1] = h
-                    row_c[..., j] = c
-            above_h = row_h
-            if diagonal:
-                if i + 1 < H:  # the last row's right-to-left states would never be read
-                    rl_above = self.row_step(row_inp, rl_above, gate_bias)
-            else:
-                above_c = row_c
-        images = self.from_levels(out_levels).to(u)
-        return (images, all_logits) if return_logits else images
+        blank = torch.zeros(n, *self.image.shape, dtype=torch.long, device=u.device)
+        out, logits = self._drive_cached(blank, 0, u, 1, gate_bias, head_bias, temperature, return_logits)
+        images = self.from_levels(out).to(u)
+        return (images, logits) if return_logits else images
 
     @torch.no_grad()
     def sample_naive(
@@ -410,35 +360,58 @@ class PixelRNN(GenerativeModel):
         The cached states are warmed over the known pixels once per image (one ``pixel_step``
         per known pixel: every channel is known, and no state depends on a pixel's last
         channel), then copied to the ``n`` completions, which step only the unknown pixels.
-        Same steps, same inputs and same level rule as ``sample_cached``: with ``prefix=0``
-        it gives exactly ``sample_cached``'s images for the same noise.
+        One driver with ``sample_cached``: with ``prefix=0`` it gives exactly its images for the
+        same noise.
         """
         u, n = self._check_completion(x, prefix, noise, temperature)
-        B, (C, H, W) = x.shape[0], self.image.shape
+        B = x.shape[0]
         gate_bias, head_bias = self.conditioning(labels, B)
+        out, _ = self._drive_cached(self.to_levels(x), prefix, u, n, gate_bias, head_bias, temperature, False)
+        return self.from_levels(out).to(u).view(B, n, *self.image.shape)
+
+    def _drive_cached(
+        self,
+        known: torch.Tensor,
+        prefix: int,
+        u: torch.Tensor,
+        per_image: int,
+        gate_bias: torch.Tensor,
+        head_bias: torch.Tensor,
+        temperature: float,
+        return_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one cached-state driver of sampling and completion. ``known`` [B, C, H, W] levels,
+        of which the first ``prefix`` pixels (raster order) are kept; the states are warmed over
+        them once per image, then every row is repeated ``per_image`` times and the unknown
+        pixels are drawn from ``u`` (row ``b * per_image + j``). Returns the levels
+        [B * per_image, C, H, W] and, with ``return_logits``, the logits of the drawn sub-pixels
+        [B * per_image, levels, C, H, W] (zeros at known pixels)."""
+        B, (C, H, W) = known.shape[0], self.image.shape
         L, hid = self.config.num_layers, self.config.hidden_channels
         pad = self.config.input_kernel // 2
         diagonal = self.directions == 2
-        known = self.to_levels(x)
         # Everything indexed by batch row lives in ``s``: at the first unknown pixel each
-        # entry is repeated n times, from B warmed images to B * n completions.
+        # entry is repeated per_image times, from B warmed images to B * per_image rows.
         s: dict[str, torch.Tensor] = {
+            # Network-input values of the image so far, zero-padded like the input conv's input.
             "canvas": u.new_zeros(B, C, H + pad, W + 2 * pad),
             "out": known.clone(),
             "gate_bias": gate_bias,
             "head_bias": head_bias,
         }
+        if return_logits:
+            s["logits"] = u.new_zeros(B, self.image.levels, C, H, W)
         if diagonal:
             s["above_h"] = u.new_zeros(B, L, hid, W)
             s["rl_above"] = u.new_zeros(B, L, hid, W)
         else:
-            s["above_h"] = u.new_zeros(B, L, hid, W + 2)
+            s["above_h"] = u.new_zeros(B, L, hid, W + 2)  # one zero column each side for the 1x3 conv
             s["above_c"] = u.new_zeros(B, L, hid, W)
         expanded = False
 
         def expand() -> None:
             for key, value in s.items():
-                s[key] = value.repeat_interleave(n, dim=0)
+                s[key] = value.repeat_interleave(per_image, dim=0)
 
         for i in range(H):
             rows = s["above_h"].shape[0]
@@ -451,11 +424,14 @@ class PixelRNN(GenerativeModel):
                 s["row_c"] = torch.zeros_like(s["above_c"])
                 s["left_inp"] = u.new_zeros(rows, L, hid)
             for j in range(W):
+                # Every channel of a known pixel is known and no state depends on a pixel's last
+                # channel, so one step per known pixel warms the states.
                 is_known = i * W + j < prefix
                 if not is_known and not expanded:
                     expand()
                     expanded = True
                 canvas = s["canvas"]
+                # A view: sub-pixels written below are visible to this pixel's next channel.
                 window = canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1]
                 if is_known:
                     canvas[:, :, i + pad, j + pad] = self.network_input(self.from_levels(s["out"][:, :, i, j]).to(u))
@@ -474,6 +450,8 @@ class PixelRNN(GenerativeModel):
                         level = categorical_inverse_cdf(logits[:, :, ch], u[:, ch, i, j], temperature)
                         s["out"][:, ch, i, j] = level
                         canvas[:, ch, i + pad, j + pad] = self.network_input(self.from_levels(level).to(u))
+                        if return_logits:
+                            s["logits"][:, :, ch, i, j] = logits[:, :, ch]
                 if diagonal:
                     s["left_h"], s["left_c"] = h, c
                     s["row_h"][..., j] = h
@@ -484,13 +462,13 @@ class PixelRNN(GenerativeModel):
                     s["row_c"][..., j] = c
             s["above_h"] = s["row_h"]
             if diagonal:
-                if i + 1 < H:
+                if i + 1 < H:  # the last row's right-to-left states would never be read
                     s["rl_above"] = self.row_step(s["row_inp"], s["rl_above"], s["gate_bias"])
             else:
                 s["above_c"] = s["row_c"]
         if not expanded:  # every pixel was known
             expand()
-        return self.from_levels(s["out"]).to(u).view(B, n, C, H, W)
+        return s["out"], s.get("logits")
 
     @torch.no_grad()
     def complete_prefix_naive(
