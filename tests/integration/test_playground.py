@@ -311,11 +311,18 @@ class Browser:
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
 
+    def navigate(self, url: str) -> None:
+        # Page.navigate answers once the navigation starts, before the new document exists: until
+        # it has loaded, getElementById answers null on the old page (about:blank, where the
+        # browser starts).
+        self.send("Page.navigate", url=url)
+        self.wait_for("location.href !== 'about:blank' && document.readyState === 'complete'")
+
     def wait_for(self, expression: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while not (value := self.eval(expression)):
             if time.monotonic() > deadline:
-                shown = self.eval("document.getElementById('error').textContent")
+                shown = self.eval("document.getElementById('error')?.textContent")
                 raise AssertionError(f"timed out waiting for {expression}; the page's error box: {shown!r}")
             time.sleep(0.1)
         return value
@@ -351,7 +358,7 @@ def _done(box: str = "completions") -> str:
 def test_dragging_the_line_and_uploading_a_picture_complete_with_the_api(browser, server, tmp_path):
     from PIL import Image
 
-    browser.send("Page.navigate", url=server + f"/?complete={RNN}&image_seed=2&complete_seed=4#key={KEY}")
+    browser.navigate(server + f"/?complete={RNN}&image_seed=2&complete_seed=4#key={KEY}")
     browser.wait_for(f"{_done()}.count === '8' && {_done()}.knownRows === '4'")  # 8 rows: half known at first
     # Folded until asked for: the raw metrics of the selected model.
     assert browser.eval("document.getElementById('model-metrics').checkVisibility()") is False
