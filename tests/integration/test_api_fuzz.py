@@ -2,8 +2,8 @@
 HTTP API v1 on real Ray Serve over 127.0.0.1, with auth off, with auth on and the key, and with
 auth on and no key. No input it makes may get a 5xx.
 
-Tiny champions of four families (the routes' model-dependent paths: samples and grids of every
-family, interpolations and analogies of the CVAE, completions of the mixture) are served; bulk
+Tiny champions of two families are served: the CVAE has every route but completion (samples,
+grids, interpolations, analogies, jobs), the mixture has completion; bulk
 jobs are capped at a few thousand samples so that accepted fuzz jobs end in seconds.
 
 Each run is bounded in time (``--max-time``: schemathesis fuzzes until it is spent) and in
@@ -28,13 +28,14 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("schemathesis")
 
 DATASET = "fz"
-FAMILIES = ("vae", "cvae", "pixelrnn", "mixture")
+FAMILIES = ("cvae", "mixture")
 MODELS = [f"{DATASET}-{f}" for f in FAMILIES]
 KEY = "fuzz-key-0123"
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")  # the venv's console script
-# The seconds each run fuzzes (its other phases come first). The module took 3.5 minutes on 2
-# cores shared with other work, the server's start included.
-MAX_TIME = {"off": 25, "on": 25, "no-key": 8}
+# The seconds each run fuzzes (its other phases come first). With 25/25/8 the module took 3.5
+# minutes on 2 shared cores, the server's start included; a fuzz seconds budget buys few new
+# findings after the first seconds, each route being covered from the start.
+MAX_TIME = {"off": 15, "on": 12, "no-key": 5}
 
 
 @pytest.fixture(scope="module")
