@@ -9,11 +9,12 @@ PRESET ?= quick
 .PHONY: setup data browser run test clean
 
 # torch first, pinned: its CPU wheel is on disk here, and a range resolved by pip alone would
-# pull a CUDA build of several GB.
-$(STAMP): pyproject.toml
+# pull a CUDA build of several GB. constraints.txt pins every other version (reproducible installs);
+# a change to it or to pyproject.toml reinstalls.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[all,test]'
+	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
