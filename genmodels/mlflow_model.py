@@ -68,11 +68,7 @@ class OnnxSamplerModel(PythonModel):
             temperature = 1.0  # the API's default; a NaN is a row that left it out
         if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
             raise ValueError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
-        label = row.get("label")
-        if label is None and s.conditional:
-            # The API's rule: a conditional model asked without labels walks through the classes.
-            label = np.arange(n, dtype=np.int64) % s.num_classes
-        return s.sample(n, seed, labels=label, temperature=float(temperature))
+        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n), temperature=float(temperature))
 
 
 def _bad_input(message: str) -> MlflowException:

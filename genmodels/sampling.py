@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from genmodels.models.base import check_labels_array, check_temperature, completion_mask_array, require_completion
+from genmodels.checks import check_labels_array, check_temperature, completion_mask_array, require_completion
 from genmodels.noise import NoiseField, check_seed, interpolation_noise, make_noise
 
 __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "Request", "categorical_inverse_cdf_np", "read_metadata"]
@@ -428,6 +428,14 @@ class OnnxSampler:
         (:func:`genmodels.models.base.check_labels_array`, the torch models' check too)."""
         return check_labels_array(labels, n, family=self._family, conditional=self._conditional,
                                   num_classes=self._num_classes)
+
+    def request_labels(self, labels: Any, n: int) -> np.ndarray | None:
+        """The labels of a request as the API and the MLflow model read it: :meth:`check_labels`,
+        except that a conditional model asked without labels walks through the classes (image i
+        gets class i % num_classes), so a grid of n >= num_classes images shows every class."""
+        if labels is None and self._conditional:
+            labels = np.arange(n, dtype=np.int64) % self._num_classes
+        return self.check_labels(labels, n)
 
     def _check_noise(self, noise: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         missing = sorted(set(self._noise_spec) - set(noise))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,14 @@ def decode_png(data: str, shape: Sequence[int]) -> np.ndarray:
             raise RequestError(422, "invalid_image", f"image is a damaged PNG: {exc}") from None
     pixels = pixels.reshape(height, width, channels).transpose(2, 0, 1)
     return (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)
+
+
+def _checked_labels(check: Callable[[Any, int], np.ndarray | None], labels: Any, n: int) -> np.ndarray | None:
+    """A request's labels through the sampler's check; its refusal is the request's 422."""
+    try:
+        return check(labels, n)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(422, "invalid_labels", str(exc)) from None
 
 
 def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -168,15 +176,8 @@ class ModelSet:
         """Validate a sample request against its model (raises :class:`RequestError`)."""
         loaded = self.get(request["model"])
         s = loaded.sampler
-        n, labels = int(request["n"]), request.get("labels")
-        if labels is None and s.conditional:
-            # A conditional model asked without labels walks through the classes, so a grid
-            # of n >= num_classes images shows every class (deterministic, like the seed).
-            labels = np.arange(n, dtype=np.int64) % s.num_classes
-        try:
-            checked = s.check_labels(labels, n)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
+        n = int(request["n"])
+        checked = _checked_labels(s.request_labels, request.get("labels"), n)
         return SampleItem(loaded, n, int(request["seed"]), checked, float(request["temperature"]))
 
     def run_batch(self, items: Sequence[SampleItem]) -> None:
@@ -214,13 +215,8 @@ class ModelSet:
             raise RequestError(422, "not_a_latent_model",
                                f"the {s.family} family has no latent 'z' to interpolate in (latent families: "
                                "vae, cvae, gan)")
-        steps, label = int(request["steps"]), request.get("label")
-        if s.conditional and label is None:
-            raise RequestError(422, "invalid_labels", f"{request['model']} is class-conditional: give a label")
-        try:
-            labels = s.check_labels(label, steps)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
+        steps = int(request["steps"])
+        labels = _checked_labels(s.check_labels, request.get("label"), steps)
         images = s.interpolate(request["seed_a"], request["seed_b"], steps, labels, float(request["temperature"]))
         return {"model": loaded.name, "version": loaded.version, "seed_a": request["seed_a"],
                 "seed_b": request["seed_b"], "images": images}
@@ -236,10 +232,7 @@ class ModelSet:
                                               "conditional VAE (family cvae)")
             raise RequestError(422, "no_analogies", f"{request['model']} v{loaded.version} has no analogies "
                                                     f"graph ({why})")
-        try:
-            labels = s.check_labels(request["label"], 1)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
+        labels = _checked_labels(s.check_labels, request["label"], 1)
         x = decode_png(request["image"], s.image_shape)
         images = s.analogies(x[None], labels)[0]
         return {"model": loaded.name, "version": loaded.version, "label": int(labels[0]), "images": images}
@@ -276,14 +269,7 @@ class ModelSet:
                 known = decode_png(mask_png, (1, height, width))[0] >= 0.5
             except RequestError as exc:
                 raise RequestError(422, "invalid_mask", exc.detail.replace("image", "mask", 1)) from None
-        label = request.get("labels")
-        if s.conditional and label is None:
-            raise RequestError(422, "invalid_labels", f"{request['model']} is class-conditional: give labels "
-                                                      "(the image's class)")
-        try:
-            labels = s.check_labels(label, 1)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(422, "invalid_labels", str(exc)) from None
+        labels = _checked_labels(s.check_labels, request.get("labels"), 1)
         images = s.complete(x[None], known, int(request["n"]), int(request["seed"]),
                             float(request["temperature"]), labels)[0]
         return {"model": loaded.name, "version": loaded.version, "seed": int(request["seed"]), "images": images}

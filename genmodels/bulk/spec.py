@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from genmodels.checks import check_labels_array
 from genmodels.noise import check_seed
 from genmodels.storage import open_storage
 
@@ -194,18 +195,14 @@ class JobSpec:
         return table[np.arange(start, end, dtype=np.int64) % len(table)]
 
     def check_model(self, conditional: bool, num_classes: int) -> None:
-        """Labels must fit the model: required by conditional models, refused by the others,
-        each in [0, num_classes)."""
-        if conditional and self.labels is None:
-            raise ValueError(f"labels: model {self.model} v{self.version} is class-conditional; give a class "
-                             f"in [0, {num_classes}) or a list of them")
-        if not conditional and self.labels is not None:
-            raise ValueError(f"labels: model {self.model} v{self.version} is unconditional; it takes no labels")
-        if conditional:
-            values = [self.labels] if isinstance(self.labels, int) else list(self.labels)
-            bad = [v for v in values if not 0 <= v < num_classes]
-            if bad:
-                raise ValueError(f"labels must lie in [0, {num_classes}) for model {self.model}, got {bad[:10]}")
+        """Labels must fit the model (:func:`genmodels.checks.check_labels_array`): required by
+        conditional models (a job has no default class), refused by the others."""
+        table = None if self.labels is None else np.atleast_1d(np.asarray(self.labels))
+        try:
+            check_labels_array(table, 0 if table is None else len(table), family=f"{self.model} v{self.version}",
+                               conditional=conditional, num_classes=num_classes)
+        except ValueError as exc:
+            raise ValueError(f"labels: {exc}") from None
 
 
 def job_id(spec: JobSpec) -> str:

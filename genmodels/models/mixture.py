@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from genmodels.models.base import GenerativeModel, ModelConfig, check_temperature
+from genmodels.checks import check_temperature
+from genmodels.models.base import GenerativeModel, ModelConfig
 from genmodels.noise import NoiseField, NoiseSpec
 
 __all__ = ["MixtureConfig", "MixtureModel"]

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genmodels.models._pixelrnn_layers import GATES, DiagonalBiLSTMLayer, MaskedConv2d, RowLSTMLayer
-from genmodels.models.base import GenerativeModel, ModelConfig, check_temperature
+from genmodels.checks import check_temperature
+from genmodels.models.base import GenerativeModel, ModelConfig
 from genmodels.noise import NoiseField, NoiseSpec
 
 LAYER_KINDS = ("row", "diagonal")
