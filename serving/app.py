@@ -203,6 +203,9 @@ class Jobs:
     async def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT, offset: int = 0):
         return await self._answer(self.manager.page, status, limit, offset)
 
+    async def limits(self) -> dict[str, Any]:
+        return self.manager.limits()
+
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
@@ -237,6 +240,7 @@ class HandleBackend:
             self.job_status = lambda job_id: self._call(jobs.get, job_id)
             self.cancel_job = lambda job_id: self._call(jobs.cancel, job_id)
             self.list_jobs = lambda status, limit, offset=0: self._call(jobs.list, status, limit, offset)
+            self.job_limits = lambda: self._call(jobs.limits)
 
     @staticmethod
     async def _call(method, *args) -> Any:

@@ -397,6 +397,11 @@ class JobManager:
             job.error = f"job cancelled before it started; 0 of {job.spec.num_shards} shards written"
         self._end(jid, job)
 
+    def limits(self) -> dict[str, Any]:
+        """What a job request must fit on this server (published in the served OpenAPI)."""
+        return {"output_roots": list(self.output_roots), "max_samples": self.max_samples,
+                "max_shards": self.max_shards, "max_bytes": self.max_bytes, "max_active": self.max_active}
+
     def get(self, jid: str) -> dict[str, Any]:
         job = self._jobs.get(jid)
         if job is not None:

@@ -159,6 +159,7 @@ class ModelSet:
             out.append({"name": name, "family": s.family, "version": loaded.version, "conditional": s.conditional,
                         "num_classes": s.num_classes, "image_shape": list(s.image_shape),
                         "can_complete": bool(s.can_complete), "completes_any_mask": bool(s.completes_any_mask),
+                        "can_interpolate": "z" in s.noise_spec, "has_analogies": bool(s.has_analogies),
                         "dataset": tags.get("genmodels.dataset"), "preset": tags.get("genmodels.preset"),
                         "snapshot_hash": tags.get("genmodels.snapshot_hash"),
                         "registered_at": getattr(loaded, "registered_at", None),

@@ -4,15 +4,18 @@ the sampling and job routes and the one error responder."""
 from __future__ import annotations
 
 import hmac
+import logging
 import pathlib
 from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException
 
 from serving.api.errors import error_response, install_error_handlers
 from serving.api.jobs import jobs_router
+from serving.api.openapi import served_openapi
 from serving.api.sampling import add_sampling_routes
 from serving.api.schemas import ErrorBody
 from serving.observability import Observe, RequestLog
@@ -21,6 +24,7 @@ from serving.observability import Observe, RequestLog
 PLAYGROUND = pathlib.Path(__file__).parent.parent / "static" / "playground.html"
 #: The page's auth flag; the server flips it to "bearer" when an API key guards /v1.
 _AUTH_FLAG = 'data-auth="none"'
+logger = logging.getLogger(__name__)
 
 
 class BodyLimit:
@@ -62,15 +66,19 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
                   description="Online sampling from the champion version of each registered generative model. "
                               "Same model version, seed, labels and temperature -> the same images, whether "
                               "asked alone or batched with other requests.",
-                  responses={k: {"model": ErrorBody} for k in (401, 404, 413, 422)})
+                  responses={k: {"model": ErrorBody} for k in (401, 404, 413, 422)},
+                  # Served below, narrowed to the models served at the time of the request.
+                  openapi_url=None, docs_url=None, redoc_url=None)
     install_error_handlers(api)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if not api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -79,6 +87,26 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         """200 once the sampler replicas have loaded their models (they answer only then)."""
         await backend.describe()
         return {"status": "ok"}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        """The schema with the served models' names, classes and sizes and the jobs' limits
+        (:func:`serving.api.openapi.served_openapi`) for a client that may call /v1; the static
+        one for others (with auth on, what is served is for key holders) and while they cannot
+        be read."""
+        if not authorized(request):
+            return api.openapi()
+        try:
+            limits = await backend.job_limits() if hasattr(backend, "job_limits") else None
+            return served_openapi(api.openapi(), await backend.describe(), limits)
+        except Exception:  # noqa: BLE001 - a looser schema beats no schema; the log has why
+            logger.warning("serving the static OpenAPI: the served models or job limits cannot be read",
+                           exc_info=True)
+            return api.openapi()
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
 
     playground = playground_html(auth=bool(api_key))
 

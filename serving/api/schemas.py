@@ -126,6 +126,8 @@ class ModelInfo(BaseModel):
     image_shape: list[int]
     can_complete: bool = Field(default=False, description="POST /complete works for this version (PixelRNN; mixture).")
     completes_any_mask: bool = Field(default=False, description="/complete takes a mask, not only known_rows (mixture).")
+    can_interpolate: bool = Field(default=False, description="POST /interpolate works: a latent family (VAE, CVAE, GAN).")
+    has_analogies: bool = Field(default=False, description="POST /analogies works (a CVAE exported with its graph).")
     dataset: str | None = Field(default=None, description="The dataset it was trained on.")
     preset: str | None = Field(default=None, description="The training preset (quick, cpu, full).")
     snapshot_hash: str | None = Field(default=None, description="Content hash of the data snapshot trained "

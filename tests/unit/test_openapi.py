@@ -1,0 +1,145 @@
+"""The served ``/openapi.json`` says what the server accepts (serving.api over a stand-in backend,
+no Serve): per route the served models that answer it, their classes and sizes, the job limits
+and output roots, an example request that validates; the static schema for a client without the
+key, and while the models cannot be read."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from genmodels import bulk
+from serving.api import create_api
+from serving.api.schemas import AnalogyRequest, CompleteRequest, InterpolateRequest, JobRequest, SampleRequest
+
+ROOT = "file:///srv/gen/outputs/"
+
+
+def _model(name, family, *, classes=10, shape=(1, 28, 28), **flags):
+    return {"name": name, "family": family, "version": "1", "conditional": family == "cvae", "num_classes": classes,
+            "image_shape": list(shape), "metrics": {},
+            "can_complete": family in ("pixelrnn", "mixture"), "completes_any_mask": family == "mixture",
+            "can_interpolate": family in ("vae", "cvae", "gan"), "has_analogies": family == "cvae", **flags}
+
+
+MODELS = [_model("d-vae", "vae"), _model("d-cvae", "cvae", classes=7), _model("d-rnn", "pixelrnn", shape=(1, 8, 8)),
+          _model("d-mix", "mixture", shape=(1, 12, 12))]
+
+
+class _Backend:
+    def __init__(self, models=MODELS, fail=False) -> None:
+        self.models, self.fail = models, fail
+
+    async def describe(self):
+        if self.fail:
+            raise ConnectionError("sampler unreachable")
+        return self.models
+
+    async def job_limits(self):
+        return {"output_roots": [ROOT, "s3://bucket/gen"], "max_samples": 4096}
+
+    async def submit_job(self, request):  # the jobs routes exist only with all three
+        raise AssertionError("not called")
+
+    job_status = cancel_job = submit_job
+
+
+def _spec(backend=None, headers=None, **api) -> dict:
+    client = TestClient(create_api(backend or _Backend(), **api))
+    r = client.get("/openapi.json", headers=headers or {})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _name_enum(spec, route, method="post"):
+    params = spec["paths"][f"/v1/models/{{name}}/{route}"][method]["parameters"]
+    return next(p for p in params if p["name"] == "name")["schema"].get("enum")
+
+
+def _integers(schema):
+    if schema.get("type") == "integer":
+        yield schema
+    for branch in schema.get("anyOf", []):
+        yield from _integers(branch)
+    if isinstance(schema.get("items"), dict):
+        yield from _integers(schema["items"])
+
+
+def test_each_model_route_names_exactly_the_served_models_that_answer_it():
+    spec = _spec()
+    assert _name_enum(spec, "samples") == ["d-vae", "d-cvae", "d-rnn", "d-mix"]
+    assert _name_enum(spec, "grid.png", "get") == ["d-vae", "d-cvae", "d-rnn", "d-mix"]
+    assert _name_enum(spec, "interpolate") == ["d-vae", "d-cvae"]
+    assert _name_enum(spec, "analogies") == ["d-cvae"]
+    assert _name_enum(spec, "complete") == ["d-rnn", "d-mix"]
+
+
+def test_labels_known_rows_images_and_job_fields_are_bounded_as_the_server_checks():
+    schemas = _spec()["components"]["schemas"]
+    for body, field in [("SampleRequest", "labels"), ("InterpolateRequest", "label"), ("AnalogyRequest", "label"),
+                        ("JobRequest", "labels")]:
+        bounds = [s["maximum"] for s in _integers(schemas[body]["properties"][field])]
+        assert bounds and set(bounds) == {6}, (body, bounds)  # the CVAE's 7 classes
+    # No conditional model completes: the completion route's labels stay unbounded (null only is useful).
+    assert all("maximum" not in s for s in _integers(schemas["CompleteRequest"]["properties"]["labels"]))
+    assert [s["maximum"] for s in _integers(schemas["CompleteRequest"]["properties"]["known_rows"])] == [11]
+    for body, field in [("AnalogyRequest", "image"), ("CompleteRequest", "image"), ("CompleteRequest", "mask")]:
+        text = str(schemas[body]["properties"][field])
+        assert "'contentMediaType': 'image/png'" in text and "'contentEncoding': 'base64'" in text, (body, field)
+    job = schemas["JobRequest"]["properties"]
+    assert job["model"]["enum"] == ["d-vae", "d-cvae", "d-rnn", "d-mix"]
+    assert [s["maximum"] for s in _integers(job["n"])] == [4096]
+    pattern = re.compile(job["output"]["pattern"])
+    roots = [ROOT, "s3://bucket/gen"]
+    for good in (ROOT + "a", ROOT + "run-1/part.2", "s3://bucket/gen/x_y"):
+        assert pattern.match(good), good
+        bulk.check_output_root(good, roots)  # every match is accepted by the server's own check
+    for bad in (ROOT, ROOT + "../etc", ROOT + "a/./b", ROOT + "a b", "file:///srv/gen/outputsX/a",
+                "s3://bucket/general/x", "file:///tmp/a"):
+        assert not pattern.match(bad), bad
+
+
+def test_every_example_request_validates_and_carries_an_image_of_the_models_size():
+    from PIL import Image
+
+    spec = _spec()
+    examples = {}
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if content is not None:
+                assert "example" in content, f"{method.upper()} {path} has no example request"
+                examples[path] = content["example"]
+    SampleRequest.model_validate(examples["/v1/models/{name}/samples"])
+    InterpolateRequest.model_validate(examples["/v1/models/{name}/interpolate"])
+    assert AnalogyRequest.model_validate(examples["/v1/models/{name}/analogies"]).label == 0
+    complete = CompleteRequest.model_validate(examples["/v1/models/{name}/complete"])
+    assert complete.known_rows == 4  # half of d-rnn's 8 rows: the first model that completes
+    image = Image.open(io.BytesIO(base64.b64decode(complete.image)))
+    assert (image.size, image.mode) == ((8, 8), "L")
+    job = JobRequest.model_validate(examples["/v1/jobs"])
+    bulk.check_output_root(job.output, [ROOT])
+    assert job.model == "d-vae" and job.labels is None  # d-vae is unconditional: no labels
+
+
+def test_without_the_key_or_without_models_the_schema_is_the_static_one():
+    static = create_api(_Backend(), api_key="k").openapi()
+    assert _spec(api_key="k") == static  # served models are for key holders
+    assert _name_enum(_spec(api_key="k", headers={"Authorization": "Bearer k"}), "analogies") == ["d-cvae"]
+    assert _spec(_Backend(fail=True)) == create_api(_Backend()).openapi()
+    assert _name_enum(static, "samples") is None
+
+
+@pytest.mark.parametrize("models", [[], [_model("d-vae", "vae")]])
+def test_routes_no_served_model_answers_are_left_open(models):
+    spec = _spec(_Backend(models))
+    assert _name_enum(spec, "analogies") is None and _name_enum(spec, "complete") is None
+    if models:
+        assert _name_enum(spec, "samples") == ["d-vae"]
+    assert np.all([s.get("maximum") is None
+                   for s in _integers(spec["components"]["schemas"]["SampleRequest"]["properties"]["labels"])])
