@@ -163,11 +163,11 @@ def test_models_lists_each_champion_with_its_metadata(server):
         assert len(m.pop("snapshot_hash")) == 64
     assert models == [
         {"name": CVAE, "family": "cvae", "version": "1", "conditional": True, "num_classes": 10,
-         "image_shape": [1, 8, 8], "can_complete": False, "completes_any_mask": False, "dataset": "srv",
-         "preset": "quick", "metrics": {"nll_nats": 40.0}},
+         "image_shape": [1, 8, 8], "can_complete": False, "completes_any_mask": False, "can_interpolate": True,
+         "has_analogies": True, "dataset": "srv", "preset": "quick", "metrics": {"nll_nats": 40.0}},
         {"name": VAE, "family": "vae", "version": "1", "conditional": False, "num_classes": 10,
-         "image_shape": [1, 8, 8], "can_complete": False, "completes_any_mask": False, "dataset": "srv",
-         "preset": "quick", "metrics": {"nll_nats": 50.0}},
+         "image_shape": [1, 8, 8], "can_complete": False, "completes_any_mask": False, "can_interpolate": True,
+         "has_analogies": False, "dataset": "srv", "preset": "quick", "metrics": {"nll_nats": 50.0}},
     ]
 
 
