@@ -50,11 +50,10 @@ def main() -> None:
     from ray import serve
 
     from genmodels import registry
-    from genmodels.config import get_settings
     from genmodels.ray_runtime import ensure_ray
     from serving.app import build_app, use_serve_env
 
-    registry.configure(None, get_settings().default_tracking_uri)
+    registry.configure()
     if not args.serve_defaults:
         use_serve_env()
     ensure_ray()

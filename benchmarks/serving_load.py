@@ -93,11 +93,10 @@ def main() -> None:
     from ray import serve
 
     from genmodels import registry
-    from genmodels.config import get_settings
     from genmodels.ray_runtime import ensure_ray
     from serving.app import build_app, use_serve_env
 
-    registry.configure(None, get_settings().default_tracking_uri)
+    registry.configure()
     champion = registry.champion(args.model)
     if champion is None:
         sys.exit(f"{args.model} has no champion in {os.environ.get('MLFLOW_TRACKING_URI') or 'the default registry'}")

@@ -64,7 +64,7 @@ def register_models(work: Path) -> str:
     tracking_uri = f"sqlite:///{work}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ.setdefault("GENMODELS_GIT_COMMIT", "0" * 16)
-    registry.configure(None, "sqlite:///must-not-be-used.db")
+    registry.configure(tracking_uri)
     overrides = {"vae": {"latent_dim": 3, "hidden": (16,)}, "cvae": {"latent_dim": 3, "hidden": (16,)},
                  "mixture": {"n_components": 4}}
     for family in FAMILIES:
