@@ -9,7 +9,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_labels_array", "check_temperature", "completion_mask_array", "require_completion"]
+#: Limits of one online sampling request, the HTTP API's and the MLflow model's alike: a request
+#: is answered by one replica in one call, so its size bounds that call's memory and latency.
+MAX_REQUEST_SAMPLES = 256
+MAX_TEMPERATURE = 100.0
+
+__all__ = ["MAX_REQUEST_SAMPLES", "MAX_TEMPERATURE", "check_labels_array", "check_temperature", "completion_mask_array", "require_completion"]
 
 
 def _is_tensor(value: Any) -> bool:

@@ -28,10 +28,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-#: The HTTP API's limits on one sampling request (``serving.api``: ``MAX_SAMPLES``, ``Temperature``);
-#: this file cannot import serving (it travels alone), tests keep the two equal.
-MAX_SAMPLES = 256
-MAX_TEMPERATURE = 100.0
+from genmodels.checks import MAX_REQUEST_SAMPLES as MAX_SAMPLES
+from genmodels.checks import MAX_TEMPERATURE
 
 
 class OnnxSamplerModel(PythonModel):

@@ -8,13 +8,13 @@ from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from genmodels import bulk
+from genmodels.checks import MAX_REQUEST_SAMPLES, MAX_TEMPERATURE
 from genmodels.noise import MAX_SEED
 from serving.jobs import JobState
 
-MAX_SAMPLES = 256
+MAX_SAMPLES = MAX_REQUEST_SAMPLES
 MAX_STEPS = 64
 MAX_COMPLETIONS = 64
-MAX_TEMPERATURE = 100
 #: Seeds the server picks stay below 2**53 so that every JSON client (JavaScript included)
 #: reads them back exactly; explicit seeds may use the whole [0, 2**63-1].
 RANDOM_SEED_BOUND = 2**53
