@@ -26,6 +26,8 @@ httpx = pytest.importorskip("httpx")
 
 from serving_fixtures import free_port
 
+from benchmarks.soak import session_processes  # the one /proc scan of a process session
+
 from genmodels import bulk, registry
 
 MODEL = "embedded-vae"
@@ -111,21 +113,7 @@ def _wait(client, jid: str, until=lambda s: s["status"] not in ("queued", "runni
 def _shard_writers(session: int) -> list[int]:
     """PIDs of the bulk-job writer actors in the process session ``session`` (the server's: it
     was started in a session of its own; Ray titles actor processes ``ray::<class>``)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, session, ...
-        if int(fields[3]) == session and title.startswith(b"ray::ShardWriter"):
-            out.append(int(entry))
-    return out
+    return [pid for pid, (title, _) in session_processes(session).items() if title.startswith(b"ray::ShardWriter")]
 
 
 def _shards(directory: Path) -> dict[str, bytes]:
