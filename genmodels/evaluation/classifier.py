@@ -6,6 +6,16 @@ snapshot's own training split. It sees grey levels (intensities / 255) so that d
 means and GAN outputs are in its input domain, and it is cached in storage under
 ``classifiers/<hash16>.pt``: every model evaluated on a snapshot is measured with the very
 same features, which is what makes their FIDs comparable.
+
+Binary snapshots get a second network of the same shape, the *class judge*
+(:func:`class_judge_config`), used for one thing: naming the class of conditional samples
+(``class_accuracy``). The grey-level feature network names the class of only about half of
+the real *binarized* Fashion-MNIST test images, so it cannot judge a model of binarized
+images; the judge is trained on grey levels and on Bernoulli draws of them (both domains a
+binary model's output lives in: decoder means are pixel probabilities, i.e. expected
+binarized images; its samples are draws), and its own accuracy on the real binarized test
+images is reported beside the figure as the ceiling. FID/KID and precision/recall keep the
+grey-level features: the judge ignores pixel noise, which would blunt them.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ from genmodels.models.base import ImageSpec
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_FORMAT = "genmodels.classifier/1"
+#: binarized_fraction of the class judge of binary snapshots: half of each batch as grey
+#: levels, half as a fresh Bernoulli draw of them (benchmarks/RESULTS.md has the comparison).
+CLASS_JUDGE_BINARIZED_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -205,10 +218,26 @@ class TrainedClassifier:
     #: Whether it came from the storage cache rather than being trained by this call.
     from_cache: bool
     key: str | None
+    #: Accuracy on the test split's one-time binarization (binary snapshots; None otherwise
+    #: or for a cache entry written before it was recorded).
+    test_accuracy_binarized: float | None = None
 
 
-def classifier_key(snapshot) -> str:
-    return f"classifiers/{snapshot.hash[:16]}.pt"
+def classifier_key(snapshot, name: str = "domain") -> str:
+    """``classifiers/<hash16>.pt`` for the domain feature network, ``classifiers/<hash16>-<name>.pt``
+    for another network of the snapshot (the class judge)."""
+    suffix = "" if name == "domain" else f"-{name}"
+    return f"classifiers/{snapshot.hash[:16]}{suffix}.pt"
+
+
+def class_judge_config(image: ImageSpec, base: ClassifierConfig | None = None) -> ClassifierConfig | None:
+    """Config of the class judge of a snapshot with images ``image``: ``base`` (default: the
+    domain classifier's) trained on grey levels and binarized draws for binary images; None
+    for other quantizations, whose samples are in the domain classifier's own input domain."""
+    if image.levels != 2:
+        return None
+    base = base or ClassifierConfig.for_image(image)
+    return dataclasses.replace(base, binarized_fraction=CLASS_JUDGE_BINARIZED_FRACTION)
 
 
 def classifier_bytes(network: DomainClassifier, meta: Mapping[str, Any]) -> bytes:
@@ -243,11 +272,14 @@ def load_or_train_classifier(
     storage=None,
     config: ClassifierConfig | None = None,
     device: str | torch.device = "cpu",
+    name: str = "domain",
 ) -> TrainedClassifier:
     """The snapshot's domain classifier: from the storage cache when present and built with
     the same config for the same snapshot, else trained on the train split and cached.
 
-    ``storage=None`` trains without caching (ad-hoc use; pipelines always pass storage).
+    ``name`` picks the cache entry (``"domain"``: the FID feature network; ``"class-judge"``:
+    see :func:`class_judge_config`). ``storage=None`` trains without caching (ad-hoc use;
+    pipelines always pass storage).
     """
     config = config or ClassifierConfig.for_image(snapshot.image)
     if config.shape != snapshot.image.shape or config.num_classes != snapshot.image.num_classes:
@@ -255,7 +287,7 @@ def load_or_train_classifier(
             f"classifier config is for images {config.shape} with {config.num_classes} classes, the snapshot has "
             f"{snapshot.image.shape} with {snapshot.image.num_classes}"
         )
-    key = classifier_key(snapshot) if storage is not None else None
+    key = classifier_key(snapshot, name) if storage is not None else None
     if key is not None and storage.exists(key):
         try:
             network, meta = load_classifier(storage.get_bytes(key), device)
@@ -267,16 +299,22 @@ def load_or_train_classifier(
             elif network.config != config:
                 logger.warning("cached classifier %s was built with %s; retraining with %s", key, network.config, config)
             else:
-                return TrainedClassifier(network, float(meta["test_accuracy"]), from_cache=True, key=key)
+                binarized = meta.get("test_accuracy_binarized")
+                return TrainedClassifier(network, float(meta["test_accuracy"]), from_cache=True, key=key,
+                                         test_accuracy_binarized=None if binarized is None else float(binarized))
 
     train, test = split_of(snapshot, "train"), split_of(snapshot, "test")
     # A module-global lookup at call time: tests patch it to count trainings.
     network = train_classifier(train.x, train.y, config, device)
     test_accuracy = accuracy(network, test.x, test.y)
-    logger.info("domain classifier for %s: test accuracy %.4f", getattr(snapshot, "dataset", "?"), test_accuracy)
+    binarized = None
+    if getattr(test, "x_binary", None) is not None:
+        binarized = accuracy(network, test.x_binary.astype(np.float32), test.y)
+    logger.info("%s classifier for %s: test accuracy %.4f (binarized: %s)", name, getattr(snapshot, "dataset", "?"),
+                test_accuracy, "—" if binarized is None else f"{binarized:.4f}")
     if key is not None:
         meta = {"snapshot_hash": snapshot.hash, "test_accuracy": test_accuracy, "train_examples": int(len(train.y))}
-        if getattr(test, "x_binary", None) is not None:
-            meta["test_accuracy_binarized"] = accuracy(network, test.x_binary.astype(np.float32), test.y)
+        if binarized is not None:
+            meta["test_accuracy_binarized"] = binarized
         storage.put_bytes(key, classifier_bytes(network, meta))
-    return TrainedClassifier(network, test_accuracy, from_cache=False, key=key)
+    return TrainedClassifier(network, test_accuracy, from_cache=False, key=key, test_accuracy_binarized=binarized)

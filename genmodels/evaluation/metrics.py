@@ -14,6 +14,7 @@ from genmodels.evaluation._common import evaluating, head, module_device, split_
 from genmodels.evaluation.classifier import (
     ClassifierConfig,
     DomainClassifier,
+    class_judge_config,
     extract,
     load_or_train_classifier,
 )
@@ -74,17 +75,21 @@ def sample_quality(
     seed: int = 0,
     max_examples: int | None = None,
     batch_size: int = 256,
+    judge: DomainClassifier | None = None,
 ) -> dict[str, float]:
     """FID, KID and precision/recall of ``n_samples`` model samples against the test split
     (first ``max_examples`` images), the same distances from val images to the test images as
     the floor a perfect model would reach with that many samples, and, for conditional
-    models, ``class_accuracy``: how often the classifier names the requested class."""
+    models, ``class_accuracy``: how often the class judge (``judge``; ``network`` when None)
+    names the requested class, overall and per class. With a separate judge,
+    ``class_accuracy_domain`` is the same figure by ``network`` (the grey-level features)."""
     if n_samples <= PR_NEIGHBOURS:
         raise ValueError(f"n_samples must be > {PR_NEIGHBOURS} for FID/KID/precision-recall, got {n_samples}")
     test, val = split_of(snapshot, "test"), split_of(snapshot, "val")
     real_feats, _ = extract(network, reference_images(model, test, max_examples))
     labels = class_balanced_labels(n_samples, model.image.num_classes) if model.conditional else None
-    fake_feats, predicted = extract(network, generate(model, n_samples, seed, labels, batch_size))
+    samples = generate(model, n_samples, seed, labels, batch_size)
+    fake_feats, predicted_domain = extract(network, samples)
     floor_feats, _ = extract(network, reference_images(model, val, n_samples))
 
     precision, recall = quality.precision_recall(real_feats, fake_feats, PR_NEIGHBOURS)
@@ -101,6 +106,9 @@ def sample_quality(
     }
     if labels is not None:
         asked = labels.numpy()
+        predicted = predicted_domain if judge is None or judge is network else extract(judge, samples)[1]
+        if predicted is not predicted_domain:
+            out["class_accuracy_domain"] = float(np.mean(predicted_domain == asked))
         out["class_accuracy"] = float(np.mean(predicted == asked))
         # Per class too: an average hides the classes a conditional model cannot draw.
         for k in np.unique(asked):
@@ -119,6 +127,7 @@ def evaluate(
     max_examples: int | None = None,
     batch_size: int = 256,
     classifier_config: ClassifierConfig | None = None,
+    judge_config: ClassifierConfig | None = None,
 ) -> dict[str, float]:
     """Every metric that applies to ``model`` on ``snapshot``'s test split, as one flat dict.
 
@@ -127,14 +136,21 @@ def evaluate(
       :func:`likelihood_metrics`);
     - sample quality in the domain classifier's feature space (labelled datasets):
       ``fid``, ``kid``, ``precision``, ``recall``, the real-vs-real floors ``fid_real_floor``
-      and ``kid_real_floor``, ``class_accuracy`` (conditional models) and
-      ``classifier_test_accuracy``;
+      and ``kid_real_floor``, ``classifier_test_accuracy`` (and ``..._binarized``); conditional models also
+      ``class_accuracy`` and ``class_accuracy_<k>`` by the class judge, with the judge's own
+      accuracy on the real test images as the ceiling (``class_judge_test_accuracy``, and
+      ``class_judge_test_accuracy_binarized`` on their binarization) and
+      ``class_accuracy_domain`` by the feature network when the judge is another network;
     - completion (PixelRNN, mixture): ``completion_nll_nats``, ``completion_bits_per_dim``
       (see :func:`genmodels.evaluation.completion.completion_metrics`);
     - counts: ``likelihood_examples``, ``n_samples``, ``n_reference``, ``n_floor``.
 
     The domain classifier comes from (or goes into) ``storage``; ``storage=None`` trains it
     afresh. ``max_examples`` caps the test images used (likelihood and FID reference).
+    The class judge of a binary snapshot is a second classifier trained on grey levels and
+    their binarized draws (``judge_config``; default :func:`class_judge_config` of
+    ``classifier_config``), cached beside the feature network; other snapshots' samples (or
+    a ``judge_config`` equal to the feature network's) are judged by the feature network itself.
     """
     if model.image != snapshot.image:
         raise ValueError(f"model was built for {model.image}, the snapshot holds {snapshot.image}")
@@ -148,7 +164,18 @@ def evaluate(
         return out
     classifier = load_or_train_classifier(snapshot, storage, classifier_config, module_device(model))
     out["classifier_test_accuracy"] = classifier.test_accuracy
-    out.update(sample_quality(model, snapshot, classifier.network, n_samples, seed, max_examples, batch_size))
+    if classifier.test_accuracy_binarized is not None:
+        out["classifier_test_accuracy_binarized"] = classifier.test_accuracy_binarized
+    judge = classifier
+    if model.conditional:
+        judge_config = judge_config or class_judge_config(snapshot.image, classifier_config)
+        if judge_config is not None and judge_config != classifier.network.config:
+            judge = load_or_train_classifier(snapshot, storage, judge_config, module_device(model), name="class-judge")
+        out["class_judge_test_accuracy"] = judge.test_accuracy
+        if judge.test_accuracy_binarized is not None:
+            out["class_judge_test_accuracy_binarized"] = judge.test_accuracy_binarized
+    out.update(sample_quality(model, snapshot, classifier.network, n_samples, seed, max_examples, batch_size,
+                              judge=judge.network))
     bad = sorted(k for k, v in out.items() if math.isnan(v))
     if bad:
         raise FloatingPointError(f"evaluation of the {model.family} model produced NaN for {bad}")

@@ -29,12 +29,17 @@ class CVAE(VAE):
     config_class: ClassVar[type[ModelConfig]] = CVAEConfig
     _requires_conditional: ClassVar[bool] = True
 
-    # The VAE's networks and schedules; the label enters the encoder's dense layer and, as
-    # constant feature maps, every decoder stage, so the decoder cannot ignore it. A learned
-    # prior per class and a smaller latent (16) keep the class out of z and the samples in
-    # their class's region of it (benchmarks/RESULTS.md has the figures).
+    # The VAE's networks and schedules; the label enters every encoder stage and the encoder's
+    # dense layer as constant feature maps / inputs, and every decoder stage both as feature
+    # maps and as a per-channel scale and shift (FiLM), so neither network can ignore it. A
+    # learned prior per class and a smaller latent (16) keep the class out of z and the
+    # samples in their class's region of it. On the quick schedule cut to one epoch (same
+    # seed), the label in the encoder stages + FiLM raised class accuracy from 44% to 57%
+    # at the same validation -ELBO (benchmarks/RESULTS.md has the figures).
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
-        name: {"model": {**spec["model"], "latent_dim": 16, "class_prior": True}, "train": dict(spec["train"])}
+        name: {"model": {**spec["model"], "latent_dim": 16, "class_prior": True, "label_film": True,
+                         "label_encoder_maps": True},
+               "train": dict(spec["train"])}
         for name, spec in VAE.presets.items()
     }
 

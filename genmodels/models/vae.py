@@ -60,6 +60,13 @@ class VAEConfig(ModelConfig):
     #: N(0, I). Whatever class information the posterior keeps in z, sampling z from its own
     #: class's prior region keeps samples of the asked-for class.
     class_prior: bool = False
+    #: conditional conv models only: the label also scales and shifts the channels of every
+    #: decoder stage (FiLM, Perez et al. 2018): h * (1 + gamma_y) + beta_y, from a learned
+    #: per-class table (zero-initialized: training starts from the plain label-map decoder).
+    label_film: bool = False
+    #: conditional conv models only: the label as constant feature maps into every encoder
+    #: stage as well (not only beside the flattened features).
+    label_encoder_maps: bool = False
 
     def __post_init__(self) -> None:
         # JSON / MLflow round trips turn tuples into lists; keep the config hashable.
@@ -83,6 +90,9 @@ class VAEConfig(ModelConfig):
             raise ValueError("a conditional model needs image.num_classes >= 1")
         if self.class_prior and not self.conditional:
             raise ValueError("class_prior needs a conditional model (the prior is per class)")
+        for name in ("label_film", "label_encoder_maps"):
+            if getattr(self, name) and not (self.conditional and self.architecture == "conv"):
+                raise ValueError(f"{name} needs a conditional model with the conv architecture")
 
 
 # --- likelihood pieces (module level so tests and evaluation can use them directly) -----------
@@ -168,6 +178,19 @@ def _with_label_maps(h: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tens
     return torch.cat([h, maps], dim=1)
 
 
+class _FiLM(nn.Module):
+    """Per-channel scale and shift chosen by the label: h * (1 + gamma_y) + beta_y. A one-hot
+    row times a table (plain tensor ops: exports to ONNX); zero init is the identity."""
+
+    def __init__(self, cond_dim: int, channels: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(cond_dim, 2 * channels))
+
+    def forward(self, h: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        gamma, beta = (onehot @ self.table).chunk(2, dim=1)
+        return h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
 class _Encoder(nn.Module):
     """x [B,C,H,W] (+ one-hot label) -> (mu, logvar) [B, latent]."""
 
@@ -175,14 +198,24 @@ class _Encoder(nn.Module):
         super().__init__()
         img = cfg.image
         self.latent_dim = cfg.latent_dim
+        # Label maps into every conv stage (label_encoder_maps): one module per stage.
+        self.stages = None
         if cfg.architecture == "conv":
             chans = [img.channels, *cfg.conv_channels]
-            convs: list[nn.Module] = []
-            for c_in, c_out in zip(chans[:-1], chans[1:]):
-                convs += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ELU()]
-                convs += [_ResBlock(c_out) for _ in range(cfg.res_blocks)]
-            convs.append(nn.Flatten())
-            self.features = nn.Sequential(*convs)
+            if cfg.label_encoder_maps:
+                self.stages = nn.ModuleList(
+                    nn.Sequential(nn.Conv2d(c_in + cond_dim, c_out, kernel_size=3, stride=2, padding=1), nn.ELU(),
+                                  *(_ResBlock(c_out) for _ in range(cfg.res_blocks)))
+                    for c_in, c_out in zip(chans[:-1], chans[1:])
+                )
+                self.features = nn.Flatten()
+            else:
+                convs: list[nn.Module] = []
+                for c_in, c_out in zip(chans[:-1], chans[1:]):
+                    convs += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ELU()]
+                    convs += [_ResBlock(c_out) for _ in range(cfg.res_blocks)]
+                convs.append(nn.Flatten())
+                self.features = nn.Sequential(*convs)
             h = _conv_sizes(img.height, len(cfg.conv_channels))[-1]
             w = _conv_sizes(img.width, len(cfg.conv_channels))[-1]
             feat_dim = chans[-1] * h * w
@@ -194,7 +227,11 @@ class _Encoder(nn.Module):
         self.head = nn.Linear(cfg.hidden[-1], 2 * cfg.latent_dim)
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(2.0 * x - 1.0)  # centred input: better conditioned first layer
+        h = 2.0 * x - 1.0  # centred input: better conditioned first layer
+        if self.stages is not None:
+            for stage in self.stages:
+                h = stage(_with_label_maps(h, onehot))
+        h = self.features(h)
         if onehot is not None:
             h = torch.cat([h, onehot], dim=1)
         mu, logvar = self.head(self.dense(h)).chunk(2, dim=1)
@@ -229,10 +266,13 @@ class _Decoder(nn.Module):
                 nn.ConvTranspose2d(c_in + cond_dim, c_out, kernel_size=4, stride=2, padding=1)
                 for c_in, c_out in zip(chans[:-1], chans[1:])
             )
+            # label_film: the label also scales and shifts each stage's input channels.
+            self.films = nn.ModuleList(_FiLM(cond_dim, c) for c in chans[:-1]) if cfg.label_film else None
         else:
             self.start = None
             self.dense = _mlp([cfg.latent_dim + cond_dim, *widths, img.dims * n_params])
             self.ups = None
+            self.films = None
 
     def forward(self, z: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
         h = z if onehot is None else torch.cat([z, onehot], dim=1)
@@ -241,6 +281,8 @@ class _Decoder(nn.Module):
         if self.ups is not None:
             h = h.reshape(-1, *self.start)
             for i, (blocks, up) in enumerate(zip(self.blocks, self.ups)):
+                if self.films is not None:
+                    h = self.films[i](h, onehot)
                 h = up(_with_label_maps(blocks(h), onehot))
                 if i < len(self.ups) - 1:
                     h = F.elu(h)

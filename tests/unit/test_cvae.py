@@ -266,3 +266,30 @@ def test_class_prior_kl_iwae_sampling_and_analogies(digits):
         torch.testing.assert_close(grid[:, c], model.decode(c_mu + torch.exp(0.5 * c_logvar) * style, torch.full((6,), c)))
     with pytest.raises(ValueError, match="class_prior"):
         VAEConfig(image=DIGITS, class_prior=True)
+
+
+def test_film_and_encoder_label_maps_start_as_the_plain_recipe_and_follow_the_label(digits):
+    """label_film: a per-class scale and shift of every decoder stage's channels, zero-initialized
+    (the plain label-map decoder at the start); label_encoder_maps: the label as feature maps into
+    every encoder stage. Trained on the digits, the label decides the class of what it samples."""
+    kw = dict(image=DIGITS, architecture="conv", conv_channels=(8, 16), hidden=(32,), latent_dim=4)
+    torch.manual_seed(0)
+    model = CVAE(CVAEConfig(**kw, label_film=True, label_encoder_maps=True))
+    assert [film.table.shape for film in model.decoder.films] == [(10, 32), (10, 16)]
+    assert [stage[0].in_channels for stage in model.encoder.stages] == [1 + 10, 8 + 10]
+    plain = CVAE(CVAEConfig(**kw))
+    plain.decoder.load_state_dict({k: v for k, v in model.decoder.state_dict().items() if not k.startswith("films.")})
+    z, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 7, 8, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(z, labels), plain.decode(z, labels), rtol=0, atol=0)
+    for bad in ({"label_film": True, "architecture": "mlp"}, {"label_encoder_maps": True, "conditional": False}):
+        with pytest.raises(ValueError, match="needs a conditional model with the conv architecture"):
+            VAEConfig(**{**kw, **bad})
+    fit(model, digits, 400)
+    assert all(bool(film.table.detach().abs().max() > 0) for film in model.decoder.films)  # FiLM is trained
+    labels = torch.arange(10).repeat_interleave(30)
+    with torch.no_grad():
+        predicted = nearest_mean_classes(model.sample(len(labels), labels=labels, seed=0), digits)
+        shifted = nearest_mean_classes(model.sample(len(labels), labels=(labels + 1) % 10, seed=0), digits)
+    assert float((predicted == labels).float().mean()) > 0.9
+    assert float((shifted == labels).float().mean()) < 0.2  # the same noise with another label: another class

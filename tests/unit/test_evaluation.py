@@ -26,6 +26,7 @@ from genmodels.evaluation import (
     DomainClassifier,
     analogy_png,
     bits_per_dim,
+    class_judge_config,
     classifier_key,
     evaluate,
     fid,
@@ -42,6 +43,7 @@ from genmodels.evaluation import (
     precision_recall,
     reference_images,
     render_pictures,
+    sample_quality,
     slerp,
     train_classifier,
 )
@@ -485,10 +487,12 @@ def test_evaluate_unconditional_model_with_likelihood(digits, classifier_storage
 def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, classifier_storage):
     cfg = ClassifierConfig.for_image(DIGITS, **TINY)
     train = digits.splits["train"]
+    # Grey-level oracles judged by the grey-level network (the binary snapshot's class judge
+    # has its own test below).
     right = evaluate(Oracle(ModelConfig(image=DIGITS), train), digits, storage=classifier_storage, n_samples=200,
-                     classifier_config=cfg)
+                     classifier_config=cfg, judge_config=cfg)
     wrong = evaluate(Oracle(ModelConfig(image=DIGITS), train, offset=1), digits, storage=classifier_storage,
-                     n_samples=200, classifier_config=cfg)
+                     n_samples=200, classifier_config=cfg, judge_config=cfg)
     noise = evaluate(GanLike(LatentConfig(image=DIGITS)), digits, storage=classifier_storage, n_samples=200,
                      classifier_config=cfg)
     assert not LIKELIHOOD_KEYS & set(right) and not LIKELIHOOD_KEYS & set(noise)
@@ -647,3 +651,54 @@ def test_classifier_can_learn_binarized_images_too(digits):
                  (("grey_only", grey_only), ("mixed", mixed))}
     assert on_binary["mixed"] > on_binary["grey_only"] + 0.05, on_binary
     assert classifier_module.accuracy(mixed, test.x, test.y) > 0.7  # grey levels still classified
+
+
+class BinaryOracle(Oracle):
+    """The Oracle's images as Bernoulli draws of their intensities: real *binarized* images of
+    the requested class, the data domain of a binary model (a pure function of the noise)."""
+
+    family = "test-binary-oracle"
+
+    def noise_spec(self):
+        return {**super().noise_spec(), "b": NoiseField(self.image.shape, "uniform")}
+
+    def sample_from_noise(self, noise, labels=None, temperature=1.0):
+        return (noise["b"] < super().sample_from_noise(noise, labels, temperature)).float()
+
+
+def test_class_judge_knows_binarized_images_and_reports_its_ceiling(digits, classifier_storage, monkeypatch):
+    """Binary snapshots: class accuracy comes from a second classifier trained on grey levels
+    and binarized draws, whose own accuracy on the real binarized test images is reported as
+    the ceiling; FID/KID/precision/recall keep the grey-level features."""
+    cfg = ClassifierConfig.for_image(DIGITS, **TINY)
+    judge_cfg = class_judge_config(DIGITS, cfg)
+    assert judge_cfg == ClassifierConfig(**{**cfg.to_dict(), "binarized_fraction": 0.5})
+    assert class_judge_config(ImageSpec(1, 8, 8, 256, 10)) is None  # 8-bit: the feature network judges
+    test = digits.splits["test"]
+    # Real binarized test images of the asked class, judged by both networks.
+    model = BinaryOracle(ModelConfig(image=DIGITS), test)
+    out = evaluate(model, digits, storage=classifier_storage, n_samples=500, classifier_config=cfg)
+    assert classifier_storage.exists(classifier_key(digits, "class-judge"))
+    ceiling = out["class_judge_test_accuracy_binarized"]
+    assert out["class_judge_test_accuracy"] > 0.7 and ceiling > 0.5, out
+    # Real binarized images score at the judge's ceiling (up to sampling noise) ...
+    assert abs(out["class_accuracy"] - ceiling) < 0.1, (out["class_accuracy"], ceiling)
+    # ... and clearly above what the grey-level network makes of them.
+    assert out["class_accuracy"] > out["class_accuracy_domain"] + 0.05, out
+    assert out["classifier_test_accuracy_binarized"] < ceiling
+    per_class = [out[f"class_accuracy_{k}"] for k in range(DIGITS.num_classes)]
+    assert out["class_accuracy"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
+    # The sample-quality distances are those of the feature network alone.
+    domain = load_or_train_classifier(digits, classifier_storage, cfg).network
+    alone = sample_quality(model, digits, domain, n_samples=500)
+    for key in ("fid", "kid", "precision", "recall", "fid_real_floor"):
+        assert out[key] == alone[key], key
+    assert alone["class_accuracy"] == out["class_accuracy_domain"]
+    # A cached judge is reused, and an unconditional model never asks for one.
+    trained = []
+    monkeypatch.setattr(classifier_module, "train_classifier", lambda *a, **k: trained.append(1))
+    again = evaluate(model, digits, storage=classifier_storage, n_samples=500, classifier_config=cfg)
+    assert again["class_accuracy"] == out["class_accuracy"] and not trained
+    noise = evaluate(GanLike(LatentConfig(image=DIGITS)), digits, storage=classifier_storage, n_samples=200,
+                     classifier_config=cfg)
+    assert not any(key.startswith("class_") for key in noise) and not trained

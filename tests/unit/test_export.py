@@ -29,6 +29,7 @@ GRAPHS = {
     "vae": {"sampler"},
     "cvae": {"sampler", "analogies"},
     "cvae_class_prior": {"sampler", "analogies"},
+    "cvae_film": {"sampler", "analogies"},
     "gan": {"sampler"},
     "gan_conditional": {"sampler"},
     "mixture_binary": {"sampler", "complete"},

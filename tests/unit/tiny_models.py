@@ -19,6 +19,9 @@ CASES = {
     "cvae": ("cvae", GREY, {"latent_dim": 3, "hidden": (16,)}),
     "cvae_class_prior": ("cvae", BINARY, {"latent_dim": 3, "hidden": (8,), "architecture": "conv",
                                           "conv_channels": (4, 6), "class_prior": True}),
+    # The quick preset's CVAE recipe: the label into every encoder stage, FiLM in every decoder stage.
+    "cvae_film": ("cvae", BINARY, {"latent_dim": 3, "hidden": (8,), "architecture": "conv", "conv_channels": (4, 6),
+                                   "class_prior": True, "label_film": True, "label_encoder_maps": True}),
     "gan": ("gan", BINARY, SMALL_GAN),
     "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True)),
     "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row")),
@@ -40,6 +43,10 @@ def make_model(case: str):
         with torch.no_grad():  # zero-initialized class priors would all be N(0, I)
             model.prior_mu.normal_()
             model.prior_logvar.normal_(0.0, 0.3)
+    if getattr(model.config, "label_film", False):
+        with torch.no_grad():  # zero-initialized FiLM tables would be the identity
+            for film in model.decoder.films:
+                film.table.normal_(0.0, 0.3)
     if family == "pixelrnn" and model.conditional:
         with torch.no_grad():  # zero-initialized class biases would make conditioning vacuous
             model.gate_class_bias.normal_()
