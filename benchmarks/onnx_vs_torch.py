@@ -43,14 +43,14 @@ def time_family(family: str, batch: int, repeats: int, threads: int) -> tuple[fl
 
     from genmodels.export import export_sampler
     from genmodels.models import ImageSpec, build_model
-    from genmodels.noise import make_noise
+    from genmodels.models.base import make_noise_tensors
     from genmodels.sampling import OnnxSampler
     from genmodels.training import preset_configs
 
     image = ImageSpec(channels=1, height=28, width=28, levels=2, num_classes=10)
     model_cfg, _ = preset_configs(family, "quick")
     model = build_model(family, image, **model_cfg).eval()
-    noise = make_noise(model.noise_spec(), seed=0, count=batch)
+    noise = make_noise_tensors(model.noise_spec(), seed=0, count=batch)
     labels = torch.arange(batch) % 10 if model.conditional else None
     with tempfile.TemporaryDirectory() as tmp:
         sampler = OnnxSampler(export_sampler(model, tmp, likelihood=False), intra_op_num_threads=threads)

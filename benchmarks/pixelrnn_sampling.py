@@ -39,9 +39,9 @@ def main() -> None:
     torch.manual_seed(0)
     image = ImageSpec(channels=1, height=args.size, width=args.size, levels=2, num_classes=10)
     model = build_model("pixelrnn", image, layer=args.layer, num_layers=3, hidden_channels=32, head_hidden=64).eval()
-    from genmodels.noise import make_noise
+    from genmodels.models.base import make_noise_tensors
 
-    noise = make_noise(model.noise_spec(), seed=0, count=args.batch)
+    noise = make_noise_tensors(model.noise_spec(), seed=0, count=args.batch)
     cached_s, cached = median_seconds(lambda: model.sample_cached(noise), args.repeats)
     naive_s, naive = median_seconds(lambda: model.sample_naive(noise), args.repeats)
     print(f"pixelrnn {args.layer} {args.size}x{args.size} batch {args.batch} threads {args.threads}: "

@@ -40,8 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genmodels.models.base import GenerativeModel
-from genmodels.noise import make_noise
+from genmodels.models.base import GenerativeModel, make_noise_tensors
 
 # The runtime lives in genmodels.sampling (serving and bulk jobs use it without the exporter);
 # re-exported here so that ``from genmodels.export import read_metadata`` keeps working.
@@ -324,7 +323,7 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
     spec = model.noise_spec()
     graph = "pixel_step" if family == "pixelrnn" else "sampler"
     for n in batch_sizes:
-        noise = make_noise(spec, seed, n)
+        noise = make_noise_tensors(spec, seed, n)
         labels = torch.arange(n, dtype=torch.long) % max(img.num_classes, 1) if model.conditional else None
         with torch.no_grad():
             expected = model.sample_from_noise(noise, labels, temperature)
@@ -361,7 +360,7 @@ def _check_completion_parity(model: GenerativeModel, runtime: OnnxSampler, image
     knowns: list[Any] = [img.height // 2]
     if runtime.completes_any_mask:
         knowns.append((np.add.outer(np.arange(img.height), np.arange(img.width)) % 2 == 0))
-    noise = make_noise(model.noise_spec(), seed + 1, 2 * n)
+    noise = make_noise_tensors(model.noise_spec(), seed + 1, 2 * n)
     allowed = 1 if model.family == "mixture" and img.levels == 256 else 0
     for known in knowns:
         with torch.no_grad():

@@ -5,6 +5,9 @@ many samples were asked for, or which shard of a bulk job it falls in. That is w
 "same seed -> same images" hold online, batched and in bulk. Each row draws from a Philox
 counter-based generator keyed by the seed, with the sample index in the counter's high
 word, so streams never overlap and row ``i`` costs the same whatever ``start`` is.
+
+numpy only: the ONNX runtime, bulk writers and the MLflow model draw the noise without torch;
+torch models take it through :func:`genmodels.models.base.make_noise_tensors`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal, Mapping
 
 import numpy as np
-import torch
 
 Distribution = Literal["normal", "uniform"]
 MAX_SEED = 2**63 - 1
@@ -48,8 +50,8 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=check_seed(seed), counter=[0, 0, 0, int(index)]))
 
 
-def make_noise(spec: NoiseSpec, seed: int, count: int, start: int = 0) -> dict[str, torch.Tensor]:
-    """Noise for samples ``start .. start+count-1`` of ``seed``, as float32 tensors [count, *shape].
+def make_noise(spec: NoiseSpec, seed: int, count: int, start: int = 0) -> dict[str, np.ndarray]:
+    """Noise for samples ``start .. start+count-1`` of ``seed``, as float32 arrays [count, *shape].
 
     Fields are drawn in sorted name order from each sample's own stream, so adding rows
     before or after never changes a row.
@@ -68,34 +70,37 @@ def make_noise(spec: NoiseSpec, seed: int, count: int, start: int = 0) -> dict[s
                 out[name][row] = rng.random(field.shape, dtype=np.float32)
             else:
                 raise ValueError(f"noise field {name!r}: unknown distribution {field.distribution!r}")
-    return {name: torch.from_numpy(arr) for name, arr in out.items()}
+    return out
 
 
-def concat_noise(parts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def concat_noise(parts: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Stack the noise of several requests into one batch (same fields in each)."""
     if not parts:
         raise ValueError("concat_noise needs at least one part")
-    return {name: torch.cat([p[name] for p in parts], dim=0) for name in parts[0]}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Spherical interpolation between vectors ``a`` and ``b`` [D] at fractions ``t`` [S] -> [S, D].
 
     Gaussian latents concentrate near a sphere; a straight line between two of them passes
     through low-norm points the decoder never saw, slerp stays at typical norms. Falls back
-    to a straight line when the two directions (almost) coincide.
+    to a straight line when the two directions (almost) coincide. Computed in float64, returned
+    in ``a``'s dtype.
     """
-    a64, b64, t64 = a.double().flatten(), b.double().flatten(), t.double()[:, None]
-    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
-    omega = torch.arccos(cos.clamp(-1.0, 1.0))
-    if float(torch.sin(omega)) < 1e-6:
+    a = np.asarray(a)
+    a64, b64 = a.astype(np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    t64 = np.asarray(t, np.float64)[:, None]
+    cos = np.dot(a64, b64) / max(float(np.linalg.norm(a64) * np.linalg.norm(b64)), 1e-12)
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    if np.sin(omega) < 1e-6:
         out = (1.0 - t64) * a64 + t64 * b64
     else:
-        out = (torch.sin((1.0 - t64) * omega) * a64 + torch.sin(t64 * omega) * b64) / torch.sin(omega)
-    return out.reshape(len(t), *a.shape).to(a.dtype)
+        out = (np.sin((1.0 - t64) * omega) * a64 + np.sin(t64 * omega) * b64) / np.sin(omega)
+    return out.reshape(len(t64), *a.shape).astype(a.dtype)
 
 
-def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, torch.Tensor]:
+def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, np.ndarray]:
     """Noise [steps, ...] for a walk along the slerp from sample 0 of ``seed_a``'s latent ``z`` to
     ``seed_b``'s, other fields held at ``seed_a``'s: the ends are exactly those two samples.
     The one walk of the torch pictures and the ONNX samplers (served interpolations)."""
@@ -104,6 +109,6 @@ def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -
     if steps < 2:
         raise ValueError(f"an interpolation needs steps >= 2, got {steps}")
     a, b = make_noise(spec, seed_a, 1), make_noise(spec, seed_b, 1)
-    noise = {name: value.expand(steps, *value.shape[1:]).clone() for name, value in a.items()}
-    noise["z"] = slerp(a["z"][0], b["z"][0], torch.linspace(0.0, 1.0, steps))
+    noise = {name: np.repeat(value, steps, axis=0) for name, value in a.items()}
+    noise["z"] = slerp(a["z"][0], b["z"][0], np.linspace(0.0, 1.0, steps))
     return noise

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from genmodels.checks import check_labels_array, check_temperature, completion_mask_array, require_completion
-from genmodels.noise import NoiseField, check_seed, interpolation_noise, make_noise
+from genmodels.noise import NoiseField, check_seed, concat_noise, interpolation_noise, make_noise
 
 __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "Request", "categorical_inverse_cdf_np", "read_metadata"]
 
@@ -488,7 +488,7 @@ class OnnxSampler:
         labels = [self.check_labels(r.labels, n) for r, (n, _, _) in zip(requests, checked)]
         counts = [n for n, _, _ in checked]
         parts = [make_noise(self._noise_spec, seed, n, start=start) for n, start, seed in checked]
-        noise = {k: np.concatenate([p[k].numpy() for p in parts]) for k in self._noise_spec}
+        noise = concat_noise(parts)
         images = self.sample_from_noise(noise, np.concatenate(labels) if self._conditional else None, temperature)
         return np.split(images, np.cumsum(counts)[:-1])
 
@@ -503,7 +503,7 @@ class OnnxSampler:
         steps = _count(steps, "steps", 2)
         checked = self.check_labels(labels, steps)
         noise = interpolation_noise(self._noise_spec, check_seed(seed_a), check_seed(seed_b), steps)
-        return self.sample_from_noise({k: v.numpy() for k, v in noise.items()}, checked, temperature)
+        return self.sample_from_noise(noise, checked, temperature)
 
     # --- likelihood ------------------------------------------------------------------------
     def log_likelihood(self, x: Any) -> np.ndarray:
@@ -616,7 +616,7 @@ class OnnxSampler:
         single = arr.ndim == 3
         batch = arr[None] if single else arr
         b = batch.shape[0] if batch.ndim == 4 else 1
-        noise = {k: np.tile(v.numpy(), (b, *([1] * (v.ndim - 1))))
+        noise = {k: np.tile(v, (b, *([1] * (v.ndim - 1))))
                  for k, v in make_noise(self._noise_spec, seed, n, start=start).items()}
         out = self.complete_from_noise(batch, known, noise, labels, temperature)
         return out[0] if single else out

@@ -13,7 +13,7 @@ import torch
 from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, module_device, split_of
 from genmodels.images import MIN_TILE_PX, grid_png, image_pngs
-from genmodels.models.base import GenerativeModel
+from genmodels.models.base import GenerativeModel, noise_tensors
 from genmodels.noise import interpolation_noise, slerp
 
 # Drawn here, owned by genmodels.images (encoding) and genmodels.noise (the latent walk).
@@ -43,7 +43,7 @@ def interpolate(
     labels = model.check_labels(label, steps)
     device = module_device(model)
     with evaluating(model):
-        return model.sample_from_noise({k: v.to(device) for k, v in noise.items()}, labels, temperature).cpu()
+        return model.sample_from_noise(noise_tensors(noise, device), labels, temperature).cpu()
 
 
 def interpolation_png(

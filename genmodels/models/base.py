@@ -29,6 +29,17 @@ from genmodels.config import dataclass_from_dict
 from genmodels.noise import NoiseSpec, make_noise
 
 
+def make_noise_tensors(spec: NoiseSpec, seed: int, count: int, start: int = 0,
+                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """:func:`genmodels.noise.make_noise` as float32 tensors on ``device``: the torch models' noise."""
+    return noise_tensors(make_noise(spec, seed, count, start=start), device)
+
+
+def noise_tensors(noise: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Noise arrays (``make_noise``, ``interpolation_noise``) as tensors on ``device``."""
+    return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(device) for k, v in noise.items()}
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What a model's images look like."""
@@ -161,9 +172,7 @@ class GenerativeModel(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         check_temperature(temperature)
-        noise = make_noise(self.noise_spec(), seed, n, start=start)
-        device = next(self.parameters()).device
-        noise = {k: v.to(device) for k, v in noise.items()}
+        noise = make_noise_tensors(self.noise_spec(), seed, n, start=start, device=next(self.parameters()).device)
         return self.sample_from_noise(noise, self.check_labels(labels, n), temperature)
 
     # --- completion -----------------------------------------------------------------
@@ -219,7 +228,7 @@ class GenerativeModel(nn.Module):
         b = xb.shape[0]
         device = next(self.parameters()).device
         labels = self.check_labels(labels, b)
-        noise = make_noise(self.noise_spec(), seed, int(n), start=start)
+        noise = make_noise_tensors(self.noise_spec(), seed, int(n), start=start)
         # Every image gets the same streams: completion j of an image never depends on its batch.
         noise = {k: v.repeat(b, *([1] * (v.ndim - 1))).to(device) for k, v in noise.items()}
         out = self.complete_from_noise(xb.to(device), known, noise, labels, temperature)

@@ -13,7 +13,7 @@ import torch
 from genmodels.models import build_model
 from genmodels.models.base import ImageSpec
 from genmodels.models.mixture import MixtureConfig, MixtureModel
-from genmodels.noise import make_noise
+from genmodels.models.base import make_noise_tensors
 from test_pixelrnn import make_model as make_pixelrnn
 from tiny_models import make_model as make_tiny
 
@@ -82,7 +82,7 @@ def prefix_mask(p: int) -> torch.Tensor:
 def test_pixelrnn_completion_after_every_raster_prefix_is_exact(kind, conditional):
     model = make_pixelrnn_2x2(kind, conditional)
     label = 2 if conditional else None
-    noise = make_noise(model.noise_spec(), 11, SAMPLES)
+    noise = make_noise_tensors(model.noise_spec(), 11, SAMPLES)
     for p in range(4):
         # One image per distinct prefix, completed in one batch.
         xs = ALL_2x2[:: 2 ** (4 - p)]
@@ -139,7 +139,7 @@ def test_exactness_tests_can_fail():
 def test_pixelrnn_cached_completion_equals_naive_for_every_prefix(kind, channels, levels):
     model = make_pixelrnn(kind, channels=channels, height=3, width=3, levels=levels, conditional=True)
     x = model.sample(2, labels=[0, 1], seed=8)
-    noise = make_noise(model.noise_spec(), 9, 6)  # n = 3 per image
+    noise = make_noise_tensors(model.noise_spec(), 9, 6)  # n = 3 per image
     labels = torch.tensor([0, 1])
     for p in range(10):
         cached = model.complete_prefix_cached(x, p, noise, labels)
@@ -151,7 +151,7 @@ def test_pixelrnn_cached_completion_equals_naive_for_every_prefix(kind, channels
 @pytest.mark.parametrize("kind", KINDS)
 def test_pixelrnn_completion_from_no_known_pixel_is_sampling(kind):
     model = make_pixelrnn(kind, height=3, width=4)
-    noise = make_noise(model.noise_spec(), 2, 5)
+    noise = make_noise_tensors(model.noise_spec(), 2, 5)
     x = torch.ones(1, 1, 3, 4)
     assert torch.equal(model.complete_prefix_cached(x, 0, noise)[0], model.sample_cached(noise))
 

@@ -11,7 +11,7 @@ from test_export import _perturb_largest_initializer
 from tiny_models import make_model
 
 from genmodels.export import ExportParityError, check_parity, export_sampler, read_metadata
-from genmodels.noise import make_noise
+from genmodels.models.base import make_noise_tensors
 from genmodels.sampling import OnnxSampler
 
 COMPLETING = ["pixelrnn_row", "pixelrnn_diagonal", "mixture_binary", "mixture_8bit"]
@@ -44,7 +44,7 @@ def test_onnx_completion_equals_torch_on_the_same_noise(case, exported):
     assert runtime.can_complete and runtime.completes_any_mask == model.completes_any_mask
     labels = torch.tensor([2, 0]) if model.conditional else None
     x = model.sample(2, labels=labels, seed=4)
-    noise = make_noise(model.noise_spec(), 6, 6)  # 3 completions per image
+    noise = make_noise_tensors(model.noise_spec(), 6, 6)  # 3 completions per image
     for known, temperature in requests(model):
         with torch.no_grad():
             want = model.complete_from_noise(x, known, noise, labels, temperature).numpy()

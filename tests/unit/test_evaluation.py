@@ -561,12 +561,13 @@ def test_image_pngs_are_the_bytes_of_one_image_grids():
 
 
 def test_slerp_endpoints_and_constant_norm():
-    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 3.0])
-    path = slerp(a, b, torch.linspace(0, 1, 7))
-    assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
-    assert torch.allclose(path.norm(dim=1), torch.full((7,), 3.0), atol=1e-5)
+    a, b = np.array([3.0, 0.0, 0.0], np.float32), np.array([0.0, 0.0, 3.0], np.float32)
+    path = slerp(a, b, np.linspace(0, 1, 7))
+    assert path.dtype == np.float32 and path.shape == (7, 3)
+    assert np.allclose(path[0], a, atol=1e-6) and np.allclose(path[-1], b, atol=1e-6)
+    assert np.allclose(np.linalg.norm(path, axis=1), np.full(7, 3.0), atol=1e-5)
     # Same direction: degenerates to a straight line instead of dividing by sin(0).
-    assert torch.allclose(slerp(a, 2 * a, torch.tensor([0.5]))[0], 1.5 * a)
+    assert np.allclose(slerp(a, 2 * a, np.array([0.5]))[0], 1.5 * a)
 
 
 @pytest.mark.parametrize("model_cls", [FakeVAE, GanLike])

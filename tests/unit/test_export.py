@@ -22,7 +22,7 @@ from genmodels.export import (
 )
 from genmodels.models import build_model
 from genmodels.models.gan import GAN
-from genmodels.noise import make_noise
+from genmodels.models.base import make_noise_tensors
 
 # case (see tiny_models.CASES) -> the graphs its export writes
 GRAPHS = {
@@ -90,7 +90,7 @@ def test_file_path_puts_first_graph_there_and_the_rest_beside_it(tmp_path):
 def test_onnx_pixelrnn_sampler_reproduces_sample_cached_exactly(case, exported):
     model, files = exported(case)
     sampler = OnnxPixelRNNSampler(files)
-    noise = make_noise(model.noise_spec(), seed=3, count=4)
+    noise = make_noise_tensors(model.noise_spec(), seed=3, count=4)
     labels = torch.tensor([0, 1, 2, 1]) if model.conditional else None
     for temperature in (1.0, 0.5):
         want = model.sample_cached(noise, labels, temperature).numpy()
@@ -212,6 +212,6 @@ def test_gan_exports_its_averaged_generator(tmp_path):
             p.add_(torch.randn_like(p) * 0.5)
     export_sampler(model, tmp_path)
     images = OnnxSampler.from_dir(tmp_path, intra_op_num_threads=1).sample(6, seed=3)
-    noise = make_noise(model.noise_spec(), seed=3, count=6)
+    noise = make_noise_tensors(model.noise_spec(), seed=3, count=6)
     np.testing.assert_allclose(images, model.generator_ema(noise["z"]).detach().numpy(), atol=1e-5)
     assert not np.allclose(images, model.generator(noise["z"]).detach().numpy(), atol=1e-3)

@@ -13,7 +13,7 @@ import torch
 from genmodels.models import build_model, checkpoint_bytes, model_from_checkpoint
 from genmodels.models.base import ImageSpec
 from genmodels.models.gan import GAN, GANConfig, stage_plan
-from genmodels.noise import make_noise
+from genmodels.models.base import make_noise_tensors
 from genmodels.training import TrainConfig, train
 
 DIGITS = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=10)
@@ -90,7 +90,7 @@ def test_sampling_is_row_independent_in_eval_mode():
             model.loss(batch_of(DIGITS), player)["loss"].backward()
     model.eval()
     labels = torch.tensor([1, 4, 4, 0, 9, 2])
-    noise = make_noise(model.noise_spec(), seed=3, count=6)
+    noise = make_noise_tensors(model.noise_spec(), seed=3, count=6)
     together = model.sample_from_noise(noise, labels)
     for i in range(6):
         alone = model.sample_from_noise({"z": noise["z"][i : i + 1]}, labels[i : i + 1])
@@ -100,7 +100,7 @@ def test_sampling_is_row_independent_in_eval_mode():
 
 def test_temperature_scales_z():
     model = tiny_gan().eval()
-    noise = make_noise(model.noise_spec(), seed=0, count=4)
+    noise = make_noise_tensors(model.noise_spec(), seed=0, count=4)
     half = model.sample_from_noise(noise, temperature=0.5)
     assert torch.equal(half, model.sample_from_noise({"z": noise["z"] * 0.5}))
     frozen = model.sample_from_noise(noise, temperature=0.0)  # every row is G(0)
@@ -223,7 +223,7 @@ def test_ema_generator_follows_the_trained_one_and_is_what_samples():
             model.after_step(name)
     assert int(model.ema_steps) == 5  # one update per generator step, none for D's
     model.eval()
-    noise = make_noise(model.noise_spec(), seed=0, count=4)
+    noise = make_noise_tensors(model.noise_spec(), seed=0, count=4)
     live, averaged = model.generator(noise["z"]), model.generator_ema(noise["z"])
     assert not torch.equal(live, averaged)  # the average lags the trained weights
     assert torch.equal(model.sample_from_noise(noise), averaged)

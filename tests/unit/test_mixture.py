@@ -16,7 +16,7 @@ import torch
 from genmodels.models import build_model, checkpoint_bytes, model_from_checkpoint
 from genmodels.models.base import ImageSpec
 from genmodels.models.mixture import MixtureConfig, MixtureModel, _truncated_normal_stats
-from genmodels.noise import make_noise
+from genmodels.models.base import make_noise_tensors
 from genmodels.training import TrainConfig, train
 
 BIN_2X2 = ImageSpec(channels=1, height=2, width=2, levels=2, num_classes=3)
@@ -299,7 +299,7 @@ def test_samples_are_on_the_grid_and_reproducible(fitted_grey, fitted_binary):
 
 def test_sampling_is_row_independent(fitted_grey):
     labels = torch.tensor([2, 0, 1, 1, 2])
-    noise = make_noise(fitted_grey.noise_spec(), seed=9, count=5)
+    noise = make_noise_tensors(fitted_grey.noise_spec(), seed=9, count=5)
     together = fitted_grey.sample_from_noise(noise, labels)
     for i in range(5):
         alone = fitted_grey.sample_from_noise({k: v[i : i + 1] for k, v in noise.items()}, labels[i : i + 1])

@@ -11,7 +11,7 @@ import torch
 from genmodels.models import checkpoint_bytes, model_from_checkpoint
 from genmodels.models.base import ImageSpec
 from genmodels.models.pixelrnn import PixelRNN, PixelRNNConfig, categorical_inverse_cdf
-from genmodels.noise import make_noise
+from genmodels.models.base import make_noise_tensors
 
 KINDS = ("row", "diagonal")
 
@@ -193,7 +193,7 @@ def test_inverse_cdf_picks_the_level_whose_interval_holds_u():
 def test_cached_sampler_matches_naive_sampler(kind, conditional):
     model = make_model(kind, height=3, width=4, conditional=conditional)
     for seed, temperature in [(0, 1.0), (1, 0.7), (2, 1.6)]:
-        noise = make_noise(model.noise_spec(), seed, 3)
+        noise = make_noise_tensors(model.noise_spec(), seed, 3)
         labels = torch.tensor([0, 2, 1]) if conditional else None
         cached, logits = model.sample_cached(noise, labels, temperature, return_logits=True)
         naive = model.sample_naive(noise, labels, temperature)
@@ -207,7 +207,7 @@ def test_cached_sampler_matches_naive_sampler(kind, conditional):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_sampler_matches_naive_sampler_rgb_8bit(kind):
     model = make_model(kind, channels=3, height=3, width=3, levels=256)
-    noise = make_noise(model.noise_spec(), 5, 2)
+    noise = make_noise_tensors(model.noise_spec(), 5, 2)
     cached, logits = model.sample_cached(noise, temperature=0.9, return_logits=True)
     assert torch.equal(cached, model.sample_naive(noise, temperature=0.9))
     torch.testing.assert_close(logits, model.logits(cached), atol=1e-5, rtol=1e-5)
@@ -269,7 +269,7 @@ def test_same_seed_same_images_and_rows_are_independent(kind):
 
 def test_sampling_validates_noise_labels_and_temperature():
     model = make_model("row")
-    noise = make_noise(model.noise_spec(), 0, 2)
+    noise = make_noise_tensors(model.noise_spec(), 0, 2)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         model.sample_from_noise(noise, temperature=0.0)
     with pytest.raises(ValueError, match=r"noise 'u' must be \[n, 1, 4, 4\]"):

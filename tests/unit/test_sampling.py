@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 from tiny_models import CASES, make_model
 
 from genmodels.export import export_sampler
-from genmodels.noise import NoiseField, make_noise
+from genmodels.models.base import make_noise_tensors
+from genmodels.noise import NoiseField
 from genmodels.sampling import OnnxSampler
 
 TEMPERATURE = 0.7
@@ -104,7 +105,7 @@ def test_properties_describe_the_model(case, exported):
 
 def test_sample_from_noise_takes_the_torch_models_noise(exported):
     model, _directory, sampler = exported("gan_conditional")
-    noise = make_noise(model.noise_spec(), seed=9, count=3)
+    noise = make_noise_tensors(model.noise_spec(), seed=9, count=3)
     labels = torch.tensor([2, 0, 1])
     with torch.no_grad():
         want = model.sample_from_noise(noise, labels, 1.3).numpy()
