@@ -474,7 +474,8 @@ def test_evaluate_unconditional_model_with_likelihood(digits, classifier_storage
         classifier_config=ClassifierConfig.for_image(DIGITS, **TINY),
     )
     expected = {
-        "nll_nats", "bits_per_dim", "likelihood_examples", "classifier_test_accuracy", "fid", "kid",
+        "nll_nats", "bits_per_dim", "likelihood_examples", "classifier_test_accuracy",
+        "classifier_test_accuracy_binarized", "fid", "kid",
         "precision", "recall", "fid_real_floor", "kid_real_floor", "n_samples", "n_reference", "n_floor",
     }
     assert set(out) == expected
