@@ -544,3 +544,20 @@ def test_serve_waits_for_a_champion_then_fails_with_the_reason(monkeypatch):
     monkeypatch.setattr(registry, "current_version", lambda name, *a, **k: None)
     result = CliRunner().invoke(app, ["serve", "--models", "digits-gan", "--wait-for-champion", "0.05"])
     assert result.exit_code == 2 and "digits-gan" in result.output
+
+
+def test_the_slim_serving_stage_installs_the_serving_extra_alone_and_serves_on_every_interface():
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    build = next(s for s in stages if s.split()[2:3] == ["serving-build"])
+    final = next(s for s in stages if s.split()[2:3] == ["serving"])
+    assert re.search(r'pip install "/app\[serving\]" -c /app/constraints.txt', build)
+    assert "torch" not in re.sub(r"#.*", "", build).replace('! python -c "import torch"', "")
+    # The sed of the stage, applied to the real config: the proxy listens beyond loopback there.
+    sed = re.search(r"sed '(s/[^']+)'", build).group(1)
+    _, old, new, _ = sed.split("/")
+    config = (REPO / "serving" / "config.yaml").read_text()
+    served = re.sub(old.replace("^", "(?m)^", 1), new, config)
+    assert yaml.safe_load(served)["http_options"]["host"] == "0.0.0.0"
+    assert yaml.safe_load(served)["applications"] == yaml.safe_load(config)["applications"]
+    assert 'CMD ["serve", "run", "/app/serve.yaml"]' in final and "USER 1000:1000" in final
