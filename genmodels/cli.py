@@ -10,10 +10,18 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
-from genmodels.cli_options import (  # noqa: F401 - PRESETS: the presets the commands offer, read by tests
-    DEFAULT_FAMILIES, PRESETS, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt, PresetOpt,
-    QuantOpt, SeedOpt, SourceOpt, console, family_list, friendly_errors, train_overrides,
-)
+try:
+    from genmodels.cli_options import (  # noqa: F401 - PRESETS: the presets the commands offer, read by tests
+        DEFAULT_FAMILIES, PRESETS, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt, PresetOpt,
+        QuantOpt, SeedOpt, SourceOpt, console, family_list, friendly_errors, train_overrides,
+    )
+except ModuleNotFoundError as exc:
+    # A serving-only install (no `train` extra) has the runtime but not the models' code.
+    if exc.name not in ("torch", "sklearn"):
+        raise
+    raise SystemExit(f"genmodels: this command line trains, evaluates and exports models and needs {exc.name}, "
+                     "which this install lacks: pip install 'genmodels[pipelines]' (or [all]). A serving-only "
+                     "install serves the registry's champions with `serve run serving/config.yaml`.") from None
 from genmodels.config import get_settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=True)

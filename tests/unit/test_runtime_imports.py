@@ -29,3 +29,11 @@ def test_the_runtime_imports_and_draws_noise_without_the_training_stack():
     ])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_cli_without_the_training_stack_says_what_to_install():
+    code = "import sys; sys.modules['torch'] = None\nimport genmodels.cli"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "needs torch" in done.stderr and "pip install 'genmodels[pipelines]'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
