@@ -561,3 +561,11 @@ def test_the_slim_serving_stage_installs_the_serving_extra_alone_and_serves_on_e
     assert yaml.safe_load(served)["http_options"]["host"] == "0.0.0.0"
     assert yaml.safe_load(served)["applications"] == yaml.safe_load(config)["applications"]
     assert 'CMD ["serve", "run", "/app/serve.yaml"]' in final and "USER 1000:1000" in final
+    # `genmodels serve`'s throughput settings, which Serve reads when Ray starts: in the image's
+    # environment and in the command the Serve config documents.
+    from serving.app import SERVE_ENV
+
+    env = dict(re.findall(r"\b(RAY_SERVE_\w+)=(\S+)", final))
+    assert env == SERVE_ENV
+    documented = dict(re.findall(r"\b(RAY_SERVE_\w+)=(\S+)", config))
+    assert documented == SERVE_ENV
