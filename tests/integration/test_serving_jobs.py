@@ -317,19 +317,29 @@ def test_a_job_whose_server_stopped_reads_as_failed_and_resubmitting_resumes_it(
     while _record(store, jid)["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    beat = _record(store, jid)["updated_at"]
-    time.sleep(0.3)
-    assert _record(store, jid)["updated_at"] > beat  # the heartbeat keeps a running record fresh
+    try:
+        beat = _record(store, jid)["updated_at"]
+        time.sleep(0.3)
+        assert _record(store, jid)["updated_at"] > beat  # the heartbeat keeps a running record fresh
+        # The server stops: no more heartbeats (its last one lands within one period). Reading the
+        # record while they still came would compare two different "last recorded" times below.
+        dying.heartbeat_s = 3600.0
+        time.sleep(0.2)
+        last = _record(store, jid)["updated_at"]
 
-    restarted = _manager(registered, store.as_uri())
-    seen = restarted.get(jid)
-    assert (seen["status"], seen["done"], seen["total"]) == ("failed", 0, 40)
-    assert seen["error"].startswith("interrupted:") and "re-submit the same spec to resume" in seen["error"]
-    assert [j["job_id"] for j in restarted.list(status="failed")] == [jid]
-    assert restarted.list(status="running") == []
-    assert restarted.cancel(jid) == seen  # nothing runs here to cancel
-    assert _record(store, jid)["status"] == "running"  # the record stays the last thing known
-    release.set()
+        restarted = _manager(registered, store.as_uri())
+        seen = restarted.get(jid)
+        assert (seen["status"], seen["done"], seen["total"]) == ("failed", 0, 40)
+        assert seen["error"].startswith("interrupted:") and "re-submit the same spec to resume" in seen["error"]
+        assert f"last recorded {last}" in seen["error"]
+        assert [j["job_id"] for j in restarted.list(status="failed")] == [jid]
+        assert restarted.list(status="running") == []
+        assert restarted.cancel(jid) == seen  # nothing runs here to cancel
+        assert _record(store, jid)["status"] == "running"  # the record stays the last thing known
+    finally:
+        # Whatever failed above, the stuck job ends here: its thread must not outlive the test
+        # (its writes would land in the next test's monkeypatched records).
+        release.set()
     assert dying.wait(jid, timeout=10)["status"] == "failed"
 
     monkeypatch.setattr(bulk, "run_job", real_run_job)
