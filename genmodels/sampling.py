@@ -425,7 +425,7 @@ class OnnxSampler:
     # --- sampling --------------------------------------------------------------------------
     def check_labels(self, labels: Any, n: int) -> np.ndarray | None:
         """None, one int for all ``n`` rows, or ``n`` ints in [0, num_classes) -> int64 [n]
-        (:func:`genmodels.models.base.check_labels_array`, the torch models' check too)."""
+        (:func:`genmodels.checks.check_labels_array`, the torch models' check too)."""
         return check_labels_array(labels, n, family=self._family, conditional=self._conditional,
                                   num_classes=self._num_classes)
 
@@ -561,7 +561,7 @@ class OnnxSampler:
 
     def completion_mask(self, known: Any) -> np.ndarray:
         """``known`` rows or a bool mask [H, W] (mixture) -> bool [H, W], True = known; the
-        torch models' check (:func:`genmodels.models.base.completion_mask_array`)."""
+        torch models' check (:func:`genmodels.checks.completion_mask_array`)."""
         if self._family == "mixture" and "complete" not in self._sessions:
             raise NotImplementedError(f"these mixture graphs have no complete graph (exported before "
                                       f"completion existed: export again; exported: {sorted(self._sessions)})")
