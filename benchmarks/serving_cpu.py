@@ -17,7 +17,7 @@ import asyncio
 import os
 import time
 
-from serving_load import free_port, load, wait_ready
+from serving_load import add_server_options, load, server_label, start_serve, wait_ready
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[float, str]]:
@@ -43,24 +43,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--top", type=int, default=6, help="processes listed")
-    parser.add_argument("--serve-defaults", action="store_true", help="Ray Serve's own defaults instead of "
-                        "serving.app.SERVE_ENV")
+    add_server_options(parser)
     args = parser.parse_args()
 
     from ray import serve
 
     from genmodels import registry
-    from genmodels.ray_runtime import ensure_ray
-    from serving.app import build_app, use_serve_env
 
     registry.configure()
-    if not args.serve_defaults:
-        use_serve_env()
-    ensure_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"models": [args.model], "reload_interval_s": 3600}), name="bench", route_prefix="/")
+        port = start_serve(args)
         wait_ready(f"http://127.0.0.1:{port}/healthz")
         url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"
         asyncio.run(load(url, args.n, args.concurrency, 2.0, 1.0))  # warm-up
@@ -73,7 +65,7 @@ def main() -> None:
     requests = result["requests"]
     used = sorted(((cpu - before.get(pid, (0.0, ""))[0], command) for pid, (cpu, command) in after.items()),
                   reverse=True)
-    mode = "Ray Serve defaults" if args.serve_defaults else "serving.app.SERVE_ENV"
+    mode = ("Ray Serve defaults" if args.serve_defaults else "serving.app.SERVE_ENV") + server_label(args)
     print(f"{args.model}, n={args.n}, concurrency {args.concurrency}, {mode}: {result['rps']:.1f} requests/s, "
           f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, {os.cpu_count()} CPUs")
     print("| process | CPU ms per request | share of one core |")

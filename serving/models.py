@@ -1,4 +1,4 @@
-"""The served models of one Sampler replica, plain Python without Serve (testable alone): load
+"""The served models of one sampling replica (the Api ingress, or a Sampler), plain Python without Serve (testable alone): load
 the registry's champions, describe them, sample in batches, interpolate, analogies, complete,
 hot reload. Every refusal is a :class:`serving.errors.RequestError`."""
 

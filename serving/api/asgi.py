@@ -77,7 +77,8 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
-    def authorize(request: Request) -> None:
+    # async: FastAPI runs a plain function dependency in its thread pool, a thread hop per request.
+    async def authorize(request: Request) -> None:
         if not authorized(request):
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                 headers={"WWW-Authenticate": "Bearer"})

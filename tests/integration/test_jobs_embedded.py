@@ -1,5 +1,5 @@
 """Bulk jobs in the embedded setting itself: `genmodels serve --num-cpus 2` as a user runs it (its
-own local Ray, 2 CPUs, one held by the Sampler replica), over HTTP on 127.0.0.1.
+own local Ray, 2 CPUs, one held by the replica that samples), over HTTP on 127.0.0.1.
 
 A tiny untrained VAE on 8x8 binary images is registered as champion; PNG shards keep a job busy
 for seconds, long enough to kill a writer or cancel mid-way. The job outputs go under the
@@ -63,10 +63,20 @@ def served(tmp_path_factory):
                                 artifact_root=(root / "mlflow").as_uri())
         registry.promote(reg.name, reg.version)
 
+    proc, client = _start_serve(root, env)
+    try:
+        yield {"client": client, "proc": proc, "outputs": (root / "work" / "store" / "outputs"), "root": root,
+               "env": env}
+    finally:
+        _stop(proc, client)
+
+
+def _start_serve(root: Path, env: dict[str, str], *options: str) -> tuple[subprocess.Popen, "httpx.Client"]:
+    """`genmodels serve --num-cpus 2` (plus ``options``) in a process session of its own, healthy."""
     port = free_port()
     cli = str(Path(sys.executable).parent / "genmodels")  # the venv's console script
     proc = subprocess.Popen([cli, "serve", "--num-cpus", "2", "--port", str(port), "--metrics-port",
-                             str(free_port()), "--models", MODEL, "--reload-interval", "60"],
+                             str(free_port()), "--models", MODEL, "--reload-interval", "60", *options],
                             env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -76,21 +86,25 @@ def served(tmp_path_factory):
             assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
             try:
                 if client.get("/healthz").status_code == 200:
-                    break
+                    return proc, client
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "genmodels serve did not come up in 180 s"
             time.sleep(0.5)
-        yield {"client": client, "proc": proc, "outputs": (root / "work" / "store" / "outputs")}
-    finally:
-        client.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    except BaseException:
+        _stop(proc, client)
+        raise
+
+
+def _stop(proc: subprocess.Popen, client) -> None:
+    client.close()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def _submit(client, output: Path, **over) -> str:
@@ -130,7 +144,7 @@ def reference(served):
 def test_a_16_shard_job_finishes_on_the_one_cpu_the_sampler_leaves(reference):
     status, output = reference
     assert (status["status"], status["done"]) == ("succeeded", 32_000), status
-    # 2 CPUs, the Sampler holds one: exactly one writer can be placed, and the job used it.
+    # 2 CPUs, the replica that samples holds one: exactly one writer can be placed, and the job used it.
     assert status["writers"] == 1 and status["retries"] == 0, status
     assert status["manifest"]["totals"]["shards"] == 16
     bulk.verify(output.as_uri())
@@ -183,6 +197,42 @@ def test_outputs_outside_the_output_root_are_refused_naming_no_file(served, tmp_
         assert detail["loc"][-1] == "output" and str(tmp_path) not in detail["msg"] and "/dev/shm" not in detail["msg"]
         assert str(outputs) not in detail["msg"]
     assert not any(tmp_path.iterdir())
+
+
+def test_haproxy_ingress_samples_in_the_api_replica_with_the_same_answers(served):
+    """`genmodels serve --haproxy`: HAProxy in place of Serve's proxy, the Api replica sampling
+    itself; same images, the same JSON refusals, jobs through it, and it stops as quickly."""
+    body = {"n": 3, "seed": 5, "format": "array"}
+    expected = served["client"].post(f"/v1/models/{MODEL}/samples", json=body)
+    assert expected.status_code == 200, expected.text
+    env = {**served["env"], "GENMODELS_WORK_DIR": str(served["root"] / "work-haproxy")}  # job records apart
+    proc, client = _start_serve(served["root"], env, "--haproxy")
+    try:
+        titles = [title for title, _ in session_processes(proc.pid).values()]
+        assert any(b"haproxy" in title.split(b" ")[0] for title in titles), titles
+        assert any(title.startswith(b"ray::HAProxyManager") for title in titles)  # Serve's proxy is its backup only
+        assert any(b"genmodels:Api" in title or b"genmodels#Api" in title for title in titles)
+        assert not any(b"genmodels:Sampler" in title or b"genmodels#Sampler" in title for title in titles)
+
+        r = client.post(f"/v1/models/{MODEL}/samples", json=body)
+        assert r.status_code == 200, r.text
+        assert (r.json()["images"], r.json()["version"]) == (expected.json()["images"], expected.json()["version"])
+        refused = client.post(f"/v1/models/{MODEL}/samples", json={"n": 0})
+        assert refused.status_code == 422 and refused.json()["error"] == "invalid_request", refused.text
+        missing = client.post("/v1/models/no-such-model/samples", json={"n": 1})
+        assert (missing.status_code, missing.json()["error"]) == (404, "model_not_found")
+
+        outputs = served["root"] / "work-haproxy" / "store" / "outputs"
+        status = _wait(client, _submit(client, outputs / "via-haproxy", n=4_000, seed=17))
+        assert (status["status"], status["done"]) == ("succeeded", 4_000), status
+
+        asked = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        assert time.monotonic() - asked < 10
+        assert not [t for t, _ in session_processes(proc.pid).values() if b"haproxy" in t.split(b" ")[0]]
+    finally:
+        _stop(proc, client)
 
 
 def test_sigterm_stops_the_server_within_10_s_while_a_job_runs(served):

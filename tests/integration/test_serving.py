@@ -119,10 +119,16 @@ def local(trained):
     return {name: registry.load_sampler(name).sampler for name in (VAE, CVAE)}
 
 
+def serve_deployments() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications[APP].deployments)
+
+
 def _stats() -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("Sampler", app_name=APP).stats.remote().result()
+    return serve.get_deployment_handle("Api", app_name=APP).stats.remote().result()
 
 
 def _png_array(b64: str) -> np.ndarray:
@@ -360,6 +366,7 @@ def test_config_yaml_is_a_valid_serve_config_for_build_app():
     (app,) = config.applications
     assert (app.import_path, app.route_prefix) == ("serving.app:build_app", "/")
     deployments = {d.name: d for d in app.deployments}
+    assert app.args["sample_in_ingress"] is False  # the nodes do not set HAProxy: a Sampler deployment
     assert set(deployments) == {"Sampler", "Api", "Jobs"}
     assert deployments["Sampler"].max_ongoing_requests >= 4 * app.args["max_batch_size"]
     assert deployments["Sampler"].autoscaling_config["max_replicas"] > 1
@@ -370,8 +377,13 @@ def test_config_yaml_is_a_valid_serve_config_for_build_app():
 
 
 # --- auth, then hot reload under auth (each redeploy costs seconds: keep these last) -------------------
+# Redeployed with the ingress replicas sampling (sample_in_ingress=True, what `genmodels serve
+# --haproxy` runs): the tests above ran a Sampler deployment (the default behind Serve's proxy),
+# these run the other topology.
 def test_api_key_guards_v1_but_not_healthz(server, trained):
-    _deploy(trained, api_key=KEY)
+    assert serve_deployments() == {"Api", "Sampler", "Jobs"}
+    _deploy(trained, api_key=KEY, sample_in_ingress=True)
+    assert serve_deployments() == {"Api", "Jobs"}
     assert server.get("/healthz").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = server.get("/v1/models", headers=headers)
