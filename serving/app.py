@@ -93,9 +93,9 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
 #: Ray Serve's HAProxy ingress in place of its Python HTTP proxy (`genmodels serve --haproxy`):
 #: HAProxy listens on the HTTP port and forwards to each ingress replica's own HTTP server. On 2
 #: cores it cut the CPU of a VAE n=1 request from 19.0 to 5.2 ms with in-ingress sampling
-#: (benchmarks/RESULTS.md). Opt-in: HAProxy also serves its Prometheus exporter on every interface
-#: (port RAY_SERVE_HAPROXY_METRICS_PORT, 9101) and keeps its files under /tmp/haproxy-serve, so
-#: one such server per machine.
+#: (benchmarks/RESULTS.md). Opt-in: HAProxy also serves its stats page and Prometheus exporter on
+#: every interface (ports 8404 and 9101) and keeps its files under /tmp/haproxy-serve, so one such
+#: server per machine.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
