@@ -48,8 +48,9 @@ def serve_cmd(
     = None,
     haproxy: Annotated[bool, typer.Option("--haproxy", help="Ray Serve's HAProxy ingress instead of its Python "
                                           "HTTP proxy, the Api replicas sampling: about 6x less CPU per small request (needs an haproxy "
-                                          "binary; one such server per machine: HAProxy's files and its metrics "
-                                          "port 9101 are fixed). Local Ray only: a cluster sets "
+                                          "binary; one such server per machine: HAProxy's files and its stats and "
+                                          "metrics ports 8404 and 9101, on every interface, are fixed). Local Ray "
+                                          "only: a cluster sets "
                                           "RAY_SERVE_ENABLE_HA_PROXY=1 on its nodes.")] = False,
 ) -> None:
     """The online sampling API (Ray Serve) on the champions of the MLflow registry; blocks until
