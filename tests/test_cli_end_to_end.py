@@ -83,6 +83,25 @@ def test_train_again_resumes_finished_run_without_retraining(trained_store):
     assert after["epoch"] == before and len(after["history"]) == before  # no epoch counted twice
 
 
+def test_checkpoint_written_before_a_new_config_field_still_resumes(trained_store, tmp_path):
+    """A field added with its default since the checkpoint was written (here: the VAE's
+    label_film, which the unconditional VAE leaves False) is the same config."""
+    import shutil
+
+    import torch
+
+    store = tmp_path / "store"
+    shutil.copytree(trained_store / "snapshots", store / "snapshots")
+    shutil.copytree(trained_store / "runs" / "digits" / "vae-quick", store / "runs" / "digits" / "vae-quick")
+    ckpt_path = store / "runs" / "digits" / "vae-quick" / "checkpoint.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["config"].pop("label_film") is False
+    torch.save(ckpt, ckpt_path)
+    result = invoke("train", "--family", "vae", "--dataset", "digits", "--out", store)
+    assert result.exit_code == 0, result.output
+    assert "resumed at epoch" in result.output
+
+
 def test_resume_with_other_config_is_refused(trained_store):
     result = invoke("train", "--family", "vae", "--dataset", "digits", "--out", trained_store, "--quantization", "8bit")
     assert result.exit_code == 2

@@ -150,13 +150,13 @@ def test_checkpoint_round_trip():
     assert torch.equal(restored.discriminator(batch["x"], batch["y"]), model.discriminator(batch["x"], batch["y"]))
 
 
-@pytest.mark.parametrize("conditional,r1_gamma,loss", [
-    (False, 0.0, "nonsaturating"), (True, 0.0, "nonsaturating"), (False, 1.0, "nonsaturating"),
-    (False, 0.0, "hinge"), (True, 1.0, "hinge"),
+@pytest.mark.parametrize("conditional,r1_gamma,loss,minibatch_std", [
+    (False, 0.0, "nonsaturating", False), (True, 0.0, "nonsaturating", False), (False, 1.0, "nonsaturating", False),
+    (False, 0.0, "hinge", False), (True, 1.0, "hinge", False), (False, 0.0, "hinge", True), (True, 1.0, "hinge", True),
 ])
-def test_training_steps_follow_the_loop_contract(conditional, r1_gamma, loss):
+def test_training_steps_follow_the_loop_contract(conditional, r1_gamma, loss, minibatch_std):
     """Players stepped in order with their own Adam, as the training loop does."""
-    model = tiny_gan(conditional=conditional, r1_gamma=r1_gamma, loss=loss)
+    model = tiny_gan(conditional=conditional, r1_gamma=r1_gamma, loss=loss, minibatch_std=minibatch_std)
     model.train()
     optimizers = {name: torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
                   for name, params in model.players().items()}
@@ -182,6 +182,32 @@ def test_training_steps_follow_the_loop_contract(conditional, r1_gamma, loss):
     for name, params in model.players().items():
         moved = [not torch.equal(a, p) for a, p in zip(before[name], params) if id(p) not in frozen]
         assert all(moved), f"{name}: {moved.count(False)} of {len(moved)} parameters never changed"
+
+
+@pytest.mark.parametrize("n", [4, 6, 8, 5])
+def test_minibatch_std_never_groups_real_with_fake_images(n):
+    """D's logits for the real block do not depend on the fake block it is batched with."""
+    model = tiny_gan(minibatch_std=True)
+    disc = model.discriminator.eval()
+    real, fake_a, fake_b = (batch_of(DIGITS, n=n, seed=s)["x"] for s in (0, 1, 2))
+    with torch.no_grad():
+        a = disc(torch.cat([real, fake_a]), parts=2)[:n]
+        b = disc(torch.cat([real, fake_b]), parts=2)[:n]
+        alone = disc(real)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, alone)
+
+
+def test_minibatch_std_channel_is_the_spread_within_each_group():
+    from genmodels.models.gan import _with_minibatch_std
+
+    h = torch.randn(8, 3, 2, 2)
+    h[4:] = h[4]  # the second group of 4: one image repeated
+    out = _with_minibatch_std(h, 4)
+    assert out.shape == (8, 4, 2, 2) and torch.equal(out[:, :3], h)
+    expected = h[:4].var(dim=0, unbiased=False).add(1e-8).sqrt().mean()
+    torch.testing.assert_close(out[:4, 3], expected.expand(4, 2, 2))
+    torch.testing.assert_close(out[4:, 3], torch.full((4, 2, 2), 1e-4))  # a collapsed group: sqrt(1e-8)
 
 
 def test_validation_loss_is_the_deterministic_generator_loss():
