@@ -20,7 +20,7 @@ from pathlib import Path
 SUMMARY_KEYS = ("nll_nats", "fid", "precision", "recall", "class_accuracy", "train_seconds", "eval_seconds")
 
 
-def run_one(store: str, out: str, family: str, preset: str, variant: str, spec: dict, seed: int,
+def run_one(store: str, out: str, dataset: str, family: str, preset: str, variant: str, spec: dict, seed: int,
             threads: int) -> dict:
     import torch
 
@@ -28,14 +28,17 @@ def run_one(store: str, out: str, family: str, preset: str, variant: str, spec: 
     from genmodels.data import read_snapshot
     from genmodels.storage import open_storage
 
+    # The one snapshot of the dataset in --store: with several, which one a run used would be a guess.
+    manifests = sorted((Path(store) / "snapshots" / dataset).glob("*/manifest.json"))
+    if len(manifests) != 1:
+        raise ValueError(f"{store}/snapshots/{dataset}/ holds {len(manifests)} snapshots; this needs exactly one")
     torch.set_num_threads(threads)
     root = Path(out) / f"{variant}-seed{seed}"
     for part in ("snapshots", "classifiers"):
         if not (root / part).exists():
             shutil.copytree(Path(store) / part, root / part)
     storage = open_storage(root.resolve().as_uri())
-    prefix = next(str(p.parent.relative_to(Path(store))) for p in (Path(store) / "snapshots").rglob("manifest.json"))
-    snapshot = read_snapshot(storage, prefix)
+    snapshot = read_snapshot(storage, str(manifests[0].parent.relative_to(Path(store))))
     t0 = time.perf_counter()
     outcome = runs.train_family(storage, snapshot, family, preset, overrides={**spec.get("train", {}), "seed": seed},
                                 model_overrides=spec.get("model", {}))
@@ -52,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", required=True)
     parser.add_argument("--preset", default="quick")
+    parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
                         help='a name and {"model": {...}, "train": {...}} over the preset; repeatable')
@@ -64,7 +68,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(v, spec, s) for v, spec in variants for s in args.seeds]
     with ProcessPoolExecutor(args.parallel) as pool, open(Path(args.out) / "results.jsonl", "a") as log:
-        futures = [pool.submit(run_one, args.store, args.out, args.family, args.preset, v, spec, s, args.threads)
+        futures = [pool.submit(run_one, args.store, args.out, args.dataset, args.family, args.preset, v, spec, s, args.threads)
                    for v, spec, s in jobs]
         for future in futures:
             row = future.result()
