@@ -315,6 +315,8 @@ def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar) -> tupl
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
     sums: dict[str, float] = {}
+    # Per key: a term computed on some steps only (the GAN's lazy R1) averages over those steps.
+    counts: dict[str, int] = {}
     seen = steps = 0
     t0 = time.perf_counter()
     for batch in epoch_batches:
@@ -333,11 +335,12 @@ def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar) -> tupl
             prefix = "" if len(optimizers) == 1 else f"{player}_"
             for key, value in out.items():
                 sums[prefix + key] = sums.get(prefix + key, 0.0) + float(value.detach())
+                counts[prefix + key] = counts.get(prefix + key, 0) + 1
         steps += 1
         seen += len(batch["y"])
         head = next(iter(sums))
-        bar.advance(f"{head} {sums[head] / steps:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
-    return {k: v / max(steps, 1) for k, v in sums.items()}, seen
+        bar.advance(f"{head} {sums[head] / counts[head]:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
+    return {k: v / counts[k] for k, v in sums.items()}, seen
 
 
 @torch.no_grad()

@@ -291,21 +291,44 @@ def load_or_train_classifier(
             f"{snapshot.image.shape} with {snapshot.image.num_classes}"
         )
     key = classifier_key(snapshot, name) if storage is not None else None
-    if key is not None and storage.exists(key):
-        try:
-            network, meta = load_classifier(storage.get_bytes(key), device)
-        except ValueError as exc:
-            logger.warning("cached classifier %s is unreadable (%s); retraining", key, exc)
-        else:
-            if meta.get("snapshot_hash") != snapshot.hash:
-                logger.warning("cached classifier %s belongs to snapshot %s; retraining", key, meta.get("snapshot_hash"))
-            elif network.config != config:
-                logger.warning("cached classifier %s was built with %s; retraining with %s", key, network.config, config)
-            else:
-                binarized = meta.get("test_accuracy_binarized")
-                return TrainedClassifier(network, float(meta["test_accuracy"]), from_cache=True, key=key,
-                                         test_accuracy_binarized=None if binarized is None else float(binarized))
+    cached = _from_cache(snapshot, storage, config, device, key)
+    if cached is not None or key is None:
+        return cached or _train_and_cache(snapshot, storage, config, device, name, key)
+    # Evaluations side by side (the retrain flow's lanes, in threads or processes, or two
+    # retrains) may need the same missing classifier: one trains it, the others wait for it.
+    from genmodels.lease import Lease
 
+    with Lease(storage, key, ttl_s=CLASSIFIER_LEASE_TTL_S, wait_s=CLASSIFIER_WAIT_S, poll_s=1.0):
+        cached = _from_cache(snapshot, storage, config, device, key)
+        return cached or _train_and_cache(snapshot, storage, config, device, name, key)
+
+
+#: A trainer that stopped renewing (killed) keeps the others out this long; they wait this long.
+CLASSIFIER_LEASE_TTL_S = 120.0
+CLASSIFIER_WAIT_S = 3600.0
+
+
+def _from_cache(snapshot, storage, config: ClassifierConfig, device, key: str | None) -> TrainedClassifier | None:
+    """The cached classifier when it is there, readable, of this snapshot and this config."""
+    if key is None or not storage.exists(key):
+        return None
+    try:
+        network, meta = load_classifier(storage.get_bytes(key), device)
+    except ValueError as exc:
+        logger.warning("cached classifier %s is unreadable (%s); retraining", key, exc)
+        return None
+    if meta.get("snapshot_hash") != snapshot.hash:
+        logger.warning("cached classifier %s belongs to snapshot %s; retraining", key, meta.get("snapshot_hash"))
+        return None
+    if network.config != config:
+        logger.warning("cached classifier %s was built with %s; retraining with %s", key, network.config, config)
+        return None
+    binarized = meta.get("test_accuracy_binarized")
+    return TrainedClassifier(network, float(meta["test_accuracy"]), from_cache=True, key=key,
+                             test_accuracy_binarized=None if binarized is None else float(binarized))
+
+
+def _train_and_cache(snapshot, storage, config: ClassifierConfig, device, name: str, key: str | None) -> TrainedClassifier:
     train, test = split_of(snapshot, "train"), split_of(snapshot, "test")
     # A module-global lookup at call time: tests patch it to count trainings.
     network = train_classifier(train.x, train.y, config, device)

@@ -55,7 +55,10 @@ class GANConfig(ModelConfig):
     """latent_dim: size of z. g_width / d_width: channels of the full-resolution stage of G /
     D, doubled per coarser stage up to 8x. d_features: width of D's dense feature layer (the
     projection's inner-product space). embed_dim: G's label embedding (conditional only).
-    r1_gamma: weight of the R1 gradient penalty on real images (0 = off). loss: "hinge" or
+    r1_gamma: weight of the R1 gradient penalty on real images (0 = off). r1_every: the penalty
+    is computed on every ``r1_every``-th discriminator step only, weighted by ``r1_every`` so its
+    average pull is unchanged (StyleGAN2's lazy regularization: the double backward is the
+    costly part of a step). loss: "hinge" or
     "nonsaturating". ema_decay: decay of the moving average of G's weights that sampling
     uses (0 = sample from the trained G itself). minibatch_std: D sees, as one more feature map
     of its last conv stage, the standard deviation of those features across groups of
@@ -69,12 +72,13 @@ class GANConfig(ModelConfig):
     d_features: int = 128
     embed_dim: int = 32
     r1_gamma: float = 0.0
+    r1_every: int = 1
     loss: str = "hinge"
     ema_decay: float = 0.999
     minibatch_std: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "g_width", "d_width", "d_features", "embed_dim"):
+        for name in ("latent_dim", "g_width", "d_width", "d_features", "embed_dim", "r1_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GANConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.r1_gamma < 0:
@@ -232,6 +236,8 @@ class GAN(GenerativeModel):
         # The averaged generator: not a player (no optimizer, no gradient), updated after
         # each generator step, saved in the state_dict so a resumed run keeps its average.
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
+        # Generator steps taken (kept under its first name so older checkpoints load): the EMA's
+        # warm-up and the lazy R1's clock, so a resumed run keeps both.
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
 
     @property
@@ -248,9 +254,11 @@ class GAN(GenerativeModel):
 
     @torch.no_grad()
     def after_step(self, player: str) -> None:
-        if player != "generator" or self.config.ema_decay == 0:
+        if player != "generator":
             return
         self.ema_steps += 1
+        if self.config.ema_decay == 0:
+            return
         # Early on the average follows G closely (1/10 .. decay), so a short run is not
         # dominated by the random initialization.
         steps = float(self.ema_steps)
@@ -273,7 +281,8 @@ class GAN(GenerativeModel):
     def _discriminator_loss(self, x, labels, z) -> dict[str, torch.Tensor]:
         with torch.no_grad():  # G gets no gradient from D's step
             fake = self.generator(z, labels)
-        r1 = self.config.r1_gamma > 0
+        # D and G alternate one step each, so the generator steps done count D's steps too.
+        r1 = self.config.r1_gamma > 0 and int(self.ema_steps) % self.config.r1_every == 0
         if r1:
             x = x.detach().requires_grad_(True)
         n = x.shape[0]
@@ -292,7 +301,7 @@ class GAN(GenerativeModel):
         if r1:
             (grad,) = torch.autograd.grad(real_logit.sum(), x, create_graph=True)
             penalty = grad.pow(2).flatten(1).sum(1).mean()
-            loss = loss + 0.5 * self.config.r1_gamma * penalty
+            loss = loss + 0.5 * self.config.r1_gamma * self.config.r1_every * penalty
             out["r1"] = penalty.detach()
         return {"loss": loss, **out}
 

@@ -438,6 +438,39 @@ def test_classifier_is_cached_and_a_second_call_does_not_retrain(digits, tmp_pat
     assert len(calls) == 2 and not third.from_cache and third.network.config.feature_dim == 16
 
 
+def test_concurrent_evaluations_train_a_missing_classifier_once(digits, tmp_path, monkeypatch):
+    """The retrain flow evaluates families side by side in threads: of several callers that
+    find no cached classifier, one trains it and the others read its cache."""
+    import threading
+
+    calls, entered = [], threading.Event()
+    real_train = classifier_module.train_classifier
+
+    def slow_counting_train(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        entered.set()
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(classifier_module, "train_classifier", slow_counting_train)
+    storage = open_storage(tmp_path)
+    cfg = ClassifierConfig.for_image(digits.image, **{**TINY, "epochs": 1, "max_train_examples": 200})
+    results = {}
+
+    def evaluate(name):
+        results[name] = load_or_train_classifier(digits, storage, cfg)
+
+    first = threading.Thread(target=evaluate, args=("first",), name="first")
+    first.start()
+    assert entered.wait(60)  # the first caller is training; the others arrive meanwhile
+    others = [threading.Thread(target=evaluate, args=(f"other{i}",)) for i in range(3)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(120)
+    assert calls == ["first"]
+    assert not results["first"].from_cache and all(results[f"other{i}"].from_cache for i in range(3))
+
+
 def test_classifier_learns_digits_and_reports_its_test_accuracy(digits, classifier_storage):
     trained = load_or_train_classifier(digits, classifier_storage, ClassifierConfig.for_image(DIGITS, **TINY))
     assert trained.from_cache

@@ -128,6 +128,8 @@ def test_misuse_is_reported_clearly():
         GANConfig(image=DIGITS, latent_dim=0)
     with pytest.raises(ValueError, match="r1_gamma"):
         GANConfig(image=DIGITS, r1_gamma=-1.0)
+    with pytest.raises(ValueError, match="r1_every"):
+        GANConfig(image=DIGITS, r1_every=0)
 
 
 def test_log_likelihood_raises():
@@ -182,6 +184,78 @@ def test_training_steps_follow_the_loop_contract(conditional, r1_gamma, loss, mi
     for name, params in model.players().items():
         moved = [not torch.equal(a, p) for a, p in zip(before[name], params) if id(p) not in frozen]
         assert all(moved), f"{name}: {moved.count(False)} of {len(moved)} parameters never changed"
+
+
+def test_lazy_r1_runs_on_every_kth_discriminator_step_weighted_by_k():
+    """r1_every=k: the penalty enters D's loss on D steps 0, k, 2k.. (counted by the generator
+    steps, which alternate with them) at k times its weight, and not at all in between."""
+    k, gamma = 3, 0.7
+    lazy, eager, plain = (tiny_gan(r1_gamma=g, r1_every=e) for g, e in ((gamma, k), (gamma, 1), (0.0, 1)))
+    seen = []
+    for step in range(2 * k + 1):
+        batch = batch_of(DIGITS, n=8, seed=step)
+        for model in (lazy, eager, plain):
+            model.train()
+            torch.manual_seed(step)  # the same z for the three models
+            out = model(batch, "discriminator")
+            if model is lazy:
+                lazy_out = out
+            elif model is eager:
+                eager_out = out
+            else:
+                plain_out = out
+        seen.append("r1" in lazy_out)
+        if "r1" in lazy_out:
+            torch.testing.assert_close(lazy_out["r1"], eager_out["r1"])
+            torch.testing.assert_close(lazy_out["loss"] - plain_out["loss"],
+                                       k * (eager_out["loss"] - plain_out["loss"]))
+            assert float(lazy_out["loss"] - plain_out["loss"]) > 0
+        else:
+            torch.testing.assert_close(lazy_out["loss"], plain_out["loss"])
+        for model in (lazy, eager, plain):
+            model.after_step("discriminator")
+            model.after_step("generator")
+    assert seen == [step % k == 0 for step in range(2 * k + 1)]
+    assert int(lazy.ema_steps) == 2 * k + 1
+
+
+def test_lazy_r1_clock_survives_a_checkpoint():
+    model = tiny_gan(r1_gamma=1.0, r1_every=4)
+    for _ in range(5):
+        model.after_step("generator")
+    restored = model_from_checkpoint(checkpoint_bytes(model))
+    assert int(restored.ema_steps) == 5
+    restored.train()
+    assert "r1" not in restored(batch_of(DIGITS), "discriminator")  # step 5 of a 4-step clock
+
+
+def test_lazy_r1_is_averaged_over_the_steps_that_computed_it():
+    """The epoch's logged r1 is the mean penalty of the R1 steps, not diluted by the others."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (48, 1, 8, 8)).astype(np.uint8)
+    y = rng.integers(0, 10, 48).astype(np.int64)
+    splits = {"train": SimpleNamespace(x=x[16:], y=y[16:], x_binary=None),
+              "val": SimpleNamespace(x=x[:16], y=y[:16], x_binary=(x[:16] > 127).astype(np.uint8))}
+    snapshot = SimpleNamespace(image=DIGITS, splits=splits, dataset="tiny", hash="0" * 64)
+    logged = {}
+    for every in (1, 4):
+        model = tiny_gan(r1_gamma=1.0, r1_every=every)
+        penalties = []
+        loss = model.loss
+
+        def spy(batch, player="discriminator", loss=loss, penalties=penalties):
+            out = loss(batch, player)
+            if "r1" in out:
+                penalties.append(float(out["r1"]))
+            return out
+
+        model.loss = spy
+        cfg = TrainConfig.from_dict({**GAN.presets["quick"]["train"], "epochs": 1, "batch_size": 4,
+                                     "max_train_examples": None})
+        record = train(model, snapshot, cfg).history[-1]
+        assert len(penalties) == (8 if every == 1 else 2)
+        logged[every] = record["train_discriminator_r1"]
+        assert logged[every] == pytest.approx(sum(penalties) / len(penalties), rel=1e-6)
 
 
 @pytest.mark.parametrize("n", [4, 6, 8, 5])
