@@ -22,23 +22,3 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_
                  _metrics_export_port=metrics_export_port)
     else:
         ray.init(address=address, log_to_driver=False)
-
-
-
-def call_in_worker(fn, *args, num_cpus: int, **kwargs):
-    """``fn(*args, **kwargs)`` in a Ray worker process that holds ``num_cpus`` CPUs and uses as
-    many torch threads, and its result. For work that keeps state in its process (torch's global
-    RNG, its thread pool) running beside other such work: each call has a process to itself.
-    ``fn`` must be importable by the workers (a module-level function of this package)."""
-    import ray
-
-    ensure_ray()
-    remote = ray.remote(num_cpus=num_cpus, max_retries=0)(_call_with_threads)
-    return ray.get(remote.remote(fn, num_cpus, args, kwargs))
-
-
-def _call_with_threads(fn, threads: int, args, kwargs):
-    import torch
-
-    torch.set_num_threads(threads)
-    return fn(*args, **kwargs)

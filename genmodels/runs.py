@@ -173,14 +173,6 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
     return metrics
 
 
-def evaluate_run_at(storage_url: str, run_url: str, snapshot_prefix: str, preset: str, seed: int = 0) -> dict[str, float]:
-    """:func:`evaluate_run` by URLs: what a worker process is handed."""
-    from genmodels.storage import open_storage
-
-    storage = open_storage(storage_url)
-    return evaluate_run(storage, open_storage(run_url), load_snapshot(storage, snapshot_prefix), preset, seed=seed)
-
-
 def export_run(run: Storage) -> list[str]:
     """Export the run's model to ONNX, check the graphs against torch (a disagreement raises
     ``ExportParityError`` and nothing is written), store them under ``onnx/``; returns the keys."""

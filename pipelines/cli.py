@@ -18,9 +18,6 @@ from genmodels.config import get_settings
 from genmodels.models import parse_families
 
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray Train workers (DDP).")]
-ParallelOpt = Annotated[Optional[int], typer.Option(
-    "--parallel", min=1, help="Families trained at once, each on its share of the CPUs (default: one per CPU "
-    "per worker; one at a time with GPUs).")]
 
 
 @friendly_errors
@@ -28,7 +25,6 @@ def retrain_cmd(
     family: FamiliesOpt = "all",
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
     quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = 1,
-    parallel: ParallelOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
     max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
     if_no_champion: Annotated[bool, typer.Option("--if-no-champion", help="Skip families that already have a "
@@ -42,10 +38,10 @@ def retrain_cmd(
 
     names = parse_families(family)
     storage_url = out or get_settings().storage_url
-    check_plan(names, preset, workers, storage_url, parallel)  # fail fast, before Prefect and Ray start
+    check_plan(names, preset, workers, storage_url)  # fail fast, before Prefect and Ray start
     overrides = train_overrides(epochs, None, max_train_examples, None)
     try:
-        outcomes = retrain(families=",".join(names), dataset=dataset, preset=preset, workers=workers, parallel=parallel, source=source,
+        outcomes = retrain(families=",".join(names), dataset=dataset, preset=preset, workers=workers, source=source,
                            quantization=quantization, seed=seed, if_no_champion=if_no_champion, fresh=fresh,
                            overrides=overrides or None, storage=storage_url)
     except RetrainFailed as exc:

@@ -86,17 +86,15 @@ def prepare_data(storage_url: str, dataset: str, source: str | None, quantizatio
 
 @task(name="train")
 def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, workers: int,
-          overrides: dict[str, Any] | None = None, fresh: bool = False,
-          cpus_per_worker: int | None = None) -> dict[str, Any]:
-    """Distributed training on Ray Train; resumes the same plan's checkpoints.
-    ``cpus_per_worker=None``: the workers share the whole cluster."""
+          overrides: dict[str, Any] | None = None, fresh: bool = False) -> dict[str, Any]:
+    """Distributed training on Ray Train; resumes the same plan's checkpoints."""
     from genmodels.distributed import RayScaling, train_on_ray
     from genmodels.ray_runtime import ensure_ray
 
     ensure_ray()
     storage = open_storage(storage_url)
     outcome = train_on_ray(storage, _snapshot(storage_url, snapshot_prefix), family, preset,
-                           scaling=RayScaling(num_workers=workers, cpus_per_worker=cpus_per_worker), overrides=overrides, fresh=fresh)
+                           scaling=RayScaling(num_workers=workers), overrides=overrides, fresh=fresh)
     r = outcome.result
     get_run_logger().info("%s: %d epochs, best val loss %s", family, r.epochs_completed, r.best_val_loss)
     return {"run": outcome.run.url, "epochs": r.epochs_completed, "best_val_loss": r.best_val_loss,
@@ -104,19 +102,10 @@ def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, work
 
 
 @task(name="evaluate")
-def evaluate(storage_url: str, snapshot_prefix: str, run_url: str, preset: str, seed: int,
-             cpus: int | None = None) -> dict[str, float]:
-    """Likelihoods, domain FID/KID, precision/recall, class accuracy; pictures into the run.
-    ``cpus``: in a Ray worker process of its own with that many CPUs (evaluations side by side
-    would share torch's global RNG, which the likelihood estimates draw from, in one process)."""
-    if cpus is None:
-        metrics = runs.evaluate_run(open_storage(storage_url), open_storage(run_url),
-                                    _snapshot(storage_url, snapshot_prefix), preset, seed=seed)
-    else:
-        from genmodels.ray_runtime import call_in_worker
-
-        metrics = call_in_worker(runs.evaluate_run_at, storage_url, run_url, snapshot_prefix, preset, seed,
-                                 num_cpus=cpus)
+def evaluate(storage_url: str, snapshot_prefix: str, run_url: str, preset: str, seed: int) -> dict[str, float]:
+    """Likelihoods, domain FID/KID, precision/recall, class accuracy; pictures into the run."""
+    metrics = runs.evaluate_run(open_storage(storage_url), open_storage(run_url),
+                                _snapshot(storage_url, snapshot_prefix), preset, seed=seed)
     get_run_logger().info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return metrics
 

@@ -294,8 +294,9 @@ def load_or_train_classifier(
     cached = _from_cache(snapshot, storage, config, device, key)
     if cached is not None or key is None:
         return cached or _train_and_cache(snapshot, storage, config, device, name, key)
-    # Evaluations side by side (the retrain flow's lanes, in threads or processes, or two
-    # retrains) may need the same missing classifier: one trains it, the others wait for it.
+    # Evaluations at the same time (two retrains of different families, a retrain and
+    # `genmodels evaluate`, threads of one process) may need the same missing classifier: one
+    # trains it, the others wait for it and read it from the cache.
     from genmodels.lease import Lease
 
     with Lease(storage, key, ttl_s=CLASSIFIER_LEASE_TTL_S, wait_s=CLASSIFIER_WAIT_S, poll_s=1.0):

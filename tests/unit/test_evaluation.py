@@ -439,8 +439,8 @@ def test_classifier_is_cached_and_a_second_call_does_not_retrain(digits, tmp_pat
 
 
 def test_concurrent_evaluations_train_a_missing_classifier_once(digits, tmp_path, monkeypatch):
-    """The retrain flow evaluates families side by side in threads: of several callers that
-    find no cached classifier, one trains it and the others read its cache."""
+    """Of several callers that find no cached classifier at the same time (threads here; the
+    lease in the storage works across processes alike), one trains it and the others read it."""
     import threading
 
     calls, entered = [], threading.Event()

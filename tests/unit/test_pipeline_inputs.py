@@ -254,36 +254,6 @@ def test_flow_check_plan_refuses_zero_workers(tmp_path):
         check_plan(["vae"], "quick", 0, tmp_path.as_uri())
 
 
-def test_flow_check_plan_refuses_zero_parallel(tmp_path):
-    from pipelines.flows import check_plan
-
-    with pytest.raises(ValueError, match="parallel must be >= 1"):
-        check_plan(["vae"], "quick", 1, tmp_path.as_uri(), parallel=0)
-    result = invoke("retrain", "--family", "vae", "--dataset", "digits", "--parallel", "0")
-    assert result.exit_code == 2 and "Invalid value for '--parallel'" in flat(result.output)
-
-
-@pytest.mark.parametrize("resources, parallel, families, workers, expected", [
-    ({"CPU": 2.0}, None, 5, 1, (2, 1)),  # the embedded default on 2 cores
-    ({"CPU": 2.0}, None, 5, 2, (1, None)),  # DDP over both CPUs: one family at a time
-    ({"CPU": 2.0}, None, 1, 1, (1, None)),  # one family takes the whole cluster
-    ({"CPU": 16.0}, None, 5, 1, (5, 3)),
-    ({"CPU": 16.0}, None, 5, 2, (5, 1)),
-    ({"CPU": 16.0, "GPU": 1.0}, None, 5, 1, (1, None)),  # each run wants the GPU
-    ({"CPU": 16.0}, 2, 5, 1, (2, 8)),
-    ({"CPU": 2.0}, 1, 5, 1, (1, None)),
-])
-def test_plan_lanes_shares_the_cluster_between_families(monkeypatch, resources, parallel, families, workers,
-                                                        expected):
-    import ray
-
-    from pipelines.flows import plan_lanes
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-    assert plan_lanes(parallel, families, workers) == expected
-
-
 def test_retrain_missing_folder_fails_in_prepare_data_before_training(cli_env, prefect_server):
     import ray
 
