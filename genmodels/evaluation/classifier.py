@@ -292,8 +292,10 @@ def load_or_train_classifier(
         )
     key = classifier_key(snapshot, name) if storage is not None else None
     cached = _from_cache(snapshot, storage, config, device, key)
-    if cached is not None or key is None:
-        return cached or _train_and_cache(snapshot, storage, config, device, name, key)
+    if cached is not None:
+        return cached
+    if key is None:  # no storage: nothing to share, train for this caller
+        return _train_and_cache(snapshot, storage, config, device, name, key)
     # Evaluations at the same time (two retrains of different families, a retrain and
     # `genmodels evaluate`, threads of one process) may need the same missing classifier: one
     # trains it, the others wait for it and read it from the cache.

@@ -31,6 +31,16 @@ def batch_of(image: ImageSpec, n: int = 6, seed: int = 0) -> dict[str, torch.Ten
     return {"x": x, "y": torch.randint(0, image.num_classes, (n,), generator=gen)}
 
 
+def random_snapshot(n: int) -> SimpleNamespace:
+    """A snapshot-shaped stand-in of ``n`` random 8x8 images: the first 16 validate, the rest train."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 1, 8, 8)).astype(np.uint8)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    splits = {"train": SimpleNamespace(x=x[16:], y=y[16:], x_binary=None),
+              "val": SimpleNamespace(x=x[:16], y=y[:16], x_binary=(x[:16] > 127).astype(np.uint8))}
+    return SimpleNamespace(image=DIGITS, splits=splits, dataset="tiny", hash="0" * 64)
+
+
 @pytest.mark.parametrize("height,width,expected", [
     (1, 1, (0, 1, 1)), (7, 7, (0, 7, 7)), (8, 8, (1, 4, 4)), (28, 28, (2, 7, 7)),
     (32, 32, (3, 4, 4)), (64, 64, (4, 4, 4)), (27, 13, (2, 7, 4)),
@@ -190,33 +200,29 @@ def test_lazy_r1_runs_on_every_kth_discriminator_step_weighted_by_k():
     """r1_every=k: the penalty enters D's loss on D steps 0, k, 2k.. (counted by the generator
     steps, which alternate with them) at k times its weight, and not at all in between."""
     k, gamma = 3, 0.7
-    lazy, eager, plain = (tiny_gan(r1_gamma=g, r1_every=e) for g, e in ((gamma, k), (gamma, 1), (0.0, 1)))
+    models = {"lazy": tiny_gan(r1_gamma=gamma, r1_every=k), "eager": tiny_gan(r1_gamma=gamma, r1_every=1),
+              "plain": tiny_gan(r1_gamma=0.0)}
     seen = []
     for step in range(2 * k + 1):
         batch = batch_of(DIGITS, n=8, seed=step)
-        for model in (lazy, eager, plain):
+        outs = {}
+        for name, model in models.items():
             model.train()
             torch.manual_seed(step)  # the same z for the three models
-            out = model(batch, "discriminator")
-            if model is lazy:
-                lazy_out = out
-            elif model is eager:
-                eager_out = out
-            else:
-                plain_out = out
-        seen.append("r1" in lazy_out)
-        if "r1" in lazy_out:
-            torch.testing.assert_close(lazy_out["r1"], eager_out["r1"])
-            torch.testing.assert_close(lazy_out["loss"] - plain_out["loss"],
-                                       k * (eager_out["loss"] - plain_out["loss"]))
-            assert float(lazy_out["loss"] - plain_out["loss"]) > 0
+            outs[name] = model(batch, "discriminator")
+        lazy, eager, plain = outs["lazy"], outs["eager"], outs["plain"]
+        seen.append("r1" in lazy)
+        if "r1" in lazy:
+            torch.testing.assert_close(lazy["r1"], eager["r1"])
+            torch.testing.assert_close(lazy["loss"] - plain["loss"], k * (eager["loss"] - plain["loss"]))
+            assert float(lazy["loss"] - plain["loss"]) > 0
         else:
-            torch.testing.assert_close(lazy_out["loss"], plain_out["loss"])
-        for model in (lazy, eager, plain):
+            torch.testing.assert_close(lazy["loss"], plain["loss"])
+        for model in models.values():
             model.after_step("discriminator")
             model.after_step("generator")
     assert seen == [step % k == 0 for step in range(2 * k + 1)]
-    assert int(lazy.ema_steps) == 2 * k + 1
+    assert int(models["lazy"].ema_steps) == 2 * k + 1
 
 
 def test_lazy_r1_clock_survives_a_checkpoint():
@@ -231,13 +237,7 @@ def test_lazy_r1_clock_survives_a_checkpoint():
 
 def test_lazy_r1_is_averaged_over_the_steps_that_computed_it():
     """The epoch's logged r1 is the mean penalty of the R1 steps, not diluted by the others."""
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (48, 1, 8, 8)).astype(np.uint8)
-    y = rng.integers(0, 10, 48).astype(np.int64)
-    splits = {"train": SimpleNamespace(x=x[16:], y=y[16:], x_binary=None),
-              "val": SimpleNamespace(x=x[:16], y=y[:16], x_binary=(x[:16] > 127).astype(np.uint8))}
-    snapshot = SimpleNamespace(image=DIGITS, splits=splits, dataset="tiny", hash="0" * 64)
-    logged = {}
+    snapshot = random_snapshot(48)
     for every in (1, 4):
         model = tiny_gan(r1_gamma=1.0, r1_every=every)
         penalties = []
@@ -254,8 +254,7 @@ def test_lazy_r1_is_averaged_over_the_steps_that_computed_it():
                                      "max_train_examples": None})
         record = train(model, snapshot, cfg).history[-1]
         assert len(penalties) == (8 if every == 1 else 2)
-        logged[every] = record["train_discriminator_r1"]
-        assert logged[every] == pytest.approx(sum(penalties) / len(penalties), rel=1e-6)
+        assert record["train_discriminator_r1"] == pytest.approx(sum(penalties) / len(penalties), rel=1e-6)
 
 
 @pytest.mark.parametrize("n", [4, 6, 8, 5])
@@ -352,12 +351,7 @@ def test_discriminator_losses(loss):
 
 
 def test_trains_through_the_training_loop():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (64, 1, 8, 8)).astype(np.uint8)
-    y = rng.integers(0, 10, 64).astype(np.int64)
-    splits = {"train": SimpleNamespace(x=x[16:], y=y[16:], x_binary=None),
-              "val": SimpleNamespace(x=x[:16], y=y[:16], x_binary=(x[:16] > 127).astype(np.uint8))}
-    snapshot = SimpleNamespace(image=DIGITS, splits=splits, dataset="tiny", hash="0" * 64)
+    snapshot = random_snapshot(64)
     model = tiny_gan(conditional=True)
     cfg = TrainConfig.from_dict({**GAN.presets["quick"]["train"], "epochs": 2, "batch_size": 16,
                                  "max_train_examples": None})
