@@ -1,4 +1,5 @@
-"""Training throughput (images/s) of a family's preset network, fp32 against bf16 autocast.
+"""Training throughput (images/s) of a family's preset network, fp32 against bf16 autocast
+and/or the channels-last memory layout (variant names ``fp32``, ``bf16``, ``fp32-cl``, ``bf16-cl``).
 
 One optimizer step per player per batch, as the training loop does, on a fixed random batch
 of 28x28 images (binary, Fashion-MNIST's shape), after warm-up steps. Medians over repeats;
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    parser.add_argument("--variants", default="fp32,bf16",
+                        help="comma-separated: fp32, bf16 (autocast), fp32-cl, bf16-cl (channels-last layout)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -74,10 +76,16 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in args.variants.split(",")}
     for _ in range(args.repeats):
         for name in rates:
-            rates[name].append(steps_per_second(model, batch, cfg, args.steps, name == "bf16") * batch_size)
+            layout = torch.channels_last if name.endswith("-cl") else torch.contiguous_format
+            model.to(memory_format=layout)
+            laid_out = {**batch, "x": x.contiguous(memory_format=layout)}
+            rate = steps_per_second(model, laid_out, cfg, args.steps, name.startswith("bf16"))
+            rates[name].append(rate * batch_size)
     medians = {f"{name}_images_per_s": round(statistics.median(r), 1) for name, r in rates.items()}
-    if len(rates) == 2:
-        medians["bf16_speedup"] = round(medians["bf16_images_per_s"] / medians["fp32_images_per_s"], 3)
+    base = medians.get("fp32_images_per_s")
+    for name in rates:
+        if base and name != "fp32":
+            medians[f"{name}_speedup"] = round(medians[f"{name}_images_per_s"] / base, 3)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"family": args.family, "preset": args.preset, "overrides": overrides, "batch": batch_size,
                       "threads": args.threads, "params": params, **medians}))

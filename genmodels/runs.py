@@ -140,8 +140,9 @@ def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
 
 
 def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot, preset: str,
-                   seed: int = 0) -> dict[str, float]:
-    """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort."""
+                   seed: int = 0, progress: Storage | None = None) -> dict[str, float]:
+    """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort;
+    ``progress`` (e.g. the run's storage) lets an interrupted likelihood pass resume."""
     from genmodels.evaluation import evaluate
 
     settings = dict(EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"]))
@@ -152,7 +153,7 @@ def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot,
         settings["batch_size"] = 1000
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    metrics = evaluate(model, snapshot, storage=storage, seed=seed, **settings)
+    metrics = evaluate(model, snapshot, storage=storage, seed=seed, progress=progress, **settings)
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 
@@ -166,7 +167,7 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
         raise ValueError(f"{run.url} was trained on snapshot {meta.get('snapshot_hash', '?')[:16]}, "
                          f"not on {snapshot.hash[:16]}")
     # Evaluate where training ran (a GPU when there is one); the pictures are cheap on the CPU.
-    metrics = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed)
+    metrics = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed, progress=run)
     run.put_bytes("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
     for name, png in render_pictures(model.cpu(), snapshot, seed=seed).items():
         run.put_bytes(name, png)

@@ -8,6 +8,7 @@ dequantization offset: it is ``nll_nats / (dims * ln 2)``. Families without a li
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -19,6 +20,9 @@ from genmodels.models.base import GenerativeModel
 
 #: k used when neither the caller nor the model's config names one.
 DEFAULT_IWAE_K = 1000
+
+#: Where :func:`likelihood_metrics` keeps its running sums in a ``progress`` storage.
+PROGRESS_KEY = "likelihood-progress.json"
 
 
 def bits_per_dim(nats_per_image: float, dims: int) -> float:
@@ -41,6 +45,7 @@ def likelihood_metrics(
     batch_size: int = 256,
     iwae_k: int | None = None,
     seed: int = 0,
+    progress=None,
 ) -> dict[str, float]:
     """Likelihood metrics of ``model`` on the first ``max_examples`` images of ``split``.
 
@@ -52,8 +57,15 @@ def likelihood_metrics(
       in bits/dim) and ``recon_mse`` (per-pixel squared error of ``reconstruct(x)``);
     - ``likelihood_examples``: how many images were scored.
 
-    ``seed`` fixes the VAE's Monte-Carlo draws (torch's global RNG, forked so the caller's
-    stream is untouched).
+    ``seed`` fixes the VAE's Monte-Carlo draws: batch ``b`` draws from torch's global RNG
+    seeded by (seed, b), forked so the caller's stream is untouched, so a batch's estimate does
+    not depend on which batches ran before it in this process.
+
+    ``progress`` (a storage, optional) makes a long evaluation resumable: the running sums are
+    written to ``PROGRESS_KEY`` there after every batch, and a later call with the same weights,
+    split, examples, batch size, k and seed continues after the last batch written (IWAE with
+    k=5000 on 10k test images takes hours on 2 CPU cores). A record of other settings or other
+    weights is ignored and replaced.
     """
     if not model.has_likelihood:
         return {}
@@ -76,25 +88,37 @@ def likelihood_metrics(
         raise ValueError(f"split {split!r} is empty")
 
     latent = is_latent_variable_model(model)
+    k = None
     if latent:
         k = iwae_k if iwae_k is not None else getattr(model.config, "iwae_k", None) or DEFAULT_IWAE_K
         if k < 1:
             raise ValueError(f"iwae_k must be >= 1, got {k}")
 
+    settings = {"weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
+                "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed}
+    sums, start = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0}, 0
+    if progress is not None and progress.exists(PROGRESS_KEY):
+        record = progress.get_json(PROGRESS_KEY)
+        if record.get("settings") == settings:
+            sums, start = record["sums"], record["next"]
+
     device = module_device(model)
-    sums = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0}
-    with evaluating(model), seeded_torch(seed):
-        for start in range(0, n, batch_size):
+    with evaluating(model):
+        for start in range(start, n, batch_size):
             x = x_all[start : start + batch_size].to(device)
             labels = y_all[start : start + batch_size].to(device) if model.conditional else None
-            if latent:
-                # The IWAE bound is the likelihood estimate, so it is computed once and
-                # used both as iwae_k{k} and as the NLL.
-                sums["log_px"] += float(model.iwae(x, labels, k=k).double().sum())
-                sums["elbo"] += float(model.elbo(x, labels).double().sum())
-                sums["sq_err"] += float((model.reconstruct(x, labels) - x).double().pow(2).sum())
-            else:
-                sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
+            with seeded_torch(seed * 1_000_003 + start // batch_size):
+                if latent:
+                    # The IWAE bound is the likelihood estimate, so it is computed once and
+                    # used both as iwae_k{k} and as the NLL.
+                    sums["log_px"] += float(model.iwae(x, labels, k=k).double().sum())
+                    sums["elbo"] += float(model.elbo(x, labels).double().sum())
+                    sums["sq_err"] += float((model.reconstruct(x, labels) - x).double().pow(2).sum())
+                else:
+                    sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
+            if progress is not None:
+                progress.put_json(PROGRESS_KEY, {"settings": settings, "sums": sums,
+                                                 "next": min(start + batch_size, n)})
 
     nll = -sums["log_px"] / n
     out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n)}
@@ -109,3 +133,12 @@ def likelihood_metrics(
         if math.isnan(value):
             raise FloatingPointError(f"likelihood metric {name} is NaN for the {model.family} model")
     return out
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes, values; not the memory layout)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

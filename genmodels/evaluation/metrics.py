@@ -128,6 +128,7 @@ def evaluate(
     batch_size: int = 256,
     classifier_config: ClassifierConfig | None = None,
     judge_config: ClassifierConfig | None = None,
+    progress=None,
 ) -> dict[str, float]:
     """Every metric that applies to ``model`` on ``snapshot``'s test split, as one flat dict.
 
@@ -147,6 +148,7 @@ def evaluate(
 
     The domain classifier comes from (or goes into) ``storage``; ``storage=None`` trains it
     afresh. ``max_examples`` caps the test images used (likelihood and FID reference).
+    ``progress`` (a storage) makes the likelihood pass resumable (see :func:`likelihood_metrics`).
     The class judge of a binary snapshot is a second classifier trained on grey levels and
     their binarized draws (``judge_config``; default :func:`class_judge_config` of
     ``classifier_config``), cached beside the feature network; other snapshots' samples (or
@@ -154,9 +156,8 @@ def evaluate(
     """
     if model.image != snapshot.image:
         raise ValueError(f"model was built for {model.image}, the snapshot holds {snapshot.image}")
-    out = likelihood_metrics(
-        model, snapshot, "test", max_examples=max_examples, batch_size=batch_size, iwae_k=iwae_k, seed=seed
-    )
+    out = likelihood_metrics(model, snapshot, "test", max_examples=max_examples, batch_size=batch_size,
+                             iwae_k=iwae_k, seed=seed, progress=progress)
     # Hidden bottom half given the visible top half, beside the unconditional NLL (PixelRNN, mixture).
     out.update(completion_metrics(model, snapshot, "test", max_examples=max_examples, batch_size=batch_size))
     if snapshot.image.num_classes < 2:

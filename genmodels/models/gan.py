@@ -240,6 +240,9 @@ class GAN(GenerativeModel):
         # Generator steps taken (kept under its first name so older checkpoints load): the EMA's
         # warm-up and the lazy R1's clock, so a resumed run keeps both.
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        # Channels-last conv weights put oneDNN on its NHWC kernels: 1.24-1.28x per training
+        # step of the quick preset here (benchmarks/RESULTS.md).
+        self.to(memory_format=torch.channels_last)
 
     @property
     def sampler(self) -> Generator:

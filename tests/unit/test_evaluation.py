@@ -48,6 +48,7 @@ from genmodels.evaluation import (
     train_classifier,
 )
 from genmodels.evaluation import classifier as classifier_module
+from genmodels.evaluation.likelihood import PROGRESS_KEY
 from genmodels.evaluation.pictures import MIN_TILE_PX, analogies, manifold_images
 from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
 from genmodels.noise import NoiseField
@@ -287,6 +288,40 @@ def test_vae_metrics_report_elbo_iwae_and_reconstruction(digits):
     again = likelihood_metrics(model, digits, max_examples=50, seed=3)
     assert again["elbo_nats"] == out["elbo_nats"]
     assert "iwae_k7_nats" in again and model.iwae_calls[-1] == 7
+
+
+def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
+    """A long IWAE pass killed mid-way continues from its last written batch and ends with
+    exactly the figures of an uninterrupted pass; other weights or settings start afresh."""
+    model = FakeVAE(LatentConfig(image=DIGITS))
+    settings = dict(max_examples=50, batch_size=16, iwae_k=5, seed=3)  # batches at 0, 16, 32, 48
+    whole = likelihood_metrics(model, digits, **settings)
+    progress = open_storage(tmp_path)
+    real_iwae, calls, killed = model.iwae, [], []
+
+    def dies_once_on_third_batch(x, labels=None, k=1000):
+        calls.append(len(x))
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise RuntimeError("killed")
+        return real_iwae(x, labels, k)
+
+    model.iwae = dies_once_on_third_batch
+    with pytest.raises(RuntimeError, match="killed"):
+        likelihood_metrics(model, digits, progress=progress, **settings)
+    assert progress.get_json(PROGRESS_KEY)["next"] == 32
+    calls.clear()
+    assert likelihood_metrics(model, digits, progress=progress, **settings) == whole
+    assert calls == [16, 2], "only the two batches not yet written run again"
+
+    calls.clear()
+    likelihood_metrics(model, digits, progress=progress, **{**settings, "iwae_k": 6})
+    assert calls == [16, 16, 16, 2], "a record of another k is not resumed"
+    with torch.no_grad():
+        model.decoder.weight.add_(1.0)
+    calls.clear()
+    likelihood_metrics(model, digits, progress=progress, **{**settings, "iwae_k": 6})
+    assert calls == [16, 16, 16, 2], "a record of other weights is not resumed"
 
 
 def test_model_without_likelihood_gets_no_likelihood_keys(digits):

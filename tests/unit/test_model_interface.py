@@ -35,3 +35,22 @@ def test_torch_model_labels_from_ints_lists_and_tensors():
         assert checked.dtype == torch.int64 and checked.tolist() == [2, 2]
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got 0\.\.3"):
         model.check_labels(torch.tensor([0, 3]), 2)
+
+
+@pytest.mark.parametrize("family", ["vae", "cvae", "gan"])
+def test_conv_families_keep_channels_last_weights_through_a_checkpoint(family):
+    # The layout is what puts oneDNN on its fast NHWC kernels (benchmarks/RESULTS.md); a
+    # checkpoint saved and loaded again must not fall back to the slow one.
+    import torch
+
+    from genmodels.models import checkpoint_bytes, model_from_checkpoint
+
+    image = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=3)
+    overrides = {"architecture": "conv", "conv_channels": (4, 8)} if family != "gan" else {}
+    model = build_model(family, image, **overrides)
+    loaded = model_from_checkpoint(checkpoint_bytes(model))
+    for which in (model, loaded):
+        convs = [p for p in which.parameters() if p.ndim == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for (name, ours), theirs in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(ours, theirs), name
