@@ -12,6 +12,7 @@ import hashlib
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from genmodels.data.loader import model_input
@@ -107,7 +108,7 @@ def likelihood_metrics(
         for start in range(start, n, batch_size):
             x = x_all[start : start + batch_size].to(device)
             labels = y_all[start : start + batch_size].to(device) if model.conditional else None
-            with seeded_torch(seed * 1_000_003 + start // batch_size):
+            with seeded_torch(batch_seed(seed, start // batch_size)):
                 if latent:
                     # The IWAE bound is the likelihood estimate, so it is computed once and
                     # used both as iwae_k{k} and as the NLL.
@@ -133,6 +134,12 @@ def likelihood_metrics(
         if math.isnan(value):
             raise FloatingPointError(f"likelihood metric {name} is NaN for the {model.family} model")
     return out
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The torch seed of batch ``batch`` of a pass seeded by ``seed``: distinct streams for
+    distinct (seed, batch) pairs, any non-negative seed."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0])
 
 
 def weights_digest(model: torch.nn.Module) -> str:
