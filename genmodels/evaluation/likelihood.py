@@ -95,11 +95,11 @@ def likelihood_metrics(
         if k < 1:
             raise ValueError(f"iwae_k must be >= 1, got {k}")
 
-    settings = {"weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
-                "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed}
-    sums, start = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0}, 0
-    if progress is not None and progress.exists(PROGRESS_KEY):
-        record = progress.get_json(PROGRESS_KEY)
+    sums, start, settings = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0}, 0, None
+    if progress is not None:  # the weights' digest is only needed to match a saved record
+        settings = {"weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
+                    "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed}
+        record = progress.get_json(PROGRESS_KEY) if progress.exists(PROGRESS_KEY) else {}
         if record.get("settings") == settings:
             sums, start = record["sums"], record["next"]
 
