@@ -28,6 +28,7 @@ from genmodels.evaluation import (
     bits_per_dim,
     class_judge_config,
     classifier_key,
+    domain_metrics,
     evaluate,
     fid,
     frechet_distance,
@@ -48,6 +49,7 @@ from genmodels.evaluation import (
     train_classifier,
 )
 from genmodels.evaluation import classifier as classifier_module
+from genmodels.evaluation import metrics as metrics_module
 from genmodels.evaluation.likelihood import PROGRESS_KEY
 from genmodels.evaluation.pictures import MIN_TILE_PX, analogies, manifold_images
 from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
@@ -551,6 +553,20 @@ def test_evaluate_unconditional_model_with_likelihood(digits, classifier_storage
     assert out["n_samples"] == 200 and out["n_reference"] == len(digits.splits["test"])
     assert out["n_floor"] == min(200, len(digits.splits["val"]))
     assert out["fid"] > 3 * out["fid_real_floor"]  # pixel noise looks nothing like digits
+
+
+def test_domain_metrics_are_evaluates_sample_quality_without_the_likelihood_pass(digits, classifier_storage,
+                                                                                 monkeypatch):
+    """What a long run's sample quality can be read from before its IWAE pass ends: the same
+    figures, to the bit, and no likelihood computed on the way."""
+    cfg = ClassifierConfig.for_image(DIGITS, **TINY)
+    model = BinaryOracle(ModelConfig(image=DIGITS), digits.splits["test"])
+    full = evaluate(model, digits, storage=classifier_storage, n_samples=300, seed=3, classifier_config=cfg)
+    monkeypatch.setattr(metrics_module, "likelihood_metrics", lambda *a, **k: pytest.fail("likelihood computed"))
+    alone = domain_metrics(model, digits, storage=classifier_storage, n_samples=300, seed=3, classifier_config=cfg)
+    assert {"fid", "class_accuracy", "class_judge_test_accuracy_binarized"} <= set(alone)
+    assert alone == {key: full[key] for key in alone}
+    assert not set(alone) & {"nll_nats", "likelihood_examples", "completion_nll_nats"}
 
 
 def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, classifier_storage):
