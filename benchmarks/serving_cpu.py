@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from serving_load import add_server_options, load, server_label, start_serve, wait_ready
 
@@ -36,6 +40,42 @@ def cpu_seconds_by_process() -> dict[int, tuple[float, str]]:
     return out
 
 
+def start_profiles(directory: Path, seconds: float) -> list[tuple[str, Path, subprocess.Popen]]:
+    """py-spy (beside this interpreter) sampling every Serve replica for ``seconds``, raw stacks."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).parent / "py-spy"
+    runs = []
+    for pid, (_, command) in cpu_seconds_by_process().items():
+        if command.startswith("ray::ServeReplica"):
+            name = command.split()[0].replace("ray::", "").replace(":", "-")
+            out = directory / f"{name}-{pid}.txt"
+            proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                                     "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            runs.append((name, out, proc))
+    return runs
+
+
+def summarize_profile(path: Path, top: int) -> str:
+    """The functions where a replica's samples sit (self) and those under which they run (total)."""
+    own, under = collections.Counter(), collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            under[frame] += int(count)
+    lines = [f"{path.stem}: {total} samples"]
+    for title, counter in (("self", own), ("total", under)):
+        lines.append(f"  {title}: " + "; ".join(f"{frame} {n / total:.0%}" for frame, n in counter.most_common(top)))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fashion-mnist-vae")
@@ -43,6 +83,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--top", type=int, default=6, help="processes listed")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also sample every Serve replica with py-spy into this folder and summarize")
     add_server_options(parser)
     args = parser.parse_args()
 
@@ -56,9 +98,12 @@ def main() -> None:
         wait_ready(f"http://127.0.0.1:{port}/healthz")
         url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"
         asyncio.run(load(url, args.n, args.concurrency, 2.0, 1.0))  # warm-up
+        profiles = start_profiles(args.profile, args.seconds) if args.profile else []
         before, started = cpu_seconds_by_process(), time.perf_counter()
         result = asyncio.run(load(url, args.n, args.concurrency, args.seconds, 0.0))
         after, elapsed = cpu_seconds_by_process(), time.perf_counter() - started
+        for _, _, proc in profiles:
+            proc.wait(timeout=60)
     finally:
         serve.shutdown()
 
@@ -74,6 +119,9 @@ def main() -> None:
         name = command.split()[0] if command.startswith("ray::") else command[:60]
         print(f"| `{name}` | {cpu / requests * 1e3:.2f} | {cpu / elapsed:.0%} |")
     print(f"| all processes | {sum(c for c, _ in used) / requests * 1e3:.2f} | {sum(c for c, _ in used) / elapsed:.0%} |")
+    for _, out, _ in profiles:
+        if out.exists():
+            print(summarize_profile(out, args.top * 2))
 
 
 if __name__ == "__main__":
