@@ -72,7 +72,8 @@ def summarize_profile(path: Path, top: int) -> str:
             under[frame] += int(count)
     lines = [f"{path.stem}: {total} samples"]
     for title, counter in (("self", own), ("total", under)):
-        lines.append(f"  {title}: " + "; ".join(f"{frame} {n / total:.0%}" for frame, n in counter.most_common(top)))
+        shares = (f"{frame} {n / total:.0%}" for frame, n in counter.most_common(top))
+        lines.append(f"  {title}: " + "; ".join(shares))
     return "\n".join(lines)
 
 
