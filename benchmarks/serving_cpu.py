@@ -40,7 +40,7 @@ def cpu_seconds_by_process() -> dict[int, tuple[float, str]]:
     return out
 
 
-def start_profiles(directory: Path, seconds: float) -> list[tuple[str, Path, subprocess.Popen]]:
+def start_profiles(directory: Path, seconds: float) -> list[tuple[Path, subprocess.Popen]]:
     """py-spy (beside this interpreter) sampling every Serve replica for ``seconds``, raw stacks."""
     directory.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).parent / "py-spy"
@@ -52,8 +52,14 @@ def start_profiles(directory: Path, seconds: float) -> list[tuple[str, Path, sub
             proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
                                      "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            runs.append((name, out, proc))
+            runs.append((out, proc))
     return runs
+
+
+def frame_name(frame: str) -> str:
+    """py-spy's ``function (path/file.py:line)`` as ``function (file.py)``: one entry per function."""
+    function, _, where = frame.partition(" (")
+    return f"{function} ({where.split(':')[0].rsplit('/', 1)[-1]})" if where else function
 
 
 def summarize_profile(path: Path, top: int) -> str:
@@ -64,8 +70,7 @@ def summarize_profile(path: Path, top: int) -> str:
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [frame_name(f) for f in stack.split(";")]
         total += int(count)
         own[frames[-1]] += int(count)
         for frame in set(frames):
@@ -103,7 +108,7 @@ def main() -> None:
         before, started = cpu_seconds_by_process(), time.perf_counter()
         result = asyncio.run(load(url, args.n, args.concurrency, args.seconds, 0.0))
         after, elapsed = cpu_seconds_by_process(), time.perf_counter() - started
-        for _, _, proc in profiles:
+        for _, proc in profiles:
             proc.wait(timeout=60)
     finally:
         serve.shutdown()
@@ -120,7 +125,7 @@ def main() -> None:
         name = command.split()[0] if command.startswith("ray::") else command[:60]
         print(f"| `{name}` | {cpu / requests * 1e3:.2f} | {cpu / elapsed:.0%} |")
     print(f"| all processes | {sum(c for c, _ in used) / requests * 1e3:.2f} | {sum(c for c, _ in used) / elapsed:.0%} |")
-    for _, out, _ in profiles:
+    for out, _ in profiles:
         if out.exists():
             print(summarize_profile(out, args.top * 2))
 
