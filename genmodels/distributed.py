@@ -220,7 +220,7 @@ def train_on_ray(
             state = load_training_state(f.read())
     ts = state["train_state"]
     best = model_from_checkpoint(state)
-    if ts.get("best_state_dict") is not None:
+    if best.validation_selects_weights and ts.get("best_state_dict") is not None:
         best.load_state_dict(ts["best_state_dict"])
     history = list(ts["history"])
     patience = train_cfg.early_stopping_patience

@@ -7,7 +7,7 @@ storage root (``file://`` or ``s3://``)::
     classifiers/<hash16>.pt                     domain feature network (evaluation cache)
     runs/<dataset>/<family>-<preset>/
         checkpoint.pt                           resumable training state (also a model checkpoint)
-        model.pt                                the trained model (best validation loss)
+        model.pt                                the trained model (best validation loss; the GAN: last epoch)
         history.json  metrics.json              per-epoch training log, evaluation metrics
         samples.png  interpolation.png ...      pictures
         onnx/<graph>.onnx                       exported graphs, parity-checked against torch

@@ -162,7 +162,7 @@ def load_training_state(data: bytes) -> dict[str, Any]:
 # --- the loop --------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    model: GenerativeModel  # the best model by validation loss (the last one without validation)
+    model: GenerativeModel  # the best by validation loss (the last without validation or selection)
     history: list[dict[str, float]]
     epochs_completed: int
     best_val_loss: float | None
@@ -247,8 +247,8 @@ def train(
         for name, sched in schedulers.items():
             sched.load_state_dict(ts["schedulers"][name])
         history, start_epoch, bad_epochs = list(ts["history"]), int(ts["epoch"]), int(ts["bad_epochs"])
-        best_val = float(ts["best_val"])
-        best_state = ts.get("best_state_dict")
+        if model.validation_selects_weights:
+            best_val, best_state = float(ts["best_val"]), ts.get("best_state_dict")
     elif is_em:
         _em_initialize(model, train_split, snapshot.image, cfg, ctx, n_train, device)
 
@@ -280,11 +280,12 @@ def train(
                       "seconds": seconds, "images_per_s": seen * ctx.world_size / max(seconds, 1e-9)}
             if val_split is not None and len(val_split.y):
                 record["val_loss"] = _validation_loss(model, val_split, snapshot.image, cfg, ctx, device)
-                if record["val_loss"] < best_val - 1e-6:
-                    best_val, bad_epochs = record["val_loss"], 0
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                else:
-                    bad_epochs += 1
+                if model.validation_selects_weights:
+                    if record["val_loss"] < best_val - 1e-6:
+                        best_val, bad_epochs = record["val_loss"], 0
+                        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    else:
+                        bad_epochs += 1
             history.append(record)
             patience = cfg.early_stopping_patience
             stopped_early = patience is not None and best_state is not None and bad_epochs >= patience

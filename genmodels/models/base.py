@@ -98,6 +98,10 @@ class GenerativeModel(nn.Module):
     #: ``em_accumulate``/``em_update`` (the mixture model).
     fit_method: ClassVar[str] = "gradient"
     has_likelihood: ClassVar[bool] = True
+    #: Whether the lowest validation loss picks the weights training returns (and early
+    #: stopping watches it). False where the validation loss is a diagnostic that does not
+    #: measure sample quality (the GAN's): training returns the last epoch's weights.
+    validation_selects_weights: ClassVar[bool] = True
     #: Whether ``noise_spec()`` has a latent field ``"z"`` that can be interpolated.
     has_latent: ClassVar[bool] = False
     #: Whether the model can take class labels (``config.conditional``).

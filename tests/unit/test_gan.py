@@ -360,6 +360,8 @@ def test_trains_through_the_training_loop():
     for key in ("train_discriminator_loss", "train_discriminator_d_real", "train_generator_loss", "val_loss"):
         assert math.isfinite(record[key]), (key, record)
     assert result.model.sample(2, labels=[0, 1], seed=0).shape == (2, 1, 8, 8)
+    # D(G(z)) on validation is a diagnostic: the weights returned are the last step's
+    assert not GAN.validation_selects_weights and int(result.model.ema_steps) == 2 * (48 // 16)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -123,6 +123,24 @@ def test_early_stopping_returns_best_model():
         assert float(model.validation_loss(b)) == pytest.approx(best, rel=1e-5)
 
 
+def test_a_diagnostic_validation_loss_neither_selects_weights_nor_stops_training():
+    class DiagnosticOnly(TinyBernoulli):
+        validation_selects_weights = False
+
+    snap = tiny_snapshot()
+    # The early-stopping test's settings: validation loss worsens after the first epochs.
+    cfg = TrainConfig(epochs=12, batch_size=8, lr=3.0, early_stopping_patience=2)
+    torch.manual_seed(0)
+    result = train(DiagnosticOnly(TinyConfig(image=snap.image)), snap, cfg)
+    vals = [h["val_loss"] for h in result.history]
+    assert not result.stopped_early and len(vals) == 12 and result.best_val_loss is None
+    assert min(vals) < vals[-1]  # a best-by-validation loop would have returned another epoch
+    # the returned weights are the last epoch's: recompute its validation loss
+    with torch.no_grad():
+        b = next(batches(snap.splits["val"], snap.image, batch_size=32))
+        assert float(result.model.validation_loss(b)) == pytest.approx(vals[-1], rel=1e-5)
+
+
 def test_non_finite_loss_is_reported():
     snap = tiny_snapshot()
     model = make_model(snap)
