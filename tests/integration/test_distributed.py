@@ -139,6 +139,9 @@ def test_gan_two_players_under_ddp(local_ray, snapshot, tmp_path):
     assert any(k.startswith("train_generator_") for k in history[0]), history[0]
     assert any(k.startswith("train_discriminator_") for k in history[0]), history[0]
     assert set(state["train_state"]["optimizers"]) == {"generator", "discriminator"}
+    # The model the run keeps is the last step's EMA generator, not a "best" epoch by D(G(z)).
+    assert outcome.result.best_val_loss is None and state["train_state"]["best_state_dict"] is None
+    assert torch.equal(outcome.result.model.state_dict()["ema_steps"], state["state_dict"]["ema_steps"])
 
 
 def test_mixture_em_stats_all_reduced(local_ray, snapshot, tmp_path):
