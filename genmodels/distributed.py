@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import torch
 
 from genmodels.storage import FileStorage, S3Storage, Storage
-from genmodels.training import CHECKPOINT_KEY, TrainingContext, TrainResult, load_training_state
+from genmodels.training import CHECKPOINT_KEY, TrainingContext, TrainResult, early_stop_reached, load_training_state
 
 
 class RayTrainContext(TrainingContext):
@@ -93,7 +93,7 @@ def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContex
     """Per-worker entry point. ``config``: storage_url, snapshot_prefix, family,
     model_config (dict), train_config (dict), meta (dict); optional threads_per_worker."""
     from genmodels.data import read_snapshot
-    from genmodels.models import family_class
+    from genmodels.models import initial_model
     from genmodels.storage import open_storage
     from genmodels.training import TrainConfig, train
 
@@ -101,9 +101,8 @@ def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContex
 
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     snapshot = read_snapshot(open_storage(config["storage_url"]), config["snapshot_prefix"])
-    cls = family_class(config["family"])
-    model = cls(cls.config_class.from_dict({**config["model_config"], "image": snapshot.image}))
     train_cfg = TrainConfig.from_dict({**config["train_config"], "device": str(ray.train.torch.get_device())})
+    model = initial_model(config["family"], snapshot.image, config["model_config"], train_cfg.seed)
     context = context_class()
     train(model, snapshot, train_cfg, context, meta=config.get("meta"))
 
@@ -223,12 +222,11 @@ def train_on_ray(
     if best.validation_selects_weights and ts.get("best_state_dict") is not None:
         best.load_state_dict(ts["best_state_dict"])
     history = list(ts["history"])
-    patience = train_cfg.early_stopping_patience
     train_result = TrainResult(
         model=best.eval(), history=history, epochs_completed=len(history),
         best_val_loss=None if ts["best_val"] == float("inf") else float(ts["best_val"]),
-        stopped_early=patience is not None and len(history) < train_cfg.epochs,
-        resumed_from_epoch=0,
+        stopped_early=early_stop_reached(train_cfg, ts.get("best_state_dict"), int(ts["bad_epochs"])),
+        resumed_from_epoch=int(ts.get("resumed_from_epoch", 0)),
     )
     run = storage.child(run_prefix(snapshot.dataset, family, preset))
     finish_run(run, train_result, train_cfg, meta)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, write_snapshot
-from genmodels.models import checkpoint_bytes, family_class, load_checkpoint, model_from_checkpoint
+from genmodels.models import checkpoint_bytes, initial_model, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.storage import Storage
 from genmodels.training import LocalContext, TrainConfig, TrainResult, preset_configs, resolve_device, train
@@ -80,8 +80,7 @@ def plan_run(
     model_cfg, train_cfg = preset_configs(family, preset)
     model_cfg.update(model_overrides or {})
     train_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), **(overrides or {})})
-    cls = family_class(family)
-    model = cls(cls.config_class.from_dict({**model_cfg, "image": snapshot.image}))
+    model = initial_model(family, snapshot.image, model_cfg, train_cfg.seed)
     meta = {"snapshot_hash": snapshot.hash, "dataset": snapshot.dataset, "preset": preset,
             "class_names": list(snapshot.class_names)}
     return model, train_cfg, meta
@@ -111,15 +110,20 @@ def train_family(
     run = storage.child(run_prefix(snapshot.dataset, family, preset))
     if fresh:
         run.delete("checkpoint.pt")
-    _check_resumable(run, model, meta)
+    _check_resumable(run, model, train_cfg, meta)
     result = train(model, snapshot, train_cfg, LocalContext(run, on_epoch=on_epoch), progress=progress,
                    meta=meta)
     finish_run(run, result, train_cfg, meta)
     return TrainOutcome(result=result, run=run, train_config=train_cfg)
 
 
-def _check_resumable(run: Storage, model: GenerativeModel, meta: Mapping[str, Any]) -> None:
-    """Refuse to resume a checkpoint of another model config or another dataset snapshot."""
+# What sets one invocation's budget or hardware, not the run's trajectory: free to differ on resume.
+RESUME_FREE_TRAIN_FIELDS = ("max_seconds", "device", "checkpoint_every")
+
+
+def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfig, meta: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another model config, training config or dataset snapshot
+    (a resumed schedule, epoch count or seed that changed would train neither run's plan)."""
     if not run.exists("checkpoint.pt"):
         return
     saved = load_checkpoint(run.get_bytes("checkpoint.pt"))
@@ -130,6 +134,11 @@ def _check_resumable(run: Storage, model: GenerativeModel, meta: Mapping[str, An
         raise ValueError(f"{where} was trained with another model config; pass --fresh to start over")
     if saved["meta"].get("snapshot_hash") != meta["snapshot_hash"]:
         raise ValueError(f"{where} was trained on another dataset snapshot; pass --fresh to start over")
+    then, now = TrainConfig.from_dict(saved["train_state"]["train_config"]).to_dict(), train_cfg.to_dict()
+    changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_FREE_TRAIN_FIELDS and then[k] != now[k]]
+    if changed:
+        raise ValueError(f"{where} was trained with another training config ({', '.join(changed)}); "
+                         "pass --fresh to start over")
 
 
 def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
@@ -139,13 +148,19 @@ def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
     return model_from_checkpoint(ckpt), ckpt["meta"]
 
 
+def evaluation_settings(preset: str) -> dict[str, Any]:
+    """How much evaluation a preset's figures rest on (test images, samples, IWAE k); presets
+    without an entry get quick's. Figures measured under different settings do not compare."""
+    return dict(EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"]))
+
+
 def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot, preset: str,
                    seed: int = 0, progress: Storage | None = None) -> dict[str, float]:
     """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort;
     ``progress`` (e.g. the run's storage) lets an interrupted likelihood pass resume."""
     from genmodels.evaluation import evaluate
 
-    settings = dict(EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"]))
+    settings = evaluation_settings(preset)
     # On a GPU, large batches for the pixel-by-pixel samplers and exact likelihoods (the IWAE
     # estimate already batches k samples per image, so the VAEs keep the default).
     on_gpu = next(model.parameters()).device.type == "cuda"

@@ -255,10 +255,11 @@ def train(
     wrapped = model if is_em else ctx.wrap(model)
     bar = _Progress(progress and ctx.is_chief, cfg.epochs, steps_per_epoch, f"train {model.family}")
     bar.set_completed(start_epoch * steps_per_epoch)
-    stopped_early = False
+    # A run that stopped early is finished: running its plan again must not train on.
+    stopped_early = early_stop_reached(cfg, best_state, bad_epochs)
     started = time.monotonic()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, start_epoch if stopped_early else cfg.epochs):
             # Each epoch's randomness is a function of (seed, epoch, rank) alone: a resumed run
             # draws exactly what the uninterrupted one would, and workers never draw alike.
             torch.manual_seed(derive_seed(cfg.seed, epoch, ctx.rank))
@@ -287,13 +288,12 @@ def train(
                     else:
                         bad_epochs += 1
             history.append(record)
-            patience = cfg.early_stopping_patience
-            stopped_early = patience is not None and best_state is not None and bad_epochs >= patience
+            stopped_early = early_stop_reached(cfg, best_state, bad_epochs)
             out_of_time = cfg.max_seconds is not None and time.monotonic() - started >= cfg.max_seconds
             last = stopped_early or out_of_time or epoch + 1 == cfg.epochs
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 state = _training_state(model, optimizers, schedulers, history, epoch + 1, best_val, bad_epochs,
-                                        best_state, cfg, meta)
+                                        best_state, cfg, meta, resumed_from_epoch=start_epoch)
                 ctx.save_state(state, epoch + 1, record)
             else:
                 ctx.report(record)
@@ -381,11 +381,19 @@ def _validation_loss(model, val_split, image, cfg, ctx, device) -> float:
     return float(total[0] / total[1])
 
 
+def early_stop_reached(cfg: TrainConfig, best_state: Mapping[str, Any] | None, bad_epochs: int) -> bool:
+    """Whether validation has not improved for the patience's number of epochs (never for a
+    model whose validation loss selects nothing: ``best_state`` stays None)."""
+    patience = cfg.early_stopping_patience
+    return patience is not None and best_state is not None and bad_epochs >= patience
+
+
 def _training_state(model, optimizers, schedulers, history, epoch, best_val, bad_epochs, best_state, cfg,
-                    meta) -> bytes:
+                    meta, resumed_from_epoch) -> bytes:
     state = checkpoint_dict(model, meta)
     state["train_state"] = {
         "epoch": epoch,
+        "resumed_from_epoch": resumed_from_epoch,
         "history": copy.deepcopy(history),
         "best_val": best_val,
         "bad_epochs": bad_epochs,

@@ -29,7 +29,8 @@ FAMILIES: tuple[str, ...] = tuple(_FAMILY_CLASSES)
 CHECKPOINT_FORMAT = "genmodels.checkpoint/1"
 
 __all__ = [
-    "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class", "parse_families",
+    "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class", "initial_model",
+    "parse_families",
     "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint",
 ]
 
@@ -59,6 +60,21 @@ def build_model(family: str, image: ImageSpec, **overrides: Any) -> GenerativeMo
     cls = family_class(family)
     config = cls.config_class.from_dict({**overrides, "image": image})
     return cls(config)
+
+
+# Distinct from every (seed, epoch, rank) key the training loop derives its epochs' seeds from.
+_INIT_STREAM = 0x494E4954
+
+
+def initial_model(family: str, image: ImageSpec, config: Mapping[str, Any], seed: int) -> GenerativeModel:
+    """A fresh model whose initial weights are a function of (config, ``seed``) alone, drawn
+    without touching torch's global RNG: a plan run twice, locally or on Ray, starts from the
+    same weights."""
+    from genmodels.noise import derive_seed
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, _INIT_STREAM))
+        return build_model(family, image, **config)
 
 
 def checkpoint_dict(model: GenerativeModel, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:

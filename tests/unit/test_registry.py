@@ -83,12 +83,12 @@ def models(work) -> dict[str, Trained]:
 
 
 def register(work, model: Trained, dataset: str, metrics: dict[str, float] | None = None,
-             family: str | None = None) -> registry.Registered:
+             family: str | None = None, preset: str = "quick") -> registry.Registered:
     """What ``pipelines.tasks.register`` passes, from a run in storage."""
     loaded, meta = runs.load_model(model.run)
     with tempfile.TemporaryDirectory() as tmp:
         return registry.register(
-            dataset=dataset, family=family or model.family, preset="quick", checkpoint=model.run.get_bytes("model.pt"),
+            dataset=dataset, family=family or model.family, preset=preset, checkpoint=model.run.get_bytes("model.pt"),
             onnx_files=runs.fetch_onnx(model.run, tmp), metrics=model.metrics if metrics is None else metrics,
             params={"family": model.family, "model": {k: v for k, v in loaded.config.to_dict().items() if k != "image"},
                     "train": meta["train_config"]},
@@ -187,6 +187,7 @@ def test_version_carries_digest_snapshot_and_gate_tags(gate, models):
     assert mv.tags["genmodels.snapshot_hash"] == models["best"].snapshot_hash
     assert float(mv.tags["genmodels.gate_value"]) == models["best"].gate_value
     assert mv.tags["genmodels.git_commit"] == "0123456789abcdef"
+    assert json.loads(mv.tags["genmodels.evaluation"]) == runs.evaluation_settings("quick")
 
 
 # --- another test snapshot ------------------------------------------------------------------------
@@ -221,6 +222,26 @@ def test_champion_of_another_snapshot_is_only_replaced_when_reevaluated(work, mo
     back = registry.promote(champ.name, champ.version, reevaluate=lambda mv: None)
     assert (back.alias, back.previous_champion) == ("challenger", "2")
     assert (alias_version("resplit-vae", "champion"), alias_version("resplit-vae", "challenger")) == ("2", "1")
+
+
+def test_a_champion_measured_with_other_evaluation_settings_is_only_replaced_when_reevaluated(work, models):
+    # The champion's NLL as the `cpu` preset measures it (the whole test split, k=5000); the
+    # candidate's as `quick` does (the first 1,000 images, k=250): the two figures do not compare.
+    champ = register(work, models["mid"], "effort", preset="cpu")
+    assert registry.promote(champ.name, champ.version).alias == "champion"
+    candidate = register(work, models["best"], "effort")
+    kept = registry.promote(candidate.name, candidate.version)
+    assert (kept.alias, kept.champion_value) == ("challenger", None)
+    assert "other evaluation settings" in kept.reason and "champion kept" in kept.reason
+    asked = []
+
+    def reevaluate_as_quick(mv) -> float:
+        asked.append(str(mv.version))
+        return models["mid"].gate_value
+
+    won = registry.promote(candidate.name, candidate.version, reevaluate=reevaluate_as_quick)
+    assert asked == [champ.version]
+    assert (won.alias, won.champion_value) == ("champion", models["mid"].gate_value) and "re-evaluated" in won.reason
 
 
 def test_reevaluated_champion_that_scores_better_stays(work, models):

@@ -123,6 +123,22 @@ def test_early_stopping_returns_best_model():
         assert float(model.validation_loss(b)) == pytest.approx(best, rel=1e-5)
 
 
+def test_an_early_stopped_run_is_finished_when_its_plan_runs_again():
+    snap = tiny_snapshot()
+    cfg = TrainConfig(epochs=30, batch_size=8, lr=3.0, early_stopping_patience=2)  # stops within a few epochs
+    storage = MemoryStorage()
+    first = train(make_model(snap), snap, cfg, LocalContext(storage))
+    assert first.stopped_early and first.epochs_completed < 30
+    checkpoint = storage.objects["checkpoint.pt"]
+    again = train(make_model(snap), snap, cfg, LocalContext(storage))
+    # Nothing trained on: same history, same weights, the checkpoint untouched, still stopped early.
+    assert again.stopped_early and again.resumed_from_epoch == first.epochs_completed
+    assert again.history == first.history and again.best_val_loss == first.best_val_loss
+    assert storage.objects["checkpoint.pt"] == checkpoint
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, again.model.state_dict()[key]), key
+
+
 def test_a_diagnostic_validation_loss_neither_selects_weights_nor_stops_training():
     class DiagnosticOnly(TinyBernoulli):
         validation_selects_weights = False

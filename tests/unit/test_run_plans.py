@@ -1,0 +1,57 @@
+"""A run's plan: its initial weights follow its seed, and a checkpoint resumes only the plan it was
+started with (model config, training config, snapshot), the invocation's budget aside."""
+
+import pytest
+import torch
+
+from genmodels import runs
+from genmodels.data import PrepConfig
+from genmodels.storage import open_storage
+
+TINY_VAE = {"latent_dim": 2, "architecture": "mlp", "hidden": (8,)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return open_storage(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def snapshot(store):
+    return runs.snapshot_for(store, "digits", None, PrepConfig(seed=0))
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["vae", "gan", "pixelrnn"])
+def test_initial_weights_are_a_function_of_the_seed_alone(snapshot, family):
+    first, train_cfg, _ = runs.plan_run(snapshot, family, "quick", overrides={"seed": 3})
+    torch.rand(100)  # whatever the global RNG did in between
+    rng_before = torch.get_rng_state()
+    again, _, _ = runs.plan_run(snapshot, family, "quick", overrides={"seed": 3})
+    other, _, _ = runs.plan_run(snapshot, family, "quick", overrides={"seed": 4})
+    assert torch.equal(torch.get_rng_state(), rng_before)  # drawn without touching the global RNG
+    assert train_cfg.seed == 3
+    a, b, c = weights(first), weights(again), weights(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_checkpoint_resumes_only_its_own_training_config(store, snapshot):
+    root = store.child("resume-check")
+    plan = {"epochs": 1, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32}
+    runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
+    with pytest.raises(ValueError, match=r"another training config \(epochs 1 -> 2\); pass --fresh"):
+        runs.train_family(root, snapshot, "vae", "quick", overrides={**plan, "epochs": 2}, model_overrides=TINY_VAE)
+    with pytest.raises(ValueError, match=r"lr 0.001 -> 0.002, seed 0 -> 1"):
+        runs.train_family(root, snapshot, "vae", "quick", overrides={**plan, "lr": 2e-3, "seed": 1},
+                          model_overrides=TINY_VAE)
+    # A wall-clock budget, the device and the checkpoint cadence shape no trajectory.
+    again = runs.train_family(root, snapshot, "vae", "quick", model_overrides=TINY_VAE,
+                              overrides={**plan, "max_seconds": 600.0, "device": "cpu", "checkpoint_every": 2})
+    assert again.result.resumed_from_epoch == 1 and again.result.epochs_completed == 1
+    fresh = runs.train_family(root, snapshot, "vae", "quick", overrides={**plan, "epochs": 2},
+                              model_overrides=TINY_VAE, fresh=True)
+    assert fresh.result.resumed_from_epoch == 0 and fresh.result.epochs_completed == 2
