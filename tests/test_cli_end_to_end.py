@@ -76,7 +76,8 @@ def test_complete_from_a_run_keeps_the_known_rows(trained_store, tmp_path, famil
 def test_train_again_resumes_finished_run_without_retraining(trained_store):
     run = trained_store / "runs" / "digits" / "vae-quick"
     before = load_checkpoint(run / "checkpoint.pt")["train_state"]["epoch"]
-    result = invoke("train", "--family", "vae", "--dataset", "digits", "--out", trained_store)
+    # The same plan as the fixture's run (its --epochs too): a different one is refused, below.
+    result = invoke("train", "--family", "vae", "--dataset", "digits", "--epochs", 20, "--out", trained_store)
     assert result.exit_code == 0, result.output
     assert f"resumed at epoch {before}" in result.output
     after = load_checkpoint(run / "checkpoint.pt")["train_state"]
@@ -97,7 +98,7 @@ def test_checkpoint_written_before_a_new_config_field_still_resumes(trained_stor
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt["config"].pop("label_film") is False
     torch.save(ckpt, ckpt_path)
-    result = invoke("train", "--family", "vae", "--dataset", "digits", "--out", store)
+    result = invoke("train", "--family", "vae", "--dataset", "digits", "--epochs", 20, "--out", store)
     assert result.exit_code == 0, result.output
     assert "resumed at epoch" in result.output
 
@@ -106,6 +107,11 @@ def test_resume_with_other_config_is_refused(trained_store):
     result = invoke("train", "--family", "vae", "--dataset", "digits", "--out", trained_store, "--quantization", "8bit")
     assert result.exit_code == 2
     assert "another" in result.output and "--fresh" in result.output
+    # Another epoch count is another plan (a cosine schedule's length), not a resume.
+    result = invoke("train", "--family", "vae", "--dataset", "digits", "--out", trained_store)
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "another training config (epochs 20 -> 4)" in said and "--fresh" in said
 
 
 @pytest.mark.parametrize(
