@@ -237,6 +237,12 @@ def run_cmd(
     for family in names:
         console.rule(f"{family} ({preset})")
         outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
+        if not outcome.finished:
+            # An unfinished model's evaluation (hours of IWAE at the `cpu` preset) would be thrown
+            # away by the next epoch.
+            console.print(f"{family}: the time budget stopped training after epoch {outcome.result.epochs_completed} "
+                          f"of {outcome.train_config.epochs}; not evaluated (the same command goes on)")
+            continue
         with console.status(f"evaluating {family}"):
             evaluate_run(storage, outcome.run, snap, preset, seed=seed)
     report = write_report(storage, snap, preset, seed=seed)

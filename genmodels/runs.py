@@ -66,6 +66,12 @@ class TrainOutcome:
     run: Storage
     train_config: TrainConfig
 
+    @property
+    def finished(self) -> bool:
+        """Whether training ran its plan out (every epoch, or early stopping) rather than
+        stopping on a time budget with epochs left."""
+        return self.result.stopped_early or self.result.epochs_completed >= self.train_config.epochs
+
 
 def plan_run(
     snapshot: Snapshot,

@@ -114,6 +114,25 @@ def test_resume_with_other_config_is_refused(trained_store):
     assert "another training config (epochs 20 -> 4)" in said and "--fresh" in said
 
 
+def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
+    store = tmp_path / "store"
+    # A zero-minute budget stops training after every epoch: three invocations for three epochs.
+    command = ("run", "--dataset", "digits", "--families", "mixture", "--preset", "quick", "--epochs", 3,
+               "--max-minutes", 0, "--out", store)
+    run = store / "runs" / "digits" / "mixture-quick"
+    for epoch in (1, 2):
+        result = invoke(*command)
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.output.split())
+        assert f"stopped training after epoch {epoch} of 3; not evaluated" in said
+        assert not (run / "metrics.json").exists()
+    result = invoke(*command)
+    assert result.exit_code == 0, result.output
+    assert "not evaluated" not in result.output
+    assert len(json.loads((run / "history.json").read_text())) == 3
+    assert "nll_nats" in json.loads((run / "metrics.json").read_text())
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
