@@ -18,7 +18,7 @@ import torch
 
 from genmodels.data.prep import snapshot_prefix
 from genmodels.evaluation import domain_metrics
-from genmodels.runs import EVAL_SETTINGS, load_model, load_snapshot, run_prefix
+from genmodels.runs import evaluation_settings, load_model, load_snapshot, run_prefix
 from genmodels.storage import open_storage
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     storage = open_storage(args.out)
     model, meta = load_model(storage.child(run_prefix(args.dataset, args.family, args.preset)))
     snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, meta["snapshot_hash"]))
-    settings = EVAL_SETTINGS[args.preset]
+    settings = evaluation_settings(args.preset)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     metrics = domain_metrics(model, snapshot, storage=storage, n_samples=settings["n_samples"], seed=args.seed,

@@ -93,10 +93,27 @@ def plan_run(
 
 
 def finish_run(run: Storage, result: TrainResult, train_cfg: TrainConfig, meta: Mapping[str, Any]) -> None:
-    """Write the trained model (best weights) and the epoch log of a run."""
+    """Write the trained model (best weights) and the epoch log of a run. When the weights differ
+    from the stored model's, what was derived from those (metrics, pictures, ONNX graphs) goes
+    first: a report or a registration in between must not pass the old model's figures or
+    graphs off as the new one's."""
+    if run.exists("model.pt") and not same_weights(load_checkpoint(run.get_bytes("model.pt"))["state_dict"],
+                                                   result.model.state_dict()):
+        for key in derived_keys(run):
+            run.delete(key)
     run.put_bytes("model.pt", checkpoint_bytes(result.model, {**meta, "train_config": train_cfg.to_dict(),
                                                                "epochs": result.epochs_completed}))
     run.put_bytes("history.json", json.dumps(result.history, indent=2).encode())
+
+
+def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def derived_keys(run: Storage) -> list[str]:
+    """The run's keys computed from its ``model.pt``: evaluation metrics, pictures, ONNX graphs."""
+    top = [k for k in run.list() if "/" not in k and (k == "metrics.json" or k.endswith(".png"))]
+    return top + run.list(f"{ONNX_PREFIX}/")
 
 
 def train_family(

@@ -55,3 +55,28 @@ def test_a_checkpoint_resumes_only_its_own_training_config(store, snapshot):
     fresh = runs.train_family(root, snapshot, "vae", "quick", overrides={**plan, "epochs": 2},
                               model_overrides=TINY_VAE, fresh=True)
     assert fresh.result.resumed_from_epoch == 0 and fresh.result.epochs_completed == 2
+
+
+def test_new_weights_take_the_old_weights_figures_pictures_and_graphs_with_them(store, snapshot):
+    root = store.child("derived-check")
+    plan = {"epochs": 1, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32}
+    outcome = runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
+    run = outcome.run
+    runs.export_run(run)
+    derived = {"metrics.json": b'{"nll_nats": 1.0}', "samples.png": b"png"}
+    for key, data in derived.items():
+        run.put_bytes(key, data)
+    graphs = run.list(f"{runs.ONNX_PREFIX}/")
+    assert graphs and set(runs.derived_keys(run)) == {*derived, *graphs}
+
+    # The same plan again, even from scratch, gives the same weights: what they gave stays.
+    runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE, fresh=True)
+    assert all(run.exists(key) for key in [*derived, *graphs])
+
+    # Other weights: nothing measured on the old ones is left to be reported or registered.
+    old_model = run.get_bytes("model.pt")
+    runs.train_family(root, snapshot, "vae", "quick", overrides={**plan, "seed": 1}, model_overrides=TINY_VAE,
+                      fresh=True)
+    assert run.get_bytes("model.pt") != old_model
+    assert runs.derived_keys(run) == [] and not run.exists("metrics.json")
+    assert run.exists("history.json")
