@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 import torch
 
 from genmodels.storage import FileStorage, S3Storage, Storage
-from genmodels.training import CHECKPOINT_KEY, TrainingContext, TrainResult, early_stop_reached, load_training_state
+from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, TrainingContext, TrainResult,
+                                early_stop_reached, load_training_state)
 
 
 class RayTrainContext(TrainingContext):
@@ -151,8 +152,10 @@ def ray_storage(storage: Storage) -> tuple[str, Any]:
 def ray_run_name(family: str, preset: str, model_config: Mapping[str, Any], train_config: Mapping[str, Any],
                  snapshot_hash: str, num_workers: int) -> str:
     """A run's Ray Train name: the same plan (config, data, world size) maps to the same name and
-    so resumes; any change starts a new run instead of resuming an incompatible checkpoint."""
-    plan = json.dumps({"family": family, "model": model_config, "train": train_config, "snapshot": snapshot_hash,
+    so resumes; any change starts a new run instead of resuming an incompatible checkpoint. The
+    invocation's budget, device and checkpoint cadence are not the plan (as for a local run)."""
+    train_plan = {k: v for k, v in train_config.items() if k not in RESUME_FREE_TRAIN_FIELDS}
+    plan = json.dumps({"family": family, "model": model_config, "train": train_plan, "snapshot": snapshot_hash,
                        "workers": num_workers}, sort_keys=True, default=str)
     return f"{family}-{preset}-{hashlib.sha256(plan.encode()).hexdigest()[:12]}"
 

@@ -29,7 +29,8 @@ from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, write_s
 from genmodels.models import checkpoint_bytes, initial_model, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.storage import Storage
-from genmodels.training import LocalContext, TrainConfig, TrainResult, preset_configs, resolve_device, train
+from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, preset_configs,
+                                resolve_device, train)
 
 # Evaluation effort per preset: quick runs evaluate on a subset so `make run` stays in minutes;
 # full runs use the whole test split and k=5000 importance samples like the published figures.
@@ -139,9 +140,6 @@ def train_family(
     finish_run(run, result, train_cfg, meta)
     return TrainOutcome(result=result, run=run, train_config=train_cfg)
 
-
-# What sets one invocation's budget or hardware, not the run's trajectory: free to differ on resume.
-RESUME_FREE_TRAIN_FIELDS = ("max_seconds", "device", "checkpoint_every")
 
 
 def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfig, meta: Mapping[str, Any]) -> None:

@@ -35,6 +35,10 @@ CHECKPOINT_KEY = "checkpoint.pt"
 AUTOCAST_MODES = ("none", "bf16")
 
 
+# What sets one invocation's budget or hardware, not the run's trajectory: free to differ on resume.
+RESUME_FREE_TRAIN_FIELDS = ("max_seconds", "device", "checkpoint_every")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10

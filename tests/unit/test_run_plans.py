@@ -80,3 +80,17 @@ def test_new_weights_take_the_old_weights_figures_pictures_and_graphs_with_them(
     assert run.get_bytes("model.pt") != old_model
     assert runs.derived_keys(run) == [] and not run.exists("metrics.json")
     assert run.exists("history.json")
+
+
+def test_a_ray_run_is_named_by_its_plan_not_by_the_invocations_budget():
+    from genmodels.distributed import ray_run_name
+    from genmodels.training import TrainConfig
+
+    base = TrainConfig(epochs=3, seed=0)
+
+    def name(workers=1, **changes):
+        train = TrainConfig.from_dict({**base.to_dict(), **changes}).to_dict()
+        return ray_run_name("vae", "quick", TINY_VAE, train, "ab" * 32, workers)
+
+    assert name() == name(max_seconds=60.0, device="cpu", checkpoint_every=2)  # resumes the same run
+    assert len({name(), name(epochs=4), name(seed=1), name(lr=2e-3), name(workers=2)}) == 5
