@@ -111,10 +111,15 @@ def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
+def picture_keys(run: Storage) -> list[str]:
+    """The run's pictures (``samples.png``, ``interpolation.png``, ...), as evaluation wrote them."""
+    return [k for k in run.list() if "/" not in k and k.endswith(".png")]
+
+
 def derived_keys(run: Storage) -> list[str]:
     """The run's keys computed from its ``model.pt``: evaluation metrics, pictures, ONNX graphs."""
-    top = [k for k in run.list() if "/" not in k and (k == "metrics.json" or k.endswith(".png"))]
-    return top + run.list(f"{ONNX_PREFIX}/")
+    metrics = ["metrics.json"] if run.exists("metrics.json") else []
+    return metrics + picture_keys(run) + run.list(f"{ONNX_PREFIX}/")
 
 
 def train_family(
@@ -139,7 +144,6 @@ def train_family(
                    meta=meta)
     finish_run(run, result, train_cfg, meta)
     return TrainOutcome(result=result, run=run, train_config=train_cfg)
-
 
 
 def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfig, meta: Mapping[str, Any]) -> None:

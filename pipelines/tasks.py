@@ -125,7 +125,7 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
     checkpoint = run.get_bytes("model.pt")
     model, meta = runs.load_model(run)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
-    pictures = {key: run.get_bytes(key) for key in run.list() if key.endswith(".png") and "/" not in key}
+    pictures = {key: run.get_bytes(key) for key in runs.picture_keys(run)}
     with tempfile.TemporaryDirectory() as tmp:
         registered = registry.register(
             dataset=meta["dataset"], family=model.family, preset=preset, checkpoint=checkpoint,
