@@ -591,7 +591,10 @@ def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, cl
     assert not any(key.startswith("class_accuracy_") for key in noise)
     # Real digits (either label) are far closer to the test set than a random decoder.
     assert right["fid"] < 0.5 * noise["fid"] and wrong["fid"] < 0.5 * noise["fid"]
-    assert right["precision"] > noise["precision"]
+    # The random decoder's samples all look alike: what tells it apart is recall (coverage), not
+    # precision, which a collapsed generator can share with real data (0.93 for both on one CPU).
+    assert right["precision"] > 0.8 and right["recall"] > 0.8
+    assert noise["recall"] < 0.1
 
 
 def test_evaluate_refuses_a_model_for_other_images(digits, classifier_storage):
