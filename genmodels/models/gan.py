@@ -208,7 +208,10 @@ class GAN(GenerativeModel):
                       "r1_gamma": 1.0},
             "train": {"epochs": 4, "batch_size": 128, "lr": 3e-4, "player_lr": {"discriminator": 6e-4},
                       "betas": (0.0, 0.9), "max_train_examples": 48000, "early_stopping_patience": None,
-                      "checkpoint_every": 1, "max_val_examples": 1000},
+                      "checkpoint_every": 1, "max_val_examples": 1000,
+                      # bf16 where the CPU has it: 1.7x the images/s, FID 17.6 / recall 0.41 in make run
+                      # (fp32: 18.5 / 0.42; benchmarks/RESULTS.md, ninth session); fp32 elsewhere.
+                      "autocast": "auto"},
         },
         # 2 CPU cores in <= 90 minutes: the full preset's nets and rates cut to 8 epochs of 54k.
         # Width 64 without R1 trains at ~116 images/s here (fp32, channels-last), 1.7x the same

@@ -204,7 +204,34 @@ def test_every_family_has_the_three_presets(family):
     for preset in ("quick", "cpu", "full"):
         overrides, cfg = preset_configs(family, preset)
         build_model(family, ImageSpec(), **overrides)
-        assert cfg.autocast == "none" or preset == "full"  # bf16 is slower than fp32 on these CPUs
+        assert cfg.autocast in ("none", "auto")  # never bf16 on a CPU that emulates it (8-30x slower)
+
+
+def test_auto_autocast_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    """'auto' trains in bf16 on a CPU with AVX512-BF16 or AMX and in fp32 elsewhere; 'none' and
+    'bf16' ignore the hardware; each epoch's history says which one trained."""
+    from genmodels import training
+
+    cpu = torch.device("cpu")
+    cases = [({"avx512f", "avx2"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_tile", "amx_bf16"}, True),
+             (set(), False)]
+    for flags, native in cases:
+        monkeypatch.setattr(training, "_cpu_flags", lambda flags=frozenset(flags): flags)
+        assert training.trains_in_bf16(TrainConfig(autocast="auto"), cpu) is native
+        assert training.trains_in_bf16(TrainConfig(autocast="bf16"), cpu) is True
+        assert training.trains_in_bf16(TrainConfig(autocast="none"), cpu) is False
+
+    snap = tiny_snapshot()
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, early_stopping_patience=None, autocast="auto")
+    losses = {}
+    for flags, bf16 in ((frozenset(), 0.0), (frozenset({"avx512_bf16"}), 1.0)):
+        monkeypatch.setattr(training, "_cpu_flags", lambda flags=flags: flags)
+        result = train(make_model(snap), snap, cfg)
+        assert [h["bf16"] for h in result.history] == [bf16, bf16]
+        losses[bf16] = [h["train_loss"] for h in result.history]
+    assert losses[0.0] != losses[1.0]  # the flag really switches the forward passes' precision
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast="fp16")
 
 
 def test_max_seconds_stops_with_a_checkpoint_and_resumes(tmp_path):
