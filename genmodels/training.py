@@ -240,6 +240,7 @@ def train(
     n_train = len(train_split.y) if cfg.max_train_examples is None else min(cfg.max_train_examples, len(train_split.y))
     steps_per_epoch = num_batches(n_train, cfg.batch_size, ctx.world_size)
     is_em = model.fit_method == "em"
+    bf16 = not is_em and trains_in_bf16(cfg, device)
     optimizers = {} if is_em else _make_optimizers(model, cfg)
     schedulers = _make_schedulers(optimizers, cfg)
 
@@ -280,13 +281,13 @@ def train(
             if is_em:
                 train_logs, seen = _em_epoch(model, epoch_batches, ctx, bar)
             else:
-                train_logs, seen = _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar)
+                train_logs, seen = _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bf16, bar)
             for sched in schedulers.values():
                 sched.step()
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_logs.items()},
                       "seconds": seconds, "images_per_s": seen * ctx.world_size / max(seconds, 1e-9),
-                      "bf16": float(not is_em and trains_in_bf16(cfg, device))}
+                      "bf16": float(bf16)}
             if val_split is not None and len(val_split.y):
                 record["val_loss"] = _validation_loss(model, val_split, snapshot.image, cfg, ctx, device)
                 if model.validation_selects_weights:
@@ -345,9 +346,9 @@ def trains_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.autocast == "bf16" or (cfg.autocast == "auto" and native_bf16(device))
 
 
-def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bar) -> tuple[dict[str, float], int]:
+def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bf16: bool, bar) -> tuple[dict[str, float], int]:
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=trains_in_bf16(cfg, device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     sums: dict[str, float] = {}
     # Per key: a term computed on some steps only (the GAN's lazy R1) averages over those steps.
     counts: dict[str, int] = {}
