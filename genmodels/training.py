@@ -35,6 +35,7 @@ from genmodels.noise import derive_seed
 
 CHECKPOINT_KEY = "checkpoint.pt"
 AUTOCAST_MODES = ("none", "bf16", "auto")
+SCHEDULERS = ("none", "cosine", "cosine_steps", "step")
 
 
 # What sets one invocation's budget or hardware, not the run's trajectory: free to differ on resume.
@@ -49,7 +50,9 @@ class TrainConfig:
     player_lr: dict[str, float] = field(default_factory=dict)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    scheduler: str = "none"  # none | cosine | step
+    #: "cosine" anneals once per epoch; "cosine_steps" after every optimizer step, to zero at
+    #: the run's last step: a one-epoch run (the quick PixelRNN) is annealed too.
+    scheduler: str = "none"  # none | cosine | cosine_steps | step
     grad_clip: float | None = None
     early_stopping_patience: int | None = 5
     checkpoint_every: int = 1
@@ -73,8 +76,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0 or any(v <= 0 for v in self.player_lr.values()):
             raise ValueError("learning rates must be > 0")
-        if self.scheduler not in ("none", "cosine", "step"):
-            raise ValueError(f"scheduler must be none, cosine or step, got {self.scheduler!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.autocast not in AUTOCAST_MODES:
@@ -186,9 +189,12 @@ def _make_optimizers(model: GenerativeModel, cfg: TrainConfig) -> dict[str, torc
     }
 
 
-def _make_schedulers(optimizers: Mapping[str, torch.optim.Optimizer], cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.scheduler == "cosine":
-        return {n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs) for n, o in optimizers.items()}
+def _make_schedulers(
+    optimizers: Mapping[str, torch.optim.Optimizer], cfg: TrainConfig, steps_per_epoch: int
+) -> dict[str, Any]:
+    if cfg.scheduler in ("cosine", "cosine_steps"):
+        horizon = cfg.epochs * (steps_per_epoch if cfg.scheduler == "cosine_steps" else 1)
+        return {n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=horizon) for n, o in optimizers.items()}
     if cfg.scheduler == "step":
         step = max(1, cfg.epochs // 3)
         return {n: torch.optim.lr_scheduler.StepLR(o, step_size=step, gamma=0.3) for n, o in optimizers.items()}
@@ -242,7 +248,9 @@ def train(
     is_em = model.fit_method == "em"
     bf16 = not is_em and trains_in_bf16(cfg, device)
     optimizers = {} if is_em else _make_optimizers(model, cfg)
-    schedulers = _make_schedulers(optimizers, cfg)
+    schedulers = _make_schedulers(optimizers, cfg, steps_per_epoch)
+    # Per-step schedulers advance inside the epoch, right after their player's optimizer step.
+    step_schedulers = schedulers if cfg.scheduler == "cosine_steps" else {}
 
     history: list[dict[str, float]] = []
     best_val, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
@@ -281,9 +289,11 @@ def train(
             if is_em:
                 train_logs, seen = _em_epoch(model, epoch_batches, ctx, bar)
             else:
-                train_logs, seen = _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bf16, bar)
-            for sched in schedulers.values():
-                sched.step()
+                train_logs, seen = _gradient_epoch(wrapped, model, optimizers, step_schedulers, epoch_batches, cfg,
+                                                   bf16, bar)
+            if not step_schedulers:
+                for sched in schedulers.values():
+                    sched.step()
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_logs.items()},
                       "seconds": seconds, "images_per_s": seen * ctx.world_size / max(seconds, 1e-9),
@@ -346,7 +356,9 @@ def trains_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.autocast == "bf16" or (cfg.autocast == "auto" and native_bf16(device))
 
 
-def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bf16: bool, bar) -> tuple[dict[str, float], int]:
+def _gradient_epoch(
+    wrapped, model, optimizers, step_schedulers, epoch_batches, cfg, bf16: bool, bar
+) -> tuple[dict[str, float], int]:
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     sums: dict[str, float] = {}
@@ -366,6 +378,8 @@ def _gradient_epoch(wrapped, model, optimizers, epoch_batches, cfg, bf16: bool, 
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
+            if player in step_schedulers:
+                step_schedulers[player].step()
             model.after_step(player)
             prefix = "" if len(optimizers) == 1 else f"{player}_"
             for key, value in out.items():

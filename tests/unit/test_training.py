@@ -1,5 +1,6 @@
 """The training loop: resume loses nothing, early stopping keeps the best model, sharding is exact."""
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -81,9 +82,10 @@ def make_model(snapshot):
     return TinyBernoulli(TinyConfig(image=snapshot.image))
 
 
-def test_resumed_run_equals_uninterrupted_run():
+@pytest.mark.parametrize("scheduler", ["cosine", "cosine_steps"])
+def test_resumed_run_equals_uninterrupted_run(scheduler):
     snap = tiny_snapshot()
-    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler="cosine")
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler=scheduler)
     full = train(make_model(snap), snap, cfg)
 
     storage = MemoryStorage()
@@ -104,6 +106,27 @@ def test_resumed_run_equals_uninterrupted_run():
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in resumed.history]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "cosine_steps"])
+def test_cosine_anneals_per_epoch_or_per_optimizer_step(scheduler, monkeypatch):
+    snap = tiny_snapshot()  # 96 images, batches of 16: 6 steps an epoch
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler=scheduler)
+    seen_lrs = []
+    adam_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen_lrs.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    train(make_model(snap), snap, cfg)
+    assert len(seen_lrs) == 18
+    if scheduler == "cosine":  # one value per epoch
+        expected = [0.05 * (1 + math.cos(math.pi * (k // 6) / 3)) / 2 for k in range(18)]
+    else:  # every step lower, the last one just above zero
+        expected = [0.05 * (1 + math.cos(math.pi * k / 18)) / 2 for k in range(18)]
+    assert seen_lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
 def test_early_stopping_returns_best_model():
