@@ -96,7 +96,7 @@ class PixelRNN(GenerativeModel):
     train_input = "quantized"
     can_complete = True  # everything after a raster-order prefix (known rows)
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
-        # `make run`: one pass over the 54k training images, about 5 minutes on 2 CPU cores. A
+        # `make run`: one pass over the 54k training images, 4-6 minutes on 2 CPU cores. A
         # learning rate annealed every step from 6e-3 and a wider head took it from 244.3 nats
         # (16k images at a constant 2e-3) to 236.4, below the quick VAE's 237.0 (benchmarks/RESULTS.md).
         "quick": {
