@@ -153,7 +153,9 @@ def test_a_16_shard_job_finishes_on_the_one_cpu_the_sampler_leaves(reference):
 def test_a_killed_writer_is_replaced_and_the_job_ends_with_the_uninterrupted_bytes(served, reference):
     client, outputs = served["client"], served["outputs"]
     jid = _submit(client, outputs / "killed")
-    _wait(client, jid, until=lambda s: s["done"] > 0 or s["status"] != "running")
+    # A job is "queued" before it is "running": only a finished shard proves a writer was placed.
+    started = _wait(client, jid, until=lambda s: s["done"] > 0 or s["status"] not in ("queued", "running"))
+    assert started["status"] == "running", f"the job ended before a writer could be killed: {started}"
     killed = _shard_writers(served["proc"].pid)
     assert killed, "no writer actor found to kill"
     for pid in killed:
