@@ -191,14 +191,17 @@ def _make_optimizers(model: GenerativeModel, cfg: TrainConfig) -> dict[str, torc
 
 def _make_schedulers(
     optimizers: Mapping[str, torch.optim.Optimizer], cfg: TrainConfig, steps_per_epoch: int
-) -> dict[str, Any]:
-    if cfg.scheduler in ("cosine", "cosine_steps"):
-        horizon = cfg.epochs * (steps_per_epoch if cfg.scheduler == "cosine_steps" else 1)
-        return {n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=horizon) for n, o in optimizers.items()}
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-epoch, per-step) schedulers by player; at most one of the two is non-empty."""
+    if cfg.scheduler == "cosine_steps":
+        horizon = cfg.epochs * steps_per_epoch
+        return {}, {n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=horizon) for n, o in optimizers.items()}
+    if cfg.scheduler == "cosine":
+        return {n: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs) for n, o in optimizers.items()}, {}
     if cfg.scheduler == "step":
         step = max(1, cfg.epochs // 3)
-        return {n: torch.optim.lr_scheduler.StepLR(o, step_size=step, gamma=0.3) for n, o in optimizers.items()}
-    return {}
+        return {n: torch.optim.lr_scheduler.StepLR(o, step_size=step, gamma=0.3) for n, o in optimizers.items()}, {}
+    return {}, {}
 
 
 class _Progress:
@@ -248,9 +251,9 @@ def train(
     is_em = model.fit_method == "em"
     bf16 = not is_em and trains_in_bf16(cfg, device)
     optimizers = {} if is_em else _make_optimizers(model, cfg)
-    schedulers = _make_schedulers(optimizers, cfg, steps_per_epoch)
     # Per-step schedulers advance inside the epoch, right after their player's optimizer step.
-    step_schedulers = schedulers if cfg.scheduler == "cosine_steps" else {}
+    epoch_schedulers, step_schedulers = _make_schedulers(optimizers, cfg, steps_per_epoch)
+    schedulers = {**epoch_schedulers, **step_schedulers}
 
     history: list[dict[str, float]] = []
     best_val, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
@@ -291,9 +294,8 @@ def train(
             else:
                 train_logs, seen = _gradient_epoch(wrapped, model, optimizers, step_schedulers, epoch_batches, cfg,
                                                    bf16, bar)
-            if not step_schedulers:
-                for sched in schedulers.values():
-                    sched.step()
+            for sched in epoch_schedulers.values():
+                sched.step()
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_logs.items()},
                       "seconds": seconds, "images_per_s": seen * ctx.world_size / max(seconds, 1e-9),
