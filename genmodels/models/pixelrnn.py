@@ -104,9 +104,10 @@ class PixelRNN(GenerativeModel):
             "train": {"epochs": 1, "batch_size": 32, "lr": 6e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
                       "max_train_examples": None, "max_val_examples": 1000},
         },
-        # 2 CPU cores, at most 90 minutes: a deeper, wider Row LSTM over the whole training set. At
-        # ~0.4M weights and ~42M pixels an epoch the net, not the data, limits it: width before
-        # epochs (231.9 nats in 47.5 minutes on 2 Zen 5 cores; 232.6 with hidden 48, benchmarks/RESULTS.md).
+        # 2 CPU cores, at most 90 minutes: a deeper, wider Row LSTM over the whole training set with
+        # the quick screen's per-step schedule. 231.9 nats in 47.5 minutes on 2 Zen 5 cores (hidden 48
+        # at a per-epoch 2e-3: 232.6); about a nat per doubling of compute, so <= 225 is out of
+        # reach on 2 cores (benchmarks/RESULTS.md).
         "cpu": {
             "model": {"layer": "row", "num_layers": 4, "hidden_channels": 64, "head_hidden": 128},
             "train": {"epochs": 4, "batch_size": 32, "lr": 4e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
