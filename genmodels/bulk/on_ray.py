@@ -23,11 +23,13 @@ def _place_writers(ray, wanted: int, should_stop: Callable[[], bool] | None):
 
     An actor asking for a CPU the cluster does not have stays pending forever (and work handed
     to it with it): asking first is what keeps a job on a busy cluster from hanging. The free
-    CPUs are a hint (another job may take them meanwhile); the placement group's own wait is
-    the answer."""
+    CPUs are a hint, stale both ways: another job may take them meanwhile, and CPUs a job just
+    released read as taken for a fraction of a second (a job submitted right after another
+    ended would be written in-process). So at least one bundle is always asked for; the
+    placement group's own wait is the answer."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    count = min(wanted, int(ray.available_resources().get("CPU", 0)))
+    count = min(wanted, max(1, int(ray.available_resources().get("CPU", 0))))
     while count >= 1:
         if should_stop is not None and should_stop():
             return None, 0

@@ -156,6 +156,8 @@ def test_a_killed_writer_is_replaced_and_the_job_ends_with_the_uninterrupted_byt
     # A job is "queued" before it is "running": only a finished shard proves a writer was placed.
     started = _wait(client, jid, until=lambda s: s["done"] > 0 or s["status"] not in ("queued", "running"))
     assert started["status"] == "running", f"the job ended before a writer could be killed: {started}"
+    # Submitted right after the reference job ended, whose CPU the cluster's view still shows taken.
+    assert started.get("writers") == 1, f"the job was not given the free CPU's writer: {started}"
     killed = _shard_writers(served["proc"].pid)
     assert killed, "no writer actor found to kill"
     for pid in killed:

@@ -351,3 +351,38 @@ def test_labels_that_do_not_fit_the_model_are_refused_before_writing(vae, cvae, 
 def test_missing_manifest_reads_as_unfinished(tmp_path):
     with pytest.raises(FileNotFoundError, match="never finished"):
         bulk.read_manifest((tmp_path / "nothing").as_uri())
+
+
+class _StaleRay:
+    """Ray whose free-CPU view says 0 while ``placeable`` one-CPU bundles can in fact be placed:
+    what `ray.available_resources()` reads for a moment after a job released its writers."""
+
+    def __init__(self, placeable: int):
+        self.placeable, self.asked, self.removed = placeable, [], 0
+
+    def available_resources(self):
+        return {"CPU": 0.0}
+
+    def placement_group(self, bundles, strategy):
+        self.asked.append(len(bundles))
+        fits = len(bundles) <= self.placeable
+        return type("Group", (), {"wait": lambda _, timeout_seconds: fits})()
+
+    def remove_placement_group(self, group):
+        self.removed += 1
+
+
+@pytest.mark.parametrize("placeable, expected", [(1, 1), (0, 0)])
+def test_writers_are_asked_for_even_when_the_free_cpu_view_reads_zero(monkeypatch, placeable, expected):
+    import importlib
+
+    from genmodels.bulk.on_ray import _place_writers
+
+    pg = importlib.import_module("ray.util.placement_group")  # the module; ray.util's attribute is the function
+    fake = _StaleRay(placeable)
+    monkeypatch.setattr(pg, "placement_group", fake.placement_group)
+    monkeypatch.setattr(pg, "remove_placement_group", fake.remove_placement_group)
+    group, count = _place_writers(fake, wanted=4, should_stop=None)
+    # One bundle is asked for whatever the view says; the placement group's wait decides.
+    assert (count, fake.asked) == (expected, [1])
+    assert (group is None) == (expected == 0) and fake.removed == 1 - expected
