@@ -43,9 +43,13 @@ def serve_cmd(
                                                           "host would otherwise compete for the port).")]
     = ProxyLocation.every_node,
     num_cpus: Annotated[Optional[int], typer.Option("--num-cpus", min=1, help="CPUs of the local Ray started here "
-                                                    "(default: the machine's; the replica that samples reserves one, bulk "
+                                                    "(default: the machine's; each replica that samples reserves one, bulk "
                                                     "job writers take what is left); ignored with RAY_ADDRESS.")]
     = None,
+    sampling_replicas: Annotated[int, typer.Option("--sampling-replicas", min=1, help="Replicas that sample "
+                                                   "(the Sampler's, or with --haproxy the Api's), one CPU each; "
+                                                   "CPUs they leave go to bulk-job writers (none left: jobs are "
+                                                   "written in the server, more slowly).")] = 1,
     haproxy: Annotated[bool, typer.Option("--haproxy", help="Ray Serve's HAProxy ingress instead of its Python "
                                           "HTTP proxy, the Api replicas sampling: about 6x less CPU per small request (needs an haproxy "
                                           "binary; one such server per machine: HAProxy's files and its stats and "
@@ -98,7 +102,8 @@ def serve_cmd(
     signal.signal(signal.SIGTERM, _interrupt)
     serve.start(proxy_location=proxy_location.value, http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):
-        serve.run(build_app({"models": names if models else None, "reload_interval_s": reload_interval}), name="genmodels",
+        serve.run(build_app({"models": names if models else None, "reload_interval_s": reload_interval,
+                             "sampling_replicas": sampling_replicas}), name="genmodels",
                   route_prefix="/")
     base = f"http://{host}:{port}"
     auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if get_settings().api_key else ""

@@ -203,24 +203,28 @@ def test_outputs_outside_the_output_root_are_refused_naming_no_file(served, tmp_
     assert not any(tmp_path.iterdir())
 
 
-def test_haproxy_ingress_samples_in_the_api_replica_with_the_same_answers(served):
-    """`genmodels serve --haproxy`: HAProxy in place of Serve's proxy, the Api replica sampling
-    itself; same images, the same JSON refusals, jobs through it, and it stops as quickly."""
+def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(served):
+    """`genmodels serve --haproxy --sampling-replicas 2`: HAProxy in place of Serve's proxy, two Api
+    replicas sampling themselves (holding both CPUs); same images, the same JSON refusals, jobs
+    through it (written in the Jobs replica: no CPU is left for a writer), and it stops as quickly."""
     body = {"n": 3, "seed": 5, "format": "array"}
     expected = served["client"].post(f"/v1/models/{MODEL}/samples", json=body)
     assert expected.status_code == 200, expected.text
     env = {**served["env"], "GENMODELS_WORK_DIR": str(served["root"] / "work-haproxy")}  # job records apart
-    proc, client = _start_serve(served["root"], env, "--haproxy")
+    proc, client = _start_serve(served["root"], env, "--haproxy", "--sampling-replicas", "2")
     try:
         titles = [title for title, _ in session_processes(proc.pid).values()]
         assert any(b"haproxy" in title.split(b" ")[0] for title in titles), titles
         assert any(title.startswith(b"ray::HAProxyManager") for title in titles)  # Serve's proxy is its backup only
-        assert any(b"genmodels:Api" in title or b"genmodels#Api" in title for title in titles)
+        api_replicas = [t for t in titles if t.startswith((b"ray::ServeReplica:genmodels:Api",
+                                                            b"ray::SERVE_REPLICA::genmodels#Api"))]
+        assert len(api_replicas) == 2, titles
         assert not any(b"genmodels:Sampler" in title or b"genmodels#Sampler" in title for title in titles)
 
-        r = client.post(f"/v1/models/{MODEL}/samples", json=body)
-        assert r.status_code == 200, r.text
-        assert (r.json()["images"], r.json()["version"]) == (expected.json()["images"], expected.json()["version"])
+        for _ in range(6):  # HAProxy spreads these over both replicas: each answers the same
+            r = client.post(f"/v1/models/{MODEL}/samples", json=body)
+            assert r.status_code == 200, r.text
+            assert (r.json()["images"], r.json()["version"]) == (expected.json()["images"], expected.json()["version"])
         refused = client.post(f"/v1/models/{MODEL}/samples", json={"n": 0})
         assert refused.status_code == 422 and refused.json()["error"] == "invalid_request", refused.text
         missing = client.post("/v1/models/no-such-model/samples", json={"n": 1})
@@ -228,7 +232,7 @@ def test_haproxy_ingress_samples_in_the_api_replica_with_the_same_answers(served
 
         outputs = served["root"] / "work-haproxy" / "store" / "outputs"
         status = _wait(client, _submit(client, outputs / "via-haproxy", n=4_000, seed=17))
-        assert (status["status"], status["done"]) == ("succeeded", 4_000), status
+        assert (status["status"], status["done"], status["writers"]) == ("succeeded", 4_000, 0), status
 
         asked = time.monotonic()
         proc.send_signal(signal.SIGTERM)
