@@ -119,15 +119,17 @@ def server_rss(session: int) -> int:
     return sum(rss for _, rss in session_processes(session).values())
 
 
+def serve_replicas(session: int, deployment: bytes) -> list[int]:
+    """PIDs of the replicas of the genmodels application's ``deployment`` in ``session``."""
+    # Ray titles a replica's process after its deployment and the method it runs.
+    return [pid for pid, (cmd, _) in session_processes(session).items()
+            if cmd.startswith((b"ray::ServeReplica:genmodels:" + deployment,
+                               b"ray::SERVE_REPLICA::genmodels#" + deployment))]
+
+
 def sampler_replicas(session: int) -> list[int]:
     """The replicas that sample: the Sampler's where there is one, else the Api ingress's."""
-    # Ray titles a replica's process after its deployment and the method it runs.
-    def of(deployment: bytes) -> list[int]:
-        return [pid for pid, (cmd, _) in session_processes(session).items()
-                if cmd.startswith((b"ray::ServeReplica:genmodels:" + deployment,
-                                   b"ray::SERVE_REPLICA::genmodels#" + deployment))]
-
-    return of(b"Sampler") or of(b"Api")
+    return serve_replicas(session, b"Sampler") or serve_replicas(session, b"Api")
 
 
 def wait_ready(client, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:

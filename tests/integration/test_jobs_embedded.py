@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx")
 
 from serving_fixtures import free_port
 
-from benchmarks.soak import session_processes  # the one /proc scan of a process session
+from benchmarks.soak import serve_replicas, session_processes  # the one /proc scan of a process session
 
 from genmodels import bulk, registry
 
@@ -216,9 +216,7 @@ def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(serve
         titles = [title for title, _ in session_processes(proc.pid).values()]
         assert any(b"haproxy" in title.split(b" ")[0] for title in titles), titles
         assert any(title.startswith(b"ray::HAProxyManager") for title in titles)  # Serve's proxy is its backup only
-        api_replicas = [t for t in titles if t.startswith((b"ray::ServeReplica:genmodels:Api",
-                                                            b"ray::SERVE_REPLICA::genmodels#Api"))]
-        assert len(api_replicas) == 2, titles
+        assert len(serve_replicas(proc.pid, b"Api")) == 2, titles
         assert not any(b"genmodels:Sampler" in title or b"genmodels#Sampler" in title for title in titles)
 
         for _ in range(6):  # HAProxy spreads these over both replicas: each answers the same
