@@ -102,13 +102,16 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, np.ndarray]:
     """Noise [steps, ...] for a walk along the slerp from sample 0 of ``seed_a``'s latent ``z`` to
-    ``seed_b``'s, other fields held at ``seed_a``'s: the ends are exactly those two samples.
-    The one walk of the torch pictures and the ONNX samplers (served interpolations)."""
+    ``seed_b``'s, other fields (a latent mixture's component) at ``seed_a``'s for the first half
+    of the steps and ``seed_b``'s for the rest: the ends are exactly those two samples. The one
+    walk of the torch pictures and the ONNX samplers (served interpolations)."""
     if "z" not in spec:
         raise ValueError(f"noise fields {sorted(spec)} have no latent 'z' to interpolate")
     if steps < 2:
         raise ValueError(f"an interpolation needs steps >= 2, got {steps}")
     a, b = make_noise(spec, seed_a, 1), make_noise(spec, seed_b, 1)
-    noise = {name: np.repeat(value, steps, axis=0) for name, value in a.items()}
+    first = (steps + 1) // 2
+    noise = {name: np.concatenate([np.repeat(value, first, axis=0), np.repeat(b[name], steps - first, axis=0)])
+             for name, value in a.items()}
     noise["z"] = slerp(a["z"][0], b["z"][0], np.linspace(0.0, 1.0, steps))
     return noise

@@ -325,6 +325,7 @@ def train(
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    finish_training(model, snapshot, cfg, device)
     model.eval()
     return TrainResult(
         model=model, history=history, epochs_completed=len(history),
@@ -417,6 +418,15 @@ def _em_epoch(model, epoch_batches, ctx, bar) -> tuple[dict[str, float], int]:
     totals = {k: ctx.all_reduce_sum(v) for k, v in sorted(totals.items())}
     model.em_update(totals)
     return {"loss": float(-totals["loglik_sum"] / totals["count"])}, seen
+
+
+def finish_training(model: GenerativeModel, snapshot, cfg: TrainConfig, device: torch.device) -> None:
+    """``model.after_training`` on one pass over the training set (binarized as no epoch was).
+    Every worker fits the same thing from the whole set: no rank's model differs."""
+    train_split = snapshot.splits["train"]
+    limit = None if cfg.max_train_examples is None else min(cfg.max_train_examples, len(train_split.y))
+    model.after_training(batches(train_split, snapshot.image, batch_size=cfg.batch_size, kind=model.train_input,
+                                 seed=cfg.seed, epoch=cfg.epochs, limit=limit, device=device), cfg.seed)
 
 
 @torch.no_grad()

@@ -144,6 +144,10 @@ class GenerativeModel(nn.Module):
     def after_step(self, player: str) -> None:
         """Called by the training loop after each optimizer step of ``player`` (weight averages)."""
 
+    def after_training(self, batches: Iterable[Mapping[str, torch.Tensor]], seed: int) -> None:
+        """Called once by the training loop with the final weights in place: fits that read the
+        trained networks (a VAE's latent mixture). ``batches`` is one pass over the training set."""
+
     def forward(self, batch: Mapping[str, torch.Tensor], player: str = "model") -> dict[str, torch.Tensor]:
         # DDP wraps ``forward``; routing the loss through it keeps gradient sync correct.
         return self.loss(batch, player)

@@ -46,7 +46,7 @@ class CVAE(VAE):
     # at the same validation -ELBO (benchmarks/RESULTS.md has the figures).
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         name: {"model": {**spec["model"], "latent_dim": 16, "class_prior": True, "label_film": True,
-                         "label_encoder_maps": True, **_PRESET_MODEL_CHANGES.get(name, {})},
+                         "label_encoder_maps": True, "latent_mixture": 20, **_PRESET_MODEL_CHANGES.get(name, {})},
                "train": dict(spec["train"])}
         for name, spec in VAE.presets.items()
     }

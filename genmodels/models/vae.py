@@ -13,6 +13,10 @@ Decoders, by the image's quantization:
   would otherwise end in a 200k-wide layer) and it knows that neighbouring levels are close,
   which a categorical must learn from data for each of the 256 levels.
 
+Samples: z from the prior, or, with ``latent_mixture``, from a Gaussian mixture fit to the
+training set's posteriors once training ends (``latent_mixture.py``): the decoder then draws
+from the latent region it was trained on, not from the prior's holes.
+
 The class-conditional variant lives in ``cvae.py``; the network code here takes an optional
 one-hot label so both families share it.
 """
@@ -21,14 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genmodels.models.base import GenerativeModel, ModelConfig
-from genmodels.noise import NoiseField, NoiseSpec
+from genmodels.models.latent_mixture import fit_gaussian_mixture, mixture_draw, mixture_log_prob
+from genmodels.noise import NoiseField, NoiseSpec, derive_seed
 
 __all__ = ["VAE", "VAEConfig", "discretized_logistic_log_prob", "discretized_logistic_mean", "gaussian_kl"]
 
@@ -41,6 +46,8 @@ _MIN_LOG_SCALE = -7.0
 # near 1,024 measured fastest (its activations stay in cache: 4,300 decoder samples/s for the
 # residual preset vs 2,900 at 25,600); a GPU wants as many as fit.
 IWAE_DECODER_BATCH = {"cpu": 1024, "other": 32768}
+# derive_seed key of the latent mixture's fit (posterior draws), apart from every epoch's.
+_LATENT_MIXTURE_STREAM = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,11 @@ class VAEConfig(ModelConfig):
     #: conditional conv models only: the label as constant feature maps into every encoder
     #: stage as well (not only beside the flattened features).
     label_encoder_maps: bool = False
+    #: Gaussian components (full covariance; per class for a conditional model) fit by EM to
+    #: posterior draws of the training set once training ends; sampling draws z from them
+    #: instead of the prior (``latent_mixture.py`` says why). 0: sample the prior. The
+    #: likelihood (IWAE) is of the model that samples: this mixture prior and the decoder.
+    latent_mixture: int = 0
 
     def __post_init__(self) -> None:
         # JSON / MLflow round trips turn tuples into lists; keep the config hashable.
@@ -88,6 +100,8 @@ class VAEConfig(ModelConfig):
             raise ValueError(f"res_blocks must be >= 0 and needs the conv architecture, got {self.res_blocks}")
         if self.iwae_k < 1:
             raise ValueError(f"iwae_k must be >= 1, got {self.iwae_k}")
+        if self.latent_mixture < 0:
+            raise ValueError(f"latent_mixture must be >= 0 components, got {self.latent_mixture}")
         if self.kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
         if self.conditional and self.image.num_classes < 1:
@@ -311,7 +325,7 @@ class VAE(GenerativeModel):
         # one, 240.6 without after 3 epochs).
         "quick": {
             "model": {"latent_dim": 32, "architecture": "conv", "hidden": (512,), "conv_channels": (32, 64),
-                      "iwae_k": 100},
+                      "iwae_k": 100, "latent_mixture": 20},
             # bf16 where the CPU has it: 1.45-1.49x the images/s, the same nats and class accuracy
             # (benchmarks/RESULTS.md, ninth session); fp32 on CPUs without it.
             "train": {"epochs": 4, "batch_size": 128, "lr": 1e-3, "scheduler": "cosine",
@@ -322,14 +336,14 @@ class VAE(GenerativeModel):
         # cosine schedule; early stopping guards against overfitting.
         "cpu": {
             "model": {"latent_dim": 32, "architecture": "conv", "hidden": (512,), "conv_channels": (32, 64),
-                      "res_blocks": 1, "iwae_k": 5000, "kl_warmup_epochs": 5},
+                      "res_blocks": 1, "iwae_k": 5000, "kl_warmup_epochs": 5, "latent_mixture": 50},
             "train": {"epochs": 40, "batch_size": 128, "lr": 1e-3, "scheduler": "cosine",
                       "early_stopping_patience": 8, "grad_clip": 100.0},
         },
         # GPU: wider residual conv nets, a long schedule.
         "full": {
             "model": {"latent_dim": 32, "architecture": "conv", "hidden": (512,), "conv_channels": (64, 128),
-                      "res_blocks": 2, "iwae_k": 5000, "kl_warmup_epochs": 10},
+                      "res_blocks": 2, "iwae_k": 5000, "kl_warmup_epochs": 10, "latent_mixture": 50},
             "train": {"epochs": 150, "batch_size": 128, "lr": 1e-3, "scheduler": "cosine",
                       "early_stopping_patience": 20, "grad_clip": 100.0},
         },
@@ -354,6 +368,12 @@ class VAE(GenerativeModel):
             # Zero init: training starts from the N(0, I) prior and moves each class's.
             self.prior_mu = nn.Parameter(torch.zeros(config.image.num_classes, config.latent_dim))
             self.prior_logvar = nn.Parameter(torch.zeros(config.image.num_classes, config.latent_dim))
+        if config.latent_mixture:
+            # Until after_training fits it: every component the standard normal, i.e. the prior.
+            groups, m, d = config.image.num_classes if config.conditional else 1, config.latent_mixture, config.latent_dim
+            self.register_buffer("mixture_weights", torch.full((groups, m), 1.0 / m))
+            self.register_buffer("mixture_means", torch.zeros(groups, m, d))
+            self.register_buffer("mixture_scale_tril", torch.eye(d).expand(groups, m, d, d).clone())
         # Weight of the KL term in the training loss only (warm-up); 1 unless begin_epoch lowers it.
         self.beta = 1.0
         # Channels-last conv weights put oneDNN on its NHWC kernels: measured here 1.32x on the
@@ -479,6 +499,7 @@ class VAE(GenerativeModel):
         if int(k) < 1 or (chunk is not None and int(chunk) < 1):
             raise ValueError(f"iwae needs k >= 1 and chunk >= 1, got k={k}, chunk={chunk}")
         x, onehot = self._inputs(x, labels)
+        labels = None if onehot is None else onehot.argmax(1)
         mu, logvar = self.encoder(x, onehot)
         batch, dim = mu.shape
         if chunk is None:
@@ -494,17 +515,33 @@ class VAE(GenerativeModel):
             e = eps[:, start : start + chunk]
             c = e.shape[1]
             z = mu.unsqueeze(1) + std * e  # [B, c, latent]
-            if prior is None:
-                log_pz = -0.5 * z.pow(2).sum(-1)
-            else:  # the same constant as log q's is left out of both
-                p_mu, p_logvar = (t.unsqueeze(1) for t in prior)
-                log_pz = -0.5 * ((z - p_mu).pow(2) * torch.exp(-p_logvar) + p_logvar).sum(-1)
+            log_pz = self._log_prior(z, prior, labels)
             log_pz_minus_qz = log_pz + 0.5 * e.pow(2).sum(-1) - log_q_base
             rep_onehot = None if onehot is None else onehot.repeat_interleave(c, dim=0)
             params = self.decoder(z.reshape(batch * c, dim), rep_onehot)
             log_px = self._log_px(x.repeat_interleave(c, dim=0), params).view(batch, c)
             log_w[:, start : start + c] = log_px + log_pz_minus_qz
         return torch.logsumexp(log_w, dim=1) - math.log(k)
+
+    def _log_prior(self, z: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None,
+                   labels: torch.Tensor | None) -> torch.Tensor:
+        """log p(z[|y]) [B, c] of z [B, c, latent] without the constant -latent/2 log(2 pi) (IWAE's
+        log q leaves it out too): the prior's, or its latent mixture's once one is configured."""
+        if prior is None:
+            u, log_scale = z, 0.0
+        else:
+            p_mu, p_logvar = (t.unsqueeze(1) for t in prior)
+            u, log_scale = (z - p_mu) * torch.exp(-0.5 * p_logvar), 0.5 * p_logvar.sum(-1)
+        if not self.config.latent_mixture:
+            return -0.5 * u.pow(2).sum(-1) - log_scale
+        groups = torch.zeros(z.shape[0], dtype=torch.long, device=z.device) if labels is None else labels
+        log_pu = torch.empty(z.shape[:2], dtype=z.dtype, device=z.device)
+        for group in groups.unique().tolist():
+            rows = groups == group
+            flat = u[rows].reshape(-1, z.shape[-1])
+            log_pu[rows] = mixture_log_prob(flat, self.mixture_weights[group], self.mixture_means[group],
+                                            self.mixture_scale_tril[group]).reshape(-1, z.shape[1]).to(z.dtype)
+        return log_pu + 0.5 * z.shape[-1] * _LOG_2PI - log_scale
 
     def log_likelihood(
         self, x: torch.Tensor, labels: Any = None, k: int | None = None, chunk: int | None = None
@@ -515,7 +552,11 @@ class VAE(GenerativeModel):
 
     # --- sampling -------------------------------------------------------------------------------
     def noise_spec(self) -> NoiseSpec:
-        return {"z": NoiseField((self.latent_dim,), "normal")}
+        spec = {"z": NoiseField((self.latent_dim,), "normal")}
+        if self.config.latent_mixture:
+            # Named to sort after "z": the seed's z noise is drawn first, as without a mixture.
+            spec["z_component"] = NoiseField((1,), "uniform")
+        return spec
 
     def sample_from_noise(
         self,
@@ -523,7 +564,10 @@ class VAE(GenerativeModel):
         labels: torch.Tensor | None = None,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        """Decoder means [n, C, H, W] in [0, 1] at z = noise["z"] * temperature.
+        """Decoder means [n, C, H, W] in [0, 1] at z = noise["z"] * temperature (plus the class
+        prior's mean and scale). With a latent mixture, ``noise["z_component"]`` picks the
+        component (of the class's mixture) and z = its mean + its Cholesky factor @ that noise:
+        the temperature narrows each component, not the spread between them.
 
         Export path: no checks of tensor values here (``sample`` validated the labels).
         """
@@ -533,10 +577,50 @@ class VAE(GenerativeModel):
             raise ValueError(f"{self.family} model is unconditional: it takes no labels")
         onehot = self._onehot(labels)
         z = noise["z"] * temperature
+        if self.config.latent_mixture:
+            z = mixture_draw(z, noise["z_component"], *self._mixture_rows(labels, z.shape[0]))
         prior = self.prior(onehot)
         if prior is not None:  # the class's own prior: z = mu_y + sigma_y * temperature * noise
             z = prior[0] + torch.exp(0.5 * prior[1]) * z
         return self._mean(self.decoder(z, onehot))
+
+    def _mixture_rows(self, labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, ...]:
+        """(weights [n, M], means [n, M, D], scale_tril [n, M, D, D]) of each row's mixture."""
+        tables = (self.mixture_weights, self.mixture_means, self.mixture_scale_tril)
+        if labels is None:
+            return tuple(t.expand(n, *t.shape[1:]) for t in tables)
+        return tuple(t[labels] for t in tables)
+
+    @torch.no_grad()
+    def after_training(self, batches: Iterable[Mapping[str, torch.Tensor]], seed: int) -> None:
+        """Fit the latent mixture (``config.latent_mixture`` components) to one posterior draw
+        per training image, in the prior's standardized coordinates; deterministic for a seed."""
+        if not self.config.latent_mixture:
+            return
+        was_training = self.training
+        self.eval()
+        generator = torch.Generator().manual_seed(derive_seed(seed, _LATENT_MIXTURE_STREAM))
+        draws, groups = [], []
+        for batch in batches:
+            x, onehot = self._inputs(batch["x"], self._batch_labels(batch))
+            mu, logvar = self.encoder(x, onehot)
+            eps = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
+            prior = self.prior(onehot)
+            draws.append((z if prior is None else (z - prior[0]) * torch.exp(-0.5 * prior[1])).double().cpu())
+            groups.append(onehot.argmax(1).cpu() if onehot is not None else torch.zeros(len(z), dtype=torch.long))
+        u, group_of = torch.cat(draws), torch.cat(groups)
+        for group in range(self.mixture_weights.shape[0]):
+            members = u[group_of == group]
+            if len(members) < 2:
+                raise ValueError(f"{self.family}: the latent mixture of class {group} needs >= 2 training images, "
+                                 f"got {len(members)}")
+            fit = fit_gaussian_mixture(members, self.config.latent_mixture, seed=derive_seed(seed, group))
+            m = len(fit.weights)  # fewer images than components: the rest stay unused copies
+            self.mixture_weights[group].zero_()[:m] = fit.weights
+            self.mixture_means[group, :m] = fit.means
+            self.mixture_scale_tril[group, :m] = fit.scale_tril
+        self.train(was_training)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, labels: Any = None) -> torch.Tensor:

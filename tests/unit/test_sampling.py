@@ -131,7 +131,7 @@ def test_sample_many_gives_each_request_the_images_it_gets_alone(case, exported)
     assert sampler.sample_many([], TEMPERATURE) == []
 
 
-@pytest.mark.parametrize("case", ["vae", "cvae", "gan_conditional"])
+@pytest.mark.parametrize("case", ["vae", "cvae", "vae_mixture", "cvae_mixture", "gan_conditional"])
 def test_interpolate_walks_the_torch_models_latent_path(case, exported):
     from genmodels.evaluation.pictures import interpolate
 

@@ -22,6 +22,11 @@ CASES = {
     # The quick preset's CVAE recipe: the label into every encoder stage, FiLM in every decoder stage.
     "cvae_film": ("cvae", BINARY, {"latent_dim": 3, "hidden": (8,), "architecture": "conv", "conv_channels": (4, 6),
                                    "class_prior": True, "label_film": True, "label_encoder_maps": True}),
+    # Sampling from a latent mixture fit after training (every preset's VAE and CVAE).
+    "vae_mixture": ("vae", BINARY, {"latent_dim": 3, "hidden": (16,), "latent_mixture": 4}),
+    "cvae_mixture": ("cvae", BINARY, {"latent_dim": 3, "hidden": (8,), "architecture": "conv",
+                                      "conv_channels": (4, 6), "class_prior": True, "label_film": True,
+                                      "label_encoder_maps": True, "latent_mixture": 3}),
     "gan": ("gan", BINARY, SMALL_GAN),
     "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True)),
     "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row")),
@@ -47,6 +52,12 @@ def make_model(case: str):
         with torch.no_grad():  # zero-initialized FiLM tables would be the identity
             for film in model.decoder.films:
                 film.table.normal_(0.0, 0.3)
+    if getattr(model.config, "latent_mixture", 0):
+        # Fit to random images so components differ (unfitted ones are all the prior).
+        gen = torch.Generator().manual_seed(2)
+        x = (torch.rand(60, *image.shape, generator=gen) > 0.5).float()
+        model.after_training([{"x": x[i : i + 20], "y": torch.arange(i, i + 20) % image.num_classes}
+                              for i in range(0, 60, 20)], seed=0)
     if family == "pixelrnn" and model.conditional:
         with torch.no_grad():  # zero-initialized class biases would make conditioning vacuous
             model.gate_class_bias.normal_()
