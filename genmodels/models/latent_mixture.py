@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GaussianMixture", "fit_gaussian_mixture", "mixture_log_prob", "mixture_draw"]
+__all__ = ["GaussianMixture", "fit_gaussian_mixture", "mixture_draw", "mixture_log_prob", "points_per_component"]
 
 # Added to every covariance's diagonal: keeps a component fit to a tight cluster invertible.
 COVARIANCE_FLOOR = 1e-4
@@ -73,14 +73,18 @@ def fit_gaussian_mixture(x: torch.Tensor, components: int, *, seed: int = 0, max
                          tolerance: float = 1e-3) -> GaussianMixture:
     """EM for a full-covariance Gaussian mixture on ``x`` [N, D] (float64 inside), from means at
     k-means++ seeds, every covariance the data's; stops when the mean log-likelihood per point
-    gains less than ``tolerance`` nats. Deterministic for a seed."""
+    gains less than ``tolerance`` nats. Deterministic for a seed.
+
+    At most one component per :func:`points_per_component` points: with fewer, components
+    shrink onto a handful of training points and the density of held-out latents collapses
+    (20 components per class on sklearn's 130 digits a class: test NLL 1,176 nats)."""
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"fit_gaussian_mixture needs x [N >= 2, D], got {tuple(x.shape)}")
     if components < 1:
         raise ValueError(f"components must be >= 1, got {components}")
     x = x.detach().to(torch.float64)
     n, dim = x.shape
-    components = min(components, n)
+    components = max(1, min(components, n // points_per_component(dim)))
     floor = COVARIANCE_FLOOR * torch.eye(dim, dtype=x.dtype)
     generator = torch.Generator().manual_seed(seed)
     means = _kmeans_plus_plus(x, components, generator)
@@ -107,6 +111,12 @@ def fit_gaussian_mixture(x: torch.Tensor, components: int, *, seed: int = 0, max
         previous = mean_log_px
     weights = weights.clamp_min(1e-12)
     return GaussianMixture(weights=weights / weights.sum(), means=means, scale_tril=scale_tril)
+
+
+def points_per_component(dim: int) -> int:
+    """Training points a full-covariance component needs: as many as its free parameters
+    (weight, mean, covariance), so that its covariance is estimated, not interpolated."""
+    return 1 + dim + dim * (dim + 1) // 2
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import distributions as D
 
 from genmodels.models import build_model
 from genmodels.models.base import ImageSpec
-from genmodels.models.latent_mixture import fit_gaussian_mixture, mixture_draw, mixture_log_prob
+from genmodels.models.latent_mixture import fit_gaussian_mixture, mixture_draw, mixture_log_prob, points_per_component
 from genmodels.noise import interpolation_noise, make_noise
 from genmodels.training import LocalContext, TrainConfig, train
 
@@ -43,12 +43,14 @@ def test_em_recovers_a_known_mixture():
     assert torch.allclose(cov[order], want, atol=0.08)
 
 
-def test_em_is_deterministic_for_a_seed_and_survives_more_components_than_points():
+def test_em_is_deterministic_for_a_seed_and_fits_no_more_components_than_the_points_support():
     x, _ = known_mixture(200)
     a, b = fit_gaussian_mixture(x, 5, seed=3), fit_gaussian_mixture(x, 5, seed=3)
     assert all(torch.equal(p, q) for p, q in zip((a.weights, a.means, a.scale_tril), (b.weights, b.means, b.scale_tril)))
+    assert points_per_component(2) == 6  # weight, 2 means, 3 covariance entries
+    assert len(fit_gaussian_mixture(x[:30], 8, seed=0).weights) == 5
     few = fit_gaussian_mixture(x[:3], 8, seed=0)
-    assert len(few.weights) == 3 and torch.isfinite(few.scale_tril).all()
+    assert len(few.weights) == 1 and torch.isfinite(few.scale_tril).all()
     with pytest.raises(ValueError, match="components must be >= 1"):
         fit_gaussian_mixture(x, 0)
     with pytest.raises(ValueError, match=r"needs x \[N >= 2, D\]"):
