@@ -246,7 +246,7 @@ def train(
     device = resolve_device(cfg.device)
     model.to(device)
     train_split, val_split = snapshot.splits["train"], snapshot.splits.get("val")
-    n_train = len(train_split.y) if cfg.max_train_examples is None else min(cfg.max_train_examples, len(train_split.y))
+    n_train = training_examples(cfg, train_split)
     steps_per_epoch = num_batches(n_train, cfg.batch_size, ctx.world_size)
     is_em = model.fit_method == "em"
     bf16 = not is_em and trains_in_bf16(cfg, device)
@@ -424,9 +424,15 @@ def finish_training(model: GenerativeModel, snapshot, cfg: TrainConfig, device: 
     """``model.after_training`` on one pass over the training set (binarized as no epoch was).
     Every worker fits the same thing from the whole set: no rank's model differs."""
     train_split = snapshot.splits["train"]
-    limit = None if cfg.max_train_examples is None else min(cfg.max_train_examples, len(train_split.y))
     model.after_training(batches(train_split, snapshot.image, batch_size=cfg.batch_size, kind=model.train_input,
-                                 seed=cfg.seed, epoch=cfg.epochs, limit=limit, device=device), cfg.seed)
+                                 seed=cfg.seed, epoch=cfg.epochs, limit=training_examples(cfg, train_split),
+                                 device=device), cfg.seed)
+
+
+def training_examples(cfg: TrainConfig, train_split) -> int:
+    """How many of the split's first examples training reads (``max_train_examples`` caps it)."""
+    n = len(train_split.y)
+    return n if cfg.max_train_examples is None else min(cfg.max_train_examples, n)
 
 
 @torch.no_grad()

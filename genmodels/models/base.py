@@ -40,6 +40,15 @@ def noise_tensors(noise: Mapping[str, Any], device: torch.device | str | None = 
     return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(device) for k, v in noise.items()}
 
 
+def inverse_cdf_pick(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """int64 [N]: the category of each row of ``probs`` [N, M] (not necessarily normalized)
+    whose CDF interval holds that row's ``uniform`` ([N] or [N, 1], in [0, 1)). Plain tensor
+    ops, so it exports: how every sampler turns its uniform noise into a component."""
+    cdf = torch.cumsum(probs, dim=1)
+    cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, so u < 1 always finds a category
+    return (cdf < uniform.reshape(-1, 1).to(cdf.dtype)).to(torch.int64).sum(1).clamp(max=probs.shape[1] - 1)
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What a model's images look like."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from genmodels.models.base import inverse_cdf_pick
+
 __all__ = ["GaussianMixture", "fit_gaussian_mixture", "mixture_draw", "mixture_log_prob", "points_per_component"]
 
 # Added to every covariance's diagonal: keeps a component fit to a tight cluster invertible.
@@ -62,9 +64,7 @@ def mixture_draw(eps: torch.Tensor, uniform: torch.Tensor, weights: torch.Tensor
     """Draws [N, D] of per-row mixtures: the component by inverse CDF of ``uniform`` [N, 1] on
     ``weights`` [N, M], then mu + L eps with eps [N, D] and ``means`` [N, M, D], ``scale_tril``
     [N, M, D, D]. Plain tensor ops (it exports): a pure function of its inputs."""
-    cdf = torch.cumsum(weights, dim=1)
-    cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, so u < 1 always finds a component
-    comp = (cdf < uniform.reshape(-1, 1)).to(torch.int64).sum(1).clamp(max=weights.shape[1] - 1)
+    comp = inverse_cdf_pick(weights, uniform)
     rows = torch.arange(eps.shape[0], device=eps.device)
     return means[rows, comp] + (scale_tril[rows, comp] @ eps.unsqueeze(-1)).squeeze(-1)
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from genmodels.checks import check_temperature
-from genmodels.models.base import GenerativeModel, ModelConfig
+from genmodels.models.base import GenerativeModel, ModelConfig, inverse_cdf_pick
 from genmodels.noise import NoiseField, NoiseSpec
 
 __all__ = ["MixtureConfig", "MixtureModel"]
@@ -335,9 +335,7 @@ class MixtureModel(GenerativeModel):
         n, dtype = pixels.shape[0], pixels.dtype
         log_w = self.log_weights.to(dtype)
         log_w = log_w[labels] if self.conditional else log_w.expand(n, self.k)
-        cdf = torch.cumsum(torch.softmax(log_w / temperature, dim=1), dim=1)
-        cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, so u < 1 always finds a component
-        comp = (cdf < u.reshape(n, 1)).to(torch.int64).sum(1).clamp(max=self.k - 1)
+        comp = inverse_cdf_pick(torch.softmax(log_w / temperature, dim=1), u)
         flat = labels * self.k + comp if self.conditional else comp
         eps = pixels.reshape(n, self.dims)
         if self.binary:
@@ -431,9 +429,7 @@ class MixtureModel(GenerativeModel):
             rows = ((pixel + levels) * self.groups + group[:, None]).reshape(-1)
             comp_ll = (table.index_select(0, rows).view(m, self.dims, self.k) * mask[..., None]).sum(1)
         post = self.log_weights.index_select(0, group) + comp_ll
-        cdf = torch.cumsum(torch.softmax(post / temperature, dim=1), dim=1)
-        cdf = cdf / cdf[:, -1:]
-        comp = (cdf < component.reshape(m, 1).to(torch.float64)).to(torch.int64).sum(1).clamp(max=self.k - 1)
+        comp = inverse_cdf_pick(torch.softmax(post / temperature, dim=1), component)
         flat = group * self.k + comp
         dtype = pixels.dtype
         eps = pixels.reshape(m, self.dims)
