@@ -23,7 +23,7 @@ import torch
 
 from genmodels.storage import FileStorage, S3Storage, Storage
 from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, TrainingContext, TrainResult,
-                                early_stop_reached, load_training_state)
+                                early_stop_reached, finish_training, load_training_state)
 
 
 class RayTrainContext(TrainingContext):
@@ -105,7 +105,8 @@ def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContex
     train_cfg = TrainConfig.from_dict({**config["train_config"], "device": str(ray.train.torch.get_device())})
     model = initial_model(config["family"], snapshot.image, config["model_config"], train_cfg.seed)
     context = context_class()
-    train(model, snapshot, train_cfg, context, meta=config.get("meta"))
+    # The driver keeps the checkpoint's weights, not this process's model: it finishes them itself.
+    train(model, snapshot, train_cfg, context, meta=config.get("meta"), finish=False)
 
 
 # --- the driver side ---------------------------------------------------------------------------
@@ -224,6 +225,8 @@ def train_on_ray(
     best = model_from_checkpoint(state)
     if best.validation_selects_weights and ts.get("best_state_dict") is not None:
         best.load_state_dict(ts["best_state_dict"])
+    # On the driver's CPU: it may hold no accelerator, and the fit is one pass of inference.
+    finish_training(best, snapshot, train_cfg, torch.device("cpu"))
     history = list(ts["history"])
     train_result = TrainResult(
         model=best.eval(), history=history, epochs_completed=len(history),

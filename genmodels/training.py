@@ -240,8 +240,11 @@ def train(
     *,
     progress: bool = False,
     meta: Mapping[str, Any] | None = None,
+    finish: bool = True,
 ) -> TrainResult:
-    """Train ``model`` on ``snapshot`` ("train" split; "val" for early stopping)."""
+    """Train ``model`` on ``snapshot`` ("train" split; "val" for early stopping), then
+    :func:`finish_training` it unless ``finish`` is false (a Ray worker: the driver rebuilds the
+    model from the last checkpoint and finishes that one)."""
     ctx = context or LocalContext()
     device = resolve_device(cfg.device)
     model.to(device)
@@ -325,7 +328,8 @@ def train(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    finish_training(model, snapshot, cfg, device)
+    if finish:
+        finish_training(model, snapshot, cfg, device)
     model.eval()
     return TrainResult(
         model=model, history=history, epochs_completed=len(history),
@@ -421,8 +425,8 @@ def _em_epoch(model, epoch_batches, ctx, bar) -> tuple[dict[str, float], int]:
 
 
 def finish_training(model: GenerativeModel, snapshot, cfg: TrainConfig, device: torch.device) -> None:
-    """``model.after_training`` on one pass over the training set (binarized as no epoch was).
-    Every worker fits the same thing from the whole set: no rank's model differs."""
+    """``model.after_training`` on one pass over the whole training set (binarized as no epoch
+    was): a function of the trained weights, the data and the seed, wherever it runs."""
     train_split = snapshot.splits["train"]
     model.after_training(batches(train_split, snapshot.image, batch_size=cfg.batch_size, kind=model.train_input,
                                  seed=cfg.seed, epoch=cfg.epochs, limit=training_examples(cfg, train_split),

@@ -16,7 +16,7 @@ import torch
 from genmodels.data import PrepConfig, prepare, write_snapshot
 from genmodels.models import load_checkpoint, model_from_checkpoint
 from genmodels.storage import open_storage
-from genmodels.training import CHECKPOINT_KEY, load_training_state
+from genmodels.training import CHECKPOINT_KEY, TrainConfig, finish_training, load_training_state
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +128,16 @@ def test_vae_on_two_workers(local_ray, snapshot, tmp_path):
     ts = state["train_state"]
     best_epoch = min(ts["history"], key=lambda h: h["val_loss"])["epoch"]
     assert outcome.result.best_val_loss == pytest.approx(ts["history"][best_epoch - 1]["val_loss"])
+    # The run ships the latent mixture (the quick preset's) fit to those weights: the workers'
+    # models are dropped, so the driver must finish what it rebuilds from the checkpoint.
+    shipped = model_from_checkpoint(load_checkpoint(outcome.run.get_bytes("model.pt")))
+    assert shipped.config.latent_mixture > 0
+    assert shipped.mixture_means.abs().sum() > 0, "the shipped mixture is the unfitted prior"
+    trained = model_from_checkpoint(state)
+    trained.load_state_dict(ts["best_state_dict"])
+    finish_training(trained, snapshot, TrainConfig.from_dict(ts["train_config"]), torch.device("cpu"))
+    for name in ("mixture_weights", "mixture_means", "mixture_scale_tril"):
+        assert torch.equal(getattr(shipped, name), getattr(trained, name)), name
 
 
 def test_gan_two_players_under_ddp(local_ray, snapshot, tmp_path):
