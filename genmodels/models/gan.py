@@ -213,14 +213,15 @@ class GAN(GenerativeModel):
                       # (fp32: 18.5 / 0.42; benchmarks/RESULTS.md, ninth session); fp32 elsewhere.
                       "autocast": "auto"},
         },
-        # 2 CPU cores in <= 90 minutes: the full preset's nets and rates cut to 8 epochs of 54k.
-        # Width 64 without R1 trains at ~116 images/s here (fp32, channels-last), 1.7x the same
-        # nets with R1; the 20-epoch width-48 R1 recipe it replaces needed 2.2-2.9 hours.
+        # 2 CPU cores in <= 90 minutes: the full preset's nets and rates cut to 20 epochs of 54k.
+        # Width 64 without R1 in bf16 where the CPU has it: 364 images/s against 209 in fp32
+        # (channels-last both; benchmarks/RESULTS.md, fifteenth session), which buys 20 epochs
+        # where fp32 fit 8 (FID 7.18).
         "cpu": {
             "model": {"latent_dim": 128, "g_width": 64, "d_width": 64, "d_features": 512, "ema_decay": 0.9995},
-            "train": {"epochs": 8, "batch_size": 128, "lr": 2e-4, "player_lr": {"discriminator": 4e-4},
+            "train": {"epochs": 20, "batch_size": 128, "lr": 2e-4, "player_lr": {"discriminator": 4e-4},
                       "betas": (0.0, 0.9), "early_stopping_patience": None, "checkpoint_every": 1,
-                      "max_val_examples": 2000},
+                      "max_val_examples": 2000, "autocast": "auto"},
         },
         # GPU: a long schedule of the wide nets.
         "full": {
