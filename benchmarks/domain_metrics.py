@@ -6,6 +6,10 @@ takes hours on 2 cores. One JSON line to stdout; the storage's cached classifier
 
     .venv/bin/python benchmarks/domain_metrics.py --family vae --preset cpu \\
         --out file:///work/main/.genmodels/cpu-runs
+
+``--checkpoint FILE``: the weights a copy of the run's ``checkpoint.pt`` held (an earlier epoch),
+as the run would have shipped them had it ended there (a VAE's latent mixture is fit only when
+training ends, so a checkpoint's samples the prior).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import torch
 
 from genmodels.data.prep import snapshot_prefix
 from genmodels.evaluation import domain_metrics
+from genmodels.models import model_from_checkpoint
 from genmodels.runs import evaluation_settings, load_model, load_snapshot, run_prefix
 from genmodels.storage import open_storage
+from genmodels.training import load_training_state
 
 
 def main() -> None:
@@ -29,17 +35,28 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--out", required=True, help="the storage root the run was trained under")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", help="a training checkpoint of the run (default: the run's model.pt)")
     args = parser.parse_args()
 
     storage = open_storage(args.out)
-    model, meta = load_model(storage.child(run_prefix(args.dataset, args.family, args.preset)))
+    epoch = None
+    if args.checkpoint:
+        with open(args.checkpoint, "rb") as f:
+            state = load_training_state(f.read())
+        model, meta, epoch = model_from_checkpoint(state), state["meta"], state["train_state"]["epoch"]
+        best = state["train_state"].get("best_state_dict")
+        if model.validation_selects_weights and best is not None:
+            model.load_state_dict(best)
+        model.eval()
+    else:
+        model, meta = load_model(storage.child(run_prefix(args.dataset, args.family, args.preset)))
     snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, meta["snapshot_hash"]))
     settings = evaluation_settings(args.preset)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     metrics = domain_metrics(model, snapshot, storage=storage, n_samples=settings["n_samples"], seed=args.seed,
                              max_examples=settings["max_examples"])
-    print(json.dumps({"family": args.family, "preset": args.preset, "snapshot": snapshot.hash[:16],
+    print(json.dumps({"family": args.family, "preset": args.preset, "snapshot": snapshot.hash[:16], "epoch": epoch,
                       "seconds": round(time.perf_counter() - t0, 1), **metrics}, sort_keys=True))
 
 
