@@ -7,9 +7,8 @@ takes hours on 2 cores. One JSON line to stdout; the storage's cached classifier
     .venv/bin/python benchmarks/domain_metrics.py --family vae --preset cpu \\
         --out file:///work/main/.genmodels/cpu-runs
 
-``--checkpoint FILE``: the weights a copy of the run's ``checkpoint.pt`` held (an earlier epoch),
-as the run would have shipped them had it ended there (a VAE's latent mixture is fit only when
-training ends, so a checkpoint's samples the prior).
+``--checkpoint FILE``: the model a copy of the run's ``checkpoint.pt`` (an earlier epoch) would
+have shipped, had the run ended there.
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ import torch
 
 from genmodels.data.prep import snapshot_prefix
 from genmodels.evaluation import domain_metrics
-from genmodels.models import model_from_checkpoint
 from genmodels.runs import evaluation_settings, load_model, load_snapshot, run_prefix
 from genmodels.storage import open_storage
-from genmodels.training import load_training_state
+from genmodels.training import load_training_state, shipped_model
 
 
 def main() -> None:
@@ -43,14 +41,11 @@ def main() -> None:
     if args.checkpoint:
         with open(args.checkpoint, "rb") as f:
             state = load_training_state(f.read())
-        model, meta, epoch = model_from_checkpoint(state), state["meta"], state["train_state"]["epoch"]
-        best = state["train_state"].get("best_state_dict")
-        if model.validation_selects_weights and best is not None:
-            model.load_state_dict(best)
-        model.eval()
+        snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, state["meta"]["snapshot_hash"]))
+        model, epoch = shipped_model(state, snapshot, torch.device("cpu")), state["train_state"]["epoch"]
     else:
         model, meta = load_model(storage.child(run_prefix(args.dataset, args.family, args.preset)))
-    snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, meta["snapshot_hash"]))
+        snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, meta["snapshot_hash"]))
     settings = evaluation_settings(args.preset)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)

@@ -23,7 +23,7 @@ import torch
 
 from genmodels.storage import FileStorage, S3Storage, Storage
 from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, TrainingContext, TrainResult,
-                                early_stop_reached, finish_training, load_training_state)
+                                early_stop_reached, load_training_state, shipped_model)
 
 
 class RayTrainContext(TrainingContext):
@@ -184,7 +184,6 @@ def train_on_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from genmodels.models import model_from_checkpoint
     from genmodels.runs import TrainOutcome, finish_run, plan_run, run_prefix
 
     model, train_cfg, meta = plan_run(snapshot, family, preset, overrides=overrides, model_overrides=model_overrides)
@@ -222,14 +221,11 @@ def train_on_ray(
         with open(os.path.join(directory, CHECKPOINT_KEY), "rb") as f:
             state = load_training_state(f.read())
     ts = state["train_state"]
-    best = model_from_checkpoint(state)
-    if best.validation_selects_weights and ts.get("best_state_dict") is not None:
-        best.load_state_dict(ts["best_state_dict"])
-    # On the driver's CPU: it may hold no accelerator, and the fit is one pass of inference.
-    finish_training(best, snapshot, train_cfg, torch.device("cpu"))
+    # The workers' models die with them: finish the checkpoint's weights here, on the driver's
+    # CPU (it may hold no accelerator, and the fit is one pass of inference).
     history = list(ts["history"])
     train_result = TrainResult(
-        model=best.eval(), history=history, epochs_completed=len(history),
+        model=shipped_model(state, snapshot, torch.device("cpu")), history=history, epochs_completed=len(history),
         best_val_loss=None if ts["best_val"] == float("inf") else float(ts["best_val"]),
         stopped_early=early_stop_reached(train_cfg, ts.get("best_state_dict"), int(ts["bad_epochs"])),
         resumed_from_epoch=int(ts.get("resumed_from_epoch", 0)),

@@ -29,7 +29,7 @@ import torch
 
 from genmodels.config import dataclass_from_dict
 from genmodels.data.loader import batches, num_batches
-from genmodels.models import checkpoint_dict, family_class
+from genmodels.models import checkpoint_dict, family_class, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.noise import derive_seed
 
@@ -431,6 +431,17 @@ def finish_training(model: GenerativeModel, snapshot, cfg: TrainConfig, device: 
     model.after_training(batches(train_split, snapshot.image, batch_size=cfg.batch_size, kind=model.train_input,
                                  seed=cfg.seed, epoch=cfg.epochs, limit=training_examples(cfg, train_split),
                                  device=device), cfg.seed)
+
+
+def shipped_model(state: Mapping[str, Any], snapshot, device: torch.device) -> GenerativeModel:
+    """What a run ships had it ended at the training ``state`` (a checkpoint): the best epoch's
+    weights where validation selects them, else the last step's, then finished."""
+    model = model_from_checkpoint(state)
+    ts = state["train_state"]
+    if model.validation_selects_weights and ts.get("best_state_dict") is not None:
+        model.load_state_dict(ts["best_state_dict"])
+    finish_training(model, snapshot, TrainConfig.from_dict(ts["train_config"]), device)
+    return model.eval()
 
 
 def training_examples(cfg: TrainConfig, train_split) -> int:
