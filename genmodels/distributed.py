@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from genmodels.data.loader import check_global_batch
 from genmodels.storage import FileStorage, S3Storage, Storage
 from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, TrainingContext, TrainResult,
                                 early_stop_reached, load_training_state, shipped_model)
@@ -112,21 +113,34 @@ def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContex
 # --- the driver side ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RayScaling:
-    """How a run uses the Ray cluster. ``cpus_per_worker=None`` shares the cluster's CPUs
-    evenly between the workers (each worker uses that many torch threads)."""
+    """How a run uses the Ray cluster. ``num_workers=None``: the preset's ``TrainConfig.workers``,
+    as many of them as the cluster holds (:func:`fitting_workers`). ``cpus_per_worker=None``
+    shares the cluster's CPUs evenly between the workers (each uses that many torch threads)."""
 
-    num_workers: int = 1
+    num_workers: int | None = None
     use_gpu: bool | None = None  # None: GPUs when the cluster has one per worker
     cpus_per_worker: int | None = None
     max_failures: int = 2
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
+        if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+
+
+def fitting_workers(wanted: int, resources: Mapping[str, float], batch_size: int) -> int:
+    """At most ``wanted`` data-parallel workers, one per GPU of a cluster that has GPUs, else one
+    per CPU, and a number that divides the global batch: a worker group larger than the
+    cluster would wait for resources forever."""
+    gpus = int(resources.get("GPU", 0))
+    room = gpus if gpus else int(resources.get("CPU", 1))
+    workers = max(1, min(wanted, room))
+    while batch_size % workers:
+        workers -= 1
+    return workers
 
 
 def ray_storage(storage: Storage) -> tuple[str, Any]:
@@ -189,9 +203,11 @@ def train_on_ray(
     model, train_cfg, meta = plan_run(snapshot, family, preset, overrides=overrides, model_overrides=model_overrides)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
     resources = ray.cluster_resources()
-    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else resources.get("GPU", 0) >= scaling.num_workers
-    cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // scaling.num_workers)
-    name = ray_run_name(family, preset, model_config, train_cfg.to_dict(), snapshot.hash, scaling.num_workers)
+    workers = scaling.num_workers or fitting_workers(train_cfg.workers, resources, train_cfg.batch_size)
+    check_global_batch(train_cfg.batch_size, workers)
+    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else resources.get("GPU", 0) >= workers
+    cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // workers)
+    name = ray_run_name(family, preset, model_config, train_cfg.to_dict(), snapshot.hash, workers)
     ray_root = storage.child(f"ray/{snapshot.dataset}")
     if fresh:
         for key in ray_root.list(f"{name}/"):
@@ -204,7 +220,7 @@ def train_on_ray(
             "model_config": model_config, "train_config": train_cfg.to_dict(), "meta": meta,
             "threads_per_worker": cpus,
         },
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from genmodels.config import dataclass_from_dict
-from genmodels.data.loader import batches, num_batches
+from genmodels.data.loader import batches, check_global_batch, num_batches
 from genmodels.models import checkpoint_dict, family_class, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.noise import derive_seed
@@ -39,12 +39,13 @@ SCHEDULERS = ("none", "cosine", "cosine_steps", "step")
 
 
 # What sets one invocation's budget or hardware, not the run's trajectory: free to differ on resume.
-RESUME_FREE_TRAIN_FIELDS = ("max_seconds", "device", "checkpoint_every")
+RESUME_FREE_TRAIN_FIELDS = ("max_seconds", "device", "checkpoint_every", "workers")
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    #: The global batch of a step: data-parallel workers take equal parts of it.
     batch_size: int = 128
     lr: float = 1e-3
     player_lr: dict[str, float] = field(default_factory=dict)
@@ -68,12 +69,20 @@ class TrainConfig:
     #: Wall-clock budget of this invocation: training stops after the epoch that crosses it,
     #: with a checkpoint, and a later run with the same storage resumes from there.
     max_seconds: float | None = None
+    #: Data-parallel workers of a Ray run that is not given a number, fewer where the cluster
+    #: holds fewer or they would not divide the batch (``genmodels.distributed.fitting_workers``). The workers of a step together see
+    #: the batch one process would (``data.loader.batches``), so this sets speed, not the data
+    #: (noise a model draws while training, the VAE's, is drawn per worker); a local run trains
+    #: in one process.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.lr <= 0 or any(v <= 0 for v in self.player_lr.values()):
             raise ValueError("learning rates must be > 0")
         if self.scheduler not in SCHEDULERS:
@@ -246,6 +255,7 @@ def train(
     :func:`finish_training` it unless ``finish`` is false (a Ray worker: the driver rebuilds the
     model from the last checkpoint and finishes that one)."""
     ctx = context or LocalContext()
+    check_global_batch(cfg.batch_size, ctx.world_size)
     device = resolve_device(cfg.device)
     model.to(device)
     train_split, val_split = snapshot.splits["train"], snapshot.splits.get("val")

@@ -17,14 +17,16 @@ from genmodels.cli_options import (
 from genmodels.config import get_settings
 from genmodels.models import parse_families
 
-WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Ray Train workers (DDP).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", "-w", min=1, help="Ray Train workers (DDP), each taking an equal part of the global batch. Default: "
+    "each family's preset's, as many as the cluster holds.")]
 
 
 @friendly_errors
 def retrain_cmd(
     family: FamiliesOpt = "all",
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
-    quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = 1,
+    quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
     max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
     if_no_champion: Annotated[bool, typer.Option("--if-no-champion", help="Skip families that already have a "
@@ -71,7 +73,7 @@ def _print_outcomes(outcomes: dict) -> None:
 def schedule_cmd(
     cron: Annotated[str, typer.Option("--cron", help="Cron expression, e.g. '0 3 * * *' (daily at 03:00).")],
     family: FamiliesOpt = "all",
-    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", workers: WorkersOpt = 1,
+    dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", workers: WorkersOpt = None,
     timezone: Annotated[str, typer.Option(help="Timezone of the cron schedule.")] = "UTC",
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
 ) -> None:

@@ -32,15 +32,23 @@ from pipelines import tasks
 RETRAIN_LEASE_TTL_S = 300.0
 
 
-def check_plan(families: list[str], preset: str, workers: int, storage_url: str) -> None:
-    """Bad input fails here, before data is prepared or a Ray worker starts."""
+def check_plan(families: list[str], preset: str, workers: int | None, storage_url: str,
+               overrides: dict[str, Any] | None = None) -> None:
+    """Bad input fails here, before data is prepared or a Ray worker starts. ``workers=None``:
+    each family's preset says (``TrainConfig.workers``)."""
+    from genmodels.data.loader import check_global_batch
     from genmodels.storage import check_reachable
     from genmodels.training import preset_configs
 
-    for family in families:
-        preset_configs(family, preset)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    for family in families:
+        _, cfg = preset_configs(family, preset)
+        if workers is not None:
+            try:
+                check_global_batch((overrides or {}).get("batch_size", cfg.batch_size), workers)
+            except ValueError as exc:
+                raise ValueError(f"{family} ({preset} preset): {exc}") from None
     check_reachable(storage_url)
 
 
@@ -49,7 +57,7 @@ def retrain(
     families: str = "all",
     dataset: str = "fashion-mnist",
     preset: str = "quick",
-    workers: int = 1,
+    workers: int | None = None,
     source: str | None = None,
     quantization: str = "binary",
     seed: int = 0,
@@ -69,7 +77,7 @@ def retrain(
     storage_url = storage or settings.storage_url
     if dataset == "fashion-mnist" and source is None:
         source = settings.fashion_mnist_dir
-    check_plan(names, preset, workers, storage_url)
+    check_plan(names, preset, workers, storage_url, overrides)
     registry.configure()
     logger = get_run_logger()
     params = {"workers": workers, "source": source, "quantization": quantization, "seed": seed,

@@ -85,9 +85,10 @@ def prepare_data(storage_url: str, dataset: str, source: str | None, quantizatio
 
 
 @task(name="train")
-def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, workers: int,
+def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, workers: int | None,
           overrides: dict[str, Any] | None = None, fresh: bool = False) -> dict[str, Any]:
-    """Distributed training on Ray Train; resumes the same plan's checkpoints."""
+    """Distributed training on Ray Train; resumes the same plan's checkpoints. ``workers=None``:
+    the preset's, as many as the cluster holds."""
     from genmodels.distributed import RayScaling, train_on_ray
     from genmodels.ray_runtime import ensure_ray
 

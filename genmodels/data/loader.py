@@ -33,13 +33,26 @@ def model_input(split, image: ImageSpec, kind: InputKind = "quantized") -> torch
     return torch.from_numpy(split.x_binary).float()
 
 
-def shard_indices(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int) -> np.ndarray:
-    """This worker's example indices for one epoch. Every worker gets the same count (the
-    permutation wraps around), because DDP needs all workers to run the same number of steps."""
+def global_batches(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
+                   batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Example indices of each step of an epoch: (the global batch, this worker's part of it).
+
+    ``batch_size`` is the global batch: worker ``rank`` takes the ``rank``-th of ``world_size`` equal contiguous parts of each, so
+    the workers of one step together see exactly the batch one process would have seen."""
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    per_worker = -(-n // world_size)
-    order = np.resize(order, per_worker * world_size)
-    return order[rank::world_size]
+    order = np.resize(order, -(-n // world_size) * world_size)
+    for start in range(0, len(order), batch_size):
+        step = order[start : start + batch_size]
+        # Every worker runs the same number of steps (DDP needs it): the permutation wraps around
+        # to a multiple of world_size, and so every step's batch divides by it too.
+        part = len(step) // world_size
+        yield step, step[rank * part : (rank + 1) * part]
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is the global batch of {world_size} data-parallel workers "
+                         f"and must divide evenly between them")
 
 
 def batches(
@@ -56,25 +69,33 @@ def batches(
     limit: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield ``{"x": float [B,C,H,W], "y": int64 [B]}`` batches of ``split`` for one epoch."""
+    """Yield this worker's ``{"x": float [b,C,H,W], "y": int64 [b]}`` batches of ``split`` for
+    one epoch, ``b = batch_size / world_size``: the workers' batches of a step are the global
+    batch one process would see, images and binarization alike, so the worker count changes
+    speed, not the data."""
+    check_global_batch(batch_size, world_size)
     n = len(split.y) if limit is None else min(limit, len(split.y))
     if n == 0:
         raise ValueError("cannot iterate an empty split")
-    idx = shard_indices(n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size)
     dynamic = kind == "quantized" and image.levels == 2 and split.x_binary is None
     fixed_binary = kind == "quantized" and image.levels == 2 and split.x_binary is not None
     source = split.x_binary if fixed_binary else split.x
-    gen = _rng(seed, epoch, rank) if dynamic else None
-    for start in range(0, len(idx), batch_size):
-        sel = np.sort(idx[start : start + batch_size]) if not shuffle else idx[start : start + batch_size]
-        x = torch.from_numpy(source[sel]).float()
+    # One stream per epoch, drawn over each whole global batch, whichever worker runs it (the
+    # key is rank 0's, which every single-process run has always used).
+    gen = _rng(seed, epoch, 0) if dynamic else None
+    for step, mine in global_batches(n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size,
+                                     batch_size=batch_size):
         if dynamic:
-            x = torch.bernoulli(x / 255.0, generator=gen)
-        elif not fixed_binary:
-            x = x / 255.0
-        yield {"x": x.to(device), "y": torch.from_numpy(split.y[sel]).long().to(device)}
+            drawn = torch.bernoulli(torch.from_numpy(source[step]).float() / 255.0, generator=gen)
+            lo = rank * len(mine)
+            x = drawn[lo : lo + len(mine)]
+        else:
+            x = torch.from_numpy(source[mine]).float()
+            if not fixed_binary:
+                x = x / 255.0
+        yield {"x": x.to(device), "y": torch.from_numpy(split.y[mine]).long().to(device)}
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
-    per_worker = -(-n // world_size)
-    return -(-per_worker // batch_size)
+    """Steps of an epoch over ``n`` examples in global batches of ``batch_size``."""
+    return -(-(-(-n // world_size) * world_size) // batch_size)

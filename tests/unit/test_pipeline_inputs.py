@@ -252,6 +252,13 @@ def test_flow_check_plan_refuses_zero_workers(tmp_path):
 
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         check_plan(["vae"], "quick", 0, tmp_path.as_uri())
+    # Workers take equal parts of the preset's global batch (the quick VAE's: 128).
+    with pytest.raises(ValueError, match=r"vae \(quick preset\): batch_size 128 is the global batch of 3"):
+        check_plan(["vae"], "quick", 3, tmp_path.as_uri())
+    with pytest.raises(ValueError, match="batch_size 100 is the global batch of 8"):
+        check_plan(["vae"], "quick", 8, tmp_path.as_uri(), overrides={"batch_size": 100})
+    check_plan(["vae"], "quick", 4, tmp_path.as_uri())
+    check_plan(["vae", "pixelrnn"], "quick", None, tmp_path.as_uri())  # each preset's own
 
 
 def test_retrain_missing_folder_fails_in_prepare_data_before_training(cli_env, prefect_server):

@@ -94,3 +94,17 @@ def test_a_ray_run_is_named_by_its_plan_not_by_the_invocations_budget():
 
     assert name() == name(max_seconds=60.0, device="cpu", checkpoint_every=2)  # resumes the same run
     assert len({name(), name(epochs=4), name(seed=1), name(lr=2e-3), name(workers=2)}) == 5
+    # The preset's worker count is a default, not the plan: the world size the run got is.
+    hinted = TrainConfig.from_dict({**base.to_dict(), "workers": 2}).to_dict()
+    assert ray_run_name("vae", "quick", TINY_VAE, hinted, "ab" * 32, 1) == name()
+
+
+def test_a_run_gets_the_workers_its_preset_wants_that_the_cluster_holds():
+    from genmodels.distributed import fitting_workers
+
+    assert fitting_workers(2, {"CPU": 2.0}, 32) == 2  # `make run`'s own Ray on 2 cores
+    assert fitting_workers(2, {"CPU": 1.0}, 32) == 1  # a group that cannot be placed would wait forever
+    assert fitting_workers(4, {"CPU": 3.0}, 32) == 2  # 3 does not divide the global batch of 32
+    assert fitting_workers(8, {"CPU": 16.0}, 32) == 8
+    assert fitting_workers(2, {"CPU": 16.0, "GPU": 1.0}, 32) == 1  # one per GPU where there are GPUs
+    assert fitting_workers(1, {"CPU": 16.0}, 128) == 1

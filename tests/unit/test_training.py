@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from genmodels.data.loader import batches, shard_indices
+from genmodels.data.loader import batches, global_batches
 from genmodels.models import build_model
 from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
 from genmodels.noise import NoiseField
@@ -192,10 +192,44 @@ def test_non_finite_loss_is_reported():
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_shards_cover_every_example_with_equal_counts(world_size):
     n = 10
-    shards = [shard_indices(n, seed=1, epoch=3, shuffle=True, rank=r, world_size=world_size) for r in range(world_size)]
-    assert len({len(s) for s in shards}) == 1
+    steps = [list(global_batches(n, seed=1, epoch=3, shuffle=True, rank=r, world_size=world_size,
+                                 batch_size=4 * world_size)) for r in range(world_size)]
+    assert len({len(s) for s in steps}) == 1  # DDP needs every worker to run the same steps
+    for parts in zip(*steps):
+        assert len({len(mine) for _, mine in parts}) == 1
+        # A step's parts, in rank order, are its global batch.
+        assert np.array_equal(np.concatenate([mine for _, mine in parts]), parts[0][0])
+    shards = [np.concatenate([mine for _, mine in s]) for s in steps]
     assert set(np.concatenate(shards)) == set(range(n))
     assert sum(len(s) for s in shards) - n < world_size  # only the wrap-around padding repeats
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_workers_of_a_step_see_the_batch_of_one_process(world_size):
+    """batch_size is the global batch: the workers' parts of every step, images with their
+    dynamic binarization and labels, are exactly the batch a single process draws."""
+    snap = tiny_snapshot()
+    split = snap.splits["train"]
+    kw = dict(batch_size=8, kind="quantized", seed=5, epoch=2, shuffle=True, limit=80)
+    single = list(batches(split, snap.image, **kw))
+    workers = [list(batches(split, snap.image, rank=r, world_size=world_size, **kw)) for r in range(world_size)]
+    assert [len(w) for w in workers] == [len(single)] * world_size == [10] * world_size
+    for step, whole in enumerate(single):
+        parts = [w[step] for w in workers]
+        assert all(len(p["y"]) == 8 // world_size for p in parts)
+        assert torch.equal(torch.cat([p["x"] for p in parts]), whole["x"])
+        assert torch.equal(torch.cat([p["y"] for p in parts]), whole["y"])
+    assert set(torch.cat([b["x"] for b in single]).unique().tolist()) == {0.0, 1.0}  # binarized afresh
+
+
+def test_a_global_batch_that_does_not_divide_between_workers_is_refused():
+    snap = tiny_snapshot()
+    with pytest.raises(ValueError, match="batch_size 6 is the global batch of 4"):
+        next(batches(snap.splits["train"], snap.image, batch_size=6, rank=0, world_size=4))
+    with pytest.raises(ValueError, match="batch_size 30 is the global batch of 4"):
+        train(make_model(snap), snap, TrainConfig(epochs=1, batch_size=30), SimpleNamespace(rank=0, world_size=4))
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        TrainConfig(workers=0)
 
 
 def test_dynamic_binarization_is_per_epoch_and_reproducible():
