@@ -100,7 +100,7 @@ class PixelRNN(GenerativeModel):
         # learning rate annealed every step from 6e-3 and a wider head took it from 244.3 nats
         # (16k images at a constant 2e-3) to 236.4, below the quick VAE's 237.0 (benchmarks/RESULTS.md).
         # Its small ops leave one process's second thread idle: on Ray, two workers of 16 images
-        # each train the same batches of 32 about 1.4x as fast.
+        # each train the same batches of 32 1.23x as fast (benchmarks/ray_overhead.py).
         "quick": {
             "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 128},
             "train": {"epochs": 1, "batch_size": 32, "lr": 6e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
@@ -109,11 +109,12 @@ class PixelRNN(GenerativeModel):
         # 2 CPU cores, at most 90 minutes: a deeper, wider Row LSTM over the whole training set with
         # the quick screen's per-step schedule. 231.9 nats in 47.5 minutes on 2 Zen 5 cores (hidden 48
         # at a per-epoch 2e-3: 232.6); about a nat per doubling of compute, so <= 225 is out of
-        # reach on 2 cores (benchmarks/RESULTS.md).
+        # reach on 2 cores (benchmarks/RESULTS.md). On Ray, two workers of 16 train its batches of 32
+        # about 1.3x as fast as one process (train_throughput.py, 2x1 thread against 1x2).
         "cpu": {
             "model": {"layer": "row", "num_layers": 4, "hidden_channels": 64, "head_hidden": 128},
             "train": {"epochs": 4, "batch_size": 32, "lr": 4e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
-                      "early_stopping_patience": 2, "max_val_examples": 2000},
+                      "early_stopping_patience": 2, "max_val_examples": 2000, "workers": 2},
         },
         # GPU: the paper's MNIST model (7 Diagonal BiLSTM layers, residual), trained to early stop.
         "full": {
