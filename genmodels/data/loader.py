@@ -37,8 +37,9 @@ def global_batches(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, w
                    batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Example indices of each step of an epoch: (the global batch, this worker's part of it).
 
-    ``batch_size`` is the global batch: worker ``rank`` takes the ``rank``-th of ``world_size`` equal contiguous parts of each, so
-    the workers of one step together see exactly the batch one process would have seen."""
+    ``batch_size`` is the global batch: worker ``rank`` takes the ``rank``-th of ``world_size``
+    equal contiguous parts of each, so the workers of one step together see exactly the batch
+    one process would have seen."""
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     order = np.resize(order, -(-n // world_size) * world_size)
     for start in range(0, len(order), batch_size):
@@ -50,6 +51,7 @@ def global_batches(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, w
 
 
 def check_global_batch(batch_size: int, world_size: int) -> None:
+    """Refuse a global batch that data-parallel workers cannot split into equal parts."""
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} is the global batch of {world_size} data-parallel workers "
                          f"and must divide evenly between them")
