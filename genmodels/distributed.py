@@ -11,8 +11,10 @@ counted twice. Running the same plan again resumes (or finds it finished) instea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from genmodels.storage import FileStorage, S3Storage, Storage
 from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, TrainingContext, TrainResult,
                                 early_stop_reached, load_training_state, shipped_model)
 
+log = logging.getLogger(__name__)
 
 class RayTrainContext(TrainingContext):
     """A worker of a Ray Train group: DDP wrapping, collectives, checkpoints as reports."""
@@ -131,11 +134,11 @@ class RayScaling:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 
 
-def fitting_workers(wanted: int, resources: Mapping[str, float], batch_size: int) -> int:
-    """At most ``wanted`` data-parallel workers, one per GPU of a cluster that has GPUs, else one
-    per CPU, and a number that divides the global batch: a worker group larger than the
-    cluster would wait for resources forever."""
-    gpus = int(resources.get("GPU", 0))
+def fitting_workers(wanted: int, resources: Mapping[str, float], batch_size: int, use_gpu: bool | None = None) -> int:
+    """At most ``wanted`` data-parallel workers, one per GPU of a cluster that has GPUs (unless
+    ``use_gpu`` is False), else one per CPU, and a number that divides the global batch: a
+    worker group larger than the cluster would wait for resources forever."""
+    gpus = int(resources.get("GPU", 0)) if use_gpu is not False else 0
     room = gpus if gpus else int(resources.get("CPU", 1))
     workers = max(1, min(wanted, room))
     while batch_size % workers:
@@ -170,8 +173,13 @@ def ray_run_name(family: str, preset: str, model_config: Mapping[str, Any], trai
     so resumes; any change starts a new run instead of resuming an incompatible checkpoint. The
     invocation's budget, device and checkpoint cadence are not the plan (as for a local run)."""
     train_plan = {k: v for k, v in train_config.items() if k not in RESUME_FREE_TRAIN_FIELDS}
-    plan = json.dumps({"family": family, "model": model_config, "train": train_plan, "snapshot": snapshot_hash,
-                       "workers": num_workers}, sort_keys=True, default=str)
+    plan = {"family": family, "model": model_config, "train": train_plan, "snapshot": snapshot_hash,
+            "workers": num_workers}
+    if num_workers > 1:
+        # Until 80df1d9 each of several workers took a whole batch_size: a run of that meaning
+        # must not resume under this one (one worker's batches did not change).
+        plan["batch"] = "global"
+    plan = json.dumps(plan, sort_keys=True, default=str)
     return f"{family}-{preset}-{hashlib.sha256(plan.encode()).hexdigest()[:12]}"
 
 
@@ -203,8 +211,14 @@ def train_on_ray(
     model, train_cfg, meta = plan_run(snapshot, family, preset, overrides=overrides, model_overrides=model_overrides)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
     resources = ray.cluster_resources()
-    workers = scaling.num_workers or fitting_workers(train_cfg.workers, resources, train_cfg.batch_size)
+    workers = scaling.num_workers or fitting_workers(train_cfg.workers, resources, train_cfg.batch_size,
+                                                     scaling.use_gpu)
     check_global_batch(train_cfg.batch_size, workers)
+    # The run records the workers it got, not the preset's wish (a smaller cluster gets fewer;
+    # a run resumes only on as many as it started with: they are part of its name).
+    train_cfg = dataclasses.replace(train_cfg, workers=workers)
+    log.info("%s (%s): %d data-parallel worker(s) for the global batch of %d", family, preset, workers,
+             train_cfg.batch_size)
     use_gpu = scaling.use_gpu if scaling.use_gpu is not None else resources.get("GPU", 0) >= workers
     cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // workers)
     name = ray_run_name(family, preset, model_config, train_cfg.to_dict(), snapshot.hash, workers)

@@ -70,10 +70,10 @@ class TrainConfig:
     #: with a checkpoint, and a later run with the same storage resumes from there.
     max_seconds: float | None = None
     #: Data-parallel workers of a Ray run that is not given a number, fewer where the cluster
-    #: holds fewer or they would not divide the batch (``genmodels.distributed.fitting_workers``). The workers of a step together see
-    #: the batch one process would (``data.loader.batches``), so this sets speed, not the data
-    #: (noise a model draws while training, the VAE's, is drawn per worker); a local run trains
-    #: in one process.
+    #: holds fewer or they would not divide the batch (``distributed.fitting_workers``). The
+    #: workers of a step together see the batch one process would (``data.loader.batches``), so
+    #: this sets speed, not the data (noise a model draws while training, the VAE's, is drawn
+    #: per worker); a local run trains in one process. A Ray run records the count it got.
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -260,6 +260,8 @@ def train(
     model.to(device)
     train_split, val_split = snapshot.splits["train"], snapshot.splits.get("val")
     n_train = training_examples(cfg, train_split)
+    if n_train < ctx.world_size:
+        raise ValueError(f"{n_train} training examples cannot be shared by {ctx.world_size} workers")
     steps_per_epoch = num_batches(n_train, cfg.batch_size, ctx.world_size)
     is_em = model.fit_method == "em"
     bf16 = not is_em and trains_in_bf16(cfg, device)
@@ -301,6 +303,7 @@ def train(
             epoch_batches = batches(
                 train_split, snapshot.image, batch_size=cfg.batch_size, kind=model.train_input, seed=cfg.seed,
                 epoch=epoch, shuffle=True, rank=ctx.rank, world_size=ctx.world_size, limit=n_train, device=device,
+                pad=not is_em,  # EM's statistics are summed once, so no worker needs equal parts
             )
             if is_em:
                 train_logs, seen = _em_epoch(model, epoch_batches, ctx, bar)
@@ -465,7 +468,8 @@ def _validation_loss(model, val_split, image, cfg, ctx, device) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches(val_split, image, batch_size=cfg.batch_size, kind=model.train_input, seed=cfg.seed,
-                         rank=ctx.rank, world_size=ctx.world_size, limit=cfg.max_val_examples, device=device):
+                         rank=ctx.rank, world_size=ctx.world_size, limit=cfg.max_val_examples, pad=False,
+                         device=device):
         total[0] += float(model.validation_loss(batch)) * len(batch["y"])
         total[1] += len(batch["y"])
     total = ctx.all_reduce_sum(total)

@@ -2,8 +2,9 @@
 
 Binary snapshots keep training images as grey levels and binarize them afresh every epoch
 (dynamic binarization); validation and test use the split's one-time binarization so their
-likelihoods compare across runs. Everything is a deterministic function of (seed, epoch,
-rank), which is what lets a resumed run see exactly the batches it would have seen.
+likelihoods compare across runs. A step's batch and its binarization are a deterministic
+function of (seed, epoch), and a worker's part of it of its rank: a resumed run sees exactly the
+batches it would have seen, and N data-parallel workers the batches of one process.
 """
 
 from __future__ import annotations
@@ -33,21 +34,29 @@ def model_input(split, image: ImageSpec, kind: InputKind = "quantized") -> torch
     return torch.from_numpy(split.x_binary).float()
 
 
-def global_batches(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
-                   batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Example indices of each step of an epoch: (the global batch, this worker's part of it).
+def global_batches(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int, batch_size: int,
+                   pad: bool = True) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Each step of an epoch: (the global batch's example indices, and where this worker's part
+    of it starts and ends).
 
     ``batch_size`` is the global batch: worker ``rank`` takes the ``rank``-th of ``world_size``
-    equal contiguous parts of each, so the workers of one step together see exactly the batch
-    one process would have seen."""
+    contiguous parts of each, so the workers of one step together see the batch one process
+    would have seen. ``pad=True`` (gradient steps: DDP needs every worker to run the same steps
+    on equal parts) wraps the permutation around to a multiple of ``world_size``, so where
+    ``world_size`` does not divide ``n`` the last step repeats up to ``world_size - 1`` examples;
+    ``pad=False`` (sums reduced once at the end: validation, EM statistics) repeats none, and its
+    parts may differ in size by one or be empty."""
+    check_global_batch(batch_size, world_size)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    order = np.resize(order, -(-n // world_size) * world_size)
+    if pad:
+        order = np.resize(order, -(-n // world_size) * world_size)
     for start in range(0, len(order), batch_size):
         step = order[start : start + batch_size]
-        # Every worker runs the same number of steps (DDP needs it): the permutation wraps around
-        # to a multiple of world_size, and so every step's batch divides by it too.
-        part = len(step) // world_size
-        yield step, step[rank * part : (rank + 1) * part]
+        if pad:
+            part = len(step) // world_size
+            yield step, rank * part, (rank + 1) * part
+        else:
+            yield step, len(step) * rank // world_size, len(step) * (rank + 1) // world_size
 
 
 def check_global_batch(batch_size: int, world_size: int) -> None:
@@ -69,13 +78,13 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
+    pad: bool = True,
     device: torch.device | str = "cpu",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield this worker's ``{"x": float [b,C,H,W], "y": int64 [b]}`` batches of ``split`` for
     one epoch, ``b = batch_size / world_size``: the workers' batches of a step are the global
     batch one process would see, images and binarization alike, so the worker count changes
-    speed, not the data."""
-    check_global_batch(batch_size, world_size)
+    speed, not the data (``pad``: see :func:`global_batches`; an empty part is not yielded)."""
     n = len(split.y) if limit is None else min(limit, len(split.y))
     if n == 0:
         raise ValueError("cannot iterate an empty split")
@@ -85,17 +94,16 @@ def batches(
     # One stream per epoch, drawn over each whole global batch, whichever worker runs it (the
     # key is rank 0's, which every single-process run has always used).
     gen = _rng(seed, epoch, 0) if dynamic else None
-    for step, mine in global_batches(n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size,
-                                     batch_size=batch_size):
+    for step, lo, hi in global_batches(n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size,
+                                       batch_size=batch_size, pad=pad):
         if dynamic:
-            drawn = torch.bernoulli(torch.from_numpy(source[step]).float() / 255.0, generator=gen)
-            lo = rank * len(mine)
-            x = drawn[lo : lo + len(mine)]
+            x = torch.bernoulli(torch.from_numpy(source[step]).float() / 255.0, generator=gen)[lo:hi]
         else:
-            x = torch.from_numpy(source[mine]).float()
+            x = torch.from_numpy(source[step[lo:hi]]).float()
             if not fixed_binary:
                 x = x / 255.0
-        yield {"x": x.to(device), "y": torch.from_numpy(split.y[mine]).long().to(device)}
+        if hi > lo:
+            yield {"x": x.to(device), "y": torch.from_numpy(split.y[step[lo:hi]]).long().to(device)}
 
 
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:

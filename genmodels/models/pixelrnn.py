@@ -109,8 +109,9 @@ class PixelRNN(GenerativeModel):
         # 2 CPU cores, at most 90 minutes: a deeper, wider Row LSTM over the whole training set with
         # the quick screen's per-step schedule. 231.9 nats in 47.5 minutes on 2 Zen 5 cores (hidden 48
         # at a per-epoch 2e-3: 232.6); about a nat per doubling of compute, so <= 225 is out of
-        # reach on 2 cores (benchmarks/RESULTS.md). On Ray, two workers of 16 train its batches of 32
-        # about 1.3x as fast as one process (train_throughput.py, 2x1 thread against 1x2).
+        # reach on 2 cores (benchmarks/RESULTS.md). Two processes of one thread at 16 images train
+        # 1.24-1.34x the images of one of two threads at 32 (train_throughput.py, no Ray): on
+        # Ray, two workers split its batches of 32.
         "cpu": {
             "model": {"layer": "row", "num_layers": 4, "hidden_channels": 64, "head_hidden": 128},
             "train": {"epochs": 4, "batch_size": 32, "lr": 4e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,

@@ -83,13 +83,15 @@ def _killed_once_loop(at_epoch: int, marker: str):
 
 
 def _fit(tmp_path: Path, snapshot, family: str, model_config: dict, train_config: dict, max_failures: int = 0,
-         train_loop=None):
+         train_loop=None, num_workers: int | None = 2):
+    """``num_workers=None``: the preset's, as many as the 2-CPU cluster holds."""
     from genmodels.distributed import RayScaling, ray_train_loop, train_on_ray
 
     storage = open_storage(tmp_path / "store")
     write_snapshot(snapshot, storage)
+    cpus = None if num_workers is None else 1
     outcome = train_on_ray(storage, snapshot, family, "quick",
-                           scaling=RayScaling(num_workers=2, cpus_per_worker=1, max_failures=max_failures),
+                           scaling=RayScaling(num_workers=num_workers, cpus_per_worker=cpus, max_failures=max_failures),
                            overrides={**SMALL_TRAIN, **train_config}, model_overrides=model_config,
                            keep_checkpoints=None, train_loop=train_loop or ray_train_loop)
     (run_dir,) = (tmp_path / "store" / "ray" / "digits").iterdir()
@@ -145,8 +147,9 @@ def _trained_locally(snapshot, family: str, model_config: dict, train_config: di
     from genmodels.runs import plan_run
     from genmodels.training import train
 
-    model, train_cfg, _ = plan_run(snapshot, family, "quick", overrides={**SMALL_TRAIN, **train_config},
-                                   model_overrides=model_config)
+    # On the CPU as the workers (a GPU's convolutions would round otherwise).
+    overrides = {**SMALL_TRAIN, **train_config, "device": "cpu"}
+    model, train_cfg, _ = plan_run(snapshot, family, "quick", overrides=overrides, model_overrides=model_config)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     return train(model, snapshot, train_cfg), initial
 
@@ -163,8 +166,11 @@ def test_two_workers_train_what_one_process_trains(local_ray, snapshot, tmp_path
     process of 32 sees, and DDP averages their gradients, so a model that draws no noise while
     training (the PixelRNN) ends with the weights of a local run, up to float rounding."""
     tiny = {"num_layers": 1, "hidden_channels": 8, "head_hidden": 16, "input_kernel": 3}
-    outcome, _, state = _fit(tmp_path, snapshot, "pixelrnn", tiny, {"epochs": 2})
+    # No worker count given: the quick preset's 2, which the 2-CPU cluster holds, and the run says so.
+    outcome, _, state = _fit(tmp_path, snapshot, "pixelrnn", tiny, {"epochs": 2}, num_workers=None)
     _assert_complete(outcome, state, "pixelrnn", 2)
+    assert state["train_state"]["train_config"]["workers"] == 2
+    assert load_checkpoint(outcome.run.get_bytes("model.pt"))["meta"]["train_config"]["workers"] == 2
     local, initial = _trained_locally(snapshot, "pixelrnn", tiny, {"epochs": 2})
     assert local.history[0]["epoch"] == 1 and SMALL_TRAIN["batch_size"] == 32  # 4 steps an epoch either way
     _assert_same_weights(outcome.result.model.state_dict(), local.model.state_dict(), initial)

@@ -108,3 +108,4 @@ def test_a_run_gets_the_workers_its_preset_wants_that_the_cluster_holds():
     assert fitting_workers(8, {"CPU": 16.0}, 32) == 8
     assert fitting_workers(2, {"CPU": 16.0, "GPU": 1.0}, 32) == 1  # one per GPU where there are GPUs
     assert fitting_workers(1, {"CPU": 16.0}, 128) == 1
+    assert fitting_workers(2, {"CPU": 16.0, "GPU": 1.0}, 32, use_gpu=False) == 2  # told to train on CPUs

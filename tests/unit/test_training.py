@@ -192,14 +192,17 @@ def test_non_finite_loss_is_reported():
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_shards_cover_every_example_with_equal_counts(world_size):
     n = 10
-    steps = [list(global_batches(n, seed=1, epoch=3, shuffle=True, rank=r, world_size=world_size,
-                                 batch_size=4 * world_size)) for r in range(world_size)]
+    steps = [[step[lo:hi] for step, lo, hi in global_batches(n, seed=1, epoch=3, shuffle=True, rank=r,
+                                                            world_size=world_size, batch_size=4 * world_size)]
+             for r in range(world_size)]
+    whole = [step for step, _, _ in global_batches(n, seed=1, epoch=3, shuffle=True, rank=0, world_size=world_size,
+                                                   batch_size=4 * world_size)]
     assert len({len(s) for s in steps}) == 1  # DDP needs every worker to run the same steps
-    for parts in zip(*steps):
-        assert len({len(mine) for _, mine in parts}) == 1
+    for step, parts in zip(whole, zip(*steps)):
+        assert len({len(mine) for mine in parts}) == 1
         # A step's parts, in rank order, are its global batch.
-        assert np.array_equal(np.concatenate([mine for _, mine in parts]), parts[0][0])
-    shards = [np.concatenate([mine for _, mine in s]) for s in steps]
+        assert np.array_equal(np.concatenate(parts), step)
+    shards = [np.concatenate(s) for s in steps]
     assert set(np.concatenate(shards)) == set(range(n))
     assert sum(len(s) for s in shards) - n < world_size  # only the wrap-around padding repeats
 
@@ -222,6 +225,39 @@ def test_workers_of_a_step_see_the_batch_of_one_process(world_size):
     assert set(torch.cat([b["x"] for b in single]).unique().tolist()) == {0.0, 1.0}  # binarized afresh
 
 
+def test_single_process_batches_are_those_runs_drew_before_the_global_batch():
+    """One process draws, to the bit, the images, order and binarization it drew before
+    batch_size became the global batch (the digest of the loader at f8542b9): every figure
+    recorded from single-process runs stays reproducible."""
+    import hashlib
+
+    snap = tiny_snapshot()
+    digest = hashlib.sha256()
+    for epoch in (0, 1):
+        for b in batches(snap.splits["train"], snap.image, batch_size=16, seed=3, epoch=epoch, shuffle=True):
+            digest.update(b["x"].numpy().tobytes())
+            digest.update(b["y"].numpy().tobytes())
+    for b in batches(snap.splits["val"], snap.image, batch_size=5):
+        digest.update(b["x"].numpy().tobytes())
+    assert digest.hexdigest() == "51bb1061e4ee81cb835e829456f6326c1d0edc8ec2842a65b09e6d3a48b703ad"
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_unpadded_parts_hold_every_example_once(world_size):
+    """Sums reduced once (validation, EM statistics) take pad=False: where the worker count does
+    not divide the examples, no example is counted twice; parts may be uneven or empty."""
+    snap = tiny_snapshot()
+    split = snap.splits["train"]
+    kw = dict(batch_size=12, kind="quantized", seed=2, epoch=1, shuffle=True, limit=29)
+    single = torch.cat([b["x"] for b in batches(split, snap.image, **kw)])
+    workers = [list(batches(split, snap.image, rank=r, world_size=world_size, pad=False, **kw))
+               for r in range(world_size)]
+    steps = max(len(w) for w in workers)
+    joined = torch.cat([w[i]["x"] for i in range(steps) for w in workers if i < len(w)])
+    assert torch.equal(joined, single) and len(joined) == 29
+    assert all(len(b["y"]) > 0 for w in workers for b in w)  # an empty part is not yielded
+
+
 def test_a_global_batch_that_does_not_divide_between_workers_is_refused():
     snap = tiny_snapshot()
     with pytest.raises(ValueError, match="batch_size 6 is the global batch of 4"):
@@ -230,6 +266,11 @@ def test_a_global_batch_that_does_not_divide_between_workers_is_refused():
         train(make_model(snap), snap, TrainConfig(epochs=1, batch_size=30), SimpleNamespace(rank=0, world_size=4))
     with pytest.raises(ValueError, match="workers must be >= 1"):
         TrainConfig(workers=0)
+    with pytest.raises(ValueError, match="batch_size 6 is the global batch of 4"):
+        next(global_batches(10, seed=0, epoch=0, shuffle=False, rank=0, world_size=4, batch_size=6))
+    with pytest.raises(ValueError, match="3 training examples cannot be shared by 4 workers"):
+        train(make_model(snap), snap, TrainConfig(epochs=1, batch_size=4, max_train_examples=3),
+              SimpleNamespace(rank=0, world_size=4))
 
 
 def test_dynamic_binarization_is_per_epoch_and_reproducible():
