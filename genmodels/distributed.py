@@ -30,6 +30,7 @@ from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, Traini
 
 log = logging.getLogger(__name__)
 
+
 class RayTrainContext(TrainingContext):
     """A worker of a Ray Train group: DDP wrapping, collectives, checkpoints as reports."""
 

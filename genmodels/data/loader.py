@@ -49,7 +49,7 @@ def global_batches(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int, w
     check_global_batch(batch_size, world_size)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     if pad:
-        order = np.resize(order, -(-n // world_size) * world_size)
+        order = np.resize(order, _padded(n, world_size))
     for start in range(0, len(order), batch_size):
         step = order[start : start + batch_size]
         if pad:
@@ -106,6 +106,12 @@ def batches(
             yield {"x": x.to(device), "y": torch.from_numpy(split.y[step[lo:hi]]).long().to(device)}
 
 
+def _padded(n: int, world_size: int) -> int:
+    """``n`` rounded up to a multiple of ``world_size``: an epoch's examples with the padding of
+    :func:`global_batches`."""
+    return -(-n // world_size) * world_size
+
+
 def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
     """Steps of an epoch over ``n`` examples in global batches of ``batch_size``."""
-    return -(-(-(-n // world_size) * world_size) // batch_size)
+    return -(-_padded(n, world_size) // batch_size)
