@@ -143,7 +143,8 @@ def _pixelrnn_meta(model: GenerativeModel) -> dict[str, Any]:
     cfg = model.config
     return {
         "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_channels": cfg.hidden_channels,
-        "head_hidden": cfg.head_hidden, "input_kernel": cfg.input_kernel, "directions": model.directions,
+        "head_hidden": cfg.head_hidden, "input_kernel": cfg.input_kernel,
+        "input_width": cfg.input_width, "directions": model.directions,
         "conditional": bool(model.conditional),
     }
 
@@ -222,8 +223,8 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
         meta = {**base, "genmodels.pixelrnn": json.dumps(_pixelrnn_meta(model))}
         cfg = model.config
         L, h, hh, C, W = cfg.num_layers, cfg.hidden_channels, cfg.head_hidden, img.channels, img.width
-        k = cfg.input_kernel
-        window = torch.zeros(n, C, k // 2 + 1, k)
+        pad_h, pad_w = cfg.input_pad
+        window = torch.zeros(n, C, pad_h + 1, 2 * pad_w + 1)
         gate_bias = torch.zeros(n, L, model.directions, 4 * h)
         head_bias = torch.zeros(n, hh)
         if model.directions == 1:

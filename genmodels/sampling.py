@@ -118,6 +118,12 @@ class OnnxPixelRNNSampler:
     def conditional(self) -> bool:
         return self.net["conditional"]
 
+    @property
+    def input_pad(self) -> tuple[int, int]:
+        """``PixelRNNConfig.input_pad``; graphs exported before ``input_width`` have square kernels."""
+        k = self.net["input_kernel"]
+        return k // 2, (self.net.get("input_width") or k) // 2
+
     def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]
         labels = check_labels_array(labels, n, family="pixelrnn", conditional=self.conditional,
@@ -136,9 +142,9 @@ class OnnxPixelRNNSampler:
         n = u.shape[0]
         gate_bias, head_bias = self._conditioning(labels, n)
         L, hid = self.net["num_layers"], self.net["hidden_channels"]
-        pad = self.net["input_kernel"] // 2
+        pad_h, pad_w = self.input_pad
         step, f32 = self.sessions["pixel_step"], np.float32
-        canvas = np.zeros((n, C, H + pad, W + 2 * pad), f32)
+        canvas = np.zeros((n, C, H + pad_h, W + 2 * pad_w), f32)
         out = np.zeros((n, C, H, W), np.int64)
         if self.diagonal:
             above_h = np.zeros((n, L, hid, W), f32)
@@ -157,7 +163,7 @@ class OnnxPixelRNNSampler:
                 left_inp = np.zeros((n, L, hid), f32)
             for j in range(W):
                 for ch in range(C):
-                    window = np.ascontiguousarray(canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1])
+                    window = np.ascontiguousarray(canvas[:, :, i : i + pad_h + 1, j : j + 2 * pad_w + 1])
                     if self.diagonal:
                         feeds = {"window": window, "left_h": left_h, "left_c": left_c,
                                  "above_h": np.ascontiguousarray(above_h[..., j]),
@@ -170,7 +176,7 @@ class OnnxPixelRNNSampler:
                     logits, h, c, inp = step.run(None, feeds)
                     level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
                     out[:, ch, i, j] = level
-                    canvas[:, ch, i + pad, j + pad] = (level.astype(f32) / f32(levels - 1)) * 2.0 - 1.0
+                    canvas[:, ch, i + pad_h, j + pad_w] = (level.astype(f32) / f32(levels - 1)) * 2.0 - 1.0
                 if self.diagonal:
                     left_h, left_c = h, c
                     row_h[..., j] = h
@@ -200,10 +206,10 @@ class OnnxPixelRNNSampler:
         n = u.shape[0] // B
         gate_bias, head_bias = self._conditioning(labels, B)
         L, hid = self.net["num_layers"], self.net["hidden_channels"]
-        pad = self.net["input_kernel"] // 2
+        pad_h, pad_w = self.input_pad
         step, f32 = self.sessions["pixel_step"], np.float32
         scale = f32(levels - 1)
-        s: dict[str, np.ndarray] = {"canvas": np.zeros((B, C, H + pad, W + 2 * pad), f32),
+        s: dict[str, np.ndarray] = {"canvas": np.zeros((B, C, H + pad_h, W + 2 * pad_w), f32),
                                     "out": known.astype(np.int64), "gate_bias": gate_bias, "head_bias": head_bias}
         if self.diagonal:
             s["above_h"] = np.zeros((B, L, hid, W), f32)
@@ -234,9 +240,9 @@ class OnnxPixelRNNSampler:
                     expanded = True
                 canvas = s["canvas"]
                 if is_known:
-                    canvas[:, :, i + pad, j + pad] = (s["out"][:, :, i, j].astype(f32) / scale) * 2.0 - 1.0
+                    canvas[:, :, i + pad_h, j + pad_w] = (s["out"][:, :, i, j].astype(f32) / scale) * 2.0 - 1.0
                 for ch in range(1 if is_known else C):
-                    window = np.ascontiguousarray(canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1])
+                    window = np.ascontiguousarray(canvas[:, :, i : i + pad_h + 1, j : j + 2 * pad_w + 1])
                     if self.diagonal:
                         feeds = {"window": window, "left_h": s["left_h"], "left_c": s["left_c"],
                                  "above_h": np.ascontiguousarray(s["above_h"][..., j]),
@@ -250,7 +256,7 @@ class OnnxPixelRNNSampler:
                     if not is_known:
                         level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
                         s["out"][:, ch, i, j] = level
-                        canvas[:, ch, i + pad, j + pad] = (level.astype(f32) / scale) * 2.0 - 1.0
+                        canvas[:, ch, i + pad_h, j + pad_w] = (level.astype(f32) / scale) * 2.0 - 1.0
                 if self.diagonal:
                     s["left_h"], s["left_c"] = h, c
                     s["row_h"][..., j] = h

@@ -2,10 +2,10 @@
 
 p(x) = prod over pixels in raster order, and over sub-pixels R, G, B within a pixel, of a
 categorical over ``image.levels`` given everything before. The network: a 7x7 mask-A input
-convolution, ``num_layers`` Row LSTM or Diagonal BiLSTM layers (mask-B semantics, optional
-residual connections), and a two-layer 1x1 mask-B output head giving logits
-[B, levels, C, H, W]. Class conditioning adds a learned per-class bias to every layer's gates
-and to the head's hidden layer.
+convolution (or 7 rows by ``input_width`` columns), ``num_layers`` Row LSTM or Diagonal BiLSTM
+layers (mask-B semantics, optional residual connections), and a two-layer 1x1 mask-B output
+head giving logits [B, levels, C, H, W]. Class conditioning adds a learned per-class bias to
+every layer's gates and to the head's hidden layer.
 
 Sampling. ``sample_from_noise`` runs the cached sampler: explicit state tensors advanced by
 pure step functions, so a pixel costs the same whatever the image size:
@@ -51,6 +51,10 @@ class PixelRNNConfig(ModelConfig):
     residual: bool = True
     head_hidden: int = 64  # hidden width of the 1x1 output head
     input_kernel: int = 7  # side of the mask-A input convolution
+    # Its width when wider than tall (None: square). The Row LSTM sees the current row only
+    # through 1x3 taps, one pixel further left per layer; a wide input kernel shows the first
+    # layer everything to the pixel's left for the price of a one-channel convolution.
+    input_width: int | None = None
     conditional: bool = False
 
     def __post_init__(self) -> None:
@@ -61,6 +65,8 @@ class PixelRNNConfig(ModelConfig):
                 raise ValueError(f"PixelRNNConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.input_kernel < 3 or self.input_kernel % 2 == 0:
             raise ValueError(f"PixelRNNConfig.input_kernel must be odd and >= 3, got {self.input_kernel}")
+        if self.input_width is not None and (self.input_width < 3 or self.input_width % 2 == 0):
+            raise ValueError(f"PixelRNNConfig.input_width must be odd and >= 3 (or None), got {self.input_width}")
         c = self.image.channels
         if c not in (1, 3):
             raise ValueError(
@@ -75,6 +81,11 @@ class PixelRNNConfig(ModelConfig):
                     )
         if self.conditional and self.image.num_classes < 1:
             raise ValueError("a conditional PixelRNN needs image.num_classes >= 1")
+
+    @property
+    def input_pad(self) -> tuple[int, int]:
+        """Rows above and columns either side of a pixel that the mask-A input kernel reads."""
+        return self.input_kernel // 2, (self.input_width or self.input_kernel) // 2
 
 
 def categorical_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -101,8 +112,11 @@ class PixelRNN(GenerativeModel):
         # (16k images at a constant 2e-3) to 236.4, below the quick VAE's 237.0 (benchmarks/RESULTS.md).
         # Its small ops leave one process's second thread idle: on Ray, two workers of 16 images
         # each train the same batches of 32 1.23x as fast (benchmarks/ray_overhead.py).
+        # A 7x55 input kernel (the whole row to the pixel's left, and the 3 rows above in full)
+        # took the same training from 236.46 nats (FID 11.0) to 231.87 (FID 1.3).
         "quick": {
-            "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 128},
+            "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 128,
+                      "input_width": 55},
             "train": {"epochs": 1, "batch_size": 32, "lr": 6e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
                       "max_train_examples": None, "max_val_examples": 1000, "workers": 2},
         },
@@ -113,7 +127,8 @@ class PixelRNN(GenerativeModel):
         # 1.24-1.34x the images of one of two threads at 32 (train_throughput.py, no Ray): on
         # Ray, two workers split its batches of 32.
         "cpu": {
-            "model": {"layer": "row", "num_layers": 4, "hidden_channels": 64, "head_hidden": 128},
+            "model": {"layer": "row", "num_layers": 4, "hidden_channels": 64, "head_hidden": 128,
+                      "input_width": 55},
             "train": {"epochs": 4, "batch_size": 32, "lr": 4e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
                       "early_stopping_patience": 2, "max_val_examples": 2000, "workers": 2},
         },
@@ -131,9 +146,10 @@ class PixelRNN(GenerativeModel):
         super().__init__(config)
         self.conditional = config.conditional
         img = config.image
-        c, hid, k = img.channels, config.hidden_channels, config.input_kernel
+        c, hid = img.channels, config.hidden_channels
         self.directions = 2 if config.layer == "diagonal" else 1
-        self.input_conv = MaskedConv2d(c, hid, (k, k), "A", c, c, hid)
+        kernel = (config.input_kernel, config.input_width or config.input_kernel)
+        self.input_conv = MaskedConv2d(c, hid, kernel, "A", c, c, hid)
         layer_cls = DiagonalBiLSTMLayer if config.layer == "diagonal" else RowLSTMLayer
         self.layers = nn.ModuleList(layer_cls(hid, c, config.residual) for _ in range(config.num_layers))
         hh = config.head_hidden
@@ -238,8 +254,9 @@ class PixelRNN(GenerativeModel):
     def pixel_step(self, window: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """All layers at one pixel from cached states; pure, fixed-size inputs (rows of B).
 
-        window [B, C, k//2+1, k]: network-input values of the mask-A kernel's upper half
-        around the pixel (zeros outside the image and at not-yet-sampled sub-pixels).
+        window [B, C, pad_h+1, 2*pad_w+1] (``config.input_pad``): network-input values of the
+        mask-A kernel's upper half around the pixel (zeros outside the image and at
+        not-yet-sampled sub-pixels).
         Row LSTM ``states``: above_h [B, L, h, 3] (h of the row above at j-1, j, j+1),
         above_c [B, L, h] (c above), left_inp [B, L, h] (each layer's input at (i, j-1)),
         gate_bias [B, L, 1, 4h], head_bias [B, head_hidden].
@@ -398,13 +415,13 @@ class PixelRNN(GenerativeModel):
         [B * per_image, levels, C, H, W] (zeros at known pixels)."""
         B, (C, H, W) = known.shape[0], self.image.shape
         L, hid = self.config.num_layers, self.config.hidden_channels
-        pad = self.config.input_kernel // 2
+        pad_h, pad_w = self.config.input_pad
         diagonal = self.directions == 2
         # Everything indexed by batch row lives in ``s``: at the first unknown pixel each
         # entry is repeated per_image times, from B warmed images to B * per_image rows.
         s: dict[str, torch.Tensor] = {
             # Network-input values of the image so far, zero-padded like the input conv's input.
-            "canvas": u.new_zeros(B, C, H + pad, W + 2 * pad),
+            "canvas": u.new_zeros(B, C, H + pad_h, W + 2 * pad_w),
             "out": known.clone(),
             "gate_bias": gate_bias,
             "head_bias": head_bias,
@@ -442,9 +459,9 @@ class PixelRNN(GenerativeModel):
                     expanded = True
                 canvas = s["canvas"]
                 # A view: sub-pixels written below are visible to this pixel's next channel.
-                window = canvas[:, :, i : i + pad + 1, j : j + 2 * pad + 1]
+                window = canvas[:, :, i : i + pad_h + 1, j : j + 2 * pad_w + 1]
                 if is_known:
-                    canvas[:, :, i + pad, j + pad] = self.network_input(self.from_levels(s["out"][:, :, i, j]).to(u))
+                    canvas[:, :, i + pad_h, j + pad_w] = self.network_input(self.from_levels(s["out"][:, :, i, j]).to(u))
                 for ch in range(1 if is_known else C):
                     if diagonal:
                         logits, h, c, inp = self.pixel_step(
@@ -459,7 +476,7 @@ class PixelRNN(GenerativeModel):
                     if not is_known:
                         level = categorical_inverse_cdf(logits[:, :, ch], u[:, ch, i, j], temperature)
                         s["out"][:, ch, i, j] = level
-                        canvas[:, ch, i + pad, j + pad] = self.network_input(self.from_levels(level).to(u))
+                        canvas[:, ch, i + pad_h, j + pad_w] = self.network_input(self.from_levels(level).to(u))
                         if return_logits:
                             s["logits"][:, :, ch, i, j] = logits[:, :, ch]
                 if diagonal:

@@ -55,6 +55,8 @@ def all_binary_images(channels: int, height: int, width: int) -> torch.Tensor:
         (ImageSpec(channels=3), {"hidden_channels": 8}, "hidden_channels must be divisible by 3"),
         (ImageSpec(channels=3), {"hidden_channels": 9, "head_hidden": 8}, "head_hidden must be divisible by 3"),
         (ImageSpec(), {"input_kernel": 4}, "input_kernel must be odd"),
+        (ImageSpec(), {"input_width": 8}, "input_width must be odd"),
+        (ImageSpec(), {"input_width": 1}, "input_width must be odd and >= 3"),
         (ImageSpec(), {"num_layers": 0}, "num_layers must be >= 1"),
         (ImageSpec(num_classes=0), {"conditional": True}, "num_classes >= 1"),
     ],
@@ -161,6 +163,23 @@ def test_logits_depend_only_on_earlier_pixels(kind, conditional):
                 assert grad[p - w] > 0, f"pixel {(i, j)} does not see the pixel above"
 
 
+@pytest.mark.parametrize("input_width", [None, 11])
+def test_a_wide_input_kernel_shows_the_row_lstm_its_whole_row(input_width):
+    # One Row LSTM layer on a square 3x3 kernel sees two pixels to its left on its own row;
+    # 11 = 2W-1 columns see all of them. The square case is the contrast that makes it a test.
+    model = make_model("row", height=5, width=6, num_layers=1, hidden_channels=8, head_hidden=16,
+                       input_kernel=3, input_width=input_width)
+    jac = input_jacobian(model)
+    h, w = 5, 6
+    for p in range(h * w):
+        i, j = divmod(p, w)
+        grad = jac[p, 0].flatten()
+        assert torch.all(grad[p:] == 0), f"pixel {(i, j)} sees itself or the future"
+        unseen_left = [q for q in range(i * w, p) if grad[q] == 0]
+        expected = [] if input_width else list(range(i * w, max(i * w, p - 2)))
+        assert unseen_left == expected, f"pixel {(i, j)} misses {[divmod(q, w) for q in unseen_left]} of its row"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rgb_logits_respect_channel_order(kind):
     # Wider than the default tiny model: with 2 units per colour group, all of a group's ReLUs
@@ -202,6 +221,19 @@ def test_cached_sampler_matches_naive_sampler(kind, conditional):
         # The cached states reproduce the full network, not just its argmax.
         torch.testing.assert_close(logits, model.logits(cached, labels), atol=1e-5, rtol=1e-5)
         assert torch.equal(model.sample_from_noise(noise, labels, temperature), cached)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cached_sampler_matches_naive_sampler_with_a_wide_input_kernel(kind, channels):
+    # A 3-row, 9-column input kernel: the canvas pads columns and rows by different amounts.
+    model = make_model(kind, channels=channels, height=3, width=5, input_kernel=3, input_width=9)
+    noise = make_noise_tensors(model.noise_spec(), 3, 2)
+    cached, logits = model.sample_cached(noise, temperature=0.8, return_logits=True)
+    assert torch.equal(cached, model.sample_naive(noise, temperature=0.8))
+    torch.testing.assert_close(logits, model.logits(cached), atol=1e-5, rtol=1e-5)
+    completed = model.complete_prefix_cached(cached, 7, make_noise_tensors(model.noise_spec(), 4, 2))
+    assert torch.equal(completed, model.complete_prefix_naive(cached, 7, make_noise_tensors(model.noise_spec(), 4, 2)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

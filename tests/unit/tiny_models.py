@@ -29,7 +29,8 @@ CASES = {
                                       "label_encoder_maps": True, "latent_mixture": 3}),
     "gan": ("gan", BINARY, SMALL_GAN),
     "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True)),
-    "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row")),
+    # Row LSTMs of the presets read the whole row to their left (input_width = 2W-1).
+    "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15)),
     "pixelrnn_diagonal": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="diagonal", conditional=True)),
 }
 
