@@ -34,11 +34,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer", choices=["row", "diagonal"], default="row")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--input-width", type=int, default=None,
+                        help="columns of the mask-A input kernel (default square; the quick preset: 2*size-1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image = ImageSpec(channels=1, height=args.size, width=args.size, levels=2, num_classes=10)
-    model = build_model("pixelrnn", image, layer=args.layer, num_layers=3, hidden_channels=32, head_hidden=64).eval()
+    model = build_model("pixelrnn", image, layer=args.layer, num_layers=3, hidden_channels=32, head_hidden=64,
+                        input_width=args.input_width).eval()
     from genmodels.models.base import make_noise_tensors
 
     noise = make_noise_tensors(model.noise_spec(), seed=0, count=args.batch)

@@ -120,7 +120,7 @@ class OnnxPixelRNNSampler:
 
     @property
     def input_pad(self) -> tuple[int, int]:
-        """``PixelRNNConfig.input_pad``; graphs exported before ``input_width`` have square kernels."""
+        """``PixelRNNConfig.input_pad``; graphs exported before ``input_width`` existed have square kernels."""
         k = self.net["input_kernel"]
         return k // 2, (self.net.get("input_width") or k) // 2
 

@@ -51,9 +51,9 @@ class PixelRNNConfig(ModelConfig):
     residual: bool = True
     head_hidden: int = 64  # hidden width of the 1x1 output head
     input_kernel: int = 7  # side of the mask-A input convolution
-    # Its width when wider than tall (None: square). The Row LSTM sees the current row only
-    # through 1x3 taps, one pixel further left per layer; a wide input kernel shows the first
-    # layer everything to the pixel's left for the price of a one-channel convolution.
+    # Its width (None: square), at most 2W-1 (wider taps would only read padding). The Row LSTM
+    # sees its own row only through 1x3 taps, one pixel further left per layer; 2W-1 columns
+    # show the first layer everything to the pixel's left for the price of a C-channel conv.
     input_width: int | None = None
     conditional: bool = False
 
@@ -83,9 +83,16 @@ class PixelRNNConfig(ModelConfig):
             raise ValueError("a conditional PixelRNN needs image.num_classes >= 1")
 
     @property
+    def input_columns(self) -> int:
+        """Width of the mask-A input kernel: ``input_width`` capped at 2W-1, or square."""
+        if self.input_width is None:
+            return self.input_kernel
+        return min(self.input_width, 2 * self.image.width - 1)
+
+    @property
     def input_pad(self) -> tuple[int, int]:
         """Rows above and columns either side of a pixel that the mask-A input kernel reads."""
-        return self.input_kernel // 2, (self.input_width or self.input_kernel) // 2
+        return self.input_kernel // 2, self.input_columns // 2
 
 
 def categorical_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -112,8 +119,9 @@ class PixelRNN(GenerativeModel):
         # (16k images at a constant 2e-3) to 236.4, below the quick VAE's 237.0 (benchmarks/RESULTS.md).
         # Its small ops leave one process's second thread idle: on Ray, two workers of 16 images
         # each train the same batches of 32 1.23x as fast (benchmarks/ray_overhead.py).
-        # A 7x55 input kernel (the whole row to the pixel's left, and the 3 rows above in full)
-        # took the same training from 236.46 nats (FID 11.0) to 231.87 (FID 1.3).
+        # A 7x55 input kernel (on 28x28 images, the whole row to the pixel's left and the 3 rows
+        # above in full; capped at 2W-1 on smaller images) took the same training from 236.46
+        # nats (FID 11.0) to 231.87 (FID 1.3).
         "quick": {
             "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 128,
                       "input_width": 55},
@@ -148,7 +156,7 @@ class PixelRNN(GenerativeModel):
         img = config.image
         c, hid = img.channels, config.hidden_channels
         self.directions = 2 if config.layer == "diagonal" else 1
-        kernel = (config.input_kernel, config.input_width or config.input_kernel)
+        kernel = (config.input_kernel, config.input_columns)
         self.input_conv = MaskedConv2d(c, hid, kernel, "A", c, c, hid)
         layer_cls = DiagonalBiLSTMLayer if config.layer == "diagonal" else RowLSTMLayer
         self.layers = nn.ModuleList(layer_cls(hid, c, config.residual) for _ in range(config.num_layers))

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from tiny_models import BINARY, SMALL_GAN, make_model
+from tiny_models import BINARY, SMALL_GAN, SMALL_RNN, make_model
 
 from genmodels.export import (
     ExportError,
@@ -23,6 +23,7 @@ from genmodels.export import (
 from genmodels.models import build_model
 from genmodels.models.gan import GAN
 from genmodels.models.base import make_noise_tensors
+from genmodels.sampling import _session
 
 # case (see tiny_models.CASES) -> the graphs its export writes
 GRAPHS = {
@@ -100,6 +101,22 @@ def test_onnx_pixelrnn_sampler_reproduces_sample_cached_exactly(case, exported):
     if model.conditional:
         with pytest.raises(ValueError, match="labels are required"):
             sampler.sample(noise["u"].numpy())
+
+
+def test_row_lstm_graphs_exported_before_input_width_still_sample_exactly(tmp_path):
+    # Graphs of a square input kernel, with the metadata they carried before input_width existed.
+    torch.manual_seed(0)
+    model = build_model("pixelrnn", BINARY, **dict(SMALL_RNN, layer="row")).eval()
+    files = export_sampler(model, tmp_path)
+    sessions = {read_metadata(f)["graph"]: _session(f) for f in files}
+    meta = read_metadata(next(f for f in files if read_metadata(f)["graph"] == "pixel_step"))
+    net = json.loads(meta["pixelrnn"])
+    assert net.pop("input_width") == net["input_kernel"] == 7
+    sampler = OnnxPixelRNNSampler._from_sessions(sessions, {**meta, "pixelrnn": json.dumps(net)})
+    noise = make_noise_tensors(model.noise_spec(), seed=4, count=3)
+    want = model.sample_cached(noise).numpy()
+    np.testing.assert_array_equal(sampler.sample(noise["u"].numpy()), want)
+    assert 0 < want.mean() < 1
 
 
 def _perturb_largest_initializer(path, out_path, delta: float) -> None:

@@ -66,6 +66,15 @@ def test_config_rejects_invalid_settings(image, overrides, match):
         PixelRNNConfig(image=image, **overrides)
 
 
+def test_input_width_is_capped_where_wider_taps_would_only_read_padding():
+    image = ImageSpec(height=8, width=8)
+    assert PixelRNNConfig(image=image, input_width=55).input_pad == (3, 7)  # 2W-1 = 15 columns
+    assert PixelRNNConfig(image=image, input_width=9).input_pad == (3, 4)
+    assert PixelRNNConfig(image=image, input_kernel=5).input_pad == (2, 2)  # square
+    model = PixelRNN(PixelRNNConfig(image=image, input_width=55))
+    assert tuple(model.input_conv.weight.shape[2:]) == (7, 15)
+
+
 def test_config_round_trips_through_dict():
     cfg = PixelRNNConfig(image=ImageSpec(channels=3, height=5), layer="diagonal", hidden_channels=9, head_hidden=12)
     assert PixelRNNConfig.from_dict(cfg.to_dict()) == cfg
@@ -180,11 +189,11 @@ def test_a_wide_input_kernel_shows_the_row_lstm_its_whole_row(input_width):
         assert unseen_left == expected, f"pixel {(i, j)} misses {[divmod(q, w) for q in unseen_left]} of its row"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_rgb_logits_respect_channel_order(kind):
+@pytest.mark.parametrize("kind, kernel", [("row", {}), ("diagonal", {}), ("row", {"input_kernel": 3, "input_width": 7})])
+def test_rgb_logits_respect_channel_order(kind, kernel):
     # Wider than the default tiny model: with 2 units per colour group, all of a group's ReLUs
     # can be off at a pixel, hiding a real dependence.
-    model = make_model(kind, channels=3, height=4, width=4, levels=256, hidden_channels=24, head_hidden=24)
+    model = make_model(kind, channels=3, height=4, width=4, levels=256, hidden_channels=24, head_hidden=24, **kernel)
     jac = input_jacobian(model)  # [(c, i, j), C, H, W]
     c_, h, w = 3, 4, 4
     for ch, i, j in itertools.product(range(c_), range(h), range(w)):
