@@ -28,12 +28,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     samplers = {}
-    for spec in args.models:
-        name, path = spec.split("=", 1)
-        model = model_from_checkpoint(load_checkpoint(Path(path).read_bytes())).eval()
-        files = export_sampler(model, Path(tempfile.mkdtemp()))
-        u = make_noise_tensors(model.noise_spec(), seed=0, count=args.n)["u"].numpy()
-        samplers[name] = (OnnxPixelRNNSampler(files, intra_op_num_threads=args.threads), u)
+    # onnxruntime has read each graph once its session exists: the files need not outlive the loop.
+    with tempfile.TemporaryDirectory() as graphs:
+        for spec in args.models:
+            name, path = spec.split("=", 1)
+            model = model_from_checkpoint(load_checkpoint(Path(path).read_bytes())).eval()
+            files = export_sampler(model, Path(graphs) / name)
+            u = make_noise_tensors(model.noise_spec(), seed=0, count=args.n)["u"].numpy()
+            samplers[name] = (OnnxPixelRNNSampler(files, intra_op_num_threads=args.threads), u)
     seconds: dict[str, list[float]] = {name: [] for name in samplers}
     for _ in range(args.repeats):
         for name, (sampler, u) in samplers.items():

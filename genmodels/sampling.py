@@ -120,9 +120,15 @@ class OnnxPixelRNNSampler:
 
     @property
     def input_pad(self) -> tuple[int, int]:
-        """``PixelRNNConfig.input_pad``; graphs exported before ``input_width`` existed have square kernels."""
-        k = self.net["input_kernel"]
-        return k // 2, (self.net.get("input_width") or k) // 2
+        """``PixelRNNConfig.input_pad``, read from the ``pixel_step`` graph's ``window`` input
+        ([batch, C, pad_h + 1, 2 * pad_w + 1]): the graph itself, not metadata whose keys changed over
+        time (graphs exported before ``input_width`` existed carry none)."""
+        window = next(i for i in self.sessions["pixel_step"].get_inputs() if i.name == "window")
+        rows, cols = window.shape[2:]
+        if not (isinstance(rows, int) and isinstance(cols, int) and cols % 2 == 1):
+            raise ValueError(f"pixel_step graph: window input of shape {window.shape}, expected "
+                             "[batch, C, pad_h + 1, 2 * pad_w + 1] with static rows and columns")
+        return rows - 1, cols // 2
 
     def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]

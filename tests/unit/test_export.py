@@ -103,16 +103,19 @@ def test_onnx_pixelrnn_sampler_reproduces_sample_cached_exactly(case, exported):
             sampler.sample(noise["u"].numpy())
 
 
-def test_row_lstm_graphs_exported_before_input_width_still_sample_exactly(tmp_path):
-    # Graphs of a square input kernel, with the metadata they carried before input_width existed.
+@pytest.mark.parametrize("input_width", [None, 11])
+def test_row_lstm_graphs_sample_exactly_without_input_width_in_their_metadata(input_width, tmp_path):
+    # Graphs exported before input_width existed carry no such key; the runtime reads the kernel's
+    # shape from the pixel_step graph itself, so a wide kernel's graph samples exactly without it too.
     torch.manual_seed(0)
-    model = build_model("pixelrnn", BINARY, **dict(SMALL_RNN, layer="row")).eval()
+    model = build_model("pixelrnn", BINARY, **dict(SMALL_RNN, layer="row", input_width=input_width)).eval()
     files = export_sampler(model, tmp_path)
     sessions = {read_metadata(f)["graph"]: _session(f) for f in files}
     meta = read_metadata(next(f for f in files if read_metadata(f)["graph"] == "pixel_step"))
     net = json.loads(meta["pixelrnn"])
-    assert net.pop("input_width") == net["input_kernel"] == 7
+    assert net.pop("input_width") == (input_width or net["input_kernel"])
     sampler = OnnxPixelRNNSampler._from_sessions(sessions, {**meta, "pixelrnn": json.dumps(net)})
+    assert sampler.input_pad == model.config.input_pad == (3, (input_width or 7) // 2)
     noise = make_noise_tensors(model.noise_spec(), seed=4, count=3)
     want = model.sample_cached(noise).numpy()
     np.testing.assert_array_equal(sampler.sample(noise["u"].numpy()), want)
