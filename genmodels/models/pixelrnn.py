@@ -129,9 +129,9 @@ class PixelRNN(GenerativeModel):
                       "max_train_examples": None, "max_val_examples": 1000, "workers": 2},
         },
         # 2 CPU cores, at most 90 minutes: a deeper, wider Row LSTM over the whole training set with
-        # the quick screen's per-step schedule. 231.9 nats in 47.5 minutes on 2 Zen 5 cores with the
-        # 7x7 kernel; with the 7x55 one, 229.7 on validation after 2 of the 4 epochs (7x7: 233.4
-        # there; benchmarks/RESULTS.md). Two processes of one thread at 16 images train
+        # the quick screen's per-step schedule. 231.86 nats in 47.5 minutes on 2 Zen 5 cores with the
+        # 7x7 kernel; 227.64 with the 7x55 one (FID 9.7 -> 0.46; benchmarks/RESULTS.md), which
+        # costs no measurable training time. Two processes of one thread at 16 images train
         # 1.24-1.34x the images of one of two threads at 32 (train_throughput.py, no Ray): on
         # Ray, two workers split its batches of 32.
         "cpu": {
