@@ -108,6 +108,20 @@ class OnnxPixelRNNSampler:
         missing = [g for g in self.needed_graphs(self.net) if g not in self.sessions]
         if missing:
             raise ValueError(f"PixelRNN ONNX files lack the graph(s) {missing}")
+        self.input_pad = self._input_pad(self.sessions["pixel_step"])
+
+    @staticmethod
+    def _input_pad(pixel_step) -> tuple[int, int]:
+        """``PixelRNNConfig.input_pad``, read from the ``pixel_step`` graph's ``window`` input
+        ([batch, C, pad_h + 1, 2 * pad_w + 1]): the graph itself, not metadata whose keys changed over
+        time (graphs exported before ``input_width`` existed carry none). Read once, at load, so that
+        a malformed graph fails there with the other graph checks."""
+        window = next(i for i in pixel_step.get_inputs() if i.name == "window")
+        rows, cols = window.shape[2:]
+        if not (isinstance(rows, int) and isinstance(cols, int) and cols % 2 == 1):
+            raise ValueError(f"pixel_step graph: window input of shape {window.shape}, expected "
+                             "[batch, C, pad_h + 1, 2 * pad_w + 1] with static rows and columns")
+        return rows - 1, cols // 2
 
     @staticmethod
     def needed_graphs(net: Mapping[str, Any]) -> list[str]:
@@ -117,18 +131,6 @@ class OnnxPixelRNNSampler:
     @property
     def conditional(self) -> bool:
         return self.net["conditional"]
-
-    @property
-    def input_pad(self) -> tuple[int, int]:
-        """``PixelRNNConfig.input_pad``, read from the ``pixel_step`` graph's ``window`` input
-        ([batch, C, pad_h + 1, 2 * pad_w + 1]): the graph itself, not metadata whose keys changed over
-        time (graphs exported before ``input_width`` existed carry none)."""
-        window = next(i for i in self.sessions["pixel_step"].get_inputs() if i.name == "window")
-        rows, cols = window.shape[2:]
-        if not (isinstance(rows, int) and isinstance(cols, int) and cols % 2 == 1):
-            raise ValueError(f"pixel_step graph: window input of shape {window.shape}, expected "
-                             "[batch, C, pad_h + 1, 2 * pad_w + 1] with static rows and columns")
-        return rows - 1, cols // 2
 
     def _conditioning(self, labels: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         L, h, d = self.net["num_layers"], self.net["hidden_channels"], self.net["directions"]
