@@ -199,18 +199,21 @@ class GAN(GenerativeModel):
     # Hinge loss, spectral-norm D, EMA of G, resize-conv G, D at twice G's learning rate with
     # Adam betas (0, 0.9) (the SNGAN/BigGAN family's recipe), and an R1 penalty on D: across
     # 3 seeds of the quick preset it turned {FID 61/19/35, recall 0.04/0.46/0.30} (one collapse)
-    # into {21/17/27, 0.35/0.39/0.28} (benchmarks/RESULTS.md). GAN losses do not measure sample
-    # quality, so nothing watches them for early stopping.
+    # into {21/17/27, 0.35/0.39/0.28}; batches of 64 (twice the steps for the same images) into
+    # {11.9/11.5/9.4, 0.50/0.63/0.59} (fp32, benchmarks/RESULTS.md). GAN losses do not measure
+    # sample quality, so nothing watches them for early stopping.
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
-        # About 8 minutes on 2 CPU cores: 1,500 steps of 128 (R1 costs ~35% of a step).
+        # About 8 minutes on 2 CPU cores: 3,000 steps of 64 (R1 costs ~35% of a step). The step
+        # count, not the images seen, limits this short run: 1,500 steps of 128 reached FID 18-20
+        # (fp32), a cosine decay of the rates 45 (seed 0), 64 at 2/3 the rates 15.3 (seed 0).
         "quick": {
             "model": {"latent_dim": 64, "g_width": 16, "d_width": 32, "d_features": 128, "ema_decay": 0.999,
                       "r1_gamma": 1.0},
-            "train": {"epochs": 4, "batch_size": 128, "lr": 3e-4, "player_lr": {"discriminator": 6e-4},
+            "train": {"epochs": 4, "batch_size": 64, "lr": 3e-4, "player_lr": {"discriminator": 6e-4},
                       "betas": (0.0, 0.9), "max_train_examples": 48000, "early_stopping_patience": None,
                       "checkpoint_every": 1, "max_val_examples": 1000,
-                      # bf16 where the CPU has it: 1.7x the images/s, FID 17.6 / recall 0.41 in make run
-                      # (fp32: 18.5 / 0.42; benchmarks/RESULTS.md, ninth session); fp32 elsewhere.
+                      # bf16 where the CPU has it: 1.7x the images/s at batch 128, FID 17.6 / recall 0.41
+                      # in make run (fp32: 18.5 / 0.42; ninth session); fp32 elsewhere.
                       "autocast": "auto"},
         },
         # 2 CPU cores in <= 90 minutes: the full preset's nets and rates cut to 20 epochs of 54k.
