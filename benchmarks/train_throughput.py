@@ -1,5 +1,7 @@
-"""Training throughput (images/s) of a family's preset network, fp32 against bf16 autocast
-and/or the channels-last memory layout (variant names ``fp32``, ``bf16``, ``fp32-cl``, ``bf16-cl``).
+"""Training throughput (images/s) of a family's preset network, fp32 against bf16 autocast,
+the channels-last memory layout and/or ``torch.compile`` of the forward pass (variant names
+``fp32``, ``bf16``, ``fp32-cl``, ``bf16-cl``, and any of them with ``-compiled``: ``fp32-compiled``).
+A compiled variant's first step compiles; its seconds are reported as ``<variant>_compile_s``.
 
 One optimizer step per player per batch, as the training loop does, on a fixed random batch
 of 28x28 images (binary, Fashion-MNIST's shape), after warm-up steps. Medians over repeats;
@@ -30,7 +32,9 @@ def _value(text: str):
         return text
 
 
-def steps_per_second(model, batch, cfg: TrainConfig, steps: int, bf16: bool) -> float:
+def steps_per_second(model, batch, cfg: TrainConfig, steps: int, bf16: bool, forward=None) -> tuple[float, float]:
+    """Steps/s after one warm-up step, and the warm-up step's seconds (a compile, if any)."""
+    forward = model if forward is None else forward
     optimizers = {name: torch.optim.Adam(params, lr=1e-4, betas=cfg.betas) for name, params in model.players().items()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     model.train()
@@ -39,16 +43,18 @@ def steps_per_second(model, batch, cfg: TrainConfig, steps: int, bf16: bool) -> 
         for player, opt in optimizers.items():
             opt.zero_grad(set_to_none=True)
             with autocast:
-                loss = model(batch, player)["loss"]
+                loss = forward(batch, player)["loss"]
             loss.float().backward()
             opt.step()
             model.after_step(player)
 
+    t0 = time.perf_counter()
     step()
+    warm_up = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps / (time.perf_counter() - t0)
+    return steps / (time.perf_counter() - t0), warm_up
 
 
 def main() -> None:
@@ -61,7 +67,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="fp32,bf16",
-                        help="comma-separated: fp32, bf16 (autocast), fp32-cl, bf16-cl (channels-last layout)")
+                        help="comma-separated: fp32, bf16 (autocast), fp32-cl, bf16-cl (channels-last layout), "
+                             "each optionally with -compiled (torch.compile of the forward pass)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -74,14 +81,22 @@ def main() -> None:
     x = (torch.rand(batch_size, *image.shape) < 0.3).float()
     batch = {"x": x, "y": torch.randint(0, 10, (batch_size,))}
     rates: dict[str, list[float]] = {name: [] for name in args.variants.split(",")}
+    # One compiled wrapper per variant for every repeat: only its first step compiles.
+    compiled = {name: torch.compile(model) for name in rates if name.endswith("-compiled")}
+    compile_s: dict[str, float] = {}
     for _ in range(args.repeats):
         for name in rates:
-            layout = torch.channels_last if name.endswith("-cl") else torch.contiguous_format
+            base_name = name.removesuffix("-compiled")
+            layout = torch.channels_last if base_name.endswith("-cl") else torch.contiguous_format
             model.to(memory_format=layout)
             laid_out = {**batch, "x": x.contiguous(memory_format=layout)}
-            rate = steps_per_second(model, laid_out, cfg, args.steps, name.startswith("bf16"))
+            rate, warm_up = steps_per_second(model, laid_out, cfg, args.steps, base_name.startswith("bf16"),
+                                             compiled.get(name))
+            if name in compiled and f"{name}_compile_s" not in compile_s:
+                compile_s[f"{name}_compile_s"] = round(warm_up, 1)
             rates[name].append(rate * batch_size)
     medians = {f"{name}_images_per_s": round(statistics.median(r), 1) for name, r in rates.items()}
+    medians.update(compile_s)
     base = medians.get("fp32_images_per_s")
     for name in rates:
         if base and name != "fp32":
