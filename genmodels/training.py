@@ -36,6 +36,8 @@ from genmodels.noise import derive_seed
 CHECKPOINT_KEY = "checkpoint.pt"
 AUTOCAST_MODES = ("none", "bf16", "auto")
 SCHEDULERS = ("none", "cosine", "cosine_steps", "step")
+#: Steps between the training loop's reads of its running losses (see ``_gradient_epoch``).
+SYNC_EVERY_STEPS = 50
 
 
 # What sets one invocation's budget or hardware, not the run's trajectory: free to differ on resume.
@@ -228,9 +230,9 @@ class _Progress:
             self.bar.start()
             self.task = self.bar.add_task(label, total=total_epochs * steps_per_epoch, info="")
 
-    def advance(self, info: str) -> None:
+    def advance(self, info: str, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=info)
+            self.bar.update(self.task, advance=steps, **({"info": info} if info else {}))
 
     def set_completed(self, steps: int) -> None:
         if self.bar is not None:
@@ -381,20 +383,20 @@ def _gradient_epoch(
 ) -> tuple[dict[str, float], int]:
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    sums: dict[str, float] = {}
+    # Running sums stay on the device, in float64 (the same additions, in the same order, as
+    # Python floats), and are read every SYNC_EVERY_STEPS steps: each read waits for the device,
+    # and a GPU that is waited on every step cannot run ahead of the host.
+    sums: dict[str, torch.Tensor] = {}
     # Per key: a term computed on some steps only (the GAN's lazy R1) averages over those steps.
     counts: dict[str, int] = {}
-    seen = steps = 0
+    seen = steps = read_at = 0
     t0 = time.perf_counter()
     for batch in epoch_batches:
         for player, opt in optimizers.items():
             opt.zero_grad(set_to_none=True)
             with autocast:
                 out = wrapped(batch, player)
-            loss = out["loss"].float()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{model.family}: non-finite {player} loss at step {steps}: {loss.item()}")
-            loss.backward()
+            out["loss"].float().backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
@@ -403,13 +405,32 @@ def _gradient_epoch(
             model.after_step(player)
             prefix = "" if len(optimizers) == 1 else f"{player}_"
             for key, value in out.items():
-                sums[prefix + key] = sums.get(prefix + key, 0.0) + float(value.detach())
+                term = value.detach().double()
+                sums[prefix + key] = sums[prefix + key] + term if prefix + key in sums else term
                 counts[prefix + key] = counts.get(prefix + key, 0) + 1
         steps += 1
         seen += len(batch["y"])
-        head = next(iter(sums))
-        bar.advance(f"{head} {sums[head] / counts[head]:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s")
-    return {k: v / counts[k] for k, v in sums.items()}, seen
+        if steps % SYNC_EVERY_STEPS == 0:
+            means = _checked_means(model.family, optimizers, sums, counts, read_at, steps)
+            head = next(iter(means))
+            bar.advance(f"{head} {means[head]:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s",
+                        steps - read_at)
+            read_at = steps
+    means = _checked_means(model.family, optimizers, sums, counts, read_at, steps)
+    bar.advance("", steps - read_at)
+    return means, seen
+
+
+def _checked_means(family, optimizers, sums, counts, read_at, steps) -> dict[str, float]:
+    """The running means, read from the device at once; a non-finite player loss since the last
+    read stops training (nothing of the epoch has been checkpointed)."""
+    totals = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}
+    for player in optimizers:
+        key = "loss" if len(optimizers) == 1 else f"{player}_loss"
+        if not math.isfinite(totals.get(key, 0.0)):
+            raise FloatingPointError(
+                f"{family}: non-finite {player} loss in steps {read_at + 1}-{steps} of the epoch")
+    return {k: v / counts[k] for k, v in totals.items()}
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from genmodels.data.loader import batches, global_batches
 from genmodels.models import build_model
 from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
 from genmodels.noise import NoiseField
-from genmodels.training import LocalContext, TrainConfig, train
+from genmodels.training import SYNC_EVERY_STEPS, LocalContext, TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,58 @@ def test_non_finite_loss_is_reported():
         model.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         train(model, snap, TrainConfig(epochs=1, batch_size=16))
+
+
+class LossRecorder(TinyBernoulli):
+    """Records every training step's loss as the host saw it; from the ``nan_from_call``-th
+    training step on, its loss is NaN (validation calls it too, in eval mode: not counted)."""
+
+    nan_from_call: int | None = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen_losses: list[float] = []
+
+    def loss(self, batch, player="model"):
+        out = super().loss(batch, player)
+        if not self.training:
+            return out
+        if self.nan_from_call is not None and len(self.seen_losses) + 1 >= self.nan_from_call:
+            out = {"loss": out["loss"] * float("nan")}
+        self.seen_losses.append(float(out["loss"].detach()))
+        return out
+
+
+def test_epoch_losses_read_in_windows_equal_the_per_step_mean():
+    # 96 steps an epoch: two reads of the device-side sums (at step 50 and at the end).
+    snap = tiny_snapshot()
+    assert 96 > SYNC_EVERY_STEPS
+    torch.manual_seed(0)
+    model = LossRecorder(TinyConfig(image=snap.image))
+    result = train(model, snap, TrainConfig(epochs=2, batch_size=1, lr=1e-2, early_stopping_patience=None))
+    per_epoch = [model.seen_losses[:96], model.seen_losses[96:]]
+    assert len(model.seen_losses) == 192
+    for record, losses in zip(result.history, per_epoch):
+        # Python floats added in step order: the device's float64 sums must give the same bits.
+        expected = 0.0
+        for value in losses:
+            expected += value
+        assert record["train_loss"] == expected / 96
+
+
+def test_a_loss_that_turns_non_finite_mid_epoch_stops_training_before_any_checkpoint():
+    snap = tiny_snapshot()
+    storage = MemoryStorage()
+    model = LossRecorder(TinyConfig(image=snap.image))
+    model.nan_from_call = 96 + 60  # the second epoch's 60th step, after the read at its 50th
+    epochs_saved = []
+    with pytest.raises(FloatingPointError, match=r"tiny: non-finite model loss in steps 51-96 of the epoch"):
+        train(model, snap, TrainConfig(epochs=3, batch_size=1, early_stopping_patience=None),
+              LocalContext(storage, on_epoch=lambda m: epochs_saved.append(m["epoch"])))
+    assert epochs_saved == [1]
+    resumed = train(make_model(snap), snap, TrainConfig(epochs=3, batch_size=1, early_stopping_patience=None),
+                    LocalContext(storage))
+    assert resumed.resumed_from_epoch == 1 and all(math.isfinite(h["train_loss"]) for h in resumed.history)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
