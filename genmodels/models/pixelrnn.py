@@ -128,14 +128,14 @@ class PixelRNN(GenerativeModel):
             "train": {"epochs": 1, "batch_size": 32, "lr": 6e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
                       "max_train_examples": None, "max_val_examples": 1000, "workers": 2},
         },
-        # 2 CPU cores, at most 90 minutes: a deeper, wider Row LSTM over the whole training set with
-        # the quick screen's per-step schedule. 231.86 nats in 47.5 minutes on 2 Zen 5 cores with the
-        # 7x7 kernel; 227.64 with the 7x55 one (FID 9.7 -> 0.46; benchmarks/RESULTS.md), which
-        # costs no measurable training time. Two processes of one thread at 16 images train
-        # 1.24-1.34x the images of one of two threads at 32 (train_throughput.py, no Ray): on
-        # Ray, two workers split its batches of 32.
+        # 2 CPU cores, at most 90 minutes: a deeper Row LSTM over the whole training set with the
+        # quick screen's per-step schedule and the 7x55 input kernel. Depth over width: 6 layers of
+        # 48 train as fast as 4 of 64 and reached 227.34 nats in 62 minutes on 2 Zen 4 cores, what
+        # 4x64 reached only in 8 epochs (227.33; 4 epochs: 227.64; benchmarks/RESULTS.md). Two
+        # processes of one thread at 16 images train 1.24-1.34x the images of one of two threads
+        # at 32 (train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
         "cpu": {
-            "model": {"layer": "row", "num_layers": 4, "hidden_channels": 64, "head_hidden": 128,
+            "model": {"layer": "row", "num_layers": 6, "hidden_channels": 48, "head_hidden": 128,
                       "input_width": 55},
             "train": {"epochs": 4, "batch_size": 32, "lr": 4e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
                       "early_stopping_patience": 2, "max_val_examples": 2000, "workers": 2},
