@@ -7,6 +7,12 @@
 # .data/fashion-mnist/ (the four IDX files).
 set -uo pipefail
 minutes=$1; plan=$2
+runs=()  # preset:family
+for entry in $plan; do
+  IFS=, read -ra families <<< "${entry#*:}"
+  for f in "${families[@]}"; do [[ -n $f ]] && runs+=("${entry%%:*}:$f"); done
+done
+(( ${#runs[@]} )) || { echo "no preset:family in the plan '$plan'" >&2; exit 2; }
 SECONDS=0
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GENMODELS_FASHION_MNIST_DIR=$PWD/.data/fashion-mnist
@@ -28,14 +34,10 @@ clf = load_or_train_classifier(snap, storage, None, torch.device("cuda"))
 open("/tmp/snapshot_hash", "w").write(snap.hash)
 print("snapshot", snap.hash[:16], "classifier test accuracy", clf.test_accuracy, "seconds", round(time.time() - t, 1))
 PY
-runs=()  # preset:family
-for entry in $plan; do
-  IFS=, read -ra families <<< "${entry#*:}"
-  for f in "${families[@]}"; do runs+=("${entry%%:*}:$f"); done
-done
 # The cores shared out: on 2026-12-01 seven runs of torch's default 16 threads each (7x the
 # 16 cores) found the small nets host-bound (the full GAN 1,382 images/s).
-export OMP_NUM_THREADS=$(( $(nproc) / ${#runs[@]} > 1 ? $(nproc) / ${#runs[@]} : 1 ))
+cores=$(env -u OMP_NUM_THREADS nproc)  # nproc itself answers OMP_NUM_THREADS where it is set
+export OMP_NUM_THREADS=$(( cores / ${#runs[@]} > 1 ? cores / ${#runs[@]} : 1 ))
 echo "${#runs[@]} runs, $OMP_NUM_THREADS threads each" >> "$logs/prep.log"
 for run in "${runs[@]}"; do
   preset=${run%%:*}; f=${run#*:}

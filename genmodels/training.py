@@ -232,7 +232,7 @@ class _Progress:
 
     def advance(self, info: str, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=steps, **({"info": info} if info else {}))
+            self.bar.update(self.task, advance=steps, info=info)
 
     def set_completed(self, steps: int) -> None:
         if self.bar is not None:
@@ -390,6 +390,7 @@ def _gradient_epoch(
     # Per key: a term computed on some steps only (the GAN's lazy R1) averages over those steps.
     counts: dict[str, int] = {}
     seen = steps = read_at = 0
+    means: dict[str, float] = {}
     t0 = time.perf_counter()
     for batch in epoch_batches:
         for player, opt in optimizers.items():
@@ -412,13 +413,17 @@ def _gradient_epoch(
         seen += len(batch["y"])
         if steps % SYNC_EVERY_STEPS == 0:
             means = _checked_means(model.family, optimizers, sums, counts, read_at, steps)
-            head = next(iter(means))
-            bar.advance(f"{head} {means[head]:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s",
-                        steps - read_at)
+            bar.advance(_progress_info(means, seen, t0), steps - read_at)
             read_at = steps
-    means = _checked_means(model.family, optimizers, sums, counts, read_at, steps)
-    bar.advance("", steps - read_at)
+    if steps > read_at:  # the steps since the last read (none where the epoch ended on one)
+        means = _checked_means(model.family, optimizers, sums, counts, read_at, steps)
+        bar.advance(_progress_info(means, seen, t0), steps - read_at)
     return means, seen
+
+
+def _progress_info(means: Mapping[str, float], seen: int, t0: float) -> str:
+    head = next(iter(means))
+    return f"{head} {means[head]:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s"
 
 
 def _checked_means(family, optimizers, sums, counts, read_at, steps) -> dict[str, float]:

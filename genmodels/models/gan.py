@@ -186,6 +186,10 @@ def _with_minibatch_std(h: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat([h, stat.view(b, 1, 1, 1).expand(b, 1, height, width)], dim=1)
 
 
+def _forget_host_steps(module: "GAN", _incompatible_keys) -> None:
+    module._host_steps = None
+
+
 class GAN(GenerativeModel):
     family: ClassVar[str] = "gan"
     config_class: ClassVar[type[ModelConfig]] = GANConfig
@@ -250,6 +254,10 @@ class GAN(GenerativeModel):
         # Generator steps taken (kept under its first name so older checkpoints load): the EMA's
         # warm-up and the lazy R1's clock, so a resumed run keeps both.
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        # Its value on the host, read from the buffer once after construction or a load: reading
+        # a GPU buffer every step would make the host wait for the GPU every step.
+        self._host_steps: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_steps)
         # Channels-last conv weights put oneDNN on its NHWC kernels: 1.24-1.28x per training
         # step of the quick preset here (benchmarks/RESULTS.md).
         self.to(memory_format=torch.channels_last)
@@ -266,16 +274,23 @@ class GAN(GenerativeModel):
             "generator": list(self.generator.parameters()),
         }
 
+    def generator_steps(self) -> int:
+        """Generator steps taken (the ``ema_steps`` buffer), without a device read each step."""
+        if self._host_steps is None:
+            self._host_steps = int(self.ema_steps)
+        return self._host_steps
+
     @torch.no_grad()
     def after_step(self, player: str) -> None:
         if player != "generator":
             return
-        self.ema_steps += 1
+        steps = self.generator_steps() + 1
+        self._host_steps = steps
+        self.ema_steps.add_(1)
         if self.config.ema_decay == 0:
             return
         # Early on the average follows G closely (1/10 .. decay), so a short run is not
         # dominated by the random initialization.
-        steps = float(self.ema_steps)
         decay = min(self.config.ema_decay, (1.0 + steps) / (10.0 + steps))
         for avg, live in zip(self.generator_ema.parameters(), self.generator.parameters()):
             avg.lerp_(live, 1.0 - decay)
@@ -296,7 +311,7 @@ class GAN(GenerativeModel):
         with torch.no_grad():  # G gets no gradient from D's step
             fake = self.generator(z, labels)
         # D and G alternate one step each, so the generator steps done count D's steps too.
-        r1 = self.config.r1_gamma > 0 and int(self.ema_steps) % self.config.r1_every == 0
+        r1 = self.config.r1_gamma > 0 and self.generator_steps() % self.config.r1_every == 0
         if r1:
             x = x.detach().requires_grad_(True)
         n = x.shape[0]

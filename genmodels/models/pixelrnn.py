@@ -132,8 +132,8 @@ class PixelRNN(GenerativeModel):
         # quick screen's per-step schedule and the 7x55 input kernel. Depth over width: 6 layers of
         # 48 train as fast as 4 of 64 and reached 227.34 nats in 62 minutes on 2 Zen 4 cores, what
         # 4x64 reached only in 8 epochs (227.33; 4 epochs: 227.64; benchmarks/RESULTS.md). Two
-        # processes of one thread at 16 images train 1.24-1.34x the images of one of two threads
-        # at 32 (train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
+        # processes of one thread at 16 images trained 1.24-1.34x the images of one of two threads
+        # at 32 (the 4x64 net; train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
         "cpu": {
             "model": {"layer": "row", "num_layers": 6, "hidden_channels": 48, "head_hidden": 128,
                       "input_width": 55},

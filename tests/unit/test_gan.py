@@ -336,6 +336,20 @@ def test_ema_generator_follows_the_trained_one_and_is_what_samples():
     assert torch.equal(restored.sample_from_noise(noise), averaged) and int(restored.ema_steps) == 5
 
 
+def test_the_step_count_kept_on_the_host_follows_a_loaded_state():
+    # The EMA's warm-up and the lazy R1 read the count from the host, not the buffer: a load must
+    # replace what the host held, or a resumed run would warm up and time R1 from a stale count.
+    trained, fresh = tiny_gan(), tiny_gan()
+    for _ in range(7):
+        trained.after_step("generator")
+    trained.after_step("discriminator")  # D's steps do not count
+    assert fresh.generator_steps() == 0 and trained.generator_steps() == int(trained.ema_steps) == 7
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.generator_steps() == 7
+    fresh.after_step("generator")
+    assert fresh.generator_steps() == int(fresh.ema_steps) == 8
+
+
 @pytest.mark.parametrize("loss", ["hinge", "nonsaturating"])
 def test_discriminator_losses(loss):
     model = tiny_gan(loss=loss)

@@ -13,6 +13,7 @@ from genmodels.data.loader import batches, global_batches
 from genmodels.models import build_model
 from genmodels.models.base import GenerativeModel, ImageSpec, ModelConfig
 from genmodels.noise import NoiseField
+from genmodels import training
 from genmodels.training import SYNC_EVERY_STEPS, LocalContext, TrainConfig, train
 
 
@@ -209,13 +210,17 @@ class LossRecorder(TinyBernoulli):
         return out
 
 
-def test_epoch_losses_read_in_windows_equal_the_per_step_mean():
-    # 96 steps an epoch: two reads of the device-side sums (at step 50 and at the end).
+def test_epoch_losses_read_in_windows_equal_the_per_step_mean(monkeypatch):
+    # 96 steps an epoch: two reads of the device-side sums (at step 50 and at the end), not 96.
     snap = tiny_snapshot()
-    assert 96 > SYNC_EVERY_STEPS
+    assert SYNC_EVERY_STEPS < 96 < 2 * SYNC_EVERY_STEPS
+    reads = []
+    read_means = training._checked_means
+    monkeypatch.setattr(training, "_checked_means", lambda *args: reads.append(args[-1]) or read_means(*args))
     torch.manual_seed(0)
     model = LossRecorder(TinyConfig(image=snap.image))
     result = train(model, snap, TrainConfig(epochs=2, batch_size=1, lr=1e-2, early_stopping_patience=None))
+    assert reads == [SYNC_EVERY_STEPS, 96] * 2
     per_epoch = [model.seen_losses[:96], model.seen_losses[96:]]
     assert len(model.seen_losses) == 192
     for record, losses in zip(result.history, per_epoch):
@@ -232,7 +237,8 @@ def test_a_loss_that_turns_non_finite_mid_epoch_stops_training_before_any_checkp
     model = LossRecorder(TinyConfig(image=snap.image))
     model.nan_from_call = 96 + 60  # the second epoch's 60th step, after the read at its 50th
     epochs_saved = []
-    with pytest.raises(FloatingPointError, match=r"tiny: non-finite model loss in steps 51-96 of the epoch"):
+    window = f"{SYNC_EVERY_STEPS + 1}-96"
+    with pytest.raises(FloatingPointError, match=f"tiny: non-finite model loss in steps {window} of the epoch"):
         train(model, snap, TrainConfig(epochs=3, batch_size=1, early_stopping_patience=None),
               LocalContext(storage, on_epoch=lambda m: epochs_saved.append(m["epoch"])))
     assert epochs_saved == [1]
