@@ -404,11 +404,10 @@ def _gradient_epoch(
             if player in step_schedulers:
                 step_schedulers[player].step()
             model.after_step(player)
-            prefix = "" if len(optimizers) == 1 else f"{player}_"
             for key, value in out.items():
-                term = value.detach().double()
-                sums[prefix + key] = sums[prefix + key] + term if prefix + key in sums else term
-                counts[prefix + key] = counts.get(prefix + key, 0) + 1
+                name, term = _logged_name(key, player, optimizers), value.detach().double()
+                sums[name] = sums[name] + term if name in sums else term
+                counts[name] = counts.get(name, 0) + 1
         steps += 1
         seen += len(batch["y"])
         if steps % SYNC_EVERY_STEPS == 0:
@@ -421,6 +420,11 @@ def _gradient_epoch(
     return means, seen
 
 
+def _logged_name(key: str, player: str, optimizers: Mapping[str, Any]) -> str:
+    """A loss term's name in the epoch's logs: prefixed by its player where there are several."""
+    return key if len(optimizers) == 1 else f"{player}_{key}"
+
+
 def _progress_info(means: Mapping[str, float], seen: int, t0: float) -> str:
     head = next(iter(means))
     return f"{head} {means[head]:.3f}  {seen / max(time.perf_counter() - t0, 1e-9):.0f} img/s"
@@ -431,8 +435,7 @@ def _checked_means(family, optimizers, sums, counts, read_at, steps) -> dict[str
     read stops training (nothing of the epoch has been checkpointed)."""
     totals = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}
     for player in optimizers:
-        key = "loss" if len(optimizers) == 1 else f"{player}_loss"
-        if not math.isfinite(totals.get(key, 0.0)):
+        if not math.isfinite(totals.get(_logged_name("loss", player, optimizers), 0.0)):
             raise FloatingPointError(
                 f"{family}: non-finite {player} loss in steps {read_at + 1}-{steps} of the epoch")
     return {k: v / counts[k] for k, v in totals.items()}
