@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,9 +31,10 @@ from genmodels.storage import open_storage
 from genmodels.training import load_training_state
 
 
-def per_image_nll(model, x: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+def per_image_nll(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([-model.log_likelihood(x[i:i + batch_size]).double() for i in range(0, len(x), batch_size)])
+        return torch.cat([-model.log_likelihood(x[i:i + batch_size], y[i:i + batch_size] if model.conditional else None)
+                          .double() for i in range(0, len(x), batch_size)])
 
 
 def mean_and_error(values: torch.Tensor) -> tuple[float, float]:
@@ -50,7 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    states = [load_training_state(open(path, "rb").read()) for path in args.checkpoints]
+    states = [load_training_state(Path(path).read_bytes()) for path in args.checkpoints]
+    models = [model_from_checkpoint(state) for state in states]
+    for path, model in zip(args.checkpoints, models):
+        if not model.has_likelihood or model.has_latent:
+            raise SystemExit(f"{path}: a {model.family} has no exact likelihood to compare")
     hashes = {state["meta"]["snapshot_hash"] for state in states}
     if len(hashes) != 1:
         raise SystemExit(f"the checkpoints were trained on different snapshots: {sorted(hashes)}")
@@ -60,14 +66,13 @@ def main() -> None:
     picked = np.sort(rng.choice(len(train.y), size=min(args.examples, len(train.y)), replace=False))
     grey = torch.from_numpy(train.x[picked]).float() / 255.0
     train_x = torch.bernoulli(grey, generator=torch.Generator().manual_seed(args.seed))
-    val_x = model_input(head(split_of(snapshot, "val"), args.examples), model_from_checkpoint(states[0]).image)
+    train_y = torch.as_tensor(train.y[picked], dtype=torch.long)
+    val = head(split_of(snapshot, "val"), args.examples)
+    val_x, val_y = model_input(val, models[0].image), torch.as_tensor(val.y, dtype=torch.long)
 
     previous = None
-    for path, state in zip(args.checkpoints, states):
-        model = model_from_checkpoint(state)
-        if not model.has_likelihood or model.has_latent:
-            raise SystemExit(f"{path}: a {model.family} has no exact likelihood to compare")
-        nll = {"train": per_image_nll(model, train_x), "val": per_image_nll(model, val_x)}
+    for path, state, model in zip(args.checkpoints, states, models):
+        nll = {"train": per_image_nll(model, train_x, train_y), "val": per_image_nll(model, val_x, val_y)}
         row = {"checkpoint": path, "epoch": state["train_state"]["epoch"],
                "train_nll": mean_and_error(nll["train"]), "val_nll": mean_and_error(nll["val"]),
                "gap": round(float(nll["val"].mean() - nll["train"].mean()), 3)}
