@@ -46,14 +46,11 @@ def averaged(model: torch.nn.Module, decays: list[float]) -> torch.nn.Module:
     for i in range(len(decays)):
         for name, param in live.items():
             model.register_buffer(f"average{i}__{keys[name]}", param.detach().clone())
+    # A buffer, so a resumed run's count comes back with the checkpoint.
     model.register_buffer("average_steps", torch.zeros((), dtype=torch.long))
-    host_steps = [None]
 
     def after_step(player: str) -> None:
-        if host_steps[0] is None:  # read once (a resumed run's count), then counted on the host
-            host_steps[0] = int(model.average_steps)
-        t = host_steps[0]
-        host_steps[0] += 1
+        t = int(model.average_steps)
         model.average_steps.add_(1)
         params = [p.detach() for p in live.values()]
         with torch.no_grad():
