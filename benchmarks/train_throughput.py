@@ -9,6 +9,12 @@ the variants alternate within each repeat so drift hits them alike.
 
     .venv/bin/python benchmarks/train_throughput.py --family pixelrnn --preset quick --threads 2
     .venv/bin/python benchmarks/train_throughput.py --family vae --preset quick --set res_blocks=1
+
+``--flops`` adds what a step computes and how much of the CPU that is: the matmul and conv
+FLOPs of one training step (forward and backward, by ``torch.utils.flop_counter``), each
+variant's GFLOP/s, and the GFLOP/s of one large square matmul at the same threads and precision,
+the practical ceiling of these cores. A net that already runs near that ceiling gains nothing
+from code; only fewer FLOPs or more hardware make it faster.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from genmodels.models import build_model
 from genmodels.models.base import ImageSpec
@@ -57,6 +64,29 @@ def steps_per_second(model, batch, cfg: TrainConfig, steps: int, bf16: bool, for
     return steps / (time.perf_counter() - t0), warm_up
 
 
+def step_flops(model, batch) -> int:
+    """Matmul and conv FLOPs of one training step of every player, forward and backward."""
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        for player in model.players():
+            model(batch, player)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_gflops(bf16: bool, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a [size, size] @ [size, size] matmul, median over repeats."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        rates.append(2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True)
@@ -69,6 +99,8 @@ def main() -> None:
     parser.add_argument("--variants", default="fp32,bf16",
                         help="comma-separated: fp32, bf16 (autocast), fp32-cl, bf16-cl (channels-last layout), "
                              "each optionally with -compiled (torch.compile of the forward pass)")
+    parser.add_argument("--flops", action="store_true",
+                        help="also the step's FLOPs, each variant's GFLOP/s and the cores' matmul GFLOP/s")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -101,6 +133,15 @@ def main() -> None:
     for name in rates:
         if base and name != "fp32":
             medians[f"{name}_speedup"] = round(medians[f"{name}_images_per_s"] / base, 3)
+    if args.flops:
+        flops = step_flops(model.to(memory_format=torch.contiguous_format), batch)
+        medians["step_gflop"] = round(flops / 1e9, 2)
+        for name in rates:
+            achieved = medians[f"{name}_images_per_s"] / batch_size * flops / 1e9
+            ceiling = matmul_gflops(name.startswith("bf16"))
+            medians[f"{name}_gflops"] = round(achieved, 1)
+            medians[f"{name}_matmul_gflops"] = round(ceiling, 1)
+            medians[f"{name}_of_matmul"] = round(achieved / ceiling, 3)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"family": args.family, "preset": args.preset, "overrides": overrides, "batch": batch_size,
                       "threads": args.threads, "params": params, **medians}))

@@ -24,16 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from genmodels.data.loader import model_input
 from genmodels.data.prep import prepare
 from genmodels.evaluation._common import head, split_of
-from genmodels.models import family_class
+from genmodels.models import family_class, model_from_checkpoint
 from genmodels.runs import plan_run
 from genmodels.storage import open_storage
-from genmodels.training import LocalContext, train
+from genmodels.training import LocalContext, load_training_state, train
 
 from generalization_gap import mean_and_error, per_image_nll
 
@@ -77,6 +78,14 @@ def scored_with(model, weights, x, y) -> torch.Tensor:
                 params[name].copy_(value)
 
 
+def live_weights_of(path: str) -> torch.nn.Module:
+    """The model of another run of this script at ``path``, without its averages. (A local run's
+    checkpoint names no snapshot: ``prepare`` makes the same one from the same dataset files.)"""
+    state = load_training_state(Path(path).read_bytes())
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("average")}
+    return model_from_checkpoint(state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="where the resumable checkpoint goes (a path)")
@@ -89,6 +98,9 @@ def main() -> None:
     parser.add_argument("--val-examples", type=int, default=2000)
     parser.add_argument("--test-examples", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--against", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="other runs' checkpoints (another --work's checkpoint.pt, e.g. another learning rate): "
+                             "their live weights scored on the same test images, paired with this run's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not family_class(args.family).has_likelihood or family_class(args.family).has_latent:
@@ -121,6 +133,9 @@ def main() -> None:
     for i, decay in enumerate(args.decays):
         nll = scored_with(model, model.average_weights(i), x, y)
         summary[f"average_{decay}"] = {"nll": mean_and_error(nll), "minus_live": mean_and_error(nll - live)}
+    for path in args.against:
+        nll = per_image_nll(live_weights_of(path), x, y)
+        summary[path] = {"nll": mean_and_error(nll), "minus_live": mean_and_error(nll - live)}
     print(json.dumps(summary), flush=True)
 
 
