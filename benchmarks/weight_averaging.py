@@ -111,6 +111,8 @@ def main() -> None:
                              overrides={"workers": 1, **{k: json.loads(v) for k, v in
                                                          (item.split("=", 1) for item in args.set)}})
     model = averaged(model, args.decays)
+    # Loaded now, so that a wrong path fails before the hour of training, not after it.
+    rivals = {path: live_weights_of(path) for path in args.against}
     val = head(split_of(snapshot, "val"), args.val_examples)
     val_x, val_y = model_input(val, model.image), torch.as_tensor(val.y, dtype=torch.long)
 
@@ -133,8 +135,8 @@ def main() -> None:
     for i, decay in enumerate(args.decays):
         nll = scored_with(model, model.average_weights(i), x, y)
         summary[f"average_{decay}"] = {"nll": mean_and_error(nll), "minus_live": mean_and_error(nll - live)}
-    for path in args.against:
-        nll = per_image_nll(live_weights_of(path), x, y)
+    for path, rival in rivals.items():
+        nll = per_image_nll(rival, x, y)
         summary[path] = {"nll": mean_and_error(nll), "minus_live": mean_and_error(nll - live)}
     print(json.dumps(summary), flush=True)
 
