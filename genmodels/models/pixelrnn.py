@@ -133,7 +133,8 @@ class PixelRNN(GenerativeModel):
         # 48 train as fast as 4 of 64 and reached 227.34 nats in 62 minutes on 2 Zen 4 cores, what
         # 4x64 reached only in 8 epochs (227.33; 4 epochs: 227.64; benchmarks/RESULTS.md). The
         # deeper net wants a lower peak than the 1-epoch quick screens picked: 3e-3 beat 4e-3 by
-        # 0.43 nats and 6e-3 by 1.95 on the same 10,000 test images, paired. Two
+        # 0.43 nats and 6e-3 by 1.95 on the same 10,000 test images, paired (2e-3: 0.06 more, flat);
+        # this preset's own retrain at 3e-3 reached 226.97 in 58 minutes of epochs. Two
         # processes of one thread at 16 images trained 1.24-1.34x the images of one of two threads
         # at 32 (the 4x64 net; train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
         "cpu": {
