@@ -86,6 +86,10 @@ def live_weights_of(path: str) -> torch.nn.Module:
     return model_from_checkpoint(state)
 
 
+def key_values(items: list[str]) -> dict:
+    return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="where the resumable checkpoint goes (a path)")
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--decays", type=float, nargs="+", default=[0.998, 0.999, 0.9995])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a TrainConfig override, e.g. epochs=1 or max_train_examples=2000")
+    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=JSON",
+                        help="a model config override, e.g. head_skips=true")
     parser.add_argument("--val-examples", type=int, default=2000)
     parser.add_argument("--test-examples", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--threads", type=int, default=2)
@@ -108,8 +114,8 @@ def main() -> None:
 
     snapshot = prepare(args.dataset)
     model, cfg, _ = plan_run(snapshot, args.family, args.preset,
-                             overrides={"workers": 1, **{k: json.loads(v) for k, v in
-                                                         (item.split("=", 1) for item in args.set)}})
+                             overrides={"workers": 1, **key_values(args.set)},
+                             model_overrides=key_values(args.model_set))
     model = averaged(model, args.decays)
     # Loaded now, so that a wrong path fails before the hour of training, not after it.
     rivals = {path: live_weights_of(path) for path in args.against}
