@@ -37,7 +37,6 @@ GRAPHS = {
     "mixture_8bit": {"sampler", "complete"},
     "pixelrnn_row": {"pixel_step", "likelihood"},
     "pixelrnn_diagonal": {"pixel_step", "row_step", "conditioning"},
-    "pixelrnn_skips": {"pixel_step", "likelihood"},
 }
 
 

@@ -76,8 +76,7 @@ def test_input_width_is_capped_where_wider_taps_would_only_read_padding():
 
 
 def test_config_round_trips_through_dict():
-    cfg = PixelRNNConfig(image=ImageSpec(channels=3, height=5), layer="diagonal", hidden_channels=9, head_hidden=12,
-                         head_skips=True)
+    cfg = PixelRNNConfig(image=ImageSpec(channels=3, height=5), layer="diagonal", hidden_channels=9, head_hidden=12)
     assert PixelRNNConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -190,8 +189,7 @@ def test_a_wide_input_kernel_shows_the_row_lstm_its_whole_row(input_width):
         assert unseen_left == expected, f"pixel {(i, j)} misses {[divmod(q, w) for q in unseen_left]} of its row"
 
 
-@pytest.mark.parametrize("kind, kernel", [("row", {}), ("diagonal", {}), ("row", {"input_kernel": 3, "input_width": 7}),
-                                          ("row", {"head_skips": True}), ("diagonal", {"head_skips": True})])
+@pytest.mark.parametrize("kind, kernel", [("row", {}), ("diagonal", {}), ("row", {"input_kernel": 3, "input_width": 7})])
 def test_rgb_logits_respect_channel_order(kind, kernel):
     # Wider than the default tiny model: with 2 units per colour group, all of a group's ReLUs
     # can be off at a pixel, hiding a real dependence.
@@ -207,58 +205,6 @@ def test_rgb_logits_respect_channel_order(kind, kernel):
         assert torch.all(flat[:ch, p] > 0), f"{'RGB'[ch]} at {(i, j)} misses an earlier channel"
         if p > 0:
             assert torch.all(flat[:, p - 1] > 0), f"{'RGB'[ch]} at {(i, j)} misses the previous pixel"
-
-
-# --- skip connections to the head ----------------------------------------------------------------
-def silence_last_layer(model: PixelRNN) -> PixelRNN:
-    """The last layer outputs zeros whatever it reads: no residual, a zero output map."""
-    last = model.layers[-1]
-    last.residual = False
-    with torch.no_grad():
-        last.output.weight.zero_()
-        last.output.bias.zero_()
-    return model
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("head_skips", [False, True])
-def test_head_skips_feed_every_layer_to_the_head(kind, head_skips):
-    # With the last layer silenced, a head that reads only that layer sees no image at all; with
-    # skips it still reads the earlier layers, and only earlier pixels, through their outputs.
-    model = silence_last_layer(make_model(kind, height=4, width=5, hidden_channels=8, head_hidden=16,
-                                          head_skips=head_skips))
-    assert model.head_hidden.weight.shape[1] == 8 * (2 if head_skips else 1)
-    jac = input_jacobian(model)
-    if not head_skips:
-        assert torch.all(jac == 0)
-        return
-    h, w = 4, 5
-    for p in range(h * w):
-        i, j = divmod(p, w)
-        grad = jac[p, 0].flatten()
-        assert torch.all(grad[p:] == 0), f"pixel {(i, j)} sees itself or the future"
-        if j > 0:
-            assert grad[p - 1] > 0, f"pixel {(i, j)} does not see its left neighbour"
-        if i > 0:
-            assert grad[p - w] > 0, f"pixel {(i, j)} does not see the pixel above"
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_head_skips_keep_the_likelihood_normalized_and_the_cached_sampler_exact(kind):
-    model = make_model(kind, channels=3, height=2, width=2, head_skips=True, conditional=True)
-    x = all_binary_images(3, 2, 2)
-    with torch.no_grad():
-        total = torch.logsumexp(model.log_likelihood(x, torch.full((len(x),), 1)).double(), dim=0).exp().item()
-    assert total == pytest.approx(1.0, abs=1e-5)
-    model = make_model(kind, channels=3, height=3, width=5, input_kernel=3, input_width=9, head_skips=True,
-                       conditional=True)
-    noise, labels = make_noise_tensors(model.noise_spec(), 3, 2), torch.tensor([0, 2])
-    cached, logits = model.sample_cached(noise, labels, 0.8, return_logits=True)
-    assert torch.equal(cached, model.sample_naive(noise, labels, 0.8))
-    torch.testing.assert_close(logits, model.logits(cached, labels), atol=1e-5, rtol=1e-5)
-    more = make_noise_tensors(model.noise_spec(), 4, 2)
-    assert torch.equal(model.complete_prefix_cached(cached, 7, more, labels),
-                       model.complete_prefix_naive(cached, 7, more, labels))
 
 
 # --- sampling ----------------------------------------------------------------------------------

@@ -32,9 +32,6 @@ CASES = {
     # Row LSTMs of the presets read the whole row to their left (input_width = 2W-1).
     "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15)),
     "pixelrnn_diagonal": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="diagonal", conditional=True)),
-    # A head that reads every layer's output (`head_skips`).
-    "pixelrnn_skips": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15,
-                                                 head_skips=True)),
 }
 
 
