@@ -144,7 +144,7 @@ def _pixelrnn_meta(model: GenerativeModel) -> dict[str, Any]:
     return {
         "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_channels": cfg.hidden_channels,
         "head_hidden": cfg.head_hidden, "input_kernel": cfg.input_kernel,
-        "input_width": cfg.input_columns, "head_skips": cfg.head_skips, "directions": model.directions,
+        "input_width": cfg.input_columns, "directions": model.directions,
         "conditional": bool(model.conditional),
     }
 

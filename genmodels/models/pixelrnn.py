@@ -55,9 +55,6 @@ class PixelRNNConfig(ModelConfig):
     # sees its own row only through 1x3 taps, one pixel further left per layer; 2W-1 columns
     # show the first layer everything to the pixel's left for the price of a C-channel conv.
     input_width: int | None = None
-    # The head reads every layer's output, not only the last's (the paper's skip connections):
-    # a residual stack passes early features on only as a sum that later layers also write to.
-    head_skips: bool = False
     conditional: bool = False
 
     def __post_init__(self) -> None:
@@ -167,8 +164,7 @@ class PixelRNN(GenerativeModel):
         layer_cls = DiagonalBiLSTMLayer if config.layer == "diagonal" else RowLSTMLayer
         self.layers = nn.ModuleList(layer_cls(hid, c, config.residual) for _ in range(config.num_layers))
         hh = config.head_hidden
-        head_in = hid * (config.num_layers if config.head_skips else 1)
-        self.head_hidden = MaskedConv2d(head_in, hh, (1, 1), "B", c, hid, hh)
+        self.head_hidden = MaskedConv2d(hid, hh, (1, 1), "B", c, hid, hh)
         self.head_out = MaskedConv2d(hh, c * img.levels, (1, 1), "B", c, hh, c * img.levels)
         if config.conditional:
             # Zero init: training starts from the unconditional model and learns the offsets.
@@ -206,11 +202,6 @@ class PixelRNN(GenerativeModel):
             )
         return self.gate_class_bias[:, :, labels].permute(2, 0, 1, 3), self.head_class_bias[labels]
 
-    def _head_input(self, layer_outputs: list[torch.Tensor]) -> torch.Tensor:
-        """What the head reads: every layer's output stacked along the features (``head_skips``)
-        or the last layer's. One owner for the full forward and ``pixel_step``."""
-        return torch.cat(layer_outputs, dim=1) if self.config.head_skips else layer_outputs[-1]
-
     # --- full forward ---------------------------------------------------------------------
     def logits(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, levels, C, H, W] of every sub-pixel given all before it (and the label)."""
@@ -221,14 +212,12 @@ class PixelRNN(GenerativeModel):
         if self.conditional:
             gate_bias, head_bias = self.conditioning(labels, b)
         feat = self.input_conv(self.network_input(x))
-        outputs = []
         for idx, layer in enumerate(self.layers):
             gb = None
             if gate_bias is not None:
                 gb = gate_bias[:, idx, 0] if self.directions == 1 else gate_bias[:, idx]
             feat = layer(feat, gb)
-            outputs.append(feat)
-        z = self.head_hidden(F.relu(self._head_input(outputs)))
+        z = self.head_hidden(F.relu(feat))
         if head_bias is not None:
             z = z + head_bias[:, :, None, None]
         out = self.head_out(F.relu(z))
@@ -307,8 +296,7 @@ class PixelRNN(GenerativeModel):
                 )
                 hs.append(h)
                 cs.append(c)
-        head_in = self._head_input([*inps[1:], feat])
-        z = F.linear(F.relu(head_in), self.head_hidden.masked_weight[:, :, 0, 0], self.head_hidden.bias) + head_bias
+        z = F.linear(F.relu(feat), self.head_hidden.masked_weight[:, :, 0, 0], self.head_hidden.bias) + head_bias
         out = F.linear(F.relu(z), self.head_out.masked_weight[:, :, 0, 0], self.head_out.bias)
         logits = out.view(out.shape[0], self.image.channels, self.image.levels).transpose(1, 2)
         return logits, torch.stack(hs, 1), torch.stack(cs, 1), torch.stack(inps, 1)
