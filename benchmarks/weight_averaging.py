@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a TrainConfig override, e.g. epochs=1 or max_train_examples=2000")
     parser.add_argument("--model-set", action="append", default=[], metavar="KEY=JSON",
-                        help="a model config override, e.g. head_skips=true")
+                        help="a model config override, e.g. head_hidden=256")
     parser.add_argument("--val-examples", type=int, default=2000)
     parser.add_argument("--test-examples", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--threads", type=int, default=2)
