@@ -25,7 +25,7 @@ from genmodels.runs import plan_run, run_prefix
 from genmodels.storage import open_storage
 from genmodels.training import load_training_state
 
-from weight_averaging import live_weights_of
+from weight_averaging import live_model
 
 
 def main() -> None:
@@ -39,18 +39,19 @@ def main() -> None:
 
     checkpoint = Path(args.work) / "checkpoint.pt"
     state = load_training_state(checkpoint.read_bytes())
-    model = live_weights_of(str(checkpoint))
+    trained = state["train_state"]
     snapshot = prepare(args.dataset)
-    _fresh, train_cfg, meta = plan_run(snapshot, args.family, args.preset, overrides={"workers": 1})
-    epochs = state["train_state"]["epoch"]
-    run = open_storage(args.out).child(run_prefix(snapshot.dataset, args.family, args.preset))
+    # The run's metadata as a retrain of this preset writes it; the training config is the screen's own
+    # (its --set overrides included), not the preset's.
+    _fresh, _preset_cfg, meta = plan_run(snapshot, args.family, args.preset)
+    prefix = run_prefix(snapshot.dataset, args.family, args.preset)
+    run = open_storage(args.out).child(prefix)
     if run.exists("model.pt"):
         raise SystemExit(f"{args.out} already holds a {args.family}-{args.preset} run: choose another store")
-    run.put_bytes("model.pt", checkpoint_bytes(model, {**meta, "train_config": train_cfg.to_dict(), "epochs": epochs,
-                                                      "screen": str(checkpoint)}))
-    run.put_bytes("history.json", json.dumps(state["train_state"]["history"], indent=2).encode())
-    print(json.dumps({"run": run_prefix(snapshot.dataset, args.family, args.preset), "epochs": epochs,
-                      "snapshot": snapshot.hash[:16]}))
+    run.put_bytes("model.pt", checkpoint_bytes(live_model(state), {
+        **meta, "train_config": trained["train_config"], "epochs": trained["epoch"], "screen": str(checkpoint)}))
+    run.put_bytes("history.json", json.dumps(trained["history"], indent=2).encode())
+    print(json.dumps({"run": prefix, "epochs": trained["epoch"], "snapshot": snapshot.hash[:16]}))
 
 
 if __name__ == "__main__":

@@ -81,9 +81,13 @@ def scored_with(model, weights, x, y) -> torch.Tensor:
 def live_weights_of(path: str) -> torch.nn.Module:
     """The model of another run of this script at ``path``, without its averages. (A local run's
     checkpoint names no snapshot: ``prepare`` makes the same one from the same dataset files.)"""
-    state = load_training_state(Path(path).read_bytes())
-    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("average")}
-    return model_from_checkpoint(state)
+    return live_model(load_training_state(Path(path).read_bytes()))
+
+
+def live_model(state: dict) -> torch.nn.Module:
+    """The model of a loaded checkpoint of this script, without its averages."""
+    weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("average")}
+    return model_from_checkpoint({**state, "state_dict": weights})
 
 
 def key_values(items: list[str]) -> dict:
