@@ -84,7 +84,9 @@ def batches(
     """Yield this worker's ``{"x": float [b,C,H,W], "y": int64 [b]}`` batches of ``split`` for
     one epoch, ``b = batch_size / world_size``: the workers' batches of a step are the global
     batch one process would see, images and binarization alike, so the worker count changes
-    speed, not the data (``pad``: see :func:`global_batches`; an empty part is not yielded)."""
+    speed, not the data (``pad``: see :func:`global_batches`; an empty part is not yielded).
+    Dynamically binarized batches also carry ``"x_probability"``, float [b,C,H,W]: the grey level
+    each pixel of ``x`` was drawn from, P(x = 1)."""
     n = len(split.y) if limit is None else min(limit, len(split.y))
     if n == 0:
         raise ValueError("cannot iterate an empty split")
@@ -96,14 +98,18 @@ def batches(
     gen = _rng(seed, epoch, 0) if dynamic else None
     for step, lo, hi in global_batches(n, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size,
                                        batch_size=batch_size, pad=pad):
+        batch = {}
         if dynamic:
-            x = torch.bernoulli(torch.from_numpy(source[step]).float() / 255.0, generator=gen)[lo:hi]
+            probability = torch.from_numpy(source[step]).float() / 255.0
+            x = torch.bernoulli(probability, generator=gen)[lo:hi]
+            batch["x_probability"] = probability[lo:hi]
         else:
             x = torch.from_numpy(source[step[lo:hi]]).float()
             if not fixed_binary:
                 x = x / 255.0
         if hi > lo:
-            yield {"x": _to_device(x, device), "y": _to_device(torch.from_numpy(split.y[step[lo:hi]]).long(), device)}
+            batch.update(x=x, y=torch.from_numpy(split.y[step[lo:hi]]).long())
+            yield {key: _to_device(value, device) for key, value in batch.items()}
 
 
 def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

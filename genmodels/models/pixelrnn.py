@@ -229,10 +229,26 @@ class PixelRNN(GenerativeModel):
         logp = F.log_softmax(self.logits(x, labels), dim=1)
         return logp.gather(1, self.to_levels(x).unsqueeze(1)).squeeze(1).flatten(1).sum(dim=1)
 
+    def _training_log_likelihood(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x) of a training batch, [B]; for a dynamically binarized batch, its expectation
+        over each pixel's own binarization.
+
+        A pixel is binarized independently of the pixels before it, and its prediction reads
+        only those, so E[log p(x_i | x_<i)] over x_i ~ Bernoulli(grey_i) is exactly
+        grey_i log p(1 | x_<i) + (1 - grey_i) log p(0 | x_<i): the same objective in expectation,
+        without the variance of drawing each target (Rao-Blackwellization). The context x_<i stays
+        the drawn binary image, as at test time."""
+        probability = batch.get("x_probability")
+        if probability is None or self.image.levels != 2:
+            return self.log_likelihood(batch["x"], batch.get("y"))
+        logp = F.log_softmax(self.logits(batch["x"], batch.get("y")), dim=1)
+        expected = probability * logp[:, 1] + (1.0 - probability) * logp[:, 0]
+        return expected.flatten(1).sum(dim=1)
+
     def loss(self, batch: Mapping[str, torch.Tensor], player: str = "model") -> dict[str, torch.Tensor]:
         if player != "model":
             raise ValueError(f"PixelRNN has one player, 'model'; got {player!r}")
-        nll = -self.log_likelihood(batch["x"], batch.get("y")).mean()
+        nll = -self._training_log_likelihood(batch).mean()
         return {
             "loss": nll,
             "nll": nll.detach(),

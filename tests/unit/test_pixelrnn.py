@@ -118,6 +118,36 @@ def test_loss_reports_nll_and_bits_per_dim():
     assert out["loss"].requires_grad and not out["nll"].requires_grad
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_loss_on_grey_levels_is_the_expected_nll_over_every_binarization(kind):
+    """Given the grey levels a batch was drawn from, the loss takes each pixel's expectation over
+    its own binarization: averaged over all 16 binarizations of a 2x2 grey image, weighted by
+    their probability, it equals the expected NLL, and so do its gradients (the same objective,
+    a lower-variance estimate). A binary probability gives the plain NLL."""
+    model = make_model(kind, height=2, width=2, conditional=True)
+    grey = torch.tensor([0.9, 0.25, 0.6, 0.05]).view(1, 1, 2, 2)
+    x = all_binary_images(1, 2, 2)
+    weight = torch.where(x == 1, grey, 1 - grey).flatten(1).prod(dim=1)
+    labels = torch.full((16,), 2)
+
+    def expected_loss(batch_of):
+        model.zero_grad()
+        total = sum(weight[i] * model.loss(batch_of(i))["loss"] for i in range(16))
+        total.backward()
+        return total.item(), [p.grad.clone() for p in model.parameters()]
+
+    plain = expected_loss(lambda i: {"x": x[i : i + 1], "y": labels[i : i + 1]})
+    soft = expected_loss(lambda i: {"x": x[i : i + 1], "y": labels[i : i + 1], "x_probability": grey})
+    assert soft[0] == pytest.approx(plain[0], rel=1e-6)
+    for g_soft, g_plain in zip(soft[1], plain[1]):
+        assert torch.allclose(g_soft, g_plain, atol=1e-6)
+    # Not the plain loss image by image: each pixel's target is its grey level.
+    assert model.loss({"x": x[:1], "y": labels[:1], "x_probability": grey})["loss"].item() != pytest.approx(
+        model.loss({"x": x[:1], "y": labels[:1]})["loss"].item(), abs=1e-4)
+    assert model.loss({"x": x, "y": labels, "x_probability": x})["loss"].item() == pytest.approx(
+        model.loss({"x": x, "y": labels})["loss"].item(), rel=1e-6)
+
+
 def test_log_likelihood_checks_shapes_and_labels():
     model = make_model("row", conditional=True)
     with pytest.raises(ValueError, match=r"expected images \[B, 1, 4, 4\]"):

@@ -280,6 +280,7 @@ def test_workers_of_a_step_see_the_batch_of_one_process(world_size):
         assert all(len(p["y"]) == 8 // world_size for p in parts)
         assert torch.equal(torch.cat([p["x"] for p in parts]), whole["x"])
         assert torch.equal(torch.cat([p["y"] for p in parts]), whole["y"])
+        assert torch.equal(torch.cat([p["x_probability"] for p in parts]), whole["x_probability"])
     assert set(torch.cat([b["x"] for b in single]).unique().tolist()) == {0.0, 1.0}  # binarized afresh
 
 
@@ -341,6 +342,23 @@ def test_dynamic_binarization_is_per_epoch_and_reproducible():
     assert torch.equal(e0, e0_again) and not torch.equal(e0, e1)
     val = torch.cat([b["x"] for b in batches(snap.splits["val"], snap.image, batch_size=5, epoch=7)])
     assert torch.equal(val, torch.from_numpy(snap.splits["val"].x_binary).float())  # fixed binarization
+
+
+def test_dynamic_batches_carry_the_grey_levels_their_pixels_were_drawn_from():
+    """``x_probability`` is P(x = 1) of each pixel of ``x``: its image's grey level / 255, in the
+    batch's order; batches with a fixed binarization or of grey levels have none."""
+    snap = tiny_snapshot()
+    split = snap.splits["train"]
+    drawn = list(batches(split, snap.image, batch_size=8, seed=4, epoch=1, shuffle=True, limit=40))
+    order = np.concatenate([step for step, _, _ in global_batches(40, seed=4, epoch=1, shuffle=True, rank=0,
+                                                                   world_size=1, batch_size=8)])
+    probability = torch.cat([b["x_probability"] for b in drawn])
+    assert torch.equal(probability, torch.from_numpy(split.x[order]).float() / 255.0)
+    x = torch.cat([b["x"] for b in drawn])
+    assert not x[probability == 0].any() and x[probability == 1].all()
+    assert ((probability > 0) & (probability < 1)).any()  # grey levels, not only bits, to draw from
+    assert "x_probability" not in next(batches(snap.splits["val"], snap.image, batch_size=5))
+    assert "x_probability" not in next(batches(split, snap.image, batch_size=5, kind="intensity"))
 
 
 def test_bad_train_config_is_refused():
