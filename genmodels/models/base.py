@@ -120,8 +120,9 @@ class GenerativeModel(nn.Module):
     #: samples with real images of the same kind.
     samples_on_grid: ClassVar[bool] = True
     #: What the training loop feeds ``batch["x"]``: "quantized" (binary data binarized
-    #: dynamically each epoch) or "intensity" (grey levels / 255, for the GAN, whose
-    #: discriminator would otherwise tell binary real images from continuous fakes).
+    #: dynamically each epoch; those batches also carry ``"x_probability"``, the grey levels
+    #: drawn from) or "intensity" (grey levels / 255, for the GAN, whose discriminator would
+    #: otherwise tell binary real images from continuous fakes).
     train_input: ClassVar[str] = "quantized"
     #: {"quick": {"model": {...}, "train": {...}}, "full": {...}}: model-config and
     #: TrainConfig overrides of each preset.

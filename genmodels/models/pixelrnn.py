@@ -5,7 +5,8 @@ categorical over ``image.levels`` given everything before. The network: a 7x7 ma
 convolution (or 7 rows by ``input_width`` columns), ``num_layers`` Row LSTM or Diagonal BiLSTM
 layers (mask-B semantics, optional residual connections), and a two-layer 1x1 mask-B output
 head giving logits [B, levels, C, H, W]. Class conditioning adds a learned per-class bias to
-every layer's gates and to the head's hidden layer.
+every layer's gates and to the head's hidden layer. On dynamically binarized training batches the
+loss is the NLL's expectation over each pixel's own binarization (``_training_log_likelihood``).
 
 Sampling. ``sample_from_noise`` runs the cached sampler: explicit state tensors advanced by
 pure step functions, so a pixel costs the same whatever the image size:
