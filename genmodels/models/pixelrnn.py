@@ -122,7 +122,8 @@ class PixelRNN(GenerativeModel):
         # each train the same batches of 32 1.23x as fast (benchmarks/ray_overhead.py).
         # A 7x55 input kernel (on 28x28 images, the whole row to the pixel's left and the 3 rows
         # above in full; capped at 2W-1 on smaller images) took the same training from 236.46
-        # nats (FID 11.0) to 231.87 (FID 1.3).
+        # nats (FID 11.0) to 231.87 (FID 1.3); the expected loss over each pixel's binarization
+        # (628cd41) to 231.39.
         "quick": {
             "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 128,
                       "input_width": 55},
@@ -135,7 +136,8 @@ class PixelRNN(GenerativeModel):
         # 4x64 reached only in 8 epochs (227.33; 4 epochs: 227.64; benchmarks/RESULTS.md). The
         # deeper net wants a lower peak than the 1-epoch quick screens picked: 3e-3 beat 4e-3 by
         # 0.43 nats and 6e-3 by 1.95 on the same 10,000 test images, paired (2e-3: 0.06 more, flat);
-        # this preset's own retrain at 3e-3 reached 226.97 in 58 minutes of epochs. Two
+        # this preset's own retrain at 3e-3 reached 226.97 in 58 minutes of epochs, and 226.59 in
+        # 56 with the loss's expectation over each pixel's binarization (628cd41). Two
         # processes of one thread at 16 images trained 1.24-1.34x the images of one of two threads
         # at 32 (the 4x64 net; train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
         "cpu": {
