@@ -37,6 +37,19 @@ def per_image_nll(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 100
                           .double() for i in range(0, len(x), batch_size)])
 
 
+def exact_models_of_one_snapshot(paths: list[str], checkpoints: list[dict], store: str, dataset: str):
+    """The checkpoints' models and the one snapshot they were all trained on; refused where a model
+    has no exact likelihood or the snapshots differ, since per-image NLLs would not compare."""
+    models = [model_from_checkpoint(ckpt) for ckpt in checkpoints]
+    for path, model in zip(paths, models):
+        if not model.has_likelihood or model.has_latent:
+            raise SystemExit(f"{path}: a {model.family} has no exact likelihood to compare")
+    hashes = {ckpt["meta"]["snapshot_hash"] for ckpt in checkpoints}
+    if len(hashes) != 1:
+        raise SystemExit(f"the checkpoints were trained on different snapshots: {sorted(hashes)}")
+    return models, read_snapshot(open_storage(store), snapshot_prefix(dataset, hashes.pop()))
+
+
 def mean_and_error(values: torch.Tensor) -> tuple[float, float]:
     return round(float(values.mean()), 3), round(float(values.std() / len(values) ** 0.5), 3)
 
@@ -53,14 +66,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     states = [load_training_state(Path(path).read_bytes()) for path in args.checkpoints]
-    models = [model_from_checkpoint(state) for state in states]
-    for path, model in zip(args.checkpoints, models):
-        if not model.has_likelihood or model.has_latent:
-            raise SystemExit(f"{path}: a {model.family} has no exact likelihood to compare")
-    hashes = {state["meta"]["snapshot_hash"] for state in states}
-    if len(hashes) != 1:
-        raise SystemExit(f"the checkpoints were trained on different snapshots: {sorted(hashes)}")
-    snapshot = read_snapshot(open_storage(args.store), snapshot_prefix(args.dataset, hashes.pop()))
+    models, snapshot = exact_models_of_one_snapshot(args.checkpoints, states, args.store, args.dataset)
     rng = np.random.default_rng(args.seed)
     train = split_of(snapshot, "train")
     picked = np.sort(rng.choice(len(train.y), size=min(args.examples, len(train.y)), replace=False))

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import torch
 
-from genmodels.data import read_snapshot
 from genmodels.data.loader import model_input
-from genmodels.data.prep import snapshot_prefix
 from genmodels.evaluation._common import head, split_of
-from genmodels.models import load_checkpoint, model_from_checkpoint
-from genmodels.storage import open_storage
+from genmodels.models import load_checkpoint
 
-from generalization_gap import mean_and_error, per_image_nll
+from generalization_gap import exact_models_of_one_snapshot, mean_and_error, per_image_nll
 
 
 def main() -> None:
@@ -38,14 +35,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     checkpoints = [load_checkpoint(Path(path)) for path in args.models]
-    models = [model_from_checkpoint(ckpt).eval() for ckpt in checkpoints]
-    for path, model in zip(args.models, models):
-        if not model.has_likelihood or model.has_latent:
-            raise SystemExit(f"{path}: a {model.family} has no exact likelihood to pair")
-    hashes = {ckpt["meta"]["snapshot_hash"] for ckpt in checkpoints}
-    if len(hashes) != 1:
-        raise SystemExit(f"the models were trained on different snapshots: {sorted(hashes)}")
-    snapshot = read_snapshot(open_storage(args.store), snapshot_prefix(args.dataset, hashes.pop()))
+    models, snapshot = exact_models_of_one_snapshot(args.models, checkpoints, args.store, args.dataset)
     test = split_of(snapshot, "test")
     if args.examples is not None:
         test = head(test, args.examples)
