@@ -106,10 +106,18 @@ class MaskedConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, self._pad), w, self.bias)
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """A half-precision activation (a convolution's output under autocast) widened to fp32.
+
+    What accumulates, the LSTM cells over the rows and the residual stream over the layers, stays
+    fp32 under bf16 autocast, so only the convolutions run in bf16."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def lstm_cell(gates: torch.Tensor, c_prev: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """LSTM update with the gate blocks along ``dim``; elementwise, so it preserves channel groups.
     (One sigmoid over the three sigmoid gates measured no faster: benchmarks/pixelrnn_layers.py.)"""
-    i, f, o, g = gates.chunk(GATES, dim=dim)
+    i, f, o, g = full_precision(gates).chunk(GATES, dim=dim)
     c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
@@ -142,7 +150,7 @@ def diagonal_scan(gates_in: torch.Tensor, state_to_state: torch.Tensor) -> torch
     """
     b, _, height, width = gates_in.shape
     hidden = state_to_state.shape[1]
-    skewed = skew(gates_in)
+    skewed = skew(full_precision(gates_in))
     # States outside the image (left and right of each skewed row) are zeroed so that the
     # left neighbour of column 0 is exactly zero, as in the cached sampler.
     valid = skew(gates_in.new_ones(1, 1, height, width))
@@ -177,7 +185,7 @@ class RowLSTMLayer(nn.Module):
     def forward(self, inp: torch.Tensor, gate_bias: torch.Tensor | None) -> torch.Tensor:
         """inp [B, h, H, W], gate_bias [B, 4h] or None -> next layer's input [B, h, H, W]."""
         b, _, height, width = inp.shape
-        pre = self.input_to_state(inp)  # every row's input-to-state at once
+        pre = full_precision(self.input_to_state(inp))  # every row's input-to-state at once
         if gate_bias is not None:
             pre = pre + gate_bias[:, :, None, None]
         h = inp.new_zeros(b, self.hidden, width)

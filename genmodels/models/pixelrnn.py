@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genmodels.models._pixelrnn_layers import GATES, DiagonalBiLSTMLayer, MaskedConv2d, RowLSTMLayer
+from genmodels.models._pixelrnn_layers import (
+    GATES,
+    DiagonalBiLSTMLayer,
+    MaskedConv2d,
+    RowLSTMLayer,
+    full_precision,
+)
 from genmodels.checks import check_temperature
 from genmodels.models.base import GenerativeModel, ModelConfig
 from genmodels.noise import NoiseField, NoiseSpec
@@ -214,7 +220,7 @@ class PixelRNN(GenerativeModel):
         # Unconditional models ignore labels here: training batches always carry "y".
         if self.conditional:
             gate_bias, head_bias = self.conditioning(labels, b)
-        feat = self.input_conv(self.network_input(x))
+        feat = full_precision(self.input_conv(self.network_input(x)))  # the residual stream
         for idx, layer in enumerate(self.layers):
             gb = None
             if gate_bias is not None:

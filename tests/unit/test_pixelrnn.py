@@ -379,3 +379,39 @@ def test_a_few_gradient_steps_lower_the_nll(kind):
         opt.step()
     after = model.loss(batch)["nll"].item()
     assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_under_bf16_autocast_only_the_convolutions_run_in_bf16(kind):
+    """The cells accumulate over every row and the residual stream over every layer: those stay
+    fp32 (in bf16 they cost the quick PixelRNN a nat), while the convolutions take bf16."""
+    model = make_model(kind, height=5, width=5, conditional=True)
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name):
+        def hook(module, args, out):
+            dtypes.setdefault(name, out.dtype)
+
+        return hook
+
+    model.layers[0].input_to_state.register_forward_hook(record("convolution"))
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_hook(record(f"layer {i}"))
+    grey = torch.rand(3, 1, 5, 5)
+    batch = {"x": (torch.rand(3, 1, 5, 5) < grey).float(), "y": torch.tensor([0, 1, 2]), "x_probability": grey}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(batch)["loss"]
+    assert dtypes.pop("convolution") == torch.bfloat16
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    assert loss.dtype == torch.float32
+    # bf16 rounds the convolutions' products; nothing compounds that rounding.
+    assert loss.item() == pytest.approx(model.loss(batch)["loss"].item(), rel=0.01)
+
+
+def test_full_precision_widens_half_precision_and_keeps_the_rest():
+    from genmodels.models._pixelrnn_layers import full_precision
+
+    assert full_precision(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert full_precision(torch.ones(2, dtype=torch.float16)).dtype == torch.float32
+    wide = torch.ones(2, dtype=torch.float64)
+    assert full_precision(wide) is wide
