@@ -129,12 +129,14 @@ class PixelRNN(GenerativeModel):
         # A 7x55 input kernel (on 28x28 images, the whole row to the pixel's left and the 3 rows
         # above in full; capped at 2W-1 on smaller images) took the same training from 236.46
         # nats (FID 11.0) to 231.87 (FID 1.3); the expected loss over each pixel's binarization
-        # (628cd41) to 231.39.
+        # (628cd41) to 231.39. bf16 where the CPU computes it, the cells and residual stream in fp32:
+        # within a fifth of a nat (-0.10 and +0.19 in two pairs on 10,000 test images) at 1.25-1.40x
+        # the images/s of fp32.
         "quick": {
             "model": {"layer": "row", "num_layers": 3, "hidden_channels": 32, "head_hidden": 128,
                       "input_width": 55},
             "train": {"epochs": 1, "batch_size": 32, "lr": 6e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
-                      "max_train_examples": None, "max_val_examples": 1000, "workers": 2},
+                      "max_train_examples": None, "max_val_examples": 1000, "workers": 2, "autocast": "auto"},
         },
         # 2 CPU cores, at most 90 minutes: a deeper Row LSTM over the whole training set with the
         # quick screen's per-step schedule and the 7x55 input kernel. Depth over width: 6 layers of
@@ -143,14 +145,17 @@ class PixelRNN(GenerativeModel):
         # deeper net wants a lower peak than the 1-epoch quick screens picked: 3e-3 beat 4e-3 by
         # 0.43 nats and 6e-3 by 1.95 on the same 10,000 test images, paired (2e-3: 0.06 more, flat);
         # this preset's own retrain at 3e-3 reached 226.97 in 58 minutes of epochs, and 226.59 in
-        # 56 with the loss's expectation over each pixel's binarization (628cd41). Two
-        # processes of one thread at 16 images trained 1.24-1.34x the images of one of two threads
-        # at 32 (the 4x64 net; train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
+        # 56 with the loss's expectation over each pixel's binarization (628cd41). bf16 convolutions
+        # (the cells and residual stream fp32) bought 4 more layers: 10x48 trained in 70 minutes
+        # on Zen 4's bf16 units to 225.96, 0.63 nats better than 6x48 in fp32 (88 minutes with
+        # evaluation; where "auto" stays fp32 its step costs 1.55x 6x48's). Two processes of one thread at 16 images trained 1.24-1.34x
+        # the images of one of two threads at 32 (the 4x64 net; train_throughput.py, no Ray): on
+        # Ray, two workers split its batches of 32.
         "cpu": {
-            "model": {"layer": "row", "num_layers": 6, "hidden_channels": 48, "head_hidden": 128,
+            "model": {"layer": "row", "num_layers": 10, "hidden_channels": 48, "head_hidden": 128,
                       "input_width": 55},
             "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "scheduler": "cosine_steps", "grad_clip": 1.0,
-                      "early_stopping_patience": 2, "max_val_examples": 2000, "workers": 2},
+                      "early_stopping_patience": 2, "max_val_examples": 2000, "workers": 2, "autocast": "auto"},
         },
         # GPU: the paper's MNIST model (7 Diagonal BiLSTM layers, residual), trained to early stop.
         "full": {
