@@ -148,9 +148,9 @@ class PixelRNN(GenerativeModel):
         # 56 with the loss's expectation over each pixel's binarization (628cd41). bf16 convolutions
         # (the cells and residual stream fp32) bought 4 more layers: 10x48 trained in 70 minutes
         # on Zen 4's bf16 units to 225.96, 0.63 nats better than 6x48 in fp32 (88 minutes with
-        # evaluation; where "auto" stays fp32 its step costs 1.55x 6x48's). Two processes of one thread at 16 images trained 1.24-1.34x
-        # the images of one of two threads at 32 (the 4x64 net; train_throughput.py, no Ray): on
-        # Ray, two workers split its batches of 32.
+        # evaluation; where "auto" stays fp32 its step costs 1.55x 6x48's). Two processes of one
+        # thread at 16 images trained 1.24-1.34x the images of one of two threads at 32 (the 4x64
+        # net; train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
         "cpu": {
             "model": {"layer": "row", "num_layers": 10, "hidden_channels": 48, "head_hidden": 128,
                       "input_width": 55},

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from genmodels.models import checkpoint_bytes, model_from_checkpoint
+from genmodels.models._pixelrnn_layers import full_precision
 from genmodels.models.base import ImageSpec
 from genmodels.models.pixelrnn import PixelRNN, PixelRNNConfig, categorical_inverse_cdf
 from genmodels.models.base import make_noise_tensors
@@ -409,8 +410,6 @@ def test_under_bf16_autocast_only_the_convolutions_run_in_bf16(kind):
 
 
 def test_full_precision_widens_half_precision_and_keeps_the_rest():
-    from genmodels.models._pixelrnn_layers import full_precision
-
     assert full_precision(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
     assert full_precision(torch.ones(2, dtype=torch.float16)).dtype == torch.float32
     wide = torch.ones(2, dtype=torch.float64)
