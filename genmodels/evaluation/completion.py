@@ -1,10 +1,12 @@
 """Image completion in evaluation: the lecture's occluded-image figure and an exact metric.
 
-- :func:`completion_metrics`: ``completion_nll_nats``, the NLL of the hidden bottom half of
-  each test image given its visible top half, ``-(log p(x) - log p(top))``, exact for both
-  families that complete: log p(top) is the sum of the prefix's conditionals (PixelRNN) or
-  the marginal over the known pixels (mixture). Beside the unconditional ``nll_nats`` it says
-  how much the visible half tells the model about the rest.
+- :func:`completion_figures`: ``completion_nll_nats``, the NLL of the hidden bottom half of
+  each test image given its visible top half (:func:`visible_rows`), ``-(log p(x) - log p(top))``,
+  exact for both families that complete: log p(top) is the sum of the prefix's conditionals
+  (PixelRNN) or the marginal over the known pixels (mixture). Beside the unconditional
+  ``nll_nats`` it says how much the visible half tells the model about the rest. The sums come
+  from the likelihood pass (:func:`genmodels.evaluation.likelihood.likelihood_metrics`), which
+  scores log p(x) and log p(top) of each batch together: for the PixelRNN one forward pass.
 - :func:`completion_png`: one row per test image: the occluded image (hidden pixels grey),
   its completions, the original (the PixelRNN paper's Figure 1).
 """
@@ -18,38 +20,24 @@ import torch
 from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, head, module_device, split_of
 from genmodels.images import grid_png
-from genmodels.models.base import GenerativeModel
+from genmodels.models.base import GenerativeModel, ImageSpec
 
 
 def _labels(model: GenerativeModel, split, n: int) -> torch.Tensor | None:
     return torch.as_tensor(split.y[:n], dtype=torch.long) if model.conditional else None
 
 
-def completion_metrics(model: GenerativeModel, snapshot, split: str = "test", max_examples: int | None = None,
-                       batch_size: int = 256) -> dict[str, float]:
+def visible_rows(image: ImageSpec) -> int:
+    """Rows of a test image that completion shows the model: the top half."""
+    return image.height // 2
+
+
+def completion_figures(hidden_nll_sum: float, count: int, image: ImageSpec) -> dict[str, float]:
     """``completion_nll_nats`` (hidden bottom half | visible top half, nats per image),
-    ``completion_bits_per_dim`` (per hidden sub-pixel) and ``completion_examples``; {} for
-    families without an exact completion."""
-    if not model.can_complete:
-        return {}
-    data = head(split_of(snapshot, split), max_examples)
-    x_all = model_input(data, model.image, kind="quantized")
-    labels_all = _labels(model, data, len(x_all))
-    known = model.image.height // 2
-    device = module_device(model)
-    total, count = 0.0, 0
-    with evaluating(model):
-        for start in range(0, len(x_all), batch_size):
-            x = x_all[start : start + batch_size].to(device)
-            labels = None if labels_all is None else labels_all[start : start + batch_size].to(device)
-            full = model.log_likelihood(x, labels).double()
-            top = model.log_marginal(x, known, labels).double()
-            total += float((top - full).sum())
-            count += len(x)
-    if count == 0:
-        return {}
-    nll = total / count
-    hidden = model.image.channels * (model.image.height - known) * model.image.width
+    ``completion_bits_per_dim`` (per hidden sub-pixel) and ``completion_examples``, from the sum
+    over ``count`` images of ``log p(top) - log p(x)``."""
+    nll = hidden_nll_sum / count
+    hidden = image.channels * (image.height - visible_rows(image)) * image.width
     return {"completion_nll_nats": nll, "completion_bits_per_dim": nll / (hidden * math.log(2.0)),
             "completion_examples": float(count)}
 
@@ -70,5 +58,6 @@ def completion_png(model: GenerativeModel, snapshot, seed: int = 0, images: int 
     device = module_device(model)
     x = model_input(data, model.image, kind="quantized").to(device)
     labels = _labels(model, data, len(x))
-    rows = completion_images(model, x, None if labels is None else labels.to(device), model.image.height // 2, n, seed)
+    rows = completion_images(model, x, None if labels is None else labels.to(device), visible_rows(model.image), n,
+                             seed)
     return grid_png(rows.cpu(), nrow=n + 2)

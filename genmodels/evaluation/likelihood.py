@@ -17,6 +17,7 @@ import torch
 
 from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, head, module_device, seeded_torch, split_of
+from genmodels.evaluation.completion import completion_figures, visible_rows
 from genmodels.models.base import GenerativeModel
 
 #: k used when neither the caller nor the model's config names one.
@@ -56,6 +57,10 @@ def likelihood_metrics(
     - VAEs only: ``elbo_nats`` and ``iwae_k{k}_nats`` (the bounds themselves, i.e. log-
       likelihood lower bounds, negative numbers), ``elbo_bits_per_dim`` (the ELBO's NLL bound
       in bits/dim) and ``recon_mse`` (per-pixel squared error of ``reconstruct(x)``);
+    - families that complete (PixelRNN, mixture): ``completion_nll_nats``,
+      ``completion_bits_per_dim`` and ``completion_examples`` of the hidden bottom half given
+      the visible top half (:func:`genmodels.evaluation.completion.completion_figures`), scored
+      with log p(x) in the same pass;
     - ``likelihood_examples``: how many images were scored.
 
     ``seed`` fixes the VAE's Monte-Carlo draws: batch ``b`` draws from torch's global RNG
@@ -95,10 +100,12 @@ def likelihood_metrics(
         if k < 1:
             raise ValueError(f"iwae_k must be >= 1, got {k}")
 
-    sums, start, settings = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0}, 0, None
+    completes = model.can_complete and not latent
+    known = visible_rows(image) if completes else None
+    sums, start, settings = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0, "log_top": 0.0}, 0, None
     if progress is not None:  # the weights' digest is only needed to match a saved record
         settings = {"weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
-                    "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed}
+                    "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed, "completion_rows": known}
         record = progress.get_json(PROGRESS_KEY) if progress.exists(PROGRESS_KEY) else {}
         if record.get("settings") == settings:
             sums, start = record["sums"], record["next"]
@@ -115,6 +122,10 @@ def likelihood_metrics(
                     sums["log_px"] += float(model.iwae(x, labels, k=k).double().sum())
                     sums["elbo"] += float(model.elbo(x, labels).double().sum())
                     sums["sq_err"] += float((model.reconstruct(x, labels) - x).double().pow(2).sum())
+                elif completes:
+                    log_px, log_top = model.log_likelihood_and_marginal(x, known, labels)
+                    sums["log_px"] += float(log_px.double().sum())
+                    sums["log_top"] += float(log_top.double().sum())
                 else:
                     sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
             if progress is not None:
@@ -129,6 +140,8 @@ def likelihood_metrics(
         out["elbo_nats"] = elbo
         out["elbo_bits_per_dim"] = bits_per_dim(-elbo, image.dims)
         out["recon_mse"] = sums["sq_err"] / (n * image.dims)
+    if completes:
+        out.update(completion_figures(sums["log_top"] - sums["log_px"], n, image))
     # inf is a legitimate answer (an image the model gives probability 0); NaN is a bug.
     for name, value in out.items():
         if math.isnan(value):

@@ -18,7 +18,6 @@ from genmodels.evaluation.classifier import (
     extract,
     load_or_train_classifier,
 )
-from genmodels.evaluation.completion import completion_metrics
 from genmodels.evaluation.likelihood import likelihood_metrics
 from genmodels.models.base import GenerativeModel
 
@@ -126,6 +125,7 @@ def evaluate(
     seed: int = 0,
     max_examples: int | None = None,
     batch_size: int = 256,
+    sample_batch_size: int | None = None,
     classifier_config: ClassifierConfig | None = None,
     judge_config: ClassifierConfig | None = None,
     progress=None,
@@ -142,12 +142,14 @@ def evaluate(
       accuracy on the real test images as the ceiling (``class_judge_test_accuracy``, and
       ``class_judge_test_accuracy_binarized`` on their binarization) and
       ``class_accuracy_domain`` by the feature network when the judge is another network;
-    - completion (PixelRNN, mixture): ``completion_nll_nats``, ``completion_bits_per_dim``
-      (see :func:`genmodels.evaluation.completion.completion_metrics`);
+    - completion (PixelRNN, mixture): ``completion_nll_nats``, ``completion_bits_per_dim``,
+      scored in the likelihood pass (see :func:`likelihood_metrics`);
     - counts: ``likelihood_examples``, ``n_samples``, ``n_reference``, ``n_floor``.
 
     The domain classifier comes from (or goes into) ``storage``; ``storage=None`` trains it
     afresh. ``max_examples`` caps the test images used (likelihood and FID reference).
+    ``batch_size`` batches the likelihood pass, ``sample_batch_size`` (default: ``batch_size``)
+    the samples; neither changes an image (noise is drawn per sample).
     ``progress`` (a storage) makes the likelihood pass resumable (see :func:`likelihood_metrics`).
     The class judge of a binary snapshot is a second classifier trained on grey levels and
     their binarized draws (``judge_config``; default :func:`class_judge_config` of
@@ -158,10 +160,8 @@ def evaluate(
         raise ValueError(f"model was built for {model.image}, the snapshot holds {snapshot.image}")
     out = likelihood_metrics(model, snapshot, "test", max_examples=max_examples, batch_size=batch_size,
                              iwae_k=iwae_k, seed=seed, progress=progress)
-    # Hidden bottom half given the visible top half, beside the unconditional NLL (PixelRNN, mixture).
-    out.update(completion_metrics(model, snapshot, "test", max_examples=max_examples, batch_size=batch_size))
     out.update(domain_metrics(model, snapshot, storage=storage, n_samples=n_samples, seed=seed,
-                              max_examples=max_examples, batch_size=batch_size,
+                              max_examples=max_examples, batch_size=sample_batch_size or batch_size,
                               classifier_config=classifier_config, judge_config=judge_config))
     bad = sorted(k for k, v in out.items() if math.isnan(v))
     if bad:

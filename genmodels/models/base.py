@@ -257,6 +257,15 @@ class GenerativeModel(nn.Module):
         """log p(x) in nats per image, [B], for the discrete (quantized) image ``x``."""
         raise NotImplementedError(f"the {self.family} family defines no likelihood")
 
+    def log_likelihood_and_marginal(
+        self, x: torch.Tensor, known: Any, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(x), log p(the known pixels of x)) in nats per image, [B] each: the two terms of
+        the completion NLL, for families that complete. A family whose marginal comes out of the
+        same network pass as its likelihood (PixelRNN) overrides this to pay for that pass once."""
+        require_completion(self.family, self.can_complete)
+        return self.log_likelihood(x, labels), self.log_marginal(x, known, labels)
+
     # --- helpers ---------------------------------------------------------------------
     def check_labels(self, labels: Any, n: int) -> torch.Tensor | None:
         """Validate labels against the model (:func:`check_labels_array`) -> int64 [n] on the

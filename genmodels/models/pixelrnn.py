@@ -238,10 +238,14 @@ class PixelRNN(GenerativeModel):
         c, h, w = self.image.shape
         return out.view(b, c, self.image.levels, h, w).transpose(1, 2)
 
+    def _subpixel_log_probs(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """log p(x_i | x_<i, label) of every sub-pixel, [B, C, H, W]."""
+        logp = F.log_softmax(self.logits(x, labels), dim=1)
+        return logp.gather(1, self.to_levels(x).unsqueeze(1)).squeeze(1)
+
     def log_likelihood(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Exact log p(x | label) in nats, [B]."""
-        logp = F.log_softmax(self.logits(x, labels), dim=1)
-        return logp.gather(1, self.to_levels(x).unsqueeze(1)).squeeze(1).flatten(1).sum(dim=1)
+        return self._subpixel_log_probs(x, labels).flatten(1).sum(dim=1)
 
     def _training_log_likelihood(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """log p(x) of a training batch, [B]; for a dynamically binarized batch, its expectation
@@ -566,7 +570,13 @@ class PixelRNN(GenerativeModel):
     def log_marginal(self, x: torch.Tensor, known: Any, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Exact log p(known rows of x) in nats, [B]: the sum of the prefix's conditionals, which
         by causality depend on the prefix alone (one forward pass)."""
+        return self.log_likelihood_and_marginal(x, known, labels)[1]
+
+    def log_likelihood_and_marginal(
+        self, x: torch.Tensor, known: Any, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(x), log p(known rows of x)), [B] each, from one forward pass: the marginal's
+        terms are the prefix's own conditionals."""
         mask = self.completion_mask(known)
-        logp = F.log_softmax(self.logits(x, labels), dim=1)
-        per_sub = logp.gather(1, self.to_levels(x).unsqueeze(1)).squeeze(1)  # [B, C, H, W]
-        return (per_sub * mask.to(per_sub)).flatten(1).sum(dim=1)
+        per_sub = self._subpixel_log_probs(x, labels)
+        return per_sub.flatten(1).sum(dim=1), (per_sub * mask.to(per_sub)).flatten(1).sum(dim=1)

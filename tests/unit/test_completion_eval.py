@@ -1,6 +1,6 @@
 """Completion in evaluation: log_marginal is the exact marginal (enumerated on 2x2 images), the
-completion NLL is -(log p(x) - log p(top half)), and the figure shows occluded / completions /
-original for PixelRNN and mixture runs only."""
+likelihood pass's completion NLL is -(log p(x) - log p(top half)), and the figure shows occluded /
+completions / original for PixelRNN and mixture runs only."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from test_completion import ALL_2x2, make_mixture_2x2, make_pixelrnn_2x2
 from tiny_models import make_model
 
 from genmodels.data.prep import PrepConfig, prepare
-from genmodels.evaluation.completion import completion_images, completion_metrics, completion_png
+from genmodels.evaluation.completion import completion_images, completion_png
+from genmodels.evaluation.likelihood import likelihood_metrics
 from genmodels.evaluation.pictures import render_pictures
 from genmodels.models import build_model
 
@@ -52,22 +53,39 @@ def test_log_marginal_of_the_known_pixels_is_exact(make):
 @pytest.mark.parametrize("case", ["pixelrnn_row", "mixture_binary"])
 def test_completion_nll_is_the_hidden_half_given_the_visible_one(case, digits):
     model = make_model(case)
-    metrics = completion_metrics(model, digits, max_examples=20, batch_size=8)
+    metrics = likelihood_metrics(model, digits, max_examples=20, batch_size=8)
     x = torch.from_numpy(digits.splits["test"].x_binary[:20]).float()
     # Same batches of 8 as the metric: fp32 conv kernels round differently per batch size.
     with torch.no_grad():
-        want = -torch.cat([model.log_likelihood(b).double() - model.log_marginal(b, 4).double()
-                           for b in x.split(8)]).mean()
+        full = torch.cat([model.log_likelihood(b).double() for b in x.split(8)])
+        top = torch.cat([model.log_marginal(b, 4).double() for b in x.split(8)])
+    want = float(-(full - top).mean())
     assert metrics["completion_examples"] == 20.0
-    assert metrics["completion_nll_nats"] == pytest.approx(float(want), rel=1e-9)
-    assert metrics["completion_bits_per_dim"] == pytest.approx(float(want) / (32 * np.log(2)), rel=1e-9)
+    assert metrics["completion_nll_nats"] == pytest.approx(want, rel=1e-9)
+    assert metrics["completion_bits_per_dim"] == pytest.approx(want / (32 * np.log(2)), rel=1e-9)
+    # The same pass scores the whole image: its NLL is the one log_likelihood gives.
+    assert metrics["nll_nats"] == pytest.approx(float(-full.mean()), rel=1e-9)
+    assert 0 < metrics["completion_nll_nats"] < metrics["nll_nats"]  # the hidden half is part of the whole
+
+
+@pytest.mark.parametrize("case", ["pixelrnn_row", "pixelrnn_diagonal", "mixture_binary"])
+def test_likelihood_and_marginal_together_equal_each_alone(case, digits):
+    """The PixelRNN scores both from one forward pass; they must be what each call gives alone."""
+    model = make_model(case)
+    x = torch.from_numpy(digits.splits["test"].x_binary[:6]).float()
+    labels = torch.arange(6) % model.image.num_classes if model.conditional else None
     with torch.no_grad():
-        full_nll = -float(model.log_likelihood(x).double().mean())
-    assert 0 < metrics["completion_nll_nats"] < full_nll  # the hidden half is part of the whole
+        full, top = model.log_likelihood_and_marginal(x, 3, labels)
+        assert torch.equal(full, model.log_likelihood(x, labels))
+        assert torch.equal(top, model.log_marginal(x, 3, labels))
+        assert torch.all(top > full)  # a marginal of fewer pixels is likelier
 
 
 def test_families_without_completion_get_no_completion_metric(digits):
-    assert completion_metrics(make_model("vae"), digits, max_examples=10) == {}
+    out = likelihood_metrics(make_model("vae"), digits, max_examples=10, iwae_k=2)
+    assert "nll_nats" in out and not any(key.startswith("completion") for key in out)
+    with pytest.raises(NotImplementedError, match="no exact image completion"):
+        make_model("vae").log_likelihood_and_marginal(torch.zeros(1, 1, 8, 8), 4)
 
 
 def test_completion_figure_rows_are_occluded_completions_original(digits):

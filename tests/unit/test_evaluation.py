@@ -326,6 +326,39 @@ def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
     assert calls == [16, 16, 16, 2], "a record of other weights is not resumed"
 
 
+def test_completion_sums_resume_with_the_likelihood_pass(digits, tmp_path):
+    """A completing model's pass carries both sums through an interruption: the resumed figures,
+    completion's too, are the uninterrupted pass's; a record without the completion sum (written
+    before the pass scored it) is not resumed."""
+    from tiny_models import make_model
+
+    model = make_model("pixelrnn_row")
+    settings = dict(max_examples=40, batch_size=16)  # batches at 0, 16, 32
+    whole = likelihood_metrics(model, digits, **settings)
+    assert {"completion_nll_nats", "completion_examples"} <= set(whole)
+    progress = open_storage(tmp_path)
+    real, calls = model.log_likelihood_and_marginal, []
+
+    def dies_on_third_batch(x, known, labels=None):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(x, known, labels)
+
+    model.log_likelihood_and_marginal = dies_on_third_batch
+    with pytest.raises(RuntimeError, match="killed"):
+        likelihood_metrics(model, digits, progress=progress, **settings)
+    assert progress.get_json(PROGRESS_KEY)["next"] == 32
+    model.log_likelihood_and_marginal = real
+    assert likelihood_metrics(model, digits, progress=progress, **settings) == whole
+
+    record = progress.get_json(PROGRESS_KEY)
+    del record["settings"]["completion_rows"], record["sums"]["log_top"]
+    record["next"] = 32
+    progress.put_json(PROGRESS_KEY, record)
+    assert likelihood_metrics(model, digits, progress=progress, **settings) == whole
+
+
 def test_model_without_likelihood_gets_no_likelihood_keys(digits):
     assert likelihood_metrics(GanLike(LatentConfig(image=DIGITS)), digits) == {}
 
@@ -567,6 +600,24 @@ def test_domain_metrics_are_evaluates_sample_quality_without_the_likelihood_pass
     assert {"fid", "class_accuracy", "class_judge_test_accuracy_binarized"} <= set(alone)
     assert alone == {key: full[key] for key in alone}
     assert not set(alone) & {"nll_nats", "likelihood_examples", "completion_nll_nats"}
+
+
+def test_the_samples_batch_size_changes_no_figure(digits, classifier_storage, monkeypatch):
+    """The samplers' batches (``sample_batch_size``) are not the likelihood pass's, and neither
+    changes a figure: noise is drawn per sample."""
+    from genmodels.models import build_model
+
+    cfg = ClassifierConfig.for_image(DIGITS, **TINY)
+    torch.manual_seed(0)
+    model = build_model("pixelrnn", DIGITS, num_layers=1, hidden_channels=8, head_hidden=8, input_kernel=3).eval()
+    settings = dict(storage=classifier_storage, n_samples=24, max_examples=20, batch_size=8, classifier_config=cfg)
+    together = evaluate(model, digits, **settings)
+    batches, generate = [], metrics_module.generate
+    monkeypatch.setattr(metrics_module, "generate",
+                        lambda *a, **k: batches.append(a[4]) or generate(*a, **k))
+    assert evaluate(model, digits, sample_batch_size=5, **settings) == together
+    assert batches == [5]
+    assert together["completion_examples"] == 20.0
 
 
 def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, classifier_storage):
