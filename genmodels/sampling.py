@@ -143,64 +143,13 @@ class OnnxPixelRNNSampler:
 
     def sample(self, u: np.ndarray, labels: np.ndarray | None = None, temperature: float = 1.0) -> np.ndarray:
         u = np.asarray(u, dtype=np.float32)
-        C, H, W, levels = (self.image[k] for k in ("channels", "height", "width", "levels"))
+        C, H, W = (self.image[k] for k in ("channels", "height", "width"))
         if u.ndim != 4 or u.shape[1:] != (C, H, W):
             raise ValueError(f"noise 'u' must be [n, {C}, {H}, {W}], got {u.shape}")
         check_temperature(temperature)
-        n = u.shape[0]
-        gate_bias, head_bias = self._conditioning(labels, n)
-        L, hid = self.net["num_layers"], self.net["hidden_channels"]
-        pad_h, pad_w = self.input_pad
-        step, f32 = self.sessions["pixel_step"], np.float32
-        canvas = np.zeros((n, C, H + pad_h, W + 2 * pad_w), f32)
-        out = np.zeros((n, C, H, W), np.int64)
-        if self.diagonal:
-            above_h = np.zeros((n, L, hid, W), f32)
-            rl_above = np.zeros((n, L, hid, W), f32)
-        else:
-            above_h = np.zeros((n, L, hid, W + 2), f32)
-            above_c = np.zeros((n, L, hid, W), f32)
-        for i in range(H):
-            row_h = np.zeros_like(above_h)
-            if self.diagonal:
-                left_h = np.zeros((n, L, hid), f32)
-                left_c = np.zeros((n, L, hid), f32)
-                row_inp = np.zeros((n, L, hid, W), f32)
-            else:
-                row_c = np.zeros_like(above_c)
-                left_inp = np.zeros((n, L, hid), f32)
-            for j in range(W):
-                for ch in range(C):
-                    window = np.ascontiguousarray(canvas[:, :, i : i + pad_h + 1, j : j + 2 * pad_w + 1])
-                    if self.diagonal:
-                        feeds = {"window": window, "left_h": left_h, "left_c": left_c,
-                                 "above_h": np.ascontiguousarray(above_h[..., j]),
-                                 "rl_above": np.ascontiguousarray(rl_above[..., j]),
-                                 "gate_bias": gate_bias, "head_bias": head_bias}
-                    else:
-                        feeds = {"window": window, "above_h": np.ascontiguousarray(above_h[..., j : j + 3]),
-                                 "above_c": np.ascontiguousarray(above_c[..., j]), "left_inp": left_inp,
-                                 "gate_bias": gate_bias, "head_bias": head_bias}
-                    logits, h, c, inp = step.run(None, feeds)
-                    level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
-                    out[:, ch, i, j] = level
-                    canvas[:, ch, i + pad_h, j + pad_w] = (level.astype(f32) / f32(levels - 1)) * 2.0 - 1.0
-                if self.diagonal:
-                    left_h, left_c = h, c
-                    row_h[..., j] = h
-                    row_inp[..., j] = inp
-                else:
-                    left_inp = inp
-                    row_h[..., j + 1] = h
-                    row_c[..., j] = c
-            above_h = row_h
-            if self.diagonal:
-                if i + 1 < H:
-                    (rl_above,) = self.sessions["row_step"].run(
-                        None, {"row_inp": row_inp, "rl_above": rl_above, "gate_bias": gate_bias})
-            else:
-                above_c = row_c
-        return (out.astype(f32) / f32(levels - 1)).astype(f32)
+        # Nothing known, one sample per noise row: the one driver, as in PixelRNN.sample_cached.
+        blank = np.zeros((u.shape[0], C, H, W), np.int64)
+        return self.complete_prefix(blank, 0, u, labels, temperature)[:, 0]
 
     def complete_prefix(self, known: np.ndarray, prefix: int, u: np.ndarray, labels: np.ndarray | None = None,
                         temperature: float = 1.0) -> np.ndarray:
@@ -219,12 +168,13 @@ class OnnxPixelRNNSampler:
         scale = f32(levels - 1)
         s: dict[str, np.ndarray] = {"canvas": np.zeros((B, C, H + pad_h, W + 2 * pad_w), f32),
                                     "out": known.astype(np.int64), "gate_bias": gate_bias, "head_bias": head_bias}
+        # Row buffers [B, L, W, h], as in PixelRNN._drive_cached: a pixel's column is runs of h floats.
         if self.diagonal:
-            s["above_h"] = np.zeros((B, L, hid, W), f32)
-            s["rl_above"] = np.zeros((B, L, hid, W), f32)
+            s["above_h"] = np.zeros((B, L, W, hid), f32)
+            s["rl_above"] = np.zeros((B, L, W, hid), f32)
         else:
-            s["above_h"] = np.zeros((B, L, hid, W + 2), f32)
-            s["above_c"] = np.zeros((B, L, hid, W), f32)
+            s["above_h"] = np.zeros((B, L, W + 2, hid), f32)
+            s["above_c"] = np.zeros((B, L, W, hid), f32)
         expanded = False
 
         def expand() -> None:
@@ -237,7 +187,7 @@ class OnnxPixelRNNSampler:
             if self.diagonal:
                 s["left_h"] = np.zeros((rows, L, hid), f32)
                 s["left_c"] = np.zeros((rows, L, hid), f32)
-                s["row_inp"] = np.zeros((rows, L, hid, W), f32)
+                s["row_inp"] = np.zeros((rows, L, W, hid), f32)
             else:
                 s["row_c"] = np.zeros_like(s["above_c"])
                 s["left_inp"] = np.zeros((rows, L, hid), f32)
@@ -253,12 +203,13 @@ class OnnxPixelRNNSampler:
                     window = np.ascontiguousarray(canvas[:, :, i : i + pad_h + 1, j : j + 2 * pad_w + 1])
                     if self.diagonal:
                         feeds = {"window": window, "left_h": s["left_h"], "left_c": s["left_c"],
-                                 "above_h": np.ascontiguousarray(s["above_h"][..., j]),
-                                 "rl_above": np.ascontiguousarray(s["rl_above"][..., j]),
+                                 "above_h": np.ascontiguousarray(s["above_h"][:, :, j]),
+                                 "rl_above": np.ascontiguousarray(s["rl_above"][:, :, j]),
                                  "gate_bias": s["gate_bias"], "head_bias": s["head_bias"]}
                     else:
-                        feeds = {"window": window, "above_h": np.ascontiguousarray(s["above_h"][..., j : j + 3]),
-                                 "above_c": np.ascontiguousarray(s["above_c"][..., j]), "left_inp": s["left_inp"],
+                        above_h = s["above_h"][:, :, j : j + 3].transpose(0, 1, 3, 2)  # the graph's [B, L, h, 3]
+                        feeds = {"window": window, "above_h": np.ascontiguousarray(above_h),
+                                 "above_c": np.ascontiguousarray(s["above_c"][:, :, j]), "left_inp": s["left_inp"],
                                  "gate_bias": s["gate_bias"], "head_bias": s["head_bias"]}
                     logits, h, c, inp = step.run(None, feeds)
                     if not is_known:
@@ -267,17 +218,21 @@ class OnnxPixelRNNSampler:
                         canvas[:, ch, i + pad_h, j + pad_w] = (level.astype(f32) / scale) * 2.0 - 1.0
                 if self.diagonal:
                     s["left_h"], s["left_c"] = h, c
-                    s["row_h"][..., j] = h
-                    s["row_inp"][..., j] = inp
+                    s["row_h"][:, :, j] = h
+                    s["row_inp"][:, :, j] = inp
                 else:
                     s["left_inp"] = inp
-                    s["row_h"][..., j + 1] = h
-                    s["row_c"][..., j] = c
+                    s["row_h"][:, :, j + 1] = h
+                    s["row_c"][:, :, j] = c
             s["above_h"] = s["row_h"]
             if self.diagonal:
                 if i + 1 < H:
-                    (s["rl_above"],) = self.sessions["row_step"].run(
-                        None, {"row_inp": s["row_inp"], "rl_above": s["rl_above"], "gate_bias": s["gate_bias"]})
+                    across = (0, 1, 3, 2)  # the graph's rows are [B, L, h, W]
+                    (rl_above,) = self.sessions["row_step"].run(None, {
+                        "row_inp": np.ascontiguousarray(s["row_inp"].transpose(across)),
+                        "rl_above": np.ascontiguousarray(s["rl_above"].transpose(across)),
+                        "gate_bias": s["gate_bias"]})
+                    s["rl_above"] = np.ascontiguousarray(rl_above.transpose(across))
             else:
                 s["above_c"] = s["row_c"]
         if not expanded:

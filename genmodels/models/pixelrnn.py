@@ -147,8 +147,8 @@ class PixelRNN(GenerativeModel):
         # this preset's own retrain at 3e-3 reached 226.97 in 58 minutes of epochs, and 226.59 in
         # 56 with the loss's expectation over each pixel's binarization (628cd41). bf16 convolutions
         # (the cells and residual stream fp32) bought 4 more layers: 10x48 trained in 70 minutes
-        # on Zen 4's bf16 units to 225.96, 0.63 nats better than 6x48 in fp32 (88 minutes with
-        # evaluation; where "auto" stays fp32 its step costs 1.55x 6x48's). Two processes of one
+        # on Zen 4's bf16 units to 225.96, 0.63 nats better than 6x48 in fp32 (about 80 minutes
+        # with a 6-minute evaluation; where "auto" stays fp32 its step costs 1.55x 6x48's). Two processes of one
         # thread at 16 images trained 1.24-1.34x the images of one of two threads at 32 (the 4x64
         # net; train_throughput.py, no Ray): on Ray, two workers split its batches of 32.
         "cpu": {
@@ -473,12 +473,14 @@ class PixelRNN(GenerativeModel):
         }
         if return_logits:
             s["logits"] = u.new_zeros(B, self.image.levels, C, H, W)
+        # Row buffers are [B, L, W, h]: a pixel reads and writes one column of them, runs of h
+        # contiguous floats (in [B, L, h, W] each of its B * L * h elements is a cache line apart).
         if diagonal:
-            s["above_h"] = u.new_zeros(B, L, hid, W)
-            s["rl_above"] = u.new_zeros(B, L, hid, W)
+            s["above_h"] = u.new_zeros(B, L, W, hid)
+            s["rl_above"] = u.new_zeros(B, L, W, hid)
         else:
-            s["above_h"] = u.new_zeros(B, L, hid, W + 2)  # one zero column each side for the 1x3 conv
-            s["above_c"] = u.new_zeros(B, L, hid, W)
+            s["above_h"] = u.new_zeros(B, L, W + 2, hid)  # one zero column each side for the 1x3 conv
+            s["above_c"] = u.new_zeros(B, L, W, hid)
         expanded = False
 
         def expand() -> None:
@@ -491,7 +493,7 @@ class PixelRNN(GenerativeModel):
             if diagonal:
                 s["left_h"] = u.new_zeros(rows, L, hid)
                 s["left_c"] = u.new_zeros(rows, L, hid)
-                s["row_inp"] = u.new_zeros(rows, L, hid, W)
+                s["row_inp"] = u.new_zeros(rows, L, W, hid)
             else:
                 s["row_c"] = torch.zeros_like(s["above_c"])
                 s["left_inp"] = u.new_zeros(rows, L, hid)
@@ -510,13 +512,13 @@ class PixelRNN(GenerativeModel):
                 for ch in range(1 if is_known else C):
                     if diagonal:
                         logits, h, c, inp = self.pixel_step(
-                            window, s["left_h"], s["left_c"], s["above_h"][..., j], s["rl_above"][..., j],
+                            window, s["left_h"], s["left_c"], s["above_h"][:, :, j], s["rl_above"][:, :, j],
                             s["gate_bias"], s["head_bias"],
                         )
                     else:
                         logits, h, c, inp = self.pixel_step(
-                            window, s["above_h"][..., j : j + 3], s["above_c"][..., j], s["left_inp"],
-                            s["gate_bias"], s["head_bias"],
+                            window, s["above_h"][:, :, j : j + 3].transpose(-1, -2), s["above_c"][:, :, j],
+                            s["left_inp"], s["gate_bias"], s["head_bias"],
                         )
                     if not is_known:
                         level = categorical_inverse_cdf(logits[:, :, ch], u[:, ch, i, j], temperature)
@@ -526,16 +528,18 @@ class PixelRNN(GenerativeModel):
                             s["logits"][:, :, ch, i, j] = logits[:, :, ch]
                 if diagonal:
                     s["left_h"], s["left_c"] = h, c
-                    s["row_h"][..., j] = h
-                    s["row_inp"][..., j] = inp
+                    s["row_h"][:, :, j] = h
+                    s["row_inp"][:, :, j] = inp
                 else:
                     s["left_inp"] = inp
-                    s["row_h"][..., j + 1] = h
-                    s["row_c"][..., j] = c
+                    s["row_h"][:, :, j + 1] = h
+                    s["row_c"][:, :, j] = c
             s["above_h"] = s["row_h"]
             if diagonal:
                 if i + 1 < H:  # the last row's right-to-left states would never be read
-                    s["rl_above"] = self.row_step(s["row_inp"], s["rl_above"], s["gate_bias"])
+                    rl_above = self.row_step(s["row_inp"].transpose(-1, -2), s["rl_above"].transpose(-1, -2),
+                                             s["gate_bias"])
+                    s["rl_above"] = rl_above.transpose(-1, -2).contiguous()
             else:
                 s["above_c"] = s["row_c"]
         if not expanded:  # every pixel was known
