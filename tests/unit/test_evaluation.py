@@ -292,6 +292,21 @@ def test_vae_metrics_report_elbo_iwae_and_reconstruction(digits):
     assert "iwae_k7_nats" in again and model.iwae_calls[-1] == 7
 
 
+def dies_once_on_third_call(method, calls: list[int]):
+    """``method`` (of a batch ``x``, ...) recording each call's batch size in ``calls`` and raising
+    once, on the third call it records: a likelihood pass killed mid-way."""
+    killed = []
+
+    def wrapper(x, *args, **kwargs):
+        calls.append(len(x))
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise RuntimeError("killed")
+        return method(x, *args, **kwargs)
+
+    return wrapper
+
+
 def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
     """A long IWAE pass killed mid-way continues from its last written batch and ends with
     exactly the figures of an uninterrupted pass; other weights or settings start afresh."""
@@ -299,16 +314,8 @@ def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
     settings = dict(max_examples=50, batch_size=16, iwae_k=5, seed=3)  # batches at 0, 16, 32, 48
     whole = likelihood_metrics(model, digits, **settings)
     progress = open_storage(tmp_path)
-    real_iwae, calls, killed = model.iwae, [], []
-
-    def dies_once_on_third_batch(x, labels=None, k=1000):
-        calls.append(len(x))
-        if len(calls) == 3 and not killed:
-            killed.append(True)
-            raise RuntimeError("killed")
-        return real_iwae(x, labels, k)
-
-    model.iwae = dies_once_on_third_batch
+    calls: list[int] = []
+    model.iwae = dies_once_on_third_call(model.iwae, calls)
     with pytest.raises(RuntimeError, match="killed"):
         likelihood_metrics(model, digits, progress=progress, **settings)
     assert progress.get_json(PROGRESS_KEY)["next"] == 32
@@ -338,14 +345,7 @@ def test_completion_sums_resume_with_the_likelihood_pass(digits, tmp_path):
     assert {"completion_nll_nats", "completion_examples"} <= set(whole)
     progress = open_storage(tmp_path)
     real, calls = model.log_likelihood_and_marginal, []
-
-    def dies_on_third_batch(x, known, labels=None):
-        calls.append(len(x))
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(x, known, labels)
-
-    model.log_likelihood_and_marginal = dies_on_third_batch
+    model.log_likelihood_and_marginal = dies_once_on_third_call(real, calls)
     with pytest.raises(RuntimeError, match="killed"):
         likelihood_metrics(model, digits, progress=progress, **settings)
     assert progress.get_json(PROGRESS_KEY)["next"] == 32
