@@ -16,7 +16,9 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
 - PixelRNN: its step graphs, which a runtime drives pixel by pixel exactly as
   ``PixelRNN.sample_cached`` does (:class:`genmodels.sampling.OnnxPixelRNNSampler`): ``pixel_step``,
   ``row_step`` (Diagonal BiLSTM only) and ``conditioning`` (class-conditional only: labels ->
-  per-sample class biases; an unconditional model's biases are zeros).
+  per-sample class biases; an unconditional model's biases are zeros). A model with a position
+  bias has one more ``pixel_step`` input, ``pixel`` (int64 scalar: the raster index i * W + j);
+  the runtime feeds it where the graph has it, so graphs exported before it still sample.
 - ``likelihood`` (x [batch, C, H, W] -> log p(x) [batch]) where it exports cleanly: the
   unconditional PixelRNN. Not exported: VAE/CVAE (the IWAE estimate draws from torch's
   global RNG inside the graph), GAN (no likelihood), mixture (its float64 chunked path froze
@@ -114,6 +116,10 @@ class _PixelStep(nn.Module):
         self.model = model
 
     def forward(self, window: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # With a position bias the last input is the pixel's raster index (see _export_all).
+        if self.model.config.position_bias:
+            *states, pixel = states
+            return self.model.pixel_step(window, *states, pixel=pixel)
         return self.model.pixel_step(window, *states)
 
 
@@ -145,7 +151,7 @@ def _pixelrnn_meta(model: GenerativeModel) -> dict[str, Any]:
         "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_channels": cfg.hidden_channels,
         "head_hidden": cfg.head_hidden, "input_kernel": cfg.input_kernel,
         "input_width": cfg.input_columns, "directions": model.directions,
-        "conditional": bool(model.conditional),
+        "conditional": bool(model.conditional), "position_bias": bool(cfg.position_bias),
     }
 
 
@@ -234,10 +240,15 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
             states = (torch.zeros(n, L, h), torch.zeros(n, L, h), torch.zeros(n, L, h), torch.zeros(n, L, h),
                       gate_bias, head_bias)
             state_names = ["left_h", "left_c", "above_h", "rl_above", "gate_bias", "head_bias"]
+        state_shapes = tuple({0: batch} for _ in states)
+        if cfg.position_bias:
+            # An int64 scalar, no batch axis: every row of a step is at the same pixel.
+            states, state_names = (*states, torch.tensor(0)), [*state_names, "pixel"]
+            state_shapes = (*state_shapes, None)
         # *states is one positional argument of forward: its shapes go in one extra tuple.
         graphs["pixel_step"] = (
             _PixelStep(model), (window, *states), ["window", *state_names], ["logits", "h", "c", "layer_inp"],
-            ({0: batch}, tuple({0: batch} for _ in states)),
+            ({0: batch}, state_shapes),
         )
         if model.directions == 2:
             row = torch.zeros(n, L, h, W)

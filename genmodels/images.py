@@ -12,9 +12,9 @@ import math
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["BACKGROUND", "MIN_TILE_PX", "grid_png", "image_pngs"]
+__all__ = ["BACKGROUND", "MIN_TILE_PX", "grid_png", "image_pngs", "labelled_rows_png"]
 
 #: Tiles are upscaled by an integer factor until their longer side reaches this many pixels.
 MIN_TILE_PX = 64
@@ -75,6 +75,34 @@ def grid_png(images: Any, nrow: int = 8, *, scale: int | None = None, padding: i
     the smallest integer making tiles at least ``MIN_TILE_PX`` pixels on their longer side).
     """
     return _png(_grid_array(images, nrow, scale, padding))
+
+
+def labelled_rows_png(images: Any, labels: list[str], *, scale: int | None = None, padding: int = 2) -> bytes:
+    """``grid_png`` with one row per label and the label written left of its row: ``images``
+    [len(labels) * k, C, H, W] in [0, 1], ``k`` images a row. For pictures that compare rows (the
+    families side by side), which read wrongly without saying which row is which."""
+    x = _float32(images)
+    if not labels or x.ndim != 4 or x.shape[0] % len(labels):
+        raise ValueError(f"{len(labels)} row labels need a batch of a multiple of {len(labels) or 1} images, got shape "
+                         f"{tuple(x.shape)}")
+    per_row = x.shape[0] // len(labels)
+    grid = _grid_array(x, per_row, scale, padding)
+    rows = len(labels)
+    tile_h = (grid.shape[0] - (rows + 1) * padding) // rows
+    font = ImageFont.load_default()
+    boxes = [font.getbbox(text) for text in labels]
+    margin = max(right for _, _, right, _ in boxes) + 4 * padding + 4
+    canvas = np.full((grid.shape[0], margin + grid.shape[1], grid.shape[2]), grid[0, 0, 0], np.uint8)
+    canvas[:, margin:] = grid
+    picture = Image.fromarray(canvas[:, :, 0] if canvas.shape[2] == 1 else canvas)
+    draw = ImageDraw.Draw(picture)
+    for r, (text, (_, top, _, bottom)) in enumerate(zip(labels, boxes)):
+        centre = padding + r * (tile_h + padding) + tile_h // 2
+        draw.text((2 * padding, centre - (top + bottom) // 2), text, fill=0 if picture.mode == "L" else (0, 0, 0),
+                  font=font)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def image_pngs(images: Any) -> list[bytes]:

@@ -109,6 +109,8 @@ class OnnxPixelRNNSampler:
         if missing:
             raise ValueError(f"PixelRNN ONNX files lack the graph(s) {missing}")
         self.input_pad = self._input_pad(self.sessions["pixel_step"])
+        # Graphs of a model with a position bias read the pixel's raster index; the graph says.
+        self.positional = any(i.name == "pixel" for i in self.sessions["pixel_step"].get_inputs())
 
     @staticmethod
     def _input_pad(pixel_step) -> tuple[int, int]:
@@ -211,6 +213,8 @@ class OnnxPixelRNNSampler:
                         feeds = {"window": window, "above_h": np.ascontiguousarray(above_h),
                                  "above_c": np.ascontiguousarray(s["above_c"][:, :, j]), "left_inp": s["left_inp"],
                                  "gate_bias": s["gate_bias"], "head_bias": s["head_bias"]}
+                    if self.positional:
+                        feeds["pixel"] = np.array(i * W + j, np.int64)
                     logits, h, c, inp = step.run(None, feeds)
                     if not is_known:
                         level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)

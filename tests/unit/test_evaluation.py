@@ -685,6 +685,33 @@ def test_grid_png_rejects_what_it_cannot_draw():
         grid_png(torch.rand(0, 1, 4, 4))
 
 
+def test_labelled_rows_png_is_the_grid_beside_a_strip_naming_each_row():
+    from genmodels.images import BACKGROUND, labelled_rows_png
+
+    images = torch.rand(6, 1, 5, 7)
+    grid = np.asarray(_decode(grid_png(images, nrow=3)))
+    picture = np.asarray(_decode(labelled_rows_png(images, ["vae 233.7 nats", "gan FID 11.71"])))
+    margin = picture.shape[1] - grid.shape[1]
+    assert picture.shape[0] == grid.shape[0] and margin > 0
+    assert np.array_equal(picture[:, margin:], grid)  # the samples' pixels are the grid's, untouched
+    strip, tile = picture[:, :margin], 5 * math.ceil(MIN_TILE_PX / 7)
+    background = round(BACKGROUND * 255)
+    # Each label is written beside its own row: ink in both rows' bands of the strip, none in the padding.
+    for top in (2, 2 + tile + 2):
+        assert (strip[top : top + tile] != background).any()
+    assert (strip[:2] == background).all() and (strip[2 + tile : 4 + tile] == background).all()
+    with pytest.raises(ValueError, match="2 row labels need a batch of a multiple of 2"):
+        labelled_rows_png(torch.rand(3, 1, 5, 7), ["a", "b"])
+
+
+def test_comparison_rows_are_named_by_family_and_gate_figure():
+    from genmodels.runs import _row_label
+
+    assert _row_label("vae", {"nll_nats": 233.7186, "fid": 19.8}) == "vae 233.7 nats"
+    assert _row_label("gan", {"fid": 11.7062}) == "gan FID 11.71"
+    assert _row_label("pixelrnn", {}) == "pixelrnn"  # trained, not evaluated yet
+
+
 def test_image_pngs_are_the_bytes_of_one_image_grids():
     # Values on and around rounding edges, outside [0, 1], grey and RGB.
     grey = torch.rand(6, 1, 5, 7)

@@ -38,6 +38,9 @@ def make_model(
         with torch.no_grad():
             model.gate_class_bias.normal_()
             model.head_class_bias.normal_()
+    if model.config.position_bias:
+        with torch.no_grad():  # likewise a zero-initialized position bias
+            model.position_bias.normal_()
     return model.eval()
 
 
@@ -83,9 +86,9 @@ def test_config_round_trips_through_dict():
 
 # --- likelihood --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conditional", [False, True])
-def test_likelihood_sums_to_one_over_all_2x2_binary_images(kind, conditional):
-    model = make_model(kind, height=2, width=2, conditional=conditional)
+@pytest.mark.parametrize("conditional, position_bias", [(False, False), (True, False), (False, True)])
+def test_likelihood_sums_to_one_over_all_2x2_binary_images(kind, conditional, position_bias):
+    model = make_model(kind, height=2, width=2, conditional=conditional, position_bias=position_bias)
     x = all_binary_images(1, 2, 2)
     with torch.no_grad():
         if conditional:
@@ -180,10 +183,11 @@ def input_jacobian(model: PixelRNN, labels: torch.Tensor | None = None, images: 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conditional", [False, True])
-def test_logits_depend_only_on_earlier_pixels(kind, conditional):
+@pytest.mark.parametrize("conditional, position_bias", [(False, False), (True, False), (False, True)])
+def test_logits_depend_only_on_earlier_pixels(kind, conditional, position_bias):
     # Wider than the default: in a 4-unit net, every ReLU of the head can be off at a pixel.
-    model = make_model(kind, height=5, width=6, conditional=conditional, hidden_channels=8, head_hidden=16)
+    model = make_model(kind, height=5, width=6, conditional=conditional, hidden_channels=8, head_hidden=16,
+                       position_bias=position_bias)
     jac = input_jacobian(model, torch.tensor([2]) if conditional else None)
     h, w = 5, 6
     for p in range(h * w):
@@ -248,9 +252,9 @@ def test_inverse_cdf_picks_the_level_whose_interval_holds_u():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conditional", [False, True])
-def test_cached_sampler_matches_naive_sampler(kind, conditional):
-    model = make_model(kind, height=3, width=4, conditional=conditional)
+@pytest.mark.parametrize("conditional, position_bias", [(False, False), (True, False), (True, True)])
+def test_cached_sampler_matches_naive_sampler(kind, conditional, position_bias):
+    model = make_model(kind, height=3, width=4, conditional=conditional, position_bias=position_bias)
     for seed, temperature in [(0, 1.0), (1, 0.7), (2, 1.6)]:
         noise = make_noise_tensors(model.noise_spec(), seed, 3)
         labels = torch.tensor([0, 2, 1]) if conditional else None
@@ -267,7 +271,8 @@ def test_cached_sampler_matches_naive_sampler(kind, conditional):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cached_sampler_matches_naive_sampler_with_a_wide_input_kernel(kind, channels):
     # A 3-row, 9-column input kernel: the canvas pads columns and rows by different amounts.
-    model = make_model(kind, channels=channels, height=3, width=5, input_kernel=3, input_width=9)
+    # With the presets' position bias: the completions' warm-up steps read it at the known pixels too.
+    model = make_model(kind, channels=channels, height=3, width=5, input_kernel=3, input_width=9, position_bias=True)
     noise = make_noise_tensors(model.noise_spec(), 3, 2)
     cached, logits = model.sample_cached(noise, temperature=0.8, return_logits=True)
     assert torch.equal(cached, model.sample_naive(noise, temperature=0.8))
@@ -296,9 +301,9 @@ def test_cached_sampler_work_per_pixel_does_not_grow_with_image_size(kind, chann
         calls = {"pixel": [], "row": []}
         pixel_step, row_step = model.pixel_step, model.row_step
 
-        def counted_pixel(*args, _calls=calls, _f=pixel_step):
+        def counted_pixel(*args, _calls=calls, _f=pixel_step, **kwargs):
             _calls["pixel"].append(tuple(tuple(a.shape) for a in args))
-            return _f(*args)
+            return _f(*args, **kwargs)
 
         def counted_row(*args, _calls=calls, _f=row_step):
             _calls["row"].append(tuple(tuple(a.shape) for a in args))

@@ -29,8 +29,9 @@ CASES = {
                                       "label_encoder_maps": True, "latent_mixture": 3}),
     "gan": ("gan", BINARY, SMALL_GAN),
     "gan_conditional": ("gan", BINARY, dict(SMALL_GAN, conditional=True)),
-    # Row LSTMs of the presets read the whole row to their left (input_width = 2W-1).
-    "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15)),
+    # Row LSTMs of the presets read the whole row to their left (input_width = 2W-1) and where they are.
+    "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15,
+                                              position_bias=True)),
     "pixelrnn_diagonal": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="diagonal", conditional=True)),
 }
 
@@ -63,4 +64,7 @@ def make_model(case: str):
         with torch.no_grad():  # zero-initialized class biases would make conditioning vacuous
             model.gate_class_bias.normal_()
             model.head_class_bias.normal_()
+    if family == "pixelrnn" and model.config.position_bias:
+        with torch.no_grad():  # likewise a zero-initialized position bias
+            model.position_bias.normal_()
     return model.eval()
