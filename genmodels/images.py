@@ -92,7 +92,8 @@ def labelled_rows_png(images: Any, labels: list[str], *, scale: int | None = Non
     font = ImageFont.load_default()
     boxes = [font.getbbox(text) for text in labels]
     margin = max(right for _, _, right, _ in boxes) + 4 * padding + 4
-    canvas = np.full((grid.shape[0], margin + grid.shape[1], grid.shape[2]), grid[0, 0, 0], np.uint8)
+    canvas = np.full((grid.shape[0], margin + grid.shape[1], grid.shape[2]), _to_uint8(np.float32(BACKGROUND)),
+                     np.uint8)
     canvas[:, margin:] = grid
     picture = Image.fromarray(canvas[:, :, 0] if canvas.shape[2] == 1 else canvas)
     draw = ImageDraw.Draw(picture)

@@ -271,11 +271,11 @@ def collect_metrics(storage: Storage, dataset: str, preset: str, snapshot_hash: 
 
 
 def comparison_png(storage: Storage, dataset: str, preset: str, snapshot_hash: str, n: int = 10,
-                   seed: int = 0) -> bytes | None:
+                   seed: int = 0, metrics: Mapping[str, Mapping[str, float]] | None = None) -> bytes | None:
     """One row of ``n`` samples per family trained on this snapshot (same seed for all;
     class-conditional families draw classes 0, 1, 2, ...), each row headed by its family and
-    gate figure (once evaluated): the lecture's comparison at a glance. None when no family
-    has a model yet."""
+    gate figure from ``metrics`` (``collect_metrics``'s rows; a family without one is named
+    alone): the lecture's comparison at a glance. None when no family has a model yet."""
     from genmodels.images import labelled_rows_png
     from genmodels.models import FAMILIES
 
@@ -289,8 +289,7 @@ def comparison_png(storage: Storage, dataset: str, preset: str, snapshot_hash: s
             continue
         classes = torch.arange(n) % model.image.num_classes if model.conditional else None
         rows.append(model.sample(n, labels=classes, seed=seed).cpu())
-        labels.append(_row_label(family, json.loads(run.get_bytes("metrics.json")) if run.exists("metrics.json")
-                                 else {}))
+        labels.append(_row_label(family, (metrics or {}).get(family, {})))
     return labelled_rows_png(torch.cat(rows), labels) if rows else None
 
 
@@ -316,13 +315,14 @@ def write_report(storage: Storage, snapshot: Snapshot, preset: str, seed: int = 
     """The families of ``preset`` side by side on ``snapshot``: the metrics table as
     ``reports/<dataset>-<preset>.md`` and one row of samples per family (same seed) as
     ``reports/<dataset>-<preset>.png``; the one writer of both, for the CLI and the pipelines."""
-    table = metrics_table(collect_metrics(storage, snapshot.dataset, preset, snapshot.hash))
+    rows = collect_metrics(storage, snapshot.dataset, preset, snapshot.hash)
+    table = metrics_table(rows)
     header = (f"# {snapshot.dataset}, preset {preset}, snapshot {snapshot.hash[:16]} ({snapshot.image.quantization})\n\n"
               "Test split. nll_nats: negative log-likelihood in nats/image (exact, or IWAE for the VAEs; lower "
               "is better); elbo_nats: the ELBO itself (a lower bound on log p). FID/KID on the domain "
               "classifier's features; class_accuracy of conditional samples; train_seconds: sum of epoch times.\n\n")
     report = Report(header + table, f"reports/{snapshot.dataset}-{preset}.md",
-                    comparison_png(storage, snapshot.dataset, preset, snapshot.hash, seed=seed),
+                    comparison_png(storage, snapshot.dataset, preset, snapshot.hash, seed=seed, metrics=rows),
                     f"reports/{snapshot.dataset}-{preset}.png")
     storage.put_bytes(report.markdown_key, report.markdown.encode())
     if report.picture is not None:

@@ -700,6 +700,9 @@ def test_labelled_rows_png_is_the_grid_beside_a_strip_naming_each_row():
     for top in (2, 2 + tile + 2):
         assert (strip[top : top + tile] != background).any()
     assert (strip[:2] == background).all() and (strip[2 + tile : 4 + tile] == background).all()
+    # Without padding the strip is still the grids' background, not a copy of some sample's pixel.
+    unpadded = np.asarray(_decode(labelled_rows_png(torch.ones(2, 1, 5, 7), ["", ""], padding=0)))
+    assert (unpadded[:, : unpadded.shape[1] - 7 * math.ceil(MIN_TILE_PX / 7)] == background).all()
     with pytest.raises(ValueError, match="2 row labels need a batch of a multiple of 2"):
         labelled_rows_png(torch.rand(3, 1, 5, 7), ["a", "b"])
 

@@ -269,10 +269,12 @@ def test_cached_sampler_matches_naive_sampler(kind, conditional, position_bias):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("channels", [1, 3])
-def test_cached_sampler_matches_naive_sampler_with_a_wide_input_kernel(kind, channels):
+@pytest.mark.parametrize("position_bias", [False, True])
+def test_cached_sampler_matches_naive_sampler_with_a_wide_input_kernel(kind, channels, position_bias):
     # A 3-row, 9-column input kernel: the canvas pads columns and rows by different amounts.
-    # With the presets' position bias: the completions' warm-up steps read it at the known pixels too.
-    model = make_model(kind, channels=channels, height=3, width=5, input_kernel=3, input_width=9, position_bias=True)
+    # With the presets' position bias, the completions' warm-up steps read it at the known pixels too.
+    model = make_model(kind, channels=channels, height=3, width=5, input_kernel=3, input_width=9,
+                       position_bias=position_bias)
     noise = make_noise_tensors(model.noise_spec(), 3, 2)
     cached, logits = model.sample_cached(noise, temperature=0.8, return_logits=True)
     assert torch.equal(cached, model.sample_naive(noise, temperature=0.8))
