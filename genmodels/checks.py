@@ -12,9 +12,11 @@ import numpy as np
 #: Limits of one online sampling request, the HTTP API's and the MLflow model's alike: a request
 #: is answered by one replica in one call, so its size bounds that call's memory and latency.
 MAX_REQUEST_SAMPLES = 256
-MAX_TEMPERATURE = 100.0
+#: Sampling temperatures allowed everywhere. The floor keeps logits / T finite in float32 (below
+#: ~1e-36 they overflow and every draw became level 0); at 1e-3 sampling is already the argmax.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 
-__all__ = ["MAX_REQUEST_SAMPLES", "MAX_TEMPERATURE", "check_labels_array", "check_temperature", "completion_mask_array", "require_completion"]
+__all__ = ["MAX_REQUEST_SAMPLES", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "check_labels_array", "check_temperature", "completion_mask_array", "require_completion"]
 
 
 def _is_tensor(value: Any) -> bool:
@@ -24,12 +26,13 @@ def _is_tensor(value: Any) -> bool:
 
 
 def check_temperature(temperature: Any) -> None:
-    """Refuse a non-positive sampling temperature. Tensors pass unchecked: they are graph
-    inputs during ONNX export, where reading their value would freeze it into the graph."""
+    """Refuse a sampling temperature outside [MIN_TEMPERATURE, MAX_TEMPERATURE] (NaN included).
+    Tensors pass unchecked: they are graph inputs during ONNX export, where reading their value
+    would freeze it into the graph."""
     if _is_tensor(temperature):
         return
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not MIN_TEMPERATURE <= float(temperature) <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
 
 
 def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, num_classes: int) -> np.ndarray | None:

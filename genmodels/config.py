@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     job_max_shards: int = Field(default=10_000, ge=1, description="Shards per job (n / shard_size), at most.")
     job_max_bytes: int = Field(default=50 * 2**30, ge=1, description="Uncompressed image bytes per job "
                                                                      "(n x C x H x W), at most.")
+    job_max_shard_bytes: int = Field(default=2**30, ge=1, description="Uncompressed image bytes per shard "
+                                     "(shard_size x C x H x W), at most: a writer holds a shard in memory, "
+                                     "encoded beside raw (about 3x).")
     jobs_kept_in_memory: int = Field(default=100, ge=0, description="Ended jobs a server keeps in memory; older "
                                                                     "ones are answered from their records.")
 

@@ -19,9 +19,9 @@ import time
 import uuid
 from typing import Any
 
-from genmodels.storage import FileStorage, S3Storage, Storage, open_storage
+from genmodels.storage import Storage, open_storage
 
-__all__ = ["Lease", "LeaseBusy", "LeaseLost", "create_exclusive"]
+__all__ = ["Lease", "LeaseBusy", "LeaseLost"]
 
 PREFIX = "leases/"
 
@@ -32,37 +32,6 @@ class LeaseBusy(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """The lease expired and someone else took it while we thought we held it."""
-
-
-def create_exclusive(storage: Storage, key: str, data: bytes) -> bool:
-    """Write ``key`` only if it does not exist; False when it does. The object appears whole."""
-    if isinstance(storage, FileStorage):
-        path = storage._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # fails if the name exists: the exclusive step
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
-    if isinstance(storage, S3Storage):
-        from botocore.exceptions import ClientError
-
-        try:
-            storage.client.put_object(Bucket=storage.bucket, Key=storage._key(key), Body=data, IfNoneMatch="*")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise storage._error(exc, "write", storage.url_for(key)) from exc
-        return True
-    raise TypeError(f"no exclusive create on {type(storage).__name__}")
 
 
 class Lease:
@@ -110,7 +79,7 @@ class Lease:
         while True:
             generation, record = self._newest()
             free = record is None or record.get("released") or float(record.get("expires_at", 0)) < time.time()
-            if free and create_exclusive(self.storage, self._key(generation + 1), self._body()):
+            if free and self.storage.create_exclusive(self._key(generation + 1), self._body()):
                 self.generation = generation + 1
                 for old in range(max(1, generation - 8), generation):  # keep the listing short; best effort
                     try:

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from genmodels.checks import MAX_REQUEST_SAMPLES as MAX_SAMPLES
-from genmodels.checks import MAX_TEMPERATURE
+from genmodels.checks import check_temperature
 
 
 class OnnxSamplerModel(PythonModel):
@@ -64,8 +64,7 @@ class OnnxSamplerModel(PythonModel):
         temperature = row.get("temperature")
         if temperature is None or (isinstance(temperature, float) and math.isnan(temperature)):
             temperature = 1.0  # the API's default; a NaN is a row that left it out
-        if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+        check_temperature(temperature)
         return s.sample(n, seed, labels=s.request_labels(row.get("label"), n), temperature=float(temperature))
 
 

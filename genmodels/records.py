@@ -28,7 +28,8 @@ from typing import Any
 from genmodels.storage import Storage, open_storage
 
 __all__ = [
-    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "JobRecorder", "RetrainRecorder", "get_job", "job_is_stale", "last_retrain",
+    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "JobRecorder", "RetrainRecorder", "get_job", "job_error",
+    "job_is_stale", "last_retrain",
     "list_jobs", "list_retrains", "put_job", "put_retrain", "retrain_key", "utc_now",
 ]
 
@@ -229,9 +230,27 @@ class JobRecorder:
             r["status"], r["cancel_requested"] = "cancelled", True
             r["error"] = str(exc) or "interrupted; re-running the same command resumes the job"
         else:
-            r["status"], r["error"] = "failed", f"{type(exc).__name__}: {exc}"
+            r["status"], r["error"] = "failed", job_error(exc, r["job_id"])
         r["ended_at"] = utc_now()
         self._write()
+
+
+def job_error(exc: BaseException, job_id: str, log: logging.Logger = logger) -> str:
+    """What a failed job's record says of ``exc``; its details go to ``log``.
+
+    A record is answered to API clients, so it carries the message of a refusal they can act on
+    (a ``ValueError``: an output holding another job, labels the model lacks) and of nothing
+    else: a storage or worker fault's text names endpoints, hosts, process ids and source paths.
+    Those get an error id that the log line carries beside the traceback."""
+    # A Ray task's error wraps the writer's own (``cause``) in a text with the remote traceback.
+    while isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:
+        exc = exc.cause
+    if isinstance(exc, ValueError):
+        log.info("job %s refused: %s", job_id, exc)
+        return str(exc)
+    error_id = uuid.uuid4().hex[:16]
+    log.warning("job %s failed (error id %s)", job_id, error_id, exc_info=exc)
+    return f"{type(exc).__name__}: the job failed on the server side (error id {error_id}; the log has its details)"
 
 
 def job_is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:

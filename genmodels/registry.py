@@ -158,12 +158,12 @@ def input_example(sampler) -> Any:
 
 def model_metadata(sampler) -> dict[str, Any]:
     """What a client of the served model needs beyond the signature (MLmodel ``metadata``)."""
-    from genmodels import mlflow_model
+    from genmodels.checks import MAX_REQUEST_SAMPLES, MAX_TEMPERATURE, MIN_TEMPERATURE
 
     return {"genmodels": {"family": sampler.family, "conditional": sampler.conditional,
                           "num_classes": sampler.num_classes, "image_shape": list(sampler.image_shape),
-                          "levels": sampler.levels, "max_n": mlflow_model.MAX_SAMPLES,
-                          "max_temperature": mlflow_model.MAX_TEMPERATURE,
+                          "levels": sampler.levels, "max_n": MAX_REQUEST_SAMPLES,
+                          "min_temperature": MIN_TEMPERATURE, "max_temperature": MAX_TEMPERATURE,
                           "output": "one row per input row: images, float32 [n, C, H, W] in [0, 1]"}}
 
 
@@ -554,11 +554,22 @@ def current_version(name: str, alias: str = CHAMPION) -> str | None:
     return None if mv is None else str(mv.version)
 
 
+#: Registered models per search request (MLflow's own cap is 1000 a page).
+SEARCH_PAGE_SIZE = 1000
+
+
 def served_models(alias: str = CHAMPION) -> list[str]:
     """Registered models that have a version with ``alias`` (what serving loads by default)."""
     from mlflow import MlflowClient
 
-    return sorted(m.name for m in MlflowClient().search_registered_models() if alias in (m.aliases or {}))
+    client, names, token = MlflowClient(), [], None
+    while True:
+        # One search call answers one page (100 models unless asked for more), not the whole registry.
+        page = client.search_registered_models(max_results=SEARCH_PAGE_SIZE, page_token=token)
+        names += [m.name for m in page if alias in (m.aliases or {})]
+        token = page.token
+        if not token:
+            return sorted(names)
 
 
 def fetch_graphs(name: str, alias: str = CHAMPION) -> tuple[Any, dict[str, bytes]]:

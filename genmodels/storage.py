@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
-    "FileStorage", "S3Storage", "Storage", "StorageError", "check_reachable", "open_storage",
+    "FileStorage", "S3Storage", "Storage", "StorageError", "check_reachable", "json_bytes", "open_storage",
     "read_url", "split_url",
 ]
 
@@ -63,6 +63,12 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix and key else prefix or key
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How every JSON object is stored: sorted keys and a fixed indent, so the same object always
+    gives the same bytes (and sha256)."""
+    return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode("utf-8")
+
+
 class Storage(abc.ABC):
     """A root in an object store; every key is relative to it."""
 
@@ -71,6 +77,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write one object atomically: readers see the old object or the new one, never a mix."""
+
+    @abc.abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist; False when it does. The object appears whole.
+        Of two writers racing for one key exactly one succeeds: the store's own exclusive step."""
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -95,12 +106,15 @@ class Storage(abc.ABC):
     def url_for(self, key: str) -> str: ...
 
     @abc.abstractmethod
+    def parent(self) -> "Storage | None":
+        """The storage one level up (the bucket or filesystem root has none)."""
+
+    @abc.abstractmethod
     def check_reachable(self) -> None:
         """Raise StorageError naming the URL and the cause unless the root can be used."""
 
     def put_json(self, key: str, obj: Any) -> None:
-        # Sorted keys + fixed indent: the same object always gives the same bytes (and sha256).
-        self.put_bytes(key, (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+        self.put_bytes(key, json_bytes(obj))
 
     def get_json(self, key: str) -> Any:
         data = self.get_bytes(key)
@@ -135,6 +149,26 @@ class FileStorage(Storage):
                     f.flush()
                     os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
                 os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.url_for(key)}: {exc.strerror or exc}") from exc
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)  # fails if the name exists: the exclusive step
+                except FileExistsError:
+                    return False
+                return True
             finally:
                 tmp.unlink(missing_ok=True)
         except OSError as exc:
@@ -184,6 +218,9 @@ class FileStorage(Storage):
 
     def url_for(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def parent(self) -> "FileStorage | None":
+        return None if self.root.parent == self.root else FileStorage(self.root.parent)
 
     def check_reachable(self) -> None:
         # Side-effect free: the root itself may not exist yet (put_bytes creates it), but the
@@ -316,6 +353,19 @@ class S3Storage(Storage):
             return
         self._put_multipart(key, data)
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise self._error(exc, "write", self.url_for(key)) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "write", self.url_for(key)) from exc
+        return True
+
     def _put_multipart(self, key: str, data: bytes | memoryview) -> None:
         import io
 
@@ -393,6 +443,11 @@ class S3Storage(Storage):
 
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def parent(self) -> "S3Storage | None":
+        if not self.prefix:
+            return None
+        return S3Storage(self.bucket, self.prefix.rpartition("/")[0], _client=self._s3)
 
     def check_reachable(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -129,7 +129,8 @@ class JobManager:
     ``storage``: the platform storage URL holding ``jobs/`` (default ``Settings().storage_url``).
     ``output_roots``: URL prefixes a job may write under (default ``Settings().output_roots``).
     Limits (default: ``Settings``): ``max_active`` jobs run at once, later ones queue in
-    submission order; ``max_samples`` / ``max_shards`` / ``max_bytes`` per job; ``keep_ended``
+    submission order; ``max_samples`` / ``max_shards`` / ``max_bytes`` per job, ``max_shard_bytes``
+    per shard; ``keep_ended``
     ended jobs stay in memory (older ones are answered from their records).
     """
 
@@ -140,7 +141,8 @@ class JobManager:
     def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None, workers: int = 2,
                  use_ray: bool = True, storage: str | None = None, output_roots: Sequence[str] | None = None,
                  max_active: int | None = None, max_samples: int | None = None, max_shards: int | None = None,
-                 max_bytes: int | None = None, keep_ended: int | None = None) -> None:
+                 max_bytes: int | None = None, max_shard_bytes: int | None = None,
+                 keep_ended: int | None = None) -> None:
         from genmodels import registry
         from genmodels.config import get_settings
         from genmodels.storage import open_storage
@@ -156,6 +158,7 @@ class JobManager:
         self.max_samples = pick(max_samples, settings.job_max_samples)
         self.max_shards = pick(max_shards, settings.job_max_shards)
         self.max_bytes = pick(max_bytes, settings.job_max_bytes)
+        self.max_shard_bytes = pick(max_shard_bytes, settings.job_max_shard_bytes)
         self.keep_ended = max(0, pick(keep_ended, settings.jobs_kept_in_memory))
         # Written into every record this manager writes: which process ran the job.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -164,9 +167,11 @@ class JobManager:
         self._queue: collections.deque[str] = collections.deque()  # queued job ids, next first
         self._active: set[str] = set()  # admitted: their thread runs
         self._ended_order: collections.deque[str] = collections.deque()  # ended jobs still in _jobs, oldest first
-        # Records of jobs that ended, read from storage: only this manager rewrites them (by
-        # re-running the job), so they are read once; bounded, the oldest read is dropped first.
-        self._ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        # Records of jobs that ended, read from storage, with when they were read (time.monotonic()):
+        # a page answers from them for ended_record_ttl_s. Not for ever: the generate flow (CLI,
+        # Prefect) re-runs a job under its id and rewrites its record. Bounded, the oldest read
+        # dropped first.
+        self._ended: collections.OrderedDict[str, tuple[dict[str, Any], float]] = collections.OrderedDict()
         # (name, version) -> (graphs, conditional, num_classes, pixels per image): a version's graphs never change.
         self._models: dict[tuple[str, str], tuple[dict[str, bytes], bool, int, int]] = {}
 
@@ -193,7 +198,10 @@ class JobManager:
                         files, sampler.conditional, sampler.num_classes, math.prod(sampler.image_shape)))
         except RequestError:
             raise
-        except Exception:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
+        except Exception as exc:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
+            if getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":  # a name MLflow refuses ("a/b")
+                raise RequestError(404, "model_not_found", f"no registered model {name!r}: "
+                                                           f"{getattr(exc, 'message', exc)}") from None
             logger.warning("job submission: cannot resolve %r@%s in the registry", name, self.alias, exc_info=True)
             raise RequestError(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
                                                             "later") from None
@@ -239,18 +247,25 @@ class JobManager:
 
     #: Ended records read from storage kept in memory, at most.
     ended_records_cached: int = 1000
+    #: Seconds a listing answers an ended job from the record read before, not from storage.
+    ended_record_ttl_s: float = 30.0
 
     def _remember(self, record: dict[str, Any]) -> None:
         with self._lock:
-            self._ended[record["job_id"]] = record
+            self._ended[record["job_id"]] = (record, time.monotonic())
             self._ended.move_to_end(record["job_id"])
             while len(self._ended) > self.ended_records_cached:
                 self._ended.popitem(last=False)
 
+    def _recent_ended(self) -> dict[str, dict[str, Any]]:
+        """The ended records read less than ``ended_record_ttl_s`` ago."""
+        since = time.monotonic() - self.ended_record_ttl_s
+        with self._lock:
+            return {jid: record for jid, (record, read_at) in self._ended.items() if read_at > since}
+
     def _record(self, jid: str) -> dict[str, Any] | None:
-        cached = self._ended.get(jid)
-        if cached is not None:
-            return cached
+        # One job's status is read from storage every time: it is one small object, and the
+        # answer a client polls for must not lag a re-run.
         record = records.get_job(self.storage, jid)
         if record is not None and record.get("status") not in ACTIVE:
             self._remember(record)
@@ -269,6 +284,13 @@ class JobManager:
         if spec.n * pixels > self.max_bytes:
             raise invalid("n", f"n={spec.n:_} images of {pixels:_} bytes make {spec.n * pixels:_} bytes, at most "
                                f"{self.max_bytes:_} on this server (GENMODELS_JOB_MAX_BYTES)")
+        shard = min(spec.shard_size, spec.n)
+        if shard * pixels > self.max_shard_bytes:
+            # A writer holds a whole shard in memory: one huge shard could take the replica down.
+            raise invalid("shard_size", f"shards of {shard:_} images of {pixels:_} bytes make {shard * pixels:_} "
+                                        f"bytes, at most {self.max_shard_bytes:_} on this server "
+                                        f"(GENMODELS_JOB_MAX_SHARD_BYTES); use shard_size <= "
+                                        f"{max(1, self.max_shard_bytes // pixels):_}")
         try:
             bulk.check_output_root(spec.output, self.output_roots)
         except ValueError as exc:
@@ -355,9 +377,9 @@ class JobManager:
             with job.lock:
                 job.status, job.error = CANCELLED, str(exc)
         except Exception as exc:  # the job's failure is its status; the replica keeps serving
-            logger.warning("job %s failed", jid, exc_info=True)
+            error = records.job_error(exc, jid, logger)
             with job.lock:
-                job.status, job.error = FAILED, f"{type(exc).__name__}: {exc}"
+                job.status, job.error = FAILED, error
         else:
             with job.lock:
                 job.manifest, job.done, job.status = manifest, manifest["totals"]["samples"], SUCCEEDED
@@ -400,18 +422,28 @@ class JobManager:
     def limits(self) -> dict[str, Any]:
         """What a job request must fit on this server (published in the served OpenAPI)."""
         return {"output_roots": list(self.output_roots), "max_samples": self.max_samples,
-                "max_shards": self.max_shards, "max_bytes": self.max_bytes, "max_active": self.max_active}
+                "max_shards": self.max_shards, "max_bytes": self.max_bytes, "max_shard_bytes": self.max_shard_bytes,
+                "max_active": self.max_active}
+
+    def _rerun_elsewhere(self, record: dict[str, Any] | None) -> bool:
+        """A record of a job that ended here, rewritten since by another process (a re-run by the
+        generate flow): it, not this process's memory, is the job's state now."""
+        return record is not None and record.get("owner") != self.owner
 
     def get(self, jid: str) -> dict[str, Any]:
         job = self._jobs.get(jid)
-        if job is not None:
+        if job is not None and not job.ended.is_set():
             return job.to_dict(jid)
         try:
             record = self._record(jid)
         except Exception:  # noqa: BLE001 - storage trouble is the answer's error, not a crash
+            if job is not None:
+                return job.to_dict(jid)
             logger.warning("cannot read the record of job %r", jid, exc_info=True)
             raise RequestError(503, "storage_unavailable", "the job records cannot be read right now; try again "
                                                            "later") from None
+        if job is not None and not self._rerun_elsewhere(record):
+            return job.to_dict(jid)
         if record is None:
             raise RequestError(404, "job_not_found", f"no job {jid!r}: not running here and not recorded under "
                                                 f"{records.prefix_url(self.storage, records.JOBS)}")
@@ -419,7 +451,8 @@ class JobManager:
 
     def cancel(self, jid: str) -> dict[str, Any]:
         """Ask a queued or running job to stop; its completed shards stay (re-submitting resumes).
-        A job not running here (ended, or interrupted) is answered as it is."""
+        A job not running here (ended, or interrupted) is answered as it is; one that another
+        process runs (the generate flow) is refused (409): only that process can stop it."""
         with self._lock:
             job = self._jobs.get(jid)
             queued = job is not None and jid in self._queue
@@ -427,8 +460,14 @@ class JobManager:
                 self._queue.remove(jid)
                 for position, other in enumerate(self._queue, 1):
                     self._jobs[other].position = position
-        if job is None:
-            return self.get(jid)
+        if job is None or job.ended.is_set():
+            found = self.get(jid)
+            if found["status"] in ACTIVE:
+                # The generate flow (CLI, Prefect) runs it: this server cannot reach its process.
+                raise RequestError(409, "job_runs_elsewhere", f"job {jid} is run by another process (the generate "
+                                   "flow: a `genmodels generate` command or a Prefect run), not by this server; "
+                                   "stop it there: its completed shards are kept")
+            return found
         if queued:
             self._cancel_queued(jid, job)
         elif job.status in ACTIVE:
@@ -454,9 +493,13 @@ class JobManager:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise refuse("offset", "offset must be an integer >= 0")
         with self._lock:
-            live = {jid: job.to_dict(jid, manifest=False) for jid, job in self._jobs.items()}
+            live = {jid: job.to_dict(jid, manifest=False) for jid, job in self._jobs.items()
+                    if not job.ended.is_set()}
+            ended_here = {jid: job.to_dict(jid, manifest=False) for jid, job in self._jobs.items()
+                          if job.ended.is_set()}
+        cached = self._recent_ended()
         try:
-            fresh = records.list_jobs(self.storage, skip_ids=set(live) | set(self._ended))
+            fresh = records.list_jobs(self.storage, skip_ids=set(live) | set(cached))
         except Exception:  # noqa: BLE001 - see get()
             logger.warning("cannot list the job records in %s", records.prefix_url(self.storage, records.JOBS),
                            exc_info=True)
@@ -465,9 +508,12 @@ class JobManager:
         for record in fresh:
             if record.get("status") not in ACTIVE:
                 self._remember(record)
-        with self._lock:
-            cached = list(self._ended.values())
-        recorded = {r["job_id"]: r for r in [*cached, *fresh] if r.get("job_id") not in live}
+        recorded = {r["job_id"]: r for r in [*cached.values(), *fresh] if r.get("job_id") not in live}
+        # A job that ended here is answered from memory unless another process has re-run it since.
+        for jid, answer in ended_here.items():
+            if not self._rerun_elsewhere(recorded.get(jid)):
+                live[jid] = answer
+                recorded.pop(jid, None)
         jobs = [*live.values(), *(self._from_record(r) for r in recorded.values())]
         if status is not None:
             jobs = [j for j in jobs if j["status"] == status]

@@ -12,7 +12,7 @@ from genmodels.bulk.on_ray import run_on_ray
 from genmodels.bulk.shards import sha256
 from genmodels.bulk.spec import JOB_FORMAT, JOB_KEY, MANIFEST_KEY, JobCancelled, JobSpec, check_int, shard_plan
 from genmodels.bulk.writer import ShardWriter
-from genmodels.storage import Storage, open_storage
+from genmodels.storage import FileStorage, Storage, StorageError, json_bytes, open_storage
 
 
 def _open_output(url: str) -> Storage:
@@ -32,22 +32,44 @@ def _job_record(spec: JobSpec, sampler_files: Mapping[str, bytes]) -> dict[str, 
 
 def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
     """Write job.json for a new job; accept the same job again; refuse anything else untouched."""
-    if storage.exists(JOB_KEY):
+    if not storage.exists(JOB_KEY):
+        if storage.list(""):
+            # Naming no object found there: the caller may not own it (and learns nothing about it).
+            raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
+                             "bulk jobs write only into a fresh prefix or their own")
+        enclosing = _enclosing_job(storage)
+        if enclosing is not None:
+            # Its readers take every object under it for its own, and its shards could collide with ours.
+            raise ValueError(f"output {storage.url} lies inside the output of another job ({enclosing}); "
+                             "nothing was written. Use a prefix outside every job's output")
+        if storage.create_exclusive(JOB_KEY, json_bytes(job)):
+            return
+        # Another job claimed this prefix since the checks above: it is compared like any other.
+    try:
+        existing = storage.get_json(JOB_KEY)
+    except ValueError:
+        existing = None
+    if existing != job:
+        diff = _describe_difference(existing, job)
+        raise ValueError(f"output {storage.url} holds another job ({diff}); nothing was written. "
+                         "Use a new output prefix, or re-submit the same spec to resume")
+
+
+def _enclosing_job(storage: Storage) -> str | None:
+    """The URL of the job output above ``storage`` (a parent holding a job's job.json), or None."""
+    if isinstance(storage, FileStorage):
+        storage = FileStorage(os.path.realpath(storage.root))  # a link must not hide the job above it
+    above = storage.parent()
+    while above is not None:
         try:
-            existing = storage.get_json(JOB_KEY)
-        except ValueError:
-            existing = None
-        if existing != job:
-            diff = _describe_difference(existing, job)
-            raise ValueError(f"output {storage.url} holds another job ({diff}); nothing was written. "
-                             "Use a new output prefix, or re-submit the same spec to resume")
-        return
-    others = storage.list("")
-    if others:
-        # Naming no object found there: the caller may not own it (and learns nothing about it).
-        raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
-                         "bulk jobs write only into a fresh prefix or their own")
-    storage.put_json(JOB_KEY, job)
+            record = above.get_json(JOB_KEY) if above.exists(JOB_KEY) else None
+        except (StorageError, ValueError):
+            # Unreadable from here (credentials scoped to a prefix, or not a job's record): not a job we can see.
+            record = None
+        if isinstance(record, dict) and record.get("format") == JOB_FORMAT:
+            return above.url
+        above = above.parent()
+    return None
 
 
 def _describe_difference(existing: Any, job: dict[str, Any]) -> str:

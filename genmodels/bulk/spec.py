@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import operator
 import os
 from collections.abc import Mapping, Sequence
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from genmodels.checks import check_labels_array
+from genmodels.checks import check_labels_array, check_temperature
 from genmodels.noise import check_seed
 from genmodels.storage import open_storage
 
@@ -141,11 +140,12 @@ class JobSpec:
             raise ValueError(str(exc)) from None
         put("labels", self._check_labels(self.labels))
         try:
+            if isinstance(self.temperature, bool):
+                raise TypeError
             temperature = float(self.temperature)
         except (TypeError, ValueError):
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}") from None
-        if isinstance(self.temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}") from None
+        check_temperature(temperature)
         put("temperature", temperature)
         put("shard_size", check_int(self.shard_size, "shard_size", 1, MAX_SHARD_SIZE))
         if self.num_shards > MAX_SHARDS:

@@ -70,7 +70,8 @@ def jobs_router(backend) -> APIRouter:
     @router.delete("/{job_id}", response_model=JobStatus, status_code=202)
     async def cancel(job_id: JobId):
         """Ask the job to stop (202; ``status`` turns ``cancelled`` once it has); completed shards are
-        kept. A job already ended is left as it is (200)."""
+        kept. A job already ended is left as it is (200); one run by another process (a
+        `genmodels generate` command, a Prefect run) is refused (409): stop it there."""
         require()
         result = await backend.cancel_job(job_id)
         return answer(result, status=202 if result.get("status") in ACTIVE else 200)

@@ -169,8 +169,10 @@ def test_served_conditional_model_without_labels_walks_the_classes_as_the_api_do
     (["seed", "n"], [[1, 2], [1, 257]], "row 1: n must be in [1, 256], got 257"),
     (["seed", "n", "label"], [[1, 2, 10]], "row 0: labels must lie in [0, 10)"),
     (["seed", "n"], [[-1, 2]], "row 0: seed must be in [0, 2**63-1]"),
-    (["seed", "n", "temperature"], [[1, 2, 0.0]], "row 0: temperature must be in (0, 100]"),
-], ids=["no-seed", "n-zero", "n-too-large", "label-out-of-range", "negative-seed", "zero-temperature"])
+    (["seed", "n", "temperature"], [[1, 2, 0.0]], "row 0: temperature must be in [0.001, 100], got 0.0"),
+    (["seed", "n", "temperature"], [[1, 2, 1e-40]], "row 0: temperature must be in [0.001, 100], got 1e-40"),
+], ids=["no-seed", "n-zero", "n-too-large", "label-out-of-range", "negative-seed", "zero-temperature",
+        "underflowing-temperature"])
 def test_served_model_refuses_bad_input_with_a_400_naming_the_defect(served, columns, rows, message):
     asked = invoke(served, columns, rows)
     assert asked.status_code == 400, asked.text
@@ -241,11 +243,15 @@ def test_the_shipped_code_is_what_the_runtime_imports_outside_the_checkout(outsi
 def test_pyfunc_limits_are_the_apis():
     from pydantic import ValidationError
 
-    from genmodels import mlflow_model
+    from genmodels import checks, mlflow_model
     from serving.api import SampleRequest
 
-    SampleRequest(n=mlflow_model.MAX_SAMPLES, temperature=mlflow_model.MAX_TEMPERATURE)
+    SampleRequest(n=mlflow_model.MAX_SAMPLES, temperature=checks.MAX_TEMPERATURE)
+    SampleRequest(temperature=checks.MIN_TEMPERATURE)
     with pytest.raises(ValidationError):
         SampleRequest(n=mlflow_model.MAX_SAMPLES + 1)
-    with pytest.raises(ValidationError):
-        SampleRequest(temperature=np.nextafter(mlflow_model.MAX_TEMPERATURE, np.inf))
+    for outside in (np.nextafter(checks.MAX_TEMPERATURE, np.inf), np.nextafter(checks.MIN_TEMPERATURE, 0)):
+        with pytest.raises(ValidationError):
+            SampleRequest(temperature=outside)
+        with pytest.raises(ValueError, match="temperature must be in"):
+            checks.check_temperature(outside)

@@ -276,6 +276,7 @@ def test_analogies_refuse_an_empty_image(server):
     ("post", f"/v1/models/{VAE}/samples", {"n": 257}, 422, "invalid_request"),
     ("post", f"/v1/models/{VAE}/samples", {"n": 2.5}, 422, "invalid_request"),
     ("post", f"/v1/models/{VAE}/samples", {"n": 1, "temperature": 0}, 422, "invalid_request"),
+    ("post", f"/v1/models/{VAE}/samples", {"n": 1, "temperature": 1e-40}, 422, "invalid_request"),
     ("post", f"/v1/models/{VAE}/samples", {"n": 1, "seed": -1}, 422, "invalid_request"),
     ("post", f"/v1/models/{VAE}/samples", {"n": 1, "format": "jpeg"}, 422, "invalid_request"),
     ("post", f"/v1/models/{VAE}/samples", {"n": 1, "colour": "red"}, 422, "invalid_request"),
@@ -374,6 +375,8 @@ def test_config_yaml_is_a_valid_serve_config_for_build_app():
     assert resolve_args(app.args)["models"] is None
     with pytest.raises(ValueError, match="unknown serving args"):
         resolve_args({"max_batchsize": 3})
+    with pytest.raises(ValueError, match="reload_interval_s"):
+        resolve_args({"reload_interval_s": 0})  # the reload thread would poll the registry without a pause
 
 
 # --- auth, then hot reload under auth (each redeploy costs seconds: keep these last) -------------------
@@ -433,12 +436,24 @@ def test_hot_reload_switches_version_without_failing_requests(server, trained, l
     assert np.array_equal(np.asarray(now["images"], np.float32), v2.sample(4, seed=21))
 
 
-def test_unpinned_models_include_those_promoted_later_and_pinned_ones_do_not(trained):
+def test_unpinned_models_include_those_promoted_later_and_pinned_ones_do_not(trained, monkeypatch):
+    from genmodels import registry
     from serving.models import ModelSet
 
     unpinned = ModelSet(None, "champion", trained["tracking_uri"])
     pinned = ModelSet([VAE], "champion", trained["tracking_uri"])
     try:
+        assert {VAE, CVAE} <= set(unpinned.names)
+        from mlflow import MlflowClient
+
+        search = MlflowClient.search_registered_models
+
+        def one_a_page(client, *args, max_results=None, **kwargs):  # a registry that answers 1 model a search
+            return search(client, *args, max_results=1, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(MlflowClient, "search_registered_models", one_a_page)
+            assert registry.served_models() == unpinned.names
         assert "later-vae" not in unpinned.names
         assert unpinned.poll_once() == []  # nothing moved yet
         version = trained["register"]("vae1", "vae", 48.0, dataset="later")

@@ -484,9 +484,12 @@ def test_an_output_outside_the_roots_is_422_naming_no_file(registered, tmp_path)
     ({"n": 101}, "n"),                       # samples
     ({"n": 40, "shard_size": 10}, "shard_size"),  # 4 shards
     ({"n": 60, "shard_size": 30}, "n"),      # 60 images of 8x8 = 3,840 bytes
+    ({"n": 40, "shard_size": 21}, "shard_size"),  # a shard of 21 images = 1,344 bytes
+    ({"n": 21, "shard_size": 1000}, "shard_size"),  # one shard of all 21
 ])
 def test_limits_per_job_are_422_naming_the_field(registered, tmp_path, body, field):
-    manager = _manager(registered, (tmp_path / "store").as_uri(), max_samples=100, max_shards=3, max_bytes=50 * 64)
+    manager = _manager(registered, (tmp_path / "store").as_uri(), max_samples=100, max_shards=3, max_bytes=50 * 64,
+                       max_shard_bytes=20 * 64)
     r = _refused(manager.submit, {**SMALL, **body, "output": (tmp_path / "out").as_uri()})
     assert (r.status_code, r.error) == (422, "invalid_request"), r
     assert [d["loc"] for d in r.detail] == [["body", field]] and "GENMODELS_JOB_MAX_" in r.detail[0]["msg"]
@@ -552,6 +555,53 @@ def test_records_without_a_job_id_do_not_break_the_listing(registered, tmp_path)
     (store / "jobs" / "wrong-status.json").write_text(json.dumps({"job_id": "wrong-status", "status": "done"}))
     restarted = _manager(registered, store.as_uri())
     assert [j["job_id"] for j in restarted.list()] == [jid]
+
+
+def test_a_job_re_run_by_the_flow_after_this_server_ran_it_is_answered_as_it_is_now(registered, tmp_path):
+    from genmodels import records
+
+    store = tmp_path / "store"
+    manager = _manager(registered, store.as_uri())
+    jid = manager.submit({**SMALL, "output": (tmp_path / "o").as_uri()})["job_id"]
+    assert manager.wait(jid, timeout=60)["status"] == "succeeded" and jid in manager._jobs
+    manager.ended_record_ttl_s = 0.0
+    with records.JobRecorder(store.as_uri(), jid, _record(store, jid)["spec"]):  # `genmodels generate`, again
+        assert manager.get(jid)["status"] == "running"
+        assert [(j["job_id"], j["status"]) for j in manager.list()] == [(jid, "running")]
+    ended = manager.get(jid)
+    assert ended["status"] == "failed" and ended["error"] == "ended without a manifest"
+    assert [(j["job_id"], j["status"]) for j in manager.list()] == [(jid, "failed")]
+
+
+def test_a_job_that_fails_on_the_server_side_records_an_error_id_not_the_fault(registered, tmp_path, monkeypatch):
+    import logging
+
+    def broken_disk(spec, files, **kw):
+        raise OSError("[Errno 28] No space left on device: '/srv/genmodels/outputs/.shard-00000.npz' on 10.0.0.7")
+
+    monkeypatch.setattr(bulk, "run_job", broken_disk)
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    server_log = logging.getLogger("ray.serve")  # the replica's log, whatever its propagation
+    server_log.addHandler(handler)
+    try:
+        manager = _manager(registered, (tmp_path / "store").as_uri())
+        jid = manager.submit({**SMALL, "output": (tmp_path / "o").as_uri()})["job_id"]
+        failed = manager.wait(jid, timeout=60)
+    finally:
+        server_log.removeHandler(handler)
+    assert failed["status"] == "failed" and "/srv" not in failed["error"] and "10.0.0.7" not in failed["error"]
+    error_id = failed["error"].split("error id ")[1][:16]
+    assert any(error_id in r.getMessage() and "10.0.0.7" in str(r.exc_info[1]) for r in logged)
+    assert _record(tmp_path / "store", jid)["error"] == failed["error"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "x:y", "..", "nope"])
+def test_a_model_name_the_registry_cannot_hold_is_404_not_a_registry_outage(registered, tmp_path, name):
+    manager = _manager(registered, (tmp_path / "store").as_uri())
+    r = _refused(manager.submit, {**SMALL, "model": name, "output": (tmp_path / "o").as_uri()})
+    assert (r.status_code, r.error) == (404, "model_not_found") and repr(name) in r.detail, r
 
 
 def test_a_registry_that_cannot_be_reached_is_503_without_its_details(registered, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -316,10 +317,51 @@ def test_non_empty_prefix_without_a_job_is_refused(vae, tmp_path):
     assert sorted(files_of(tmp_path / "o")) == ["data.csv"]
 
 
+def test_output_inside_another_jobs_output_is_refused_and_that_job_stays_whole(vae, tmp_path):
+    root = tmp_path / "o"
+    bulk.run_job(spec(root), vae, use_ray=False)
+    before = files_of(root)
+    (tmp_path / "link").symlink_to(root)
+    # A name the running job's next shard would take, a folder beside its shards, a link leading into it.
+    for inner in (root / "shards" / "shard-00099.npz", root / "extra", tmp_path / "link" / "more"):
+        with pytest.raises(ValueError, match=re.escape(f"inside the output of another job ({root.as_uri()})")):
+            bulk.run_job(spec(inner, seed=9), vae, use_ray=False)
+    assert files_of(root) == before
+    bulk.verify(root.as_uri())
+    # A job.json that is not a job's record does not make its folder a job's output.
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "job.json").write_text('{"kind": "something else"}')
+    bulk.run_job(spec(tmp_path / "p" / "q"), vae, use_ray=False)
+
+
+def test_output_inside_another_jobs_output_on_s3_is_refused(vae, s3_bucket):
+    bulk.run_job(spec(f"{s3_bucket}/a", n=20), vae, use_ray=False)
+    with pytest.raises(ValueError, match="inside the output of another job"):
+        bulk.run_job(spec(f"{s3_bucket}/a/shards/x", n=20), vae, use_ray=False)
+    bulk.verify(f"{s3_bucket}/a")
+
+
+def test_a_job_that_loses_the_race_for_an_empty_output_writes_nothing(vae, tmp_path, monkeypatch):
+    root, ours, theirs = tmp_path / "o", spec(tmp_path / "o"), spec(tmp_path / "o", seed=8)
+    original = FileStorage.create_exclusive
+
+    def other_job_claims_first(storage, key, data):
+        # The other job passed the same emptiness check a moment earlier and claims first.
+        monkeypatch.setattr(FileStorage, "create_exclusive", original)
+        bulk.run_job(theirs, vae, use_ray=False)
+        return original(storage, key, data)
+
+    monkeypatch.setattr(FileStorage, "create_exclusive", other_job_claims_first)
+    with pytest.raises(ValueError, match="holds another job.*seed: 8 != 3"):
+        bulk.run_job(ours, vae, use_ray=False)
+    assert bulk.verify(root.as_uri())["spec"]["seed"] == 8
+
+
 @pytest.mark.parametrize("kw, field", [
     ({"n": 0}, "n"), ({"n": 100_000_001}, "n"), ({"n": True}, "n"),
     ({"output": "http://x"}, "output"), ({"output": "/tmp/plain/path"}, "output"), ({"output": "s3://"}, "output"),
     ({"temperature": 0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 1e-40}, "temperature"), ({"temperature": 101}, "temperature"), ({"temperature": True}, "temperature"),
     ({"shard_size": 0}, "shard_size"), ({"shard_size": 1_000_001}, "shard_size"),
     ({"n": 100_000_000, "shard_size": 999}, "shard_size"),
     ({"format": "jpg"}, "format"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),

@@ -208,7 +208,7 @@ def test_bad_completion_requests_are_refused():
         rnn.complete(x, 4, 0)
     with pytest.raises(ValueError, match="expected an image"):
         mix.complete(torch.zeros(2, 8), 4, 2)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"temperature must be in \[0.001, 100\]"):
         mix.complete(x, 4, 2, temperature=0)
     with pytest.raises(ValueError, match="unconditional"):
         mix.complete(x, 4, 2, labels=1)

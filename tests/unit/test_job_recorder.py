@@ -4,6 +4,7 @@ the form the serving API writes its own, so `GET /v1/jobs` (JobManager, in-proce
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -60,19 +61,62 @@ def test_the_api_and_the_flow_give_one_spec_one_id(tmp_path):
     assert job_id(_spec(tmp_path)) == bulk.job_id(_spec(tmp_path)) != bulk.job_id(_spec(tmp_path, seed=3))
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError("disk full"), "failed"),
+@pytest.mark.parametrize("error, status", [(RuntimeError("disk full at 10.0.0.7 in /srv/genmodels/x.py"), "failed"),
+                                           (ValueError("output file:///o holds another job (differs in seed)"),
+                                            "failed"),
                                            (KeyboardInterrupt(), "cancelled"),
                                            (bulk.JobCancelled(1, 3), "cancelled")])
-def test_a_job_that_raises_is_recorded_ended_and_the_error_propagates(tmp_path, error, status):
+def test_a_job_that_raises_is_recorded_ended_and_the_error_propagates(tmp_path, caplog, error, status):
     store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
     with pytest.raises(type(error)):
         with records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()):
             raise error
     record = records.get_job(store, bulk.job_id(spec))
     assert record["status"] == status and record["ended_at"] and record["error"]
-    if status == "failed":
-        assert record["error"] == "RuntimeError: disk full"
+    if isinstance(error, ValueError):  # a refusal the client can act on: its message as it is
+        assert record["error"] == str(error)
+    elif status == "failed":
+        # API clients read records: a fault's text (hosts, paths) stays in the log, under an error id.
+        error_id = re.fullmatch(r"RuntimeError: the job failed on the server side \(error id ([0-9a-f]{16}); "
+                                r"the log has its details\)", record["error"]).group(1)
+        (logged,) = [r for r in caplog.records if error_id in r.getMessage()]
+        assert logged.exc_info[1] is error
     assert records.list_jobs(store)[0]["job_id"] == bulk.job_id(spec)
+
+
+def test_a_remote_error_is_recorded_by_its_cause(tmp_path):
+    """A Ray task's error wraps the writer's own (``cause``) in a text with the remote traceback."""
+    class RemoteError(RuntimeError):
+        def __init__(self, cause):
+            super().__init__(f"ray::Writer.write() (pid=4242, ip=10.0.0.7)\nTraceback ... {cause}")
+            self.cause = cause
+
+    refusal = ValueError("labels: model has 3 classes")
+    assert records.job_error(RemoteError(refusal), "j") == str(refusal)
+    fault = records.job_error(RemoteError(OSError("No space left on /srv/data")), "j")
+    assert fault.startswith("OSError: the job failed on the server side") and "10.0.0.7" not in fault
+
+
+def test_a_job_re_run_by_the_flow_is_answered_as_it_is_now_and_cannot_be_cancelled_by_the_api(tmp_path):
+    from serving.errors import RequestError
+
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+    jid = bulk.job_id(spec)
+    manager = _manager(tmp_path, store)
+    with pytest.raises(bulk.JobCancelled):
+        with records.JobRecorder(store, jid, spec.to_dict()):
+            raise bulk.JobCancelled(1, 3)
+    assert manager.get(jid)["status"] == manager.page()["jobs"][0]["status"] == "cancelled"  # read: now cached
+    with records.JobRecorder(store, jid, spec.to_dict()) as again:  # the same command, run again
+        assert manager.get(jid)["status"] == "running"
+        with pytest.raises(RequestError) as refused:
+            manager.cancel(jid)  # its process is not this server's: it cannot stop it
+        assert (refused.value.status_code, refused.value.error) == (409, "job_runs_elsewhere")
+        again.succeeded("file:///x/manifest.json", {"samples": 40, "shards": 3, "bytes": 1})
+    assert manager.get(jid)["status"] == "succeeded"
+    manager.ended_record_ttl_s = 0.0  # a listing re-reads records older than this
+    assert manager.page()["jobs"][0]["status"] == "succeeded"
+    assert manager.cancel(jid)["status"] == "succeeded"  # ended: answered as it is
 
 
 def test_a_long_job_keeps_its_heartbeat_and_a_dead_one_reads_as_interrupted(tmp_path, monkeypatch):

@@ -3,12 +3,11 @@ take-over, renewal, and a holder that lost its lease finding out."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from genmodels.lease import Lease, LeaseBusy, LeaseLost, create_exclusive
+from genmodels.lease import Lease, LeaseBusy, LeaseLost
 from genmodels.storage import open_storage
 
 
@@ -17,23 +16,6 @@ def storage(request, tmp_path):
     if request.param == "file":
         return open_storage(tmp_path / "store")
     return open_storage(request.getfixturevalue("s3_bucket"))
-
-
-def test_exclusive_create_lets_exactly_one_writer_win(storage):
-    results = []
-    barrier = threading.Barrier(6)
-
-    def race(i: int) -> None:
-        barrier.wait()
-        results.append((create_exclusive(storage, "leases/x/000000000001.json", f"{i}".encode()), i))
-
-    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [i for won, i in results if won]
-    assert len(winners) == 1 and storage.get_bytes("leases/x/000000000001.json") == f"{winners[0]}".encode()
 
 
 def test_one_holder_at_a_time_and_release_frees_it(storage):

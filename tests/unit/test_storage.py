@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 
 import pytest
@@ -91,6 +92,32 @@ def test_invalid_keys_are_rejected(storage, key):
         storage.put_bytes(key, b"x")
     with pytest.raises(ValueError):
         storage.get_bytes(key)
+
+
+def test_exclusive_create_lets_exactly_one_writer_win(storage):
+    results = []
+    barrier = threading.Barrier(6)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        results.append((storage.create_exclusive("leases/x/000000000001.json", f"{i}".encode()), i))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for won, i in results if won]
+    assert len(winners) == 1 and storage.get_bytes("leases/x/000000000001.json") == f"{winners[0]}".encode()
+
+
+def test_parent_walks_up_to_the_root(storage):
+    deep = storage.child("a/b")
+    assert deep.parent().url == storage.child("a").url and deep.parent().parent().url == storage.url
+    top = storage
+    while top.parent() is not None:
+        top = top.parent()
+    assert top.url == ("file:///" if isinstance(storage, FileStorage) else f"s3://{storage.bucket}")
 
 
 def test_read_url_reads_one_object(storage):
