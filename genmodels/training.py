@@ -328,7 +328,8 @@ def train(
                         bad_epochs += 1
             history.append(record)
             stopped_early = early_stop_reached(cfg, best_state, bad_epochs)
-            out_of_time = cfg.max_seconds is not None and time.monotonic() - started >= cfg.max_seconds
+            out_of_time = cfg.max_seconds is not None and _any_worker(
+                time.monotonic() - started >= cfg.max_seconds, ctx, device)
             last = stopped_early or out_of_time or epoch + 1 == cfg.epochs
             if (epoch + 1) % cfg.checkpoint_every == 0 or last:
                 state = _training_state(model, optimizers, schedulers, history, epoch + 1, best_val, bad_epochs,
@@ -503,6 +504,12 @@ def _validation_loss(model, val_split, image, cfg, ctx, device) -> float:
         total[1] += len(batch["y"])
     total = ctx.all_reduce_sum(total)
     return float(total[0] / total[1])
+
+
+def _any_worker(flag: bool, ctx: TrainingContext, device: torch.device | str) -> bool:
+    """``flag`` of any worker, the same answer on all: each worker reads its own clock, and one
+    that stopped alone would leave the others waiting in the next epoch's collectives."""
+    return bool(ctx.all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
 def early_stop_reached(cfg: TrainConfig, best_state: Mapping[str, Any] | None, bad_epochs: int) -> bool:

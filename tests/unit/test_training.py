@@ -425,3 +425,28 @@ def test_max_seconds_stops_with_a_checkpoint_and_resumes(tmp_path):
     rest = train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot,
                  TrainConfig(epochs=4, batch_size=16, early_stopping_patience=None), LocalContext(storage))
     assert rest.resumed_from_epoch == 1 and rest.epochs_completed == 4
+
+
+def test_a_worker_whose_own_budget_is_left_stops_with_the_one_that_ran_out(tmp_path):
+    """Each worker reads its own clock: when another worker's budget ran out, this one must stop
+    at the same epoch, or it would wait in the next epoch's collectives for a worker that left."""
+    from genmodels.storage import open_storage
+
+    class OtherWorkerOutOfTime(LocalContext):
+        flags: list = []
+
+        def all_reduce_sum(self, tensor):
+            if tensor.numel() == 1 and tensor.item() in (0.0, 1.0):  # the budget flag: the other worker's is 1
+                self.flags.append(tensor.item())
+                return tensor + 1.0
+            return tensor
+
+    image = ImageSpec(1, 4, 4, 2, 2)
+    x = np.random.default_rng(0).integers(0, 2, (64, 1, 4, 4)).astype(np.uint8) * 255
+    split = SimpleNamespace(x=x, y=np.zeros(64, np.int64), x_binary=(x > 127).astype(np.uint8))
+    snapshot = SimpleNamespace(image=image, splits={"train": split}, dataset="t", hash="0" * 64)
+    storage = open_storage(f"file://{tmp_path}")
+    ctx = OtherWorkerOutOfTime(storage)
+    cfg = TrainConfig(epochs=4, batch_size=16, max_seconds=3600.0, early_stopping_patience=None)
+    result = train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot, cfg, ctx)
+    assert result.epochs_completed == 1 and ctx.flags == [0.0]  # its own clock said: go on
