@@ -165,7 +165,10 @@ def read_image_png(path: Path, shape: tuple[int, int, int]) -> "np.ndarray":
         if picture.mode not in modes:
             raise ValueError(f"{path}: the model takes {'grey' if channels == 1 else 'RGB'} images, "
                              f"got PNG mode {picture.mode!r}")
-        pixels = np.asarray(picture.convert("L") if picture.mode == "1" else picture, dtype=np.uint8)
+        try:
+            pixels = np.asarray(picture.convert("L") if picture.mode == "1" else picture, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as exc:  # the header read, the pixels do not decode
+            raise ValueError(f"{path}: unreadable PNG ({exc})") from None
     return (pixels.reshape(height, width, channels).transpose(2, 0, 1) / np.float32(255)).astype(np.float32)
 
 

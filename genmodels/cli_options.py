@@ -88,7 +88,7 @@ ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L 
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Expected failures (bad input, missing files, storage) become one red line and exit code 2."""
+    """Expected failures (bad input, unusable paths, storage) become one red line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -96,7 +96,8 @@ def friendly_errors(fn: Callable) -> Callable:
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, StorageError, NotImplementedError) as exc:
+        except (ValueError, OSError, StorageError, NotImplementedError) as exc:
+            # OSError: a path the user gave (missing, a directory, not writable); its text names it.
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from None
 

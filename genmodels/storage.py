@@ -194,7 +194,17 @@ class FileStorage(Storage):
         if not start.is_dir():
             return []
         keys = []
-        for dirpath, _dirnames, filenames in os.walk(start):
+        # Linked folders are listed like the others (a class folder of a dataset may be a link),
+        # each real folder once: a link to an ancestor would otherwise never end.
+        seen = {os.path.realpath(start)}
+        for dirpath, dirnames, filenames in os.walk(start, followlinks=True):
+            fresh = []
+            for name in dirnames:
+                real = os.path.realpath(os.path.join(dirpath, name))
+                if real not in seen:
+                    seen.add(real)
+                    fresh.append(name)
+            dirnames[:] = fresh
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
                 if name.endswith(_TMP_SUFFIX):

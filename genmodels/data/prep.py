@@ -244,6 +244,10 @@ def load_source(dataset: str, location: str | None = None, prep: PrepConfig = Pr
 
 def _count(size: float | int, n: int, what: str, where: str) -> int:
     k = int(round(size * n)) if isinstance(size, float) else int(size)
+    if k == 0 and size > 0:
+        # Found out here, not by the evaluation after a whole training run.
+        raise DataError(f"{where}: {what}={size!r} of {n} images rounds to none, and that split would be empty; "
+                        f"use more images or a count ({what}=1 or more)")
     if k >= n:
         raise DataError(f"{where}: {what}={size!r} would take {k} of {n} images and leave none to train on")
     return k

@@ -209,16 +209,33 @@ def read_digits(location: str | None = None) -> RawDataset:
 # --- a folder of images -----------------------------------------------------------------
 
 
+def _eight_bit(img, where: str):
+    """``img`` with 8-bit channels. Pillow's convert() clips 16-bit grey to 255 instead of scaling
+    it (a 16-bit scan came out 99.6% white); 32-bit integer and float images have no fixed range."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode in ("I", "F"):
+        raise DataError(f"{where}: {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels have no "
+                        "fixed range; save the images with 8 or 16 bits per channel")
+    return img
+
+
 def _decode_image(data: bytes, where: str, mode: str, image_size: int | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now, so a truncated file fails here with its name
+            img = _eight_bit(img, where)
             img = img.convert(mode)
             if image_size is not None and img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
             arr = np.asarray(img, dtype=np.uint8)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{where}: unreadable image ({exc})") from exc
     return arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -322,10 +339,15 @@ def read_npz(location: str) -> RawDataset:
     where = storage.url_for(key)
     data = storage.get_bytes(key)
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as npz:
+                arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{where}: not a readable .npz archive ({exc})") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{where}: a single .npy array, not an .npz archive; save the images as one with "
+                        "np.savez(path, x=images, y=labels)")
     if "x" not in arrays:
         raise DataError(f"{where}: no array 'x' (found {sorted(arrays)})")
     unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test", "class_names"})

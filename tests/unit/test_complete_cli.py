@@ -69,6 +69,10 @@ def test_bad_completion_requests_exit_2_with_the_reason(tmp_path):
     good = _write_png(tmp_path / "in.png", np.zeros((8, 8), np.uint8))
     big = _write_png(tmp_path / "big.png", np.zeros((9, 8), np.uint8))
     rgb = _write_png(tmp_path / "rgb.png", np.zeros((8, 8, 3), np.uint8))
+    noisy = _write_png(tmp_path / "noisy.png", np.random.default_rng(0).integers(0, 256, (8, 8), np.uint8))
+    truncated = tmp_path / "truncated.png"  # its header reads, its pixels do not
+    truncated.write_bytes(noisy.read_bytes()[:-40])
+    (tmp_path / "folder").mkdir()
     cases = [
         ([ckpt, good, "--known-rows", 3], "the vae family has no exact image completion"),
         ([rnn_ckpt, good], "exactly one of --known-rows and --mask"),
@@ -76,8 +80,11 @@ def test_bad_completion_requests_exit_2_with_the_reason(tmp_path):
         ([rnn_ckpt, big, "--known-rows", 3], "takes 8x8 images, got 8x9"),
         ([rnn_ckpt, rgb, "--known-rows", 3], "PNG mode 'RGB'"),
         ([rnn_ckpt, good, "--mask", good], "completes after known rows only"),
+        ([rnn_ckpt, truncated, "--known-rows", 3], "truncated.png: unreadable PNG"),
+        ([rnn_ckpt, good, "--known-rows", 3, "--png", tmp_path / "folder"], "Is a directory"),
     ]
     for (ckpt_path, image, *rest), message in cases:
-        result = invoke("complete", "--checkpoint", ckpt_path, "--image", image, *rest, "--png", tmp_path / "o.png")
+        out = [] if "--png" in rest else ["--png", tmp_path / "o.png"]
+        result = invoke("complete", "--checkpoint", ckpt_path, "--image", image, *rest, *out)
         assert result.exit_code == 2, result.output
         assert "error:" in result.output and message in " ".join(result.output.split()), result.output

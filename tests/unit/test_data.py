@@ -235,11 +235,28 @@ def case_mixed_sizes_without_resize(tmp_path):
     return "folder_no_resize", str(root), "a.png", r"image is 6x6 but .*c.png is 7x5; set image_size"
 
 
+def case_npy_given_as_npz(tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros((4, 5, 5), np.uint8))
+    return "npz", str(tmp_path / "d.npy"), "d.npy", r"a single \.npy array, not an \.npz archive"
+
+
+def case_float_pixels_in_a_folder(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    Image.fromarray(np.full((6, 6), 1.5, np.float32)).save(root / "zebra" / "f.tif")
+    (root / "zebra" / "f.tif").rename(root / "zebra" / "f.png")  # a PNG's name on another file: Pillow reads it
+    return "folder", str(root), "zebra/f.png", r"floating-point pixels have no fixed range"
+
+
+def case_a_split_that_rounds_to_none(tmp_path):
+    return "npz", str(digits_like_npz(tmp_path / "d.npz", n=6)), "d.npz", r"val_size=0\.1 of 5 images rounds to none"
+
+
 BAD_INPUTS = [
     case_wrong_magic, case_dims_vs_bytes, case_trailing_bytes, case_truncated_gzip,
     case_idx_labels_out_of_range, case_idx_count_mismatch, case_npz_count_mismatch, case_npz_nan,
-    case_npz_inf, case_npz_labels_vs_class_names, case_npz_not_a_zip, case_empty_folder,
-    case_unreadable_image, case_truncated_jpeg, case_mixed_sizes_without_resize,
+    case_npz_inf, case_npz_labels_vs_class_names, case_npz_not_a_zip, case_npy_given_as_npz, case_empty_folder,
+    case_unreadable_image, case_truncated_jpeg, case_mixed_sizes_without_resize, case_float_pixels_in_a_folder,
+    case_a_split_that_rounds_to_none,
 ]
 
 
@@ -270,6 +287,27 @@ def test_folder_source_resizes_converts_and_labels_by_subfolder(tmp_path, channe
     (root / "zebra" / "a.png").write_bytes(png_bytes(np.full((6, 6), 77, np.uint8)))
     raw = load_source("folder", str(root), PrepConfig(image_size=4, channels=channels))
     assert (raw.x[1] == 77).all()
+
+
+def test_folder_source_scales_16_bit_grey_to_8_bits(tmp_path):
+    root = tmp_path / "scans"
+    root.mkdir()
+    wide = np.array([[0, 257, 32896, 65535]], np.uint16)  # 0, 1, 128, 255 in 8 bits
+    Image.fromarray(wide).save(root / "a.png")
+    assert Image.open(root / "a.png").mode.startswith("I;16")  # really 16 bits on disk
+    raw = load_source("folder", str(root))
+    assert raw.x[0, 0].tolist() == [[0, 1, 128, 255]]  # scaled, not clipped to 255
+
+
+def test_folder_source_follows_a_linked_class_folder_and_a_link_loop_ends(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    elsewhere = tmp_path / "mnt" / "more"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "d.png").write_bytes(png_bytes(np.full((6, 6), 9, np.uint8)))
+    (root / "mango").symlink_to(elsewhere)
+    (root / "zebra" / "loop").symlink_to(root)  # would list the tree again and again
+    raw = load_source("folder", str(root), PrepConfig(image_size=4))
+    assert raw.class_names == ["apple", "mango", "zebra"] and raw.y.tolist() == [0, 1, 2, 2]
 
 
 def test_folder_source_native_size_and_flat_layout(tmp_path):
