@@ -55,8 +55,9 @@ def likelihood_metrics(
     - ``nll_nats``: mean -log p(x) per image; for VAEs -IWAE(k), the tightest estimate here;
     - ``bits_per_dim``: the same per dimension in bits;
     - VAEs only: ``elbo_nats`` and ``iwae_k{k}_nats`` (the bounds themselves, i.e. log-
-      likelihood lower bounds, negative numbers), ``elbo_bits_per_dim`` (the ELBO's NLL bound
-      in bits/dim) and ``recon_mse`` (per-pixel squared error of ``reconstruct(x)``);
+      likelihood lower bounds, negative numbers, both against the prior the NLL's model samples:
+      a fitted latent mixture's, whose ELBO is the mean of the IWAE's log-weights), ``elbo_bits_per_dim``
+      (the ELBO's NLL bound in bits/dim) and ``recon_mse`` (per-pixel squared error of ``reconstruct(x)``);
     - families that complete (PixelRNN, mixture): ``completion_nll_nats``,
       ``completion_bits_per_dim`` and ``completion_examples`` of the hidden bottom half given
       the visible top half (:func:`genmodels.evaluation.completion.completion_figures`), scored
@@ -119,8 +120,15 @@ def likelihood_metrics(
                 if latent:
                     # The IWAE bound is the likelihood estimate, so it is computed once and
                     # used both as iwae_k{k} and as the NLL.
-                    sums["log_px"] += float(model.iwae(x, labels, k=k).double().sum())
-                    sums["elbo"] += float(model.elbo(x, labels).double().sum())
+                    # The ELBO of the model whose NLL this is: against its latent mixture when it
+                    # samples one (no closed-form KL: the mean log-weight of the same draws), else
+                    # the training objective's closed form.
+                    if getattr(model.config, "latent_mixture", 0):
+                        log_px, elbo = model.iwae(x, labels, k=k, with_elbo=True)
+                    else:
+                        log_px, elbo = model.iwae(x, labels, k=k), model.elbo(x, labels)
+                    sums["log_px"] += float(log_px.double().sum())
+                    sums["elbo"] += float(elbo.double().sum())
                     sums["sq_err"] += float((model.reconstruct(x, labels) - x).double().pow(2).sum())
                 elif completes:
                     log_px, log_top = model.log_likelihood_and_marginal(x, known, labels)

@@ -488,13 +488,18 @@ class VAE(GenerativeModel):
 
     # --- likelihood ---------------------------------------------------------------------------
     @torch.no_grad()
-    def iwae(self, x: torch.Tensor, labels: Any = None, k: int = 1000, chunk: int | None = None) -> torch.Tensor:
+    def iwae(self, x: torch.Tensor, labels: Any = None, k: int = 1000, chunk: int | None = None,
+             with_elbo: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """IWAE bound log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x): [B] nats, <= log p(x).
 
         ``chunk`` importance samples per image go through the decoder at a time (a decoder
         batch of B * chunk; by default near ``IWAE_DECODER_BATCH`` for the device). All
         B*k*latent_dim normal draws are taken up front from torch's global RNG, so the result
         does not depend on ``chunk``.
+
+        ``with_elbo``: also the mean of the same log-weights, a k-sample estimate of the ELBO
+        against this model's prior (the latent mixture's once fitted, which has no closed-form
+        KL); per image it is <= the IWAE bound (Jensen). Returns (iwae, elbo) then.
         """
         if int(k) < 1 or (chunk is not None and int(chunk) < 1):
             raise ValueError(f"iwae needs k >= 1 and chunk >= 1, got k={k}, chunk={chunk}")
@@ -521,7 +526,8 @@ class VAE(GenerativeModel):
             params = self.decoder(z.reshape(batch * c, dim), rep_onehot)
             log_px = self._log_px(x.repeat_interleave(c, dim=0), params).view(batch, c)
             log_w[:, start : start + c] = log_px + log_pz_minus_qz
-        return torch.logsumexp(log_w, dim=1) - math.log(k)
+        bound = torch.logsumexp(log_w, dim=1) - math.log(k)
+        return (bound, log_w.mean(dim=1)) if with_elbo else bound
 
     def _log_prior(self, z: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor] | None,
                    labels: torch.Tensor | None) -> torch.Tensor:

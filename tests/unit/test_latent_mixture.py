@@ -153,6 +153,41 @@ def test_the_fit_is_deterministic_and_the_likelihood_is_of_the_mixture_prior(fam
         assert torch.allclose(got[row], want, atol=1e-4)
 
 
+@pytest.mark.parametrize("family,extra", [("vae", {}), ("cvae", {"class_prior": True})])
+def test_the_reported_elbo_is_of_the_mixture_prior_the_nll_is_of(family, extra):
+    """With a fitted mixture, elbo_nats bounds the likelihood of the model whose NLL is reported:
+    the mean of the IWAE's own log-weights, so per image it can never exceed the IWAE bound; the
+    closed-form KL against N(0, I) (what training optimizes) is another model's bound."""
+    from genmodels.evaluation.likelihood import likelihood_metrics
+
+    mixed, plain = vae_pair(family, **extra)
+    mixed.after_training(training_batches(), seed=5)
+    snapshot = tiny_snapshot()
+    snapshot.splits["test"] = snapshot.splits["val"]
+    got = likelihood_metrics(mixed, snapshot, iwae_k=40, seed=3)
+    from genmodels.data.loader import model_input
+    from genmodels.evaluation._common import seeded_torch
+    from genmodels.evaluation.likelihood import batch_seed
+
+    x = model_input(snapshot.splits["test"], IMAGE)
+    labels = torch.as_tensor(snapshot.splits["test"].y) if mixed.conditional else None
+
+    with torch.no_grad(), seeded_torch(batch_seed(3, 0)):
+        iwae, mean_log_w = mixed.iwae(x, labels, k=40, with_elbo=True)
+    assert (mean_log_w <= iwae + 1e-5).all()
+    assert got["elbo_nats"] == pytest.approx(float(mean_log_w.double().mean()), abs=1e-4)
+    assert got["iwae_k40_nats"] == pytest.approx(float(iwae.double().mean()), abs=1e-4)
+    assert got["elbo_nats"] <= got["iwae_k40_nats"]
+    with torch.no_grad():  # the Gaussian prior's closed-form ELBO differs: it is not this model's
+        torch.manual_seed(0)
+        closed_form = float(mixed.elbo(x, labels).double().mean())
+    assert abs(closed_form - got["elbo_nats"]) > 0.05
+    plain_got = likelihood_metrics(plain, snapshot, iwae_k=40, seed=3)  # no mixture: the closed form, as before
+    with torch.no_grad(), seeded_torch(batch_seed(3, 0)):
+        plain.iwae(x, labels, k=40)
+        assert plain_got["elbo_nats"] == pytest.approx(float(plain.elbo(x, labels).double().mean()), abs=1e-4)
+
+
 def test_a_conditional_mixture_is_fit_per_class_and_samples_its_own_class_region():
     mixed, _ = vae_pair("cvae", class_prior=True)
     # Class 1's images are all "on" and its posteriors sit apart from the others'.
