@@ -143,6 +143,12 @@ def test_generate_deployment_runs_the_generate_flow_once_given_an_output(deploym
 
     bulk.JobSpec(model=params["model"], version="?", n=params["n"], output=params["out"],
                  format=params["format"])
+    # Models are registered as <dataset>-<family>: a bare family name resolves to nothing.
+    from genmodels.cli_options import DATASETS
+    from genmodels.models import FAMILIES
+    from genmodels.registry import registered_name
+
+    assert params["model"] in {registered_name(d, f) for d in DATASETS for f in FAMILIES}, params["model"]
 
 
 def test_every_parameter_set_is_accepted_by_the_flow(retrain_deployments: dict):
@@ -293,6 +299,13 @@ def test_every_setting_the_entrypoint_needs_is_provided(rayjob: dict, secret: di
     assert secret["stringData"]["GENMODELS_STORAGE"].startswith("s3://")
 
 
+def test_the_datasets_the_secret_names_are_in_the_image(secret: dict):
+    # A local path must be the image's own copy (installed by its Dockerfile), or prep finds nothing.
+    where = secret["stringData"]["GENMODELS_FASHION_MNIST_DIR"]
+    assert where == "/usr/share/datasets/fashion-mnist"
+    assert "dataset-fashion-mnist" in (INFRA / "Dockerfile").read_text()
+
+
 def test_secret_example_holds_only_placeholders(secret: dict):
     values = secret["stringData"]
     assert all(isinstance(v, str) for v in values.values()), "stringData values must all be strings"
@@ -397,6 +410,23 @@ def test_every_ray_container_uses_token_auth_from_the_secret(request, name: str,
 def _admits(rule: dict, port: int) -> bool:
     ports = rule.get("ports")
     return not ports or any(p.get("port") == port for p in ports)
+
+
+def test_the_rayjob_submitter_reaches_the_dashboard_with_the_token(rayjob: dict):
+    """KubeRay's default submitter pod has neither the policy's label nor the token: it would wait out
+    activeDeadlineSeconds behind the NetworkPolicy, or be refused by the dashboard (401)."""
+    template = rayjob["spec"]["submitterPodTemplate"]
+    labels = template["metadata"]["labels"]
+    rules = _load(NETWORK_POLICY_FILE)["spec"]["ingress"]
+    assert any(_admits(r, 8265) and any(p.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+                                        and "namespaceSelector" not in p for p in r.get("from", []))
+               for r in rules), f"no ingress rule admits the submitter {labels} to the dashboard"
+    (submitter,) = template["spec"]["containers"]
+    assert submitter["image"] == "genmodels:latest" and template["spec"]["restartPolicy"] == "Never"
+    env = {e["name"]: e for e in submitter["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": "RAY_AUTH_TOKEN"}
+    assert "command" not in submitter  # KubeRay builds `ray job submit` from the entrypoint
 
 
 def test_the_network_policy_keeps_rays_control_plane_to_the_cluster_and_its_drivers(rayjob: dict, rayservice: dict):
