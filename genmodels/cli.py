@@ -85,13 +85,14 @@ def train_cmd(
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
 ) -> None:
     """Train one family (resumes from the run's last checkpoint unless --fresh)."""
-    from genmodels.runs import train_family
+    from genmodels.runs import run_lease, train_family
 
     (family,) = _families(family)
     storage = _storage(out)
     snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
     overrides = {"seed": seed, **train_overrides(epochs, batch_size, max_train_examples, device)}
-    outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
+    with run_lease(storage, snap.dataset, family):
+        outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
     r = outcome.result
     note = f" (resumed at epoch {r.resumed_from_epoch})" if r.resumed_from_epoch else ""
     console.print(f"trained {family} for {r.epochs_completed} epochs{note}"
@@ -108,13 +109,13 @@ def evaluate_cmd(
     image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
 ) -> None:
     """Evaluate a trained run: likelihoods, domain FID/KID, class accuracy, pictures."""
-    from genmodels.runs import evaluate_run, run_prefix
+    from genmodels.runs import evaluate_run, run_lease, run_prefix
 
     (family,) = _families(family)
     storage = _storage(out)
     snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
     run = storage.child(run_prefix(snap.dataset, family, preset))
-    with console.status(f"evaluating {family}"):
+    with run_lease(storage, snap.dataset, family), console.status(f"evaluating {family}"):
         metrics = evaluate_run(storage, run, snap, preset, seed=seed)
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
@@ -227,7 +228,7 @@ def run_cmd(
 ) -> None:
     """Prepare, train and evaluate several families; write grids, a comparison picture and a
     metrics table."""
-    from genmodels.runs import evaluate_run, train_family, write_report
+    from genmodels.runs import evaluate_run, run_lease, train_family, write_report
 
     names = _families(families)
     storage = _storage(out)
@@ -239,15 +240,17 @@ def run_cmd(
         overrides["max_seconds"] = 60.0 * max_minutes
     for family in names:
         console.rule(f"{family} ({preset})")
-        outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
-        if not outcome.finished:
-            # An unfinished model's evaluation (hours of IWAE at the `cpu` preset) would be thrown
-            # away by the next epoch.
-            console.print(f"{family}: the time budget stopped training after epoch {outcome.result.epochs_completed} "
-                          f"of {outcome.train_config.epochs}; not evaluated (the same command goes on)")
-            continue
-        with console.status(f"evaluating {family}"):
-            evaluate_run(storage, outcome.run, snap, preset, seed=seed)
+        with run_lease(storage, snap.dataset, family):
+            outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
+            if not outcome.finished:
+                # An unfinished model's evaluation (hours of IWAE at the `cpu` preset) would be thrown
+                # away by the next epoch.
+                console.print(f"{family}: the time budget stopped training after epoch "
+                              f"{outcome.result.epochs_completed} of {outcome.train_config.epochs}; not evaluated "
+                              "(the same command goes on)")
+                continue
+            with console.status(f"evaluating {family}"):
+                evaluate_run(storage, outcome.run, snap, preset, seed=seed)
     report = write_report(storage, snap, preset, seed=seed)
     Console().print(Markdown(report.markdown))
     console.print(f"report: {storage.url_for(report.markdown_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")

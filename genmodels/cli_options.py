@@ -92,11 +92,12 @@ def friendly_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from genmodels.lease import LeaseBusy
         from genmodels.storage import StorageError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, StorageError, NotImplementedError) as exc:
+        except (ValueError, OSError, StorageError, NotImplementedError, LeaseBusy) as exc:
             # OSError: a path the user gave (missing, a directory, not writable); its text names it.
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from None

@@ -443,14 +443,17 @@ def promote(
         return _promote_once(name, version, reevaluate)
     from genmodels.lease import Lease
 
-    with Lease(lease_storage, f"promote/{name}", ttl_s=120.0, wait_s=PROMOTE_WAIT_S):
-        return _promote_once(name, version, reevaluate)
+    with Lease(lease_storage, f"promote/{name}", ttl_s=120.0, wait_s=PROMOTE_WAIT_S) as lease:
+        # A re-evaluation can outlast the lease (its renewals failing meanwhile): the alias moves
+        # only while it is still ours, or another promotion may be deciding at the same time.
+        return _promote_once(name, version, reevaluate, before_moving=lease.check)
 
 
-def _promote_once(name: str, version: str, reevaluate: Callable[[Any], float | None] | None) -> Promotion:
+def _promote_once(name: str, version: str, reevaluate: Callable[[Any], float | None] | None,
+                  before_moving: Callable[[], None] = lambda: None) -> Promotion:
     for _ in range(5):
         try:
-            return _decide(name, version, reevaluate)
+            return _decide(name, version, reevaluate, before_moving)
         except ChampionMoved:
             continue
     raise ChampionMoved(f"{name}: the champion kept moving during the promotion of v{version}; try again")
@@ -468,7 +471,8 @@ def _measured_unlike(champion_tags: Mapping[str, str], candidate_tags: Mapping[s
     return ""
 
 
-def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] | None) -> Promotion:
+def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] | None,
+            before_moving: Callable[[], None] = lambda: None) -> Promotion:
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -478,6 +482,7 @@ def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] |
     current = champion(name)
 
     def decide(alias: str, champion_value: float | None, reason: str) -> Promotion:
+        before_moving()
         if alias == CHAMPION:
             now = champion(name)  # the compare-and-set: re-read right before moving the alias
             if (None if now is None else str(now.version)) != (None if current is None else str(current.version)):

@@ -16,6 +16,7 @@ storage root (``file://`` or ``s3://``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -50,11 +51,39 @@ def run_prefix(dataset: str, family: str, preset: str) -> str:
     return f"runs/{dataset}/{family}-{preset}"
 
 
+#: Seconds the lease of a family's runs outlives a holder that stopped renewing it (killed).
+RUN_LEASE_TTL_S = 300.0
+
+
+def run_lease(storage: Storage | str, dataset: str, family: str):
+    """The lease on a (dataset, family)'s runs: one writer at a time, whoever it is (the retrain
+    flow, `genmodels train`, `run`, `evaluate`). Two writers of one run directory would mix one
+    model's metrics, pictures and graphs with another's weights."""
+    from genmodels.lease import Lease
+
+    return Lease(storage, f"retrain/{dataset}/{family}", ttl_s=RUN_LEASE_TTL_S)
+
+
 def snapshot_for(storage: Storage, dataset: str, location: str | None, prep: PrepConfig) -> Snapshot:
     """Prepare the dataset and persist its snapshot (a no-op when the same one is stored)."""
     snapshot = prepare(dataset, location, prep)
     write_snapshot(snapshot, storage)
     return snapshot
+
+
+def saw_test_images(trained_on: Snapshot, scored_on: Snapshot) -> bool:
+    """Whether a model trained on ``trained_on`` saw, in training or validation, images of
+    ``scored_on``'s test split that ``scored_on``'s own model did not: its metric there would be
+    optimistic. Sources without their own test split (digits, image folders) draw it from the
+    seed and the image count, so another seed or a grown folder moves test images into training.
+    A dataset's own repeats (an image in both its train and test files) count for both alike."""
+    def rows(*splits) -> set[bytes]:
+        return {hashlib.sha256(row.tobytes()).digest() for split in splits for row in split.x}
+
+    test = [hashlib.sha256(row.tobytes()).digest() for row in scored_on.splits["test"].x]
+    seen = rows(trained_on.splits["train"], trained_on.splits["val"])
+    own = rows(scored_on.splits["train"], scored_on.splits["val"])
+    return sum(h in seen for h in test) > sum(h in own for h in test)
 
 
 def load_snapshot(storage: Storage, prefix: str) -> Snapshot:

@@ -22,15 +22,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from genmodels import runs
 from genmodels.config import get_settings
-from genmodels.lease import Lease
 from genmodels.models import parse_families
 from genmodels.records import RetrainRecorder
 from pipelines import tasks
-
-#: A retrain that stopped renewing its lease (killed) blocks the next one of its family this long.
-RETRAIN_LEASE_TTL_S = 300.0
-
 
 def check_plan(families: list[str], preset: str, workers: int | None, storage_url: str,
                overrides: dict[str, Any] | None = None) -> None:
@@ -105,9 +101,17 @@ def retrain(
                 # One retrain of a (dataset, family) at a time, whoever starts it (CLI, deployments):
                 # they share its run directory and Ray run name, so a second one would mix its
                 # checkpoint with the first one's graphs and metrics. It fails at once, saying who holds it.
-                with Lease(storage_url, f"retrain/{dataset}/{family}", ttl_s=RETRAIN_LEASE_TTL_S):
+                with runs.run_lease(storage_url, dataset, family):
                     trained = tasks.train(storage_url, snapshot["prefix"], family, preset, workers,
                                           overrides={"seed": seed, **(overrides or {})}, fresh=fresh)
+                    if not trained["finished"]:
+                        # A time budget (max_seconds) stopped it with epochs left: a model the next
+                        # run trains on is neither evaluated nor registered as a version.
+                        why = (f"the time budget stopped training after epoch {trained['epochs']} of "
+                               f"{trained['planned_epochs']}; the same retrain resumes it")
+                        logger.warning("%s: %s", family, why)
+                        record.skipped(family, why)
+                        continue
                     metrics = tasks.evaluate(storage_url, snapshot["prefix"], trained["run"], preset, seed)
                     onnx = tasks.export_onnx(trained["run"])
                     registered = tasks.register(trained["run"], preset, metrics, artifact_root)

@@ -20,6 +20,7 @@ from prefect.tasks import exponential_backoff
 
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
+from genmodels.data import snapshot_prefix as snapshot_prefix_of
 from genmodels.storage import open_storage
 
 
@@ -98,8 +99,9 @@ def train(storage_url: str, snapshot_prefix: str, family: str, preset: str, work
                            scaling=RayScaling(num_workers=workers), overrides=overrides, fresh=fresh)
     r = outcome.result
     get_run_logger().info("%s: %d epochs, best val loss %s", family, r.epochs_completed, r.best_val_loss)
-    return {"run": outcome.run.url, "epochs": r.epochs_completed, "best_val_loss": r.best_val_loss,
-            "stopped_early": r.stopped_early, "seconds": sum(h.get("seconds", 0.0) for h in r.history)}
+    return {"run": outcome.run.url, "epochs": r.epochs_completed, "planned_epochs": outcome.train_config.epochs,
+            "finished": outcome.finished, "best_val_loss": r.best_val_loss, "stopped_early": r.stopped_early,
+            "seconds": sum(h.get("seconds", 0.0) for h in r.history)}
 
 
 @task(name="evaluate")
@@ -173,7 +175,18 @@ def promote(storage_url: str, snapshot_prefix: str, name: str, version: str, pre
         snapshot = _snapshot(storage_url, snapshot_prefix)
         if model.image != snapshot.image:
             return None  # another image format (size, quantization): not comparable
-        metric = champion.tags["genmodels.gate_metric"]
+        tags = champion.tags
+        trained_prefix = snapshot_prefix_of(tags["genmodels.dataset"], tags["genmodels.snapshot_hash"])
+        try:
+            trained_on = _snapshot(storage_url, trained_prefix)
+        except FileNotFoundError:
+            get_run_logger().warning("champion v%s's snapshot %s is not in %s: whether it trained on the "
+                                     "candidate's test images cannot be checked", champion.version, trained_prefix,
+                                     storage_url)
+            return None
+        if runs.saw_test_images(trained_on, snapshot):
+            return None  # scored on images it trained on: optimistic, not comparable
+        metric = tags["genmodels.gate_metric"]
         return runs.evaluate_model(open_storage(storage_url), model, snapshot, preset, seed=seed)[metric]
 
     # The lease in the platform storage serializes promotions of one model across processes.

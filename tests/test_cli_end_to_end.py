@@ -157,3 +157,17 @@ def test_unreachable_storage_fails_before_training(closed_port):
     assert result.exit_code == 2, result.output
     assert "s3://nobucket" in result.output
     assert "preparing" not in result.output  # refused before any data work or training
+
+
+@pytest.mark.parametrize("command", [["train"], ["evaluate"], ["run", "--families", "mixture"]])
+def test_a_family_whose_runs_another_process_is_writing_is_refused_untouched(tmp_path, command):
+    """The retrain flow holds the family's lease while it trains, evaluates and exports: the CLI
+    writing the same run directory meanwhile would leave one model's metrics beside another's weights."""
+    from genmodels.runs import run_lease
+
+    with run_lease(str(tmp_path), "digits", "mixture"):
+        args = [*command, "--dataset", "digits", "--out", tmp_path]
+        result = invoke(*args, *([] if command[0] == "run" else ["--family", "mixture"]))
+    assert result.exit_code == 2, result.output
+    assert "lease 'retrain/digits/mixture' is held by" in " ".join(result.output.split())
+    assert not list(tmp_path.glob("runs/**/*"))

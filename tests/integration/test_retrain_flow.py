@@ -183,6 +183,21 @@ def test_running_again_adds_no_version(stack, first_run):
     assert _retrain(stack, if_no_champion=True) == {}
 
 
+def test_a_family_its_time_budget_stopped_is_neither_evaluated_nor_registered(stack, first_run):
+    from mlflow import MlflowClient
+
+    from genmodels import records
+    from pipelines.flows import retrain
+
+    out = retrain(families="gan", dataset="digits", preset="quick", workers=2,
+                  overrides={**TINY, "epochs": 3, "max_seconds": 0.0}, storage=stack["storage"])
+    assert out == {}
+    assert MlflowClient().search_registered_models(filter_string="name='digits-gan'") == []
+    outcome = records.last_retrain(stack["storage"])["outcomes"]["gan"]
+    assert outcome == {"status": "skipped", "reason": "the time budget stopped training after epoch 1 of 3; the "
+                                                      "same retrain resumes it"}
+
+
 def test_failed_parity_fails_the_family_and_registers_nothing(stack, first_run, monkeypatch):
     from mlflow import MlflowClient
 

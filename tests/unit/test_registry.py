@@ -255,6 +255,26 @@ def test_reevaluated_champion_that_scores_better_stays(work, models):
     assert alias_version("resplit-better-vae", "champion") == "1"
 
 
+def test_a_promotion_whose_lease_was_taken_over_meanwhile_moves_no_alias(work, models):
+    from genmodels.lease import LeaseLost
+
+    champ = register(work, models["best"], "overtaken")
+    registry.promote(champ.name, champ.version)
+    candidate = register(work, models["other_snapshot"], "overtaken")
+    store, leases = work["store"], f"leases/promote/{champ.name}/"
+
+    def slow_reevaluation(mv) -> float:
+        # It outlasted the lease (renewals failing): another promotion took the next generation.
+        newest = max(int(k.rsplit("/", 1)[1][:-5]) for k in store.list(leases))
+        assert store.create_exclusive(f"{leases}{newest + 1:012d}.json", b'{"owner": "another promotion"}')
+        return models["other_snapshot"].gate_value + 5.0  # the candidate would win
+
+    with pytest.raises(LeaseLost):
+        registry.promote(candidate.name, candidate.version, reevaluate=slow_reevaluation, lease_storage=store)
+    assert alias_version(champ.name, "champion") == champ.version
+    assert alias_version(champ.name, "challenger") is None
+
+
 # --- registration refusals --------------------------------------------------------------------------
 def test_gate_metric_is_fid_for_the_gan_and_nll_otherwise():
     assert registry.gate_metric("gan") == "fid"

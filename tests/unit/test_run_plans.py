@@ -109,3 +109,15 @@ def test_a_run_gets_the_workers_its_preset_wants_that_the_cluster_holds():
     assert fitting_workers(2, {"CPU": 16.0, "GPU": 1.0}, 32) == 1  # one per GPU where there are GPUs
     assert fitting_workers(1, {"CPU": 16.0}, 128) == 1
     assert fitting_workers(2, {"CPU": 16.0, "GPU": 1.0}, 32, use_gpu=False) == 2  # told to train on CPUs
+
+
+def test_a_champion_that_trained_on_the_candidates_test_images_is_not_scored_on_them():
+    """Digits have no test split of their own: another seed draws another one, mostly out of the
+    first snapshot's training images; Fashion-MNIST's test file is the same whatever the seed."""
+    from genmodels.data import prepare
+
+    first, reseeded = (prepare("digits", None, PrepConfig(seed=s)) for s in (0, 1))
+    assert runs.saw_test_images(first, reseeded) and runs.saw_test_images(reseeded, first)
+    assert not runs.saw_test_images(first, first)
+    again = prepare("digits", None, PrepConfig(seed=0, val_size=0.2))  # another validation share, same test split
+    assert not runs.saw_test_images(first, again) and not runs.saw_test_images(again, first)
