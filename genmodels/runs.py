@@ -127,13 +127,26 @@ def finish_run(run: Storage, result: TrainResult, train_cfg: TrainConfig, meta: 
     from the stored model's, what was derived from those (metrics, pictures, ONNX graphs) goes
     first: a report or a registration in between must not pass the old model's figures or
     graphs off as the new one's."""
-    if run.exists("model.pt") and not same_weights(load_checkpoint(run.get_bytes("model.pt"))["state_dict"],
-                                                   result.model.state_dict()):
-        for key in derived_keys(run):
-            run.delete(key)
-    run.put_bytes("model.pt", checkpoint_bytes(result.model, {**meta, "train_config": train_cfg.to_dict(),
-                                                               "epochs": result.epochs_completed}))
+    new_meta = {**meta, "train_config": train_cfg.to_dict(), "epochs": result.epochs_completed}
+    keep = False
+    if run.exists("model.pt"):
+        stored = load_checkpoint(run.get_bytes("model.pt"))
+        if not same_weights(stored["state_dict"], result.model.state_dict()):
+            for key in derived_keys(run):
+                run.delete(key)
+        else:
+            # The same model of the same plan keeps its bytes, so the registry's digest of them:
+            # another budget or device of this invocation would otherwise register it twice.
+            keep = _plan_of(stored.get("meta") or {}) == _plan_of(new_meta)
+    if not keep:
+        run.put_bytes("model.pt", checkpoint_bytes(result.model, new_meta))
     run.put_bytes("history.json", json.dumps(result.history, indent=2).encode())
+
+
+def _plan_of(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's metadata without what only one invocation set (its budget, device, cadence)."""
+    train = {k: v for k, v in (meta.get("train_config") or {}).items() if k not in RESUME_FREE_TRAIN_FIELDS}
+    return {**meta, "train_config": train}
 
 
 def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:

@@ -52,6 +52,11 @@ def test_a_checkpoint_resumes_only_its_own_training_config(store, snapshot):
     again = runs.train_family(root, snapshot, "vae", "quick", model_overrides=TINY_VAE,
                               overrides={**plan, "max_seconds": 600.0, "device": "cpu", "checkpoint_every": 2})
     assert again.result.resumed_from_epoch == 1 and again.result.epochs_completed == 1
+    # ... nor the model: its bytes (the registry's digest) stay, so it is not registered twice.
+    model_pt = again.run.get_bytes("model.pt")
+    runs.train_family(root, snapshot, "vae", "quick", model_overrides=TINY_VAE,
+                      overrides={**plan, "max_seconds": 60.0, "workers": 1})
+    assert again.run.get_bytes("model.pt") == model_pt
     fresh = runs.train_family(root, snapshot, "vae", "quick", overrides={**plan, "epochs": 2},
                               model_overrides=TINY_VAE, fresh=True)
     assert fresh.result.resumed_from_epoch == 0 and fresh.result.epochs_completed == 2
