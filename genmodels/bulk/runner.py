@@ -63,8 +63,8 @@ def _enclosing_job(storage: Storage) -> str | None:
     while above is not None:
         try:
             record = above.get_json(JOB_KEY) if above.exists(JOB_KEY) else None
-        except (StorageError, ValueError):
-            # Unreadable from here (credentials scoped to a prefix, or not a job's record): not a job we can see.
+        except (StorageError, OSError, ValueError):
+            # Unreadable from here (credentials or permissions scoped below it, not a job's record): no job we can see.
             record = None
         if isinstance(record, dict) and record.get("format") == JOB_FORMAT:
             return above.url
