@@ -23,7 +23,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
@@ -138,37 +138,33 @@ class FileStorage(Storage):
         return self.root.joinpath(*_check_key(key).split("/"))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Same directory as the target so os.replace is a rename, hence atomic.
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.url_for(key)}: {exc.strerror or exc}") from exc
+        self._write_then_place(key, data, os.replace)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
+        def link(tmp: Path, path: Path) -> bool:
+            try:
+                os.link(tmp, path)  # fails if the name exists: the exclusive step
+            except FileExistsError:
+                return False
+            return True
+
+        return self._write_then_place(key, data, link)
+
+    def _write_then_place(self, key: str, data: bytes, place: Callable[[Path, Path], Any]) -> Any:
+        """Write ``data`` to a temporary file beside ``key``'s path, then ``place(tmp, path)`` it
+        (a rename or a link: the object appears whole); what ``place`` returns. The temporary file
+        never outlives the call; an OSError is a StorageError naming the URL."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Same directory as the target so placing it is a rename or a link, hence atomic.
             tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    os.link(tmp, path)  # fails if the name exists: the exclusive step
-                except FileExistsError:
-                    return False
-                return True
+                    os.fsync(f.fileno())  # a crash after placing it must not leave an empty file
+                return place(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
         except OSError as exc:
