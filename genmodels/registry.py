@@ -472,7 +472,7 @@ def _measured_unlike(champion_tags: Mapping[str, str], candidate_tags: Mapping[s
 
 
 def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] | None,
-            before_moving: Callable[[], None] = lambda: None) -> Promotion:
+            before_moving: Callable[[], None]) -> Promotion:
     from mlflow import MlflowClient
 
     client = MlflowClient()
