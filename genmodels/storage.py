@@ -21,6 +21,7 @@ import abc
 import json
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -112,6 +113,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def check_reachable(self) -> None:
         """Raise StorageError naming the URL and the cause unless the root can be used."""
+
+    def sweep_temporaries(self, prefix: str = "", older_than_s: float = 900.0) -> int:
+        """Remove what writers killed mid-write left under ``prefix`` and last touched more than
+        ``older_than_s`` ago; how many were removed. Nothing here by default: an S3 object
+        exists only once its upload completes (a lifecycle rule aborts the parts of a dead one)."""
+        return 0
 
     def put_json(self, key: str, obj: Any) -> None:
         self.put_bytes(key, json_bytes(obj))
@@ -209,6 +216,28 @@ class FileStorage(Storage):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def sweep_temporaries(self, prefix: str = "", older_than_s: float = 900.0) -> int:
+        # A live write takes seconds from open to rename; one this old was cut off. Were it still
+        # going, its rename fails (a StorageError) and nothing placed is touched.
+        _check_key(prefix, what="prefix", allow_empty=True)
+        start = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
+        deadline = time.time() - older_than_s
+        removed = 0
+        for dirpath, _, filenames in os.walk(start):
+            for name in filenames:
+                if not name.endswith(_TMP_SUFFIX):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    if path.lstat().st_mtime < deadline:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    pass  # placed or swept by another process meanwhile
+                except OSError as exc:
+                    raise StorageError(f"cannot remove {path.as_uri()}: {exc.strerror or exc}") from exc
+        return removed
 
     def delete(self, key: str) -> None:
         try:

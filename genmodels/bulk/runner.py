@@ -15,6 +15,10 @@ from genmodels.bulk.writer import ShardWriter
 from genmodels.storage import FileStorage, Storage, StorageError, json_bytes, open_storage
 
 
+#: A temporary file of this output untouched this long belongs to a writer that died.
+ABANDONED_WRITE_S = 900.0
+
+
 def _open_output(url: str) -> Storage:
     # Pin the endpoint boto3 would resolve from the environment into the storage object, so
     # Ray workers (which get a pickled copy) write to the same endpoint as the driver.
@@ -115,6 +119,8 @@ def run_job(
     storage.check_reachable()
     job = _job_record(spec, sampler_files)
     _claim_output(storage, job)
+    # A writer of this job killed mid-shard (a resumed job's earlier run) left its partial file.
+    storage.sweep_temporaries(older_than_s=ABANDONED_WRITE_S)
 
     plan = shard_plan(spec.n, spec.shard_size)
     results: dict[int, dict[str, Any]] = {}

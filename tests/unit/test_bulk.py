@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from genmodels import bulk
+from genmodels.bulk.runner import ABANDONED_WRITE_S
 from genmodels.export import export_sampler
 from genmodels.models import build_model
 from genmodels.models.base import ImageSpec
@@ -269,6 +272,24 @@ def test_cancelled_job_resumes_to_exactly_the_uninterrupted_bytes(vae, tmp_path)
     assert without_output(manifest) == without_output(bulk.read_manifest(whole.as_uri()))
     assert sorted(i for r in manifest["shards"] for i in range(r["start"], r["end"])) == list(range(50))
     assert decoded_by_index(cut)["index"].tolist() == list(range(50))
+
+
+def test_resumed_job_removes_the_partial_file_of_its_killed_writer(vae, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    bulk.run_job(spec(whole), vae, use_ray=False)
+    done = []
+    with pytest.raises(bulk.JobCancelled):
+        bulk.run_job(spec(cut), vae, use_ray=False, on_progress=lambda d, t: done.append(d),
+                     should_stop=lambda: len(done) > 2)
+    # What a writer killed between its write and its rename leaves: a hidden partial shard.
+    partial = cut / "shards" / ".shard-00003.npz.0123abcd.genmodels-tmp"
+    partial.write_bytes((whole / "shards/shard-00003.npz").read_bytes()[:100])
+    then = time.time() - ABANDONED_WRITE_S - 60
+    os.utime(partial, (then, then))
+    bulk.run_job(spec(cut), vae, use_ray=False)
+    assert files_of(cut) == {**files_of(whole), "job.json": files_of(cut)["job.json"],
+                             "manifest.json": files_of(cut)["manifest.json"]}
+    assert not partial.exists()
 
 
 def test_rerun_of_finished_job_verifies_and_writes_nothing(vae, tmp_path, monkeypatch):

@@ -181,6 +181,24 @@ def test_file_put_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["obj"]
 
 
+def test_sweep_removes_only_stale_temporaries_under_the_prefix(tmp_path):
+    storage = FileStorage(tmp_path)
+    storage.put_bytes("a/obj", b"x")
+    stale = tmp_path / "a" / ".obj.dead.genmodels-tmp"
+    live = tmp_path / "a" / ".obj.live.genmodels-tmp"
+    elsewhere = tmp_path / "b" / ".obj.dead.genmodels-tmp"
+    for path in (stale, live, elsewhere):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    old = time.time() - 3600
+    for path in (stale, elsewhere):
+        os.utime(path, (old, old))
+    assert storage.sweep_temporaries("a", older_than_s=900) == 1
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert storage.get_bytes("a/obj") == b"x"  # placed objects are never touched
+    assert storage.child("b").sweep_temporaries(older_than_s=900) == 1 and not elsewhere.exists()
+
+
 def test_file_root_that_is_a_file_is_unreachable(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     with pytest.raises(StorageError, match="not a directory"):
