@@ -75,7 +75,14 @@ class Settings(BaseSettings):
 
     @cached_property
     def storage_url(self) -> str:
-        return self.storage or (self.work_dir.resolve() / "store").as_uri()
+        """The storage root as an absolute URL: a plain path becomes ``file:///abs/path``, so job
+        output roots derived from it compare with the URLs clients send, and Ray replicas (another
+        working directory) open the same folder."""
+        if not self.storage:
+            return (self.work_dir.resolve() / "store").as_uri()
+        from genmodels.storage import open_storage
+
+        return open_storage(self.storage).url
 
     @cached_property
     def output_roots(self) -> list[str]:

@@ -449,3 +449,15 @@ def test_writers_are_asked_for_even_when_the_free_cpu_view_reads_zero(monkeypatc
     # One bundle is asked for whatever the view says; the placement group's wait decides.
     assert (count, fake.asked) == (expected, [1])
     assert (group is None) == (expected == 0) and fake.removed == 1 - expected
+
+
+@pytest.mark.parametrize("storage", ["store", "./store", "STORE_ABS"])
+def test_a_plain_path_storage_gives_output_roots_that_take_its_outputs(storage, tmp_path, monkeypatch):
+    from genmodels.config import Settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GENMODELS_JOB_OUTPUT_ROOTS", raising=False)
+    monkeypatch.setenv("GENMODELS_STORAGE", str(tmp_path / "store") if storage == "STORE_ABS" else storage)
+    settings = Settings()
+    assert settings.storage_url == (tmp_path / "store").as_uri()  # absolute: replicas run elsewhere
+    bulk.check_output_root((tmp_path / "store" / "outputs" / "run1").as_uri(), settings.output_roots)
