@@ -26,6 +26,11 @@ DEFAULT_IWAE_K = 1000
 #: Where :func:`likelihood_metrics` keeps its running sums in a ``progress`` storage.
 PROGRESS_KEY = "likelihood-progress.json"
 
+#: What the saved sums mean: raise it whenever a change of this code changes them (2: the ELBO
+#: against a fitted latent mixture), so a record of the old computation is not resumed, or
+#: returned whole for a finished pass, as if it were today's.
+PROGRESS_FORMAT = 2
+
 
 def bits_per_dim(nats_per_image: float, dims: int) -> float:
     """Convert a per-image negative log-likelihood in nats to bits per dimension."""
@@ -105,7 +110,7 @@ def likelihood_metrics(
     known = visible_rows(image) if completes else None
     sums, start, settings = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0, "log_top": 0.0}, 0, None
     if progress is not None:  # the weights' digest is only needed to match a saved record
-        settings = {"weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
+        settings = {"format": PROGRESS_FORMAT, "weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
                     "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed, "completion_rows": known}
         record = progress.get_json(PROGRESS_KEY) if progress.exists(PROGRESS_KEY) else {}
         if record.get("settings") == settings:

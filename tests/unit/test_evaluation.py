@@ -333,6 +333,24 @@ def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
     assert calls == [16, 16, 16, 2], "a record of other weights is not resumed"
 
 
+def test_a_finished_pass_of_an_older_computation_is_computed_again(digits, tmp_path, monkeypatch):
+    """A finished record would otherwise be returned whole forever: once what the sums mean
+    changes (PROGRESS_FORMAT), the same weights and settings are scored afresh."""
+    import genmodels.evaluation.likelihood as likelihood
+
+    model = FakeVAE(LatentConfig(image=DIGITS))
+    settings = dict(max_examples=40, batch_size=16, iwae_k=5, seed=3)
+    progress = open_storage(tmp_path)
+    first = likelihood_metrics(model, digits, progress=progress, **settings)
+    calls: list[int] = []
+    iwae = model.iwae
+    model.iwae = lambda x, *args, **kwargs: calls.append(len(x)) or iwae(x, *args, **kwargs)
+    assert likelihood_metrics(model, digits, progress=progress, **settings) == first and calls == []
+    monkeypatch.setattr(likelihood, "PROGRESS_FORMAT", likelihood.PROGRESS_FORMAT + 1)
+    likelihood_metrics(model, digits, progress=progress, **settings)
+    assert calls == [16, 16, 8]
+
+
 def test_completion_sums_resume_with_the_likelihood_pass(digits, tmp_path):
     """A completing model's pass carries both sums through an interruption: the resumed figures,
     completion's too, are the uninterrupted pass's; a record without the completion sum (written
