@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -36,6 +38,9 @@ IDX_IMAGES_MAGIC = 0x00000803
 IDX_LABELS_MAGIC = 0x00000801
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CHANNEL_MODES = {"L": 1, "RGB": 3}
+# Images here are dataset samples of tens to hundreds of pixels a side; 4096x4096 leaves ample
+# room while capping one decode at 64 MB (RGBA), far below Pillow's own ~89M-pixel default.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -102,41 +107,64 @@ def _check_nonempty(x: np.ndarray, where: str) -> None:
 # --- IDX (Fashion-MNIST, MNIST) ---------------------------------------------------------
 
 
-def _maybe_gunzip(data: bytes, where: str) -> bytes:
-    if data[:2] != b"\x1f\x8b":
-        return data
-    try:
-        return gzip.decompress(data)
-    except EOFError as exc:
-        raise DataError(f"{where}: truncated gzip stream ({exc})") from exc
-    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise DataError(f"{where}: corrupt gzip stream ({exc})") from exc
+# Bytes decoded per read: reads follow the data that is really there, never a header's claim.
+_READ_CHUNK = 1 << 20
+
+
+def _read_up_to(stream, n: int) -> bytearray:
+    """At most ``n`` bytes of ``stream``, fewer only at its end."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(min(n - len(buf), _READ_CHUNK))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def decode_idx(data: bytes, where: str, expected_magic: int) -> np.ndarray:
     """Parse an IDX file (raw or gzip) of unsigned bytes into an array of its header's dims."""
-    data = _maybe_gunzip(data, where)
-    if len(data) < 4:
-        raise DataError(f"{where}: too short for an IDX header ({len(data)} bytes)")
-    (magic,) = struct.unpack(">I", data[:4])
-    if magic != expected_magic:
-        raise DataError(
-            f"{where}: wrong IDX magic 0x{magic:08x}, expected 0x{expected_magic:08x} "
-            f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'} of unsigned bytes)"
-        )
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{where}: IDX header needs {header} bytes for {ndim} dims, file holds {len(data)}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
-    actual = len(data) - header
-    if actual != expected:
-        raise DataError(
-            f"{where}: IDX header dims {tuple(dims)} need {expected} data bytes but the file holds "
-            f"{actual} ({'truncated' if actual < expected else 'trailing bytes'})"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    # Stream the gzip rather than decompress it whole: a few hundred kB of gzip can expand to
+    # gigabytes, so decode only what the header accounts for, plus one byte to spot any excess.
+    gzipped = data[:2] == b"\x1f\x8b"
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") if gzipped else io.BytesIO(data)
+    try:
+        with stream:
+            head = _read_up_to(stream, 4)
+            if len(head) < 4:
+                raise DataError(f"{where}: too short for an IDX header ({len(head)} bytes)")
+            (magic,) = struct.unpack(">I", head)
+            if magic != expected_magic:
+                raise DataError(
+                    f"{where}: wrong IDX magic 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                    f"({'images' if expected_magic == IDX_IMAGES_MAGIC else 'labels'} of unsigned bytes)"
+                )
+            ndim = magic & 0xFF
+            header = 4 + 4 * ndim
+            dims_bytes = _read_up_to(stream, 4 * ndim)
+            if len(dims_bytes) < 4 * ndim:
+                raise DataError(
+                    f"{where}: IDX header needs {header} bytes for {ndim} dims, file holds {4 + len(dims_bytes)}"
+                )
+            dims = struct.unpack(f">{ndim}I", dims_bytes)
+            # Python ints: a fixed-width product of dims like (2**22, 2**21, 2**21) wraps to 0.
+            expected = math.prod(dims)
+            body = _read_up_to(stream, expected)
+            if len(body) < expected:
+                raise DataError(
+                    f"{where}: IDX header dims {tuple(dims)} need {expected} data bytes but the file holds "
+                    f"{len(body)} (truncated)"
+                )
+            if stream.read(1):
+                raise DataError(
+                    f"{where}: IDX header dims {tuple(dims)} need {expected} data bytes but the file holds "
+                    "more (trailing bytes)"
+                )
+    except EOFError as exc:
+        raise DataError(f"{where}: truncated gzip stream ({exc})") from exc
+    except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise DataError(f"{where}: corrupt gzip stream ({exc})") from exc
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def encode_idx(array: np.ndarray, compress: bool = False) -> bytes:
@@ -227,7 +255,16 @@ def _decode_image(data: bytes, where: str, mode: str, image_size: int | None) ->
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        # Pillow only warns between its own limit and twice it, then decodes (~282 MB for one
+        # 12000x12000 image): an error instead, so that the file is refused before load().
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            # Checked on the header, before load() allocates the pixels.
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{where}: image too large ({img.width}x{img.height} = "
+                                f"{img.width * img.height} pixels); the limit is {MAX_IMAGE_PIXELS} pixels")
             img.load()  # decode now, so a truncated file fails here with its name
             img = _eight_bit(img, where)
             img = img.convert(mode)
@@ -236,6 +273,8 @@ def _decode_image(data: bytes, where: str, mode: str, image_size: int | None) ->
             arr = np.asarray(img, dtype=np.uint8)
     except DataError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{where}: image too large ({exc}); the limit is {MAX_IMAGE_PIXELS} pixels") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{where}: unreadable image ({exc})") from exc
     return arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -331,6 +370,42 @@ def _as_labels(arr: np.ndarray, key: str, where: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _check_npz_members(data: bytes, where: str) -> None:
+    """Refuse a member whose .npy header declares more bytes than the member holds.
+
+    numpy allocates the declared shape before it reads a byte, so a 100-byte member claiming
+    (2**44, 28, 28) would fail with a MemoryError naming no file, or reserve terabytes.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                try:
+                    version = np.lib.format.read_magic(member)
+                except ValueError as exc:
+                    raise DataError(f"{where}: member {info.filename!r} is not a .npy array ({exc})") from exc
+                read_header = _NPY_HEADER_READERS.get(version)
+                if read_header is None:
+                    # Version 3.0 exists only for structured dtypes, which no source accepts.
+                    raise DataError(f"{where}: member {info.filename!r} has .npy format version "
+                                    f"{version[0]}.{version[1]}; save it with np.savez")
+                shape, _, dtype = read_header(member)
+                if dtype.hasobject:
+                    continue  # np.load refuses object arrays (allow_pickle=False)
+                declared = math.prod(shape) * dtype.itemsize
+                held = info.file_size - member.tell()
+                if declared > held:
+                    raise DataError(
+                        f"{where}: member {info.filename!r} declares shape {shape} of {dtype} "
+                        f"({declared} bytes) but holds {max(held, 0)} bytes of data"
+                    )
+
+
 def read_npz(location: str) -> RawDataset:
     """``.npz`` with ``x`` and optional ``y``, ``x_test``/``y_test``, ``class_names``."""
     if not location:
@@ -338,16 +413,20 @@ def read_npz(location: str) -> RawDataset:
     storage, key = split_url(location)
     where = storage.url_for(key)
     data = storage.get_bytes(key)
-    try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded as npz:
-                arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{where}: not a readable .npz archive ({exc})") from exc
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
+    # Judged by its magic, not loaded: np.load would allocate whatever shape a lone .npy declares.
+    if data.startswith(np.lib.format.MAGIC_PREFIX):
         raise DataError(f"{where}: a single .npy array, not an .npz archive; save the images as one with "
                         "np.savez(path, x=images, y=labels)")
+    try:
+        _check_npz_members(data, where)
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{where}: not a readable .npz archive ({exc})") from exc
+    except MemoryError as exc:
+        raise DataError(f"{where}: arrays too large to load in memory ({exc!r})") from exc
     if "x" not in arrays:
         raise DataError(f"{where}: no array 'x' (found {sorted(arrays)})")
     unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test", "class_names"})

@@ -6,7 +6,11 @@ import gzip
 import hashlib
 import io
 import json
+import struct
+import tracemalloc
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +164,38 @@ def case_dims_vs_bytes(tmp_path):
 def case_trailing_bytes(tmp_path):
     raw = encode_idx(np.zeros(12, np.uint8)) + b"\x00"
     loc, name = _bad_idx(tmp_path, "train-labels-idx1", gzip.compress(raw))
-    return "fashion-mnist", loc, name, r"need 12 data bytes but the file holds 13 \(trailing bytes\)"
+    return "fashion-mnist", loc, name, r"need 12 data bytes but the file holds more \(trailing bytes\)"
+
+
+def case_idx_dims_whose_product_overflows_int64(tmp_path):
+    # 2**64 bytes: a fixed-width product wraps to 0 and matches this empty body.
+    raw = struct.pack(">4I", IDX_IMAGES_MAGIC, 2**22, 2**21, 2**21)
+    loc, name = _bad_idx(tmp_path, "train-images-idx3", gzip.compress(raw))
+    return "fashion-mnist", loc, name, r"need 18446744073709551616 data bytes but the file holds 0 \(truncated\)"
+
+
+def npz_with_member(path: Path, member: str, data: bytes) -> Path:
+    """An .npz whose ``member`` holds ``data`` as given, beside a well-formed 'y'."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member, data)
+        with archive.open("y.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(4, np.int64))
+    return path
+
+
+def case_npz_member_claiming_a_huge_shape(tmp_path):
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**44, 28, 28)})
+    path = npz_with_member(tmp_path / "d.npz", "x.npy", header.getvalue() + bytes(100))
+    return "npz", str(path), "d.npz", (
+        r"member 'x\.npy' declares shape \(17592186044416, 28, 28\) of uint8 \(13792273858822144 bytes\) "
+        r"but holds 100 bytes"
+    )
+
+
+def case_npz_member_that_is_not_an_array(tmp_path):
+    path = npz_with_member(tmp_path / "d.npz", "x", bytes(100))
+    return "npz", str(path), "d.npz", r"member 'x' is not a \.npy array"
 
 
 def case_truncated_gzip(tmp_path):
@@ -252,7 +287,8 @@ def case_a_split_that_rounds_to_none(tmp_path):
 
 
 BAD_INPUTS = [
-    case_wrong_magic, case_dims_vs_bytes, case_trailing_bytes, case_truncated_gzip,
+    case_wrong_magic, case_dims_vs_bytes, case_trailing_bytes, case_idx_dims_whose_product_overflows_int64,
+    case_truncated_gzip, case_npz_member_claiming_a_huge_shape, case_npz_member_that_is_not_an_array,
     case_idx_labels_out_of_range, case_idx_count_mismatch, case_npz_count_mismatch, case_npz_nan,
     case_npz_inf, case_npz_labels_vs_class_names, case_npz_not_a_zip, case_npy_given_as_npz, case_empty_folder,
     case_unreadable_image, case_truncated_jpeg, case_mixed_sizes_without_resize, case_float_pixels_in_a_folder,
@@ -270,6 +306,54 @@ def test_bad_input_raises_data_error_naming_file_and_defect(tmp_path, make_case)
         write_snapshot(prepare(dataset, location, prep), FileStorage(out))
     assert filename in str(info.value)
     assert not out.exists()  # nothing written
+
+
+def test_idx_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
+    # 1x28x28 images, then 32 MiB of zeros that gzip squeezes into ~32 kB.
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = squeeze.compress(encode_idx(np.zeros((1, 28, 28), np.uint8)))
+    zeros = bytes(1 << 20)
+    bomb += b"".join(squeeze.compress(zeros) for _ in range(32)) + squeeze.flush()
+    loc, name = _bad_idx(tmp_path, "train-images-idx3", bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"need 784 data bytes but the file holds more \(trailing bytes\)") as info:
+            load_source("fashion-mnist", loc)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert name in str(info.value)
+    assert peak < 4 << 20, f"peak {peak} bytes: the excess was decompressed"
+
+
+def test_npz_memory_error_names_the_file(tmp_path, monkeypatch):
+    path = digits_like_npz(tmp_path / "d.npz")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 9.9 TiB")
+
+    monkeypatch.setattr(np, "load", out_of_memory)
+    with pytest.raises(DataError, match=r"d\.npz: arrays too large to load in memory"):
+        load_source("npz", str(path))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 grey PNG whose header (with a matching checksum) claims width x height."""
+    data = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+# Over our limit only; over Pillow's warning limit (it would decode); over its error limit.
+@pytest.mark.parametrize("side", [5000, 12000, 20000])
+def test_folder_source_refuses_a_huge_image_before_decoding_it(tmp_path, side):
+    root = write_folder(tmp_path / "imgs")
+    (root / "zebra" / "huge.png").write_bytes(png_claiming(side, side))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CLI shows one line: no warning beside the error
+        with pytest.raises(DataError, match=r"zebra/huge\.png: image too large .*the limit is 16777216 pixels"):
+            load_source("folder", str(root), PrepConfig(image_size=4))
 
 
 # --- folder, npz, digits sources ----------------------------------------------------------------
