@@ -143,7 +143,7 @@ def sample_cmd(
         model, _ = load_model(_storage(out).child(run_prefix(dataset, family, preset)))
     images = model.sample(n, labels=label, seed=seed, temperature=temperature)
     png.parent.mkdir(parents=True, exist_ok=True)
-    png.write_bytes(grid_png(images, nrow=max(1, int(round(n**0.5)))))
+    png.write_bytes(grid_png(images))
     console.print(f"{n} samples of {model.family} (seed {seed}) -> {png}")
 
 
@@ -209,7 +209,7 @@ def complete_cmd(
         read_image_png(mask, (1, model.image.height, model.image.width))[0] >= 0.5)
     images = model.complete(x, known, n, seed=seed, temperature=temperature, labels=label)
     png.parent.mkdir(parents=True, exist_ok=True)
-    png.write_bytes(grid_png(images, nrow=max(1, int(round(n**0.5)))))
+    png.write_bytes(grid_png(images))
     console.print(f"{n} completions by {model.family} (seed {seed}) -> {png}")
 
 

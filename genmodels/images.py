@@ -33,7 +33,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.round(x * np.float32(255.0)).astype(np.uint8)
 
 
-def _grid_array(images: Any, nrow: int, scale: int | None, padding: int) -> np.ndarray:
+def _grid_array(images: Any, nrow: int | None, scale: int | None, padding: int) -> np.ndarray:
     x = _float32(images)
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"images must be a non-empty [N, C, H, W] batch, got shape {tuple(x.shape)}")
@@ -42,6 +42,8 @@ def _grid_array(images: Any, nrow: int, scale: int | None, padding: int) -> np.n
         raise ValueError(f"images must have 1 (grey) or 3 (RGB) channels to be drawn, got {c}")
     if np.isnan(x).any():
         raise ValueError("images contain NaN")
+    if nrow is None:
+        nrow = math.ceil(math.sqrt(n))
     if nrow < 1:
         raise ValueError(f"nrow (images per row) must be >= 1, got {nrow}")
     if padding < 0:
@@ -67,8 +69,9 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def grid_png(images: Any, nrow: int = 8, *, scale: int | None = None, padding: int = 2) -> bytes:
-    """PNG of ``images`` [N, C, H, W] in [0, 1] (clamped), ``nrow`` images per row.
+def grid_png(images: Any, nrow: int | None = None, *, scale: int | None = None, padding: int = 2) -> bytes:
+    """PNG of ``images`` [N, C, H, W] in [0, 1] (clamped), ``nrow`` images per row (None: the
+    squarest grid, ``ceil(sqrt(N))`` per row: the API's ``grid.png`` and the CLI's ``--png``).
 
     Size: ``cols*W*s + (cols+1)*padding`` by ``rows*H*s + (rows+1)*padding`` with
     ``cols = min(nrow, N)``, ``rows = ceil(N / nrow)`` and ``s`` the upscale factor (default:

@@ -1,6 +1,7 @@
 """The `genmodels` command end to end on sklearn digits: every family trains, evaluates,
 samples reproducibly, and bad input fails with a clear message and exit code 2."""
 
+import io
 import json
 
 import pytest
@@ -57,6 +58,18 @@ def test_sample_same_seed_same_png(trained_store, tmp_path):
     assert invoke(*common, "--seed", 5, "--png", b).exit_code == 0
     assert invoke(*common, "--seed", 6, "--png", c).exit_code == 0
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+
+
+def test_sample_png_is_laid_out_as_the_apis_grid(trained_store, tmp_path):
+    import numpy as np
+
+    from genmodels.images import grid_png
+
+    out = tmp_path / "ten.png"
+    common = ["sample", "--family", "vae", "--dataset", "digits", "--out", trained_store]
+    assert invoke(*common, "--n", 10, "--seed", 1, "--png", out).exit_code == 0
+    with Image.open(out) as cli, Image.open(io.BytesIO(grid_png(np.zeros((10, 1, 8, 8))))) as api_layout:
+        assert cli.size == api_layout.size and cli.size[0] > cli.size[1]  # 4 per row, 3 rows, as grid.png
 
 
 @pytest.mark.parametrize("family", ["pixelrnn", "mixture"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import math
 import secrets
 from typing import Annotated, Any
 
@@ -80,7 +79,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
                    seed: SeedQuery = None, label: LabelQuery = None, temperature: TemperatureQuery = 1.0):
         """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
         out = await sample(request, name, n, seed, label, temperature)
-        png = grid_png(out["images"], nrow=max(1, math.ceil(math.sqrt(n))))
+        png = grid_png(out["images"])
         return Response(png, media_type="image/png",
                         headers={"X-Model-Version": out["version"], "X-Seed": str(out["seed"])})
 
