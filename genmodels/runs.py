@@ -299,15 +299,18 @@ def collect_metrics(storage: Storage, dataset: str, preset: str, snapshot_hash: 
     rows = {}
     for family in FAMILIES:
         run = storage.child(run_prefix(dataset, family, preset))
-        if not (run.exists("metrics.json") and run.exists("model.pt")):
+        try:
+            if load_checkpoint(run.get_bytes("model.pt"))["meta"].get("snapshot_hash") != snapshot_hash:
+                continue
+            metrics = json.loads(run.get_bytes("metrics.json"))
+            history = json.loads(run.get_bytes("history.json")) if run.exists("history.json") else []
+        except FileNotFoundError:
+            # Not evaluated, or being retrained right now by another process (finish_run removes
+            # the old figures before placing new weights): no row rather than a failed report.
             continue
-        if load_checkpoint(run.get_bytes("model.pt"))["meta"].get("snapshot_hash") != snapshot_hash:
-            continue
-        history = json.loads(run.get_bytes("history.json")) if run.exists("history.json") else []
         seconds = sum(h.get("seconds", 0.0) for h in history)
         images = sum(h.get("images_per_s", 0.0) * h.get("seconds", 0.0) for h in history)
-        rows[family] = {**json.loads(run.get_bytes("metrics.json")), "train_seconds": seconds,
-                        "train_epochs": float(len(history)),
+        rows[family] = {**metrics, "train_seconds": seconds, "train_epochs": float(len(history)),
                         "train_images_per_s": images / seconds if seconds else 0.0}
     return rows
 

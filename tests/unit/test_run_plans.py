@@ -87,6 +87,27 @@ def test_new_weights_take_the_old_weights_figures_pictures_and_graphs_with_them(
     assert run.exists("history.json")
 
 
+def test_a_report_beside_a_retrain_leaves_out_the_family_whose_figures_just_went(store, snapshot, monkeypatch):
+    root = store.child("report-race")
+    plan = {"epochs": 1, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32}
+    run = runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE).run
+    run.put_bytes("metrics.json", b'{"nll_nats": 40.0}')
+    assert runs.collect_metrics(root, snapshot.dataset, "quick", snapshot.hash)["vae"]["nll_nats"] == 40.0
+
+    # Another process's finish_run removes the old figures right after this report read model.pt.
+    read = type(run).get_bytes
+
+    def racing_get_bytes(self, key):
+        data = read(self, key)
+        if key == "model.pt":
+            run.delete("metrics.json")
+        return data
+
+    monkeypatch.setattr(type(run), "get_bytes", racing_get_bytes)
+    report = runs.write_report(root, snapshot, "quick")
+    assert "| vae |" not in report.markdown and report.picture is not None  # still drawn, named alone
+
+
 def test_a_ray_run_is_named_by_its_plan_not_by_the_invocations_budget():
     from genmodels.distributed import ray_run_name
     from genmodels.training import TrainConfig
