@@ -11,12 +11,18 @@ import numpy as np
 
 #: Limits of one online sampling request, the HTTP API's and the MLflow model's alike: a request
 #: is answered by one replica in one call, so its size bounds that call's memory and latency.
+#: MLflow's one call takes a table of requests (rows): the bound is on their sum of n.
 MAX_REQUEST_SAMPLES = 256
 #: Sampling temperatures allowed everywhere. The floor keeps logits / T finite in float32 (below
 #: ~1e-36 they overflow and every draw became level 0); at 1e-3 sampling is already the argmax.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+#: The largest class label any input may name (bulk job specs store labels as int32-range ints):
+#: a schema bounds its label fields by it, so a label beyond every model's classes is refused
+#: naming this bound rather than as whatever a cast of it would read.
+MAX_LABEL = 2**31 - 1
 
-__all__ = ["MAX_REQUEST_SAMPLES", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "check_labels_array", "check_temperature", "completion_mask_array", "require_completion"]
+__all__ = ["MAX_LABEL", "MAX_REQUEST_SAMPLES", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "check_labels_array",
+           "check_temperature", "completion_mask_array", "require_completion"]
 
 
 def _is_tensor(value: Any) -> bool:
@@ -48,16 +54,22 @@ def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, n
     if _is_tensor(labels):
         labels = labels.detach().cpu().numpy()
     arr = np.asarray(labels)
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        # numpy reads ints beyond int64 as Python objects, or as floats beside smaller ones: still
+        # integers, which the range check below refuses naming them, not a dtype they never had.
+        values = np.asarray(labels, dtype=np.object_)
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values.flat):
+            arr = values
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.object_
+                                     or arr.size == 0):
         raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if arr.ndim == 0:
-        arr = np.full(n, arr, dtype=np.int64)
-    if arr.ndim != 1 or arr.shape[0] != n:
+    if arr.ndim != 0 and (arr.ndim != 1 or arr.shape[0] != n):
         raise ValueError(f"labels must be one int or {n} ints, got shape {arr.shape}")
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {arr.min()}..{arr.max()}")
-    return arr
+    # On the values as given: cast to int64 first, 2**64 - 1 would read as -1.
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(arr.min())}..{int(arr.max())}")
+    arr = arr.astype(np.int64)
+    return np.full(n, arr, dtype=np.int64) if arr.ndim == 0 else arr
 
 
 def require_completion(family: str, can_complete: bool) -> None:

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
                                   "a job's output; unset: <storage>/outputs/.",
     )
     max_active_jobs: int = Field(default=2, ge=1, description="Jobs running at once per server; later ones queue.")
+    max_queued_jobs: int = Field(default=100, ge=0, description="Jobs waiting for a free slot per server, at "
+                                                                "most; a submission beyond is refused (429).")
     job_max_samples: int = Field(default=10_000_000, ge=1, description="Samples (n) per job, at most.")
     job_max_shards: int = Field(default=10_000, ge=1, description="Shards per job (n / shard_size), at most.")
     job_max_bytes: int = Field(default=50 * 2**30, ge=1, description="Uncompressed image bytes per job "

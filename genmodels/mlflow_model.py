@@ -4,7 +4,8 @@ file when it loads the model, so loading never unpickles anything.
 Input: a table (pandas DataFrame; ``dataframe_split``/``dataframe_records`` over HTTP), one row
 per request, with the fields of ``POST /v1/models/{name}/samples``:
 
-- ``seed`` (int, required), ``n`` (int in [1, 256], required);
+- ``seed`` (int, required), ``n`` (int in [1, 256], required; at most 256 over all the rows of
+  one call, which one process answers at once);
 - ``label`` (int in [0, num_classes), conditional models only; give it on every row or leave the
   column out: then image i of a conditional model gets class i % num_classes, as in the API);
 - ``temperature`` (float in (0, 100], default 1.0; a float column: ``1.0``, not ``1``).
@@ -46,8 +47,20 @@ class OnnxSamplerModel(PythonModel):
         if missing:
             raise _bad_input(f"the input table needs the columns {missing} (columns: seed, n, optional label "
                              f"and temperature; one row per request)")
+        rows = table.to_dict("records")
+        total = 0
+        for i, row in enumerate(rows):
+            try:
+                total += _check_n(row["n"])
+            except (TypeError, ValueError) as exc:
+                raise _bad_input(f"row {i}: {exc}") from None
+        # Checked before any row is sampled: every row's images are held until the call answers,
+        # so the rows together, not each alone, must fit what one request may ask.
+        if total > MAX_SAMPLES:
+            raise _bad_input(f"the {len(rows)} rows ask for {total} samples in all (the sum of n), at most "
+                             f"{MAX_SAMPLES} per call: split the rows over several calls")
         images = []
-        for i, row in enumerate(table.to_dict("records")):
+        for i, row in enumerate(rows):
             try:
                 images.append(self._sample(row))
             except (TypeError, ValueError) as exc:
@@ -56,16 +69,20 @@ class OnnxSamplerModel(PythonModel):
 
     def _sample(self, row: dict) -> np.ndarray:
         s = self.sampler
-        n, seed = row["n"], row["seed"]
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-            raise TypeError(f"n must be an integer, got {n!r}")
-        if not 1 <= n <= MAX_SAMPLES:
-            raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {n}")
+        n, seed = _check_n(row["n"]), row["seed"]
         temperature = row.get("temperature")
         if temperature is None or (isinstance(temperature, float) and math.isnan(temperature)):
             temperature = 1.0  # the API's default; a NaN is a row that left it out
         check_temperature(temperature)
         return s.sample(n, seed, labels=s.request_labels(row.get("label"), n), temperature=float(temperature))
+
+
+def _check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an integer, got {n!r}")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {n}")
+    return int(n)
 
 
 def _bad_input(message: str) -> MlflowException:

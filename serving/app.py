@@ -411,5 +411,8 @@ def build_app(args: ServingArgs):
         ingress = Api.options(ray_actor_options={"num_cpus": a["sampler_threads"]}, health_check_period_s=10,
                               **replicas)
         return ingress.bind(api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs, sampling=sampling)
-    sampler = Sampler.options(**replicas).bind(**sampling)
+    # Its onnxruntime pool runs sampler_threads threads: reserved as CPUs, so that Ray places no
+    # other work (bulk-job writers, another replica) on the cores it spins on.
+    sampler_cpus = {**(Sampler.ray_actor_options or {}), "num_cpus": a["sampler_threads"]}
+    sampler = Sampler.options(ray_actor_options=sampler_cpus, **replicas).bind(**sampling)
     return Api.bind(sampler, api_key=a["api_key"], max_body_bytes=a["max_body_bytes"], jobs=jobs)

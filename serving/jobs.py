@@ -129,9 +129,9 @@ class JobManager:
     ``storage``: the platform storage URL holding ``jobs/`` (default ``Settings().storage_url``).
     ``output_roots``: URL prefixes a job may write under (default ``Settings().output_roots``).
     Limits (default: ``Settings``): ``max_active`` jobs run at once, later ones queue in
-    submission order; ``max_samples`` / ``max_shards`` / ``max_bytes`` per job, ``max_shard_bytes``
-    per shard; ``keep_ended``
-    ended jobs stay in memory (older ones are answered from their records).
+    submission order, at most ``max_queued`` of them (a submission beyond is refused, 429);
+    ``max_samples`` / ``max_shards`` / ``max_bytes`` per job, ``max_shard_bytes`` per shard;
+    ``keep_ended`` ended jobs stay in memory (older ones are answered from their records).
     """
 
     #: Progress is recorded at most this often (seconds); state changes always are.
@@ -142,7 +142,7 @@ class JobManager:
                  use_ray: bool = True, storage: str | None = None, output_roots: Sequence[str] | None = None,
                  max_active: int | None = None, max_samples: int | None = None, max_shards: int | None = None,
                  max_bytes: int | None = None, max_shard_bytes: int | None = None,
-                 keep_ended: int | None = None) -> None:
+                 keep_ended: int | None = None, max_queued: int | None = None) -> None:
         from genmodels import registry
         from genmodels.config import get_settings
         from genmodels.storage import open_storage
@@ -155,6 +155,7 @@ class JobManager:
         self.output_roots = list(output_roots) if output_roots else settings.output_roots
         pick = lambda value, default: int(default if value is None else value)
         self.max_active = max(1, pick(max_active, settings.max_active_jobs))
+        self.max_queued = max(0, pick(max_queued, settings.max_queued_jobs))
         self.max_samples = pick(max_samples, settings.job_max_samples)
         self.max_shards = pick(max_shards, settings.job_max_shards)
         self.max_bytes = pick(max_bytes, settings.job_max_bytes)
@@ -316,6 +317,7 @@ class JobManager:
             if busy:
                 raise RequestError(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
                                                     "wait for it to end")
+            self._check_room()
             job = self._jobs[jid] = _Job(spec, submitted_at=records.utc_now())
             job.files = files
             self._ended.pop(jid, None)
@@ -328,6 +330,19 @@ class JobManager:
             self._queue.append(jid)
             self._admit()
             return self._accepted(jid, job)
+
+    def _check_room(self) -> None:
+        """Refuse a new job that would wait beyond ``max_queued`` (holds ``_lock``): every job kept
+        waiting holds its record, its graphs and a place in memory, and nothing else bounds how
+        many distinct specs a client submits."""
+        # Counted from _jobs, not _queue: a job accepted by a concurrent submit joins the queue
+        # only after its record is written, outside the lock.
+        waiting = sum(1 for jid, job in self._jobs.items() if job.status == QUEUED and jid not in self._active)
+        free = max(0, self.max_active - len(self._active))
+        if waiting >= self.max_queued + free:
+            raise RequestError(429, "queue_full", f"{len(self._active)} jobs run and {waiting} wait on this server, "
+                               f"at most {self.max_active} running (GENMODELS_MAX_ACTIVE_JOBS) and {self.max_queued} "
+                               "waiting (GENMODELS_MAX_QUEUED_JOBS); submit again once one has ended")
 
     @staticmethod
     def _accepted(jid: str, job: _Job) -> dict[str, Any]:
@@ -423,7 +438,7 @@ class JobManager:
         """What a job request must fit on this server (published in the served OpenAPI)."""
         return {"output_roots": list(self.output_roots), "max_samples": self.max_samples,
                 "max_shards": self.max_shards, "max_bytes": self.max_bytes, "max_shard_bytes": self.max_shard_bytes,
-                "max_active": self.max_active}
+                "max_active": self.max_active, "max_queued": self.max_queued}
 
     def _rerun_elsewhere(self, record: dict[str, Any] | None) -> bool:
         """A record of a job that ended here, rewritten since by another process (a re-run by the

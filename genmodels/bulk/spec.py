@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from genmodels.checks import check_labels_array, check_temperature
+from genmodels.checks import MAX_LABEL, check_labels_array, check_temperature
 from genmodels.noise import check_seed
 from genmodels.storage import open_storage
 
@@ -163,8 +163,8 @@ class JobSpec:
             items = list(np.asarray(labels).tolist()) if isinstance(labels, np.ndarray) else list(labels)
             if not items:
                 raise ValueError("labels must be None, one int or a non-empty list of ints, got []")
-            return tuple(check_int(v, f"labels[{i}]", 0, 2**31 - 1) for i, v in enumerate(items))
-        return check_int(labels, "labels", 0, 2**31 - 1)
+            return tuple(check_int(v, f"labels[{i}]", 0, MAX_LABEL) for i, v in enumerate(items))
+        return check_int(labels, "labels", 0, MAX_LABEL)
 
     # --- derived ---------------------------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException
 
 from serving.api.errors import error_response, install_error_handlers
-from serving.api.jobs import jobs_router
+from serving.api.jobs import add_job_routes
 from serving.api.openapi import served_openapi
 from serving.api.sampling import add_sampling_routes
 from serving.api.schemas import ErrorBody
@@ -59,7 +59,7 @@ class BodyLimit:
 def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                request_log: Callable[[dict[str, Any]], None] | None = None) -> FastAPI:
     """The app over ``backend`` (see :func:`serving.api.sampling.add_sampling_routes` and
-    :func:`serving.api.jobs.jobs_router`; ``serving.app.HandleBackend`` in Serve); ``request_log``
+    :func:`serving.api.jobs.add_job_routes`; ``serving.app.HandleBackend`` in Serve); ``request_log``
     gets one record per request (default: a :class:`serving.observability.RequestLog` without
     metrics)."""
     api = FastAPI(title="genmodels sampling API", version="1",
@@ -125,7 +125,7 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
     # One auth dependency and one error format for sampling and bulk jobs alike.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     add_sampling_routes(v1, backend)
-    v1.include_router(jobs_router(backend))
+    add_job_routes(v1, backend)
     api.include_router(v1)
     api.add_middleware(BodyLimit, limit=int(max_body_bytes))
     # Added last, so outermost: it also times (and logs) what BodyLimit refuses.

@@ -19,17 +19,26 @@ from serving.errors import RequestError
 logger = logging.getLogger("ray.serve")
 
 _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                413: "payload_too_large", 422: "invalid_request", 501: "not_implemented"}
+                413: "payload_too_large", 422: "invalid_request", 429: "too_many_requests", 501: "not_implemented"}
 
 
 def error_response(status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+#: Seconds a client refused for load (429) is told to wait (Retry-After): what frees room is a
+#: bulk job ending, which takes far longer than a retry loop without a pause would.
+RETRY_AFTER_S = {429: 30}
+
+
 def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
-        return error_response(exc.status_code, exc.error, exc.detail)
+        # Decided here, not carried by the error: a RequestError crosses from the Jobs replica as
+        # its status, code and detail only.
+        retry = RETRY_AFTER_S.get(exc.status_code)
+        return error_response(exc.status_code, exc.error, exc.detail,
+                              None if retry is None else {"Retry-After": str(retry)})
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

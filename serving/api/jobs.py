@@ -7,17 +7,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from serving.api.schemas import JobAccepted, JobId, JobRequest, JobStatus
+from serving.api.schemas import ErrorBody, JobAccepted, JobId, JobRequest, JobStatus
 from serving.errors import RequestError
 from serving.jobs import ACTIVE, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, JobState, check_request
 
 
-def jobs_router(backend) -> APIRouter:
-    """``/jobs`` routes over ``backend.submit_job(request)``, ``job_status(id)``, ``cancel_job(id)``
-    and ``list_jobs(status, limit, offset)`` (async, answering as :class:`serving.jobs.JobManager`
-    does, :meth:`~serving.jobs.JobManager.page` or a plain list for ``list_jobs``); a backend
-    without them answers 501."""
-    router = APIRouter(prefix="/jobs", tags=["bulk jobs"])
+#: The OpenAPI tag of every job route.
+TAGS = ["bulk jobs"]
+
+
+def add_job_routes(router: APIRouter, backend) -> None:
+    """The ``/jobs`` routes, on ``router`` itself (as :func:`serving.api.sampling.add_sampling_routes`
+    adds its own: a nested router's routes would be labelled ``/jobs`` in the request log and
+    metrics, without the prefix of ``router``), over ``backend.submit_job(request)``,
+    ``job_status(id)``, ``cancel_job(id)`` and ``list_jobs(status, limit, offset)`` (async,
+    answering as :class:`serving.jobs.JobManager` does, :meth:`~serving.jobs.JobManager.page` or a
+    plain list for ``list_jobs``); a backend without them answers 501."""
     enabled = all(hasattr(backend, m) for m in ("submit_job", "job_status", "cancel_job"))
 
     def require(method: str = "submit_job") -> None:
@@ -27,7 +32,9 @@ def jobs_router(backend) -> APIRouter:
     def answer(result: dict[str, Any] | list[dict[str, Any]], status: int = 200) -> JSONResponse:
         return JSONResponse(result, status_code=status)
 
-    @router.post("", status_code=202, response_model=JobAccepted)
+    @router.post("/jobs", status_code=202, response_model=JobAccepted, tags=TAGS, responses={
+        429: {"model": ErrorBody, "description": "queue_full: as many jobs wait as the server queues "
+                                                 "(GENMODELS_MAX_QUEUED_JOBS); retry after Retry-After seconds."}})
     async def submit(body: JobRequest):
         """Start writing n samples as shards plus manifest.json to ``output``; 202 with the job id.
         The same spec again: the same id (the running job, or a resumed run once it ended)."""
@@ -36,7 +43,7 @@ def jobs_router(backend) -> APIRouter:
         check_request(request)
         return answer(await backend.submit_job(request), status=202)
 
-    @router.get("", response_model=list[JobStatus])
+    @router.get("/jobs", response_model=list[JobStatus], tags=TAGS)
     async def list_jobs(
         request: Request,
         status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
@@ -61,13 +68,13 @@ def jobs_router(backend) -> APIRouter:
             return response
         return answer(result)
 
-    @router.get("/{job_id}", response_model=JobStatus)
+    @router.get("/jobs/{job_id}", response_model=JobStatus, tags=TAGS)
     async def status(job_id: JobId):
         """The job's status, samples done, and its manifest once it succeeded."""
         require()
         return answer(await backend.job_status(job_id))
 
-    @router.delete("/{job_id}", response_model=JobStatus, status_code=202)
+    @router.delete("/jobs/{job_id}", response_model=JobStatus, status_code=202, tags=TAGS)
     async def cancel(job_id: JobId):
         """Ask the job to stop (202; ``status`` turns ``cancelled`` once it has); completed shards are
         kept. A job already ended is left as it is (200); one run by another process (a
@@ -75,5 +82,3 @@ def jobs_router(backend) -> APIRouter:
         require()
         result = await backend.cancel_job(job_id)
         return answer(result, status=202 if result.get("status") in ACTIVE else 200)
-
-    return router

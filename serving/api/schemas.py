@@ -8,7 +8,7 @@ from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from genmodels import bulk
-from genmodels.checks import MAX_REQUEST_SAMPLES, MAX_TEMPERATURE, MIN_TEMPERATURE
+from genmodels.checks import MAX_LABEL, MAX_REQUEST_SAMPLES, MAX_TEMPERATURE, MIN_TEMPERATURE
 from genmodels.noise import MAX_SEED
 from serving.jobs import JobState
 
@@ -21,12 +21,12 @@ RANDOM_SEED_BOUND = 2**53
 
 # --- field types: JSON bodies are strict (a string is not a number) ----------------------------
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
-Label = Annotated[StrictInt, Field(ge=0)]
+Label = Annotated[StrictInt, Field(ge=0, le=MAX_LABEL)]
 Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 ImageFormat = Literal["png", "array"]
 # The same bounds for query strings, whose values arrive as text.
 SeedQuery = Annotated[int | None, Query(ge=0, le=MAX_SEED)]
-LabelQuery = Annotated[int | None, Query(ge=0)]
+LabelQuery = Annotated[int | None, Query(ge=0, le=MAX_LABEL)]
 TemperatureQuery = Annotated[float, Query(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 ModelName = Annotated[str, Path(description="Registered model name, e.g. fashion-mnist-vae")]
 JobId = Annotated[str, Path(min_length=1, max_length=128, description="As returned by POST /v1/jobs")]

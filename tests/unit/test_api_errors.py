@@ -83,3 +83,42 @@ def test_the_http_layer_encodes_images_without_the_evaluation_package():
             "print('genmodels.evaluation' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _Conditional:
+    """A class-conditional model (10 classes) whose labels go through the sampler's own check, as
+    serving.models.ModelSet sends them."""
+
+    async def describe(self):
+        return [{"name": "m", "family": "cvae", "version": "1", "conditional": True, "num_classes": 10,
+                 "image_shape": [1, 2, 2], "metrics": {}, "can_interpolate": True}]
+
+    def _check(self, labels, n):
+        from genmodels.checks import check_labels_array
+        from serving.models import _checked_labels
+
+        return _checked_labels(lambda v, k: check_labels_array(v, k, family="cvae", conditional=True,
+                                                               num_classes=10), labels, n)
+
+    async def sample(self, request):
+        self._check(request["labels"], request["n"])
+        return {"model": "m", "version": "1", "seed": request["seed"],
+                "images": np.zeros((request["n"], 1, 2, 2), np.float32)}
+
+    async def interpolate(self, request):
+        self._check(request["label"], request["steps"])
+        return {"model": "m", "version": "1", "seed_a": request["seed_a"], "seed_b": request["seed_b"],
+                "images": np.zeros((request["steps"], 1, 2, 2), np.float32)}
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, big: c.post("/v1/models/m/samples", json={"n": 1, "seed": 0, "labels": big}),
+    lambda c, big: c.post("/v1/models/m/samples", json={"n": 2, "seed": 0, "labels": [0, big]}),
+    lambda c, big: c.get("/v1/models/m/grid.png", params={"n": 1, "seed": 0, "label": big}),
+    lambda c, big: c.post("/v1/models/m/interpolate", json={"seed_a": 0, "seed_b": 1, "steps": 2, "label": big}),
+], ids=["samples", "samples-list", "grid", "interpolate"])
+@pytest.mark.parametrize("big", [2**64 - 1, 2**63, 10**30])
+def test_a_label_beyond_every_class_is_422_naming_the_bound_not_what_a_cast_reads(call, big):
+    r = call(TestClient(create_api(_Conditional())), big)
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
+    assert "2147483647" in r.text and "-1" not in r.text and "dtype" not in r.text, r.text

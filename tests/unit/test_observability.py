@@ -80,3 +80,36 @@ def test_default_request_log_writes_one_logfmt_line():
 
 def test_logfmt_quotes_what_would_break_a_line():
     assert logfmt({"a": 1, "b": 2.345, "c": 'x y="z"', "d": ""}) == 'a=1 b=2.3 c="x y=\\"z\\"" d=""'
+
+
+class FakeJobsBackend(FakeBackend):
+    async def submit_job(self, request):
+        return {"job_id": "j1", "status": "queued"}
+
+    async def job_status(self, job_id):
+        if job_id != "j1":
+            raise RequestError(404, "job_not_found", f"no job {job_id!r}")
+        return {"job_id": "j1", "status": "queued", "done": 0, "total": 1, "model": "m", "version": "7",
+                "output": "file:///o/", "cancel_requested": False}
+
+    async def cancel_job(self, job_id):
+        return {**await self.job_status(job_id), "status": "cancelled"}
+
+    async def list_jobs(self, status, limit, offset=0):
+        return {"jobs": [], "total": 0}
+
+
+def test_job_routes_are_labelled_with_their_full_template():
+    # Labelled "/jobs" they would read as another route than the one clients call, and the
+    # metrics of /v1/jobs would not be found under its path.
+    records: list[dict] = []
+    with TestClient(create_api(FakeJobsBackend(), request_log=records.append)) as client:
+        assert client.post("/v1/jobs", json={"model": "m", "n": 1, "seed": 0,
+                                             "output": "file:///o/"}).status_code == 202
+        assert client.get("/v1/jobs").status_code == 200
+        assert client.get("/v1/jobs/j1").status_code == 200
+        assert client.get("/v1/jobs/nope").status_code == 404
+        assert client.delete("/v1/jobs/j1").status_code == 200
+    assert [(r["method"], r["route"], r["status"]) for r in records] == [
+        ("POST", "/v1/jobs", 202), ("GET", "/v1/jobs", 200), ("GET", "/v1/jobs/{job_id}", 200),
+        ("GET", "/v1/jobs/{job_id}", 404), ("DELETE", "/v1/jobs/{job_id}", 200)]

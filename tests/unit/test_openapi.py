@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from genmodels import bulk
+from genmodels.checks import MAX_LABEL
 from serving.api import create_api
 from serving.api.schemas import AnalogyRequest, CompleteRequest, InterpolateRequest, JobRequest, SampleRequest
 
@@ -85,8 +86,9 @@ def test_labels_known_rows_images_and_job_fields_are_bounded_as_the_server_check
                         ("JobRequest", "labels")]:
         bounds = [s["maximum"] for s in _integers(schemas[body]["properties"][field])]
         assert bounds and set(bounds) == {6}, (body, bounds)  # the CVAE's 7 classes
-    # No conditional model completes: the completion route's labels stay unbounded (null only is useful).
-    assert all("maximum" not in s for s in _integers(schemas["CompleteRequest"]["properties"]["labels"]))
+    # No conditional model completes: the completion route's labels keep the static bound, narrowed
+    # to no model's classes (null only is useful).
+    assert [s.get("maximum") for s in _integers(schemas["CompleteRequest"]["properties"]["labels"])] == [MAX_LABEL]
     assert [s["maximum"] for s in _integers(schemas["CompleteRequest"]["properties"]["known_rows"])] == [11]
     for body, field in [("AnalogyRequest", "image"), ("CompleteRequest", "image"), ("CompleteRequest", "mask")]:
         text = str(schemas[body]["properties"][field])
@@ -141,5 +143,5 @@ def test_routes_no_served_model_answers_are_left_open(models):
     assert _name_enum(spec, "analogies") is None and _name_enum(spec, "complete") is None
     if models:
         assert _name_enum(spec, "samples") == ["d-vae"]
-    assert np.all([s.get("maximum") is None
+    assert np.all([s.get("maximum") == MAX_LABEL
                    for s in _integers(spec["components"]["schemas"]["SampleRequest"]["properties"]["labels"])])

@@ -176,6 +176,10 @@ def test_log_likelihood_matches_torch_where_a_graph_exists(exported):
         ("cvae", {"labels": [[0, 1, 2, 0]]}, ValueError, r"one int or 4 ints, got shape \(1, 4\)"),
         ("cvae", {"labels": [0, 1, 3, 0]}, ValueError, r"labels must lie in \[0, 3\), got 0\.\.3"),
         ("cvae", {"labels": -1}, ValueError, r"labels must lie in \[0, 3\), got -1\.\.-1"),
+        # Ranges are checked on the labels as given: cast to int64 first, 2**64 - 1 read as -1.
+        ("cvae", {"labels": 2**64 - 1}, ValueError, r"lie in \[0, 3\), got (18446744073709551615)\.\.\1"),
+        ("cvae", {"labels": [0, 1, 2, 2**64 - 1]}, ValueError, r"lie in \[0, 3\), got 0\.\.18446744073709551615"),
+        ("cvae", {"labels": 10**30}, ValueError, r"lie in \[0, 3\), got 10{30}\.\.10{30}"),
         ("cvae", {"labels": [0.5, 1, 2, 0]}, ValueError, "labels must be integers"),
         ("cvae", {"labels": True}, ValueError, "labels must be integers"),
         ("vae", {"labels": 1}, ValueError, "vae model is unconditional: it takes no labels"),
