@@ -13,7 +13,7 @@ from rich.markdown import Markdown
 try:
     from genmodels.cli_options import (  # noqa: F401 - PRESETS: the presets the commands offer, read by tests
         DEFAULT_FAMILIES, PRESETS, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt, PresetOpt,
-        QuantOpt, SeedOpt, SourceOpt, console, family_list, friendly_errors, train_overrides,
+        QuantOpt, SamplingSeedOpt, SeedOpt, SourceOpt, console, family_list, friendly_errors, train_overrides,
     )
 except ModuleNotFoundError as exc:
     # A serving-only install (no `train` extra) has the runtime but not the models' code.
@@ -125,7 +125,7 @@ def evaluate_cmd(
 def sample_cmd(
     family: FamilyOpt = "vae", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
     out: OutOpt = None, n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Number of images.")] = 64,
-    seed: SeedOpt = 0,
+    seed: SamplingSeedOpt = 0,
     label: Annotated[Optional[int], typer.Option(help="Class label (conditional models).")] = None,
     temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature (> 0).")] = 1.0,
     png: Annotated[Path, typer.Option("--png", help="Where to write the PNG grid.")] = Path("samples.png"),
@@ -182,7 +182,7 @@ def complete_cmd(
     known_rows: Annotated[Optional[int], typer.Option("--known-rows", help="Rows known from the top.")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Mixture only: PNG, white = known pixel.")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Number of completions.")] = 8,
-    seed: SeedOpt = 0,
+    seed: SamplingSeedOpt = 0,
     label: Annotated[Optional[int], typer.Option(help="The image's class (conditional models).")] = None,
     temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature (> 0).")] = 1.0,
     png: Annotated[Path, typer.Option("--png", help="Where to write the PNG grid of completions.")] = Path(
@@ -225,6 +225,7 @@ def run_cmd(
     max_minutes: Annotated[Optional[float], typer.Option(
         help="Stop each family's training after the epoch that crosses this many minutes (checkpointed: "
              "running the same command again resumes).")] = None,
+    image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
 ) -> None:
     """Prepare, train and evaluate several families; write grids, a comparison picture and a
     metrics table."""
@@ -232,7 +233,7 @@ def run_cmd(
 
     names = _families(families)
     storage = _storage(out)
-    snap = _snapshot(storage, dataset, source, quantization, seed, None, "L")
+    snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
     overrides: dict = {"seed": seed}
     if epochs is not None:
         overrides["epochs"] = epochs

@@ -82,6 +82,7 @@ OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="Storage root
 QuantOpt = Annotated[str, typer.Option("--quantization", "-q", help="Pixel levels: binary (2) or 8bit (256).",
                                       **choice("quantization", QUANTIZATION_CHOICES))]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of splits, binarization and training.")]
+SamplingSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sampling noise: same seed, same images.")]
 ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Folder sources: resize to SIZE x SIZE.")]
 ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L (grey) or RGB.",
                                          **choice("channels", CHANNELS))]

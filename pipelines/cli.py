@@ -11,8 +11,8 @@ from rich.console import Console
 
 from genmodels.bulk import FORMATS
 from genmodels.cli_options import (
-    DatasetOpt, FamiliesOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, choice, console, friendly_errors,
-    train_overrides,
+    ChannelsOpt, DatasetOpt, FamiliesOpt, ImageSizeOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, choice,
+    console, friendly_errors, train_overrides,
 )
 from genmodels.config import get_settings
 from genmodels.models import parse_families
@@ -32,6 +32,7 @@ def retrain_cmd(
     if_no_champion: Annotated[bool, typer.Option("--if-no-champion", help="Skip families that already have a "
                                                  "champion.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the runs' checkpoints and start over.")] = False,
+    image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
 ) -> None:
     """The retrain pipeline (Prefect flow): prepare data, train on Ray, evaluate, export ONNX,
     register in MLflow, promote champions. Embedded defaults unless RAY_ADDRESS, PREFECT_API_URL,
@@ -45,7 +46,8 @@ def retrain_cmd(
     try:
         outcomes = retrain(families=",".join(names), dataset=dataset, preset=preset, workers=workers, source=source,
                            quantization=quantization, seed=seed, if_no_champion=if_no_champion, fresh=fresh,
-                           overrides=overrides or None, storage=storage_url)
+                           overrides=overrides or None, storage=storage_url, image_size=image_size,
+                           channels=channels)
     except RetrainFailed as exc:
         _print_outcomes(exc.outcomes)
         console.print(f"[bold red]error:[/] {exc}")

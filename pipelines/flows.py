@@ -58,13 +58,16 @@ def retrain(
     quantization: str = "binary",
     seed: int = 0,
     if_no_champion: bool = False,
+    image_size: int | None = None,
+    channels: str = "L",
     fresh: bool = False,
     overrides: dict[str, Any] | None = None,
     storage: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Retrain ``families`` ("all" or a comma list) on ``dataset``; register each model and
     promote it where it beats the champion. ``if_no_champion``: skip families that already have
-    one. ``overrides``: TrainConfig fields over the preset (e.g. ``{"epochs": 2}``). Returns,
+    one. ``overrides``: TrainConfig fields over the preset (e.g. ``{"epochs": 2}``).
+    ``image_size`` / ``channels``: how a folder source is read (resized to a square; L or RGB). Returns,
     per family, the outputs of its steps."""
     from genmodels import registry
 
@@ -77,7 +80,8 @@ def retrain(
     registry.configure()
     logger = get_run_logger()
     params = {"workers": workers, "source": source, "quantization": quantization, "seed": seed,
-              "if_no_champion": if_no_champion, "fresh": fresh, "overrides": overrides}
+              "image_size": image_size, "channels": channels, "if_no_champion": if_no_champion, "fresh": fresh,
+              "overrides": overrides}
     # The outcome record (<storage>/retrains/) is written however the block below ends.
     with RetrainRecorder(storage_url, run_id=str(flow_run.id or "local"), dataset=dataset, preset=preset,
                          families=names, parameters=params) as record:
@@ -91,7 +95,7 @@ def retrain(
             if not names:
                 return {}
 
-        snapshot = tasks.prepare_data(storage_url, dataset, source, quantization, seed)
+        snapshot = tasks.prepare_data(storage_url, dataset, source, quantization, seed, image_size, channels)
         record.snapshot(snapshot)
         artifact_root = f"{storage_url.rstrip('/')}/mlflow"
         outcomes: dict[str, dict[str, Any]] = {}

@@ -76,10 +76,12 @@ def _snapshot(storage_url: str, prefix: str):
 
 
 @task(name="prepare_data", **TRANSIENT_RETRIES)
-def prepare_data(storage_url: str, dataset: str, source: str | None, quantization: str, seed: int) -> dict[str, Any]:
+def prepare_data(storage_url: str, dataset: str, source: str | None, quantization: str, seed: int,
+                 image_size: int | None = None, channels: str = "L") -> dict[str, Any]:
     """Validate, quantize and split the source; store the content-hashed snapshot (once)."""
     storage = open_storage(storage_url)
-    snapshot = runs.snapshot_for(storage, dataset, source, PrepConfig(quantization=quantization, seed=seed))
+    prep = PrepConfig(quantization=quantization, seed=seed, image_size=image_size, channels=channels)
+    snapshot = runs.snapshot_for(storage, dataset, source, prep)
     sizes = {name: len(split.y) for name, split in snapshot.splits.items()}
     get_run_logger().info("snapshot %s of %s: %s", snapshot.hash[:16], dataset, sizes)
     return {"prefix": snapshot.prefix, "hash": snapshot.hash, "dataset": snapshot.dataset, "sizes": sizes}

@@ -44,11 +44,11 @@ def serve_cmd(
     = ProxyLocation.every_node,
     num_cpus: Annotated[Optional[int], typer.Option("--num-cpus", min=1, help="CPUs of the local Ray started here "
                                                     "(default: the machine's; each replica that samples reserves one, bulk "
-                                                    "job writers take what is left); ignored with RAY_ADDRESS.")]
+                                                    "job writers (up to 2 a job) take what is left); ignored with RAY_ADDRESS.")]
     = None,
     sampling_replicas: Annotated[int, typer.Option("--sampling-replicas", min=1, help="Replicas that sample "
                                                    "(the Sampler's, or with --haproxy the Api's), one CPU each; "
-                                                   "CPUs they leave go to bulk-job writers (none left: jobs are "
+                                                   "CPUs they leave go to bulk-job writers, up to 2 a job (none left: jobs are "
                                                    "written in the server, more slowly).")] = 1,
     haproxy: Annotated[bool, typer.Option("--haproxy", help="Ray Serve's HAProxy ingress instead of its Python "
                                           "HTTP proxy, the Api replicas sampling: about 6x less CPU per small request (needs an haproxy "

@@ -312,3 +312,44 @@ def test_schedule_unknown_family_exits_2(cli_env, closed_port):
     result = invoke("schedule", "--cron", "0 3 * * *", "--family", "flow", env=env)
     assert result.exit_code == 2, result.output
     assert "unknown family 'flow'" in flat(result.output)
+
+
+def _rgb_folder(root):
+    """Two classes of RGB images of two sizes: readable only with --image-size, and grey unless
+    --channels RGB."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i, size in enumerate([(6, 6), (7, 5)] * 10):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8), "RGB").save(root / cls / f"{i}.png")
+    return root
+
+
+def test_run_and_the_retrain_flow_read_a_folder_with_its_size_and_channels(cli_env, tmp_path, monkeypatch):
+    from genmodels import runs
+    from genmodels.storage import FileStorage
+    from pipelines import tasks
+
+    source = _rgb_folder(tmp_path / "pictures")
+    seen = []
+
+    def stop_after_the_snapshot(storage, snapshot, *args, **kwargs):
+        seen.append(snapshot.image)
+        raise ValueError("stopped after the snapshot")
+
+    monkeypatch.setattr(runs, "train_family", stop_after_the_snapshot)
+    result = invoke("run", "--families", "mixture", "--dataset", "folder", "--source", source,
+                    "--image-size", 8, "--channels", "RGB", "--out", tmp_path / "store")
+    assert "stopped after the snapshot" in flat(result.output), result.output
+    assert (seen[0].channels, seen[0].height, seen[0].width) == (3, 8, 8)
+
+    monkeypatch.setattr(tasks, "get_run_logger", lambda: __import__("logging").getLogger("test"))
+    prepared = tasks.prepare_data.fn((tmp_path / "store").as_uri(), "folder", str(source), "binary", 0, 8, "RGB")
+    snapshot = runs.load_snapshot(FileStorage(tmp_path / "store"), prepared["prefix"])
+    assert (snapshot.image.channels, snapshot.image.height, snapshot.image.width) == (3, 8, 8)
+    from pipelines.flows import retrain
+
+    assert {"image_size", "channels"} <= set(retrain.parameters.properties)
