@@ -295,8 +295,11 @@ class _S3Client:
                     if self.max_attempts is not None:
                         retries["max_attempts"] = self.max_attempts
                     config = Config(s3={"addressing_style": "path"}, retries=retries, connect_timeout=10)
+                    # boto3 reads only AWS_DEFAULT_REGION; Ray Train's pyarrow filesystem takes
+                    # AWS_REGION too (distributed.py), and both must talk to one region.
+                    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
                     self._client = boto3.session.Session().client(
-                        "s3", endpoint_url=self.endpoint_url, config=config
+                        "s3", endpoint_url=self.endpoint_url, config=config, region_name=region
                     )
         return self._client
 

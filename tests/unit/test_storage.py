@@ -304,3 +304,15 @@ def test_s3_failed_part_aborts_the_upload_and_keeps_the_old_object(s3_bucket, mo
     assert open_storage(s3_bucket).get_bytes("shard") == b"old"
     uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
     assert uploads == []  # aborted: no parts left behind to pay for
+
+
+@pytest.mark.parametrize("env, region", [({"AWS_REGION": "eu-west-1"}, "eu-west-1"),
+                                         ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-west-2"}, "us-west-2")])
+def test_s3_client_takes_the_region_ray_trains_filesystem_takes(env, region, monkeypatch):
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    storage = open_storage("s3://bucket/prefix", endpoint_url="http://127.0.0.1:1")
+    assert storage._s3.get().meta.region_name == region
