@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# GENMODELS_FASHION_MNIST_DIR from the environment (a path, file:// or s3://) wins over the default.
+FASHION_MNIST_DIR ?= $(or $(GENMODELS_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
+# Where torch's wheel comes from: empty, pip's configured index (here a CPU wheel on disk); elsewhere
+# e.g. https://download.pytorch.org/whl/cpu, as PyPI's Linux wheel is the CUDA build.
+TORCH_INDEX ?=
 PRESET ?= quick
 
 .PHONY: setup data browser run test clean
@@ -13,14 +17,16 @@ PRESET ?= quick
 # a change to it or to pyproject.toml reinstalls.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
+	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 data:
-	@if [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte" ]; then \
+	@if case "$(FASHION_MNIST_DIR)" in s3://*) true;; *) false;; esac; then \
+		echo "Fashion-MNIST is read from $(FASHION_MNIST_DIR) when the retrain prepares it"; \
+	elif [ -f "$(FASHION_MNIST_DIR:file://%=%)/train-images-idx3-ubyte.gz" ] || [ -f "$(FASHION_MNIST_DIR:file://%=%)/train-images-idx3-ubyte" ]; then \
 		echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
