@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ import torch
 from genmodels.data.loader import check_global_batch
 from genmodels.storage import FileStorage, S3Storage, Storage
 from genmodels.training import (CHECKPOINT_KEY, RESUME_FREE_TRAIN_FIELDS, TrainingContext, TrainResult,
-                                early_stop_reached, load_training_state, shipped_model)
+                                early_stop_reached, load_resume_state, load_training_state, shipped_model)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class RayTrainContext(TrainingContext):
             return None
         with checkpoint.as_directory() as directory:
             with open(os.path.join(directory, CHECKPOINT_KEY), "rb") as f:
-                return load_training_state(f.read())
+                return load_resume_state(f.read(), checkpoint_url(checkpoint))
 
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         import ray.train
@@ -93,6 +94,18 @@ class RayTrainContext(TrainingContext):
         import ray.train
 
         ray.train.report(dict(metrics))
+
+
+def checkpoint_url(checkpoint) -> str:
+    """Where a Ray Train checkpoint's training state lives, as a URL: ``as_directory`` may hand
+    over a temporary copy, whose path would lead nobody to the damaged object."""
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_KEY}"
+    kind = getattr(checkpoint.filesystem, "type_name", None)
+    if kind == "s3":
+        return f"s3://{path}"  # pyarrow's S3 paths are bucket/key, without the scheme
+    if kind == "local":
+        return Path(path).as_uri()
+    return path
 
 
 def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContext] = RayTrainContext) -> None:
@@ -250,7 +263,7 @@ def train_on_ray(
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         with open(os.path.join(directory, CHECKPOINT_KEY), "rb") as f:
-            state = load_training_state(f.read())
+            state = load_training_state(f.read(), checkpoint_url(result.checkpoint))
     ts = state["train_state"]
     # The workers' models die with them: finish the checkpoint's weights here, on the driver's
     # CPU (it may hold no accelerator, and the fit is one pass of inference).

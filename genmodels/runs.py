@@ -30,8 +30,8 @@ from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, write_s
 from genmodels.models import checkpoint_bytes, initial_model, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.storage import Storage
-from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, preset_configs,
-                                resolve_device, train)
+from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, load_resume_state,
+                                preset_configs, resolve_device, train)
 
 # Evaluation effort per preset: quick runs evaluate on a subset so `make run` stays in minutes;
 # full runs use the whole test split and k=5000 importance samples like the published figures.
@@ -130,7 +130,7 @@ def finish_run(run: Storage, result: TrainResult, train_cfg: TrainConfig, meta: 
     new_meta = {**meta, "train_config": train_cfg.to_dict(), "epochs": result.epochs_completed}
     keep = False
     if run.exists("model.pt"):
-        stored = load_checkpoint(run.get_bytes("model.pt"))
+        stored = load_checkpoint(run.get_bytes("model.pt"), where=run.url_for("model.pt"))
         if not same_weights(stored["state_dict"], result.model.state_dict()):
             for key in derived_keys(run):
                 run.delete(key)
@@ -193,8 +193,8 @@ def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfi
     (a resumed schedule, epoch count or seed that changed would train neither run's plan)."""
     if not run.exists("checkpoint.pt"):
         return
-    saved = load_checkpoint(run.get_bytes("checkpoint.pt"))
     where = run.url_for("checkpoint.pt")
+    saved = load_resume_state(run.get_bytes("checkpoint.pt"), where)
     # Compared as configs, not dicts: a checkpoint written before a field with a default was
     # added has the same config and resumes.
     if saved["family"] != model.family or model.config_class.from_dict(saved["config"]) != model.config:
@@ -211,7 +211,7 @@ def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfi
 def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
     if not run.exists("model.pt"):
         raise FileNotFoundError(f"no trained model at {run.url_for('model.pt')}: run `genmodels train` first")
-    ckpt = load_checkpoint(run.get_bytes("model.pt"))
+    ckpt = load_checkpoint(run.get_bytes("model.pt"), where=run.url_for("model.pt"))
     return model_from_checkpoint(ckpt), ckpt["meta"]
 
 
@@ -300,7 +300,8 @@ def collect_metrics(storage: Storage, dataset: str, preset: str, snapshot_hash: 
     for family in FAMILIES:
         run = storage.child(run_prefix(dataset, family, preset))
         try:
-            if load_checkpoint(run.get_bytes("model.pt"))["meta"].get("snapshot_hash") != snapshot_hash:
+            model = load_checkpoint(run.get_bytes("model.pt"), where=run.url_for("model.pt"))
+            if model["meta"].get("snapshot_hash") != snapshot_hash:
                 continue
             metrics = json.loads(run.get_bytes("metrics.json"))
             history = json.loads(run.get_bytes("history.json")) if run.exists("history.json") else []

@@ -159,7 +159,7 @@ class LocalContext(TrainingContext):
     def load_state(self) -> dict[str, Any] | None:
         if self.storage is None or not self.storage.exists(CHECKPOINT_KEY):
             return None
-        return load_training_state(self.storage.get_bytes(CHECKPOINT_KEY))
+        return load_resume_state(self.storage.get_bytes(CHECKPOINT_KEY), self.storage.url_for(CHECKPOINT_KEY))
 
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         if self.storage is not None:
@@ -171,13 +171,24 @@ class LocalContext(TrainingContext):
             self.on_epoch(metrics)
 
 
-def load_training_state(data: bytes) -> dict[str, Any]:
+def load_training_state(data: bytes, where: str | None = None) -> dict[str, Any]:
+    """A training state (a checkpoint with ``train_state``) from its bytes; ``where``: the URL or
+    path they were read from, which every error names."""
     from genmodels.models import load_checkpoint
 
-    state = load_checkpoint(data)
+    state = load_checkpoint(data, where=where)
     if "train_state" not in state:
-        raise ValueError("checkpoint holds a model but no training state: cannot resume from it")
+        raise ValueError(f"{where or '<bytes>'}: checkpoint holds a model but no training state: cannot resume from it")
     return state
+
+
+def load_resume_state(data: bytes, where: str) -> dict[str, Any]:
+    """The saved state a run resumes from. One that cannot be resumed would fail the run on every
+    retry until it is removed, so its error says how: the run's ``--fresh`` (local and Ray alike)."""
+    try:
+        return load_training_state(data, where)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; pass --fresh to start over") from exc
 
 
 # --- the loop --------------------------------------------------------------------------------

@@ -72,20 +72,34 @@ def verify(url: str | Storage) -> dict[str, Any]:
     for k, record in enumerate(manifest["shards"]):
         if record["key"] != shard_key(k, spec.format):
             raise ShardMismatch(f"{storage.url}: shard {k} is recorded under {record['key']!r}")
-        try:
-            data = storage.get_bytes(record["key"])
-        except FileNotFoundError:
-            raise ShardMismatch(f"{storage.url_for(record['key'])}: in the manifest but missing") from None
-        if sha256(data) != record["sha256"] or len(data) != record["bytes"]:
-            raise ShardMismatch(f"{storage.url_for(record['key'])}: sha256 {sha256(data)} but the manifest says "
-                                f"{record['sha256']} (corrupted or overwritten)")
+        _checked_shard(storage, record)
     return manifest
 
 
+def _checked_shard(storage: Storage, record: Mapping[str, Any]) -> bytes:
+    """The bytes of a manifest's shard, or :class:`ShardMismatch` naming its URL when they are
+    missing or not the bytes the manifest recorded (size, sha256)."""
+    url = storage.url_for(record["key"])
+    try:
+        data = storage.get_bytes(record["key"])
+    except FileNotFoundError:
+        raise ShardMismatch(f"{url}: in the manifest but missing") from None
+    if len(data) != record["bytes"] or sha256(data) != record["sha256"]:
+        raise ShardMismatch(f"{url}: {len(data)} bytes of sha256 {sha256(data)} but the manifest says "
+                            f"{record['bytes']} bytes of sha256 {record['sha256']} (corrupted or overwritten)")
+    return data
+
+
 def read_shard(url: str | Storage, record: Mapping[str, Any] | int) -> dict[str, np.ndarray]:
-    """Decode one shard of a finished job (by manifest record or shard index)."""
+    """Decode one shard of a finished job (by manifest record or shard index), once its bytes
+    match the record: :class:`ShardMismatch` naming the shard's URL otherwise."""
     storage = url if isinstance(url, Storage) else open_storage(url)
     manifest = read_manifest(storage)
     if not isinstance(record, Mapping):
         record = manifest["shards"][int(record)]
-    return decode_shard(storage.get_bytes(record["key"]), manifest["spec"]["format"])
+    data = _checked_shard(storage, record)
+    try:
+        return decode_shard(data, manifest["spec"]["format"])
+    except Exception as exc:  # the codecs' errors (zip, tar, parquet, PNG) name no shard
+        raise ShardMismatch(f"{storage.url_for(record['key'])}: matches its manifest record but does not decode "
+                            f"as {manifest['spec']['format']} ({type(exc).__name__}: {exc})") from exc

@@ -38,15 +38,20 @@ def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
     """Write job.json for a new job; accept the same job again; refuse anything else untouched."""
     if not storage.exists(JOB_KEY):
         if storage.list(""):
-            # Naming no object found there: the caller may not own it (and learns nothing about it).
-            raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
-                             "bulk jobs write only into a fresh prefix or their own")
-        enclosing = _enclosing_job(storage)
-        if enclosing is not None:
-            # Its readers take every object under it for its own, and its shards could collide with ours.
-            raise ValueError(f"output {storage.url} lies inside the output of another job ({enclosing}); "
-                             "nothing was written. Use a prefix outside every job's output")
+            _refuse_not_empty(storage)
+        _refuse_if_nested(storage)
         if storage.create_exclusive(JOB_KEY, json_bytes(job)):
+            # A job nesting with ours may have claimed its prefix since the checks above. Each
+            # claimant checks again only after its own claim is visible, so of two racers at least
+            # one sees the other; the one that does withdraws, having written nothing else.
+            try:
+                if any(k.endswith(f"/{JOB_KEY}") for k in storage.list("")):
+                    _refuse_not_empty(storage)
+                _refuse_if_nested(storage)
+            except BaseException:
+                # Kept, an unchecked claim would be accepted as ours by the next submission of this spec.
+                storage.delete(JOB_KEY)
+                raise
             return
         # Another job claimed this prefix since the checks above: it is compared like any other.
     try:
@@ -57,6 +62,20 @@ def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
         diff = _describe_difference(existing, job)
         raise ValueError(f"output {storage.url} holds another job ({diff}); nothing was written. "
                          "Use a new output prefix, or re-submit the same spec to resume")
+
+
+def _refuse_not_empty(storage: Storage) -> None:
+    # Naming no object found there: the caller may not own it (and learns nothing about it).
+    raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
+                     "bulk jobs write only into a fresh prefix or their own")
+
+
+def _refuse_if_nested(storage: Storage) -> None:
+    enclosing = _enclosing_job(storage)
+    if enclosing is not None:
+        # Its readers take every object under it for its own, and its shards could collide with ours.
+        raise ValueError(f"output {storage.url} lies inside the output of another job ({enclosing}); "
+                         "nothing was written. Use a prefix outside every job's output")
 
 
 def _enclosing_job(storage: Storage) -> str | None:

@@ -101,9 +101,13 @@ def save_checkpoint(model: GenerativeModel, path: str | Path, meta: Mapping[str,
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
 
 
-def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint dict safely (``weights_only=True``) and check its format."""
-    where = "<bytes>" if isinstance(source, bytes) else str(source)
+def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device = "cpu", *,
+                    where: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint dict safely (``weights_only=True``) and check its format. ``where``: the
+    URL (or path) the bytes came from, for the errors; a path names itself."""
+    if where is None:
+        # Bytes carry no name: callers that read them from storage pass ``where=url_for(key)``.
+        where = "<bytes>" if isinstance(source, bytes) else str(source)
     fileobj = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         ckpt = torch.load(fileobj, map_location=map_location, weights_only=True)
@@ -116,9 +120,10 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
     return ckpt
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any] | str | Path | bytes) -> GenerativeModel:
+def model_from_checkpoint(ckpt: Mapping[str, Any] | str | Path | bytes, *, where: str | None = None) -> GenerativeModel:
+    """The model of a checkpoint (dict, path or bytes); ``where`` as for :func:`load_checkpoint`."""
     if not isinstance(ckpt, Mapping):
-        ckpt = load_checkpoint(ckpt)
+        ckpt = load_checkpoint(ckpt, where=where)
     cls = family_class(ckpt["family"])
     model = cls(cls.config_class.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])

@@ -318,6 +318,38 @@ def test_corrupted_shard_is_the_only_one_rewritten(vae, tmp_path, monkeypatch):
     bulk.verify(root.as_uri())
 
 
+@pytest.mark.parametrize("damage", ["altered", "truncated"])
+def test_a_damaged_shard_is_refused_by_read_shard_naming_its_url(vae, tmp_path, damage):
+    root = tmp_path / "o"
+    manifest = bulk.run_job(spec(root), vae, use_ray=False)
+    record = manifest["shards"][1]
+    path = root / record["key"]
+    data = path.read_bytes()
+    if damage == "altered":  # same size: only the checksum tells
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        path.write_bytes(data[: len(data) // 2])
+    for which in (1, record):
+        with pytest.raises(bulk.ShardMismatch, match=re.escape(f"{path.as_uri()}: ") + ".*corrupted or overwritten"):
+            bulk.read_shard(root.as_uri(), which)
+    assert bulk.read_shard(root.as_uri(), 0)["index"].tolist() == list(range(16))  # the others still read
+
+
+def test_a_shard_that_matches_its_record_but_does_not_decode_is_named(vae, tmp_path):
+    root = tmp_path / "o"
+    bulk.run_job(spec(root), vae, use_ray=False)
+    # A manifest that recorded bytes no codec reads (written by hand, or by a broken writer).
+    manifest = json.loads((root / "manifest.json").read_text())
+    record = manifest["shards"][2]
+    garbage = b"not a zip file"
+    (root / record["key"]).write_bytes(garbage)
+    record.update(sha256=hashlib.sha256(garbage).hexdigest(), bytes=len(garbage))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(bulk.ShardMismatch, match=re.escape(f"{(root / record['key']).as_uri()}: ") + ".*does not decode"):
+        bulk.read_shard(root.as_uri(), 2)
+
+
 # --- refusals --------------------------------------------------------------------------------------
 def test_other_spec_to_the_same_output_is_refused_and_nothing_changes(vae, tmp_path):
     root = tmp_path / "o"
@@ -376,6 +408,30 @@ def test_a_job_that_loses_the_race_for_an_empty_output_writes_nothing(vae, tmp_p
     with pytest.raises(ValueError, match="holds another job.*seed: 8 != 3"):
         bulk.run_job(ours, vae, use_ray=False)
     assert bulk.verify(root.as_uri())["spec"]["seed"] == 8
+
+
+@pytest.mark.parametrize("ours, theirs, refusal", [
+    ("o/inner", "o", "inside the output of another job"),  # a job above ours claims first
+    ("o", "o/inner", "is not empty and holds no job.json"),  # a job below ours claims first
+])
+def test_of_two_jobs_claiming_nested_outputs_at_once_one_withdraws_having_written_nothing(
+        vae, tmp_path, monkeypatch, ours, theirs, refusal):
+    original = FileStorage.create_exclusive
+
+    def other_job_claims_in_between(storage, key, data):
+        # The other job checks and claims between our checks and our claim: neither saw the other.
+        monkeypatch.setattr(FileStorage, "create_exclusive", original)
+        bulk.run_job(spec(tmp_path / theirs, seed=8), vae, use_ray=False)
+        return original(storage, key, data)
+
+    monkeypatch.setattr(FileStorage, "create_exclusive", other_job_claims_in_between)
+    with pytest.raises(ValueError, match=refusal):
+        bulk.run_job(spec(tmp_path / ours), vae, use_ray=False)
+    # Every file there is the other job's: one job.json, and its output whole.
+    theirs_root = tmp_path / theirs
+    assert sorted(files_of(theirs_root)) == ["job.json", "manifest.json"] + layout(range(4))
+    assert sorted(files_of(tmp_path)) == sorted(f"{theirs}/{key}" for key in files_of(theirs_root))
+    assert bulk.verify(theirs_root.as_uri())["spec"]["seed"] == 8
 
 
 @pytest.mark.parametrize("kw, field", [

@@ -54,3 +54,25 @@ def test_conv_families_keep_channels_last_weights_through_a_checkpoint(family):
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     for (name, ours), theirs in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(ours, theirs), name
+
+
+def test_a_damaged_checkpoint_read_as_bytes_is_named_by_where_it_was_read():
+    import io
+    import re
+
+    import torch
+
+    from genmodels.models import checkpoint_bytes, load_checkpoint, model_from_checkpoint
+
+    data = checkpoint_bytes(build_model("vae", ImageSpec(channels=1, height=4, width=4, levels=2, num_classes=2)))
+    url = "s3://bucket/runs/digits/vae-quick/model.pt"
+    for damaged in (data[: len(data) // 2], b"garbage"):
+        with pytest.raises(ValueError, match=f"^{re.escape(url)}: not a loadable genmodels checkpoint"):
+            load_checkpoint(damaged, where=url)
+        with pytest.raises(ValueError, match=f"^{re.escape(url)}: not a loadable genmodels checkpoint"):
+            model_from_checkpoint(damaged, where=url)
+    foreign = io.BytesIO()
+    torch.save({"format": "other"}, foreign)
+    with pytest.raises(ValueError, match=f"^{re.escape(url)}: not a genmodels checkpoint"):
+        load_checkpoint(foreign.getvalue(), where=url)
+    assert load_checkpoint(data, where=url)["family"] == "vae"

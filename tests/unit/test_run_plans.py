@@ -1,6 +1,8 @@
 """A run's plan: its initial weights follow its seed, and a checkpoint resumes only the plan it was
 started with (model config, training config, snapshot), the invocation's budget aside."""
 
+import re
+
 import pytest
 import torch
 
@@ -147,3 +149,35 @@ def test_a_champion_that_trained_on_the_candidates_test_images_is_not_scored_on_
     assert not runs.saw_test_images(first, first)
     again = prepare("digits", None, PrepConfig(seed=0, val_size=0.2))  # another validation share, same test split
     assert not runs.saw_test_images(first, again) and not runs.saw_test_images(again, first)
+
+
+@pytest.mark.parametrize("damage", [b"not a checkpoint", None], ids=["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_named_by_its_url_wherever_a_run_reads_it(store, snapshot, damage):
+    from genmodels.models import checkpoint_bytes
+    from genmodels.training import TrainResult
+
+    model, train_cfg, meta = runs.plan_run(snapshot, "vae", "quick", model_overrides=TINY_VAE)
+    whole = checkpoint_bytes(model, meta)
+    bad = damage if damage is not None else whole[: len(whole) // 2]
+    root = store.child(f"damaged-{len(bad)}")
+    run = root.child(runs.run_prefix(snapshot.dataset, "vae", "quick"))
+
+    run.put_bytes("model.pt", bad)
+    where = re.escape(run.url_for("model.pt"))
+    with pytest.raises(ValueError, match=f"^{where}: not a loadable genmodels checkpoint"):
+        runs.load_model(run)
+    with pytest.raises(ValueError, match=f"^{where}: not a loadable genmodels checkpoint"):
+        runs.collect_metrics(root, snapshot.dataset, "quick", snapshot.hash)
+    result = TrainResult(model=model, history=[], epochs_completed=0, best_val_loss=None, stopped_early=False,
+                         resumed_from_epoch=0)
+    with pytest.raises(ValueError, match=f"^{where}: not a loadable genmodels checkpoint"):
+        runs.finish_run(run, result, train_cfg, meta)
+    assert run.get_bytes("model.pt") == bad  # nothing written over it
+
+    # The resume path says how to get past it; a model's checkpoint there cannot be resumed either.
+    where = re.escape(run.url_for("checkpoint.pt"))
+    for saved, defect in ((bad, "not a loadable genmodels checkpoint"), (whole, "no training state")):
+        run.put_bytes("checkpoint.pt", saved)
+        with pytest.raises(ValueError, match=f"(?s)^{where}: .*{defect}.*; pass --fresh to start over$"):
+            runs.train_family(root, snapshot, "vae", "quick", model_overrides=TINY_VAE)
+        assert run.get_bytes("checkpoint.pt") == saved

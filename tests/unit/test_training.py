@@ -63,6 +63,9 @@ class MemoryStorage:
     def exists(self, key):
         return key in self.objects
 
+    def url_for(self, key):
+        return f"memory:///{key}"
+
 
 def tiny_snapshot(n=96, seed=0):
     rng = np.random.default_rng(seed)
@@ -450,3 +453,31 @@ def test_a_worker_whose_own_budget_is_left_stops_with_the_one_that_ran_out(tmp_p
     cfg = TrainConfig(epochs=4, batch_size=16, max_seconds=3600.0, early_stopping_patience=None)
     result = train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot, cfg, ctx)
     assert result.epochs_completed == 1 and ctx.flags == [0.0]  # its own clock said: go on
+
+
+def test_a_damaged_training_state_is_named_by_its_url_locally_and_on_ray(tmp_path, monkeypatch):
+    """Resume reads a checkpoint's bytes, which carry no name: the error names where they lie."""
+    import re
+
+    from genmodels.storage import open_storage
+
+    storage = open_storage(f"file://{tmp_path}/run")
+    storage.put_bytes(training.CHECKPOINT_KEY, b"damaged")
+    where = re.escape(storage.url_for(training.CHECKPOINT_KEY))
+    with pytest.raises(ValueError, match=f"(?s)^{where}: not a loadable genmodels checkpoint.*pass --fresh"):
+        LocalContext(storage).load_state()
+
+    # A Ray worker reads a copy of the reported checkpoint: the error names the reported one.
+    import ray.train
+
+    from genmodels.distributed import RayTrainContext, checkpoint_url
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(storage.root))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+    with pytest.raises(ValueError, match=f"(?s)^{where}: not a loadable genmodels checkpoint.*pass --fresh"):
+        RayTrainContext.__new__(RayTrainContext).load_state()
+    # The driver names it so too, on S3 with the scheme pyarrow's paths leave out.
+    assert checkpoint_url(checkpoint) == storage.url_for(training.CHECKPOINT_KEY)
+    on_s3 = SimpleNamespace(path="bucket/ray/digits/run/checkpoint_000001",
+                            filesystem=SimpleNamespace(type_name="s3"))
+    assert checkpoint_url(on_s3) == f"s3://bucket/ray/digits/run/checkpoint_000001/{training.CHECKPOINT_KEY}"
