@@ -173,7 +173,7 @@ def promote(storage_url: str, snapshot_prefix: str, name: str, version: str, pre
     from genmodels.models import model_from_checkpoint
 
     def reevaluate(champion) -> float | None:
-        model = model_from_checkpoint(registry.download_checkpoint(champion))
+        model = model_from_checkpoint(registry.download_checkpoint(champion), where=f"models:/{name}/{champion.version}")
         snapshot = _snapshot(storage_url, snapshot_prefix)
         if model.image != snapshot.image:
             return None  # another image format (size, quantization): not comparable
