@@ -7,8 +7,11 @@ per request, with the fields of ``POST /v1/models/{name}/samples``:
 - ``seed`` (int, required), ``n`` (int in [1, 256], required; at most 256 over all the rows of
   one call, which one process answers at once);
 - ``label`` (int in [0, num_classes), conditional models only; give it on every row or leave the
-  column out: then image i of a conditional model gets class i % num_classes, as in the API);
-- ``temperature`` (float in (0, 100], default 1.0; a float column: ``1.0``, not ``1``).
+  column out: then image i of a conditional model gets class i % num_classes, as in the API). A
+  table where some rows lack it is refused naming those rows; integral floats (``3.0``, what pandas
+  makes of an int column with gaps) are read as ints, other floats refused;
+- ``temperature`` (float in [0.001, 100] (``genmodels.checks.MIN_TEMPERATURE``,
+  ``MAX_TEMPERATURE``), default 1.0; a float column: ``1.0``, not ``1``).
 
 Output: a DataFrame with one row per input row and one column ``images``: float32
 [n, C, H, W] in [0, 1]; served as JSON, ``{"predictions": [{"images": [[[[...]]]]}, ...]}``,
@@ -59,6 +62,7 @@ class OnnxSamplerModel(PythonModel):
         if total > MAX_SAMPLES:
             raise _bad_input(f"the {len(rows)} rows ask for {total} samples in all (the sum of n), at most "
                              f"{MAX_SAMPLES} per call: split the rows over several calls")
+        _read_labels(rows)
         images = []
         for i, row in enumerate(rows):
             try:
@@ -83,6 +87,34 @@ def _check_n(n) -> int:
     if not 1 <= n <= MAX_SAMPLES:
         raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {n}")
     return int(n)
+
+
+def _absent(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def _read_labels(rows: list[dict]) -> None:
+    """Each row's ``label`` as the sampler takes it, in place: None on every row or on none (else
+    the rows without one are refused), and integral floats as ints. A ``label`` column with gaps
+    reaches predict() as float64 (NaN in the gaps): read as it stands, every row's label would be
+    refused as a float, blaming the first row rather than the ones without a label."""
+    if not rows or "label" not in rows[0]:
+        return
+    missing = [i for i, row in enumerate(rows) if _absent(row["label"])]
+    if len(missing) == len(rows):
+        for row in rows:
+            row["label"] = None  # as if the column were left out
+        return
+    if missing:
+        named = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise _bad_input(f"{'row' if len(missing) == 1 else 'rows'} {named}: label missing while other rows give "
+                         "one; give label on every row or leave the column out")
+    for row in rows:
+        label = row["label"]
+        # A non-integral float stays as it is: the sampler's label check refuses it, and predict()
+        # names its row.
+        if isinstance(label, (float, np.floating)) and float(label).is_integer():
+            row["label"] = int(label)
 
 
 def _bad_input(message: str) -> MlflowException:

@@ -10,7 +10,9 @@
   bulk jobs sample. The model carries the genmodels modules it imports (``code_paths``) and pins
   that resolve from a package index: it loads where genmodels is not installed.
 - A version is keyed by the sha256 of its torch checkpoint: registering the same trained model
-  again returns the existing version instead of creating a duplicate.
+  again returns the existing version instead of creating a duplicate. So is its run: a
+  registration killed after logging the run but before registering the version resumes with that
+  run's model, and one killed while logging leaves a run that the next attempt marks FAILED.
 - Alias ``champion`` moves to a version only if its gate metric (test NLL for likelihood
   families, domain FID for the GAN; lower is better for both) beats the champion's on the same
   test snapshot; otherwise the version gets ``challenger``.
@@ -342,31 +344,71 @@ def register(
             f"{_TAG}snapshot_hash": snapshot_hash, f"{_TAG}model_digest": digest,
             f"{_TAG}git_commit": source_commit(), f"{_TAG}gate_metric": metric,
             EVALUATION_TAG: json.dumps(evaluation_settings(preset), sort_keys=True)}
-    with mlflow.start_run(experiment_id=experiment_id(dataset, artifact_root),
-                          run_name=f"{family}-{preset}-{digest[:8]}", tags=tags) as run:
-        mlflow.log_params(flatten("", params, {}))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
-        for record in history:
-            step = int(record.get("epoch", 0))
-            mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items() if k != "epoch" and _is_number(v)},
-                               step=step)
-        with tempfile.TemporaryDirectory() as tmp:
-            for key, data in {**artifacts, "model.pt": checkpoint}.items():
-                (Path(tmp) / key).write_bytes(data)
-            mlflow.log_artifacts(tmp)
-        for f in files:
-            mlflow.log_artifact(str(f), artifact_path="onnx")
-        from mlflow.models import Model
+    experiment = experiment_id(dataset, artifact_root)
+    logged = logged_run(experiment, digest)
+    if logged is None:
+        with mlflow.start_run(experiment_id=experiment, run_name=f"{family}-{preset}-{digest[:8]}", tags=tags) as run:
+            mlflow.log_params(flatten("", params, {}))
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
+            for record in history:
+                step = int(record.get("epoch", 0))
+                mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items()
+                                    if k != "epoch" and _is_number(v)}, step=step)
+            with tempfile.TemporaryDirectory() as tmp:
+                for key, data in {**artifacts, "model.pt": checkpoint}.items():
+                    (Path(tmp) / key).write_bytes(data)
+                mlflow.log_artifacts(tmp)
+            for f in files:
+                mlflow.log_artifact(str(f), artifact_path="onnx")
+            from mlflow.models import Model
 
-        info = Model.log(None, _SamplerFlavor, name=MODEL_NAME_IN_RUN, onnx_files=files,
-                         signature=signature_for(sampler), input_example=input_example(sampler),
-                         pip_requirements=pyfunc_code()[1], metadata=model_metadata(sampler),
-                         tags=tags, params=None)
+            info = Model.log(None, _SamplerFlavor, name=MODEL_NAME_IN_RUN, onnx_files=files,
+                             signature=signature_for(sampler), input_example=input_example(sampler),
+                             pip_requirements=pyfunc_code()[1], metadata=model_metadata(sampler),
+                             tags=tags, params=None)
+        logged = run.info.run_id, info.model_uri
+    run_id, model_uri = logged
     version_tags = {**tags, f"{_TAG}gate_value": repr(gate_value)}
-    mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    mv = mlflow.register_model(model_uri, name, tags=version_tags)
     MlflowClient().update_model_version(name, mv.version, description=(
         f"{family} ({preset} preset) on {dataset} snapshot {snapshot_hash[:16]}: {metric} = {gate_value:.4f}"))
-    return Registered(name, str(mv.version), run.info.run_id, digest, metric, gate_value, snapshot_hash, True)
+    return Registered(name, str(mv.version), run_id, digest, metric, gate_value, snapshot_hash, True)
+
+
+def logged_run(experiment: str, digest: str) -> tuple[str, str] | None:
+    """``(run id, model URI)`` of a FINISHED run of ``experiment`` that logged the sampler model
+    of the checkpoint with this digest, or None: what a registration killed between logging its
+    run and registering the version left behind, registered now instead of logged a second time.
+
+    Runs of this digest that a killed registration left RUNNING, or FINISHED without a complete
+    model, are marked FAILED on the way, so that no run stays RUNNING forever and none is taken
+    for a usable one. A registration of the same checkpoint still logging in another process
+    looks the same as a killed one: registrations of one model are expected one at a time (one
+    retrain per dataset and family)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus, RunStatus
+
+    client = MlflowClient()
+    # Oldest first: where several complete runs hold this checkpoint (logged twice by older code),
+    # every retry picks the same one.
+    runs = client.search_runs([experiment], filter_string=f"tags.`{_TAG}model_digest` = '{digest}'",
+                              order_by=["attributes.start_time ASC"])
+    found = None
+    for run in runs:
+        status = run.info.status
+        if status not in (RunStatus.to_string(RunStatus.RUNNING), RunStatus.to_string(RunStatus.FINISHED)):
+            continue  # FAILED or KILLED already: never reused, nothing to mark
+        model = None
+        if status == RunStatus.to_string(RunStatus.FINISHED):
+            # READY: Model.log finalizes the model only once all its artifacts are uploaded.
+            model = next((m for m in client.search_logged_models(
+                [experiment], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{MODEL_NAME_IN_RUN}'")
+                if m.status == LoggedModelStatus.READY), None)
+        if model is None:
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        elif found is None:
+            found = (run.info.run_id, f"models:/{model.model_id}")
+    return found
 
 
 def _is_number(value: Any) -> bool:

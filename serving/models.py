@@ -209,7 +209,8 @@ class ModelSet:
 
     def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Images along the slerp between seed_a's and seed_b's latent ``z`` (other noise fields
-        held at seed_a's): :meth:`genmodels.sampling.OnnxSampler.interpolate`."""
+        seed_a's for the first ceil(steps / 2) images, seed_b's for the rest, so both ends are
+        exactly those two samples): :meth:`genmodels.sampling.OnnxSampler.interpolate`."""
         loaded = self.get(request["model"])
         s = loaded.sampler
         if "z" not in s.noise_spec:

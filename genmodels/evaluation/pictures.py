@@ -36,7 +36,8 @@ def interpolate(
     """Images [steps, C, H, W] decoded along the slerp from seed_a's latent to seed_b's.
 
     The endpoints are exactly ``model.sample(1, seed=seed_a)`` and ``seed_b``'s sample. Noise
-    fields other than ``z`` (if a family has any) are held at seed_a's values.
+    fields other than ``z`` (a latent mixture's component) are seed_a's for the first
+    ceil(steps / 2) images and seed_b's for the rest (:func:`genmodels.noise.interpolation_noise`).
     """
     _require_latent(model)
     noise = interpolation_noise(model.noise_spec(), seed_a, seed_b, steps)

@@ -55,3 +55,64 @@ def test_a_bad_n_is_named_by_its_row_before_the_total(model):
     with pytest.raises(MlflowException, match=r"row 1: n must be in \[1, 256\], got 257"):
         model.predict(None, pd.DataFrame({"seed": [1, 1], "n": [2, 257]}))
     assert model.sampler.asked == []
+
+
+class _ConditionalSampler:
+    """A conditional stand-in whose labels go through the real label check and show in its
+    images (every pixel of image i is its label plus seed / 1000)."""
+
+    def __init__(self) -> None:
+        self.labels: list = []
+
+    def request_labels(self, labels, n):
+        from genmodels.checks import check_labels_array
+
+        if labels is None:  # as OnnxSampler.request_labels: image i gets class i % num_classes
+            labels = np.arange(n) % 10
+        checked = check_labels_array(labels, n, family="cvae", conditional=True, num_classes=10)
+        self.labels.append(checked)
+        return checked
+
+    def sample(self, n, seed, labels=None, temperature=1.0):
+        return np.broadcast_to((labels + seed / 1000).astype(np.float32)[:, None, None, None], (n, 1, 2, 2)).copy()
+
+
+@pytest.fixture()
+def conditional():
+    from genmodels.mlflow_model import OnnxSamplerModel
+
+    model = OnnxSamplerModel()
+    model.sampler = _ConditionalSampler()
+    return model
+
+
+def test_a_row_without_a_label_beside_rows_with_one_is_named(conditional):
+    # pandas makes the column float64 with NaN in row 1: the check blamed row 0's 3.0 for its dtype.
+    table = pd.DataFrame({"seed": [7, 8], "n": [2, 2], "label": [3, None]})
+    assert table["label"].dtype == np.float64
+    with pytest.raises(MlflowException) as err:
+        conditional.predict(None, table)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert err.value.message.startswith("row 1: label missing")
+    assert "give label on every row or leave the column out" in err.value.message
+    assert conditional.sampler.labels == []  # refused before any row is sampled
+
+
+def test_labels_in_a_float_column_sample_what_int_labels_do(conditional):
+    ints = conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [2, 3], "label": [3, 0]}))
+    floats = conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [2, 3], "label": [3.0, 0.0]}))
+    assert [labels.tolist() for labels in conditional.sampler.labels] == [[3, 3], [0, 0, 0]] * 2
+    for got, want in zip(floats["images"], ints["images"]):
+        np.testing.assert_array_equal(got, want)
+    assert float(ints["images"][0].max()) == pytest.approx(3.007)
+
+
+def test_a_label_column_empty_on_every_row_is_a_column_left_out(conditional):
+    out = conditional.predict(None, pd.DataFrame({"seed": [7], "n": [3], "label": [np.nan]}))
+    assert conditional.sampler.labels[0].tolist() == [0, 1, 2]  # image i gets class i, as with no column
+    assert len(out["images"][0]) == 3
+
+
+def test_a_non_integral_float_label_is_refused_naming_its_row(conditional):
+    with pytest.raises(MlflowException, match=r"^row 1: labels must be integers, got dtype float64"):
+        conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [1, 1], "label": [3.0, 2.5]}))
