@@ -322,7 +322,7 @@ def train(
                 train_logs, seen = _em_epoch(model, epoch_batches, ctx, bar)
             else:
                 train_logs, seen = _gradient_epoch(wrapped, model, optimizers, step_schedulers, epoch_batches, cfg,
-                                                   bf16, bar)
+                                                   bf16, bar, ctx)
             for sched in epoch_schedulers.values():
                 sched.step()
             seconds = time.perf_counter() - t0
@@ -391,8 +391,10 @@ def trains_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def _gradient_epoch(
-    wrapped, model, optimizers, step_schedulers, epoch_batches, cfg, bf16: bool, bar
+    wrapped, model, optimizers, step_schedulers, epoch_batches, cfg, bf16: bool, bar, ctx: TrainingContext
 ) -> tuple[dict[str, float], int]:
+    """One epoch of gradient steps: (each logged term's mean over all workers' steps, this worker's
+    images). The progress bar shows this worker's running means; the history gets all workers'."""
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     # Running sums stay on the device, in float64 (the same additions, in the same order, as
@@ -429,7 +431,23 @@ def _gradient_epoch(
     if steps > read_at:  # the steps since the last read (none where the epoch ended on one)
         means = _checked_means(model.family, optimizers, sums, counts, read_at, steps)
         bar.advance(_progress_info(means, seen, t0), steps - read_at)
-    return means, seen
+    return _all_workers_means(sums, counts, ctx), seen
+
+
+def _all_workers_means(sums: Mapping[str, torch.Tensor], counts: Mapping[str, int], ctx: TrainingContext
+                       ) -> dict[str, float]:
+    """Each term's mean over every worker's steps: one all-reduce of the sums and counts (each
+    worker's alone would record the chief's share of the data as the run's training loss).
+    Every worker logs the same terms (they take the same steps); sorted, their tensors line up."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = torch.cat([torch.stack([sums[k] for k in names]),
+                        torch.tensor([float(counts[k]) for k in names], dtype=torch.float64,
+                                     device=sums[names[0]].device)])
+    totals = ctx.all_reduce_sum(totals).tolist()
+    means = {k: totals[i] / totals[len(names) + i] for i, k in enumerate(names)}
+    return {k: means[k] for k in sums}  # the order the model logs them in
 
 
 def _logged_name(key: str, player: str, optimizers: Mapping[str, Any]) -> str:

@@ -38,6 +38,12 @@ from genmodels.models.base import ImageSpec
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_FORMAT = "genmodels.classifier/1"
+#: The training code's version, stored in each cache entry's meta. A snapshot hash and a config
+#: do not say which code trained the weights: c4a3566's channels-last layout alone changed
+#: them, and the old entries went on being served, so a FID depended on the store's history.
+#: Entries without this version, or with another, are retrained. Bump it with any change of
+#: this module that changes what training produces (network, layout, data order, optimizer).
+CLASSIFIER_CODE_VERSION = 2
 #: binarized_fraction of the class judge of binary snapshots: half of each batch as grey
 #: levels, half as a fresh Bernoulli draw of them (benchmarks/RESULTS.md has the comparison).
 CLASS_JUDGE_BINARIZED_FRACTION = 0.5
@@ -265,8 +271,13 @@ def load_classifier(data: bytes, device: str | torch.device = "cpu") -> tuple[Do
         raise ValueError(f"not a loadable domain-classifier checkpoint ({exc})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"not a domain-classifier checkpoint (expected format {CLASSIFIER_FORMAT!r})")
-    network = DomainClassifier(ClassifierConfig.from_dict(ckpt["config"]))
-    network.load_state_dict(ckpt["state_dict"])
+    # An entry whose config or weights today's network cannot take (its architecture changed
+    # since) is as unusable as an unreadable one: ValueError, which the cache treats as a miss.
+    try:
+        network = DomainClassifier(ClassifierConfig.from_dict(ckpt["config"]))
+        network.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:
+        raise ValueError(f"domain-classifier checkpoint does not fit today's network ({exc})") from exc
     return network.to(device).eval(), dict(ckpt.get("meta", {}))
 
 
@@ -312,13 +323,18 @@ CLASSIFIER_WAIT_S = 3600.0
 
 
 def _from_cache(snapshot, storage, config: ClassifierConfig, device, key: str | None) -> TrainedClassifier | None:
-    """The cached classifier when it is there, readable, of this snapshot and this config."""
+    """The cached classifier when it is there, readable by today's network, trained by this code
+    version (:data:`CLASSIFIER_CODE_VERSION`), of this snapshot and this config."""
     if key is None or not storage.exists(key):
         return None
     try:
         network, meta = load_classifier(storage.get_bytes(key), device)
     except ValueError as exc:
         logger.warning("cached classifier %s is unreadable (%s); retraining", key, exc)
+        return None
+    if meta.get("code_version") != CLASSIFIER_CODE_VERSION:
+        logger.warning("cached classifier %s was trained by code version %s, this is %s; retraining", key,
+                       meta.get("code_version"), CLASSIFIER_CODE_VERSION)
         return None
     if meta.get("snapshot_hash") != snapshot.hash:
         logger.warning("cached classifier %s belongs to snapshot %s; retraining", key, meta.get("snapshot_hash"))
@@ -342,7 +358,8 @@ def _train_and_cache(snapshot, storage, config: ClassifierConfig, device, name: 
     logger.info("%s classifier for %s: test accuracy %.4f (binarized: %s)", name, getattr(snapshot, "dataset", "?"),
                 test_accuracy, "—" if binarized is None else f"{binarized:.4f}")
     if key is not None:
-        meta = {"snapshot_hash": snapshot.hash, "test_accuracy": test_accuracy, "train_examples": int(len(train.y))}
+        meta = {"code_version": CLASSIFIER_CODE_VERSION, "snapshot_hash": snapshot.hash,
+                "test_accuracy": test_accuracy, "train_examples": int(len(train.y))}
         if binarized is not None:
             meta["test_accuracy_binarized"] = binarized
         storage.put_bytes(key, classifier_bytes(network, meta))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 #: Neighbours defining the k-NN manifolds of precision/recall (the paper's choice).
 PR_NEIGHBOURS = 3
+#: Random stream (with the evaluation's seed) of the one-time binarization of the training
+#: images the real-vs-real floor borrows: apart from prep's streams and from sampling noise.
+FLOOR_BINARIZE_STREAM = 0xF100
 
 
 def reference_images(model: GenerativeModel, split, max_examples: int | None = None) -> torch.Tensor:
@@ -36,6 +40,28 @@ def reference_images(model: GenerativeModel, split, max_examples: int | None = N
     """
     kind = "quantized" if model.samples_on_grid else "intensity"
     return model_input(head(split, max_examples), model.image, kind=kind)
+
+
+def floor_images(model: GenerativeModel, snapshot, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` held-out real images, of the kind :func:`reference_images` gives, for the real-vs-real
+    floor of ``n`` model samples: the val split's first ``n``, and where val holds fewer, the
+    first training images after them (fewer only where val and train together hold fewer).
+
+    FID and KID estimates of a set of n images are biased by n (FID's falls with n), so the
+    floor is drawn with as many images as the model's samples: with val's 144 digits alone it
+    read 0.39 where 1,000 real images reach 0.08. Binary snapshots store no binarization of
+    their training images; those borrowed are binarized once, deterministically given ``seed``
+    (stream :data:`FLOOR_BINARIZE_STREAM`). Training images are as real as val's: the floor
+    measures finite-sample noise, not a model."""
+    val = split_of(snapshot, "val")
+    if len(val.y) >= n:  # the floor's images as they always were where val suffices
+        return reference_images(model, val, n)
+    fill = head(split_of(snapshot, "train"), n - len(val.y))
+    if snapshot.image.levels == 2 and getattr(fill, "x_binary", None) is None:
+        rng = np.random.default_rng([seed, FLOOR_BINARIZE_STREAM])
+        x_binary = (rng.random(fill.x.shape) < fill.x / 255.0).astype(np.uint8)
+        fill = SimpleNamespace(x=fill.x, y=fill.y, x_binary=x_binary)
+    return torch.cat([reference_images(model, val), reference_images(model, fill)])
 
 
 def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -77,19 +103,20 @@ def sample_quality(
     judge: DomainClassifier | None = None,
 ) -> dict[str, float]:
     """FID, KID and precision/recall of ``n_samples`` model samples against the test split
-    (first ``max_examples`` images), the same distances from val images to the test images as
-    the floor a perfect model would reach with that many samples, and, for conditional
+    (first ``max_examples`` images), the same distances from ``n_samples`` held-out real images
+    (:func:`floor_images`: val, then training images where val holds fewer) to the test images
+    as the floor a perfect model would reach with that many samples, and, for conditional
     models, ``class_accuracy``: how often the class judge (``judge``; ``network`` when None)
     names the requested class, overall and per class. With a separate judge,
     ``class_accuracy_domain`` is the same figure by ``network`` (the grey-level features)."""
     if n_samples <= PR_NEIGHBOURS:
         raise ValueError(f"n_samples must be > {PR_NEIGHBOURS} for FID/KID/precision-recall, got {n_samples}")
-    test, val = split_of(snapshot, "test"), split_of(snapshot, "val")
+    test = split_of(snapshot, "test")
     real_feats, _ = extract(network, reference_images(model, test, max_examples))
     labels = class_balanced_labels(n_samples, model.image.num_classes) if model.conditional else None
     samples = generate(model, n_samples, seed, labels, batch_size)
     fake_feats, predicted_domain = extract(network, samples)
-    floor_feats, _ = extract(network, reference_images(model, val, n_samples))
+    floor_feats, _ = extract(network, floor_images(model, snapshot, n_samples, seed))
 
     precision, recall = quality.precision_recall(real_feats, fake_feats, PR_NEIGHBOURS)
     out = {

@@ -526,6 +526,63 @@ def test_classifier_is_cached_and_a_second_call_does_not_retrain(digits, tmp_pat
     assert len(calls) == 2 and not third.from_cache and third.network.config.feature_dim == 16
 
 
+def _cache_entry(digits, cfg, state_dict=None, drop=(), **meta) -> bytes:
+    """A cache entry of ``cfg`` for ``digits`` as other code may have written it: ``state_dict``
+    (default: an untrained network's), today's meta updated by ``meta``, less the keys in ``drop``."""
+    meta = {"code_version": classifier_module.CLASSIFIER_CODE_VERSION, "snapshot_hash": digits.hash,
+            "test_accuracy": 0.5, **meta}
+    buf = io.BytesIO()
+    torch.save({"format": classifier_module.CLASSIFIER_FORMAT, "config": cfg.to_dict(),
+                "state_dict": DomainClassifier(cfg).state_dict() if state_dict is None else state_dict,
+                "meta": {k: v for k, v in meta.items() if k not in drop}}, buf)
+    return buf.getvalue()
+
+
+def _counting_trainings(monkeypatch) -> list:
+    calls, real_train = [], classifier_module.train_classifier
+    monkeypatch.setattr(classifier_module, "train_classifier",
+                        lambda *a, **k: calls.append(a[2]) or real_train(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("damage", ["missing key", "other shape"])
+def test_a_cached_classifier_todays_network_cannot_load_is_retrained(digits, tmp_path, monkeypatch, damage):
+    """After a change of the network's architecture its old cache entries no longer load: each is
+    a miss (retrained, then served), not an error of every evaluation on that store."""
+    calls = _counting_trainings(monkeypatch)
+    storage = open_storage(tmp_path)
+    cfg = ClassifierConfig.for_image(digits.image, **{**TINY, "epochs": 1, "max_train_examples": 200})
+    state = DomainClassifier(cfg).state_dict()
+    if damage == "missing key":
+        del state["head.bias"]
+    else:
+        state["head.weight"] = torch.zeros(3, cfg.feature_dim)
+    storage.put_bytes(classifier_key(digits), _cache_entry(digits, cfg, state))
+
+    retrained = load_or_train_classifier(digits, storage, cfg)
+    assert len(calls) == 1 and not retrained.from_cache and retrained.test_accuracy != 0.5
+    assert load_or_train_classifier(digits, storage, cfg).from_cache and len(calls) == 1
+
+
+@pytest.mark.parametrize("version", [None, "older"])
+def test_a_cached_classifier_of_another_code_version_is_retrained(digits, tmp_path, monkeypatch, version):
+    """Same snapshot, same config, weights that load: but trained by other code (c4a3566's layout
+    change alone changed them), so FID would depend on when the store's entry was written."""
+    calls = _counting_trainings(monkeypatch)
+    storage = open_storage(tmp_path)
+    cfg = ClassifierConfig.for_image(digits.image, **{**TINY, "epochs": 1, "max_train_examples": 200})
+    if version is None:  # written before versions were recorded
+        entry = _cache_entry(digits, cfg, drop=("code_version",))
+    else:
+        entry = _cache_entry(digits, cfg, code_version=classifier_module.CLASSIFIER_CODE_VERSION - 1)
+    storage.put_bytes(classifier_key(digits), entry)
+
+    retrained = load_or_train_classifier(digits, storage, cfg)
+    assert len(calls) == 1 and not retrained.from_cache and retrained.test_accuracy != 0.5
+    again = load_or_train_classifier(digits, storage, cfg)
+    assert again.from_cache and len(calls) == 1 and again.test_accuracy == retrained.test_accuracy
+
+
 def test_concurrent_evaluations_train_a_missing_classifier_once(digits, tmp_path, monkeypatch):
     """Of several callers that find no cached classifier at the same time (threads here; the
     lease in the storage works across processes alike), one trains it and the others read it."""
@@ -602,8 +659,48 @@ def test_evaluate_unconditional_model_with_likelihood(digits, classifier_storage
     assert set(out) == expected
     assert all(isinstance(v, float) for v in out.values())
     assert out["n_samples"] == 200 and out["n_reference"] == len(digits.splits["test"])
-    assert out["n_floor"] == min(200, len(digits.splits["val"]))
+    assert out["n_floor"] == 200  # as many real images as samples: val's 144, then training images
     assert out["fid"] > 3 * out["fid_real_floor"]  # pixel noise looks nothing like digits
+
+
+def test_the_floor_uses_as_many_real_images_as_samples_where_val_holds_fewer(digits, classifier_storage):
+    """FID's bias falls with the number of images: a floor from val's 144 digits against 1,000
+    samples overstated what a perfect model reaches. Val first, then the first training images."""
+    val, train = digits.splits["val"], digits.splits["train"]
+    network = load_or_train_classifier(digits, classifier_storage, ClassifierConfig.for_image(DIGITS, **TINY)).network
+    n = len(val.y) + 56
+    for model in (IndependentBernoulli(BernoulliConfig(image=DIGITS, p=0.3)), FakeVAE(LatentConfig(image=DIGITS))):
+        out = sample_quality(model, digits, network, n_samples=n, seed=2)
+        assert out["n_floor"] == n
+        floor = metrics_module.floor_images(model, digits, n, seed=2)
+        assert floor.shape == (n, *DIGITS.shape)
+        assert torch.equal(floor[: len(val.y)], reference_images(model, val))
+        real, _ = classifier_module.extract(network, reference_images(model, digits.splits["test"]))
+        assert out["fid_real_floor"] == fid(real, classifier_module.extract(network, floor)[0])
+        assert out["kid_real_floor"] == kid(real, classifier_module.extract(network, floor)[0])
+    # Continuous samples: the training images' grey levels. Binary ones: one draw of them,
+    # the same for the same seed (0 and 255 exactly 0 and 1), another for another seed.
+    grey = torch.from_numpy(train.x[:56]).float() / 255
+    assert torch.equal(metrics_module.floor_images(FakeVAE(LatentConfig(image=DIGITS)), digits, n)[len(val.y):], grey)
+    on_grid = IndependentBernoulli(BernoulliConfig(image=DIGITS))
+    drawn = metrics_module.floor_images(on_grid, digits, n, seed=2)[len(val.y):]
+    assert torch.equal(drawn, metrics_module.floor_images(on_grid, digits, n, seed=2)[len(val.y):])
+    assert not torch.equal(drawn, metrics_module.floor_images(on_grid, digits, n, seed=3)[len(val.y):])
+    assert torch.equal(drawn[grey == 0], torch.zeros_like(drawn[grey == 0]))
+    assert torch.equal(drawn[grey == 1], torch.ones_like(drawn[grey == 1]))
+
+
+def test_the_floor_where_val_holds_enough_images_is_todays(digits, classifier_storage):
+    """Where val holds the samples' count (the quick Fashion-MNIST evaluation: 1,000 of 6,000), the
+    floor is val's first images, so the recorded floors stand."""
+    val, test = digits.splits["val"], digits.splits["test"]
+    network = load_or_train_classifier(digits, classifier_storage, ClassifierConfig.for_image(DIGITS, **TINY)).network
+    model = IndependentBernoulli(BernoulliConfig(image=DIGITS, p=0.3))
+    out = sample_quality(model, digits, network, n_samples=100, seed=5)
+    real, _ = classifier_module.extract(network, torch.from_numpy(test.x_binary).float())
+    floor, _ = classifier_module.extract(network, torch.from_numpy(val.x_binary[:100]).float())
+    assert out["n_floor"] == 100
+    assert out["fid_real_floor"] == fid(real, floor) and out["kid_real_floor"] == kid(real, floor)
 
 
 def test_domain_metrics_are_evaluates_sample_quality_without_the_likelihood_pass(digits, classifier_storage,

@@ -481,3 +481,49 @@ def test_a_damaged_training_state_is_named_by_its_url_locally_and_on_ray(tmp_pat
     on_s3 = SimpleNamespace(path="bucket/ray/digits/run/checkpoint_000001",
                             filesystem=SimpleNamespace(type_name="s3"))
     assert checkpoint_url(on_s3) == f"s3://bucket/ray/digits/run/checkpoint_000001/{training.CHECKPOINT_KEY}"
+
+
+def test_the_training_history_of_two_workers_is_all_workers_mean():
+    """Each of N workers sees 1/N of every global batch: the ``train_*`` figures a DDP run
+    records must be the mean over all of them (as one process computes it), not the chief's share."""
+    from genmodels.data.prep import PrepConfig, prepare
+    from genmodels.training import TrainingContext
+
+    class Peer(TrainingContext):
+        """Rank 1 run alone: what it sends to each all-reduce, recorded in order."""
+        rank, world_size = 1, 2
+
+        def __init__(self):
+            self.sent = []
+
+        def all_reduce_sum(self, tensor):
+            self.sent.append(tensor.clone())
+            return tensor
+
+    class Chief(TrainingContext):
+        """Rank 0: each all-reduce adds what the peer sent to the same collective."""
+        rank, world_size = 0, 2
+
+        def __init__(self, sent):
+            self.sent = iter(sent)
+
+        def all_reduce_sum(self, tensor):
+            return tensor + next(self.sent)
+
+    snap = prepare("digits", prep=PrepConfig(quantization="binary"))
+    # An lr too small to move the weights: unsynchronized ranks stay the one model DDP keeps.
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-12, max_train_examples=256, max_val_examples=64,
+                      early_stopping_patience=None)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("pixelrnn", snap.image, num_layers=1, hidden_channels=4, head_hidden=6)
+
+    one = train(model(), snap, cfg, finish=False).history[0]
+    peer = Peer()
+    train(model(), snap, cfg, peer, finish=False)
+    two = train(model(), snap, cfg, Chief(peer.sent), finish=False).history[0]
+    logged = [k for k in one if k.startswith("train_")]
+    assert "train_loss" in logged and [k for k in two if k.startswith("train_")] == logged
+    for key in [*logged, "val_loss"]:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
