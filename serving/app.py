@@ -174,6 +174,10 @@ class LocalSampling:
     async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}``."""
         item = await self._batched(self.models.prepare(request))
+        if item.error is not None:
+            # A fresh exception per request: the group's one exception, raised by each of its
+            # requests at once, would collect all their tracebacks. The API answers it as a 500.
+            raise RuntimeError(f"sampling {item.loaded.name} v{item.loaded.version} failed") from item.error
         return {"model": item.loaded.name, "version": item.loaded.version, "seed": item.seed, "images": item.images}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
@@ -252,7 +256,9 @@ class Jobs:
                                   output_roots=output_roots)
 
     def __del__(self) -> None:
-        # Serve calls this when it stops the replica: running jobs stop and record "cancelled".
+        # Serve calls this when it stops the replica, and kills it soon after this returns: running
+        # jobs stop and record "cancelled" (shutdown() waits for that, bounded below
+        # graceful_shutdown_timeout_s).
         manager = getattr(self, "manager", None)
         if manager is not None:
             manager.shutdown()

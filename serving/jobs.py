@@ -93,13 +93,19 @@ class _Job:
     writers: int | None = None
     retries: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
-    ended: threading.Event = field(default_factory=threading.Event)  # stops the heartbeat
+    # Set once the run is over, its final record written (or the write given up) and the
+    # manager's bookkeeping done: stops the heartbeat. Until then a submission of the same spec
+    # waits for it (or is refused): this run's last write must never land on the next run's record.
+    ended: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     files: dict[str, bytes] = field(default_factory=dict, repr=False)  # the graphs, until the job ends
     # One record write at a time, each of the state at that moment: an older state can never
     # overwrite a newer one.
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_write: float = 0.0  # time.monotonic() of the last record write
+    # The last record write failed: the stored record is behind this state. An ended job stays in
+    # memory while it is (its stored "running" would read as interrupted) and is written again.
+    unsaved: bool = False
 
     def to_dict(self, job_id_: str, manifest: bool = True) -> dict[str, Any]:
         out = {"job_id": job_id_, "status": self.status, "done": self.done, "total": self.spec.n,
@@ -137,6 +143,19 @@ class JobManager:
     #: Progress is recorded at most this often (seconds); state changes always are.
     progress_interval_s: float = 5.0
     heartbeat_s: float = records.HEARTBEAT_S
+    #: Pauses between the tries of a job's final record write (one storage error must not leave
+    #: a finished job recorded as running): short, the job's thread waits them out.
+    final_write_backoff_s: tuple[float, ...] = (0.1, 0.3)
+    #: Ended jobs whose final record could not be written, kept in memory beyond ``keep_ended``
+    #: at most (storage down for long: the oldest are let go, their records reading interrupted).
+    unsaved_kept: int = 100
+    #: How long :meth:`shutdown` waits for running jobs to stop and record it themselves: less than
+    #: the Jobs deployment's graceful_shutdown_timeout_s (3 s) and `genmodels serve`'s 4 s, after
+    #: which the process is killed.
+    shutdown_wait_s: float = 2.0
+    #: How long a submission of a spec whose previous run is writing its final record waits for
+    #: that write before it is refused (409).
+    end_wait_s: float = 5.0
 
     def __init__(self, names: Sequence[str] | None, alias: str, tracking_uri: str | None, workers: int = 2,
                  use_ray: bool = True, storage: str | None = None, output_roots: Sequence[str] | None = None,
@@ -173,8 +192,10 @@ class JobManager:
         # Prefect) re-runs a job under its id and rewrites its record. Bounded, the oldest read
         # dropped first.
         self._ended: collections.OrderedDict[str, tuple[dict[str, Any], float]] = collections.OrderedDict()
-        # (name, version) -> (graphs, conditional, num_classes, pixels per image): a version's graphs never change.
-        self._models: dict[tuple[str, str], tuple[dict[str, bytes], bool, int, int]] = {}
+        # name -> (version, graphs, conditional, num_classes, pixels per image) of the version last
+        # resolved: a version's graphs never change, and only the champion's are submitted (a job
+        # holds its own graphs until it ends); every version ever promoted would pile up here.
+        self._models: dict[str, tuple[str, dict[str, bytes], bool, int, int]] = {}
 
     # --- the model -------------------------------------------------------------------------------
     def _resolve(self, name: str) -> tuple[str, dict[str, bytes], bool, int, int]:
@@ -187,16 +208,17 @@ class JobManager:
             if version is None:
                 raise RequestError(404, "model_not_found", f"no registered model {name!r} with a version "
                                                            f"holding the alias {self.alias!r}")
-            cached = self._models.get((name, version))
-            if cached is None:
+            cached = self._models.get(name)
+            if cached is None or cached[0] != version:
                 # The version fetch_graphs resolves is the one its graphs belong to (the alias may move).
                 mv, files = registry.fetch_graphs(name, self.alias)
                 version = str(mv.version)
-                cached = self._models.get((name, version))
-                if cached is None:
+                cached = self._models.get(name)
+                if cached is None or cached[0] != version:
                     sampler = bulk.build_sampler(files, 1)
-                    cached = self._models.setdefault((name, version), (
-                        files, sampler.conditional, sampler.num_classes, math.prod(sampler.image_shape)))
+                    cached = (version, files, sampler.conditional, sampler.num_classes,
+                              math.prod(sampler.image_shape))
+                    self._models[name] = cached
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
@@ -206,25 +228,50 @@ class JobManager:
             logger.warning("job submission: cannot resolve %r@%s in the registry", name, self.alias, exc_info=True)
             raise RequestError(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
                                                             "later") from None
-        return (version, *cached)
+        return cached
 
     # --- records --------------------------------------------------------------------------------
-    def _persist(self, jid: str, job: _Job) -> None:
+    def _persist(self, jid: str, job: _Job, final: bool = False) -> None:
+        """Write the job's record as it is now; ``final`` (the job ended): tried again after each
+        pause of :attr:`final_write_backoff_s`. A failure leaves ``job.unsaved`` set."""
         with job.lock:
+            if self._jobs.get(jid) is not job:
+                return  # a later run of the same spec owns the record now
             job.updated_at, job.last_write = records.utc_now(), time.monotonic()
             if job.status == RUNNING:
                 job.heartbeat_at = job.updated_at
             record = {**job.to_dict(jid, manifest=False), "spec": job.spec.to_dict(), "owner": self.owner}
-            try:
-                records.put_job(self.storage, record)
-            except Exception as exc:  # noqa: BLE001 - the job runs on; its state is still served from memory
-                logger.warning("job %s: cannot record its state (%s) in %s: %r", jid, job.status,
-                               records.prefix_url(self.storage, records.JOBS), exc)
+            pauses = list(self.final_write_backoff_s if final else ())
+            while True:
+                try:
+                    records.put_job(self.storage, record)
+                except Exception as exc:  # noqa: BLE001 - the job runs on; its state is still served from memory
+                    if pauses:
+                        time.sleep(pauses.pop(0))
+                        continue
+                    job.unsaved = True
+                    logger.warning("job %s: cannot record its state (%s) in %s: %r%s", jid, job.status,
+                                   records.prefix_url(self.storage, records.JOBS), exc,
+                                   "; kept in memory, written again later" if job.status not in ACTIVE else "")
+                else:
+                    job.unsaved = False
+                return
 
     def _heartbeat(self, jid: str, job: _Job) -> None:
         # A long shard reports no progress for a while: the record still shows the job alive.
-        while not job.ended.wait(self.heartbeat_s):
+        while not job.ended.wait(self.heartbeat_s) and job.status in ACTIVE:
             self._persist(jid, job)
+
+    def _rewrite_unsaved(self) -> None:
+        """Write again the records of ended jobs whose final write failed, oldest first, stopping
+        at the first that fails again (storage still down): one failed write per call at most."""
+        with self._lock:
+            pending = [(jid, self._jobs[jid]) for jid in self._ended_order
+                       if jid in self._jobs and self._jobs[jid].unsaved]
+        for jid, job in pending:
+            self._persist(jid, job)
+            if job.unsaved:
+                return
 
     def _from_record(self, record: dict[str, Any], manifest: bool = False) -> dict[str, Any]:
         """A stored record as the API answers it. Called for jobs not running in this process:
@@ -308,12 +355,22 @@ class JobManager:
             raise _spec_error(exc) from None
         self._check_limits(spec, pixels)
         jid = job_id(spec)
+        previous = self._jobs.get(jid)
+        if previous is not None and previous.status not in ACTIVE:
+            # Its run reads ended but may still be writing its final record: a client that saw it
+            # end and re-submits at once waits for that (briefly) rather than being refused.
+            previous.ended.wait(self.end_wait_s)
         with self._lock:
-            job = self._jobs.get(jid)
-            if job is not None and job.status in ACTIVE:
-                return self._accepted(jid, job)
+            previous = self._jobs.get(jid)
+            if previous is not None and previous.status in ACTIVE:
+                return self._accepted(jid, previous)
             # Two live jobs writing one prefix would interleave their shards: the second waits its turn.
-            busy = [i for i, j in self._jobs.items() if j.status in ACTIVE and j.spec.output == spec.output]
+            # A run whose status reads ended may still be writing its final record (the same spec's
+            # included): a new run now would have its record overwritten by that one.
+            busy = [i for i, j in self._jobs.items() if self._unfinished(i, j) and j.spec.output == spec.output]
+            if jid in busy:
+                raise RequestError(409, "output_in_use", f"job {jid} is still recording its end; submit it again "
+                                                         "in a few seconds to run it again")
             if busy:
                 raise RequestError(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
                                                     "wait for it to end")
@@ -323,6 +380,11 @@ class JobManager:
             self._ended.pop(jid, None)
             if jid in self._ended_order:
                 self._ended_order.remove(jid)
+        if previous is not None:
+            # A write of the previous run that began before the swap (its heartbeat's) lands before
+            # this run's first; any later one finds itself replaced and writes nothing.
+            with previous.lock:
+                pass
         self._persist(jid, job)  # "queued" first: the thread's "running" must not be overwritten by it
         # %r: the output is the caller's text; quoted, a newline in it cannot start a log line of its own.
         logger.info("job %s: %s v%s n=%d -> %r", jid, spec.model, spec.version, spec.n, spec.output)
@@ -330,6 +392,11 @@ class JobManager:
             self._queue.append(jid)
             self._admit()
             return self._accepted(jid, job)
+
+    def _unfinished(self, jid: str, job: _Job) -> bool:
+        """Whether ``job``'s run is not over: queued, running, or still writing its final record
+        (holds ``_lock``)."""
+        return job.status in ACTIVE or jid in self._active or not job.ended.is_set()
 
     def _check_room(self) -> None:
         """Refuse a new job that would wait beyond ``max_queued`` (holds ``_lock``): every job kept
@@ -404,28 +471,58 @@ class JobManager:
 
     def _end(self, jid: str, job: _Job) -> None:
         job.ended_at = records.utc_now()
-        job.ended.set()
         job.files = {}
-        self._persist(jid, job)
+        self._persist(jid, job, final=True)
         with self._lock:
-            self._active.discard(jid)
-            self._ended_order.append(jid)
-            # Ended jobs leave memory, oldest first; their records stay in storage and answer for them.
-            while len(self._ended_order) > self.keep_ended:
-                old = self._ended_order.popleft()
-                if self._jobs.get(old) is not None and self._jobs[old].status not in ACTIVE:
-                    del self._jobs[old]
+            if self._jobs.get(jid) is job:  # else a new run of the spec replaced it (one cancelled while queued)
+                self._active.discard(jid)
+                self._ended_order.append(jid)
+            # With the bookkeeping above, under _lock: a submission deciding under _lock sees this
+            # run either unfinished or entirely out of _active, never half done.
+            job.ended.set()
+            self._evict()
             self._admit()
+        self._rewrite_unsaved()
+
+    def _evict(self) -> None:
+        """Ended jobs leave memory, oldest first, beyond the newest ``keep_ended``; their records
+        stay in storage and answer for them. One whose record could not be written stays, up to
+        :attr:`unsaved_kept` such (holds ``_lock``)."""
+        order = list(self._ended_order)
+        recent = order[max(0, len(order) - self.keep_ended):] if self.keep_ended else []
+        older = order[:len(order) - len(recent)]
+        held = [jid for jid in older if jid in self._jobs and self._jobs[jid].unsaved]
+        held = held[max(0, len(held) - self.unsaved_kept):] if self.unsaved_kept else []
+        for old in older:
+            if old not in held and self._jobs.get(old) is not None and self._jobs[old].status not in ACTIVE:
+                del self._jobs[old]
+        self._ended_order = collections.deque([*held, *recent])
 
     def shutdown(self) -> None:
-        """Cancel every job (the server is stopping): queued ones end now, running ones within seconds."""
+        """Cancel every job (the server is stopping): queued ones end now; running ones are waited
+        for up to :attr:`shutdown_wait_s`, and any still running then is recorded ``cancelled``:
+        the process is killed right after, and a record left ``running`` would read ``failed``."""
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
-            running = [self._jobs[j] for j in self._active]
+            running = [(j, self._jobs[j]) for j in self._active]
+        deadline = time.monotonic() + self.shutdown_wait_s
+        # Running jobs first: they stop while the queued ones' records are written.
+        for _, job in running:
+            job.cancel.set()
         for jid in queued:
             self._cancel_queued(jid, self._jobs[jid])
-        for job in running:
-            job.cancel.set()
+        for _, job in running:
+            job.thread.join(max(0.0, deadline - time.monotonic()))
+        for jid, job in running:
+            if not job.thread.is_alive():
+                continue
+            with job.lock:
+                if job.status not in ACTIVE:
+                    continue  # it ended meanwhile: its own final write is under way
+                job.status, job.ended_at = CANCELLED, records.utc_now()
+                job.error = (f"job cancelled: the server stopped while it ran ({job.done} of {job.spec.n} samples "
+                             "done); re-submit the same spec to resume it: its completed shards are kept")
+            self._persist(jid, job)
 
     def _cancel_queued(self, jid: str, job: _Job) -> None:
         job.cancel.set()
@@ -449,6 +546,11 @@ class JobManager:
         job = self._jobs.get(jid)
         if job is not None and not job.ended.is_set():
             return job.to_dict(jid)
+        if job is not None and job.unsaved:
+            # Its stored record is behind (the final write failed): asked about it, try again.
+            self._persist(jid, job)
+            if job.unsaved:
+                return job.to_dict(jid)
         try:
             record = self._record(jid)
         except Exception:  # noqa: BLE001 - storage trouble is the answer's error, not a crash

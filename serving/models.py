@@ -108,6 +108,8 @@ class SampleItem:
     labels: np.ndarray | None
     temperature: float
     images: np.ndarray | None = field(default=None, repr=False)
+    #: Why ``images`` stayed None: the failure of this item's group in :meth:`ModelSet.run_batch`.
+    error: Exception | None = None
 
 
 class ModelSet:
@@ -134,7 +136,22 @@ class ModelSet:
         if not names:
             raise ValueError(f"no registered model has a version with the alias {alias!r}: nothing to serve "
                              "(run `genmodels retrain` first, or name models that have one)")
-        self._models: dict[str, Any] = {name: self._load(name) for name in names}
+        self._models: dict[str, Any] = {}
+        failures: dict[str, Exception] = {}
+        for name in names:
+            # One model whose graphs cannot be loaded (missing, corrupt) must not keep the replica
+            # from serving the others: a replica that raises here serves nothing and is restarted.
+            try:
+                self._models[name] = self._load(name)
+            except Exception as exc:  # noqa: BLE001 - the reason is logged; poll_once tries again
+                logger.error("%s@%s cannot be loaded; serving the other models, trying again every reload",
+                             name, alias, exc_info=True)
+                failures[name] = exc
+        if not self._models:
+            raise next(iter(failures.values()))
+        #: Wanted but not loaded: :meth:`poll_once` tries them again (pinned or not). Replaced, never
+        #: changed in place: request threads read it while the poller thread updates it.
+        self._missing: frozenset[str] = frozenset(failures)
         self.onnx_calls = 0
         self.requests_sampled = 0
 
@@ -169,6 +186,10 @@ class ModelSet:
     def get(self, name: str):
         loaded = self._models.get(name)
         if loaded is None:
+            if name in self._missing:
+                raise RequestError(503, "model_unavailable", f"model {name!r} is served here but its "
+                                                             f"{self.alias!r} version could not be loaded yet; "
+                                                             "try again later")
             raise RequestError(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
         return loaded
 
@@ -185,27 +206,41 @@ class ModelSet:
         """Fill ``item.images`` for every item with as few onnxruntime calls as possible: items
         grouped by (model version, temperature), temperature being one scalar input of the
         graphs, each group in :meth:`genmodels.sampling.OnnxSampler.sample_many` calls of at
-        most :data:`MAX_ROWS_PER_CALL` rows."""
-        from genmodels.sampling import Request
-
+        most :data:`MAX_ROWS_PER_CALL` rows. A group that fails leaves its exception in
+        ``item.error`` of its items still without images; the other groups are unaffected."""
         groups: dict[tuple[int, float], list[SampleItem]] = {}
         for item in items:
             groups.setdefault((id(item.loaded), item.temperature), []).append(item)
         for group in groups.values():
-            sampler, temperature = group[0].loaded.sampler, group[0].temperature
-            start = 0
-            while start < len(group):
-                # Chunks of whole requests up to MAX_ROWS_PER_CALL rows (a single request may exceed it).
-                chunk, rows = [], 0
-                while start < len(group) and (not chunk or rows + group[start].n <= MAX_ROWS_PER_CALL):
-                    chunk.append(group[start])
-                    rows += group[start].n
-                    start += 1
-                images = sampler.sample_many([Request(it.n, it.seed, it.labels) for it in chunk], temperature)
-                self.onnx_calls += 1
-                for it, out in zip(chunk, images):
-                    it.images = out
+            # The items of a batch come from unrelated requests: one model's runtime failure (a graph
+            # that loads but cannot run) must fail its own requests only.
+            try:
+                self._run_group(group)
+            except Exception as exc:  # noqa: BLE001 - the requests of this group answer it (a 500)
+                loaded = group[0].loaded
+                logger.error("sampling %s v%s failed for %d request(s) of its batch: %r", loaded.name,
+                             loaded.version, len(group), exc)
+                for it in group:
+                    if it.images is None:
+                        it.error = exc
         self.requests_sampled += len(items)
+
+    def _run_group(self, group: list[SampleItem]) -> None:
+        from genmodels.sampling import Request
+
+        sampler, temperature = group[0].loaded.sampler, group[0].temperature
+        start = 0
+        while start < len(group):
+            # Chunks of whole requests up to MAX_ROWS_PER_CALL rows (a single request may exceed it).
+            chunk, rows = [], 0
+            while start < len(group) and (not chunk or rows + group[start].n <= MAX_ROWS_PER_CALL):
+                chunk.append(group[start])
+                rows += group[start].n
+                start += 1
+            images = sampler.sample_many([Request(it.n, it.seed, it.labels) for it in chunk], temperature)
+            self.onnx_calls += 1
+            for it, out in zip(chunk, images):
+                it.images = out
 
     def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """Images along the slerp between seed_a's and seed_b's latent ``z`` (other noise fields
@@ -278,8 +313,8 @@ class ModelSet:
 
     # --- hot reload ---------------------------------------------------------------------------
     def poll_once(self) -> list[str]:
-        """Load every model whose alias moved (and, unpinned, every model that newly has the
-        alias) and swap it in; the names swapped or added."""
+        """Load every model whose alias moved, every wanted model that failed to load before, and
+        (unpinned) every model that newly has the alias, and swap it in; the names swapped or added."""
         from genmodels import registry
 
         swapped = []
@@ -295,22 +330,28 @@ class ModelSet:
             self._models = {**self._models, name: fresh}  # the one swap: later requests see the new version
             swapped.append(name)
             logger.info("%s: serving v%s (was v%s)", name, fresh.version, loaded.version)
+        wanted = set(self._missing)
         if not self._pinned:
             try:
-                new = [n for n in registry.served_models(self.alias) if n not in self._models]
+                listed = registry.served_models(self.alias)
             except Exception:
                 logger.warning("listing models with the alias %r failed; trying again next tick", self.alias,
                                exc_info=True)
-                new = []
-            for name in new:
-                try:
-                    fresh = self._load(name)
-                except Exception:
-                    logger.warning("loading newly served %s failed; trying again next tick", name, exc_info=True)
-                    continue
-                self._models = {**self._models, name: fresh}
-                swapped.append(name)
-                logger.info("%s: now served (v%s)", name, fresh.version)
+            else:
+                # A model that lost the alias since it failed to load is no longer wanted.
+                wanted = {n for n in listed if n not in self._models}
+        missing = set()
+        for name in sorted(wanted):
+            try:
+                fresh = self._load(name)
+            except Exception:
+                logger.warning("loading %s failed; trying again next tick", name, exc_info=True)
+                missing.add(name)
+                continue
+            self._models = {**self._models, name: fresh}
+            swapped.append(name)
+            logger.info("%s: now served (v%s)", name, fresh.version)
+        self._missing = frozenset(missing)
         return swapped
 
     def close(self) -> None:

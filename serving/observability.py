@@ -11,7 +11,8 @@ replica, Serve adds its deployment, replica and request id and keeps it in the r
 file) and, in a Serve replica, updates Ray Serve metrics, which every node's metrics agent
 exposes in Prometheus format next to Serve's own (``ray_serve_*``):
 
-- ``ray_genmodels_http_requests_total{route, method, status}``
+- ``ray_genmodels_http_requests_total{route, method, status}`` (``method``: the standard ones, else
+  ``other``; the log line keeps the method as sent)
 - ``ray_genmodels_http_request_latency_ms_bucket{route, method, status, le}`` (+ ``_sum``, ``_count``)
 - ``ray_genmodels_images_total{model, version}``: images returned by sampling routes
 """
@@ -40,6 +41,17 @@ def logfmt(record: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+#: The ``method`` label values: any other method (which only a client can invent: the API routes
+#: none) is labelled ``other``. Without HTTP parsers that refuse unknown methods (h11, unlike
+#: httptools, takes any token), every method a client makes up would be a new time series.
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: Any) -> str:
+    """``method`` as a metrics label: one of :data:`METHOD_LABELS`, or ``other``."""
+    return method if method in METHOD_LABELS else "other"
+
+
 class RequestLog:
     """One log line per request, plus Serve metrics when ``metrics`` (needs a Serve replica)."""
 
@@ -63,7 +75,8 @@ class RequestLog:
         logger.info("request %s", logfmt(record))
         if self._requests is None:
             return
-        tags = {"route": str(record["route"]), "method": str(record["method"]), "status": str(record["status"])}
+        tags = {"route": str(record["route"]), "method": method_label(record["method"]),
+                "status": str(record["status"])}
         self._requests.inc(1, tags=tags)
         self._latency.observe(float(record["latency_ms"]), tags=tags)
         if record.get("n") and record.get("version") and int(record["status"]) < 400:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,13 +30,20 @@ def _place_writers(ray, wanted: int, should_stop: Callable[[], bool] | None):
     placement group's own wait is the answer."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    stopped = should_stop or (lambda: False)
     count = min(wanted, max(1, int(ray.available_resources().get("CPU", 0))))
     while count >= 1:
-        if should_stop is not None and should_stop():
+        if stopped():
             return None, 0
         group = placement_group([{"CPU": 1}] * count, strategy="PACK")
-        if group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
-            return group, count
+        # PLACEMENT_TIMEOUT_S in waits of _POLL_S: a job cancelled while its writers wait for CPUs
+        # stops within one, not after the whole timeout.
+        for _ in range(math.ceil(PLACEMENT_TIMEOUT_S / _POLL_S)):
+            if group.wait(timeout_seconds=_POLL_S):
+                return group, count
+            if stopped():
+                remove_placement_group(group)
+                return None, 0
         remove_placement_group(group)
         count //= 2
     return None, 0

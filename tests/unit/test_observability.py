@@ -113,3 +113,32 @@ def test_job_routes_are_labelled_with_their_full_template():
     assert [(r["method"], r["route"], r["status"]) for r in records] == [
         ("POST", "/v1/jobs", 202), ("GET", "/v1/jobs", 200), ("GET", "/v1/jobs/{job_id}", 200),
         ("GET", "/v1/jobs/{job_id}", 404), ("DELETE", "/v1/jobs/{job_id}", 200)]
+
+
+def test_methods_a_client_invents_share_one_metrics_label(monkeypatch):
+    # h11 (uvicorn without httptools) takes any token as a method: each would be a new time series.
+    import ray.serve.metrics
+
+    from serving.observability import RequestLog
+
+    labels: set[tuple[str, str, str]] = set()
+
+    class FakeMetric:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def inc(self, value, tags):
+            labels.add((tags["route"], tags["method"], tags["status"]))
+
+        def observe(self, value, tags):
+            labels.add((tags["route"], tags["method"], tags["status"]))
+
+    monkeypatch.setattr(ray.serve.metrics, "Counter", FakeMetric)
+    monkeypatch.setattr(ray.serve.metrics, "Histogram", FakeMetric)
+    with TestClient(create_api(FakeBackend(), request_log=RequestLog(metrics=True))) as client:
+        for i in range(100):
+            client.request(f"X{i}", "/v1/models")
+        assert {m for _, m, _ in labels} == {"other"}
+        for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            client.request(method, "/v1/models")
+    assert {m for _, m, _ in labels} == {"other", "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
