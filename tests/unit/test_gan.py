@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from genmodels.models import build_model, checkpoint_bytes, model_from_checkpoint
 from genmodels.models.base import ImageSpec
@@ -358,6 +359,28 @@ def test_discriminator_losses(loss):
         model.discriminator.eval()
         out = model.loss(batch, "discriminator")
     assert torch.isfinite(out["loss"]) and float(out["loss"]) >= 0
+
+    # The value of each player's loss for known logits: D is rewarded for calling reals real and
+    # fakes fake, G for fakes D calls real (a flipped sign still gives a finite, positive loss).
+    real = torch.tensor([0.5, -2.0, 1.5, -0.3, 3.0, 0.0, -1.0, 2.0])
+    fake = torch.tensor([1.0, -0.5, 0.2, -3.0, 0.7, 2.5, -1.5, 0.1])
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, x, labels=None, parts=1):
+            return torch.cat([real, fake]) if parts == 2 else fake
+
+    model = tiny_gan(loss=loss, r1_gamma=0.0)
+    model.discriminator = FixedLogits()
+    d_loss = model.loss(batch, "discriminator")["loss"]
+    g_loss = model.loss(batch, "generator")["loss"]
+    if loss == "hinge":
+        expected_d = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        expected_g = -fake.mean()
+    else:
+        expected_d = F.softplus(-real).mean() + F.softplus(fake).mean()
+        expected_g = F.softplus(-fake).mean()
+    torch.testing.assert_close(d_loss, expected_d)
+    torch.testing.assert_close(g_loss, expected_g)
     with pytest.raises(ValueError, match="GANConfig.loss"):
         GANConfig(image=DIGITS, loss="wasserstein")
     with pytest.raises(ValueError, match="ema_decay"):

@@ -32,11 +32,13 @@ def test_one_holder_at_a_time_and_release_frees_it(storage):
 
 def test_a_holder_that_stopped_renewing_is_taken_over_and_finds_out(tmp_path):
     storage = open_storage(tmp_path / "store")
-    stalled = Lease(storage, "promote/m", ttl_s=0.4).acquire()
+    # TTLs of seconds, not tenths: a renewer thread stalled by a busy 2-core machine must not
+    # look like a dead holder.
+    stalled = Lease(storage, "promote/m", ttl_s=2.0).acquire()
     stalled._stop.set()  # as a killed or frozen process: no more renewals
     with pytest.raises(LeaseBusy):
-        Lease(storage, "promote/m", ttl_s=0.4).acquire()
-    taker = Lease(storage, "promote/m", ttl_s=30, wait_s=5).acquire()
+        Lease(storage, "promote/m", ttl_s=2.0).acquire()
+    taker = Lease(storage, "promote/m", ttl_s=30, wait_s=10).acquire()
     assert taker.generation == stalled.generation + 1
     with pytest.raises(LeaseLost):
         stalled.check()
@@ -47,8 +49,8 @@ def test_a_holder_that_stopped_renewing_is_taken_over_and_finds_out(tmp_path):
 
 def test_a_live_holder_keeps_its_lease_past_the_ttl_by_renewing(tmp_path):
     storage = open_storage(tmp_path / "store")
-    with Lease(storage, "n", ttl_s=0.4) as holder:
-        time.sleep(1.0)
+    with Lease(storage, "n", ttl_s=2.0) as holder:  # renewed every 0.5 s: a 1.5 s stall is tolerated
+        time.sleep(4.0)
         holder.check()
         with pytest.raises(LeaseBusy):
-            Lease(storage, "n", ttl_s=0.4).acquire()
+            Lease(storage, "n", ttl_s=2.0).acquire()
