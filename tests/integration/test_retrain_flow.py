@@ -190,7 +190,7 @@ def test_a_family_its_time_budget_stopped_is_neither_evaluated_nor_registered(st
     from pipelines.flows import retrain
 
     out = retrain(families="gan", dataset="digits", preset="quick", workers=2,
-                  overrides={**TINY, "epochs": 3, "max_seconds": 0.0}, storage=stack["storage"])
+                  overrides={**TINY, "epochs": 3, "max_seconds": 0.0, "max_train_examples": 64}, storage=stack["storage"])
     assert out == {}
     assert MlflowClient().search_registered_models(filter_string="name='digits-gan'") == []
     outcome = records.last_retrain(stack["storage"])["outcomes"]["gan"]
