@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,6 +55,21 @@ def _families(spec: str) -> list[str]:
     return parse_families(spec)
 
 
+@contextmanager
+def _run_lease(storage, dataset: str, family: str):
+    """Hold the (dataset, family) run lease (:func:`genmodels.runs.run_lease`) for the block;
+    a :class:`~genmodels.lease.LeaseLost` raised by its ``check()`` in the block ends the command
+    with one line and exit code 2, as friendly_errors ends it for a busy lease."""
+    from genmodels.lease import LeaseLost
+    from genmodels.runs import run_lease
+
+    try:
+        with run_lease(storage, dataset, family) as lease:
+            yield lease
+    except LeaseLost as exc:
+        console.print(f"[bold red]error:[/] {family}: {exc}: this command stalled past the lease's expiry and "
+                      "another one took the run over; stopped here")
+        raise typer.Exit(code=2) from None
 
 
 @data_app.command("prepare")
@@ -78,21 +94,23 @@ def train_cmd(
     family: FamilyOpt = "vae", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
     source: SourceOpt = None, quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
     image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
-    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
-    max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's batch size.")] = None,
+    max_train_examples: Annotated[Optional[int], typer.Option(min=1, help="Cap the training examples.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
 ) -> None:
     """Train one family (resumes from the run's last checkpoint unless --fresh)."""
-    from genmodels.runs import run_lease, train_family
+    from genmodels.runs import train_family
 
     (family,) = _families(family)
     storage = _storage(out)
     snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
     overrides = {"seed": seed, **train_overrides(epochs, batch_size, max_train_examples, device)}
-    with run_lease(storage, snap.dataset, family):
+    with _run_lease(storage, snap.dataset, family) as lease:
         outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
+        # Superseded meanwhile, the run's model.pt may be the other holder's: not reported as ours.
+        lease.check()
     r = outcome.result
     note = f" (resumed at epoch {r.resumed_from_epoch})" if r.resumed_from_epoch else ""
     console.print(f"trained {family} for {r.epochs_completed} epochs{note}"
@@ -109,14 +127,16 @@ def evaluate_cmd(
     image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
 ) -> None:
     """Evaluate a trained run: likelihoods, domain FID/KID, class accuracy, pictures."""
-    from genmodels.runs import evaluate_run, run_lease, run_prefix
+    from genmodels.runs import evaluate_run, run_prefix
 
     (family,) = _families(family)
     storage = _storage(out)
     snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
     run = storage.child(run_prefix(snap.dataset, family, preset))
-    with run_lease(storage, snap.dataset, family), console.status(f"evaluating {family}"):
+    with _run_lease(storage, snap.dataset, family) as lease, console.status(f"evaluating {family}"):
         metrics = evaluate_run(storage, run, snap, preset, seed=seed)
+        # Superseded meanwhile, these metrics may be of a model another holder has since replaced.
+        lease.check()
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
@@ -221,7 +241,7 @@ def run_cmd(
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
     quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Retrain even where a run already finished.")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(
         help="Stop each family's training after the epoch that crosses this many minutes (checkpointed: "
              "running the same command again resumes).")] = None,
@@ -229,7 +249,7 @@ def run_cmd(
 ) -> None:
     """Prepare, train and evaluate several families; write grids, a comparison picture and a
     metrics table."""
-    from genmodels.runs import evaluate_run, run_lease, train_family, write_report
+    from genmodels.runs import evaluate_run, train_family, write_report
 
     names = _families(families)
     storage = _storage(out)
@@ -241,8 +261,11 @@ def run_cmd(
         overrides["max_seconds"] = 60.0 * max_minutes
     for family in names:
         console.rule(f"{family} ({preset})")
-        with run_lease(storage, snap.dataset, family):
+        with _run_lease(storage, snap.dataset, family) as lease:
             outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
+            # Superseded while training (stalled past the lease's expiry), the run directory is the
+            # other holder's now: evaluating would write this run's metrics over its model.
+            lease.check()
             if not outcome.finished:
                 # An unfinished model's evaluation (hours of IWAE at the `cpu` preset) would be thrown
                 # away by the next epoch.
@@ -252,6 +275,7 @@ def run_cmd(
                 continue
             with console.status(f"evaluating {family}"):
                 evaluate_run(storage, outcome.run, snap, preset, seed=seed)
+            lease.check()
     report = write_report(storage, snap, preset, seed=seed)
     Console().print(Markdown(report.markdown))
     console.print(f"report: {storage.url_for(report.markdown_key)}; pictures under {storage.child(f'runs/{snap.dataset}').url}")

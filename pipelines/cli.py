@@ -27,8 +27,8 @@ def retrain_cmd(
     family: FamiliesOpt = "all",
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", source: SourceOpt = None,
     quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None, workers: WorkersOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Override the preset's epochs.")] = None,
-    max_train_examples: Annotated[Optional[int], typer.Option(help="Cap the training examples.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
+    max_train_examples: Annotated[Optional[int], typer.Option(min=1, help="Cap the training examples.")] = None,
     if_no_champion: Annotated[bool, typer.Option("--if-no-champion", help="Skip families that already have a "
                                                  "champion.")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the runs' checkpoints and start over.")] = False,
@@ -41,8 +41,9 @@ def retrain_cmd(
 
     names = parse_families(family)
     storage_url = out or get_settings().storage_url
-    check_plan(names, preset, workers, storage_url)  # fail fast, before Prefect and Ray start
     overrides = train_overrides(epochs, None, max_train_examples, None)
+    # Fail fast, before Prefect and Ray start.
+    check_plan(names, preset, workers, storage_url, overrides, dataset=dataset, source=source)
     try:
         outcomes = retrain(families=",".join(names), dataset=dataset, preset=preset, workers=workers, source=source,
                            quantization=quantization, seed=seed, if_no_champion=if_no_champion, fresh=fresh,
@@ -76,6 +77,7 @@ def schedule_cmd(
     cron: Annotated[str, typer.Option("--cron", help="Cron expression, e.g. '0 3 * * *' (daily at 03:00).")],
     family: FamiliesOpt = "all",
     dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick", workers: WorkersOpt = None,
+    source: SourceOpt = None, image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
     timezone: Annotated[str, typer.Option(help="Timezone of the cron schedule.")] = "UTC",
     name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "scheduled",
 ) -> None:
@@ -86,13 +88,17 @@ def schedule_cmd(
 
     from prefect import serve
 
-    from pipelines.flows import deployment
+    from pipelines.flows import check_plan, deployment
 
     if not os.environ.get("PREFECT_API_URL"):
         raise ValueError("schedules need a Prefect server: start one with `prefect server start` and set "
                          "PREFECT_API_URL=http://127.0.0.1:4200/api")
     names = parse_families(family)
-    params = {"families": ",".join(names), "dataset": dataset, "preset": preset, "workers": workers}
+    # Each scheduled run checks its plan only when it fires, hours later and unattended, and fails
+    # the same way every time: the same checks refuse it now. The runs write the default storage.
+    check_plan(names, preset, workers, get_settings().storage_url, dataset=dataset, source=source)
+    params = {"families": ",".join(names), "dataset": dataset, "preset": preset, "workers": workers,
+              "source": source, "image_size": image_size, "channels": channels}
     to_serve = deployment(name, cron, params, timezone=timezone)
     console.print(f"serving retrain/{name} ({cron} {timezone}) for {', '.join(names)}; Ctrl-C stops")
     serve(to_serve)

@@ -147,7 +147,7 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
     return registered.to_dict()
 
 
-@task(name="report")
+@task(name="report", **TRANSIENT_RETRIES)
 def report(storage_url: str, snapshot_prefix: str, preset: str, seed: int, run_ids: dict[str, str]) -> str | None:
     """The families side by side: ``reports/<dataset>-<preset>.png`` (one row of samples per
     family, same seed) and the metrics table beside it, the picture also logged to the MLflow

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from types import SimpleNamespace
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -96,7 +97,7 @@ def test_exception_chain_with_a_cycle_terminates():
 def test_steps_that_touch_storage_or_registry_retry_and_deterministic_steps_do_not():
     from pipelines import tasks
 
-    for step in (tasks.prepare_data, tasks.register, tasks.promote):
+    for step in (tasks.prepare_data, tasks.register, tasks.promote, tasks.report):
         assert step.retries == TRANSIENT_RETRIES["retries"] == 3, step.name
         assert step.retry_condition_fn is TRANSIENT_RETRIES["retry_condition_fn"], step.name
     for step in (tasks.train, tasks.evaluate, tasks.export_onnx):
@@ -261,6 +262,49 @@ def test_flow_check_plan_refuses_zero_workers(tmp_path):
     check_plan(["vae", "pixelrnn"], "quick", None, tmp_path.as_uri())  # each preset's own
 
 
+def test_flow_check_plan_refuses_overrides_training_would_refuse(tmp_path):
+    # The TrainConfig each family's train task would build, built here before any work.
+    from pipelines.flows import check_plan
+
+    with pytest.raises(ValueError, match=r"vae \(quick preset\): epochs must be >= 1, got 0"):
+        check_plan(["vae"], "quick", None, tmp_path.as_uri(), overrides={"epochs": 0})
+    with pytest.raises(ValueError, match="unknown keys \\['epoch'\\]"):
+        check_plan(["vae"], "quick", None, tmp_path.as_uri(), overrides={"epoch": 2})
+    check_plan(["vae", "gan"], "quick", None, tmp_path.as_uri(), overrides={"epochs": 1, "max_train_examples": 64})
+
+
+def test_flow_check_plan_refuses_a_dataset_without_its_source(tmp_path):
+    from pipelines.flows import check_plan
+
+    for dataset in ("folder", "npz"):
+        with pytest.raises(ValueError, match=f"the {dataset} dataset needs a source \\(--source"):
+            check_plan(["vae"], "quick", None, tmp_path.as_uri(), dataset=dataset)
+        check_plan(["vae"], "quick", None, tmp_path.as_uri(), dataset=dataset, source=str(tmp_path))
+    check_plan(["vae"], "quick", None, tmp_path.as_uri(), dataset="digits")
+
+
+@pytest.mark.parametrize("command, args, option", [
+    ("retrain", ["--family", "vae", "--epochs", "-1"], "--epochs"),
+    ("retrain", ["--family", "vae", "--epochs", "0"], "--epochs"),
+    ("retrain", ["--family", "vae", "--max-train-examples", "-5"], "--max-train-examples"),
+    ("train", ["--family", "vae", "--epochs", "0"], "--epochs"),
+    ("train", ["--family", "vae", "--batch-size", "0"], "--batch-size"),
+    ("run", ["--families", "vae", "--epochs", "-1"], "--epochs"),
+], ids=["retrain epochs -1", "retrain epochs 0", "retrain max examples -5", "train epochs 0", "train batch 0",
+        "run epochs -1"])
+def test_bad_training_overrides_are_refused_before_any_work(cli_env, monkeypatch, command, args, option):
+    import genmodels.cli as cli
+    import pipelines.flows as flows
+
+    started = []
+    monkeypatch.setattr(flows, "retrain", lambda **kw: started.append(("retrain", kw)) or {})
+    monkeypatch.setattr(cli, "_snapshot", lambda *a, **k: started.append(("prepare", a)) or pytest.fail("prepared"))
+    result = invoke(command, "--dataset", "digits", *args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in flat(result.output)
+    assert started == [] and not (cli_env / "store").exists()
+
+
 def test_retrain_missing_folder_fails_in_prepare_data_before_training(cli_env, prefect_server):
     import ray
 
@@ -312,6 +356,44 @@ def test_schedule_unknown_family_exits_2(cli_env, closed_port):
     result = invoke("schedule", "--cron", "0 3 * * *", "--family", "flow", env=env)
     assert result.exit_code == 2, result.output
     assert "unknown family 'flow'" in flat(result.output)
+
+
+@pytest.fixture
+def served(cli_env, closed_port, monkeypatch):
+    """`genmodels schedule` against a Prefect server URL, with what it would serve recorded
+    instead of served (``prefect.serve`` blocks)."""
+    import prefect
+
+    import pipelines.flows as flows
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{closed_port}/api")
+    calls = SimpleNamespace(deployments=[], served=[])
+    real = flows.deployment
+    monkeypatch.setattr(flows, "deployment", lambda *a, **k: calls.deployments.append(a) or real(*a, **k))
+    monkeypatch.setattr(prefect, "serve", lambda *d, **k: calls.served.append(d))
+    return calls
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--family", "vae", "--workers", "3"],
+     "vae (quick preset): batch_size 128 is the global batch of 3 data-parallel workers"),
+    (["--family", "vae", "--dataset", "folder"], "the folder dataset needs a source (--source"),
+    (["--family", "vae", "--dataset", "npz"], "the npz dataset needs a source (--source"),
+], ids=["workers 3", "folder without source", "npz without source"])
+def test_schedule_refuses_a_plan_every_run_would_fail(served, args, message):
+    result = invoke("schedule", "--cron", "0 3 * * *", *args)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in flat(result.output)
+    assert served.deployments == [] and served.served == []
+
+
+def test_schedule_passes_the_source_of_a_folder_to_its_runs(served, tmp_path):
+    result = invoke("schedule", "--cron", "0 3 * * *", "--family", "vae", "--dataset", "folder",
+                    "--source", tmp_path, "--image-size", 8, "--channels", "RGB", "--workers", 2)
+    assert result.exit_code == 0, result.output
+    ((dep,),) = served.served
+    assert dep.parameters == {"families": "vae", "dataset": "folder", "preset": "quick", "workers": 2,
+                              "source": str(tmp_path), "image_size": 8, "channels": "RGB"}
 
 
 def _rgb_folder(root):
