@@ -89,7 +89,8 @@ ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L 
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Expected failures (bad input, unusable paths, storage) become one red line and exit code 2."""
+    """Expected failures (bad input, unusable paths, storage, a model or alias the registry does
+    not hold) become one red line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -100,6 +101,14 @@ def friendly_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (ValueError, OSError, StorageError, NotImplementedError, LeaseBusy) as exc:
             # OSError: a path the user gave (missing, a directory, not writable); its text names it.
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(code=2) from None
+        except LookupError as exc:
+            # The registry's answer to an unknown model or alias (registry.fetch_graphs). KeyError
+            # and IndexError are LookupErrors too, but from our own code they are bugs: their
+            # traceback is what finds them.
+            if isinstance(exc, (KeyError, IndexError)):
+                raise
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from None
 

@@ -13,6 +13,7 @@ so at its next renewal: :attr:`Lease.lost` is set and :meth:`Lease.check` raises
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ from genmodels.storage import Storage, open_storage
 __all__ = ["Lease", "LeaseBusy", "LeaseLost"]
 
 PREFIX = "leases/"
+
+logger = logging.getLogger(__name__)
 
 
 class LeaseBusy(RuntimeError):
@@ -37,7 +40,9 @@ class LeaseLost(RuntimeError):
 class Lease:
     """``with Lease(storage, "retrain/fashion-mnist/vae"):`` holds the lease for the block or raises
     :class:`LeaseBusy` (after waiting up to ``wait_s``). ``ttl_s``: how long a holder that stopped
-    renewing (killed, partitioned) keeps others out; renewed every ``ttl_s / 4``."""
+    renewing (killed, partitioned) keeps others out; renewed every ``ttl_s / 4``. Leaving the block
+    never raises for the release itself: a release the storage refuses is logged and the lease
+    expires by its TTL (an explicit :meth:`release` call still raises)."""
 
     def __init__(self, storage: Storage | str, name: str, *, ttl_s: float = 300.0, wait_s: float = 0.0,
                  owner: str | None = None, poll_s: float = 0.2) -> None:
@@ -130,4 +135,13 @@ class Lease:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
-        self.release()
+        # When the block ends, its work is done (an alias moved, a model trained) or its own error
+        # is on its way out: a release that fails on a storage fault must replace neither, or a
+        # retry redoes finished work and reports it wrongly (a promotion read back as "already the
+        # champion"). Nobody is kept out for long: renewals have stopped, so the generation expires
+        # ttl_s after its last renewal and the next holder takes it then.
+        try:
+            self.release()
+        except Exception as err:  # noqa: BLE001
+            logger.warning("lease %r: could not release it (%r); it expires within %.0f s", self.name, err,
+                           self.ttl_s)

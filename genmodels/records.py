@@ -2,7 +2,8 @@
 
     jobs/<job id>.json                          a bulk job's last known state (serving's Jobs deployment,
                                                 or the generate flow through JobRecorder)
-    retrains/<UTC end time>-<run id>.json       the outcome of one retrain flow run
+    retrains/<UTC end time>-<run id>.json       the outcome of one retrain flow run; while it runs,
+                                                a ``running`` record under its start time instead
 
 Each record is written with one atomic put (:meth:`genmodels.storage.Storage.put_json`), so a
 reader sees the previous state or the next, never a mix. Readers need no server: the Jobs
@@ -28,8 +29,8 @@ from typing import Any
 from genmodels.storage import Storage, open_storage
 
 __all__ = [
-    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "JobRecorder", "RetrainRecorder", "get_job", "job_error",
-    "job_is_stale", "last_retrain",
+    "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "JobRecorder", "RetrainRecorder", "get_job", "interrupted",
+    "is_stale", "job_error", "job_is_stale", "last_retrain",
     "list_jobs", "list_retrains", "put_job", "put_retrain", "retrain_key", "utc_now",
 ]
 
@@ -65,9 +66,9 @@ def prefix_url(storage: Storage, prefix: str) -> str:
     return f"{storage.url.rstrip('/')}/{prefix}"
 
 
-def _read_all(storage: Storage, keys: Iterable[str]) -> list[dict[str, Any]]:
-    """The records at ``keys``, in order; missing ones are left out, unreadable ones (not JSON,
-    not an object) too, with a warning: one bad record must not hide the others."""
+def _read_all_keyed(storage: Storage, keys: Iterable[str]) -> list[dict[str, Any] | None]:
+    """The record at each of ``keys``, None where missing or unreadable (not JSON, not an
+    object: with a warning)."""
     keys = list(keys)
 
     def read(key: str) -> dict[str, Any] | None:
@@ -84,12 +85,16 @@ def _read_all(storage: Storage, keys: Iterable[str]) -> list[dict[str, Any]]:
         return record
 
     if len(keys) <= 1:
-        found = [read(k) for k in keys]
-    else:
-        # One GET per record: on S3 the round trips, not the bytes, are the cost.
-        with ThreadPoolExecutor(max_workers=min(_READERS, len(keys)), thread_name_prefix="genmodels-records") as pool:
-            found = list(pool.map(read, keys))
-    return [r for r in found if r is not None]
+        return [read(k) for k in keys]
+    # One GET per record: on S3 the round trips, not the bytes, are the cost.
+    with ThreadPoolExecutor(max_workers=min(_READERS, len(keys)), thread_name_prefix="genmodels-records") as pool:
+        return list(pool.map(read, keys))
+
+
+def _read_all(storage: Storage, keys: Iterable[str]) -> list[dict[str, Any]]:
+    """The records at ``keys``, in order; missing ones are left out, unreadable ones (not JSON,
+    not an object) too, with a warning: one bad record must not hide the others."""
+    return [r for r in _read_all_keyed(storage, keys) if r is not None]
 
 
 # --- bulk jobs ---------------------------------------------------------------------------------
@@ -126,12 +131,21 @@ def list_jobs(storage: Storage | str, skip_ids: Iterable[str] = ()) -> list[dict
 _JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
+# Besides job_id, status and submitted_at: what every writer (JobRecorder, serving's Jobs
+# deployment) puts in a record and its readers (`genmodels status`, GET /v1/jobs) take as there.
+_JOB_FIELDS = {"model": str, "version": str, "output": str, "done": int, "total": int}
+
+
 def _is_job_record(storage: Storage, record: Mapping[str, Any]) -> bool:
     # A record someone wrote by hand (or a half-migrated one) must not break a listing of the others.
     jid, status = record.get("job_id"), record.get("status")
+    bad = [k for k, kind in _JOB_FIELDS.items()
+           if not isinstance(record.get(k), kind) or isinstance(record.get(k), bool)]
     if job_key(jid) is None or status not in _JOB_STATUSES or not isinstance(record.get("submitted_at") or "", str):
-        logger.warning("skipping job record %r under %s: no valid job_id, status or submitted_at",
-                       jid if isinstance(jid, str) else None, prefix_url(storage, JOBS))
+        bad[:0] = ["job_id, status or submitted_at"]
+    if bad:
+        logger.warning("skipping job record %r under %s: no valid %s", jid if isinstance(jid, str) else None,
+                       prefix_url(storage, JOBS), ", ".join(bad))
         return False
     return True
 
@@ -141,14 +155,40 @@ def sort_jobs(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                   key=lambda r: (str(r.get("submitted_at") or ""), str(r.get("job_id", ""))), reverse=True)
 
 
+class _Heartbeat:
+    """Calls ``write`` every ``interval_s`` from a daemon thread until :meth:`stop`: a record
+    rewritten while its writer lives, so a reader tells a live run from one whose process died
+    (:func:`is_stale`) even when the run itself has nothing new to say for a long while."""
+
+    def __init__(self, write, interval_s: float, name: str) -> None:
+        self._write, self._interval_s = write, interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            self._write()
+
+    def stop(self) -> None:
+        # Joined, so that no heartbeat write can land after (and undo) the final one.
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
 class JobRecorder:
     """The record of a bulk job run outside the serving API (the generate flow, the CLI), in the
     same form as the Jobs deployment writes, so ``genmodels status`` and ``GET /v1/jobs`` list it:
     ``running`` on entry, rewritten on progress (at most every :attr:`progress_interval_s`) and
     every :data:`HEARTBEAT_S` (a long shard reports no progress for a while), ended on exit:
-    ``succeeded`` after :meth:`succeeded`, ``cancelled`` on ``KeyboardInterrupt`` or a job
-    cancelled, ``failed`` on any other exception (which propagates). A record that cannot be
-    written is logged, never raised: the job's own outcome comes first.
+    ``succeeded`` after :meth:`succeeded`, ``cancelled`` on a job cancelled or a process stopped
+    (any ``BaseException`` that is not an ``Exception``: ``KeyboardInterrupt``, Prefect's
+    ``TerminationSignal`` on SIGTERM, ``SystemExit``), ``failed`` on any other exception (which
+    propagates). A record that cannot be written is logged, never raised: the job's own outcome
+    comes first.
 
     ``spec``: the resolved job spec as a dict (``JobSpec.to_dict()``); ``job_id``: its id
     (``genmodels.bulk.job_id``), the one the API gives the same spec.
@@ -170,9 +210,8 @@ class JobRecorder:
             "owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         }
         self._lock = threading.Lock()
-        self._ended = threading.Event()
         self._last_write = 0.0
-        self._heartbeat: threading.Thread | None = None
+        self._heartbeat: _Heartbeat | None = None
 
     def _write(self) -> None:
         with self._lock:  # one write at a time, each of the state at that moment
@@ -206,33 +245,38 @@ class JobRecorder:
 
     def __enter__(self) -> JobRecorder:
         self._write()
-        self._heartbeat = threading.Thread(target=self._beat, daemon=True,
-                                           name=f"genmodels-job-{self.record['job_id'][:8]}-heartbeat")
+        self._heartbeat = _Heartbeat(self._write, self.heartbeat_s,
+                                     f"genmodels-job-{self.record['job_id'][:8]}-heartbeat")
         self._heartbeat.start()
         return self
-
-    def _beat(self) -> None:
-        while not self._ended.wait(self.heartbeat_s):
-            self._write()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         from genmodels.bulk import JobCancelled  # here: records stay importable without numpy/onnx
 
-        self._ended.set()
         if self._heartbeat is not None:
-            self._heartbeat.join()
+            self._heartbeat.stop()
         r = self.record
         if exc is None:
             r["status"] = "succeeded" if "result" in r else "failed"
             if "result" not in r:
                 r["error"] = "ended without a manifest"
-        elif isinstance(exc, (KeyboardInterrupt, JobCancelled)):
+        elif isinstance(exc, JobCancelled):
             r["status"], r["cancel_requested"] = "cancelled", True
-            r["error"] = str(exc) or "interrupted; re-running the same command resumes the job"
+            r["error"] = str(exc)
+        elif not isinstance(exc, Exception):
+            # Ctrl-C, a SIGTERM (Prefect raises TerminationSignal), sys.exit: the process was
+            # stopped, the job did not fail; its written shards stay and a re-run resumes them.
+            r["status"], r["cancel_requested"] = "cancelled", True
+            r["error"] = f"{interrupted(exc)}; re-running the same command resumes the job"
         else:
             r["status"], r["error"] = "failed", job_error(exc, r["job_id"])
         r["ended_at"] = utc_now()
         self._write()
+
+
+def interrupted(exc: BaseException) -> str:
+    """The text a record gives a stop that is no error (``KeyboardInterrupt()`` has none of its own)."""
+    return f"interrupted ({type(exc).__name__})"
 
 
 def job_error(exc: BaseException, job_id: str, log: logging.Logger = logger) -> str:
@@ -253,10 +297,10 @@ def job_error(exc: BaseException, job_id: str, log: logging.Logger = logger) -> 
     return f"{type(exc).__name__}: the job failed on the server side (error id {error_id}; the log has its details)"
 
 
-def job_is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
-    """A queued/running record its writer has not refreshed for :data:`STALE_AFTER_S`: the
-    server running the job has most likely stopped (a live one rewrites it every
-    :data:`HEARTBEAT_S`)."""
+def is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
+    """A queued/running record (a job's or a retrain's) its writer has not refreshed for
+    :data:`STALE_AFTER_S`: the process running it has most likely stopped (a live one rewrites
+    it every :data:`HEARTBEAT_S`)."""
     if record.get("status") not in ACTIVE_JOB_STATUSES:
         return False
     try:
@@ -266,31 +310,100 @@ def job_is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
     return (time.time() if now is None else now) - updated > STALE_AFTER_S
 
 
+job_is_stale = is_stale
+
+
 # --- retrains ------------------------------------------------------------------------------------
+#: ``running`` while the flow runs (rewritten every HEARTBEAT_S); ``interrupted``: stopped by a
+#: signal or Ctrl-C (a stale ``running`` record reads so too: its process died).
+RETRAIN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+# What retrain_key writes; anything else under retrains/ (a note, another tool's file) is no record.
+_RETRAIN_KEY = re.compile(re.escape(RETRAINS) + r"\d{8}T\d{6}\.\d{3}Z-[A-Za-z0-9_-]{1,64}\.json")
+# What a reader (`genmodels status`) takes from a family's outcome when it says "registered".
+_REGISTERED_FIELDS = ("model", "version", "new_version", "gate_metric", "gate_value", "alias", "promoted")
+
+
 def retrain_key(ended_at: str, run_id: str) -> str:
-    """``retrains/<YYYYmmddTHHMMSS.fffZ>-<run id>.json``: keys sort in the order runs ended."""
+    """``retrains/<YYYYmmddTHHMMSS.fffZ>-<run id>.json``: keys sort in the order runs ended (a
+    running retrain's record: in the order it started)."""
     stamp = parse_time(ended_at).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")[:-3] + "Z"
     safe = re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:64] or "run"
     return f"{RETRAINS}{stamp}-{safe}.json"
 
 
+def _retrain_record_key(record: Mapping[str, Any]) -> str:
+    return retrain_key(record.get("ended_at") or record["started_at"], record["run_id"])
+
+
 def put_retrain(storage: Storage | str, record: Mapping[str, Any]) -> str:
-    """Write a retrain record; its URL."""
+    """Write a retrain record (under its end time; a running one under its start time); its URL."""
     storage = _storage(storage)
-    key = retrain_key(record["ended_at"], record["run_id"])
+    key = _retrain_record_key(record)
     storage.put_json(key, {"format": RETRAIN_RECORD_FORMAT, **record})
     return storage.url_for(key)
 
 
+def _retrain_problem(record: Mapping[str, Any]) -> str | None:
+    """Why ``record`` is not a retrain record a reader can show (None when it is one)."""
+    if record.get("format") != RETRAIN_RECORD_FORMAT:
+        return f"format {record.get('format')!r}, not {RETRAIN_RECORD_FORMAT!r}"
+    if record.get("status") not in RETRAIN_STATUSES:
+        return f"status {record.get('status')!r}"
+    bad = [k for k in ("run_id", "dataset", "preset", "started_at") if not isinstance(record.get(k), str)]
+    if not isinstance(record.get("ended_at"), str) and not (record["status"] == "running"
+                                                            and record.get("ended_at") is None):
+        bad.append("ended_at")
+    seconds = record.get("seconds", 0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        bad.append("seconds")
+    outcomes = record.get("outcomes")
+    if not isinstance(outcomes, dict):
+        bad.append("outcomes")
+    else:
+        for family, o in outcomes.items():
+            if not isinstance(o, dict) or not isinstance(o.get("status"), str) or (
+                    o["status"] == "registered" and (any(k not in o for k in _REGISTERED_FIELDS)
+                                                     or not isinstance(o["gate_value"], (int, float)))):
+                bad.append(f"outcomes.{family}")
+    return f"missing or malformed {', '.join(bad)}" if bad else None
+
+
+def _read_retrains(storage: Storage, keys: list[str], seen: set[tuple[Any, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for key, record in zip(keys, _read_all_keyed(storage, keys)):
+        if record is None:
+            continue
+        problem = _retrain_problem(record)
+        if problem:
+            logger.warning("skipping retrain record %s: %s", storage.url_for(key), problem)
+            continue
+        run = (record["run_id"], record["started_at"])
+        if record["status"] == "running" and run in seen:
+            continue  # its final record (a newer key, read first) is written; removing this one failed
+        seen.add(run)
+        out.append(record)
+    return out
+
+
 def list_retrains(storage: Storage | str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Retrain records, the most recently ended first (at most ``limit``)."""
+    """Retrain records, the most recently ended (running ones: started) first (at most ``limit``).
+    Objects under ``retrains/`` that are no retrain record (another key form, another format,
+    fields a reader needs missing) are skipped with a warning naming them: a foreign file must
+    neither become "the last retrain" nor break the listing."""
     storage = _storage(storage)
-    keys = sorted((k for k in storage.list(RETRAINS) if k.endswith(".json")), reverse=True)
+    keys = []
+    for k in storage.list(RETRAINS):
+        if _RETRAIN_KEY.fullmatch(k):
+            keys.append(k)
+        else:
+            logger.warning("skipping %s: not a retrain record's key", storage.url_for(k))
+    keys.sort(reverse=True)
+    seen: set[tuple[Any, Any]] = set()
     if limit is None:
-        return _read_all(storage, keys)
+        return _read_retrains(storage, keys, seen)
     out: list[dict[str, Any]] = []
-    for start in range(0, len(keys), limit):  # unreadable records are skipped: read on until `limit`
-        out.extend(_read_all(storage, keys[start:start + limit]))
+    for start in range(0, len(keys), limit):  # skipped records: read on until `limit`
+        out.extend(_read_retrains(storage, keys[start:start + limit], seen))
         if len(out) >= limit:
             break
     return out[:limit]
@@ -319,9 +432,15 @@ def family_outcome(step_outputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RetrainRecorder:
-    """Collects one retrain's outcome and writes its record when the ``with`` block ends,
-    whether it returns or raises. A record that cannot be written is logged, never raised:
-    it must not replace the retrain's own outcome."""
+    """One retrain's record: ``running`` from the start of the ``with`` block (under its start
+    time, rewritten every :attr:`heartbeat_s` with the families done and the one in progress, so
+    that a retrain killed outright leaves a record that goes stale), then its outcome when the
+    block ends, whether it returns or raises (under its end time; the running record is removed).
+    Stopped by Ctrl-C or a signal (a ``BaseException`` that is not an ``Exception``), it reads
+    ``interrupted``, and so does the family it was at. A record that cannot be written is logged,
+    never raised: it must not replace the retrain's own outcome."""
+
+    heartbeat_s: float = HEARTBEAT_S
 
     def __init__(self, storage: Storage | str, *, run_id: str, dataset: str, preset: str, families: Iterable[str],
                  parameters: Mapping[str, Any] | None = None) -> None:
@@ -334,32 +453,75 @@ class RetrainRecorder:
         }
         self.url: str | None = None
         self._t0 = time.monotonic()
+        self._lock = threading.Lock()  # the heartbeat thread reads what the flow's thread writes
+        self._heartbeat: _Heartbeat | None = None
 
     def snapshot(self, snapshot: Mapping[str, Any]) -> None:
-        self.record["snapshot"] = {k: snapshot[k] for k in ("hash", "prefix", "sizes") if k in snapshot}
+        with self._lock:
+            self.record["snapshot"] = {k: snapshot[k] for k in ("hash", "prefix", "sizes") if k in snapshot}
 
     def done(self, family: str, step_outputs: Mapping[str, Any]) -> None:
-        self.record["outcomes"][family] = family_outcome(step_outputs)
+        outcome = family_outcome(step_outputs)
+        with self._lock:
+            self.record["outcomes"][family] = outcome
 
     def failed(self, family: str, error: str) -> None:
-        self.record["outcomes"][family] = {"status": "failed", "error": error}
+        with self._lock:
+            self.record["outcomes"][family] = {"status": "failed", "error": error}
 
     def skipped(self, family: str, why: str) -> None:
-        self.record["outcomes"][family] = {"status": "skipped", "reason": why}
+        with self._lock:
+            self.record["outcomes"][family] = {"status": "skipped", "reason": why}
+
+    def _in_progress(self) -> str | None:
+        # The flow takes the families in order once the data is prepared, and gives each an
+        # outcome as it ends: the one it is at is the first without one (none before the data).
+        if self.record["snapshot"] is None:
+            return None
+        return next((f for f in self.record["families"] if f not in self.record["outcomes"]), None)
+
+    def _write_running(self) -> None:
+        with self._lock:
+            r, current = self.record, self._in_progress()
+            now = utc_now()
+            outcomes = {f: r["outcomes"].get(f) or {"status": "running" if f == current else "pending"}
+                        for f in dict.fromkeys([*r["families"], *r["outcomes"]])}
+            body = {**r, "status": "running", "outcomes": outcomes, "updated_at": now, "heartbeat_at": now,
+                    "seconds": round(time.monotonic() - self._t0, 3)}
+            try:
+                put_retrain(self.storage, body)
+            except Exception as exc:  # noqa: BLE001 - the retrain runs on without its record
+                logger.warning("could not record the running retrain under %s: %r",
+                               prefix_url(self.storage, RETRAINS), exc)
 
     def __enter__(self) -> RetrainRecorder:
+        self._write_running()
+        self._heartbeat = _Heartbeat(self._write_running, self.heartbeat_s,
+                                     f"genmodels-retrain-{self.record['run_id'][:8]}-heartbeat")
+        self._heartbeat.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         r = self.record
         outcomes = r["outcomes"]
+        stopped = exc is not None and not isinstance(exc, Exception)  # Ctrl-C, SIGTERM, sys.exit
+        if exc is not None:
+            # KeyboardInterrupt() has no text of its own: the record still says what happened.
+            text = str(exc)
+            if stopped:
+                r["error"] = interrupted(exc) + (f": {text}" if text else "")
+            else:
+                r["error"] = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            current = self._in_progress()
+            if current is not None:
+                outcomes[current] = {"status": "interrupted" if stopped else "failed", "error": r["error"]}
         for family in r["families"]:
             # Reached by no step: the flow stopped before it (data preparation failed...).
             outcomes.setdefault(family, {"status": "not_run"})
         failed = any(o["status"] != "registered" and o["status"] != "skipped" for o in outcomes.values())
-        r["status"] = "failed" if exc is not None or failed else "succeeded"
-        if exc is not None:
-            r["error"] = f"{type(exc).__name__}: {exc}"
+        r["status"] = "interrupted" if stopped else "failed" if exc is not None or failed else "succeeded"
         r["ended_at"] = utc_now()
         r["seconds"] = round(time.monotonic() - self._t0, 3)
         try:
@@ -367,3 +529,11 @@ class RetrainRecorder:
         except Exception:  # noqa: BLE001 - the record is secondary to the retrain's own result
             logger.warning("could not write the retrain record under %s", prefix_url(self.storage, RETRAINS),
                            exc_info=True)
+            return  # the running record stays: without its heartbeat it goes stale, read interrupted
+        running = retrain_key(r["started_at"], r["run_id"])
+        if running != _retrain_record_key(r):
+            try:
+                self.storage.delete(running)
+            except Exception as exc:  # noqa: BLE001 - readers skip it beside its final record
+                logger.warning("could not remove the running retrain record %s: %r",
+                               self.storage.url_for(running), exc)

@@ -488,6 +488,8 @@ def promote(
     with Lease(lease_storage, f"promote/{name}", ttl_s=120.0, wait_s=PROMOTE_WAIT_S) as lease:
         # A re-evaluation can outlast the lease (its renewals failing meanwhile): the alias moves
         # only while it is still ours, or another promotion may be deciding at the same time.
+        # Leaving the block does not raise for a failed release (Lease.__exit__): once the alias
+        # moved, this decision is the one reported, not a retry's "already the champion".
         return _promote_once(name, version, reevaluate, before_moving=lease.check)
 
 

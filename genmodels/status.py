@@ -3,6 +3,7 @@
 - ``models``: per registered model, its champion and challenger versions with their gate metric
   (the MLflow registry: ``MLFLOW_TRACKING_URI`` or the work dir's sqlite);
 - ``last_retrain``: the newest retrain record (``<storage>/retrains/``, :mod:`genmodels.records`);
+  a ``running`` one is flagged ``stale`` when its heartbeat stopped, and then reads ``interrupted``;
 - ``jobs``: bulk jobs recorded as queued or running (``<storage>/jobs/``), each flagged ``stale``
   when its record has not been refreshed for :data:`genmodels.records.STALE_AFTER_S`, and
   ``job_counts``: how many records are in each state.
@@ -19,7 +20,7 @@ from typing import Any
 
 from genmodels import records
 
-__all__ = ["collect", "registry_overview"]
+__all__ = ["collect", "read_retrain", "registry_overview"]
 
 
 def _version_summary(client, name: str, version: str) -> dict[str, Any]:
@@ -62,6 +63,23 @@ def registry_overview(uri: str) -> list[dict[str, Any]]:
     return out
 
 
+def read_retrain(record: dict[str, Any] | None, now: float | None = None) -> dict[str, Any] | None:
+    """A retrain record as it reads now: a ``running`` one gets ``stale``; a stale one is a retrain
+    whose process died without a word (SIGKILL, a lost machine), so it reads ``interrupted``,
+    the family it was at too, and those it had not reached ``not_run``, as its own exit would
+    have written them."""
+    if record is None or record.get("status") != "running":
+        return record
+    if not records.is_stale(record, now):
+        return {**record, "stale": False}
+    then = {"running": "interrupted", "pending": "not_run"}
+    outcomes = {f: ({**o, "status": then[o.get("status")]} if o.get("status") in then else o)
+                for f, o in record["outcomes"].items()}
+    return {**record, "status": "interrupted", "stale": True, "outcomes": outcomes,
+            "error": record.get("error") or f"no heartbeat since {record.get('updated_at')}: "
+                                             "the process running it has most likely stopped"}
+
+
 def collect(storage_url: str | None = None, tracking: str | None = None) -> dict[str, Any]:
     """Everything ``genmodels status`` shows, as one JSON-able dict."""
     from genmodels.config import get_settings
@@ -83,7 +101,7 @@ def collect(storage_url: str | None = None, tracking: str | None = None) -> dict
         report["errors"]["storage"] = str(exc)
         return report
     try:
-        report["last_retrain"] = records.last_retrain(storage)
+        report["last_retrain"] = read_retrain(records.last_retrain(storage))
     except Exception as exc:  # noqa: BLE001
         report["errors"]["last_retrain"] = f"{type(exc).__name__}: {exc}"
     try:

@@ -191,8 +191,10 @@ def _print_status(report: dict) -> None:
         if "last_retrain" not in report["errors"]:
             out.print("no retrain recorded yet")
     else:
-        color = "green" if last["status"] == "succeeded" else "red"
-        out.print(f"last retrain [{color}]{last['status']}[/] {last['ended_at']} ({last.get('seconds', 0):.0f} s): "
+        color = {"succeeded": "green", "running": "yellow"}.get(last["status"], "red")
+        # A running retrain (or one whose heartbeat stopped) has no end yet: when it started.
+        when = last["ended_at"] or f"started {last['started_at']}"
+        out.print(f"last retrain [{color}]{last['status']}[/] {when} ({last.get('seconds', 0):.0f} s): "
                   f"{last['dataset']}, preset {last['preset']}, run {last['run_id']}")
         if last.get("error"):
             out.print(f"  [red]{last['error']}[/]")

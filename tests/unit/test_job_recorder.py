@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from prefect.exceptions import TerminationSignal
+
 from genmodels import bulk, records
 from genmodels.storage import FileStorage
 
@@ -65,6 +67,8 @@ def test_the_api_and_the_flow_give_one_spec_one_id(tmp_path):
                                            (ValueError("output file:///o holds another job (differs in seed)"),
                                             "failed"),
                                            (KeyboardInterrupt(), "cancelled"),
+                                           (TerminationSignal(signal=15), "cancelled"),  # SIGTERM in a flow
+                                           (SystemExit(1), "cancelled"),
                                            (bulk.JobCancelled(1, 3), "cancelled")])
 def test_a_job_that_raises_is_recorded_ended_and_the_error_propagates(tmp_path, caplog, error, status):
     store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
@@ -75,6 +79,9 @@ def test_a_job_that_raises_is_recorded_ended_and_the_error_propagates(tmp_path, 
     assert record["status"] == status and record["ended_at"] and record["error"]
     if isinstance(error, ValueError):  # a refusal the client can act on: its message as it is
         assert record["error"] == str(error)
+    elif not isinstance(error, Exception):  # stopped, not failed: no error id, and a way on
+        assert record["error"] == (f"interrupted ({type(error).__name__}); "
+                                   "re-running the same command resumes the job")
     elif status == "failed":
         # API clients read records: a fault's text (hosts, paths) stays in the log, under an error id.
         error_id = re.fullmatch(r"RuntimeError: the job failed on the server side \(error id ([0-9a-f]{16}); "

@@ -54,3 +54,21 @@ def test_a_live_holder_keeps_its_lease_past_the_ttl_by_renewing(tmp_path):
         holder.check()
         with pytest.raises(LeaseBusy):
             Lease(storage, "n", ttl_s=2.0).acquire()
+
+
+def test_leaving_the_block_logs_a_failed_release_and_the_lease_expires_by_its_ttl(tmp_path, monkeypatch, caplog):
+    storage = open_storage(tmp_path / "store")
+    real_put = type(storage).put_bytes
+
+    def put_bytes(self, key, data):
+        if b'"released": true' in data:
+            raise ConnectionError("connection reset while releasing the lease")
+        return real_put(self, key, data)
+
+    with Lease(storage, "promote/m", ttl_s=2.0):
+        monkeypatch.setattr(type(storage), "put_bytes", put_bytes)
+    assert "could not release" in caplog.text and "promote/m" in caplog.text
+    monkeypatch.undo()
+    taker = Lease(storage, "promote/m", ttl_s=30, wait_s=10).acquire()  # once the TTL has run out
+    assert taker.generation == 2
+    taker.release()

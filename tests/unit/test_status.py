@@ -111,12 +111,98 @@ def test_retrain_keys_sort_in_the_order_runs_ended():
     assert sorted(keys) == [keys[2], keys[1], keys[0]]
 
 
+def retrain(run_id: str, ended_at: str) -> dict:
+    """A retrain record as RetrainRecorder writes it (less the format, which put_retrain adds)."""
+    return {"run_id": run_id, "dataset": "digits", "preset": "quick", "families": ["vae"], "parameters": {},
+            "started_at": "2026-11-24T08:00:00.000+00:00", "ended_at": ended_at, "status": "succeeded",
+            "error": None, "snapshot": None, "seconds": 1.0,
+            "outcomes": {"vae": {"status": "skipped", "reason": "a champion exists (if_no_champion)"}}}
+
+
 def test_unreadable_retrain_records_are_skipped(tmp_path):
     store = FileStorage(tmp_path)
-    records.put_retrain(store, {"run_id": "good", "ended_at": "2026-11-24T09:00:00+00:00", "status": "succeeded"})
+    records.put_retrain(store, retrain("good", "2026-11-24T09:00:00+00:00"))
     store.put_bytes("retrains/20261125T000000.000Z-bad.json", b"{not json")
     assert records.last_retrain(store)["run_id"] == "good"
     assert records.last_retrain(FileStorage(tmp_path / "fresh")) is None
+
+
+def test_foreign_json_under_retrains_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    store = FileStorage(tmp_path)
+    records.put_retrain(store, retrain("real", "2026-11-24T09:00:00.000+00:00"))
+    later = "retrains/20991231T000000.000Z-x.json"  # keys that sort first: each would be "the last retrain"
+    foreign = {
+        "retrains/notes.json": {"hello": "world"},  # a note, another tool's file: not a record's key
+        later: {"format": "genmodels.retrain/2", "status": "succeeded"},  # a format this code cannot read
+    }
+    for key, body in foreign.items():
+        store.put_json(key, body)
+    assert records.last_retrain(store)["run_id"] == "real"
+    for key in foreign:
+        assert store.url_for(key) in caplog.text
+    for broken in ({"status": "finished"},  # fields a reader takes as there, missing or malformed
+                   {"outcomes": {"vae": {"status": "registered"}}},
+                   {"dataset": None}, {"seconds": None}, {"ended_at": None}):
+        store.put_json(later, {"format": records.RETRAIN_RECORD_FORMAT,
+                               **retrain("x", "2099-12-31T00:00:00.000+00:00"), **broken})
+        assert [r["run_id"] for r in records.list_retrains(store)] == ["real"], broken
+        assert records.last_retrain(store)["run_id"] == "real", broken
+
+
+def test_a_running_retrain_is_recorded_with_a_heartbeat_and_ends_in_one_record(tmp_path, monkeypatch):
+    store = FileStorage(tmp_path)
+    monkeypatch.setattr(records.RetrainRecorder, "heartbeat_s", 0.05)
+    with records.RetrainRecorder(store, run_id="r", dataset="digits", preset="quick",
+                                 families=["vae", "gan"]) as rec:
+        running = records.last_retrain(store)
+        assert (running["status"], running["ended_at"], running["run_id"]) == ("running", None, "r")
+        assert running["outcomes"] == {"vae": {"status": "pending"}, "gan": {"status": "pending"}}
+        assert not records.is_stale(running)
+        rec.snapshot({"hash": "h", "prefix": "snapshots/digits/h", "sizes": {}})
+        rec.done("vae", steps("digits-vae", "3", "champion", "2"))
+        deadline = time.monotonic() + 10
+        while records.last_retrain(store)["outcomes"]["gan"]["status"] != "running":  # the heartbeat's rewrite
+            assert time.monotonic() < deadline, records.last_retrain(store)
+            time.sleep(0.02)
+        beat = records.last_retrain(store)
+        assert beat["outcomes"]["vae"]["promoted"] and beat["updated_at"] >= running["updated_at"]
+        rec.done("gan", steps("digits-gan", "1", "champion", None))
+    (key,) = store.list("retrains/")  # the running record gave way to the outcome
+    assert records.last_retrain(store)["status"] == "succeeded" and key == records.retrain_key(
+        records.last_retrain(store)["ended_at"], "r")
+
+
+def test_a_retrain_stopped_by_ctrl_c_reads_interrupted_at_the_family_it_was_at(tmp_path):
+    store = FileStorage(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with records.RetrainRecorder(store, run_id="r", dataset="digits", preset="quick",
+                                     families=["vae", "gan", "mixture"]) as rec:
+            rec.snapshot({"hash": "h", "prefix": "snapshots/digits/h", "sizes": {}})
+            rec.done("vae", steps("digits-vae", "3", "champion", "2"))
+            raise KeyboardInterrupt  # while training gan
+    record = records.last_retrain(store)
+    assert (record["status"], record["error"]) == ("interrupted", "interrupted (KeyboardInterrupt)")
+    assert {f: o["status"] for f, o in record["outcomes"].items()} == {
+        "vae": "registered", "gan": "interrupted", "mixture": "not_run"}
+    assert record["outcomes"]["gan"]["error"] == "interrupted (KeyboardInterrupt)"
+    assert len(store.list("retrains/")) == 1
+
+
+def test_a_retrain_killed_outright_leaves_a_running_record_that_reads_interrupted_once_stale(tmp_path):
+    from genmodels.status import read_retrain
+
+    store = FileStorage(tmp_path)
+    rec = records.RetrainRecorder(store, run_id="r", dataset="digits", preset="quick", families=["vae", "gan"])
+    rec.__enter__()
+    rec._heartbeat.stop()  # SIGKILL: neither the heartbeat nor __exit__ runs again
+    rec.snapshot({"hash": "h", "prefix": "snapshots/digits/h", "sizes": {}})
+    rec._write_running()  # its last heartbeat: gan in progress
+    left = records.last_retrain(store)
+    assert read_retrain(left)["status"] == "running" and read_retrain(left)["stale"] is False
+    later = records.parse_time(left["updated_at"]).timestamp() + records.STALE_AFTER_S + 1
+    seen = read_retrain(left, now=later)
+    assert (seen["status"], seen["stale"]) == ("interrupted", True) and "no heartbeat since" in seen["error"]
+    assert {f: o["status"] for f, o in seen["outcomes"].items()} == {"vae": "interrupted", "gan": "not_run"}
 
 
 # --- job records -----------------------------------------------------------------------------------
@@ -145,6 +231,17 @@ def test_job_records_round_trip_newest_submission_first(tmp_path):
         assert records.get_job(store, impossible) is None
         with pytest.raises(ValueError, match="job ids are"):
             records.put_job(store, job(impossible, "queued", "t"))
+
+
+def test_a_job_record_without_the_fields_readers_need_is_skipped(tmp_path, caplog):
+    store = FileStorage(tmp_path)
+    records.put_job(store, job("aa", "running", "2026-11-24T09:00:00.000+00:00"))
+    for field in ("model", "version", "done", "total", "output"):
+        broken = job("bb", "running", "2026-11-24T10:00:00.000+00:00")
+        del broken[field]
+        records.put_job(store, broken)
+        assert [j["job_id"] for j in records.list_jobs(store)] == ["aa"], field
+        assert f"no valid {field}" in caplog.text
 
 
 def test_a_running_record_without_heartbeat_is_stale():
@@ -254,3 +351,12 @@ def test_status_reports_an_unreachable_registry_and_still_shows_the_rest(work, m
     report = json.loads(result.stdout)
     assert set(report["errors"]) == {"models"} and str(closed_port) in report["errors"]["models"]
     assert report["jobs"] == [] and report["last_retrain"] is None
+
+
+def test_status_prints_a_running_retrain_with_its_start(work):
+    store = FileStorage(work / "store")
+    with records.RetrainRecorder(store, run_id="r", dataset="digits", preset="quick", families=["vae"]):
+        result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.stdout.splitlines() if l.startswith("last retrain"))
+    assert "running started " in line and "None" not in line, line

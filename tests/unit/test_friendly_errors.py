@@ -1,0 +1,35 @@
+"""friendly_errors (genmodels/cli_options.py): an expected failure is one red line and exit code 2,
+a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from genmodels.cli_options import friendly_errors
+
+
+def _app(error: BaseException) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @friendly_errors
+    def generate() -> None:
+        raise error
+
+    return app
+
+
+def test_an_unknown_model_or_alias_is_one_line_and_exit_2():
+    # What registry.fetch_graphs raises for `genmodels generate --model <unknown>`.
+    result = CliRunner().invoke(_app(LookupError("no version of model 'nope' has the alias 'champion'")), [])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == ["error: no version of model 'nope' has the alias 'champion'"]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("bug", [KeyError("status"), IndexError("list index out of range")])
+def test_a_key_or_index_error_stays_a_traceback(bug):
+    result = CliRunner().invoke(_app(bug), [])
+    assert result.exit_code == 1 and result.exception is bug
