@@ -24,13 +24,18 @@ class _Sampler:
         return np.zeros((n, 1, 2, 2), np.float32)
 
 
-@pytest.fixture()
-def model():
+def _pyfunc(sampler):
+    """The MLflow model as ``load_context`` leaves it, over ``sampler``."""
     from genmodels.mlflow_model import OnnxSamplerModel
 
     model = OnnxSamplerModel()
-    model.sampler = _Sampler()
+    model.sampler = sampler
     return model
+
+
+@pytest.fixture()
+def model():
+    return _pyfunc(_Sampler())
 
 
 def test_rows_asking_more_than_one_request_in_all_are_refused_before_any_is_sampled(model):
@@ -79,11 +84,7 @@ class _ConditionalSampler:
 
 @pytest.fixture()
 def conditional():
-    from genmodels.mlflow_model import OnnxSamplerModel
-
-    model = OnnxSamplerModel()
-    model.sampler = _ConditionalSampler()
-    return model
+    return _pyfunc(_ConditionalSampler())
 
 
 def test_a_row_without_a_label_beside_rows_with_one_is_named(conditional):
