@@ -30,7 +30,7 @@ from genmodels.storage import Storage, open_storage
 
 __all__ = [
     "HEARTBEAT_S", "JOBS", "RETRAINS", "STALE_AFTER_S", "JobRecorder", "RetrainRecorder", "get_job", "interrupted",
-    "is_stale", "job_error", "job_is_stale", "last_retrain",
+    "is_stale", "job_error", "last_retrain",
     "list_jobs", "list_retrains", "put_job", "put_retrain", "retrain_key", "utc_now",
 ]
 
@@ -308,9 +308,6 @@ def is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
     except (KeyError, TypeError, ValueError):
         return True
     return (time.time() if now is None else now) - updated > STALE_AFTER_S
-
-
-job_is_stale = is_stale
 
 
 # --- retrains ------------------------------------------------------------------------------------

@@ -111,6 +111,6 @@ def collect(storage_url: str | None = None, tracking: str | None = None) -> dict
     else:
         report["job_counts"] = dict(Counter(j.get("status", "?") for j in jobs))
         report["jobs"] = [{**{k: v for k, v in j.items() if k not in ("format", "spec")},
-                           "stale": records.job_is_stale(j)}
+                           "stale": records.is_stale(j)}
                           for j in jobs if j.get("status") in records.ACTIVE_JOB_STATUSES]
     return report

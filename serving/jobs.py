@@ -280,7 +280,7 @@ class JobManager:
         heartbeat stops."""
         out = {k: record[k] for k in PUBLIC_FIELDS if record.get(k) is not None and k != "manifest"}
         out.setdefault("cancel_requested", False)
-        elsewhere = record.get("runner") is not None and not records.job_is_stale(record)
+        elsewhere = record.get("runner") is not None and not records.is_stale(record)
         if out.get("status") in ACTIVE and not elsewhere:
             out["status"] = FAILED
             out["error"] = (f"interrupted: the server running this job stopped before it ended (last recorded "

@@ -36,7 +36,7 @@ def test_a_flow_job_is_recorded_running_then_succeeded_and_the_api_lists_it(tmp_
         running = records.get_job(store, jid)
         assert (running["status"], running["done"], running["total"], running["runner"]) == ("running", 0, 40,
                                                                                              "generate")
-        assert not records.job_is_stale(running)
+        assert not records.is_stale(running)
         # Another process is running it: the API answers "running", not "interrupted".
         listed = manager.page()["jobs"]
         assert [(j["job_id"], j["status"]) for j in listed] == [(jid, "running")]

@@ -245,10 +245,10 @@ def test_a_job_record_without_the_fields_readers_need_is_skipped(tmp_path, caplo
 
 
 def test_a_running_record_without_heartbeat_is_stale():
-    assert not records.job_is_stale(job("a", "running", "t", updated_ago=records.HEARTBEAT_S))
-    assert records.job_is_stale(job("a", "running", "t", updated_ago=records.STALE_AFTER_S + 5))
-    assert records.job_is_stale({**job("a", "queued", "t"), "updated_at": "garbage"})
-    assert not records.job_is_stale(job("a", "succeeded", "t", updated_ago=10 * records.STALE_AFTER_S))
+    assert not records.is_stale(job("a", "running", "t", updated_ago=records.HEARTBEAT_S))
+    assert records.is_stale(job("a", "running", "t", updated_ago=records.STALE_AFTER_S + 5))
+    assert records.is_stale({**job("a", "queued", "t"), "updated_at": "garbage"})
+    assert not records.is_stale(job("a", "succeeded", "t", updated_ago=10 * records.STALE_AFTER_S))
 
 
 # --- genmodels status ------------------------------------------------------------------------------
