@@ -13,6 +13,7 @@ import torch
 from torch import distributions as D
 
 from genmodels.models import build_model
+from genmodels.models import latent_mixture
 from genmodels.models.base import ImageSpec
 from genmodels.models.latent_mixture import fit_gaussian_mixture, mixture_draw, mixture_log_prob, points_per_component
 from genmodels.noise import interpolation_noise, make_noise
@@ -71,6 +72,22 @@ def test_mixture_density_is_torch_distributions_and_normalizes():
     grid = torch.cartesian_prod(axis, axis)
     total = torch.exp(mixture_log_prob(grid, fit.weights, fit.means, fit.scale_tril)).sum() * step**2
     assert abs(float(total) - 1.0) < 1e-3
+
+
+def test_the_chunked_e_and_m_steps_equal_their_definitions_across_chunk_boundaries():
+    # More rows than two chunks and a ragged last one: every row lands in exactly one chunk.
+    n = 2 * latent_mixture._ROWS_PER_CHUNK + 7
+    x, _ = known_mixture(n, seed=4)
+    x = x.double()
+    fit = fit_gaussian_mixture(x, 3, seed=2)
+    reference = D.MultivariateNormal(fit.means, scale_tril=fit.scale_tril).log_prob(x.unsqueeze(1))  # [N, M]
+    component = latent_mixture._component_log_probs(x, fit.means, fit.scale_tril)
+    assert component.shape == (n, 3) and torch.allclose(component, reference, atol=1e-9)
+    resp = torch.softmax(component + torch.log(fit.weights), dim=1)
+    covariances = latent_mixture._weighted_covariances(x, resp, fit.means)
+    for m in range(3):
+        diff = x - fit.means[m]
+        assert torch.allclose(covariances[m], (resp[:, m : m + 1] * diff).T @ diff, rtol=1e-10, atol=1e-9)
 
 
 def test_draws_pick_each_component_over_its_weights_share_of_the_uniform():
