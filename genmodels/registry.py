@@ -35,6 +35,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME_IN_RUN = "model"
 _TAG = "genmodels."
 EVALUATION_TAG = f"{_TAG}evaluation"  # JSON of the settings the gate value was measured with
+#: On a version given the champion alias: the version it replaced ("" for the first champion).
+PROMOTED_OVER_TAG = f"{_TAG}promoted_over"
 _CODE = Path(__file__).with_name("mlflow_model.py")
 
 
@@ -533,6 +535,10 @@ def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] |
                 raise ChampionMoved(name)
             if CHALLENGER in (mv.aliases or []):
                 client.delete_registered_model_alias(name, CHALLENGER)  # one version, one role
+            # Whom it replaced, on the version itself: a promotion run again after the alias moved
+            # (its first run killed before it returned) reports the same predecessor, not itself.
+            client.set_model_version_tag(name, version, PROMOTED_OVER_TAG,
+                                         "" if current is None else str(current.version))
         client.set_registered_model_alias(name, alias, version)
         return Promotion(name, str(version), alias, None if current is None else str(current.version), value,
                          champion_value, reason)
@@ -540,7 +546,8 @@ def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] |
     if current is None:
         return decide(CHAMPION, None, "no champion yet")
     if str(current.version) == str(version):
-        return Promotion(name, str(version), CHAMPION, str(version), value, value, "already the champion")
+        previous = (mv.tags or {}).get(PROMOTED_OVER_TAG) or None  # "": it was the first champion
+        return Promotion(name, str(version), CHAMPION, previous, value, value, "already the champion")
     unlike = _measured_unlike(current.tags, mv.tags)
     if not unlike:
         champion_value = float(current.tags[f"{_TAG}gate_value"])

@@ -43,6 +43,9 @@ def fake_mlflow(monkeypatch):
         def delete_registered_model_alias(self, name, alias):
             aliases.pop(alias, None)
 
+        def set_model_version_tag(self, name, version, key, value):
+            versions[str(version)].tags[key] = value
+
     monkeypatch.setattr(mlflow, "MlflowClient", Client)
     return aliases
 
@@ -62,3 +65,12 @@ def test_a_failed_lease_release_after_the_alias_moved_reports_the_promotion(tmp_
                   "gate_value": 40.0}
     outcome = records.family_outcome({"registered": registered, "promotion": promotion.to_dict()})
     assert (outcome["promoted"], outcome["previous_champion"]) == (True, "1")
+
+
+def test_a_promotion_run_again_after_the_alias_moved_names_the_champion_it_replaced(tmp_path, fake_mlflow):
+    # The first run moved the alias and was killed before it returned; Prefect's retry decides again.
+    first = registry.promote("digits-vae", "2", lease_storage=(tmp_path / "store").as_uri())
+    again = registry.promote("digits-vae", "2", lease_storage=(tmp_path / "store").as_uri())
+    assert (first.alias, first.previous_champion) == ("champion", "1")
+    assert (again.alias, again.reason, again.previous_champion) == ("champion", "already the champion", "1")
+    assert fake_mlflow["champion"] == "2"

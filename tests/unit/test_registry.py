@@ -136,6 +136,9 @@ def test_first_version_becomes_champion(gate, models):
     assert (promo.alias, promo.previous_champion, promo.champion_value) == ("champion", None, None)
     assert promo.reason == "no champion yet"
     assert gate["mid"]["aliases"] == ("1", None)
+    from mlflow import MlflowClient
+
+    assert MlflowClient().get_model_version("gate-vae", "1").tags[registry.PROMOTED_OVER_TAG] == ""  # replaced nobody
 
 
 def test_worse_version_becomes_challenger_and_champion_stays(gate, models):
@@ -161,6 +164,8 @@ def test_promoting_the_champion_again_moves_nothing(gate):
     before = (alias_version("gate-vae", "champion"), alias_version("gate-vae", "challenger"))
     promo = registry.promote("gate-vae", "3")
     assert (promo.alias, promo.reason) == ("champion", "already the champion")
+    # The version it replaced when it took the alias (v1), as the first promotion reported, not itself.
+    assert promo.previous_champion == gate["best"]["promotion"].previous_champion == "1"
     assert promo.candidate_value == promo.champion_value
     assert (alias_version("gate-vae", "champion"), alias_version("gate-vae", "challenger")) == before == ("3", "2")
 
