@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,10 @@ def _start_serve(root: Path, env: dict[str, str], *options: str) -> tuple[subpro
 def _stop(proc: subprocess.Popen, client) -> None:
     client.close()
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # The server alone first, as an operator stops it: it shuts Serve down, HAProxy included.
+        # SIGTERM to its whole group killed HAProxy's manager before it could stop HAProxy, whose
+        # process outlived the test and held ports 8404/9101 against the next server's.
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -203,9 +207,28 @@ def test_outputs_outside_the_output_root_are_refused_naming_no_file(served, tmp_
     assert not any(tmp_path.iterdir())
 
 
+def _haproxy_api_answers(until=lambda answers: True, timeout: float = 60.0) -> dict[str, int]:
+    """Api server -> 2xx answers HAProxy has had from it (its stats page, Ray's fixed port 8404), once two
+    Api replicas are UP in its backend (until then HAProxy serves through its backup, Serve's own
+    proxy: 15-20 s after the server first answers, here) and ``until`` holds of them (the page lags
+    the responses by a moment)."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_STATS_PORT
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{RAY_SERVE_HAPROXY_STATS_PORT}/stats;csv", timeout=5).text
+        header, *rows = (line.split(",") for line in text.splitlines() if line)
+        column = {name.lstrip("# "): i for i, name in enumerate(header)}
+        up = {row[column["svname"]]: int(row[column["hrsp_2xx"]] or 0) for row in rows
+              if row[column["svname"]].startswith("SERVE_REPLICA_genmodels-Api") and row[column["status"]] == "UP"}
+        if (len(up) >= 2 and until(up)) or time.monotonic() > deadline:
+            return up
+        time.sleep(0.5)
+
+
 def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(served):
     """`genmodels serve --haproxy --sampling-replicas 2`: HAProxy in place of Serve's proxy, two Api
-    replicas sampling themselves (holding both CPUs); same images, the same JSON refusals, jobs
+    replicas sampling themselves (holding both CPUs), both answering concurrent requests; same images, the same JSON refusals, jobs
     through it (written in the Jobs replica: no CPU is left for a writer), and it stops as quickly."""
     body = {"n": 3, "seed": 5, "format": "array"}
     expected = served["client"].post(f"/v1/models/{MODEL}/samples", json=body)
@@ -219,10 +242,18 @@ def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(serve
         assert len(serve_replicas(proc.pid, b"Api")) == 2, titles
         assert not any(b"genmodels:Sampler" in title or b"genmodels#Sampler" in title for title in titles)
 
-        for _ in range(6):  # HAProxy spreads these over both replicas: each answers the same
-            r = client.post(f"/v1/models/{MODEL}/samples", json=body)
+        before = _haproxy_api_answers()
+        assert len(before) == 2, before
+        # Requests at the same time: HAProxy's leastconn sends each to the replica with fewer in
+        # flight, so both replicas answer, and each answers the same.
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client.post(f"/v1/models/{MODEL}/samples", json=body), range(16)))
+        for r in answers:
             assert r.status_code == 200, r.text
             assert (r.json()["images"], r.json()["version"]) == (expected.json()["images"], expected.json()["version"])
+        after = _haproxy_api_answers(until=lambda now: all(now[k] > before.get(k, 0) for k in now))
+        served_by = {server: after[server] - before.get(server, 0) for server in after}
+        assert len(served_by) == 2 and all(served_by.values()), served_by
         refused = client.post(f"/v1/models/{MODEL}/samples", json={"n": 0})
         assert refused.status_code == 422 and refused.json()["error"] == "invalid_request", refused.text
         missing = client.post("/v1/models/no-such-model/samples", json={"n": 1})
