@@ -212,11 +212,10 @@ def _haproxy_api_answers(until=lambda answers: True, timeout: float = 60.0) -> d
     Api replicas are UP in its backend (until then HAProxy serves through its backup, Serve's own
     proxy: 15-20 s after the server first answers, here) and ``until`` holds of them (the page lags
     the responses by a moment)."""
-    from ray.serve._private.constants import RAY_SERVE_HAPROXY_STATS_PORT
-
+    port = int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))  # Ray Serve's variable and default
     deadline = time.monotonic() + timeout
     while True:
-        text = httpx.get(f"http://127.0.0.1:{RAY_SERVE_HAPROXY_STATS_PORT}/stats;csv", timeout=5).text
+        text = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=5).text
         header, *rows = (line.split(",") for line in text.splitlines() if line)
         column = {name.lstrip("# "): i for i, name in enumerate(header)}
         up = {row[column["svname"]]: int(row[column["hrsp_2xx"]] or 0) for row in rows

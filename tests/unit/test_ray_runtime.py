@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import pytest
 
@@ -13,13 +11,13 @@ from genmodels.ray_runtime import LOCAL_TRAIN_POLL_INTERVAL_S, TRAIN_POLL_INTERV
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    """A stand-in ``ray`` module that records the environment each ``init`` saw."""
+    """Ray's ``init`` recording the environment it saw instead of starting anything (patched on the
+    real module: the suite's other tests may hold a Ray of their own in this process)."""
+    import ray
+
     calls: list[dict] = []
-    module = types.SimpleNamespace(
-        is_initialized=lambda: False,
-        init=lambda **kwargs: calls.append({"kwargs": kwargs, "env": dict(os.environ)}),
-    )
-    monkeypatch.setitem(sys.modules, "ray", module)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append({"kwargs": kwargs, "env": dict(os.environ)}))
     for name in (TRAIN_POLL_INTERVAL_ENV, "RAY_ADDRESS", "RAY_AUTH_MODE"):
         # set, then removed: monkeypatch then restores the original state of each variable,
         # unset included, after ensure_ray has set it in this process's environment.
