@@ -19,26 +19,18 @@ import time
 import torch
 
 import genmodels.models.vae as vae_module
-from genmodels.data.prep import snapshot_prefix
-from genmodels.models import load_checkpoint, model_from_checkpoint
-from genmodels.runs import load_snapshot, run_prefix
-from genmodels.storage import open_storage
-from genmodels.training import TrainConfig, finish_training
+from _run import add_run_options, load_run  # the latent-mixture benchmarks' shared run options
+from genmodels.models import model_from_checkpoint
+from genmodels.training import finish_training
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=["vae", "cvae"])
-    parser.add_argument("--preset", required=True)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--out", required=True, help="the storage root the run was trained under")
+    add_run_options(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    storage = open_storage(args.out)
-    ckpt = load_checkpoint(storage.child(run_prefix(args.dataset, args.family, args.preset)).get_bytes("model.pt"))
-    snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, ckpt["meta"]["snapshot_hash"]))
-    train_cfg = TrainConfig.from_dict(ckpt["meta"]["train_config"])
+    _, ckpt, snapshot, train_cfg = load_run(args)
 
     fit = vae_module.fit_gaussian_mixture
     fit_seconds: list[float] = []

@@ -16,31 +16,24 @@ import time
 
 import torch
 
+from _run import add_run_options, load_run  # the latent-mixture benchmarks' shared run options
 from genmodels.data.loader import model_input
-from genmodels.data.prep import snapshot_prefix
 from genmodels.evaluation import domain_metrics
 from genmodels.evaluation._common import head, split_of
-from genmodels.models import family_class, load_checkpoint
-from genmodels.runs import evaluation_settings, load_snapshot, run_prefix
-from genmodels.storage import open_storage
-from genmodels.training import TrainConfig, finish_training
+from genmodels.models import family_class
+from genmodels.runs import evaluation_settings
+from genmodels.training import finish_training
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=["vae", "cvae"])
-    parser.add_argument("--preset", required=True)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--out", required=True, help="the storage root the run was trained under")
+    add_run_options(parser)
     parser.add_argument("--components", default="0,20", help="latent mixture sizes; 0 = the trained prior")
     parser.add_argument("--iwae-k", type=int, default=10)
     parser.add_argument("--iwae-examples", type=int, default=2000)
     args = parser.parse_args()
 
-    storage = open_storage(args.out)
-    ckpt = load_checkpoint(storage.child(run_prefix(args.dataset, args.family, args.preset)).get_bytes("model.pt"))
-    snapshot = load_snapshot(storage, snapshot_prefix(args.dataset, ckpt["meta"]["snapshot_hash"]))
-    train_cfg = TrainConfig.from_dict(ckpt["meta"]["train_config"])
+    storage, ckpt, snapshot, train_cfg = load_run(args)
     settings = evaluation_settings(args.preset)
     test = head(split_of(snapshot, "test"), args.iwae_examples)
     x, y = model_input(test, snapshot.image), torch.from_numpy(test.y).long()
