@@ -110,6 +110,48 @@ def haproxy_ingress() -> bool:
     return all(os.environ.get(key) == value for key, value in HAPROXY_ENV.items())
 
 
+#: Ray Serve's variable for the port of HAProxy's stats page, and its default.
+HAPROXY_STATS_PORT_ENV, HAPROXY_STATS_PORT_DEFAULT = "RAY_SERVE_HAPROXY_STATS_PORT", 8404
+
+
+def haproxy_replicas(app: str, deployment: str, timeout_s: float = 5.0) -> dict[str, dict[str, str]]:
+    """The replicas of ``app``'s ``deployment`` in HAProxy's backend, as its stats page on this
+    machine lists them: server name -> that server's row (``status`` "UP" once HAProxy routes to
+    it, ``hrsp_2xx`` the 2xx answers it gave, ...). Serve's own proxy, HAProxy's backup server
+    while no replica is UP, is not among them. Raises ``OSError`` when the page cannot be read."""
+    import csv
+    import io
+    import urllib.request
+
+    port = int(os.environ.get(HAPROXY_STATS_PORT_ENV, HAPROXY_STATS_PORT_DEFAULT))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats;csv", timeout=timeout_s) as response:
+        text = response.read().decode()
+    # Server names are Serve's actor names made safe for HAProxy: "SERVE_REPLICA::app#Api#id" ->
+    # "SERVE_REPLICA_app-Api-id".
+    prefix = f"SERVE_REPLICA_{app}-{deployment}-"
+    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
+    return {row["svname"]: row for row in rows if row["svname"].startswith(prefix)}
+
+
+def wait_for_haproxy_routes(app: str, deployment: str, replicas: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for HAProxy to route to ``replicas`` replicas of ``deployment``.
+    Serve reports a deployment ready 15-20 s before HAProxy's backend holds its replicas (here, 2
+    cores); until then every request takes the backup path through Serve's proxy to one replica."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            up = [row for row in haproxy_replicas(app, deployment).values() if row["status"] == "UP"]
+            if len(up) >= replicas:
+                return True
+        except OSError:
+            pass  # HAProxy not (re)started yet
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
 def use_serve_env(haproxy: bool = False) -> None:
     """:data:`SERVE_ENV` (and :data:`HAPROXY_ENV` with ``haproxy``) for a local Ray started after
     this call (explicit settings win). ``haproxy`` without an HAProxy binary raises ``FileNotFoundError``

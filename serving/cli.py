@@ -13,6 +13,11 @@ from genmodels.config import get_settings
 
 #: How often ``--wait-for-champion`` asks the registry again.
 CHAMPION_POLL_S = 5.0
+#: The Serve application ``genmodels serve`` runs.
+APP_NAME = "genmodels"
+#: How long ``genmodels serve --haproxy`` waits, after Serve reports the replicas ready, for HAProxy
+#: to route to them before it says it serves (15-20 s on 2 cores).
+HAPROXY_ROUTES_WAIT_S = 60.0
 
 
 class ProxyLocation(str, Enum):
@@ -93,7 +98,7 @@ def serve_cmd(
 
     from ray import serve
 
-    from serving.app import build_app, use_serve_env
+    from serving.app import build_app, use_serve_env, wait_for_haproxy_routes
 
     use_serve_env(haproxy=haproxy)
     ensure_ray(num_cpus=num_cpus, metrics_export_port=metrics_port)
@@ -103,8 +108,14 @@ def serve_cmd(
     serve.start(proxy_location=proxy_location.value, http_options={"host": host, "port": port})
     with console.status(f"loading {', '.join(names)}"):
         serve.run(build_app({"models": names if models else None, "reload_interval_s": reload_interval,
-                             "sampling_replicas": sampling_replicas}), name="genmodels",
+                             "sampling_replicas": sampling_replicas}), name=APP_NAME,
                   route_prefix="/")
+    if haproxy:
+        with console.status(f"waiting for HAProxy to route to the {sampling_replicas} Api replica(s)"):
+            routed = wait_for_haproxy_routes(APP_NAME, "Api", sampling_replicas, HAPROXY_ROUTES_WAIT_S)
+        if not routed:
+            console.print(f"[yellow]HAProxy does not route to every Api replica after {HAPROXY_ROUTES_WAIT_S:.0f} s; "
+                          "until it does, requests go through Serve's proxy (its backup), more slowly")
     base = f"http://{host}:{port}"
     auth = ' -H "Authorization: Bearer $GENMODELS_API_KEY"' if get_settings().api_key else ""
     console.print(f"serving {', '.join(names)} at {base} (OpenAPI: {base}/docs); Ctrl-C stops\n"
@@ -136,18 +147,19 @@ def _interrupt(signum, frame) -> None:
 
 def _stop_within(seconds: float) -> None:
     """``serve.shutdown()`` (replicas stop: the Jobs one cancels its jobs), bounded: a replica that
-    does not stop in time is taken down with the local Ray by ``ray.shutdown()``."""
+    does not stop in time is taken down with the local Ray (:func:`genmodels.ray_runtime.stop_ray`)."""
     import threading
 
-    import ray
     from ray import serve
+
+    from genmodels.ray_runtime import stop_ray
 
     done = threading.Thread(target=serve.shutdown, daemon=True, name="genmodels-serve-shutdown")
     done.start()
     done.join(seconds)
     if done.is_alive():
         console.print(f"Serve did not stop within {seconds:.0f} s; stopping Ray")
-    ray.shutdown()
+    stop_ray()
 
 
 def register(app: typer.Typer) -> None:

@@ -90,7 +90,7 @@ def serve_on_free_port(tracking_uri: str, models: Sequence[str], **args) -> Iter
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
 
     from serving.app import SERVE_ENV
 
@@ -105,4 +105,4 @@ def serve_on_free_port(tracking_uri: str, models: Sequence[str], **args) -> Iter
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
+        stop_ray()

@@ -35,13 +35,11 @@ def graphs(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 @pytest.fixture(scope="module")
 def ray_cluster(s3_endpoint):
     """Started after the S3 fixture so that Ray's workers inherit its AWS_* environment."""
-    import ray
-
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
 
     ensure_ray(num_cpus=2)
     yield
-    ray.shutdown()
+    stop_ray()
 
 
 def _decode_all(objects: dict[str, bytes], manifest: dict) -> dict[str, np.ndarray]:

@@ -29,13 +29,13 @@ TINY_VAE = {"latent_dim": 4, "hidden": (32,), "iwae_k": 4}
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
 
     ensure_ray(num_cpus=2)
     try:
         yield
     finally:
-        ray.shutdown()
+        stop_ray()
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +228,24 @@ def test_same_plan_again_finds_the_run_finished(local_ray, snapshot, tmp_path):
     # No epoch was trained again and the model is byte-identical (so registering it again is a no-op).
     assert {p.name: (p / CHECKPOINT_KEY).stat().st_mtime_ns for p in run_dir.glob("epoch-*")} == checkpoint_times
     assert again.run.get_bytes("model.pt") == model_bytes
+
+
+def test_the_local_clusters_workers_carry_its_mark(local_ray):
+    """What stop_ray finds the workers that outlive the cluster by: the mark ensure_ray gave it
+    reaches every worker process, through the raylet's environment."""
+    import os
+
+    from genmodels.ray_runtime import LOCAL_CLUSTER_ENV, cluster_workers
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def pid(self) -> int:
+            return os.getpid()
+
+    probe = Probe.remote()
+    try:
+        pid = ray.get(probe.pid.remote())
+        workers = cluster_workers(os.environ[LOCAL_CLUSTER_ENV])
+        assert pid in workers and workers[pid].startswith("ray::Probe"), workers
+    finally:
+        ray.kill(probe)

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,8 @@ from serving_fixtures import free_port
 from benchmarks.soak import serve_replicas, session_processes  # the one /proc scan of a process session
 
 from genmodels import bulk, registry
+from serving.app import haproxy_replicas
+from serving.cli import APP_NAME
 
 MODEL = "embedded-vae"
 # 16 shards; one writer (the only CPU left) needs several seconds for them.
@@ -64,7 +67,7 @@ def served(tmp_path_factory):
                                 artifact_root=(root / "mlflow").as_uri())
         registry.promote(reg.name, reg.version)
 
-    proc, client = _start_serve(root, env)
+    proc, client, _ = _start_serve(root, env)
     try:
         yield {"client": client, "proc": proc, "outputs": (root / "work" / "store" / "outputs"), "root": root,
                "env": env}
@@ -72,22 +75,26 @@ def served(tmp_path_factory):
         _stop(proc, client)
 
 
-def _start_serve(root: Path, env: dict[str, str], *options: str) -> tuple[subprocess.Popen, "httpx.Client"]:
-    """`genmodels serve --num-cpus 2` (plus ``options``) in a process session of its own, healthy."""
+def _start_serve(root: Path, env: dict[str, str], *options: str) -> tuple[subprocess.Popen, "httpx.Client", list[str]]:
+    """`genmodels serve --num-cpus 2` (plus ``options``) in a process session of its own, healthy,
+    and the lines of its output so far (a thread reads them: a full pipe would stall the server)."""
     port = free_port()
     cli = str(Path(sys.executable).parent / "genmodels")  # the venv's console script
     proc = subprocess.Popen([cli, "serve", "--num-cpus", "2", "--port", str(port), "--metrics-port",
                              str(free_port()), "--models", MODEL, "--reload-interval", "60", *options],
                             env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(line.decode(errors="replace") for line in proc.stdout),
+                     daemon=True).start()
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+            assert proc.poll() is None, "".join(output)[-3000:]
             try:
                 if client.get("/healthz").status_code == 200:
-                    return proc, client
+                    return proc, client, output
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "genmodels serve did not come up in 180 s"
@@ -207,33 +214,33 @@ def test_outputs_outside_the_output_root_are_refused_naming_no_file(served, tmp_
     assert not any(tmp_path.iterdir())
 
 
-def _haproxy_api_answers(until=lambda answers: True, timeout: float = 60.0) -> dict[str, int]:
-    """Api server -> 2xx answers HAProxy has had from it (its stats page, Ray's fixed port 8404), once two
-    Api replicas are UP in its backend (until then HAProxy serves through its backup, Serve's own
-    proxy: 15-20 s after the server first answers, here) and ``until`` holds of them (the page lags
-    the responses by a moment)."""
-    port = int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))  # Ray Serve's variable and default
+def _haproxy_api_answers() -> dict[str, int]:
+    """Api server UP in HAProxy's backend -> 2xx answers HAProxy has had from it (its stats page)."""
+    return {name: int(row["hrsp_2xx"] or 0) for name, row in haproxy_replicas(APP_NAME, "Api").items()
+            if row["status"] == "UP"}
+
+
+def _announced(output: list[str], timeout: float = 120.0) -> str:
+    """The server's "serving ..." line, once it has printed it."""
     deadline = time.monotonic() + timeout
-    while True:
-        text = httpx.get(f"http://127.0.0.1:{port}/stats;csv", timeout=5).text
-        header, *rows = (line.split(",") for line in text.splitlines() if line)
-        column = {name.lstrip("# "): i for i, name in enumerate(header)}
-        up = {row[column["svname"]]: int(row[column["hrsp_2xx"]] or 0) for row in rows
-              if row[column["svname"]].startswith("SERVE_REPLICA_genmodels-Api") and row[column["status"]] == "UP"}
-        if (len(up) >= 2 and until(up)) or time.monotonic() > deadline:
-            return up
-        time.sleep(0.5)
+    while not (lines := [line for line in output if line.startswith("serving ")]):
+        assert time.monotonic() < deadline, "".join(output)[-3000:]
+        time.sleep(0.25)
+    return lines[0]
 
 
 def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(served):
     """`genmodels serve --haproxy --sampling-replicas 2`: HAProxy in place of Serve's proxy, two Api
-    replicas sampling themselves (holding both CPUs), both answering concurrent requests; same images, the same JSON refusals, jobs
-    through it (written in the Jobs replica: no CPU is left for a writer), and it stops as quickly."""
+    replicas sampling themselves (holding both CPUs), both in HAProxy's backend by the time the server
+    says it serves (Serve calls them ready 15-20 s earlier: until then requests took the backup path
+    through Serve's proxy, to one replica), both answering concurrent requests; same images, the same
+    JSON refusals, jobs through it (written in the Jobs replica: no CPU is left for a writer), and it
+    stops as quickly."""
     body = {"n": 3, "seed": 5, "format": "array"}
     expected = served["client"].post(f"/v1/models/{MODEL}/samples", json=body)
     assert expected.status_code == 200, expected.text
     env = {**served["env"], "GENMODELS_WORK_DIR": str(served["root"] / "work-haproxy")}  # job records apart
-    proc, client = _start_serve(served["root"], env, "--haproxy", "--sampling-replicas", "2")
+    proc, client, output = _start_serve(served["root"], env, "--haproxy", "--sampling-replicas", "2")
     try:
         titles = [title for title, _ in session_processes(proc.pid).values()]
         assert any(b"haproxy" in title.split(b" ")[0] for title in titles), titles
@@ -241,8 +248,9 @@ def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(serve
         assert len(serve_replicas(proc.pid, b"Api")) == 2, titles
         assert not any(b"genmodels:Sampler" in title or b"genmodels#Sampler" in title for title in titles)
 
+        _announced(output)
         before = _haproxy_api_answers()
-        assert len(before) == 2, before
+        assert len(before) == 2, (before, haproxy_replicas(APP_NAME, "Api"))
         # Requests at the same time: HAProxy's leastconn sends each to the replica with fewer in
         # flight, so both replicas answer, and each answers the same.
         with ThreadPoolExecutor(8) as pool:
@@ -250,7 +258,11 @@ def test_haproxy_ingress_samples_in_two_api_replicas_with_the_same_answers(serve
         for r in answers:
             assert r.status_code == 200, r.text
             assert (r.json()["images"], r.json()["version"]) == (expected.json()["images"], expected.json()["version"])
-        after = _haproxy_api_answers(until=lambda now: all(now[k] > before.get(k, 0) for k in now))
+        deadline = time.monotonic() + 30  # the stats page lags the answers by a moment
+        while not all((after := _haproxy_api_answers()).get(k, 0) > n for k, n in before.items()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         served_by = {server: after[server] - before.get(server, 0) for server in after}
         assert len(served_by) == 2 and all(served_by.values()), served_by
         refused = client.post(f"/v1/models/{MODEL}/samples", json={"n": 0})

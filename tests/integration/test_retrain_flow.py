@@ -27,10 +27,9 @@ TINY = {"epochs": 2, "max_train_examples": None, "batch_size": 32, "max_val_exam
 def stack(tmp_path_factory, s3_endpoint):
     """Prefect, Ray and MLflow for the module; storage in a fresh bucket on the moto server."""
     import boto3
-    import ray
     from prefect.testing.utilities import prefect_test_harness
 
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
 
     work = tmp_path_factory.mktemp("work")
     bucket = "genmodels-flow"
@@ -43,7 +42,7 @@ def stack(tmp_path_factory, s3_endpoint):
         try:
             yield {"storage": f"s3://{bucket}/store", "bucket": bucket, "work": work}
         finally:
-            ray.shutdown()
+            stop_ray()
 
 
 def _retrain(stack, **kwargs):

@@ -90,7 +90,7 @@ def _deploy(trained, **args):
 def server(trained):
     from ray import serve
 
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
 
     metrics_port = free_port()
     with pytest.MonkeyPatch.context() as mp:
@@ -110,7 +110,7 @@ def server(trained):
             yield client
     finally:
         serve.shutdown()
-        ray.shutdown()
+        stop_ray()
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def server(registered, s3_endpoint):
     """Ray started after the S3 fixture, so the Jobs replica and its actors inherit AWS_*."""
     from ray import serve
 
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
     from serving.app import build_app
 
     ensure_ray(num_cpus=4)  # Sampler 1 + a job's 2 shard writers
@@ -91,7 +91,7 @@ def server(registered, s3_endpoint):
             yield client
     finally:
         serve.shutdown()
-        ray.shutdown()
+        stop_ray()
 
 
 @pytest.fixture(scope="module")
