@@ -36,10 +36,13 @@ def _place_writers(ray, wanted: int, should_stop: Callable[[], bool] | None):
         if stopped():
             return None, 0
         group = placement_group([{"CPU": 1}] * count, strategy="PACK")
+        ready = group.ready()
         # PLACEMENT_TIMEOUT_S in waits of _POLL_S: a job cancelled while its writers wait for CPUs
-        # stops within one, not after the whole timeout.
+        # stops within one, not after the whole timeout. Not group.wait(): Ray 2.60 truncates its
+        # timeout to whole seconds, so wait(0.25) returned at once and a job submitted as another
+        # ended (its CPU not yet back) was written in-process without waiting at all.
         for _ in range(math.ceil(PLACEMENT_TIMEOUT_S / _POLL_S)):
-            if group.wait(timeout_seconds=_POLL_S):
+            if ray.wait([ready], timeout=_POLL_S)[0]:
                 return group, count
             if stopped():
                 remove_placement_group(group)

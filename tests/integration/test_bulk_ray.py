@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,47 @@ def test_cli_generate_end_to_end_on_a_registered_model(graphs, tmp_path, monkeyp
     assert "holds another job" in next(j for j in jobs.values() if j["status"] == "failed")["error"]
     status = CliRunner().invoke(app, ["status", "--json"])
     assert json.loads(status.stdout)["job_counts"] == {"failed": 1, "succeeded": 1}, status.output
+
+
+def test_writers_wait_for_a_cpu_freed_within_the_placement_timeout(ray_cluster):
+    """A job submitted as another ends finds its CPU still taken for a moment: the writers wait for
+    it (up to PLACEMENT_TIMEOUT_S), not fall back to writing in-process at once."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from genmodels.bulk.on_ray import PLACEMENT_TIMEOUT_S, _place_writers
+
+    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
+    assert hog.wait(timeout_seconds=30)
+    threading.Timer(1.5, remove_placement_group, args=(hog,)).start()
+    started = time.monotonic()
+    group, count = _place_writers(ray, 1, None)
+    took = time.monotonic() - started
+    try:
+        assert count == 1 and group is not None, f"no writer after {took:.2f} s"
+        assert 1.4 <= took < PLACEMENT_TIMEOUT_S, took
+    finally:
+        if group is not None:
+            remove_placement_group(group)
+
+
+def test_a_cancelled_job_stops_waiting_for_writers_within_a_poll(ray_cluster):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from genmodels.bulk.on_ray import _POLL_S, _place_writers
+
+    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
+    assert hog.wait(timeout_seconds=30)
+    try:
+        started = time.monotonic()
+        cancel_at = started + 1.0
+        assert _place_writers(ray, 2, lambda: time.monotonic() >= cancel_at) == (None, 0)
+        assert 1.0 <= time.monotonic() - started < 1.0 + 3 * _POLL_S
+    finally:
+        remove_placement_group(hog)
 
 
 def test_a_cluster_with_no_free_cpu_gets_the_job_written_in_process_not_hung(graphs, ray_cluster, tmp_path):

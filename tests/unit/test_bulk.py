@@ -485,7 +485,10 @@ class _StaleRay:
     def placement_group(self, bundles, strategy):
         self.asked.append(len(bundles))
         fits = len(bundles) <= self.placeable
-        return type("Group", (), {"wait": lambda _, timeout_seconds: fits})()
+        return type("Group", (), {"ready": lambda _: fits})()
+
+    def wait(self, refs, timeout):  # each ref is its group's ready(): whether it fits
+        return [r for r in refs if r], [r for r in refs if not r]
 
     def remove_placement_group(self, group):
         self.removed += 1

@@ -14,7 +14,9 @@ from genmodels.bulk import on_ray
 
 class _BusyCluster:
     """Ray whose free-CPU view says 2 while no bundle can be placed (another job took the CPUs):
-    each wait blocks for its whole timeout, as Ray's does, and answers ``placed_after`` waits."""
+    each ``ray.wait`` on a group's ``ready()`` blocks for its whole timeout, as Ray's does, and the
+    group is placed after ``placed_after`` waits. (Not ``group.wait``: Ray 2.60 truncates its
+    timeout to whole seconds; tests/integration/test_bulk_ray.py has that on a real cluster.)"""
 
     def __init__(self, placed_after: int | None = None):
         self.placed_after, self.waits, self.asked, self.removed = placed_after, [], [], 0
@@ -27,14 +29,17 @@ class _BusyCluster:
         cluster = self
 
         class Group:
-            def wait(self, timeout_seconds):
-                cluster.waits.append(timeout_seconds)
-                if cluster.placed_after is not None and len(cluster.waits) >= cluster.placed_after:
-                    return True
-                time.sleep(timeout_seconds)
-                return False
+            def ready(self):
+                return self
 
         return Group()
+
+    def wait(self, refs, timeout):
+        self.waits.append(timeout)
+        if self.placed_after is not None and len(self.waits) >= self.placed_after:
+            return list(refs), []
+        time.sleep(timeout)
+        return [], list(refs)
 
     def remove_placement_group(self, group):
         self.removed += 1
