@@ -74,8 +74,9 @@ def stop_ray(grace_s: float = WORKER_EXIT_GRACE_S) -> dict[int, str]:
 
 
 def cluster_workers(cluster: str) -> dict[int, str]:
-    """pid -> process title of each running worker process of the local cluster ``cluster``
-    (none where ``/proc`` cannot be read)."""
+    """pid -> process title of each running process the raylet of the local cluster ``cluster``
+    started, its workers and what they started (HAProxy, for one); none where ``/proc`` cannot be
+    read."""
     marker = f"{LOCAL_CLUSTER_ENV}={cluster}".encode()
     found: dict[int, str] = {}
     try:
