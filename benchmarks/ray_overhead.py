@@ -28,13 +28,12 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    import ray
     import torch
 
     from genmodels.config import get_settings
     from genmodels.data import PrepConfig
     from genmodels.distributed import RayScaling, train_on_ray
-    from genmodels.ray_runtime import ensure_ray
+    from genmodels.ray_runtime import ensure_ray, stop_ray
     from genmodels.runs import snapshot_for, train_family
     from genmodels.storage import open_storage
 
@@ -67,7 +66,7 @@ def main() -> None:
                                    scaling=RayScaling(num_workers=workers, cpus_per_worker=args.cpus // workers))
                 record(f"ray {workers} worker{'s' * (workers > 1)}", out.result.history, time.perf_counter() - t0)
             print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
-    ray.shutdown()
+    stop_ray()
 
     base = statistics.median(results["plain loop"]["epoch_s"])
     one = statistics.median(results["ray 1 worker"]["images_per_s"])

@@ -131,10 +131,10 @@ def main() -> None:
     add_server_options(parser)
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
     from genmodels import registry
+    from genmodels.ray_runtime import stop_ray
 
     registry.configure()
     champion = registry.champion(args.model)
@@ -177,7 +177,7 @@ def main() -> None:
             measure(f"Ray Serve{server_label(args)}, batched", port)
         finally:
             serve.shutdown()
-            ray.shutdown()
+            stop_ray()
 
     base = {(n, c): r["rps"] for name, n, c, r in rows if name == baseline}
     print(f"\n{args.model} v{champion.version}, {os.cpu_count()} CPUs, {args.seconds:.0f} s per level")
