@@ -162,18 +162,28 @@ def test_cli_generate_end_to_end_on_a_registered_model(graphs, tmp_path, monkeyp
     assert json.loads(status.stdout)["job_counts"] == {"failed": 1, "succeeded": 1}, status.output
 
 
+def _take_every_cpu():
+    """A placed group holding every CPU of the test cluster (as Serve replicas or another job's
+    writers would): the caller removes it."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
+    assert hog.wait(timeout_seconds=30)
+    return hog
+
+
 def test_writers_wait_for_a_cpu_freed_within_the_placement_timeout(ray_cluster):
     """A job submitted as another ends finds its CPU still taken for a moment: the writers wait for
     it (up to PLACEMENT_TIMEOUT_S), not fall back to writing in-process at once."""
     import threading
 
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     from genmodels.bulk.on_ray import PLACEMENT_TIMEOUT_S, _place_writers
 
-    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
-    assert hog.wait(timeout_seconds=30)
+    hog = _take_every_cpu()
     threading.Timer(1.5, remove_placement_group, args=(hog,)).start()
     started = time.monotonic()
     group, count = _place_writers(ray, 1, None)
@@ -188,12 +198,11 @@ def test_writers_wait_for_a_cpu_freed_within_the_placement_timeout(ray_cluster):
 
 def test_a_cancelled_job_stops_waiting_for_writers_within_a_poll(ray_cluster):
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     from genmodels.bulk.on_ray import _POLL_S, _place_writers
 
-    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
-    assert hog.wait(timeout_seconds=30)
+    hog = _take_every_cpu()
     try:
         started = time.monotonic()
         cancel_at = started + 1.0
@@ -205,12 +214,10 @@ def test_a_cancelled_job_stops_waiting_for_writers_within_a_poll(ray_cluster):
 
 def test_a_cluster_with_no_free_cpu_gets_the_job_written_in_process_not_hung(graphs, ray_cluster, tmp_path):
     """Every CPU taken (as by Serve replicas): asking for writer actors would wait forever."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
     _, files = graphs
-    hog = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
-    assert hog.wait(timeout_seconds=30)
+    hog = _take_every_cpu()
     try:
         events = []
         spec = bulk.JobSpec(model="digits-vae", version="1", n=60, output=(tmp_path / "o").as_uri(), seed=9,
