@@ -23,8 +23,13 @@ LOCAL_TRAIN_POLL_INTERVAL_S = "0.5"
 #: such Ray Train controller outlived a `make run` by minutes, holding 400 MB.
 LOCAL_CLUSTER_ENV = "GENMODELS_LOCAL_RAY_CLUSTER"
 _RAY_WORKER_ENV = b"RAY_RAYLET_PID="
-#: How long the workers of a stopped local cluster get to exit before they are killed.
+#: How long the workers of a stopped local cluster get to exit before they are killed; also how
+#: long a worker Ray has recorded as exited may take to end while the cluster runs.
 WORKER_EXIT_GRACE_S = 3.0
+
+#: How long after Ray recorded a worker's exit a running cluster's sweep
+#: (:func:`reap_departed_workers`) leaves its process alone: ample for a clean exit.
+DEPARTED_WORKER_GRACE_S = 30.0
 
 #: The local clusters this process started and has not stopped with :func:`stop_ray`.
 _local_clusters: list[str] = []
@@ -109,3 +114,55 @@ def reap_workers(cluster: str, grace_s: float = WORKER_EXIT_GRACE_S) -> dict[int
         except ProcessLookupError:
             pass
     return left
+
+
+def reap_departed_workers(grace_s: float = DEPARTED_WORKER_GRACE_S) -> dict[int, str]:
+    """SIGKILL the processes of this process's running local clusters whose workers Ray recorded as
+    exited more than ``grace_s`` ago; returns them (pid -> process title, logged).
+
+    A long-running driver (``genmodels serve``: every bulk job's writers are actors that end)
+    would otherwise keep each worker stuck in its own exit until the cluster stops. A process is
+    killed only when it carries a local cluster's mark and its pid has an exited entry in the
+    GCS's worker table and no live one (a pid reused by a newer worker is spared). Nothing for a
+    remote cluster, whose processes this machine cannot tell apart; a table that cannot be read is
+    logged and skipped (the next sweep tries again)."""
+    if not _local_clusters:
+        return {}
+    try:
+        departed = departed_worker_pids(_worker_table(), exited_before_ms=(time.time() - grace_s) * 1000)
+    except Exception as exc:  # private GCS API: a Ray upgrade may move it; the server must not fail
+        logger.warning("cannot read Ray's worker table to find workers stuck in their exit: %s", exc)
+        return {}
+    killed: dict[int, str] = {}
+    for cluster in _local_clusters:
+        for pid, title in cluster_workers(cluster).items():
+            if pid not in departed:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended after all
+                continue
+            killed[pid] = title
+    if killed:
+        logger.warning("killed %d Ray worker process(es) still running %.0f s after Ray recorded their exit: %s",
+                       len(killed), grace_s, ", ".join(f"{pid} ({title})" for pid, title in sorted(killed.items())))
+    return killed
+
+
+def departed_worker_pids(workers, exited_before_ms: float) -> set[int]:
+    """pids of the GCS worker-table entries (``WorkerTableData``) that exited at or before
+    ``exited_before_ms`` (epoch ms) and that no live entry has taken over."""
+    alive = {w.pid for w in workers if w.is_alive}
+    return {w.pid for w in workers if not w.is_alive and 0 < w.end_time_ms <= exited_before_ms} - alive
+
+
+def _worker_table() -> list:
+    """The connected cluster's GCS worker table (alive and exited entries); empty without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    return [gcs_pb2.WorkerTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_worker_table()]

@@ -126,12 +126,28 @@ def serve_cmd(
     if not os.environ.get("RAY_ADDRESS"):
         console.print(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics (ray_serve_*, ray_genmodels_*)")
     try:
-        while True:
-            time.sleep(3600)
+        _sweep_until_interrupted()
     except KeyboardInterrupt:
         console.print("stopping")
     finally:
         _stop_within(SHUTDOWN_S)
+
+
+#: How often a running ``genmodels serve`` looks for Ray workers stuck in their own exit.
+DEPARTED_WORKER_SWEEP_S = 60.0
+
+
+def _sweep_until_interrupted(interval_s: float = DEPARTED_WORKER_SWEEP_S) -> None:
+    """Block until Ctrl-C / SIGTERM; meanwhile kill, every ``interval_s``, the local Ray's workers
+    stuck in their exit (:func:`genmodels.ray_runtime.reap_departed_workers`): each bulk job's
+    writers are actors that end, and a server runs for weeks."""
+    import time
+
+    from genmodels.ray_runtime import reap_departed_workers
+
+    while True:
+        time.sleep(interval_s)
+        reap_departed_workers()
 
 
 #: How long ``genmodels serve`` gives Serve to stop its replicas before it stops Ray under them.

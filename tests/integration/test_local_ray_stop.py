@@ -1,5 +1,6 @@
 """stop_ray on a real local cluster: a worker that hangs in its own exit after leaving the
-cluster (as Ray 2.60's core worker can, deadlocked in its exit handler) does not outlive it."""
+cluster (as Ray 2.60's core worker can, deadlocked in its exit handler) does not outlive it, nor, while
+the cluster runs, the grace after Ray recorded its exit."""
 
 from __future__ import annotations
 
@@ -54,3 +55,45 @@ def test_a_worker_stuck_in_its_exit_is_killed_when_the_local_cluster_stops():
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pid) and cluster_workers(cluster) == {}
+
+
+def test_a_running_cluster_kills_a_worker_stuck_in_its_exit_once_its_grace_is_over_and_no_other():
+    """What `genmodels serve` sweeps for while it runs: the stuck worker is killed once Ray's record
+    of its exit is older than the grace, a live actor and the cluster itself carry on."""
+    from genmodels.ray_runtime import LOCAL_CLUSTER_ENV, cluster_workers, ensure_ray, reap_departed_workers, stop_ray
+
+    @ray.remote(num_cpus=0)
+    class StuckInExit:
+        def pid(self) -> int:
+            return os.getpid()
+
+        def leave(self) -> None:
+            import atexit
+
+            atexit.register(time.sleep, 3600)
+            ray.actor.exit_actor()
+
+    ensure_ray(num_cpus=1)
+    cluster = os.environ[LOCAL_CLUSTER_ENV]
+    try:
+        stuck, live = StuckInExit.remote(), StuckInExit.remote()
+        stuck_pid, live_pid = ray.get([stuck.pid.remote(), live.pid.remote()])
+        stuck.leave.remote()
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(stuck.pid.remote(), timeout=30)
+        time.sleep(1.5)
+        assert _alive(stuck_pid) and stuck_pid in cluster_workers(cluster)
+        assert reap_departed_workers(grace_s=60) == {}  # its exit is recorded, but only just
+        assert _alive(stuck_pid)
+        killed = reap_departed_workers(grace_s=0.5)
+        assert list(killed) == [stuck_pid] and killed[stuck_pid].startswith("ray::StuckInExit"), killed
+        deadline = time.monotonic() + 5
+        while _alive(stuck_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(stuck_pid)
+        assert ray.get(live.pid.remote(), timeout=30) == live_pid and _alive(live_pid)
+        assert ray.get(StuckInExit.remote().pid.remote(), timeout=60) > 0  # the cluster takes new work
+        assert reap_departed_workers(grace_s=0.5) == {}
+    finally:
+        stop_ray(grace_s=1.0)
+    assert not _alive(live_pid) and cluster_workers(cluster) == {}

@@ -1,5 +1,6 @@
 """ensure_ray: what the local cluster it starts is configured with, and what a cluster keeps;
-stop_ray: no worker of a local cluster outlives it."""
+stop_ray: no worker of a local cluster outlives it; reap_departed_workers: none stuck in its
+exit outlives its grace while the cluster runs."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from genmodels.ray_runtime import (
     LOCAL_TRAIN_POLL_INTERVAL_S,
     TRAIN_POLL_INTERVAL_ENV,
     cluster_workers,
+    departed_worker_pids,
     ensure_ray,
+    reap_departed_workers,
     reap_workers,
     stop_ray,
 )
@@ -115,3 +118,68 @@ def test_reaping_kills_only_the_workers_of_the_cluster_that_did_not_exit(monkeyp
         for proc in (stuck, not_a_worker, other_cluster, exiting):
             proc.kill()
             proc.wait()
+
+
+def _entry(pid: int, alive: bool, end_time_ms: int = 0):
+    from ray.core.generated import gcs_pb2
+
+    return gcs_pb2.WorkerTableData(pid=pid, is_alive=alive, end_time_ms=end_time_ms)
+
+
+def test_departed_workers_are_those_that_exited_before_the_cutoff_and_whose_pid_no_live_worker_took():
+    table = [_entry(10, True), _entry(11, False, 1_000), _entry(12, False, 2_000), _entry(13, False, 1_000),
+             _entry(13, True), _entry(14, False, 0)]  # 13: pid reused by a live worker; 14: no end time
+    assert departed_worker_pids(table, exited_before_ms=1_500) == {11}
+    assert departed_worker_pids(table, exited_before_ms=2_000) == {11, 12}
+    assert departed_worker_pids([], exited_before_ms=2_000) == set()
+
+
+def test_the_sweep_kills_the_departed_workers_of_its_local_clusters_only(monkeypatch, exit_hooks, caplog):
+    monkeypatch.delenv(LOCAL_CLUSTER_ENV, raising=False)
+    monkeypatch.setattr(ray_runtime, "_worker_table", lambda: pytest.fail("no local cluster: nothing to read"))
+    assert reap_departed_workers() == {}
+    ray_runtime._local_clusters.append("ours")
+    departed = _idle_process(**{LOCAL_CLUSTER_ENV: "ours", "RAY_RAYLET_PID": "1"})
+    live = _idle_process(**{LOCAL_CLUSTER_ENV: "ours", "RAY_RAYLET_PID": "1"})
+    theirs = _idle_process(**{LOCAL_CLUSTER_ENV: "theirs", "RAY_RAYLET_PID": "1"})
+    try:
+        exited_ms = int((time.time() - 10) * 1000)
+        table = [_entry(departed.pid, False, exited_ms), _entry(live.pid, True), _entry(theirs.pid, False, exited_ms)]
+        monkeypatch.setattr(ray_runtime, "_worker_table", lambda: table)
+        assert reap_departed_workers(grace_s=60) == {}  # exited 10 s ago: within the grace
+        killed = reap_departed_workers(grace_s=5)
+        assert list(killed) == [departed.pid] and departed.wait(5) == -signal.SIGKILL
+        assert live.poll() is None and theirs.poll() is None
+        assert "still running 5 s after Ray recorded their exit" in caplog.text
+    finally:
+        for proc in (departed, live, theirs):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_worker_table_that_cannot_be_read_is_logged_and_the_sweep_returns_nothing(monkeypatch, exit_hooks, caplog):
+    def unreadable():
+        raise AttributeError("'GlobalState' object has no attribute '_connect_and_get_accessor'")
+
+    ray_runtime._local_clusters.append("ours")
+    monkeypatch.setattr(ray_runtime, "_worker_table", unreadable)
+    assert reap_departed_workers() == {}
+    assert "cannot read Ray's worker table" in caplog.text and "_connect_and_get_accessor" in caplog.text
+
+
+def test_a_running_server_sweeps_for_departed_workers_every_interval_until_stopped(monkeypatch):
+    import serving.cli
+
+    events: list = []
+
+    def sleep(seconds):
+        events.append(seconds)
+        if len(events) == 7:
+            raise KeyboardInterrupt  # Ctrl-C or SIGTERM, while it sleeps
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    monkeypatch.setattr(ray_runtime, "reap_departed_workers", lambda: events.append("sweep") or {})
+    with pytest.raises(KeyboardInterrupt):
+        serving.cli._sweep_until_interrupted(interval_s=60)
+    assert events == [60, "sweep", 60, "sweep", 60, "sweep", 60]
+    assert serving.cli.DEPARTED_WORKER_SWEEP_S == 60 and ray_runtime.DEPARTED_WORKER_GRACE_S == 30
