@@ -1,8 +1,9 @@
 """Sample-quality figures of a trained run (domain FID/KID, precision/recall, class accuracy)
 with its preset's evaluation settings, without the likelihood pass: the same numbers
 ``genmodels evaluate`` writes for them, in minutes where a ``cpu`` preset's IWAE k=5000 pass
-takes hours on 2 cores. One JSON line to stdout; the storage's cached classifiers are used
-(trained and cached there when missing).
+takes hours on 2 cores. One JSON line to stdout, with the weights digests of the classifiers
+the figures were measured with (``feature_network``, ``class_judge``); the storage's cached
+classifiers are used (trained and cached there when missing).
 
     .venv/bin/python benchmarks/domain_metrics.py --family vae --preset cpu \\
         --out file:///work/main/.genmodels/cpu-runs
@@ -49,10 +50,11 @@ def main() -> None:
     settings = evaluation_settings(args.preset)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
+    provenance: dict[str, str] = {}
     metrics = domain_metrics(model, snapshot, storage=storage, n_samples=settings["n_samples"], seed=args.seed,
-                             max_examples=settings["max_examples"])
+                             max_examples=settings["max_examples"], provenance=provenance)
     print(json.dumps({"family": args.family, "preset": args.preset, "snapshot": snapshot.hash[:16], "epoch": epoch,
-                      "seconds": round(time.perf_counter() - t0, 1), **metrics}, sort_keys=True))
+                      "seconds": round(time.perf_counter() - t0, 1), **metrics, **provenance}, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME_IN_RUN = "model"
 _TAG = "genmodels."
 EVALUATION_TAG = f"{_TAG}evaluation"  # JSON of the settings the gate value was measured with
+#: The weights digest of the domain classifier whose feature space the version's FID was measured
+#: in (``genmodels.runs.EVALUATION_RECORD``'s ``feature_network``).
+FEATURE_NETWORK_TAG = f"{_TAG}feature_network"
+#: Gate metrics measured in the domain classifier's feature space: another classifier (retrained
+#: by a newer code version, or another storage's cache) gives another scale, so two values
+#: compare only under one network.
+FEATURE_SPACE_METRICS = frozenset({"fid"})
 #: On a version given the champion alias: the version it replaced ("" for the first champion).
 PROMOTED_OVER_TAG = f"{_TAG}promoted_over"
 _CODE = Path(__file__).with_name("mlflow_model.py")
@@ -317,11 +324,13 @@ def register(
     artifact_root: str,
     artifacts: Mapping[str, bytes] = {},
     history: Sequence[Mapping[str, float]] = (),
+    feature_network: str | None = None,
 ) -> Registered:
     """Log an MLflow run (params, metrics, per-epoch history, tags, artifacts, the sampler model)
     and register it as a version of ``<dataset>-<family>``; idempotent by checkpoint digest.
-    The version is tagged with the evaluation settings of ``preset`` (``runs.evaluation_settings``):
-    a gate value is only compared as it stands with one measured alike."""
+    The version is tagged with the evaluation settings of ``preset`` (``runs.evaluation_settings``)
+    and ``feature_network``, the digest of the domain classifier the metrics' FID was measured
+    with: a gate value is only compared as it stands with one measured alike."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -346,6 +355,8 @@ def register(
             f"{_TAG}snapshot_hash": snapshot_hash, f"{_TAG}model_digest": digest,
             f"{_TAG}git_commit": source_commit(), f"{_TAG}gate_metric": metric,
             EVALUATION_TAG: json.dumps(evaluation_settings(preset), sort_keys=True)}
+    if feature_network:
+        tags[FEATURE_NETWORK_TAG] = feature_network
     experiment = experiment_id(dataset, artifact_root)
     logged = logged_run(experiment, digest)
     if logged is None:
@@ -507,13 +518,18 @@ def _promote_once(name: str, version: str, reevaluate: Callable[[Any], float | N
 
 def _measured_unlike(champion_tags: Mapping[str, str], candidate_tags: Mapping[str, str]) -> str:
     """How the champion's gate value was measured unlike the candidate's ("" when alike): the
-    quick preset's NLL on 1,000 test images says nothing against a full-test-set one."""
+    quick preset's NLL on 1,000 test images says nothing against a full-test-set one, nor a FID
+    in one domain classifier's features against a FID in another's."""
     if champion_tags.get(f"{_TAG}snapshot_hash") != candidate_tags.get(f"{_TAG}snapshot_hash"):
         return "on another test snapshot"
     # Versions registered before the tag existed: their settings are unknown, so never alike.
     settings = champion_tags.get(EVALUATION_TAG)
     if settings is None or settings != candidate_tags.get(EVALUATION_TAG):
         return "with other evaluation settings"
+    if candidate_tags.get(f"{_TAG}gate_metric") in FEATURE_SPACE_METRICS:
+        network = champion_tags.get(FEATURE_NETWORK_TAG)  # unknown (registered before the tag): never alike
+        if network is None or network != candidate_tags.get(FEATURE_NETWORK_TAG):
+            return "in another domain classifier's feature space"
     return ""
 
 

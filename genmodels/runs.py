@@ -9,6 +9,7 @@ storage root (``file://`` or ``s3://``)::
         checkpoint.pt                           resumable training state (also a model checkpoint)
         model.pt                                the trained model (best validation loss; the GAN: last epoch)
         history.json  metrics.json              per-epoch training log, evaluation metrics
+        evaluation.json                         what the metrics were measured with (settings, seed, networks)
         samples.png  interpolation.png ...      pictures
         onnx/<graph>.onnx                       exported graphs, parity-checked against torch
     reports/<dataset>-<preset>.md               metrics table of the families run together
@@ -26,9 +27,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, write_snapshot
+from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, snapshot_prefix, write_snapshot
 from genmodels.models import checkpoint_bytes, initial_model, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
+from genmodels.registry import FEATURE_SPACE_METRICS
 from genmodels.storage import Storage
 from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, load_resume_state,
                                 preset_configs, resolve_device, train)
@@ -160,7 +162,7 @@ def picture_keys(run: Storage) -> list[str]:
 
 def derived_keys(run: Storage) -> list[str]:
     """The run's keys computed from its ``model.pt``: evaluation metrics, pictures, ONNX graphs."""
-    metrics = ["metrics.json"] if run.exists("metrics.json") else []
+    metrics = [k for k in ("metrics.json", EVALUATION_RECORD) if run.exists(k)]
     return metrics + picture_keys(run) + run.list(f"{ONNX_PREFIX}/")
 
 
@@ -215,6 +217,17 @@ def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
     return model_from_checkpoint(ckpt), ckpt["meta"]
 
 
+#: A run's record of how its metrics.json was measured: the preset's :func:`evaluation_settings`,
+#: the seed, and the digests of the domain classifier (``feature_network``) and class judge
+#: (``class_judge``) whose spaces its sample figures live in.
+EVALUATION_RECORD = "evaluation.json"
+
+
+def evaluation_record(run: Storage) -> dict[str, Any]:
+    """The run's :data:`EVALUATION_RECORD`; empty for a run evaluated before it was written."""
+    return json.loads(run.get_bytes(EVALUATION_RECORD)) if run.exists(EVALUATION_RECORD) else {}
+
+
 def evaluation_settings(preset: str) -> dict[str, Any]:
     """How much evaluation a preset's figures rest on (test images, samples, IWAE k); presets
     without an entry get quick's. Figures measured under different settings do not compare."""
@@ -222,9 +235,12 @@ def evaluation_settings(preset: str) -> dict[str, Any]:
 
 
 def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot, preset: str,
-                   seed: int = 0, progress: Storage | None = None) -> dict[str, float]:
+                   seed: int = 0, progress: Storage | None = None,
+                   provenance: dict[str, str] | None = None) -> dict[str, float]:
     """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort;
-    ``progress`` (e.g. the run's storage) lets an interrupted likelihood pass resume."""
+    ``progress`` (e.g. the run's storage) lets an interrupted likelihood pass resume;
+    ``provenance`` receives the digests of the networks the sample figures were measured with
+    (``genmodels.evaluation.domain_metrics``)."""
     from genmodels.evaluation import evaluate
 
     settings = evaluation_settings(preset)
@@ -238,13 +254,15 @@ def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot,
         settings["sample_batch_size"] = 1000
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    metrics = evaluate(model, snapshot, storage=storage, seed=seed, progress=progress, **settings)
+    metrics = evaluate(model, snapshot, storage=storage, seed=seed, progress=progress, provenance=provenance,
+                       **settings)
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 
 
 def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str, seed: int = 0) -> dict[str, float]:
-    """Evaluate a trained run, write metrics.json and its pictures, return the metrics."""
+    """Evaluate a trained run, write its :data:`EVALUATION_RECORD`, metrics.json and pictures,
+    return the metrics."""
     from genmodels.evaluation import render_pictures
 
     model, meta = load_model(run)
@@ -252,11 +270,47 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
         raise ValueError(f"{run.url} was trained on snapshot {meta.get('snapshot_hash', '?')[:16]}, "
                          f"not on {snapshot.hash[:16]}")
     # Evaluate where training ran (a GPU when there is one); the pictures are cheap on the CPU.
-    metrics = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed, progress=run)
+    provenance: dict[str, str] = {}
+    metrics = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed, progress=run,
+                             provenance=provenance)
+    record = {"settings": evaluation_settings(preset), "seed": seed, **provenance}
+    run.put_bytes(EVALUATION_RECORD, json.dumps(record, indent=2, sort_keys=True).encode())
     run.put_bytes("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())
     for name, png in render_pictures(model.cpu(), snapshot, seed=seed).items():
         run.put_bytes(name, png)
     return metrics
+
+
+def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes, tags: Mapping[str, str],
+                        preset: str, seed: int = 0, feature_network: str | None = None,
+                        where: str = "champion") -> tuple[float | None, str]:
+    """A champion's gate metric measured as a candidate's was: on the candidate's test
+    ``snapshot``, with ``preset``'s evaluation settings and ``seed``, and a FID in the features of
+    the candidate's domain classifier (``feature_network``, the candidate's weights digest of it).
+
+    ``checkpoint`` and ``tags`` are the champion's (its registry tags: dataset, snapshot hash,
+    gate metric). Returns ``(value, "")``, or ``(None, why)`` when no comparable value can be had:
+    another image format, a champion trained on some of these test images (or on a snapshot not
+    in ``storage`` to check), a FID that ``storage``'s classifier would measure in other features
+    than the candidate's."""
+    model = model_from_checkpoint(checkpoint, where=where)
+    if model.image != snapshot.image:
+        return None, f"it generates {model.image}, the candidate's test images are {snapshot.image}"
+    trained_prefix = snapshot_prefix(tags["genmodels.dataset"], tags["genmodels.snapshot_hash"])
+    try:
+        trained_on = load_snapshot(storage, trained_prefix)
+    except FileNotFoundError:
+        return None, (f"its snapshot {trained_prefix} is not in {storage.url}: whether it trained on the "
+                      "candidate's test images cannot be checked")
+    if saw_test_images(trained_on, snapshot):
+        return None, "it trained on some of the candidate's test images: its figure there would be optimistic"
+    metric = tags["genmodels.gate_metric"]
+    used: dict[str, str] = {}
+    value = evaluate_model(storage, model, snapshot, preset, seed=seed, provenance=used)[metric]
+    if metric in FEATURE_SPACE_METRICS and (feature_network is None or used.get("feature_network") != feature_network):
+        return None, (f"its {metric} would be measured in other domain-classifier features than the candidate's "
+                      f"({(used.get('feature_network') or '?')[:12]} against {(feature_network or 'unknown')[:12]})")
+    return float(value), ""
 
 
 def export_run(run: Storage) -> list[str]:

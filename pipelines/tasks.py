@@ -20,7 +20,6 @@ from prefect.tasks import exponential_backoff
 
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
-from genmodels.data import snapshot_prefix as snapshot_prefix_of
 from genmodels.storage import open_storage
 
 
@@ -131,6 +130,9 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
     model, meta = runs.load_model(run)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
     pictures = {key: run.get_bytes(key) for key in runs.picture_keys(run)}
+    evaluated = {"metrics.json": run.get_bytes("metrics.json")}
+    if run.exists(runs.EVALUATION_RECORD):  # not for a run evaluated before it was written
+        evaluated[runs.EVALUATION_RECORD] = run.get_bytes(runs.EVALUATION_RECORD)
     with tempfile.TemporaryDirectory() as tmp:
         registered = registry.register(
             dataset=meta["dataset"], family=model.family, preset=preset, checkpoint=checkpoint,
@@ -138,9 +140,9 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
             params={"family": model.family, "preset": preset, "dataset": meta["dataset"], "model": model_config,
                     "image": model.config.to_dict()["image"], "train": meta["train_config"]},
             snapshot_hash=meta["snapshot_hash"], artifact_root=artifact_root,
-            artifacts={**pictures, "metrics.json": run.get_bytes("metrics.json"),
-                       "history.json": run.get_bytes("history.json")},
+            artifacts={**pictures, **evaluated, "history.json": run.get_bytes("history.json")},
             history=json.loads(run.get_bytes("history.json")),
+            feature_network=runs.evaluation_record(run).get("feature_network"),
         )
     get_run_logger().info("%s version %s (%s)", registered.name, registered.version,
                           "new" if registered.created else "already registered")
@@ -170,26 +172,18 @@ def report(storage_url: str, snapshot_prefix: str, preset: str, seed: int, run_i
 @task(name="promote", **TRANSIENT_RETRIES)
 def promote(storage_url: str, snapshot_prefix: str, name: str, version: str, preset: str, seed: int) -> dict[str, Any]:
     """``champion`` moves to this version only if its gate metric beats the champion's."""
-    from genmodels.models import model_from_checkpoint
+    from mlflow import MlflowClient
 
     def reevaluate(champion) -> float | None:
-        model = model_from_checkpoint(registry.download_checkpoint(champion), where=f"models:/{name}/{champion.version}")
-        snapshot = _snapshot(storage_url, snapshot_prefix)
-        if model.image != snapshot.image:
-            return None  # another image format (size, quantization): not comparable
-        tags = champion.tags
-        trained_prefix = snapshot_prefix_of(tags["genmodels.dataset"], tags["genmodels.snapshot_hash"])
-        try:
-            trained_on = _snapshot(storage_url, trained_prefix)
-        except FileNotFoundError:
-            get_run_logger().warning("champion v%s's snapshot %s is not in %s: whether it trained on the "
-                                     "candidate's test images cannot be checked", champion.version, trained_prefix,
-                                     storage_url)
-            return None
-        if runs.saw_test_images(trained_on, snapshot):
-            return None  # scored on images it trained on: optimistic, not comparable
-        metric = tags["genmodels.gate_metric"]
-        return runs.evaluate_model(open_storage(storage_url), model, snapshot, preset, seed=seed)[metric]
+        candidate = MlflowClient().get_model_version(name, version)
+        value, why_not = runs.reevaluate_champion(
+            open_storage(storage_url), _snapshot(storage_url, snapshot_prefix), registry.download_checkpoint(champion),
+            champion.tags, preset, seed=seed, feature_network=candidate.tags.get(registry.FEATURE_NETWORK_TAG),
+            where=f"models:/{name}/{champion.version}")
+        if why_not:
+            get_run_logger().warning("champion v%s of %s cannot be compared with v%s: %s", champion.version, name,
+                                     version, why_not)
+        return value
 
     # The lease in the platform storage serializes promotions of one model across processes.
     decision = registry.promote(name, version, reevaluate=reevaluate, lease_storage=storage_url)

@@ -19,7 +19,7 @@ from genmodels.evaluation.classifier import (
     extract,
     load_or_train_classifier,
 )
-from genmodels.evaluation.likelihood import likelihood_metrics
+from genmodels.evaluation.likelihood import likelihood_metrics, weights_digest
 from genmodels.models.base import GenerativeModel
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def evaluate(
     classifier_config: ClassifierConfig | None = None,
     judge_config: ClassifierConfig | None = None,
     progress=None,
+    provenance: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Every metric that applies to ``model`` on ``snapshot``'s test split, as one flat dict.
 
@@ -178,8 +179,9 @@ def evaluate(
     ``batch_size`` batches the likelihood pass, ``sample_batch_size`` (default: ``batch_size``)
     the samples; neither changes an image (noise is drawn per sample).
     ``progress`` (a storage) makes the likelihood pass resumable (see :func:`likelihood_metrics`).
-    The class judge of a binary snapshot is a second classifier trained on grey levels and
-    their binarized draws (``judge_config``; default :func:`class_judge_config` of
+    ``provenance``, when given, receives what the figures were measured with (see
+    :func:`domain_metrics`). The class judge of a binary snapshot is a second classifier trained
+    on grey levels and their binarized draws (``judge_config``; default :func:`class_judge_config` of
     ``classifier_config``), cached beside the feature network; other snapshots' samples (or
     a ``judge_config`` equal to the feature network's) are judged by the feature network itself.
     """
@@ -189,7 +191,8 @@ def evaluate(
                              iwae_k=iwae_k, seed=seed, progress=progress)
     out.update(domain_metrics(model, snapshot, storage=storage, n_samples=n_samples, seed=seed,
                               max_examples=max_examples, batch_size=sample_batch_size or batch_size,
-                              classifier_config=classifier_config, judge_config=judge_config))
+                              classifier_config=classifier_config, judge_config=judge_config,
+                              provenance=provenance))
     bad = sorted(k for k, v in out.items() if math.isnan(v))
     if bad:
         raise FloatingPointError(f"evaluation of the {model.family} model produced NaN for {bad}")
@@ -207,15 +210,23 @@ def domain_metrics(
     batch_size: int = 256,
     classifier_config: ClassifierConfig | None = None,
     judge_config: ClassifierConfig | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """The sample-quality half of :func:`evaluate` (the same figures for the same arguments):
     the domain classifier's and class judge's accuracies and :func:`sample_quality`. Minutes,
-    where a ``cpu`` preset's likelihood pass takes hours; empty for a snapshot without labels."""
+    where a ``cpu`` preset's likelihood pass takes hours; empty for a snapshot without labels.
+
+    ``provenance``, when given, receives the :func:`weights_digest` of the networks the figures
+    were measured with: ``feature_network`` (FID, KID, precision, recall live in its feature
+    space: two models' figures compare only under the same one) and, for conditional models,
+    ``class_judge``."""
     if snapshot.image.num_classes < 2:
         logger.warning("snapshot %s has no class labels: no domain classifier, so no FID/KID", snapshot.dataset)
         return {}
     out: dict[str, float] = {}
     classifier = load_or_train_classifier(snapshot, storage, classifier_config, module_device(model))
+    if provenance is not None:
+        provenance["feature_network"] = weights_digest(classifier.network)
     out["classifier_test_accuracy"] = classifier.test_accuracy
     if classifier.test_accuracy_binarized is not None:
         out["classifier_test_accuracy_binarized"] = classifier.test_accuracy_binarized
@@ -225,6 +236,8 @@ def domain_metrics(
         if judge_config is not None and judge_config != classifier.network.config:
             judge = load_or_train_classifier(snapshot, storage, judge_config, module_device(model), name="class-judge")
         out["class_judge_test_accuracy"] = judge.test_accuracy
+        if provenance is not None:
+            provenance["class_judge"] = weights_digest(judge.network)
         if judge.test_accuracy_binarized is not None:
             out["class_judge_test_accuracy_binarized"] = judge.test_accuracy_binarized
     out.update(sample_quality(model, snapshot, classifier.network, n_samples, seed, max_examples, batch_size,

@@ -66,10 +66,17 @@ def _s3_objects(bucket: str, prefix: str) -> dict[str, bytes]:
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first_run):
+def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first_run, tmp_path):
     from mlflow import MlflowClient
 
-    from genmodels import records
+    from genmodels import records, registry, runs
+    from genmodels.evaluation.classifier import load_classifier
+    from genmodels.evaluation.likelihood import weights_digest
+    from genmodels.storage import open_storage
+
+    def cached_network(tags) -> str:
+        key = f"classifiers/{tags['genmodels.snapshot_hash'][:16]}.pt"
+        return weights_digest(load_classifier(open_storage(stack["storage"]).get_bytes(key))[0])
 
     client = MlflowClient()
     assert set(first_run) == set(FAMILIES)
@@ -95,8 +102,13 @@ def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first
         assert len(tags["genmodels.git_commit"]) >= 7
         epochs_logged = client.get_metric_history(mv.run_id, "epoch_train_loss")
         assert [m.step for m in epochs_logged] == [1, 2]
+        # The domain classifier the figures were measured with: the one cached in the storage.
+        record_path = client.download_artifacts(mv.run_id, runs.EVALUATION_RECORD, str(tmp_path))
+        record = json.loads(Path(record_path).read_text())
+        assert mv.tags[registry.FEATURE_NETWORK_TAG] == record["feature_network"] == cached_network(tags)
+        assert record["settings"] == runs.evaluation_settings("quick") and record["seed"] == 0
         artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
-        assert {"samples.png", "model.pt", "metrics.json", "history.json", "onnx"} <= artifacts
+        assert {"samples.png", "model.pt", "metrics.json", runs.EVALUATION_RECORD, "history.json", "onnx"} <= artifacts
         assert ("interpolation.png" in artifacts) == (family == "vae")  # latent families only
         onnx_logged = {Path(a.path).name for a in client.list_artifacts(mv.run_id, "onnx")}
         assert onnx_logged == {Path(u).name for u in outcome["onnx"]}

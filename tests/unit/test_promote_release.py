@@ -1,7 +1,8 @@
-"""A promotion whose lease release fails after the alias moved (a transient storage fault)
-reports the promotion it made: a raise there made Prefect retry the task, and the retry read the
-moved alias back as "already the champion" (recorded not promoted, the previous champion lost).
-MLflow is a fake client here: only the aliases and the gate tags matter."""
+"""Promotion decisions against a fake MLflow client (only the aliases and the gate tags matter):
+a promotion whose lease release fails after the alias moved (a transient storage fault) reports
+the promotion it made (a raise there made Prefect retry the task, and the retry read the moved
+alias back as "already the champion": recorded not promoted, the previous champion lost); a FID
+is compared as it stands only with one measured in the same domain classifier's features."""
 
 from __future__ import annotations
 
@@ -14,19 +15,24 @@ T = "genmodels."
 
 
 class _Version:
-    def __init__(self, version: str, gate: float) -> None:
+    def __init__(self, version: str, gate: float, metric: str = "nll_nats", **tags: str) -> None:
         self.version, self.aliases = version, []
-        self.tags = {T + "gate_value": repr(gate), T + "gate_metric": "nll_nats", T + "snapshot_hash": "h",
-                     registry.EVALUATION_TAG: "{}"}
+        self.tags = {T + "gate_value": repr(gate), T + "gate_metric": metric, T + "snapshot_hash": "h",
+                     registry.EVALUATION_TAG: "{}", **tags}
 
 
 @pytest.fixture
-def fake_mlflow(monkeypatch):
+def versions() -> dict[str, _Version]:
+    """The registered versions of the one model the fake serves: v1 champion (50), v2 (40)."""
+    return {"1": _Version("1", 50.0), "2": _Version("2", 40.0)}
+
+
+@pytest.fixture
+def fake_mlflow(monkeypatch, versions):
     import mlflow
     from mlflow.exceptions import MlflowException
 
     aliases = {"champion": "1"}
-    versions = {"1": _Version("1", 50.0), "2": _Version("2", 40.0)}
 
     class Client:
         def get_model_version(self, name, version):
@@ -74,3 +80,40 @@ def test_a_promotion_run_again_after_the_alias_moved_names_the_champion_it_repla
     assert (first.alias, first.previous_champion) == ("champion", "1")
     assert (again.alias, again.reason, again.previous_champion) == ("champion", "already the champion", "1")
     assert fake_mlflow["champion"] == "2"
+
+
+NETWORK = registry.FEATURE_NETWORK_TAG
+
+
+@pytest.mark.parametrize(("champion_network", "candidate_network", "alike"), [
+    ("a" * 64, "a" * 64, True),
+    ("a" * 64, "b" * 64, False),  # the classifier was retrained (a newer code version, another cache)
+    (None, "b" * 64, False),  # a champion registered before the tag: its feature space is unknown
+    ("a" * 64, None, False),
+])
+def test_a_fid_is_compared_as_it_stands_only_with_one_in_the_same_feature_space(
+        fake_mlflow, versions, champion_network, candidate_network, alike):
+    for version, gate, network in (("1", 12.0, champion_network), ("2", 10.0, candidate_network)):
+        versions[version] = _Version(version, gate, "fid", **({NETWORK: network} if network else {}))
+    asked = []
+
+    def reevaluate(mv):
+        asked.append(str(mv.version))
+        return 9.0  # the champion, measured as the candidate was: better than it after all
+
+    decision = registry.promote("digits-gan", "2", reevaluate=reevaluate)
+    if alike:
+        assert asked == [] and (decision.alias, decision.champion_value) == ("champion", 12.0)
+        assert "on the same test snapshot" in decision.reason
+    else:
+        assert asked == ["1"] and (decision.alias, decision.champion_value) == ("challenger", 9.0)
+        assert "re-evaluated" in decision.reason
+        kept = registry.promote("digits-gan", "2", reevaluate=lambda mv: None)
+        assert kept.alias == "challenger" and "in another domain classifier's feature space" in kept.reason
+    assert fake_mlflow["champion"] == ("2" if alike else "1")
+
+
+def test_an_nll_is_compared_as_it_stands_whatever_the_feature_networks(fake_mlflow, versions):
+    versions["1"].tags[NETWORK], versions["2"].tags[NETWORK] = "a" * 64, "b" * 64
+    decision = registry.promote("digits-vae", "2", reevaluate=lambda mv: pytest.fail("nothing to re-evaluate"))
+    assert (decision.alias, decision.champion_value) == ("champion", 50.0)

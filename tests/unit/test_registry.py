@@ -95,6 +95,7 @@ def register(work, model: Trained, dataset: str, metrics: dict[str, float] | Non
             snapshot_hash=meta["snapshot_hash"], artifact_root=work["artifact_root"],
             artifacts={"metrics.json": model.run.get_bytes("metrics.json")},
             history=json.loads(model.run.get_bytes("history.json")),
+            feature_network=runs.evaluation_record(model.run).get("feature_network"),
         )
 
 
@@ -112,6 +113,60 @@ def versions(name: str) -> list[str]:
     from mlflow import MlflowClient
 
     return sorted(str(mv.version) for mv in MlflowClient().search_model_versions(f"name='{name}'"))
+
+
+def test_each_evaluation_records_the_networks_its_figures_were_measured_with(work, models):
+    from mlflow import MlflowClient
+
+    from genmodels.evaluation.classifier import class_judge_config, load_or_train_classifier
+    from genmodels.evaluation.likelihood import weights_digest
+
+    store, snapshot = work["store"], work["snapshots"][0]
+    cached = load_or_train_classifier(snapshot, store)  # what the runs' evaluations cached
+    assert cached.from_cache
+    domain = weights_digest(cached.network)
+    judge_config = class_judge_config(snapshot.image)
+    judge = domain if judge_config is None else weights_digest(
+        load_or_train_classifier(snapshot, store, judge_config, name="class-judge").network)
+    assert runs.evaluation_record(models["mid"].run) == {"settings": runs.evaluation_settings("quick"), "seed": 0,
+                                                          "feature_network": domain}
+    assert runs.evaluation_record(models["cvae"].run) == {"settings": runs.evaluation_settings("quick"), "seed": 0,
+                                                           "feature_network": domain, "class_judge": judge}
+    # Another snapshot's figures were measured in its own classifier's features.
+    assert runs.evaluation_record(models["other_snapshot"].run)["feature_network"] != domain
+    reg = register(work, models["mid"], "provenance")
+    assert MlflowClient().get_model_version(reg.name, reg.version).tags[registry.FEATURE_NETWORK_TAG] == domain
+
+
+def test_a_champion_is_reevaluated_as_the_candidate_was_or_not_at_all(work, models):
+    from genmodels.evaluation.classifier import load_or_train_classifier
+    from genmodels.evaluation.likelihood import weights_digest
+
+    store, snapshots = work["store"], work["snapshots"]
+    champion = models["mid"]
+    checkpoint = champion.run.get_bytes("model.pt")
+    network = weights_digest(load_or_train_classifier(snapshots[0], store).network)
+    tags = {"genmodels.dataset": "digits", "genmodels.snapshot_hash": champion.snapshot_hash,
+            "genmodels.gate_metric": "fid"}
+
+    # On its own snapshot, in the candidate's classifier's features: the figure its evaluation gave.
+    value, why_not = runs.reevaluate_champion(store, snapshots[0], checkpoint, tags, "quick", feature_network=network)
+    assert (value, why_not) == (pytest.approx(champion.metrics["fid"], rel=1e-6), "")
+    # A candidate whose FID was measured with another classifier, or with one not recorded: no figure.
+    for other in ("0" * 64, None):
+        value, why_not = runs.reevaluate_champion(store, snapshots[0], checkpoint, tags, "quick", feature_network=other)
+        assert value is None and "other domain-classifier features" in why_not
+    # An NLL is the same in any classifier's features.
+    value, why_not = runs.reevaluate_champion(store, snapshots[0], checkpoint, {**tags, "genmodels.gate_metric":
+                                              "nll_nats"}, "quick", feature_network="0" * 64)
+    assert (value, why_not) == (pytest.approx(champion.metrics["nll_nats"], rel=1e-6), "")
+    # Scored on another split of digits, whose test images it partly trained on: optimistic.
+    value, why_not = runs.reevaluate_champion(store, snapshots[1], checkpoint, tags, "quick", feature_network=network)
+    assert value is None and "trained on some of the candidate's test images" in why_not
+    # Its snapshot is gone from the storage: that cannot be checked.
+    gone = {**tags, "genmodels.snapshot_hash": "f" * 64}
+    value, why_not = runs.reevaluate_champion(store, snapshots[0], checkpoint, gone, "quick", feature_network=network)
+    assert value is None and "cannot be checked" in why_not
 
 
 # --- the gate on one test snapshot ----------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_new_weights_take_the_old_weights_figures_pictures_and_graphs_with_them(
     outcome = runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
     run = outcome.run
     runs.export_run(run)
-    derived = {"metrics.json": b'{"nll_nats": 1.0}', "samples.png": b"png"}
+    derived = {"metrics.json": b'{"nll_nats": 1.0}', runs.EVALUATION_RECORD: b'{"seed": 0}', "samples.png": b"png"}
     for key, data in derived.items():
         run.put_bytes(key, data)
     graphs = run.list(f"{runs.ONNX_PREFIX}/")
@@ -86,7 +86,7 @@ def test_new_weights_take_the_old_weights_figures_pictures_and_graphs_with_them(
                       fresh=True)
     assert run.get_bytes("model.pt") != old_model
     assert runs.derived_keys(run) == [] and not run.exists("metrics.json")
-    assert run.exists("history.json")
+    assert runs.evaluation_record(run) == {} and run.exists("history.json")
 
 
 def test_a_report_beside_a_retrain_leaves_out_the_family_whose_figures_just_went(store, snapshot, monkeypatch):
