@@ -130,9 +130,10 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
     model, meta = runs.load_model(run)
     model_config = {k: v for k, v in model.config.to_dict().items() if k != "image"}
     pictures = {key: run.get_bytes(key) for key in runs.picture_keys(run)}
-    evaluated = {"metrics.json": run.get_bytes("metrics.json")}
-    if run.exists(runs.EVALUATION_RECORD):  # not for a run evaluated before it was written
-        evaluated[runs.EVALUATION_RECORD] = run.get_bytes(runs.EVALUATION_RECORD)
+    artifacts = {**pictures, **{key: run.get_bytes(key) for key in ("metrics.json", "history.json")}}
+    evaluation = runs.evaluation_record(run)  # empty for a run evaluated before it was written
+    if evaluation:
+        artifacts[runs.EVALUATION_RECORD] = json.dumps(evaluation, indent=2, sort_keys=True).encode()
     with tempfile.TemporaryDirectory() as tmp:
         registered = registry.register(
             dataset=meta["dataset"], family=model.family, preset=preset, checkpoint=checkpoint,
@@ -140,9 +141,8 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
             params={"family": model.family, "preset": preset, "dataset": meta["dataset"], "model": model_config,
                     "image": model.config.to_dict()["image"], "train": meta["train_config"]},
             snapshot_hash=meta["snapshot_hash"], artifact_root=artifact_root,
-            artifacts={**pictures, **evaluated, "history.json": run.get_bytes("history.json")},
-            history=json.loads(run.get_bytes("history.json")),
-            feature_network=runs.evaluation_record(run).get("feature_network"),
+            artifacts=artifacts, history=json.loads(artifacts["history.json"]),
+            feature_network=evaluation.get("feature_network"),
         )
     get_run_logger().info("%s version %s (%s)", registered.name, registered.version,
                           "new" if registered.created else "already registered")
