@@ -30,7 +30,6 @@ import torch
 from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, snapshot_prefix, write_snapshot
 from genmodels.models import checkpoint_bytes, initial_model, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
-from genmodels.registry import FEATURE_SPACE_METRICS
 from genmodels.storage import Storage
 from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, load_resume_state,
                                 preset_configs, resolve_device, train)
@@ -293,6 +292,8 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
     another image format, a champion trained on some of these test images (or on a snapshot not
     in ``storage`` to check), a FID that ``storage``'s classifier would measure in other features
     than the candidate's."""
+    from genmodels.registry import FEATURE_SPACE_METRICS
+
     model = model_from_checkpoint(checkpoint, where=where)
     if model.image != snapshot.image:
         return None, f"it generates {model.image}, the candidate's test images are {snapshot.image}"
