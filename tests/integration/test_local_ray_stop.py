@@ -22,8 +22,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_worker_stuck_in_its_exit_is_killed_when_the_local_cluster_stops():
-    from genmodels.ray_runtime import LOCAL_CLUSTER_ENV, cluster_workers, ensure_ray, stop_ray
+def _stuck_in_exit_actor():
+    """An actor (on the connected cluster) whose ``leave`` takes it out of the cluster and then
+    leaves its process hanging in its own exit, as Ray 2.60's deadlocked exit handler does."""
 
     @ray.remote(num_cpus=0)
     class StuckInExit:
@@ -36,14 +37,25 @@ def test_a_worker_stuck_in_its_exit_is_killed_when_the_local_cluster_stops():
             atexit.register(time.sleep, 3600)  # runs after the worker has left the cluster
             ray.actor.exit_actor()
 
+    return StuckInExit.remote()
+
+
+def _leave(actor) -> None:
+    """Ask ``actor`` to leave; return once the cluster has lost it (its process hangs on)."""
+    actor.leave.remote()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.pid.remote(), timeout=30)
+
+
+def test_a_worker_stuck_in_its_exit_is_killed_when_the_local_cluster_stops():
+    from genmodels.ray_runtime import LOCAL_CLUSTER_ENV, cluster_workers, ensure_ray, stop_ray
+
     ensure_ray(num_cpus=1)
     cluster = os.environ[LOCAL_CLUSTER_ENV]
     try:
-        actor = StuckInExit.remote()
+        actor = _stuck_in_exit_actor()
         pid = ray.get(actor.pid.remote())
-        actor.leave.remote()
-        with pytest.raises(ray.exceptions.RayActorError):  # the actor is gone ...
-            ray.get(actor.pid.remote(), timeout=30)
+        _leave(actor)  # the actor is gone ...
         time.sleep(1)
         assert _alive(pid) and pid in cluster_workers(cluster)  # ... and its process is not
     finally:
@@ -62,25 +74,12 @@ def test_a_running_cluster_kills_a_worker_stuck_in_its_exit_once_its_grace_is_ov
     of its exit is older than the grace, a live actor and the cluster itself carry on."""
     from genmodels.ray_runtime import LOCAL_CLUSTER_ENV, cluster_workers, ensure_ray, reap_departed_workers, stop_ray
 
-    @ray.remote(num_cpus=0)
-    class StuckInExit:
-        def pid(self) -> int:
-            return os.getpid()
-
-        def leave(self) -> None:
-            import atexit
-
-            atexit.register(time.sleep, 3600)
-            ray.actor.exit_actor()
-
     ensure_ray(num_cpus=1)
     cluster = os.environ[LOCAL_CLUSTER_ENV]
     try:
-        stuck, live = StuckInExit.remote(), StuckInExit.remote()
+        stuck, live = _stuck_in_exit_actor(), _stuck_in_exit_actor()
         stuck_pid, live_pid = ray.get([stuck.pid.remote(), live.pid.remote()])
-        stuck.leave.remote()
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(stuck.pid.remote(), timeout=30)
+        _leave(stuck)
         time.sleep(1.5)
         assert _alive(stuck_pid) and stuck_pid in cluster_workers(cluster)
         assert reap_departed_workers(grace_s=60) == {}  # its exit is recorded, but only just
@@ -92,7 +91,7 @@ def test_a_running_cluster_kills_a_worker_stuck_in_its_exit_once_its_grace_is_ov
             time.sleep(0.1)
         assert not _alive(stuck_pid)
         assert ray.get(live.pid.remote(), timeout=30) == live_pid and _alive(live_pid)
-        assert ray.get(StuckInExit.remote().pid.remote(), timeout=60) > 0  # the cluster takes new work
+        assert ray.get(_stuck_in_exit_actor().pid.remote(), timeout=60) > 0  # the cluster takes new work
         assert reap_departed_workers(grace_s=0.5) == {}
     finally:
         stop_ray(grace_s=1.0)
