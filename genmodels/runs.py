@@ -282,7 +282,8 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
 
 def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes, tags: Mapping[str, str],
                         preset: str, seed: int = 0, feature_network: str | None = None,
-                        where: str = "champion") -> tuple[float | None, str]:
+                        where: str = "champion",
+                        read_snapshot_at: Callable[[str], Snapshot] | None = None) -> tuple[float | None, str]:
     """A champion's gate metric measured as a candidate's was: on the candidate's test
     ``snapshot``, with ``preset``'s evaluation settings and ``seed``, and a FID in the features of
     the candidate's domain classifier (``feature_network``, the candidate's weights digest of it).
@@ -291,7 +292,8 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
     gate metric). Returns ``(value, "")``, or ``(None, why)`` when no comparable value can be had:
     another image format, a champion trained on some of these test images (or on a snapshot not
     in ``storage`` to check), a FID that ``storage``'s classifier would measure in other features
-    than the candidate's."""
+    than the candidate's. ``read_snapshot_at`` reads the champion's snapshot by prefix (default: from
+    ``storage``; a flow passes its cached reader, its families' champions sharing one snapshot)."""
     from genmodels.registry import FEATURE_SPACE_METRICS
 
     model = model_from_checkpoint(checkpoint, where=where)
@@ -299,7 +301,7 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
         return None, f"it generates {model.image}, the candidate's test images are {snapshot.image}"
     trained_prefix = snapshot_prefix(tags["genmodels.dataset"], tags["genmodels.snapshot_hash"])
     try:
-        trained_on = load_snapshot(storage, trained_prefix)
+        trained_on = (read_snapshot_at or (lambda prefix: load_snapshot(storage, prefix)))(trained_prefix)
     except FileNotFoundError:
         return None, (f"its snapshot {trained_prefix} is not in {storage.url}: whether it trained on the "
                       "candidate's test images cannot be checked")

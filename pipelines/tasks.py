@@ -179,7 +179,7 @@ def promote(storage_url: str, snapshot_prefix: str, name: str, version: str, pre
         value, why_not = runs.reevaluate_champion(
             open_storage(storage_url), _snapshot(storage_url, snapshot_prefix), registry.download_checkpoint(champion),
             champion.tags, preset, seed=seed, feature_network=candidate.tags.get(registry.FEATURE_NETWORK_TAG),
-            where=f"models:/{name}/{champion.version}")
+            where=f"models:/{name}/{champion.version}", read_snapshot_at=functools.partial(_snapshot, storage_url))
         if why_not:
             get_run_logger().warning("champion v%s of %s cannot be compared with v%s: %s", champion.version, name,
                                      version, why_not)
