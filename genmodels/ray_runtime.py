@@ -109,11 +109,17 @@ def reap_workers(cluster: str, grace_s: float = WORKER_EXIT_GRACE_S) -> dict[int
     while (left := cluster_workers(cluster)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _sigkill(pid)
     return left
+
+
+def _sigkill(pid: int) -> bool:
+    """SIGKILL ``pid``; False when it had already ended."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def reap_departed_workers(grace_s: float = DEPARTED_WORKER_GRACE_S) -> dict[int, str]:
@@ -133,16 +139,8 @@ def reap_departed_workers(grace_s: float = DEPARTED_WORKER_GRACE_S) -> dict[int,
     except Exception as exc:  # private GCS API: a Ray upgrade may move it; the server must not fail
         logger.warning("cannot read Ray's worker table to find workers stuck in their exit: %s", exc)
         return {}
-    killed: dict[int, str] = {}
-    for cluster in _local_clusters:
-        for pid, title in cluster_workers(cluster).items():
-            if pid not in departed:
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # it ended after all
-                continue
-            killed[pid] = title
+    killed = {pid: title for cluster in _local_clusters for pid, title in cluster_workers(cluster).items()
+              if pid in departed and _sigkill(pid)}
     if killed:
         logger.warning("killed %d Ray worker process(es) still running %.0f s after Ray recorded their exit: %s",
                        len(killed), grace_s, ", ".join(f"{pid} ({title})" for pid, title in sorted(killed.items())))
