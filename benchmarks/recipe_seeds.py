@@ -17,11 +17,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-SUMMARY_KEYS = ("nll_nats", "fid", "precision", "recall", "class_accuracy", "train_seconds", "eval_seconds")
+SUMMARY_KEYS = ("nll_nats", "fid", "precision", "recall", "class_accuracy", "val_loss", "train_seconds", "eval_seconds")
 
 
 def run_one(store: str, out: str, dataset: str, family: str, preset: str, variant: str, spec: dict, seed: int,
-            threads: int) -> dict:
+            threads: int, evaluate: bool = True) -> dict:
     import torch
 
     from genmodels import runs
@@ -43,7 +43,8 @@ def run_one(store: str, out: str, dataset: str, family: str, preset: str, varian
     outcome = runs.train_family(storage, snapshot, family, preset, overrides={**spec.get("train", {}), "seed": seed},
                                 model_overrides=spec.get("model", {}))
     wall = time.perf_counter() - t0
-    metrics = runs.evaluate_model(storage, outcome.result.model.eval(), snapshot, preset, seed=0)
+    metrics = runs.evaluate_model(storage, outcome.result.model.eval(), snapshot, preset, seed=0) if evaluate else {}
+    metrics["val_loss"] = outcome.result.history[-1].get("val_loss")
     metrics["train_seconds"] = sum(h.get("seconds", 0.0) for h in outcome.result.history)
     metrics["train_wall_seconds"] = wall
     row = {"variant": variant, "seed": seed, "spec": spec, **metrics}
@@ -63,12 +64,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-only", action="store_true",
+                        help="skip the evaluation (compare exact models with paired_nll.py afterwards)")
     args = parser.parse_args()
     variants = [(name, json.loads(spec)) for name, spec in (args.variant or [("base", "{}")])]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(v, spec, s) for v, spec in variants for s in args.seeds]
     with ProcessPoolExecutor(args.parallel) as pool, open(Path(args.out) / "results.jsonl", "a") as log:
-        futures = [pool.submit(run_one, args.store, args.out, args.dataset, args.family, args.preset, v, spec, s, args.threads)
+        futures = [pool.submit(run_one, args.store, args.out, args.dataset, args.family, args.preset, v, spec, s,
+                               args.threads, not args.train_only)
                    for v, spec, s in jobs]
         for future in futures:
             row = future.result()
