@@ -18,9 +18,7 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
   ``row_step`` (Diagonal BiLSTM only) and ``conditioning`` (class-conditional only: labels ->
   per-sample class biases; an unconditional model's biases are zeros). A model with a position
   bias has one more ``pixel_step`` input, ``pixel`` (int64 scalar: the raster index i * W + j);
-  the runtime feeds it where the graph has it, so graphs exported before it still sample. A model
-  with gated blocks has two more after it, ``block_above`` [batch, G, h, 3] and ``block_left``
-  [batch, G, h], and one more output, ``block_inp`` [batch, G, h] (``PixelRNN.pixel_step``).
+  the runtime feeds it where the graph has it, so graphs exported before it still sample.
 - ``likelihood`` (x [batch, C, H, W] -> log p(x) [batch]) where it exports cleanly: the
   unconditional PixelRNN. Not exported: VAE/CVAE (the IWAE estimate draws from torch's
   global RNG inside the graph), GAN (no likelihood), mixture (its float64 chunked path froze
@@ -118,14 +116,11 @@ class _PixelStep(nn.Module):
         self.model = model
 
     def forward(self, window: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # After the states come, where the model has them, the pixel's raster index and then the
-        # gated blocks' inputs (see _export_all).
-        extra: dict[str, torch.Tensor] = {}
-        if self.model.config.gated_blocks:
-            *states, extra["block_above"], extra["block_left"] = states
+        # With a position bias the last input is the pixel's raster index (see _export_all).
         if self.model.config.position_bias:
-            *states, extra["pixel"] = states
-        return self.model.pixel_step(window, *states, **extra)
+            *states, pixel = states
+            return self.model.pixel_step(window, *states, pixel=pixel)
+        return self.model.pixel_step(window, *states)
 
 
 class _RowStep(nn.Module):
@@ -157,7 +152,6 @@ def _pixelrnn_meta(model: GenerativeModel) -> dict[str, Any]:
         "head_hidden": cfg.head_hidden, "input_kernel": cfg.input_kernel,
         "input_width": cfg.input_columns, "directions": model.directions,
         "conditional": bool(model.conditional), "position_bias": bool(cfg.position_bias),
-        "gated_blocks": cfg.gated_blocks,
     }
 
 
@@ -251,15 +245,10 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
             # An int64 scalar, no batch axis: every row of a step is at the same pixel.
             states, state_names = (*states, torch.tensor(0)), [*state_names, "pixel"]
             state_shapes = (*state_shapes, None)
-        outputs = ["logits", "h", "c", "layer_inp"]
-        if cfg.gated_blocks:
-            blocks = L * cfg.gated_blocks
-            states = (*states, torch.zeros(n, blocks, h, 3), torch.zeros(n, blocks, h))
-            state_names, outputs = [*state_names, "block_above", "block_left"], [*outputs, "block_inp"]
-            state_shapes = (*state_shapes, {0: batch}, {0: batch})
         # *states is one positional argument of forward: its shapes go in one extra tuple.
         graphs["pixel_step"] = (
-            _PixelStep(model), (window, *states), ["window", *state_names], outputs, ({0: batch}, state_shapes),
+            _PixelStep(model), (window, *states), ["window", *state_names], ["logits", "h", "c", "layer_inp"],
+            ({0: batch}, state_shapes),
         )
         if model.directions == 2:
             row = torch.zeros(n, L, h, W)

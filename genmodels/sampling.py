@@ -111,8 +111,6 @@ class OnnxPixelRNNSampler:
         self.input_pad = self._input_pad(self.sessions["pixel_step"])
         # Graphs of a model with a position bias read the pixel's raster index; the graph says.
         self.positional = any(i.name == "pixel" for i in self.sessions["pixel_step"].get_inputs())
-        # Gated blocks after every layer (graphs exported before they existed have none).
-        self.blocks = self.net["num_layers"] * self.net.get("gated_blocks", 0)
 
     @staticmethod
     def _input_pad(pixel_step) -> tuple[int, int]:
@@ -179,8 +177,6 @@ class OnnxPixelRNNSampler:
         else:
             s["above_h"] = np.zeros((B, L, W + 2, hid), f32)
             s["above_c"] = np.zeros((B, L, W, hid), f32)
-        if self.blocks:
-            s["block_above"] = np.zeros((B, self.blocks, W + 2, hid), f32)
         expanded = False
 
         def expand() -> None:
@@ -197,9 +193,6 @@ class OnnxPixelRNNSampler:
             else:
                 s["row_c"] = np.zeros_like(s["above_c"])
                 s["left_inp"] = np.zeros((rows, L, hid), f32)
-            if self.blocks:
-                s["block_row"] = np.zeros_like(s["block_above"])
-                s["block_left"] = np.zeros((rows, self.blocks, hid), f32)
             for j in range(W):
                 is_known = i * W + j < prefix
                 if not is_known and not expanded:
@@ -222,10 +215,7 @@ class OnnxPixelRNNSampler:
                                  "gate_bias": s["gate_bias"], "head_bias": s["head_bias"]}
                     if self.positional:
                         feeds["pixel"] = np.array(i * W + j, np.int64)
-                    if self.blocks:
-                        feeds["block_above"] = np.ascontiguousarray(s["block_above"][:, :, j : j + 3].transpose(0, 1, 3, 2))
-                        feeds["block_left"] = s["block_left"]
-                    logits, h, c, inp, *block_inp = step.run(None, feeds)
+                    logits, h, c, inp = step.run(None, feeds)
                     if not is_known:
                         level = categorical_inverse_cdf_np(logits[:, :, ch], u[:, ch, i, j], temperature)
                         s["out"][:, ch, i, j] = level
@@ -238,12 +228,7 @@ class OnnxPixelRNNSampler:
                     s["left_inp"] = inp
                     s["row_h"][:, :, j + 1] = h
                     s["row_c"][:, :, j] = c
-                if self.blocks:
-                    s["block_left"] = block_inp[0]
-                    s["block_row"][:, :, j + 1] = block_inp[0]
             s["above_h"] = s["row_h"]
-            if self.blocks:
-                s["block_above"] = s["block_row"]
             if self.diagonal:
                 if i + 1 < H:
                     across = (0, 1, 3, 2)  # the graph's rows are [B, L, h, W]

@@ -1,5 +1,4 @@
-"""Building blocks of PixelRNN: causal masks, masked convolutions, the two LSTM layers and the
-gated convolution block.
+"""Building blocks of PixelRNN: causal masks, masked convolutions and the two LSTM layers.
 
 Every layer has two equivalent code paths over the same parameters:
 - ``forward``: the whole image at once (training, likelihoods), vectorized over a row
@@ -164,36 +163,6 @@ def diagonal_scan(gates_in: torch.Tensor, state_to_state: torch.Tensor) -> torch
         h, c = h * m, c * m
         hs.append(h)
     return unskew(torch.stack(hs, dim=-1), width)
-
-
-class GatedConvBlock(nn.Module):
-    """Gated masked-convolution residual block (PixelCNN's gated unit): x + W_o (tanh(a) * sigmoid(g)),
-    (a, g) a mask-B 3x3 conv of x: the three pixels above, the one to the left and, by channel
-    group, the pixel itself. Parallel over the whole image in training, at about a quarter of a
-    Row LSTM layer's cost on CPU; it adds local depth where the recurrent layers carry the long range.
-    """
-
-    def __init__(self, hidden: int, channels: int) -> None:
-        super().__init__()
-        self.conv = MaskedConv2d(hidden, 2 * hidden, (3, 3), "B", channels, hidden, hidden)
-        self.output = MaskedConv2d(hidden, hidden, (1, 1), "B", channels, hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, h, H, W] (the residual stream) -> the same shape."""
-        a, g = full_precision(self.conv(x)).chunk(2, dim=1)
-        return x + full_precision(self.output(torch.tanh(a) * torch.sigmoid(g)))
-
-    def step(self, inp: torch.Tensor, left: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
-        """One pixel. inp / left: the block's input at (i, j) / (i, j-1), [B, h]; above [B, h, 3]:
-        its input at (i-1, j-1..j+1). Returns its output at (i, j), [B, h]."""
-        w = self.conv.masked_weight  # [2h, h, 3, 3]; the centre row's right tap and the row below are masked off
-        pre = (
-            F.linear(above.flatten(1), w[:, :, 0].flatten(1))
-            + F.linear(left, w[:, :, 1, 0])
-            + F.linear(inp, w[:, :, 1, 1], self.conv.bias)
-        )
-        a, g = pre.chunk(2, dim=1)
-        return inp + F.linear(torch.tanh(a) * torch.sigmoid(g), self.output.masked_weight[:, :, 0, 0], self.output.bias)
 
 
 class RowLSTMLayer(nn.Module):

@@ -3,8 +3,7 @@
 p(x) = prod over pixels in raster order, and over sub-pixels R, G, B within a pixel, of a
 categorical over ``image.levels`` given everything before. The network: a 7x7 mask-A input
 convolution (or 7 rows by ``input_width`` columns), ``num_layers`` Row LSTM or Diagonal BiLSTM
-layers (mask-B semantics, optional residual connections), each optionally followed by
-``gated_blocks`` gated 3x3 mask-B convolution blocks (PixelCNN's unit), and a two-layer 1x1 mask-B output
+layers (mask-B semantics, optional residual connections), and a two-layer 1x1 mask-B output
 head giving logits [B, levels, C, H, W]. Class conditioning adds a learned per-class bias to
 every layer's gates and to the head's hidden layer. On dynamically binarized training batches the
 loss is the NLL's expectation over each pixel's own binarization (``_training_log_likelihood``).
@@ -39,7 +38,6 @@ from torch import nn
 
 from genmodels.models._pixelrnn_layers import (
     GATES,
-    GatedConvBlock,
     DiagonalBiLSTMLayer,
     MaskedConv2d,
     RowLSTMLayer,
@@ -68,9 +66,6 @@ class PixelRNNConfig(ModelConfig):
     # padding shows the input conv only the borders it touches and a black background looks the
     # same everywhere, so without it a Row LSTM must count rows and columns in its state.
     position_bias: bool = False
-    # Gated masked-conv residual blocks (3x3, mask B) after each recurrent layer: depth at about a
-    # quarter of a Row LSTM layer's cost each (benchmarks/RESULTS.md).
-    gated_blocks: int = 0
     conditional: bool = False
 
     def __post_init__(self) -> None:
@@ -79,8 +74,6 @@ class PixelRNNConfig(ModelConfig):
         for name in ("num_layers", "hidden_channels", "head_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PixelRNNConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.gated_blocks < 0:
-            raise ValueError(f"PixelRNNConfig.gated_blocks must be >= 0, got {self.gated_blocks}")
         if self.input_kernel < 3 or self.input_kernel % 2 == 0:
             raise ValueError(f"PixelRNNConfig.input_kernel must be odd and >= 3, got {self.input_kernel}")
         if self.input_width is not None and (self.input_width < 3 or self.input_width % 2 == 0):
@@ -189,10 +182,6 @@ class PixelRNN(GenerativeModel):
         self.input_conv = MaskedConv2d(c, hid, kernel, "A", c, c, hid)
         layer_cls = DiagonalBiLSTMLayer if config.layer == "diagonal" else RowLSTMLayer
         self.layers = nn.ModuleList(layer_cls(hid, c, config.residual) for _ in range(config.num_layers))
-        # The blocks after each layer (empty lists without blocks: no parameters, no work).
-        self.gated = nn.ModuleList(
-            nn.ModuleList(GatedConvBlock(hid, c) for _ in range(config.gated_blocks)) for _ in range(config.num_layers)
-        )
         if config.position_bias:
             self.position_bias = nn.Parameter(torch.zeros(hid, img.height, img.width))
         hh = config.head_hidden
@@ -251,8 +240,6 @@ class PixelRNN(GenerativeModel):
             if gate_bias is not None:
                 gb = gate_bias[:, idx, 0] if self.directions == 1 else gate_bias[:, idx]
             feat = layer(feat, gb)
-            for block in self.gated[idx]:
-                feat = block(feat)
         z = self.head_hidden(F.relu(feat))
         if head_bias is not None:
             z = z + head_bias[:, :, None, None]
@@ -318,9 +305,8 @@ class PixelRNN(GenerativeModel):
     ) -> torch.Tensor:
         return self.sample_cached(noise, labels, temperature)
 
-    def pixel_step(self, window: torch.Tensor, *states: torch.Tensor, pixel: torch.Tensor | None = None,
-                   block_above: torch.Tensor | None = None,
-                   block_left: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def pixel_step(self, window: torch.Tensor, *states: torch.Tensor,
+                   pixel: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """All layers at one pixel from cached states; pure, fixed-size inputs (rows of B).
 
         window [B, C, pad_h+1, 2*pad_w+1] (``config.input_pad``): network-input values of the
@@ -334,45 +320,36 @@ class PixelRNN(GenerativeModel):
         (right-to-left h at (i-1, j)), gate_bias [B, L, 2, 4h], head_bias.
         ``pixel``: an int64 scalar, the pixel's raster index i * W + j; required exactly when the model
         has a ``position_bias``.
-        ``block_above`` [B, G, h, 3] and ``block_left`` [B, G, h]: with G = L * ``gated_blocks`` > 0
-        (required exactly then), each gated block's input at (i-1, j-1..j+1) and at (i, j-1), blocks
-        in network order.
         Returns (logits [B, levels, C], h [B, L, h], c [B, L, h], layer_inp [B, L, h]), the
-        last being each layer's input at (i, j), and with gated blocks block_inp [B, G, h], each
-        block's input at (i, j).
+        last being each layer's input at (i, j).
         """
-        gated = self.config.gated_blocks
-        if gated and (block_above is None or block_left is None):
-            raise ValueError("this PixelRNN has gated blocks: pixel_step needs block_above and block_left")
         w = self.input_conv.masked_weight[:, :, : window.shape[2]]
         feat = F.linear(window.flatten(1), w.flatten(1), self.input_conv.bias)
         if self.config.position_bias:
             if pixel is None:
                 raise ValueError("this PixelRNN has a position bias: pixel_step needs the pixel's raster index")
             feat = feat + self.position_bias.flatten(1).index_select(1, pixel.reshape(1)).transpose(0, 1)
+        hs, cs, inps = [], [], []
         if self.directions == 1:
             above_h, above_c, left_inp, gate_bias, head_bias = states
+            for idx, layer in enumerate(self.layers):
+                inps.append(feat)
+                h, c, feat = layer.step(feat, left_inp[:, idx], above_h[:, idx], above_c[:, idx], gate_bias[:, idx, 0])
+                hs.append(h)
+                cs.append(c)
         else:
             left_h, left_c, above_h, rl_above, gate_bias, head_bias = states
-        hs, cs, inps, block_inps = [], [], [], []
-        for idx, layer in enumerate(self.layers):
-            inps.append(feat)
-            if self.directions == 1:
-                h, c, feat = layer.step(feat, left_inp[:, idx], above_h[:, idx], above_c[:, idx], gate_bias[:, idx, 0])
-            else:
+            for idx, layer in enumerate(self.layers):
+                inps.append(feat)
                 h, c, feat = layer.step(
                     feat, left_h[:, idx], left_c[:, idx], above_h[:, idx], rl_above[:, idx], gate_bias[:, idx, 0]
                 )
-            hs.append(h)
-            cs.append(c)
-            for k, block in enumerate(self.gated[idx], start=idx * gated):
-                block_inps.append(feat)
-                feat = block.step(feat, block_left[:, k], block_above[:, k])
+                hs.append(h)
+                cs.append(c)
         z = F.linear(F.relu(feat), self.head_hidden.masked_weight[:, :, 0, 0], self.head_hidden.bias) + head_bias
         out = F.linear(F.relu(z), self.head_out.masked_weight[:, :, 0, 0], self.head_out.bias)
         logits = out.view(out.shape[0], self.image.channels, self.image.levels).transpose(1, 2)
-        stepped = (logits, torch.stack(hs, 1), torch.stack(cs, 1), torch.stack(inps, 1))
-        return stepped + (torch.stack(block_inps, 1),) if gated else stepped
+        return logits, torch.stack(hs, 1), torch.stack(cs, 1), torch.stack(inps, 1)
 
     def row_step(self, row_inp: torch.Tensor, rl_above: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
         """Diagonal BiLSTM: right-to-left h of every layer over a finished row.
@@ -520,9 +497,6 @@ class PixelRNN(GenerativeModel):
         else:
             s["above_h"] = u.new_zeros(B, L, W + 2, hid)  # one zero column each side for the 1x3 conv
             s["above_c"] = u.new_zeros(B, L, W, hid)
-        blocks = L * self.config.gated_blocks
-        if blocks:
-            s["block_above"] = u.new_zeros(B, blocks, W + 2, hid)  # as above_h: the 3x3 conv's row above
         expanded = False
 
         def expand() -> None:
@@ -539,9 +513,6 @@ class PixelRNN(GenerativeModel):
             else:
                 s["row_c"] = torch.zeros_like(s["above_c"])
                 s["left_inp"] = u.new_zeros(rows, L, hid)
-            if blocks:
-                s["block_row"] = torch.zeros_like(s["block_above"])
-                s["block_left"] = u.new_zeros(rows, blocks, hid)
             for j in range(W):
                 # Every channel of a known pixel is known and no state depends on a pixel's last
                 # channel, so one step per known pixel warms the states.
@@ -554,22 +525,17 @@ class PixelRNN(GenerativeModel):
                 window = canvas[:, :, i : i + pad_h + 1, j : j + 2 * pad_w + 1]
                 if is_known:
                     canvas[:, :, i + pad_h, j + pad_w] = self.network_input(self.from_levels(s["out"][:, :, i, j]).to(u))
-                extra: dict[str, torch.Tensor] = {}
-                if self.config.position_bias:
-                    extra["pixel"] = torch.tensor(i * W + j, device=u.device)
-                if blocks:
-                    extra["block_above"] = s["block_above"][:, :, j : j + 3].transpose(-1, -2)
-                    extra["block_left"] = s["block_left"]
+                pixel = torch.tensor(i * W + j, device=u.device) if self.config.position_bias else None
                 for ch in range(1 if is_known else C):
                     if diagonal:
-                        logits, h, c, inp, *block_inp = self.pixel_step(
+                        logits, h, c, inp = self.pixel_step(
                             window, s["left_h"], s["left_c"], s["above_h"][:, :, j], s["rl_above"][:, :, j],
-                            s["gate_bias"], s["head_bias"], **extra,
+                            s["gate_bias"], s["head_bias"], pixel=pixel,
                         )
                     else:
-                        logits, h, c, inp, *block_inp = self.pixel_step(
+                        logits, h, c, inp = self.pixel_step(
                             window, s["above_h"][:, :, j : j + 3].transpose(-1, -2), s["above_c"][:, :, j],
-                            s["left_inp"], s["gate_bias"], s["head_bias"], **extra,
+                            s["left_inp"], s["gate_bias"], s["head_bias"], pixel=pixel,
                         )
                     if not is_known:
                         level = categorical_inverse_cdf(logits[:, :, ch], u[:, ch, i, j], temperature)
@@ -585,12 +551,7 @@ class PixelRNN(GenerativeModel):
                     s["left_inp"] = inp
                     s["row_h"][:, :, j + 1] = h
                     s["row_c"][:, :, j] = c
-                if blocks:
-                    s["block_left"] = block_inp[0]
-                    s["block_row"][:, :, j + 1] = block_inp[0]
             s["above_h"] = s["row_h"]
-            if blocks:
-                s["block_above"] = s["block_row"]
             if diagonal:
                 if i + 1 < H:  # the last row's right-to-left states would never be read
                     rl_above = self.row_step(s["row_inp"].transpose(-1, -2), s["rl_above"].transpose(-1, -2),

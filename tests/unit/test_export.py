@@ -37,7 +37,6 @@ GRAPHS = {
     "mixture_8bit": {"sampler", "complete"},
     "pixelrnn_row": {"pixel_step", "likelihood"},
     "pixelrnn_diagonal": {"pixel_step", "row_step", "conditioning"},
-    "pixelrnn_gated": {"pixel_step", "likelihood"},
 }
 
 
@@ -88,7 +87,7 @@ def test_file_path_puts_first_graph_there_and_the_rest_beside_it(tmp_path):
     assert read_metadata(files[0])["graph"] == "pixel_step"
 
 
-@pytest.mark.parametrize("case", ["pixelrnn_row", "pixelrnn_diagonal", "pixelrnn_gated"])
+@pytest.mark.parametrize("case", ["pixelrnn_row", "pixelrnn_diagonal"])
 def test_onnx_pixelrnn_sampler_reproduces_sample_cached_exactly(case, exported):
     model, files = exported(case)
     sampler = OnnxPixelRNNSampler(files)

@@ -62,7 +62,6 @@ def all_binary_images(channels: int, height: int, width: int) -> torch.Tensor:
         (ImageSpec(), {"input_width": 8}, "input_width must be odd"),
         (ImageSpec(), {"input_width": 1}, "input_width must be odd and >= 3"),
         (ImageSpec(), {"num_layers": 0}, "num_layers must be >= 1"),
-        (ImageSpec(), {"gated_blocks": -1}, "gated_blocks must be >= 0"),
         (ImageSpec(num_classes=0), {"conditional": True}, "num_classes >= 1"),
     ],
 )
@@ -87,11 +86,9 @@ def test_config_round_trips_through_dict():
 
 # --- likelihood --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conditional, position_bias, gated_blocks",
-                         [(False, False, 0), (True, False, 0), (False, True, 0), (True, True, 2)])
-def test_likelihood_sums_to_one_over_all_2x2_binary_images(kind, conditional, position_bias, gated_blocks):
-    model = make_model(kind, height=2, width=2, conditional=conditional, position_bias=position_bias,
-                       gated_blocks=gated_blocks)
+@pytest.mark.parametrize("conditional, position_bias", [(False, False), (True, False), (False, True)])
+def test_likelihood_sums_to_one_over_all_2x2_binary_images(kind, conditional, position_bias):
+    model = make_model(kind, height=2, width=2, conditional=conditional, position_bias=position_bias)
     x = all_binary_images(1, 2, 2)
     with torch.no_grad():
         if conditional:
@@ -106,9 +103,8 @@ def test_likelihood_sums_to_one_over_all_2x2_binary_images(kind, conditional, po
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("gated_blocks", [0, 1])
-def test_likelihood_sums_to_one_over_all_2x2_rgb_binary_images(kind, gated_blocks):
-    model = make_model(kind, channels=3, height=2, width=2, gated_blocks=gated_blocks)
+def test_likelihood_sums_to_one_over_all_2x2_rgb_binary_images(kind):
+    model = make_model(kind, channels=3, height=2, width=2)
     x = all_binary_images(3, 2, 2)  # 4096 images: all 12 sub-pixels enumerated
     with torch.no_grad():
         total = torch.logsumexp(model.log_likelihood(x).double(), dim=0).exp().item()
@@ -187,12 +183,11 @@ def input_jacobian(model: PixelRNN, labels: torch.Tensor | None = None, images: 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conditional, position_bias, gated_blocks",
-                         [(False, False, 0), (True, False, 0), (False, True, 0), (False, True, 2)])
-def test_logits_depend_only_on_earlier_pixels(kind, conditional, position_bias, gated_blocks):
+@pytest.mark.parametrize("conditional, position_bias", [(False, False), (True, False), (False, True)])
+def test_logits_depend_only_on_earlier_pixels(kind, conditional, position_bias):
     # Wider than the default: in a 4-unit net, every ReLU of the head can be off at a pixel.
     model = make_model(kind, height=5, width=6, conditional=conditional, hidden_channels=8, head_hidden=16,
-                       position_bias=position_bias, gated_blocks=gated_blocks)
+                       position_bias=position_bias)
     jac = input_jacobian(model, torch.tensor([2]) if conditional else None)
     h, w = 5, 6
     for p in range(h * w):
@@ -229,8 +224,7 @@ def test_a_wide_input_kernel_shows_the_row_lstm_its_whole_row(input_width):
         assert unseen_left == expected, f"pixel {(i, j)} misses {[divmod(q, w) for q in unseen_left]} of its row"
 
 
-@pytest.mark.parametrize("kind, kernel", [("row", {}), ("diagonal", {}), ("row", {"input_kernel": 3, "input_width": 7}),
-                                          ("row", {"gated_blocks": 2}), ("diagonal", {"gated_blocks": 1})])
+@pytest.mark.parametrize("kind, kernel", [("row", {}), ("diagonal", {}), ("row", {"input_kernel": 3, "input_width": 7})])
 def test_rgb_logits_respect_channel_order(kind, kernel):
     # Wider than the default tiny model: with 2 units per colour group, all of a group's ReLUs
     # can be off at a pixel, hiding a real dependence.
@@ -258,11 +252,9 @@ def test_inverse_cdf_picks_the_level_whose_interval_holds_u():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("conditional, position_bias, gated_blocks",
-                         [(False, False, 0), (True, False, 0), (True, True, 0), (False, False, 2), (True, True, 1)])
-def test_cached_sampler_matches_naive_sampler(kind, conditional, position_bias, gated_blocks):
-    model = make_model(kind, height=3, width=4, conditional=conditional, position_bias=position_bias,
-                       gated_blocks=gated_blocks)
+@pytest.mark.parametrize("conditional, position_bias", [(False, False), (True, False), (True, True)])
+def test_cached_sampler_matches_naive_sampler(kind, conditional, position_bias):
+    model = make_model(kind, height=3, width=4, conditional=conditional, position_bias=position_bias)
     for seed, temperature in [(0, 1.0), (1, 0.7), (2, 1.6)]:
         noise = make_noise_tensors(model.noise_spec(), seed, 3)
         labels = torch.tensor([0, 2, 1]) if conditional else None
@@ -277,13 +269,12 @@ def test_cached_sampler_matches_naive_sampler(kind, conditional, position_bias, 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("position_bias, gated_blocks", [(False, 0), (True, 0), (True, 2)])
-def test_cached_sampler_matches_naive_sampler_with_a_wide_input_kernel(kind, channels, position_bias, gated_blocks):
+@pytest.mark.parametrize("position_bias", [False, True])
+def test_cached_sampler_matches_naive_sampler_with_a_wide_input_kernel(kind, channels, position_bias):
     # A 3-row, 9-column input kernel: the canvas pads columns and rows by different amounts.
-    # With the presets' position bias, the completions' warm-up steps read it at the known pixels
-    # too, and the gated blocks' row buffers are warmed over them.
+    # With the presets' position bias, the completions' warm-up steps read it at the known pixels too.
     model = make_model(kind, channels=channels, height=3, width=5, input_kernel=3, input_width=9,
-                       position_bias=position_bias, gated_blocks=gated_blocks)
+                       position_bias=position_bias)
     noise = make_noise_tensors(model.noise_spec(), 3, 2)
     cached, logits = model.sample_cached(noise, temperature=0.8, return_logits=True)
     assert torch.equal(cached, model.sample_naive(noise, temperature=0.8))
@@ -303,17 +294,17 @@ def test_cached_sampler_matches_naive_sampler_rgb_8bit(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("channels, gated_blocks", [(1, 0), (3, 0), (1, 2)])
-def test_cached_sampler_work_per_pixel_does_not_grow_with_image_size(kind, channels, gated_blocks):
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cached_sampler_work_per_pixel_does_not_grow_with_image_size(kind, channels):
     """Count step calls and record their input shapes at two image sizes."""
     records = {}
     for size in [(3, 4), (6, 7)]:
-        model = make_model(kind, channels=channels, height=size[0], width=size[1], gated_blocks=gated_blocks)
+        model = make_model(kind, channels=channels, height=size[0], width=size[1])
         calls = {"pixel": [], "row": []}
         pixel_step, row_step = model.pixel_step, model.row_step
 
         def counted_pixel(*args, _calls=calls, _f=pixel_step, **kwargs):
-            _calls["pixel"].append(tuple(tuple(a.shape) for a in (*args, *kwargs.values())))
+            _calls["pixel"].append(tuple(tuple(a.shape) for a in args))
             return _f(*args, **kwargs)
 
         def counted_row(*args, _calls=calls, _f=row_step):
@@ -402,7 +393,7 @@ def test_a_few_gradient_steps_lower_the_nll(kind):
 def test_under_bf16_autocast_only_the_convolutions_run_in_bf16(kind):
     """The cells accumulate over every row and the residual stream over every layer: those stay
     fp32 (in bf16 they cost the quick PixelRNN a nat), while the convolutions take bf16."""
-    model = make_model(kind, height=5, width=5, conditional=True, gated_blocks=1)
+    model = make_model(kind, height=5, width=5, conditional=True)
     dtypes: dict[str, torch.dtype] = {}
 
     def record(name):
@@ -412,15 +403,13 @@ def test_under_bf16_autocast_only_the_convolutions_run_in_bf16(kind):
         return hook
 
     model.layers[0].input_to_state.register_forward_hook(record("convolution"))
-    model.gated[0][0].conv.register_forward_hook(record("block convolution"))
     for i, layer in enumerate(model.layers):
         layer.register_forward_hook(record(f"layer {i}"))
-        model.gated[i][0].register_forward_hook(record(f"block {i}"))
     grey = torch.rand(3, 1, 5, 5)
     batch = {"x": (torch.rand(3, 1, 5, 5) < grey).float(), "y": torch.tensor([0, 1, 2]), "x_probability": grey}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.loss(batch)["loss"]
-    assert dtypes.pop("convolution") == dtypes.pop("block convolution") == torch.bfloat16
+    assert dtypes.pop("convolution") == torch.bfloat16
     assert set(dtypes.values()) == {torch.float32}, dtypes
     assert loss.dtype == torch.float32
     # bf16 rounds the convolutions' products; nothing compounds that rounding.

@@ -33,9 +33,6 @@ CASES = {
     "pixelrnn_row": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15,
                                               position_bias=True)),
     "pixelrnn_diagonal": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="diagonal", conditional=True)),
-    # The `cpu` preset's: gated convolution blocks after every Row LSTM layer.
-    "pixelrnn_gated": ("pixelrnn", BINARY, dict(SMALL_RNN, layer="row", input_kernel=3, input_width=15,
-                                                position_bias=True, gated_blocks=2)),
 }
 
 
