@@ -30,18 +30,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def registry_env(root: Path) -> Iterator[str]:
-    """The environment of a test registry under ``root``: MLflow on sqlite there, a fixed git
-    commit tag, no API key (each test module turns auth on itself). Yields the tracking URI."""
-    tracking_uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
-        mp.delenv("GENMODELS_API_KEY", raising=False)
-        yield tracking_uri
-
-
 def register_champions(root: Path, dataset: str, families: Sequence[str],
                        metrics: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """Train, export and register one tiny model per family as ``champion``; the tracking URI.

@@ -13,7 +13,8 @@ import io
 
 import numpy as np
 import pytest
-from serving_fixtures import register_champions, registry_env, serve_on_free_port
+from registry_fixtures import registry_env
+from serving_fixtures import register_champions, serve_on_free_port
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")

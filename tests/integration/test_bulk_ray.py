@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from registry_fixtures import registry_env
 from s3_objects import s3_objects
 
 from genmodels import bulk
@@ -122,21 +123,17 @@ def test_cli_generate_end_to_end_on_a_registered_model(graphs, tmp_path, monkeyp
     from genmodels.cli import app
 
     directory, _ = graphs
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
     monkeypatch.setenv("GENMODELS_WORK_DIR", str(tmp_path / "work"))
-    registry.configure(None, "sqlite:///unused.db")
-    checkpoint = io.BytesIO()
-    torch.save({"stand-in": torch.zeros(1)}, checkpoint)
-    reg = registry.register(dataset="digits", family="vae", preset="quick", checkpoint=checkpoint.getvalue(),
-                            onnx_files=sorted(directory.glob("*.onnx")), metrics={"nll_nats": 30.0}, params={},
-                            snapshot_hash="0" * 64, artifact_root=(tmp_path / "mlflow").as_uri())
-    registry.promote(reg.name, reg.version)
-
     out = (tmp_path / "generated").as_uri()
     args = ["generate", "--model", "digits-vae", "--n", "40", "--out", out, "--shard-size", "16", "--seed", "2",
             "--no-ray"]
-    with prefect_test_harness(server_startup_timeout=120):
+    with registry_env(tmp_path), prefect_test_harness(server_startup_timeout=120):
+        checkpoint = io.BytesIO()
+        torch.save({"stand-in": torch.zeros(1)}, checkpoint)
+        reg = registry.register(dataset="digits", family="vae", preset="quick", checkpoint=checkpoint.getvalue(),
+                                onnx_files=sorted(directory.glob("*.onnx")), metrics={"nll_nats": 30.0}, params={},
+                                snapshot_hash="0" * 64, artifact_root=(tmp_path / "mlflow").as_uri())
+        registry.promote(reg.name, reg.version)
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         manifest = bulk.verify(out)

@@ -9,7 +9,6 @@ default output root, ``<storage>/outputs/``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -26,11 +25,12 @@ pytestmark = pytest.mark.slow
 
 httpx = pytest.importorskip("httpx")
 
+from registry_fixtures import register_untrained_champion, registry_env
 from serving_fixtures import free_port
 
 from benchmarks.soak import serve_replicas, session_processes  # the one /proc scan of a process session
 
-from genmodels import bulk, registry
+from genmodels import bulk
 from serving.app import haproxy_replicas
 from serving.cli import APP_NAME
 
@@ -41,31 +41,15 @@ JOB = {"model": MODEL, "n": 32_000, "seed": 11, "shard_size": 2_000, "format": "
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import torch
-
-    from genmodels.export import export_sampler
-    from genmodels.models import build_model
     from genmodels.models.base import ImageSpec
 
     root = tmp_path_factory.mktemp("embedded")
-    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    with registry_env(root) as tracking_uri:
+        register_untrained_champion(root, "embedded", "vae", ImageSpec(channels=1, height=8, width=8, levels=2),
+                                    latent_dim=3, hidden=(16,))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "GENMODELS_", "MLFLOW_"))}
     env.update(MLFLOW_TRACKING_URI=tracking_uri, GENMODELS_GIT_COMMIT="0123456789abcdef",
                GENMODELS_WORK_DIR=str(root / "work"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
-        registry.configure(None, "sqlite:///must-not-be-used.db")
-        torch.manual_seed(0)
-        model = build_model("vae", ImageSpec(channels=1, height=8, width=8, levels=2), latent_dim=3,
-                            hidden=(16,)).eval()
-        paths = export_sampler(model, root / "vae", likelihood=False)
-        checkpoint = io.BytesIO()
-        torch.save({"family": "vae", "weights": model.state_dict()}, checkpoint)
-        reg = registry.register(dataset="embedded", family="vae", preset="quick", checkpoint=checkpoint.getvalue(),
-                                onnx_files=paths, metrics={"nll_nats": 30.0}, params={}, snapshot_hash="0" * 64,
-                                artifact_root=(root / "mlflow").as_uri())
-        registry.promote(reg.name, reg.version)
 
     proc, client, output = _start_serve(root, env)
     try:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from serving_fixtures import free_port, register_champions, registry_env
+from registry_fixtures import registry_env
+from serving_fixtures import free_port, register_champions
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow

@@ -27,7 +27,8 @@ httpx = pytest.importorskip("httpx")
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
 from genmodels.storage import open_storage
-from serving_fixtures import free_port, registry_env
+from registry_fixtures import registry_env
+from serving_fixtures import free_port
 
 TINY = {"latent_dim": 3, "hidden": (16,)}
 VAE, CVAE = "srv-vae", "srv-cvae"
@@ -40,7 +41,6 @@ def trained(tmp_path_factory):
     """MLflow in a temp dir; VAE v1 and the CVAE registered as champions, VAE v2 trained only."""
     root = tmp_path_factory.mktemp("serving")
     with registry_env(root):
-        registry.configure(None, "sqlite:///must-not-be-used.db")
         store = open_storage(root / "store")
         snap = runs.snapshot_for(store, "digits", None, PrepConfig(seed=0))
 

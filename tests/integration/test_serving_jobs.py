@@ -8,7 +8,6 @@ what the images look like does not matter here, only that every byte is accounte
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import socket
 import time
@@ -22,6 +21,7 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
+from registry_fixtures import register_untrained_champion, registry_env
 from s3_objects import s3_objects
 
 from genmodels import bulk, registry
@@ -42,35 +42,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, s3_endpoint):
-    import torch
-
-    from genmodels.export import export_sampler
-    from genmodels.models import build_model
     from genmodels.models.base import ImageSpec
 
     root = tmp_path_factory.mktemp("jobs")
     image = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=3)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")
-        mp.delenv("GENMODELS_API_KEY", raising=False)
+    with registry_env(root) as tracking_uri, pytest.MonkeyPatch.context() as mp:
         # The Jobs replica (started later, inheriting this) records its jobs here.
         mp.setenv("GENMODELS_STORAGE", (root / "store").as_uri())
         # The outputs these tests write: the test bucket and pytest's temporary directories.
         roots = [f"s3://{BUCKET}/", tmp_path_factory.getbasetemp().as_uri() + "/"]
         mp.setenv("GENMODELS_JOB_OUTPUT_ROOTS", ",".join(roots))
-        registry.configure(None, "sqlite:///must-not-be-used.db")
         for family in ("vae", "cvae"):
-            torch.manual_seed(0)
-            model = build_model(family, image, latent_dim=3, hidden=(16,)).eval()
-            paths = export_sampler(model, root / family, likelihood=False)
-            checkpoint = io.BytesIO()
-            torch.save({"family": family, "weights": model.state_dict()}, checkpoint)
-            reg = registry.register(dataset="jobs", family=family, preset="quick", checkpoint=checkpoint.getvalue(),
-                                    onnx_files=paths, metrics={"nll_nats": 30.0}, params={}, snapshot_hash="0" * 64,
-                                    artifact_root=(root / "mlflow").as_uri())
-            registry.promote(reg.name, reg.version)
-        yield {"root": root, "tracking_uri": f"sqlite:///{root}/mlflow.db", "store": root / "store", "roots": roots}
+            register_untrained_champion(root, "jobs", family, image, latent_dim=3, hidden=(16,))
+        yield {"root": root, "tracking_uri": tracking_uri, "store": root / "store", "roots": roots}
 
 
 @pytest.fixture(scope="module")

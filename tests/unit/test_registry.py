@@ -22,6 +22,7 @@ import torch
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
 from genmodels.storage import open_storage
+from registry_fixtures import registry_env
 
 TINY = {"latent_dim": 3, "hidden": (16,)}
 
@@ -42,13 +43,7 @@ class Trained:
 def work(tmp_path_factory):
     """MLflow on sqlite in a fresh directory for the module, a file store, two test snapshots."""
     root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")  # no `git` subprocess per registration
-        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        uri = registry.configure(None, "sqlite:///must-not-be-used.db")
-        assert uri == f"sqlite:///{root}/mlflow.db"
+    with registry_env(root):
         store = open_storage(root / "store")
         snapshots = {seed: runs.snapshot_for(store, "digits", None, PrepConfig(seed=seed)) for seed in (0, 1)}
         assert snapshots[0].hash != snapshots[1].hash

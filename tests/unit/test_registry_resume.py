@@ -12,6 +12,7 @@ import pytest
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
 from genmodels.storage import open_storage
+from registry_fixtures import registry_env
 
 DIGEST_TAG = "genmodels.model_digest"
 
@@ -25,12 +26,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry-resume")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("GENMODELS_GIT_COMMIT", "0123456789abcdef")  # no `git` subprocess per registration
-        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        registry.configure(None, "sqlite:///must-not-be-used.db")
+    with registry_env(root):
         store = open_storage(root / "store")
         snapshot = runs.snapshot_for(store, "digits", None, PrepConfig(seed=0))
         outcome = runs.train_family(store.child("models/vae"), snapshot, "vae", "quick",
