@@ -303,6 +303,8 @@ def test_presets_build(preset):
     train = TrainConfig.from_dict(spec["train"])
     assert train.early_stopping_patience is None and train.betas == (0.0, 0.9)
     assert train.player_lr["discriminator"] > train.lr
+    # bf16 where the hardware has it: 2.7x the full net's images/s on 2 Zen 5 cores, FID unhurt (cpu: 3.56).
+    assert train.autocast == "auto"
 
 
 def test_generator_upsamples_by_resize_then_conv():
