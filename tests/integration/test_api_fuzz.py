@@ -26,7 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from serving_fixtures import deploy, register_champions, registry_env, serve_on_free_port
+from registry_fixtures import registry_env
+from serving_fixtures import deploy, register_champions, serve_on_free_port
 
 pytestmark = pytest.mark.slow
 httpx = pytest.importorskip("httpx")
