@@ -31,19 +31,15 @@ def free_port() -> int:
 
 
 def register_champions(root: Path, dataset: str, families: Sequence[str],
-                       metrics: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Train, export and register one tiny model per family as ``champion``; the tracking URI.
-
-    Sets MLFLOW_TRACKING_URI for the calling process (the caller's MonkeyPatch must undo it).
-    """
+                       metrics: Mapping[str, Mapping[str, float]] | None = None) -> None:
+    """Train, export and register one tiny model per family as ``champion``, in the registry
+    ``registry_fixtures.registry_env(root)`` configured (the caller holds it open)."""
     from mlflow import MlflowClient
 
     from genmodels import registry, runs
     from genmodels.data import PrepConfig
     from genmodels.storage import open_storage
 
-    tracking_uri = f"sqlite:///{root}/mlflow.db"
-    registry.configure(tracking_uri, "sqlite:///must-not-be-used.db")
     store = open_storage(root / "store")
     snap = runs.snapshot_for(store, "digits", None, PrepConfig(seed=0))
     for family in families:
@@ -59,7 +55,6 @@ def register_champions(root: Path, dataset: str, families: Sequence[str],
                                     metrics=dict((metrics or {}).get(family, {})), params={"family": family},
                                     snapshot_hash=meta["snapshot_hash"], artifact_root=(root / "mlflow").as_uri())
         MlflowClient().set_registered_model_alias(registry.registered_name(dataset, family), "champion", reg.version)
-    return tracking_uri
 
 
 def deploy(tracking_uri: str, models: Sequence[str], **args) -> None:

@@ -27,9 +27,9 @@ K = 10  # digits classes
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("analogies")
-    with registry_env(root):
-        tracking_uri = register_champions(root, DATASET, ["cvae", "vae"],
-                                          metrics={"cvae": {"nll_nats": 40.0}, "vae": {"nll_nats": 50.0}})
+    with registry_env(root) as tracking_uri:
+        register_champions(root, DATASET, ["cvae", "vae"],
+                           metrics={"cvae": {"nll_nats": 40.0}, "vae": {"nll_nats": 50.0}})
         with serve_on_free_port(tracking_uri, [CVAE, VAE]) as url, httpx.Client(base_url=url, timeout=60) as client:
             yield client
 

@@ -48,13 +48,13 @@ MAX_TIME = {"off": 30, "on": 15, "no-key": 6}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    with registry_env(root), pytest.MonkeyPatch.context() as mp:
+    with registry_env(root) as tracking_uri, pytest.MonkeyPatch.context() as mp:
         # Read by the Jobs replica (Ray's workers inherit the environment of the process that
         # starts Ray): jobs write under <root>/work/store/outputs/ and stay small.
         mp.setenv("GENMODELS_WORK_DIR", str(root / "work"))
         mp.setenv("GENMODELS_JOB_MAX_SAMPLES", "4096")
         mp.setenv("GENMODELS_MAX_ACTIVE_JOBS", "1")
-        tracking_uri = register_champions(root, DATASET, FAMILIES, metrics={f: {"nll_nats": 40.0} for f in FAMILIES})
+        register_champions(root, DATASET, FAMILIES, metrics={f: {"nll_nats": 40.0} for f in FAMILIES})
         with serve_on_free_port(tracking_uri, MODELS) as url:
             yield {"url": url, "root": root, "tracking_uri": tracking_uri}
 

@@ -26,9 +26,9 @@ RNN, MIX, VAE = f"{DATASET}-pixelrnn", f"{DATASET}-mixture", f"{DATASET}-vae"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("complete")
-    with registry_env(root):
-        tracking_uri = register_champions(root, DATASET, ["pixelrnn", "mixture", "vae"],
-                                          metrics={f: {"nll_nats": 40.0} for f in ("pixelrnn", "mixture", "vae")})
+    with registry_env(root) as tracking_uri:
+        register_champions(root, DATASET, ["pixelrnn", "mixture", "vae"],
+                           metrics={f: {"nll_nats": 40.0} for f in ("pixelrnn", "mixture", "vae")})
         with serve_on_free_port(tracking_uri, [RNN, MIX, VAE]) as url, \
                 httpx.Client(base_url=url, timeout=120) as client:
             yield client

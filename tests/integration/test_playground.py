@@ -54,10 +54,10 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("playground")
-    with registry_env(root):
-        tracking_uri = register_champions(root, DATASET, ["vae", "cvae", "pixelrnn", "mixture"],
-                                          metrics={"vae": {"nll_nats": 50.0}, "cvae": CVAE_METRICS,
-                                                   "pixelrnn": {"nll_nats": 30.0}, "mixture": {"nll_nats": 45.0}})
+    with registry_env(root) as tracking_uri:
+        register_champions(root, DATASET, ["vae", "cvae", "pixelrnn", "mixture"],
+                           metrics={"vae": {"nll_nats": 50.0}, "cvae": CVAE_METRICS,
+                                    "pixelrnn": {"nll_nats": 30.0}, "mixture": {"nll_nats": 45.0}})
         models = [VAE, CVAE, RNN, MIX]
         with serve_on_free_port(tracking_uri, models, api_key=KEY) as url:
             yield url
