@@ -202,6 +202,8 @@ def test_presets_build_and_run_on_fashion_mnist_shape(preset):
     overrides, train_cfg = preset_configs("cvae", preset)
     model = build_model("cvae", ImageSpec(), **overrides)
     assert isinstance(model, CVAE) and model.conditional and train_cfg.epochs >= 1
+    # The VAE's schedule, bf16 setting included.
+    assert train_cfg == preset_configs("vae", preset)[1]
     x = torch.bernoulli(torch.full((2, 1, 28, 28), 0.3))
     out = model.loss({"x": x, "y": torch.tensor([1, 8])})
     assert torch.isfinite(out["loss"])
