@@ -42,10 +42,11 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # Floor of the logistic log-scale (PixelCNN++'s): below it a bin already holds ~100% of the
 # mass, and a still smaller scale only makes gradients spikier.
 _MIN_LOG_SCALE = -7.0
-# Decoder batch (images x importance samples) of one IWAE step, by device. On this CPU a batch
-# near 1,024 measured fastest (its activations stay in cache: 4,300 decoder samples/s for the
-# residual preset vs 2,900 at 25,600); a GPU wants as many as fit.
-IWAE_DECODER_BATCH = {"cpu": 1024, "other": 32768}
+# Decoder batch (images x importance samples) of one IWAE step, by device. On CPU the smallest
+# batch the evaluation's 256 images allow measured fastest, as its activations stay in cache: 1.5x
+# the decoder samples/s of 1,024 for the `full` nets, 1.05-1.4x for the others
+# (benchmarks/iwae_throughput.py); a GPU wants as many as fit.
+IWAE_DECODER_BATCH = {"cpu": 256, "other": 32768}
 # derive_seed key of the latent mixture's fit (posterior draws), apart from every epoch's.
 _LATENT_MIXTURE_STREAM = 2**31 - 1
 
