@@ -34,6 +34,8 @@ def main() -> None:
                         help="images per IWAE call (default: all at once, the draws of the figures recorded "
                              "before it existed); 256, the evaluation's, keeps the decoder's batches in cache")
     args = parser.parse_args()
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     torch.set_num_threads(args.threads)
     storage = open_storage(args.store)
     for family in args.families:

@@ -1,6 +1,6 @@
 """IWAE evaluation throughput (decoder samples/s) of a VAE-family preset at several decoder
-batches (images x importance samples per decoder call), the first being ``IWAE_DECODER_BATCH``'s
-for the CPU.
+batches (images x importance samples per decoder call), the first the baseline of the speedups;
+``default`` in the output is ``IWAE_DECODER_BATCH``'s for the CPU.
 
 Random weights (channels-last, as the families keep them) and binary images of Fashion-MNIST's
 shape, ``--images`` per call as the evaluation's batch; the variants alternate within each
