@@ -40,16 +40,17 @@ def main() -> None:
     storage = open_storage(args.store)
     for family in args.families:
         model, meta = runs.load_model(storage.child(runs.run_prefix(args.dataset, family, args.preset)))
+        model.eval()
         snapshot = read_snapshot(storage, snapshot_prefix(args.dataset, meta["snapshot_hash"]))
         data = head(split_of(snapshot, "test"), args.examples)
         x = model_input(data, model.image)
+        step = args.batch_size or len(x)
         labels = torch.as_tensor(data.y) if model.conditional else None
         for k in args.k:
             torch.manual_seed(0)
             t0 = time.perf_counter()
-            step = args.batch_size or len(x)
             with torch.no_grad():
-                log_px = torch.cat([model.eval().iwae(x[i : i + step], None if labels is None else labels[i : i + step], k=k)
+                log_px = torch.cat([model.iwae(x[i : i + step], None if labels is None else labels[i : i + step], k=k)
                                     for i in range(0, len(x), step)])
             nll = -float(log_px.double().mean())
             print(json.dumps({"family": family, "k": k, "examples": len(x), "nll_nats": round(nll, 3),
