@@ -234,10 +234,11 @@ def evaluation_settings(preset: str) -> dict[str, Any]:
 
 
 def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot, preset: str,
-                   seed: int = 0, progress: Storage | None = None,
+                   seed: int = 0, progress: Storage | None = None, deadline: float | None = None,
                    provenance: dict[str, str] | None = None) -> dict[str, float]:
     """Evaluation metrics of ``model`` on ``snapshot``'s test split, with the preset's effort;
-    ``progress`` (e.g. the run's storage) lets an interrupted likelihood pass resume;
+    ``progress`` (e.g. the run's storage) lets an interrupted likelihood pass resume, and
+    ``deadline`` pauses it (:class:`genmodels.evaluation.LikelihoodPassPaused`);
     ``provenance`` receives the digests of the networks the sample figures were measured with
     (``genmodels.evaluation.domain_metrics``)."""
     from genmodels.evaluation import evaluate
@@ -253,15 +254,18 @@ def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot,
         settings["sample_batch_size"] = 1000
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    metrics = evaluate(model, snapshot, storage=storage, seed=seed, progress=progress, provenance=provenance,
-                       **settings)
+    metrics = evaluate(model, snapshot, storage=storage, seed=seed, progress=progress, deadline=deadline,
+                       provenance=provenance, **settings)
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 
 
-def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str, seed: int = 0) -> dict[str, float]:
+def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str, seed: int = 0,
+                 deadline: float | None = None) -> dict[str, float]:
     """Evaluate a trained run, write its :data:`EVALUATION_RECORD`, metrics.json and pictures,
-    return the metrics."""
+    return the metrics. Past ``deadline`` (a :func:`time.monotonic` instant) its likelihood pass
+    pauses with :class:`genmodels.evaluation.LikelihoodPassPaused`, writing nothing but its
+    progress, which the next call resumes."""
     from genmodels.evaluation import render_pictures
 
     model, meta = load_model(run)
@@ -271,7 +275,7 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
     # Evaluate where training ran (a GPU when there is one); the pictures are cheap on the CPU.
     provenance: dict[str, str] = {}
     metrics = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed, progress=run,
-                             provenance=provenance)
+                             deadline=deadline, provenance=provenance)
     record = {"settings": evaluation_settings(preset), "seed": seed, **provenance}
     run.put_bytes(EVALUATION_RECORD, json.dumps(record, indent=2, sort_keys=True).encode())
     run.put_bytes("metrics.json", json.dumps(metrics, indent=2, sort_keys=True).encode())

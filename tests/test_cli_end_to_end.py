@@ -3,6 +3,7 @@ samples reproducibly, and bad input fails with a clear message and exit code 2."
 
 import io
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -129,7 +130,8 @@ def test_resume_with_other_config_is_refused(trained_store):
 
 def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
     store = tmp_path / "store"
-    # A zero-minute budget stops training after every epoch: three invocations for three epochs.
+    # A zero-minute budget stops training after every epoch (three invocations for three epochs),
+    # then the finished model's likelihood pass after every batch of test images (64 on the CPU).
     command = ("run", "--dataset", "digits", "--families", "mixture", "--preset", "quick", "--epochs", 3,
                "--max-minutes", 0, "--out", store)
     run = store / "runs" / "digits" / "mixture-quick"
@@ -139,11 +141,30 @@ def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
         said = " ".join(result.output.split())
         assert f"stopped training after epoch {epoch} of 3; not evaluated" in said
         assert not (run / "metrics.json").exists()
-    result = invoke(*command)
-    assert result.exit_code == 0, result.output
-    assert "not evaluated" not in result.output
+    scored = []
+    while len(scored) < 10:
+        result = invoke(*command)
+        assert result.exit_code == 0, result.output
+        said = " ".join(result.output.split())
+        if "not evaluated" not in said:
+            break
+        paused = re.search(r"paused its likelihood pass after (\d+) of (\d+) test images", said)
+        assert paused, said
+        scored.append(int(paused[1]))
+        assert not (run / "metrics.json").exists()
+    assert scored and scored == [64 * (i + 1) for i in range(len(scored))], scored
     assert len(json.loads((run / "history.json").read_text())) == 3
-    assert "nll_nats" in json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["likelihood_examples"] > scored[-1]
+
+    # Trained and evaluated in pieces, the run has the figures of the same command without a budget.
+    whole = tmp_path / "whole"
+    result = invoke(*command[:-4], "--out", whole)
+    assert result.exit_code == 0, result.output
+    unbudgeted = json.loads((whole / "runs" / "digits" / "mixture-quick" / "metrics.json").read_text())
+    figures = sorted(k for k in unbudgeted if not k.endswith("_seconds"))
+    assert "nll_nats" in figures and "fid" in figures
+    assert {k: metrics[k] for k in figures} == {k: unbudgeted[k] for k in figures}
 
 
 @pytest.mark.parametrize(

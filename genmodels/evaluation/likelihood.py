@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,15 @@ PROGRESS_KEY = "likelihood-progress.json"
 #: against a fitted latent mixture), so a record of the old computation is not resumed, or
 #: returned whole for a finished pass, as if it were today's.
 PROGRESS_FORMAT = 2
+
+
+class LikelihoodPassPaused(Exception):
+    """A resumable likelihood pass stopped at its deadline with ``done`` of its ``total`` images
+    scored and written to its progress record: the same call goes on from there."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"likelihood pass paused after {done} of {total} images")
+        self.done, self.total = done, total
 
 
 def bits_per_dim(nats_per_image: float, dims: int) -> float:
@@ -53,6 +63,7 @@ def likelihood_metrics(
     iwae_k: int | None = None,
     seed: int = 0,
     progress=None,
+    deadline: float | None = None,
 ) -> dict[str, float]:
     """Likelihood metrics of ``model`` on the first ``max_examples`` images of ``split``.
 
@@ -78,9 +89,16 @@ def likelihood_metrics(
     split, examples, batch size, k and seed continues after the last batch written (IWAE with
     k=5000 on 10k test images takes hours on 2 CPU cores). A record of other settings or other
     weights is ignored and replaced.
+
+    ``deadline`` (a :func:`time.monotonic` instant; needs ``progress``) bounds the call: after the
+    batch that crosses it, with batches left, the pass raises :class:`LikelihoodPassPaused`. At
+    least one batch runs per call, so calls on a budget always get through.
     """
     if not model.has_likelihood:
         return {}
+    if deadline is not None and progress is None:
+        raise ValueError("a likelihood pass with a deadline needs a progress storage: without one, "
+                         "the batches scored before the pause would be lost")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_examples is not None and max_examples < 1:
@@ -141,9 +159,11 @@ def likelihood_metrics(
                     sums["log_top"] += float(log_top.double().sum())
                 else:
                     sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
+            done = min(start + batch_size, n)
             if progress is not None:
-                progress.put_json(PROGRESS_KEY, {"settings": settings, "sums": sums,
-                                                 "next": min(start + batch_size, n)})
+                progress.put_json(PROGRESS_KEY, {"settings": settings, "sums": sums, "next": done})
+            if deadline is not None and done < n and time.monotonic() >= deadline:
+                raise LikelihoodPassPaused(done, n)
 
     nll = -sums["log_px"] / n
     out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n)}

@@ -156,6 +156,7 @@ def evaluate(
     classifier_config: ClassifierConfig | None = None,
     judge_config: ClassifierConfig | None = None,
     progress=None,
+    deadline: float | None = None,
     provenance: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Every metric that applies to ``model`` on ``snapshot``'s test split, as one flat dict.
@@ -178,7 +179,8 @@ def evaluate(
     afresh. ``max_examples`` caps the test images used (likelihood and FID reference).
     ``batch_size`` batches the likelihood pass, ``sample_batch_size`` (default: ``batch_size``)
     the samples; neither changes an image (noise is drawn per sample).
-    ``progress`` (a storage) makes the likelihood pass resumable (see :func:`likelihood_metrics`).
+    ``progress`` (a storage) makes the likelihood pass resumable, and ``deadline`` bounds it (see
+    :func:`likelihood_metrics`); it runs first, so a pause costs none of the sample figures' work.
     ``provenance``, when given, receives what the figures were measured with (see
     :func:`domain_metrics`). The class judge of a binary snapshot is a second classifier trained
     on grey levels and their binarized draws (``judge_config``; default :func:`class_judge_config` of
@@ -188,7 +190,7 @@ def evaluate(
     if model.image != snapshot.image:
         raise ValueError(f"model was built for {model.image}, the snapshot holds {snapshot.image}")
     out = likelihood_metrics(model, snapshot, "test", max_examples=max_examples, batch_size=batch_size,
-                             iwae_k=iwae_k, seed=seed, progress=progress)
+                             iwae_k=iwae_k, seed=seed, progress=progress, deadline=deadline)
     out.update(domain_metrics(model, snapshot, storage=storage, n_samples=n_samples, seed=seed,
                               max_examples=max_examples, batch_size=sample_batch_size or batch_size,
                               classifier_config=classifier_config, judge_config=judge_config,

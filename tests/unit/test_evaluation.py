@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from genmodels.data.prep import PrepConfig, Split, prepare
 from genmodels.evaluation import (
     ClassifierConfig,
     DomainClassifier,
+    LikelihoodPassPaused,
     analogy_png,
     bits_per_dim,
     class_judge_config,
@@ -331,6 +333,28 @@ def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
     calls.clear()
     likelihood_metrics(model, digits, progress=progress, **{**settings, "iwae_k": 6})
     assert calls == [16, 16, 16, 2], "a record of other weights is not resumed"
+
+
+def test_likelihood_pass_on_a_spent_budget_scores_one_batch_a_call_and_ends_with_the_whole_figures(digits, tmp_path):
+    """Past its deadline a pass stops after the batch it is in, its sums written: each call on a
+    spent budget scores one batch more, and the call that scores the last returns exactly an
+    uninterrupted pass's figures; a deadline not reached changes nothing."""
+    model = FakeVAE(LatentConfig(image=DIGITS))
+    settings = dict(max_examples=50, batch_size=16, iwae_k=5, seed=3)  # batches at 0, 16, 32, 48
+    whole = likelihood_metrics(model, digits, **settings)
+    progress = open_storage(tmp_path / "spent")
+    spent = time.monotonic()
+    for done in (16, 32, 48):
+        with pytest.raises(LikelihoodPassPaused) as paused:
+            likelihood_metrics(model, digits, progress=progress, deadline=spent, **settings)
+        assert (paused.value.done, paused.value.total) == (done, 50)
+        assert progress.get_json(PROGRESS_KEY)["next"] == done
+    assert likelihood_metrics(model, digits, progress=progress, deadline=spent, **settings) == whole
+    later = time.monotonic() + 3600.0
+    assert likelihood_metrics(model, digits, progress=open_storage(tmp_path / "later"), deadline=later,
+                              **settings) == whole
+    with pytest.raises(ValueError, match="progress storage"):
+        likelihood_metrics(model, digits, deadline=later, **settings)
 
 
 def test_a_finished_pass_of_an_older_computation_is_computed_again(digits, tmp_path, monkeypatch):
