@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Train and evaluate presets on a lent GPU machine (no network, the image's own torch) within
 # one short window; results land under $OUT. Families run as parallel processes on the one GPU,
-# each stopped by --max-minutes after the epoch (or, evaluating, the batch of test images) that
-# crosses it (checkpointed, resumable).
+# each stopped by --max-minutes after the epoch that crosses it (checkpointed, resumable).
 #   usage: benchmarks/gpu_presets.sh MINUTES "cpu:vae,cvae,gan,pixelrnn,mixture full:gan,pixelrnn"
 # Needs, carried beside the checkout: .whl/ (pydantic & co. for python 3.12) and
 # .data/fashion-mnist/ (the four IDX files).

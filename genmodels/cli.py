@@ -245,9 +245,12 @@ def run_cmd(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(
         min=0.0,
-        help="Stop each family's training after the epoch, then its likelihood pass after the batch of test "
-             "images, that crosses this many minutes from the family's start (both resumable: running the "
-             "same command again goes on).")] = None,
+        help="Stop each family's training after the epoch that crosses this many minutes (checkpointed: "
+             "running the same command again resumes).")] = None,
+    max_eval_minutes: Annotated[Optional[float], typer.Option(
+        min=0.0,
+        help="Pause each family's likelihood pass after the batch of test images that crosses this many "
+             "minutes of its evaluation (its sums written: running the same command again goes on).")] = None,
     image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
 ) -> None:
     """Prepare, train and evaluate several families; write grids, a comparison picture and a
@@ -265,7 +268,6 @@ def run_cmd(
         overrides["max_seconds"] = 60.0 * max_minutes
     for family in names:
         console.rule(f"{family} ({preset})")
-        deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
         with _run_lease(storage, snap.dataset, family) as lease:
             outcome = train_family(storage, snap, family, preset, overrides=overrides, fresh=fresh, progress=True)
             # Superseded while training (stalled past the lease's expiry), the run directory is the
@@ -278,12 +280,14 @@ def run_cmd(
                               f"{outcome.result.epochs_completed} of {outcome.train_config.epochs}; not evaluated "
                               "(the same command goes on)")
                 continue
+            deadline = None if max_eval_minutes is None else time.monotonic() + 60.0 * max_eval_minutes
             try:
                 with console.status(f"evaluating {family}"):
                     evaluate_run(storage, outcome.run, snap, preset, seed=seed, deadline=deadline)
             except LikelihoodPassPaused as paused:
-                console.print(f"{family}: the time budget paused its likelihood pass after {paused.done} of "
-                              f"{paused.total} test images; not evaluated yet (the same command goes on)")
+                console.print(f"{family}: the evaluation's time budget paused its likelihood pass after "
+                              f"{paused.done} of {paused.total} test images; not evaluated yet (the same command "
+                              "goes on)")
                 continue
             lease.check()
     report = write_report(storage, snap, preset, seed=seed)

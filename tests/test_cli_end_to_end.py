@@ -130,8 +130,7 @@ def test_resume_with_other_config_is_refused(trained_store):
 
 def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
     store = tmp_path / "store"
-    # A zero-minute budget stops training after every epoch (three invocations for three epochs),
-    # then the finished model's likelihood pass after every batch of test images (64 on the CPU).
+    # A zero-minute budget stops training after every epoch: three invocations for three epochs.
     command = ("run", "--dataset", "digits", "--families", "mixture", "--preset", "quick", "--epochs", 3,
                "--max-minutes", 0, "--out", store)
     run = store / "runs" / "digits" / "mixture-quick"
@@ -141,6 +140,20 @@ def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
         said = " ".join(result.output.split())
         assert f"stopped training after epoch {epoch} of 3; not evaluated" in said
         assert not (run / "metrics.json").exists()
+    result = invoke(*command)
+    assert result.exit_code == 0, result.output
+    assert "not evaluated" not in result.output
+    assert len(json.loads((run / "history.json").read_text())) == 3
+    assert "nll_nats" in json.loads((run / "metrics.json").read_text())
+
+
+def test_a_likelihood_pass_on_a_time_budget_goes_on_where_it_paused_to_the_unbudgeted_figures(tmp_path):
+    store = tmp_path / "store"
+    # A zero-minute evaluation budget pauses the finished model's likelihood pass after every batch of
+    # test images (64 on the CPU): one invocation per batch, each writing its sums and no metrics.
+    command = ("run", "--dataset", "digits", "--families", "mixture", "--preset", "quick", "--epochs", 3,
+               "--max-eval-minutes", 0, "--out", store)
+    run = store / "runs" / "digits" / "mixture-quick"
     scored = []
     while len(scored) < 10:
         result = invoke(*command)
@@ -153,11 +166,10 @@ def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
         scored.append(int(paused[1]))
         assert not (run / "metrics.json").exists()
     assert scored and scored == [64 * (i + 1) for i in range(len(scored))], scored
-    assert len(json.loads((run / "history.json").read_text())) == 3
+    assert len(json.loads((run / "history.json").read_text())) == 3  # trained once, then only evaluated
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["likelihood_examples"] > scored[-1]
 
-    # Trained and evaluated in pieces, the run has the figures of the same command without a budget.
     whole = tmp_path / "whole"
     result = invoke(*command[:-4], "--out", whole)
     assert result.exit_code == 0, result.output
