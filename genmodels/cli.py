@@ -285,6 +285,7 @@ def run_cmd(
                 with console.status(f"evaluating {family}"):
                     evaluate_run(storage, outcome.run, snap, preset, seed=seed, deadline=deadline)
             except LikelihoodPassPaused as paused:
+                lease.check()  # superseded meanwhile, the progress just written is in another holder's run
                 console.print(f"{family}: the evaluation's time budget paused its likelihood pass after "
                               f"{paused.done} of {paused.total} test images; not evaluated yet (the same command "
                               "goes on)")

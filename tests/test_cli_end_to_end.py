@@ -147,7 +147,14 @@ def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
     assert "nll_nats" in json.loads((run / "metrics.json").read_text())
 
 
-def test_a_likelihood_pass_on_a_time_budget_goes_on_where_it_paused_to_the_unbudgeted_figures(tmp_path):
+def test_a_likelihood_pass_on_a_time_budget_goes_on_where_it_paused_to_the_unbudgeted_figures(tmp_path, monkeypatch):
+    import torch
+
+    from genmodels import runs
+
+    # Evaluated on the CPU whatever the host has: the exact families' passes take batches of 1,000
+    # on a GPU, all of digits' test images at once.
+    monkeypatch.setattr(runs, "resolve_device", lambda name: torch.device("cpu"))
     store = tmp_path / "store"
     # A zero-minute evaluation budget pauses the finished model's likelihood pass after every batch of
     # test images (64 on the CPU): one invocation per batch, each writing its sums and no metrics.
