@@ -211,8 +211,9 @@ def _make_optimizers(model: GenerativeModel, cfg: TrainConfig) -> dict[str, torc
     for name, params in model.players().items():
         params = list(params)
         # The fused kernel, not Adam's default per-tensor loop, which on the CPU launched a dozen
-        # element-wise ops per parameter tensor per step: 1.05-1.27x a quick training step on 2
-        # CPU cores (benchmarks/RESULTS.md). The same update, rounded in another order.
+        # element-wise ops per parameter tensor per step: 1.11-1.14x the quick VAE's, CVAE's and
+        # GAN's steps on 2 CPU cores, the PixelRNN's unchanged (benchmarks/RESULTS.md). The same
+        # update, rounded in another order.
         fused = all(p.device.type in FUSED_ADAM_DEVICES for p in params)
         optimizers[name] = torch.optim.Adam(params, lr=cfg.player_lr.get(name, cfg.lr), betas=cfg.betas,
                                             weight_decay=cfg.weight_decay, fused=fused or None)

@@ -31,10 +31,8 @@ from genmodels.evaluation.quality import fid, frechet_distance, gaussian_stats, 
 
 __all__ = [
     "DEFAULT_IWAE_K", "ClassifierConfig", "DomainClassifier", "LikelihoodPassPaused", "TrainedClassifier",
-    "analogy_png",
-    "bits_per_dim", "class_judge_config", "classifier_key", "domain_metrics", "evaluate", "fid", "frechet_distance",
-    "gaussian_stats",
-    "generate", "grid_png", "image_pngs", "interpolate", "interpolation_png", "kid", "likelihood_metrics",
-    "load_or_train_classifier", "manifold_png", "precision_recall", "reference_images",
+    "analogy_png", "bits_per_dim", "class_judge_config", "classifier_key", "domain_metrics", "evaluate", "fid",
+    "frechet_distance", "gaussian_stats", "generate", "grid_png", "image_pngs", "interpolate", "interpolation_png",
+    "kid", "likelihood_metrics", "load_or_train_classifier", "manifold_png", "precision_recall", "reference_images",
     "render_pictures", "sample_quality", "slerp", "train_classifier",
 ]
