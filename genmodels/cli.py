@@ -126,19 +126,36 @@ def evaluate_cmd(
     family: FamilyOpt = "vae", dataset: DatasetOpt = "fashion-mnist", preset: PresetOpt = "quick",
     source: SourceOpt = None, quantization: QuantOpt = "binary", seed: SeedOpt = 0, out: OutOpt = None,
     image_size: ImageSizeOpt = None, channels: ChannelsOpt = "L",
+    max_eval_minutes: Annotated[Optional[float], typer.Option(
+        min=0.0,
+        help="Pause the likelihood pass after the batch of test images that crosses this many minutes (its "
+             "sums written; exit code 3: running the same command again goes on).")] = None,
 ) -> None:
     """Evaluate a trained run: likelihoods, domain FID/KID, class accuracy, pictures."""
+    from genmodels.evaluation import LikelihoodPassPaused
     from genmodels.runs import evaluate_run, run_prefix
 
     (family,) = _families(family)
     storage = _storage(out)
     snap = _snapshot(storage, dataset, source, quantization, seed, image_size, channels)
     run = storage.child(run_prefix(snap.dataset, family, preset))
-    with _run_lease(storage, snap.dataset, family) as lease, console.status(f"evaluating {family}"):
-        metrics = evaluate_run(storage, run, snap, preset, seed=seed)
+    deadline = None if max_eval_minutes is None else time.monotonic() + 60.0 * max_eval_minutes
+    with _run_lease(storage, snap.dataset, family) as lease:
+        try:
+            with console.status(f"evaluating {family}"):
+                metrics = evaluate_run(storage, run, snap, preset, seed=seed, deadline=deadline)
+        except LikelihoodPassPaused as paused:
+            lease.check()
+            console.print(_paused_message(family, paused))
+            raise typer.Exit(code=3) from None
         # Superseded meanwhile, these metrics may be of a model another holder has since replaced.
         lease.check()
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _paused_message(family: str, paused) -> str:
+    return (f"{family}: the evaluation's time budget paused its likelihood pass after {paused.done} of "
+            f"{paused.total} test images; not evaluated yet (the same command goes on)")
 
 
 @app.command("sample")
@@ -286,9 +303,7 @@ def run_cmd(
                     evaluate_run(storage, outcome.run, snap, preset, seed=seed, deadline=deadline)
             except LikelihoodPassPaused as paused:
                 lease.check()  # superseded meanwhile, the progress just written is in another holder's run
-                console.print(f"{family}: the evaluation's time budget paused its likelihood pass after "
-                              f"{paused.done} of {paused.total} test images; not evaluated yet (the same command "
-                              "goes on)")
+                console.print(_paused_message(family, paused))
                 continue
             lease.check()
     report = write_report(storage, snap, preset, seed=seed)
