@@ -86,24 +86,29 @@ def make_model(snapshot):
     return TinyBernoulli(TinyConfig(image=snapshot.image))
 
 
-@pytest.mark.parametrize("scheduler", ["cosine", "cosine_steps"])
-def test_resumed_run_equals_uninterrupted_run(scheduler):
-    snap = tiny_snapshot()
-    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler=scheduler)
-    full = train(make_model(snap), snap, cfg)
-
+def crashed_and_resumed(snap, cfg: TrainConfig, crash_after_epoch: int):
+    """The result of a run that crashed after checkpointing epoch ``crash_after_epoch`` and was
+    then run again on the same storage."""
     storage = MemoryStorage()
 
     class Crash(RuntimeError):
         pass
 
-    def crash_after_two(metrics):
-        if metrics["epoch"] == 2:
+    def crash(metrics):
+        if metrics["epoch"] == crash_after_epoch:
             raise Crash()
 
     with pytest.raises(Crash):
-        train(make_model(snap), snap, cfg, LocalContext(storage, on_epoch=crash_after_two))
-    resumed = train(make_model(snap), snap, cfg, LocalContext(storage))
+        train(make_model(snap), snap, cfg, LocalContext(storage, on_epoch=crash))
+    return train(make_model(snap), snap, cfg, LocalContext(storage))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "cosine_steps"])
+def test_resumed_run_equals_uninterrupted_run(scheduler):
+    snap = tiny_snapshot()
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler=scheduler)
+    full = train(make_model(snap), snap, cfg)
+    resumed = crashed_and_resumed(snap, cfg, crash_after_epoch=2)
 
     assert resumed.resumed_from_epoch == 2
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]  # no epoch lost, none counted twice
@@ -126,18 +131,7 @@ def test_every_step_takes_adams_fused_kernel_also_after_a_resume(monkeypatch):
         return adam_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    storage = MemoryStorage()
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash_after_one(metrics):
-        if metrics["epoch"] == 1:
-            raise Crash()
-
-    with pytest.raises(Crash):
-        train(make_model(snap), snap, cfg, LocalContext(storage, on_epoch=crash_after_one))
-    resumed = train(make_model(snap), snap, cfg, LocalContext(storage))
+    resumed = crashed_and_resumed(snap, cfg, crash_after_epoch=1)
     assert resumed.resumed_from_epoch == 1
     assert len(fused) == 18 and all(flag is True for flag in fused), fused  # 6 steps an epoch, 3 epochs
 
