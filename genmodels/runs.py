@@ -256,8 +256,8 @@ def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot,
     torch.manual_seed(seed)
     metrics = evaluate(model, snapshot, storage=storage, seed=seed, progress=progress, deadline=deadline,
                        provenance=provenance, **settings)
-    # This call's time only: an evaluation whose likelihood pass resumed after a pause or a kill
-    # took longer in all.
+    # This call's time only; ``likelihood_seconds`` is the likelihood pass's, summed over the calls
+    # of a pass resumed after a pause or a kill.
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 

@@ -78,7 +78,9 @@ def likelihood_metrics(
       ``completion_bits_per_dim`` and ``completion_examples`` of the hidden bottom half given
       the visible top half (:func:`genmodels.evaluation.completion.completion_figures`), scored
       with log p(x) in the same pass;
-    - ``likelihood_examples``: how many images were scored.
+    - ``likelihood_examples``: how many images were scored;
+    - ``likelihood_seconds``: the time spent scoring them, summed over the calls of a resumed
+      pass (a k=5000 pass runs across several; the time between them not counted).
 
     ``seed`` fixes the VAE's Monte-Carlo draws: batch ``b`` draws from torch's global RNG
     seeded by (seed, b), forked so the caller's stream is untouched, so a batch's estimate does
@@ -127,16 +129,19 @@ def likelihood_metrics(
     completes = model.can_complete and not latent
     known = visible_rows(image) if completes else None
     sums, start, settings = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0, "log_top": 0.0}, 0, None
+    seconds = 0.0  # scoring the batches summed so far, in this call and the ones it resumes
     if progress is not None:  # the weights' digest is only needed to match a saved record
         settings = {"format": PROGRESS_FORMAT, "weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
                     "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed, "completion_rows": known}
         record = progress.get_json(PROGRESS_KEY) if progress.exists(PROGRESS_KEY) else {}
         if record.get("settings") == settings:
             sums, start = record["sums"], record["next"]
+            seconds = record.get("seconds", 0.0)  # absent from records written before it was kept
 
     device = module_device(model)
     with evaluating(model):
         for start in range(start, n, batch_size):
+            batch_began = time.perf_counter()
             x = x_all[start : start + batch_size].to(device)
             labels = y_all[start : start + batch_size].to(device) if model.conditional else None
             with seeded_torch(batch_seed(seed, start // batch_size)):
@@ -160,13 +165,15 @@ def likelihood_metrics(
                 else:
                     sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
             done = min(start + batch_size, n)
+            seconds += time.perf_counter() - batch_began
             if progress is not None:
-                progress.put_json(PROGRESS_KEY, {"settings": settings, "sums": sums, "next": done})
+                progress.put_json(PROGRESS_KEY, {"settings": settings, "sums": sums, "next": done, "seconds": seconds})
             if deadline is not None and done < n and time.monotonic() >= deadline:
                 raise LikelihoodPassPaused(done, n)
 
     nll = -sums["log_px"] / n
-    out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n)}
+    out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n),
+           "likelihood_seconds": seconds}
     if latent:
         elbo = sums["elbo"] / n
         out[f"iwae_k{k}_nats"] = -nll

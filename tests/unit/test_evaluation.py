@@ -259,7 +259,7 @@ def test_bernoulli_likelihood_equals_hand_computed_value():
     assert out["nll_nats"] == pytest.approx(expected, rel=1e-6)
     assert out["bits_per_dim"] == pytest.approx(expected / (4 * math.log(2)), rel=1e-6)
     assert out["likelihood_examples"] == 3.0
-    assert set(out) == {"nll_nats", "bits_per_dim", "likelihood_examples"}
+    assert set(out) == {"nll_nats", "bits_per_dim", "likelihood_examples", "likelihood_seconds"}
     assert likelihood_metrics(model, snap, max_examples=1)["nll_nats"] == pytest.approx(
         -(math.log(0.25) + 3 * math.log(0.75)), rel=1e-6
     )
@@ -294,6 +294,11 @@ def test_vae_metrics_report_elbo_iwae_and_reconstruction(digits):
     assert "iwae_k7_nats" in again and model.iwae_calls[-1] == 7
 
 
+def figures(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without the timings, which no two passes share."""
+    return {name: value for name, value in metrics.items() if not name.endswith("_seconds")}
+
+
 def dies_once_on_third_call(method, calls: list[int]):
     """``method`` (of a batch ``x``, ...) recording each call's batch size in ``calls`` and raising
     once, on the third call it records: a likelihood pass killed mid-way."""
@@ -322,7 +327,7 @@ def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
         likelihood_metrics(model, digits, progress=progress, **settings)
     assert progress.get_json(PROGRESS_KEY)["next"] == 32
     calls.clear()
-    assert likelihood_metrics(model, digits, progress=progress, **settings) == whole
+    assert figures(likelihood_metrics(model, digits, progress=progress, **settings)) == figures(whole)
     assert calls == [16, 2], "only the two batches not yet written run again"
 
     calls.clear()
@@ -344,15 +349,21 @@ def test_likelihood_pass_on_a_spent_budget_scores_one_batch_a_call_and_ends_with
     whole = likelihood_metrics(model, digits, **settings)
     progress = open_storage(tmp_path / "spent")
     spent = time.monotonic()
+    seconds_so_far = [0.0]
     for done in (16, 32, 48):
         with pytest.raises(LikelihoodPassPaused) as paused:
             likelihood_metrics(model, digits, progress=progress, deadline=spent, **settings)
         assert (paused.value.done, paused.value.total) == (done, 50)
-        assert progress.get_json(PROGRESS_KEY)["next"] == done
-    assert likelihood_metrics(model, digits, progress=progress, deadline=spent, **settings) == whole
+        record = progress.get_json(PROGRESS_KEY)
+        assert record["next"] == done
+        seconds_so_far.append(record["seconds"])
+    last = likelihood_metrics(model, digits, progress=progress, deadline=spent, **settings)
+    assert figures(last) == figures(whole)
+    seconds_so_far.append(last["likelihood_seconds"])
+    assert seconds_so_far == sorted(set(seconds_so_far)), "each call adds its batch's time to the pass's"
     later = time.monotonic() + 3600.0
-    assert likelihood_metrics(model, digits, progress=open_storage(tmp_path / "later"), deadline=later,
-                              **settings) == whole
+    assert figures(likelihood_metrics(model, digits, progress=open_storage(tmp_path / "later"), deadline=later,
+                                      **settings)) == figures(whole)
     with pytest.raises(ValueError, match="progress storage"):
         likelihood_metrics(model, digits, deadline=later, **settings)
 
@@ -392,13 +403,13 @@ def test_completion_sums_resume_with_the_likelihood_pass(digits, tmp_path):
         likelihood_metrics(model, digits, progress=progress, **settings)
     assert progress.get_json(PROGRESS_KEY)["next"] == 32
     model.log_likelihood_and_marginal = real
-    assert likelihood_metrics(model, digits, progress=progress, **settings) == whole
+    assert figures(likelihood_metrics(model, digits, progress=progress, **settings)) == figures(whole)
 
     record = progress.get_json(PROGRESS_KEY)
     del record["settings"]["completion_rows"], record["sums"]["log_top"]
     record["next"] = 32
     progress.put_json(PROGRESS_KEY, record)
-    assert likelihood_metrics(model, digits, progress=progress, **settings) == whole
+    assert figures(likelihood_metrics(model, digits, progress=progress, **settings)) == figures(whole)
 
 
 def test_model_without_likelihood_gets_no_likelihood_keys(digits):
@@ -676,7 +687,7 @@ def test_evaluate_unconditional_model_with_likelihood(digits, classifier_storage
         classifier_config=ClassifierConfig.for_image(DIGITS, **TINY),
     )
     expected = {
-        "nll_nats", "bits_per_dim", "likelihood_examples", "classifier_test_accuracy",
+        "nll_nats", "bits_per_dim", "likelihood_examples", "likelihood_seconds", "classifier_test_accuracy",
         "classifier_test_accuracy_binarized", "fid", "kid",
         "precision", "recall", "fid_real_floor", "kid_real_floor", "n_samples", "n_reference", "n_floor",
     }
@@ -754,7 +765,7 @@ def test_the_samples_batch_size_changes_no_figure(digits, classifier_storage, mo
     batches, generate = [], metrics_module.generate
     monkeypatch.setattr(metrics_module, "generate",
                         lambda *a, **k: batches.append(a[4]) or generate(*a, **k))
-    assert evaluate(model, digits, sample_batch_size=5, **settings) == together
+    assert figures(evaluate(model, digits, sample_batch_size=5, **settings)) == figures(together)
     assert batches == [5]
     assert together["completion_examples"] == 20.0
 
