@@ -21,8 +21,8 @@ import time
 import torch
 
 from genmodels.data.prep import snapshot_prefix
-from genmodels.evaluation import domain_metrics
-from genmodels.runs import evaluation_settings, load_model, load_snapshot, run_prefix
+from genmodels.evaluation import domain_metrics, evaluation_settings
+from genmodels.runs import load_model, load_snapshot, run_prefix
 from genmodels.storage import open_storage
 from genmodels.training import load_training_state, shipped_model
 

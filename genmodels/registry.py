@@ -328,13 +328,14 @@ def register(
 ) -> Registered:
     """Log an MLflow run (params, metrics, per-epoch history, tags, artifacts, the sampler model)
     and register it as a version of ``<dataset>-<family>``; idempotent by checkpoint digest.
-    The version is tagged with the evaluation settings of ``preset`` (``runs.evaluation_settings``)
-    and ``feature_network``, the digest of the domain classifier the metrics' FID was measured
-    with: a gate value is only compared as it stands with one measured alike."""
+    The version is tagged with the evaluation settings of ``preset``
+    (:func:`genmodels.evaluation.evaluation_settings`) and ``feature_network``, the digest of the
+    domain classifier the metrics' FID was measured with: a gate value is only compared as it
+    stands with one measured alike."""
     import mlflow
     from mlflow import MlflowClient
 
-    from genmodels.runs import evaluation_settings
+    from genmodels.evaluation import evaluation_settings
     from genmodels.sampling import OnnxSampler
 
     name = registered_name(dataset, family)

@@ -34,17 +34,6 @@ from genmodels.storage import Storage
 from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, load_resume_state,
                                 preset_configs, resolve_device, train)
 
-# Evaluation effort per preset: quick runs evaluate on a subset so `make run` stays in minutes;
-# full runs use the whole test split and k=5000 importance samples like the published figures.
-# Quick's k=250 costs a quarter of k=1000 and reads 0.1-0.2 nats higher (quick VAE 232.26 vs
-# 232.09, CVAE 228.86 vs 228.77 on 300 test images; benchmarks/RESULTS.md).
-EVAL_SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": {"max_examples": 1000, "n_samples": 1000, "iwae_k": 250},
-    "cpu": {"max_examples": None, "n_samples": 10000, "iwae_k": 5000},
-    "full": {"max_examples": None, "n_samples": 10000, "iwae_k": 5000},
-}
-
-
 ONNX_PREFIX = "onnx"
 
 
@@ -216,21 +205,16 @@ def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
     return model_from_checkpoint(ckpt), ckpt["meta"]
 
 
-#: A run's record of how its metrics.json was measured: the preset's :func:`evaluation_settings`,
-#: the seed, and the digests of the domain classifier (``feature_network``) and class judge
-#: (``class_judge``) whose spaces its sample figures live in.
+#: A run's record of how its metrics.json was measured: the preset's evaluation settings
+#: (:func:`genmodels.evaluation.evaluation_settings`), the seed, and the digests of the domain
+#: classifier (``feature_network``) and class judge (``class_judge``) whose spaces its sample
+#: figures live in.
 EVALUATION_RECORD = "evaluation.json"
 
 
 def evaluation_record(run: Storage) -> dict[str, Any]:
     """The run's :data:`EVALUATION_RECORD`; empty for a run evaluated before it was written."""
     return json.loads(run.get_bytes(EVALUATION_RECORD)) if run.exists(EVALUATION_RECORD) else {}
-
-
-def evaluation_settings(preset: str) -> dict[str, Any]:
-    """How much evaluation a preset's figures rest on (test images, samples, IWAE k); presets
-    without an entry get quick's. Figures measured under different settings do not compare."""
-    return dict(EVAL_SETTINGS.get(preset, EVAL_SETTINGS["quick"]))
 
 
 def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot, preset: str,
@@ -241,7 +225,7 @@ def evaluate_model(storage: Storage, model: GenerativeModel, snapshot: Snapshot,
     ``deadline`` pauses it (:class:`genmodels.evaluation.LikelihoodPassPaused`);
     ``provenance`` receives the digests of the networks the sample figures were measured with
     (``genmodels.evaluation.domain_metrics``)."""
-    from genmodels.evaluation import evaluate
+    from genmodels.evaluation import evaluate, evaluation_settings
 
     settings = evaluation_settings(preset)
     # The exact families' passes in the batches they run fastest in: the pixel-by-pixel samplers
@@ -268,7 +252,7 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
     return the metrics. Past ``deadline`` (a :func:`time.monotonic` instant) its likelihood pass
     pauses with :class:`genmodels.evaluation.LikelihoodPassPaused`, writing nothing but its
     progress, which the next call resumes."""
-    from genmodels.evaluation import render_pictures
+    from genmodels.evaluation import evaluation_settings, render_pictures
 
     model, meta = load_model(run)
     if meta.get("snapshot_hash") != snapshot.hash:

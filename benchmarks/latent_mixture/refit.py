@@ -18,10 +18,9 @@ import torch
 
 from _run import add_run_options, load_run  # the latent-mixture benchmarks' shared run options
 from genmodels.data.loader import model_input
-from genmodels.evaluation import domain_metrics
+from genmodels.evaluation import domain_metrics, evaluation_settings
 from genmodels.evaluation._common import head, split_of
 from genmodels.models import family_class
-from genmodels.runs import evaluation_settings
 from genmodels.training import finish_training
 
 

@@ -70,6 +70,7 @@ def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first
     from mlflow import MlflowClient
 
     from genmodels import records, registry, runs
+    from genmodels.evaluation import evaluation_settings
     from genmodels.evaluation.classifier import load_classifier
     from genmodels.evaluation.likelihood import weights_digest
     from genmodels.storage import open_storage
@@ -106,7 +107,7 @@ def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first
         record_path = client.download_artifacts(mv.run_id, runs.EVALUATION_RECORD, str(tmp_path))
         record = json.loads(Path(record_path).read_text())
         assert mv.tags[registry.FEATURE_NETWORK_TAG] == record["feature_network"] == cached_network(tags)
-        assert record["settings"] == runs.evaluation_settings("quick") and record["seed"] == 0
+        assert record["settings"] == evaluation_settings("quick") and record["seed"] == 0
         artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
         assert {"samples.png", "model.pt", "metrics.json", runs.EVALUATION_RECORD, "history.json", "onnx"} <= artifacts
         assert ("interpolation.png" in artifacts) == (family == "vae")  # latent families only

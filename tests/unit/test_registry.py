@@ -21,6 +21,7 @@ import torch
 
 from genmodels import registry, runs
 from genmodels.data import PrepConfig
+from genmodels.evaluation import evaluation_settings
 from genmodels.storage import open_storage
 from registry_fixtures import registry_env
 
@@ -123,9 +124,9 @@ def test_each_evaluation_records_the_networks_its_figures_were_measured_with(wor
     judge_config = class_judge_config(snapshot.image)
     judge = domain if judge_config is None else weights_digest(
         load_or_train_classifier(snapshot, store, judge_config, name="class-judge").network)
-    assert runs.evaluation_record(models["mid"].run) == {"settings": runs.evaluation_settings("quick"), "seed": 0,
+    assert runs.evaluation_record(models["mid"].run) == {"settings": evaluation_settings("quick"), "seed": 0,
                                                           "feature_network": domain}
-    assert runs.evaluation_record(models["cvae"].run) == {"settings": runs.evaluation_settings("quick"), "seed": 0,
+    assert runs.evaluation_record(models["cvae"].run) == {"settings": evaluation_settings("quick"), "seed": 0,
                                                            "feature_network": domain, "class_judge": judge}
     # Another snapshot's figures were measured in its own classifier's features.
     assert runs.evaluation_record(models["other_snapshot"].run)["feature_network"] != domain
@@ -242,7 +243,7 @@ def test_version_carries_digest_snapshot_and_gate_tags(gate, models):
     assert mv.tags["genmodels.snapshot_hash"] == models["best"].snapshot_hash
     assert float(mv.tags["genmodels.gate_value"]) == models["best"].gate_value
     assert mv.tags["genmodels.git_commit"] == "0123456789abcdef"
-    assert json.loads(mv.tags["genmodels.evaluation"]) == runs.evaluation_settings("quick")
+    assert json.loads(mv.tags["genmodels.evaluation"]) == evaluation_settings("quick")
 
 
 # --- another test snapshot ------------------------------------------------------------------------
