@@ -356,21 +356,22 @@ class JobManager:
         self._check_limits(spec, pixels)
         jid = job_id(spec)
         previous = self._jobs.get(jid)
-        if previous is not None and previous.status not in ACTIVE:
+        if previous is not None and (previous.status not in ACTIVE or previous.cancel.is_set()):
             # Its run reads ended but may still be writing its final record: a client that saw it
-            # end and re-submits at once waits for that (briefly) rather than being refused.
+            # end and re-submits at once waits for that (briefly) rather than being refused. A run
+            # asked to stop is waited for too: answered as the new run, it would end cancelled.
             previous.ended.wait(self.end_wait_s)
         with self._lock:
             previous = self._jobs.get(jid)
-            if previous is not None and previous.status in ACTIVE:
+            if previous is not None and previous.status in ACTIVE and not previous.cancel.is_set():
                 return self._accepted(jid, previous)
             # Two live jobs writing one prefix would interleave their shards: the second waits its turn.
             # A run whose status reads ended may still be writing its final record (the same spec's
             # included): a new run now would have its record overwritten by that one.
             busy = [i for i, j in self._jobs.items() if self._unfinished(i, j) and j.spec.output == spec.output]
             if jid in busy:
-                raise RequestError(409, "output_in_use", f"job {jid} is still recording its end; submit it again "
-                                                         "in a few seconds to run it again")
+                raise RequestError(409, "output_in_use", f"job {jid} is still stopping or recording its end; submit "
+                                                         "it again in a few seconds to run it again")
             if busy:
                 raise RequestError(409, "output_in_use", f"job {busy[0]} is writing to {spec.output}; cancel it or "
                                                     "wait for it to end")
@@ -389,9 +390,14 @@ class JobManager:
         # %r: the output is the caller's text; quoted, a newline in it cannot start a log line of its own.
         logger.info("job %s: %s v%s n=%d -> %r", jid, spec.model, spec.version, spec.n, spec.output)
         with self._lock:
-            self._queue.append(jid)
-            self._admit()
-            return self._accepted(jid, job)
+            if not job.cancel.is_set():
+                self._queue.append(jid)
+                self._admit()
+                return self._accepted(jid, job)
+        # Cancelled while its first record was written (cancel() found it in no queue): it never
+        # joins one, or it would wait there, and then run, for a cancel already answered.
+        self._cancel_queued(jid, job)
+        return self._accepted(jid, job)
 
     def _unfinished(self, jid: str, job: _Job) -> bool:
         """Whether ``job``'s run is not over: queued, running, or still writing its final record
@@ -577,6 +583,9 @@ class JobManager:
                 self._queue.remove(jid)
                 for position, other in enumerate(self._queue, 1):
                     self._jobs[other].position = position
+            elif job is not None and job.status in ACTIVE:
+                # Under _lock: a submission still writing this job's first record sees it before queueing it.
+                job.cancel.set()
         if job is None or job.ended.is_set():
             found = self.get(jid)
             if found["status"] in ACTIVE:

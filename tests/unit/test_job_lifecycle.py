@@ -239,3 +239,51 @@ def test_only_the_latest_version_of_each_model_is_kept(tmp_path, monkeypatch):
         manager._resolve("other")
     assert sorted(manager._models) == ["m", "other"]
     assert manager._resolve("m") == ("30", {"sampler.onnx": b"m v30"}, False, 0, 784)
+
+
+# --- a cancel racing the submission or a re-submission racing the cancel ----------------------------
+def test_a_job_cancelled_while_its_submission_records_it_ends_cancelled_not_queued(tmp_path, cancellable,
+                                                                                  monkeypatch):
+    manager = _manager(tmp_path, max_active=1, max_queued=2)
+    manager.submit(_request(manager, 0))  # holds the only slot: the next job waits in the queue
+    b = bulk.job_id(bulk.JobSpec(version="1", **_request(manager, 1)))
+    writing, answers = threading.Event(), []
+    real_put = records.put_job
+
+    def put(storage, record):
+        if record["job_id"] == b and record["status"] == "queued" and not writing.is_set():
+            writing.set()  # the submission writes B's first record (S3 latency): another client cancels B
+            _until(lambda: manager._jobs[b].cancel.is_set())
+        real_put(storage, record)
+
+    monkeypatch.setattr(records, "put_job", put)
+    canceller = threading.Thread(target=lambda: writing.wait(5) and answers.append(manager.cancel(b)))
+    canceller.start()
+    manager.submit(_request(manager, 1))
+    canceller.join(5)
+    assert answers and answers[0]["cancel_requested"]
+    _until(lambda: manager.get(b)["status"] == "cancelled", timeout=2)
+    assert b not in manager._queue and records.get_job(manager.storage, b)["status"] == "cancelled"
+    manager.shutdown()
+
+
+def test_a_resubmission_while_the_cancelled_run_stops_runs_the_job_again(tmp_path, monkeypatch):
+    stopping = threading.Event()
+
+    def run_job(spec, files, should_stop, **kw):
+        while not should_stop():
+            time.sleep(0.01)
+        stopping.wait(5)  # killing the writers, removing the placement group
+        raise bulk.JobCancelled(0, spec.num_shards)
+
+    monkeypatch.setattr(bulk, "run_job", run_job)
+    manager = _manager(tmp_path)
+    a = manager.submit(_request(manager, 0))["job_id"]
+    assert manager.cancel(a)["cancel_requested"]
+    threading.Timer(0.2, stopping.set).start()
+    # Re-submitted at once (a client's "pause" then "resume"): answered for a run that will run.
+    again = manager.submit(_request(manager, 0))
+    assert again["job_id"] == a
+    time.sleep(0.3)
+    assert manager.get(a)["status"] == "running" and not manager.get(a)["cancel_requested"]
+    manager.shutdown()
