@@ -85,15 +85,24 @@ class Lease:
             generation, record = self._newest()
             free = record is None or record.get("released") or float(record.get("expires_at", 0)) < time.time()
             if free and self.storage.create_exclusive(self._key(generation + 1), self._body()):
-                self.generation = generation + 1
-                for old in range(max(1, generation - 8), generation):  # keep the listing short; best effort
-                    try:
-                        self.storage.delete(self._key(old))
-                    except Exception:  # noqa: BLE001 - an old generation left behind is harmless
-                        pass
-                self._renewer = threading.Thread(target=self._renew_loop, daemon=True, name=f"lease-{self.name}")
-                self._renewer.start()
-                return self
+                # Stalled since it listed, this acquirer may have re-created a generation that later
+                # holders removed as old (below): it holds the lease only if that one is the newest.
+                newest, newest_record = self._newest()
+                if newest == generation + 1:
+                    self.generation = generation + 1
+                    for old in range(max(1, generation - 8), generation):  # keep the listing short; best effort
+                        try:
+                            self.storage.delete(self._key(old))
+                        except Exception:  # noqa: BLE001 - an old generation left behind is harmless
+                            pass
+                    # A Lease taken again after its release: renewals and its loss start afresh.
+                    self._stop.clear()
+                    self.lost.clear()
+                    self._renewer = threading.Thread(target=self._renew_loop, daemon=True,
+                                                     name=f"lease-{self.name}")
+                    self._renewer.start()
+                    return self
+                record = newest_record
             if time.monotonic() >= deadline:
                 holder = (record or {}).get("owner", "another process")
                 raise LeaseBusy(f"lease {self.name!r} is held by {holder} (until "

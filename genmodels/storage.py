@@ -544,6 +544,8 @@ def split_url(url: str | os.PathLike[str], **s3_options: Any) -> tuple[Storage, 
         return open_storage(".", **s3_options), stripped
     if parent in ("file:", "file://"):
         parent = "file:///"
+    if url.startswith("file:"):
+        name = unquote(name)  # as open_storage unquotes the parent: url_for quotes "a b" as "a%20b"
     return open_storage(parent or "/", **s3_options), name
 
 

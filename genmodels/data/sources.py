@@ -447,6 +447,7 @@ def read_npz(location: str) -> RawDataset:
     x_test = y_test = None
     if "x_test" in arrays:
         x_test = _as_images(arrays["x_test"], "x_test", where)
+        _check_nonempty(x_test, f"{where} array 'x_test'")  # else evaluation finds it empty after training
         if x_test.shape[1:] != x.shape[1:]:
             raise DataError(f"{where}: 'x_test' images are {x_test.shape[1:]} but 'x' images are {x.shape[1:]}")
         y_test = _as_labels(arrays["y_test"], "y_test", where) if labelled else np.zeros(len(x_test), np.int64)

@@ -282,6 +282,12 @@ def case_float_pixels_in_a_folder(tmp_path):
     return "folder", str(root), "zebra/f.png", r"floating-point pixels have no fixed range"
 
 
+def case_npz_empty_test_split(tmp_path):
+    # Caught here, not by the evaluation that finds an empty test split after a whole training run.
+    path = digits_like_npz(tmp_path / "d.npz", x_test=np.zeros((0, 5, 5), np.uint8), y_test=np.zeros(0, np.int64))
+    return "npz", str(path), "d.npz", r"array 'x_test'.*holds no images"
+
+
 def case_a_split_that_rounds_to_none(tmp_path):
     return "npz", str(digits_like_npz(tmp_path / "d.npz", n=6)), "d.npz", r"val_size=0\.1 of 5 images rounds to none"
 
@@ -292,7 +298,7 @@ BAD_INPUTS = [
     case_idx_labels_out_of_range, case_idx_count_mismatch, case_npz_count_mismatch, case_npz_nan,
     case_npz_inf, case_npz_labels_vs_class_names, case_npz_not_a_zip, case_npy_given_as_npz, case_empty_folder,
     case_unreadable_image, case_truncated_jpeg, case_mixed_sizes_without_resize, case_float_pixels_in_a_folder,
-    case_a_split_that_rounds_to_none,
+    case_a_split_that_rounds_to_none, case_npz_empty_test_split,
 ]
 
 

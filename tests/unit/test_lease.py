@@ -72,3 +72,49 @@ def test_leaving_the_block_logs_a_failed_release_and_the_lease_expires_by_its_tt
     taker = Lease(storage, "promote/m", ttl_s=30, wait_s=10).acquire()  # once the TTL has run out
     assert taker.generation == 2
     taker.release()
+
+
+class _StallsBeforeCreating:
+    """A storage through which an acquirer stalls between reading the newest generation and
+    creating the next one, while ``meanwhile`` runs."""
+
+    def __init__(self, storage, meanwhile):
+        self._storage, self._meanwhile = storage, meanwhile
+
+    def create_exclusive(self, key, data):
+        if self._meanwhile is not None:
+            self._meanwhile, meanwhile = None, self._meanwhile
+            meanwhile()
+        return self._storage.create_exclusive(key, data)
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+
+def test_an_acquirer_that_stalled_does_not_take_a_generation_removed_as_old(tmp_path):
+    storage = open_storage(tmp_path / "store")
+    holder = []
+
+    def others_take_it_three_times():
+        # The third taker removes generation 1 as old: the stalled acquirer can create it again.
+        for _ in range(2):
+            Lease(storage, "promote/m", ttl_s=30).acquire().release()
+        holder.append(Lease(storage, "promote/m", ttl_s=30).acquire())
+
+    stalled = Lease(_StallsBeforeCreating(storage, others_take_it_three_times), "promote/m", ttl_s=30)
+    with pytest.raises(LeaseBusy, match=r"held by .*:[0-9a-f]{8}"):
+        stalled.acquire()
+    assert holder[0].generation == 3 and Lease(storage, "promote/m").holder()["owner"] == holder[0].owner
+    holder[0].release()
+
+
+def test_a_lease_taken_again_after_its_release_is_renewed_again(tmp_path):
+    storage = open_storage(tmp_path / "store")
+    lease = Lease(storage, "n", ttl_s=2.0)
+    with lease:
+        pass
+    with lease:  # renewed every 0.5 s again: a 1.5 s stall is tolerated
+        time.sleep(4.0)
+        lease.check()
+        with pytest.raises(LeaseBusy):
+            Lease(storage, "n", ttl_s=2.0).acquire()

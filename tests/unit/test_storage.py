@@ -125,6 +125,13 @@ def test_read_url_reads_one_object(storage):
     assert read_url(storage.url_for("dir/obj.bin")) == b"payload"
 
 
+def test_read_url_reads_an_object_whose_url_quotes_its_name(storage):
+    # url_for percent-encodes file:// URLs ("a b" -> "a%20b"): read_url takes them back.
+    for key in ("dir/a b.npz", "dir/100%.npz"):
+        storage.put_bytes(key, key.encode())
+        assert read_url(storage.url_for(key)) == key.encode()
+
+
 def test_check_reachable_passes_on_a_usable_root(storage):
     check_reachable(storage)
     check_reachable(storage.url)
