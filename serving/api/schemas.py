@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from genmodels import bulk
 from genmodels.checks import MAX_LABEL, MAX_REQUEST_SAMPLES, MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -20,9 +20,12 @@ MAX_COMPLETIONS = 64
 RANDOM_SEED_BOUND = 2**53
 
 # --- field types: JSON bodies are strict (a string is not a number) ----------------------------
-Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+# `lt`, not `le=MAX_SEED`: FastAPI writes body-schema bounds as floats, and 2**63 - 1 as a float is
+# 2**63, a seed the server refuses; 2**63 itself is exact, so an exclusive bound says the truth.
+Seed = Annotated[StrictInt, Field(ge=0, lt=MAX_SEED + 1)]
 Label = Annotated[StrictInt, Field(ge=0, le=MAX_LABEL)]
-Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False)]
+# Strict: "0.5" or true is not a number (true would read as 1.0); an integer still is one.
+Temperature = Annotated[StrictFloat, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False)]
 ImageFormat = Literal["png", "array"]
 # The same bounds for query strings, whose values arrive as text.
 SeedQuery = Annotated[int | None, Query(ge=0, le=MAX_SEED)]

@@ -122,3 +122,16 @@ def test_a_label_beyond_every_class_is_422_naming_the_bound_not_what_a_cast_read
     r = call(TestClient(create_api(_Conditional())), big)
     assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
     assert "2147483647" in r.text and "-1" not in r.text and "dtype" not in r.text, r.text
+
+
+@pytest.mark.parametrize("call", [
+    lambda c, t: c.post("/v1/models/m/samples", json={"n": 1, "seed": 0, "labels": 0, "temperature": t}),
+    lambda c, t: c.post("/v1/models/m/interpolate", json={"seed_a": 0, "seed_b": 1, "label": 0, "temperature": t}),
+], ids=["samples", "interpolate"])
+@pytest.mark.parametrize("temperature", ["0.5", True, False])
+def test_a_temperature_that_is_not_a_json_number_is_422_naming_it(call, temperature):
+    # As for n, seeds and labels: a string or a boolean is not silently read as a number (true as 1.0).
+    r = call(TestClient(create_api(_Conditional())), temperature)
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
+    assert [d["loc"] for d in r.json()["detail"]] == [["body", "temperature"]], r.text
+    assert call(TestClient(create_api(_Conditional())), 1).status_code == 200  # an integer still is a number

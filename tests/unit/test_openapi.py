@@ -145,3 +145,26 @@ def test_routes_no_served_model_answers_are_left_open(models):
         assert _name_enum(spec, "samples") == ["d-vae"]
     assert np.all([s.get("maximum") == MAX_LABEL
                    for s in _integers(spec["components"]["schemas"]["SampleRequest"]["properties"]["labels"])])
+
+
+def _admits(schema, value) -> bool:
+    """Whether an integer (sub)schema of ``schema`` admits ``value`` by its bounds."""
+    return any(s.get("minimum", value) <= value <= s.get("maximum", value)
+               and value < s.get("exclusiveMaximum", value + 1) for s in _integers(schema))
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "static"])
+def test_seed_bounds_admit_exactly_the_seeds_the_server_accepts(served):
+    from genmodels.noise import MAX_SEED
+
+    spec = _spec() if served else create_api(_Backend()).openapi()
+    schemas = spec["components"]["schemas"]
+    for body, field in [("SampleRequest", "seed"), ("InterpolateRequest", "seed_a"), ("InterpolateRequest", "seed_b"),
+                        ("CompleteRequest", "seed"), ("JobRequest", "seed")]:
+        seed = schemas[body]["properties"][field]
+        assert _admits(seed, 0) and _admits(seed, MAX_SEED), (body, field, seed)
+        assert not _admits(seed, MAX_SEED + 1) and not _admits(seed, -1), (body, field, seed)
+    # The server's own check, which the schema must say: MAX_SEED in, MAX_SEED + 1 out.
+    assert SampleRequest(seed=MAX_SEED).seed == MAX_SEED
+    with pytest.raises(ValueError):
+        SampleRequest(seed=MAX_SEED + 1)
