@@ -186,7 +186,13 @@ class ModelSet:
     def get(self, name: str):
         loaded = self._models.get(name)
         if loaded is None:
-            if name in self._missing:
+            missing = self._missing
+            # The poller swaps a model in before it drops it from _missing: one that loaded since
+            # the first look is served, not answered as unknown.
+            loaded = self._models.get(name)
+            if loaded is not None:
+                return loaded
+            if name in missing:
                 raise RequestError(503, "model_unavailable", f"model {name!r} is served here but its "
                                                              f"{self.alias!r} version could not be loaded yet; "
                                                              "try again later")

@@ -72,6 +72,25 @@ def test_a_model_that_cannot_be_loaded_leaves_the_others_served_and_is_retried(f
     assert models.poll_once() == []
 
 
+def test_a_request_during_the_reload_that_brings_a_model_online_is_served_it(fake_registry):
+    """The poller thread loads a missing model between a request's look at the served models and
+    its look at the missing ones: the request gets the model, not a 404 that lists it as served."""
+    models = ModelSet(None, "champion", None)
+    fake_registry["broken"].clear()
+
+    class ReloadedOnFirstLook(dict):
+        looked = False
+
+        def get(self, name, default=None):
+            if not ReloadedOnFirstLook.looked:
+                ReloadedOnFirstLook.looked = True
+                assert models.poll_once() == ["b"]  # the poller, right after the request's first look
+            return super().get(name, default)
+
+    models._models = ReloadedOnFirstLook(models._models)
+    assert models.get("b").version == "1"
+
+
 def test_a_model_that_lost_the_alias_before_it_loaded_is_no_longer_wanted(fake_registry):
     models = ModelSet(None, "champion", None)
     fake_registry["listed"] = ["a"]
