@@ -13,7 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException
 
-from serving.api.errors import error_response, install_error_handlers
+from serving.api.errors import ERROR_STATUSES, error_response, install_error_handlers
 from serving.api.jobs import add_job_routes
 from serving.api.openapi import served_openapi
 from serving.api.sampling import add_sampling_routes
@@ -66,7 +66,7 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
                   description="Online sampling from the champion version of each registered generative model. "
                               "Same model version, seed, labels and temperature -> the same images, whether "
                               "asked alone or batched with other requests.",
-                  responses={k: {"model": ErrorBody} for k in (401, 404, 413, 422)},
+                  responses={k: {"model": ErrorBody} for k in ERROR_STATUSES},
                   # Served below, narrowed to the models served at the time of the request.
                   openapi_url=None, docs_url=None, redoc_url=None)
     install_error_handlers(api)

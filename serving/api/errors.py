@@ -26,9 +26,14 @@ def error_response(status: int, error: str, detail: Any, headers: dict[str, str]
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-#: Seconds a client refused for load (429) is told to wait (Retry-After): what frees room is a
-#: bulk job ending, which takes far longer than a retry loop without a pause would.
-RETRY_AFTER_S = {429: 30}
+#: Seconds a refused client is told to wait (Retry-After). 429: what frees room is a bulk job
+#: ending, which takes far longer than a retry loop without a pause would. 503: a model that
+#: could not be loaded is tried again every reload interval (10 s by default), and the registry or
+#: job store that was unreachable is asked again per request.
+RETRY_AFTER_S = {429: 30, 503: 10}
+#: What every operation may answer, besides its own codes (the jobs' 429): documented so that a
+#: client generated from the schema knows each body is an ``ErrorBody``.
+ERROR_STATUSES = (400, 401, 404, 413, 422, 500, 503)
 
 
 def install_error_handlers(api: FastAPI) -> None:

@@ -47,6 +47,15 @@ def test_a_dead_replica_is_a_503_not_a_500():
     assert r.headers["Retry-After"] == "1"
 
 
+def test_a_refusal_for_a_dependency_that_is_down_says_when_to_retry():
+    """A model that could not be loaded (its replica retries it every reload interval), the
+    registry or the job store unreachable: 503 with Retry-After, as a dead replica's."""
+    refused = RequestError(503, "model_unavailable", "model 'm' is served here but could not be loaded yet")
+    r = TestClient(create_api(_Failing(refused)), raise_server_exceptions=False).get("/v1/models")
+    assert (r.status_code, r.json()["error"]) == (503, "model_unavailable"), r.text
+    assert int(r.headers["Retry-After"]) > 0
+
+
 def _png(width: int, height: int, claim: tuple[int, int] | None = None) -> bytes:
     from PIL import Image
 

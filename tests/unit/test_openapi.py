@@ -168,3 +168,15 @@ def test_seed_bounds_admit_exactly_the_seeds_the_server_accepts(served):
     assert SampleRequest(seed=MAX_SEED).seed == MAX_SEED
     with pytest.raises(ValueError):
         SampleRequest(seed=MAX_SEED + 1)
+
+
+def test_every_operation_documents_the_error_bodies_it_may_answer():
+    """Malformed JSON (400), a fault (500) and an unavailable replica or model (503) answer with
+    the same ErrorBody as a refusal: a client generated from the schema must know them all."""
+    spec = _spec()
+    operations = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
+    assert len(operations) > 5
+    for path, method, operation in operations:
+        for status in ("400", "404", "422", "500", "503"):
+            body = operation["responses"].get(status, {}).get("content", {}).get("application/json", {})
+            assert body.get("schema") == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
