@@ -300,7 +300,8 @@ def _fail(family: str, graph: str, n: int, err: float, detail: str) -> ExportPar
 def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch_sizes: Sequence[int] = (1, 5),
                  seed: int = 0, atol: float = 1e-4, temperature: float = 0.8) -> None:
     """Check every exported graph against ``model`` with onnxruntime (CPU) on the same noise and
-    labels, at each batch size; raises :class:`ExportParityError` on the first disagreement.
+    labels, at each batch size (a conditional model's also at one with every class); raises
+    :class:`ExportParityError` on the first disagreement.
 
     Samplers on the quantization grid are compared level by level: PixelRNN exactly; an 8-bit
     mixture may differ by exactly one grey level (floor at a bin boundary can round either way
@@ -334,7 +335,12 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
     img = model.image
     spec = model.noise_spec()
     graph = "pixel_step" if family == "pixelrnn" else "sampler"
-    for n in batch_sizes:
+    sizes = list(batch_sizes)
+    if model.conditional and max(sizes, default=0) < img.num_classes:
+        # A batch of n labels its rows 0..n-1: without one batch of every class, a graph wrong for
+        # the higher labels only (10 classes against batches of 1 and 5) would pass.
+        sizes.append(img.num_classes)
+    for n in sizes:
         noise = make_noise_tensors(spec, seed, n)
         labels = torch.arange(n, dtype=torch.long) % max(img.num_classes, 1) if model.conditional else None
         with torch.no_grad():

@@ -235,3 +235,19 @@ def test_gan_exports_its_averaged_generator(tmp_path):
     noise = make_noise_tensors(model.noise_spec(), seed=3, count=6)
     np.testing.assert_allclose(images, model.generator_ema(noise["z"]).detach().numpy(), atol=1e-5)
     assert not np.allclose(images, model.generator(noise["z"]).detach().numpy(), atol=1e-3)
+
+
+def test_parity_covers_every_class_of_a_conditional_model(tmp_path):
+    """Fashion-MNIST has 10 classes; the default batches (1 and 5) label their rows 0..4 only. A
+    graph that samples classes 5..9 unlike the model must fail parity all the same."""
+    from genmodels.models.base import ImageSpec
+
+    ten = ImageSpec(channels=1, height=8, width=8, levels=2, num_classes=10)
+    torch.manual_seed(0)
+    model = build_model("gan", ten, **dict(SMALL_GAN, conditional=True)).eval()
+    files = export_sampler(model, tmp_path)
+    check_parity(model, files)  # the graph as exported agrees
+    with torch.no_grad():  # the model's classes 5..9 now differ from the graph's, 0..4 do not
+        model.sampler.embed.weight[5:].mul_(-3.0)
+    with pytest.raises(ExportParityError, match=r"gan graph 'sampler' at batch size"):
+        check_parity(model, files)
