@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
+from genmodels.registry import ALREADY_CHAMPION
 from genmodels.storage import Storage, open_storage
 
 __all__ = [
@@ -420,8 +421,12 @@ def family_outcome(step_outputs: Mapping[str, Any]) -> dict[str, Any]:
         "model": reg["name"], "version": str(reg["version"]), "new_version": bool(reg["created"]),
         "gate_metric": reg["gate_metric"], "gate_value": reg["gate_value"],
         "alias": promo["alias"],
-        # Newly champion: already holding the alias before this run is not a promotion.
-        "promoted": promo["alias"] == "champion" and promo.get("previous_champion") != str(reg["version"]),
+        # Newly champion: already holding the alias before this run is not a promotion. A version
+        # registered by an earlier run that finds itself champion ("already the champion", naming
+        # the one it replaced back then) was promoted by that run; one this run registered was
+        # promoted by this run's first try (a retried promotion step).
+        "promoted": promo["alias"] == "champion" and promo.get("previous_champion") != str(reg["version"])
+                    and not (promo.get("reason") == ALREADY_CHAMPION and not reg["created"]),
         "previous_champion": promo.get("previous_champion"), "champion_value": promo.get("champion_value"),
         "reason": promo.get("reason"),
         "epochs": train.get("epochs"), "train_seconds": train.get("seconds"),

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+#: The reason of a promotion that finds the version already holding the champion alias.
+ALREADY_CHAMPION = "already the champion"
 MODEL_NAME_IN_RUN = "model"
 _TAG = "genmodels."
 EVALUATION_TAG = f"{_TAG}evaluation"  # JSON of the settings the gate value was measured with
@@ -346,7 +348,11 @@ def register(
     gate_value = float(metrics[metric])
     existing = find_version(name, digest)
     if existing is not None:
-        return Registered(name, str(existing.version), existing.run_id, digest, metric, gate_value, snapshot_hash, False)
+        # The figure the version holds, which promotion compares, not this call's measurement of
+        # the same model (another device's draws, another domain classifier).
+        _, held = version_gate(existing)
+        return Registered(name, str(existing.version), existing.run_id, digest, metric,
+                          gate_value if held is None else held, snapshot_hash, False)
 
     files = [Path(f) for f in onnx_files]
     sampler = OnnxSampler(files)
@@ -564,7 +570,7 @@ def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] |
         return decide(CHAMPION, None, "no champion yet")
     if str(current.version) == str(version):
         previous = (mv.tags or {}).get(PROMOTED_OVER_TAG) or None  # "": it was the first champion
-        return Promotion(name, str(version), CHAMPION, previous, value, value, "already the champion")
+        return Promotion(name, str(version), CHAMPION, previous, value, value, ALREADY_CHAMPION)
     unlike = _measured_unlike(current.tags, mv.tags)
     if not unlike:
         champion_value = float(current.tags[f"{_TAG}gate_value"])

@@ -117,3 +117,16 @@ def test_an_nll_is_compared_as_it_stands_whatever_the_feature_networks(fake_mlfl
     versions["1"].tags[NETWORK], versions["2"].tags[NETWORK] = "a" * 64, "b" * 64
     decision = registry.promote("digits-vae", "2", reevaluate=lambda mv: pytest.fail("nothing to re-evaluate"))
     assert (decision.alias, decision.champion_value) == ("champion", 50.0)
+
+
+def test_a_rerun_that_finds_its_version_already_champion_is_not_reported_as_a_promotion(tmp_path, fake_mlflow):
+    """A scheduled retrain that changed nothing finds the same version, champion since an earlier
+    run: not promoted now. The version this run registered, found champion by a retried promotion
+    step (the first try moved the alias), was promoted by this run."""
+    registry.promote("digits-vae", "2", lease_storage=(tmp_path / "store").as_uri())
+    again = registry.promote("digits-vae", "2", lease_storage=(tmp_path / "store").as_uri()).to_dict()
+    registered = {"name": "digits-vae", "version": "2", "gate_metric": "nll_nats", "gate_value": 40.0}
+    rerun = records.family_outcome({"registered": {**registered, "created": False}, "promotion": again})
+    assert (rerun["promoted"], rerun["alias"]) == (False, "champion")
+    retried = records.family_outcome({"registered": {**registered, "created": True}, "promotion": again})
+    assert (retried["promoted"], retried["previous_champion"]) == (True, "1")

@@ -234,6 +234,16 @@ def test_same_checkpoint_registered_again_returns_the_existing_version(work, gat
     assert len(MlflowClient().search_runs([experiment.experiment_id])) == 3
 
 
+def test_the_same_checkpoint_measured_again_reports_the_figure_its_version_holds(work, gate, models):
+    # A re-run evaluates the same model again (another device's IWAE draws, a retrained domain
+    # classifier): the version, and the promotion reading its tags, keep the first figure, so the
+    # outcome reported with the promotion's reason must be that one too.
+    first = gate["mid"]["registered"]
+    again = register(work, models["mid"], "gate", metrics={**models["mid"].metrics, "nll_nats": first.gate_value + 5.0})
+    assert (again.created, again.version) == (False, first.version)
+    assert again.gate_value == first.gate_value
+
+
 def test_version_carries_digest_snapshot_and_gate_tags(gate, models):
     from mlflow import MlflowClient
 
