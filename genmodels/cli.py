@@ -15,7 +15,8 @@ from rich.markdown import Markdown
 try:
     from genmodels.cli_options import (  # noqa: F401 - PRESETS: the presets the commands offer, read by tests
         DEFAULT_FAMILIES, PRESETS, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt, PresetOpt,
-        QuantOpt, SamplingSeedOpt, SeedOpt, SourceOpt, console, family_list, friendly_errors, train_overrides,
+        QuantOpt, SamplingSeedOpt, SeedOpt, SourceOpt, console, device_choice, family_list, friendly_errors,
+        train_overrides,
     )
 except ModuleNotFoundError as exc:
     # A serving-only install (no `train` extra) has the runtime but not the models' code.
@@ -98,7 +99,8 @@ def train_cmd(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Override the preset's batch size.")] = None,
     max_train_examples: Annotated[Optional[int], typer.Option(min=1, help="Cap the training examples.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Where to train (auto: CUDA when present).",
+                                                  **device_choice())] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
 ) -> None:
     """Train one family (resumes from the run's last checkpoint unless --fresh)."""

@@ -69,6 +69,29 @@ def family_list() -> dict:
     return {"parser": parse, "metavar": f"[{'|'.join(FAMILIES)}][,...]|all", "autocompletion": complete}
 
 
+def device_choice() -> dict:
+    """typer.Option arguments for ``--device``: auto, cpu, cuda or cuda:N, refused at parse time
+    when torch cannot use it here (training would fail with torch's traceback only after the data
+    is prepared and the run's lease taken)."""
+
+    def parse(value: str) -> str:
+        import torch
+
+        if value == "auto":
+            return value
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            _fail(f"unknown device {value!r}; choose one of auto, cpu, cuda, cuda:N")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            _fail(f"device {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s) torch can use")
+        return value
+
+    return {"parser": parse, "metavar": "[auto|cpu|cuda|cuda:N]"}
+
+
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="The data source.", **choice("dataset", DATASETS))]
 SourceOpt = Annotated[Optional[str], typer.Option("--source", help="Data location: path, file:// or s3:// (folder/npz; "
                                                  "fashion-mnist defaults to GENMODELS_FASHION_MNIST_DIR).")]
@@ -83,7 +106,8 @@ QuantOpt = Annotated[str, typer.Option("--quantization", "-q", help="Pixel level
                                       **choice("quantization", QUANTIZATION_CHOICES))]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of splits, binarization and training.")]
 SamplingSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sampling noise: same seed, same images.")]
-ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Folder sources: resize to SIZE x SIZE.")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=1,
+                                                     help="Folder sources: resize to SIZE x SIZE.")]
 ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L (grey) or RGB.",
                                          **choice("channels", CHANNELS))]
 

@@ -43,7 +43,9 @@ class ServingArgs(BaseModel):
     models: list[str] | None = None  # comma list or list; None: every model with a champion, now or later
     alias: str = "champion"  # the alias served (and watched for hot reload)
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the embedded sqlite default
-    reload_interval_s: float = Field(10.0, gt=0)  # how often each sampler replica polls the alias (0 would spin)
+    # How often each sampler replica polls the alias (0 would spin; beyond threading.TIMEOUT_MAX, inf
+    # included, the reload thread's first wait raises OverflowError and the replica never reloads).
+    reload_interval_s: float = Field(10.0, gt=0, le=threading.TIMEOUT_MAX)
     max_batch_size: int = Field(32, ge=1)  # requests merged into one onnxruntime call, at most
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # how long a batch waits for company once its first arrived
     sampler_threads: int = Field(1, ge=1)  # onnxruntime threads per sampling replica (it reserves as many CPUs)

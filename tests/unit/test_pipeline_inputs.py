@@ -290,8 +290,10 @@ def test_flow_check_plan_refuses_a_dataset_without_its_source(tmp_path):
     ("train", ["--family", "vae", "--epochs", "0"], "--epochs"),
     ("train", ["--family", "vae", "--batch-size", "0"], "--batch-size"),
     ("run", ["--families", "vae", "--epochs", "-1"], "--epochs"),
+    # The flow's prepare step refused it, after Prefect started (and every scheduled run would).
+    ("retrain", ["--family", "vae", "--image-size", "0"], "--image-size"),
 ], ids=["retrain epochs -1", "retrain epochs 0", "retrain max examples -5", "train epochs 0", "train batch 0",
-        "run epochs -1"])
+        "run epochs -1", "retrain image size 0"])
 def test_bad_training_overrides_are_refused_before_any_work(cli_env, monkeypatch, command, args, option):
     import genmodels.cli as cli
     import pipelines.flows as flows
@@ -384,6 +386,13 @@ def test_schedule_refuses_a_plan_every_run_would_fail(served, args, message):
     result = invoke("schedule", "--cron", "0 3 * * *", *args)
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and message in flat(result.output)
+    assert served.deployments == [] and served.served == []
+
+
+def test_schedule_refuses_an_image_size_every_run_would_refuse(served):
+    result = invoke("schedule", "--cron", "0 3 * * *", "--family", "vae", "--image-size", "0")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--image-size'" in flat(result.output)
     assert served.deployments == [] and served.served == []
 
 

@@ -118,3 +118,13 @@ def test_waiting_for_haproxy_routes_outlasts_a_stats_page_not_up_yet(monkeypatch
     started = time.monotonic()
     assert not wait_for_haproxy_routes("genmodels", "Api", 1, timeout_s=0.5)
     assert time.monotonic() - started >= 0.5
+
+
+@pytest.mark.parametrize("interval", [float("inf"), 1e12])
+def test_a_reload_interval_no_thread_can_wait_is_refused(args, interval):
+    # The reload thread's Event.wait raised OverflowError on its first wait: no hot reload, silently.
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="reload_interval_s"):
+        build_app({**args, "reload_interval_s": interval})
+    build_app({**args, "reload_interval_s": 86400.0})
