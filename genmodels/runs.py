@@ -188,7 +188,15 @@ def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfi
     # Compared as configs, not dicts: a checkpoint written before a field with a default was
     # added has the same config and resumes.
     if saved["family"] != model.family or model.config_class.from_dict(saved["config"]) != model.config:
-        raise ValueError(f"{where} was trained with another model config; pass --fresh to start over")
+        # Named like the training config's below: a bare "another model config" leaves the user to
+        # diff the configs by hand (a preset whose model changed between versions, say).
+        if saved["family"] != model.family:
+            changed = [f"family {saved['family']!r} -> {model.family!r}"]
+        else:
+            then, now = model.config_class.from_dict(saved["config"]).to_dict(), model.config.to_dict()
+            changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now if then[k] != now[k]]
+        raise ValueError(f"{where} was trained with another model config ({', '.join(changed)}); "
+                         "pass --fresh to start over")
     if saved["meta"].get("snapshot_hash") != meta["snapshot_hash"]:
         raise ValueError(f"{where} was trained on another dataset snapshot; pass --fresh to start over")
     then, now = TrainConfig.from_dict(saved["train_state"]["train_config"]).to_dict(), train_cfg.to_dict()

@@ -64,6 +64,15 @@ def test_a_checkpoint_resumes_only_its_own_training_config(store, snapshot):
     assert fresh.result.resumed_from_epoch == 0 and fresh.result.epochs_completed == 2
 
 
+def test_a_checkpoint_of_another_model_config_is_refused_with_what_differs(store, snapshot):
+    """As for the training config, the refusal says which setting changed, not just that one did."""
+    root = store.child("resume-model-check")
+    plan = {"epochs": 1, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32}
+    runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
+    with pytest.raises(ValueError, match=r"another model config \(latent_dim 2 -> 3\); pass --fresh"):
+        runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides={**TINY_VAE, "latent_dim": 3})
+
+
 def test_new_weights_take_the_old_weights_figures_pictures_and_graphs_with_them(store, snapshot):
     root = store.child("derived-check")
     plan = {"epochs": 1, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32}
