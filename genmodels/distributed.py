@@ -3,10 +3,11 @@
 :func:`train_on_ray` runs a ``TorchTrainer`` whose ``train_loop_per_worker`` is
 :func:`ray_train_loop`: each worker reads the dataset snapshot from object storage (nothing
 depends on the driver's disk), trains with :class:`RayTrainContext`, and reports a checkpoint
-every epoch to ``<storage>/ray/<dataset>/<run name>`` (file or S3, the same store as everything
-else). When a worker dies, Ray Train (``FailureConfig(max_failures=N)``) restarts the group,
-which resumes from the last reported checkpoint: at most the epoch in progress is lost, none is
-counted twice. Running the same plan again resumes (or finds it finished) instead of retraining.
+every ``checkpoint_every`` epochs (1 by default; the mixture's presets 4-10) to
+``<storage>/ray/<dataset>/<run name>`` (file or S3, the same store as everything else). When a
+worker dies, Ray Train (``FailureConfig(max_failures=N)``) restarts the group, which resumes from
+the last reported checkpoint: at most the epochs since it are lost, none is counted twice.
+Running the same plan again resumes (or finds it finished) instead of retraining.
 """
 
 from __future__ import annotations
