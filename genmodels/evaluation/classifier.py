@@ -274,7 +274,10 @@ def load_classifier(data: bytes, device: str | torch.device = "cpu") -> tuple[Do
     # An entry whose config or weights today's network cannot take (its architecture changed
     # since) is as unusable as an unreadable one: ValueError, which the cache treats as a miss.
     try:
-        network = DomainClassifier(ClassifierConfig.from_dict(ckpt["config"]))
+        # The layers' random initialization, overwritten at once, must not draw from the
+        # caller's stream: a warm cache would advance it and a cold one (seeded) would not.
+        with torch.random.fork_rng(devices=[]):
+            network = DomainClassifier(ClassifierConfig.from_dict(ckpt["config"]))
         network.load_state_dict(ckpt["state_dict"])
     except Exception as exc:
         raise ValueError(f"domain-classifier checkpoint does not fit today's network ({exc})") from exc

@@ -561,6 +561,19 @@ def test_classifier_is_cached_and_a_second_call_does_not_retrain(digits, tmp_pat
     assert len(calls) == 2 and not third.from_cache and third.network.config.feature_dim == 16
 
 
+def test_evaluating_with_a_cached_classifier_leaves_the_callers_rng_untouched(digits, classifier_storage):
+    """Building the network that the cached weights then overwrite drew its throwaway initial
+    weights from the caller's global stream, so a warm cache moved it where a cold one did not."""
+    cfg = ClassifierConfig.for_image(DIGITS, **TINY)
+    model = IndependentBernoulli(BernoulliConfig(image=DIGITS, p=0.3))
+    torch.manual_seed(11)
+    before = torch.random.get_rng_state()
+    assert load_or_train_classifier(digits, classifier_storage, cfg).from_cache
+    assert torch.equal(torch.random.get_rng_state(), before)
+    evaluate(model, digits, storage=classifier_storage, n_samples=50, classifier_config=cfg)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def _cache_entry(digits, cfg, state_dict=None, drop=(), **meta) -> bytes:
     """A cache entry of ``cfg`` for ``digits`` as other code may have written it: ``state_dict``
     (default: an untrained network's), today's meta updated by ``meta``, less the keys in ``drop``."""
