@@ -80,7 +80,8 @@ def likelihood_metrics(
       with log p(x) in the same pass;
     - ``likelihood_examples``: how many images were scored;
     - ``likelihood_seconds``: the time spent scoring them, summed over the calls of a resumed
-      pass (a k=5000 pass runs across several; the time between them not counted).
+      pass (a k=5000 pass runs across several; the time between them not counted); absent when
+      the pass resumed a record that did not keep its time.
 
     ``seed`` fixes the VAE's Monte-Carlo draws: batch ``b`` draws from torch's global RNG
     seeded by (seed, b), forked so the caller's stream is untouched, so a batch's estimate does
@@ -129,14 +130,16 @@ def likelihood_metrics(
     completes = model.can_complete and not latent
     known = visible_rows(image) if completes else None
     sums, start, settings = {"log_px": 0.0, "elbo": 0.0, "sq_err": 0.0, "log_top": 0.0}, 0, None
-    seconds = 0.0  # scoring the batches summed so far, in this call and the ones it resumes
+    # Scoring the batches summed so far, in this call and the ones it resumes; None: unknown (a
+    # record written before the time was kept), and then not reported rather than undercounted.
+    seconds: float | None = 0.0
     if progress is not None:  # the weights' digest is only needed to match a saved record
         settings = {"format": PROGRESS_FORMAT, "weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
                     "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed, "completion_rows": known}
         record = progress.get_json(PROGRESS_KEY) if progress.exists(PROGRESS_KEY) else {}
         if record.get("settings") == settings:
             sums, start = record["sums"], record["next"]
-            seconds = record.get("seconds", 0.0)  # absent from records written before it was kept
+            seconds = record.get("seconds")
 
     device = module_device(model)
     with evaluating(model):
@@ -165,15 +168,17 @@ def likelihood_metrics(
                 else:
                     sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
             done = min(start + batch_size, n)
-            seconds += time.perf_counter() - batch_began
+            if seconds is not None:
+                seconds += time.perf_counter() - batch_began
             if progress is not None:
                 progress.put_json(PROGRESS_KEY, {"settings": settings, "sums": sums, "next": done, "seconds": seconds})
             if deadline is not None and done < n and time.monotonic() >= deadline:
                 raise LikelihoodPassPaused(done, n)
 
     nll = -sums["log_px"] / n
-    out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n),
-           "likelihood_seconds": seconds}
+    out = {"nll_nats": nll, "bits_per_dim": bits_per_dim(nll, image.dims), "likelihood_examples": float(n)}
+    if seconds is not None:
+        out["likelihood_seconds"] = seconds
     if latent:
         elbo = sums["elbo"] / n
         out[f"iwae_k{k}_nats"] = -nll

@@ -361,6 +361,11 @@ def test_likelihood_pass_on_a_spent_budget_scores_one_batch_a_call_and_ends_with
     assert figures(last) == figures(whole)
     seconds_so_far.append(last["likelihood_seconds"])
     assert seconds_so_far == sorted(set(seconds_so_far)), "each call adds its batch's time to the pass's"
+    # A record that did not keep its time (written before it was): the pass's total is unknown.
+    record = progress.get_json(PROGRESS_KEY)
+    del record["seconds"]
+    progress.put_json(PROGRESS_KEY, record)
+    assert "likelihood_seconds" not in likelihood_metrics(model, digits, progress=progress, **settings)
     later = time.monotonic() + 3600.0
     assert figures(likelihood_metrics(model, digits, progress=open_storage(tmp_path / "later"), deadline=later,
                                       **settings)) == figures(whole)
