@@ -117,20 +117,26 @@ def test_resumed_run_equals_uninterrupted_run(scheduler):
     assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in resumed.history]
 
 
+def adam_steps_record(monkeypatch, setting: str) -> list:
+    """The value of ``setting`` in the first parameter group at each of Adam's steps from now on."""
+    seen = []
+    adam_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0][setting])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    return seen
+
+
 def test_every_step_takes_adams_fused_kernel_also_after_a_resume(monkeypatch):
     """The fused kernel is the gradient families' optimizer speed on the CPU (1.11-1.14x the quick
     VAE's, CVAE's and GAN's steps): a resumed run's optimizer, rebuilt from its checkpoint's state,
     keeps it."""
     snap = tiny_snapshot()
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, early_stopping_patience=None)
-    fused = []
-    adam_step = torch.optim.Adam.step
-
-    def spy(self, *args, **kwargs):
-        fused.append(self.param_groups[0]["fused"])
-        return adam_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    fused = adam_steps_record(monkeypatch, "fused")
     resumed = crashed_and_resumed(snap, cfg, crash_after_epoch=1)
     assert resumed.resumed_from_epoch == 1
     assert len(fused) == 18 and all(flag is True for flag in fused), fused  # 6 steps an epoch, 3 epochs
@@ -140,14 +146,7 @@ def test_every_step_takes_adams_fused_kernel_also_after_a_resume(monkeypatch):
 def test_cosine_anneals_per_epoch_or_per_optimizer_step(scheduler, monkeypatch):
     snap = tiny_snapshot()  # 96 images, batches of 16: 6 steps an epoch
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, early_stopping_patience=None, scheduler=scheduler)
-    seen_lrs = []
-    adam_step = torch.optim.Adam.step
-
-    def spy(self, *args, **kwargs):
-        seen_lrs.append(self.param_groups[0]["lr"])
-        return adam_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    seen_lrs = adam_steps_record(monkeypatch, "lr")
     train(make_model(snap), snap, cfg)
     assert len(seen_lrs) == 18
     if scheduler == "cosine":  # one value per epoch
