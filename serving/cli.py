@@ -72,7 +72,8 @@ def serve_cmd(
     from genmodels import registry
     from genmodels.ray_runtime import ensure_ray
 
-    if haproxy and os.environ.get("RAY_ADDRESS"):
+    local_ray = not os.environ.get("RAY_ADDRESS")
+    if haproxy and not local_ray:
         # Serve reads it when each node's Ray starts: setting it here would change nothing there,
         # and the ingress would sample behind a proxy it is not meant for.
         raise ValueError("--haproxy starts HAProxy with the local Ray only; on a cluster (RAY_ADDRESS) set "
@@ -101,10 +102,10 @@ def serve_cmd(
     from serving.app import build_app, use_serve_env, wait_for_haproxy_routes
 
     use_serve_env(haproxy=haproxy)
-    if not os.environ.get("RAY_ADDRESS"):
+    if local_ray:
         _check_ports_free(host, port, metrics_port, haproxy)
     ensure_ray(num_cpus=num_cpus, metrics_export_port=metrics_port)
-    if not os.environ.get("RAY_ADDRESS"):
+    if local_ray:
         _check_cpus_for_replicas(sampling_replicas)
     # SIGTERM (docker stop, systemd, kill) takes the same way out as Ctrl-C; set after ray.init,
     # which installs a handler of its own.
@@ -127,7 +128,7 @@ def serve_cmd(
                   f"  curl{auth} -X POST {base}/v1/models/{names[0]}/samples -H 'content-type: application/json' "
                   f"-d '{{\"n\": 4, \"seed\": 0}}'\n"
                   f"  curl{auth} -o grid.png '{base}/v1/models/{names[0]}/grid.png?n=16&seed=0'")
-    if not os.environ.get("RAY_ADDRESS"):
+    if local_ray:
         console.print(f"Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics (ray_serve_*, ray_genmodels_*)")
     try:
         _sweep_until_interrupted()
