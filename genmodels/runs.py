@@ -417,7 +417,10 @@ def write_report(storage: Storage, snapshot: Snapshot, preset: str, seed: int = 
     ``reports/<dataset>-<preset>.md`` and one row of samples per family (same seed) as
     ``reports/<dataset>-<preset>.png``; the one writer of both, for the CLI and the pipelines."""
     rows = collect_metrics(storage, snapshot.dataset, preset, snapshot.hash)
-    table = metrics_table(rows)
+    # A bare header row would read as a broken table where the truth is that nothing has figures yet
+    # (every family stopped by its time budget, or paused in its evaluation).
+    table = metrics_table(rows) if rows else (
+        f"No family of preset {preset} has been evaluated on this snapshot yet: none has figures to report.\n")
     header = (f"# {snapshot.dataset}, preset {preset}, snapshot {snapshot.hash[:16]} ({snapshot.image.quantization})\n\n"
               "Test split. nll_nats: negative log-likelihood in nats/image (exact, or IWAE for the VAEs; lower "
               "is better); elbo_nats: the ELBO itself (a lower bound on log p). FID/KID on the domain "

@@ -119,6 +119,17 @@ def test_a_report_beside_a_retrain_leaves_out_the_family_whose_figures_just_went
     assert "| vae |" not in report.markdown and report.picture is not None  # still drawn, named alone
 
 
+def test_a_report_with_no_family_evaluated_says_so_instead_of_a_bare_table_header(store, snapshot):
+    root = store.child("report-empty")
+    plan = {"epochs": 3, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32, "max_seconds": 0.0}
+    outcome = runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
+    assert not outcome.finished  # stopped by its budget: no figures, as `genmodels run --max-minutes` leaves it
+    report = runs.write_report(root, snapshot, "quick")
+    assert "| family |" not in report.markdown
+    assert "No family of preset quick has been evaluated on this snapshot yet" in report.markdown
+    assert root.get_bytes(report.markdown_key).decode() == report.markdown
+
+
 def test_a_ray_run_is_named_by_its_plan_not_by_the_invocations_budget():
     from genmodels.distributed import ray_run_name
     from genmodels.training import TrainConfig
