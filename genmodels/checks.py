@@ -41,16 +41,18 @@ def check_temperature(temperature: Any) -> None:
         raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
 
 
-def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, num_classes: int) -> np.ndarray | None:
+def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, num_classes: int,
+                       field: str = "labels") -> np.ndarray | None:
     """The one label check of torch models and of the ONNX runtime: None for an unconditional
     model, else one int for all ``n`` rows or ``n`` ints in [0, num_classes) -> int64 [n].
-    Floats and bools are refused rather than truncated to a class."""
+    Floats and bools are refused rather than truncated to a class. ``field``: what the refusal calls
+    the labels (an API request's ``label``)."""
     if labels is None:
         if conditional:
-            raise ValueError(f"{family} model is class-conditional: labels are required")
+            raise ValueError(f"{family} model is class-conditional: {field} {'are' if field.endswith('s') else 'is'} required")
         return None
     if not conditional:
-        raise ValueError(f"{family} model is unconditional: it takes no labels")
+        raise ValueError(f"{family} model is unconditional: it takes no {field}")
     if _is_tensor(labels):
         labels = labels.detach().cpu().numpy()
     arr = np.asarray(labels)
@@ -62,12 +64,13 @@ def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, n
             arr = values
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.object_
                                      or arr.size == 0):
-        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+        raise ValueError(f"{field} must be integers, got dtype {arr.dtype}")
     if arr.ndim != 0 and (arr.ndim != 1 or arr.shape[0] != n):
-        raise ValueError(f"labels must be one int or {n} ints, got shape {arr.shape}")
+        raise ValueError(f"{field} must be one int or {n} ints, got shape {arr.shape}")
     # On the values as given: cast to int64 first, 2**64 - 1 would read as -1.
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(arr.min())}..{int(arr.max())}")
+        low, high = int(arr.min()), int(arr.max())
+        raise ValueError(f"{field} must lie in [0, {num_classes}), got {low if low == high else f'{low}..{high}'}")
     arr = arr.astype(np.int64)
     return np.full(n, arr, dtype=np.int64) if arr.ndim == 0 else arr
 

@@ -78,7 +78,7 @@ class OnnxSamplerModel(PythonModel):
         if temperature is None or (isinstance(temperature, float) and math.isnan(temperature)):
             temperature = 1.0  # the API's default; a NaN is a row that left it out
         check_temperature(temperature)
-        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n), temperature=float(temperature))
+        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n, "label"), temperature=float(temperature))
 
 
 def _check_n(n) -> int:

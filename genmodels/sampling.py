@@ -396,19 +396,19 @@ class OnnxSampler:
         return sorted(self._sessions)
 
     # --- sampling --------------------------------------------------------------------------
-    def check_labels(self, labels: Any, n: int) -> np.ndarray | None:
+    def check_labels(self, labels: Any, n: int, field: str = "labels") -> np.ndarray | None:
         """None, one int for all ``n`` rows, or ``n`` ints in [0, num_classes) -> int64 [n]
         (:func:`genmodels.checks.check_labels_array`, the torch models' check too)."""
         return check_labels_array(labels, n, family=self._family, conditional=self._conditional,
-                                  num_classes=self._num_classes)
+                                  num_classes=self._num_classes, field=field)
 
-    def request_labels(self, labels: Any, n: int) -> np.ndarray | None:
+    def request_labels(self, labels: Any, n: int, field: str = "labels") -> np.ndarray | None:
         """The labels of a request as the API and the MLflow model read it: :meth:`check_labels`,
         except that a conditional model asked without labels walks through the classes (image i
         gets class i % num_classes), so a grid of n >= num_classes images shows every class."""
         if labels is None and self._conditional:
             labels = np.arange(n, dtype=np.int64) % self._num_classes
-        return self.check_labels(labels, n)
+        return self.check_labels(labels, n, field)
 
     def _check_noise(self, noise: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], int]:
         missing = sorted(set(self._noise_spec) - set(noise))

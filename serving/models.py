@@ -85,11 +85,13 @@ def decode_png(data: str, shape: Sequence[int]) -> np.ndarray:
     return (pixels.astype(np.float32) / np.float32(255.0)).astype(np.float32)
 
 
-def _checked_labels(check: Callable[[Any, int], np.ndarray | None], labels: Any, n: int) -> np.ndarray | None:
-    """A request's labels through the sampler's check; its refusal is the request's 422."""
+def _checked_labels(check: Callable[..., np.ndarray | None], labels: Any, n: int,
+                    field: str = "labels") -> np.ndarray | None:
+    """A request's labels through the sampler's check; its refusal is the request's 422, naming
+    the request's ``field``."""
     try:
-        return check(labels, n)
-    except (TypeError, ValueError) as exc:
+        return check(labels, n, field)
+    except ValueError as exc:  # the check's refusals; anything else is this server's fault (a 500)
         raise RequestError(422, "invalid_labels", str(exc)) from None
 
 
@@ -259,7 +261,7 @@ class ModelSet:
                                f"the {s.family} family has no latent 'z' to interpolate in (latent families: "
                                "vae, cvae, gan)")
         steps = int(request["steps"])
-        labels = _checked_labels(s.check_labels, request.get("label"), steps)
+        labels = _checked_labels(s.check_labels, request.get("label"), steps, "label")
         images = s.interpolate(request["seed_a"], request["seed_b"], steps, labels, float(request["temperature"]))
         return {"model": loaded.name, "version": loaded.version, "seed_a": request["seed_a"],
                 "seed_b": request["seed_b"], "images": images}
@@ -275,7 +277,7 @@ class ModelSet:
                                               "conditional VAE (family cvae)")
             raise RequestError(422, "no_analogies", f"{request['model']} v{loaded.version} has no analogies "
                                                     f"graph ({why})")
-        labels = _checked_labels(s.check_labels, request["label"], 1)
+        labels = _checked_labels(s.check_labels, request["label"], 1, "label")
         x = decode_png(request["image"], s.image_shape)
         images = s.analogies(x[None], labels)[0]
         return {"model": loaded.name, "version": loaded.version, "label": int(labels[0]), "images": images}

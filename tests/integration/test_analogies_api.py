@@ -118,7 +118,7 @@ def test_a_1_bit_png_is_accepted_as_grey(served, cvae, digit):
 @pytest.mark.parametrize("name,body,status,error,detail", [
     ("nope", {"label": 1}, 404, "model_not_found", "no served model 'nope'"),
     (VAE, {"label": 1}, 422, "no_analogies", "need a conditional VAE"),
-    (CVAE, {"label": 10}, 422, "invalid_labels", r"labels must lie in [0, 10)"),
+    (CVAE, {"label": 10}, 422, "invalid_labels", r"label must lie in [0, 10), got 10"),
     (CVAE, {"label": -1}, 422, "invalid_request", None),
     (CVAE, {"label": 1, "image": "not base64!"}, 422, "invalid_image", "not valid base64"),
     (CVAE, {"label": 1, "image": base64.b64encode(b"GIF89a garbage").decode()}, 422, "invalid_image",

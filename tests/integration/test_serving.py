@@ -295,6 +295,16 @@ def test_bad_input_gets_its_status_and_a_json_error(server, method, path, body, 
     assert r.json()["error"] == error and r.json()["detail"]
 
 
+def test_a_label_refusal_names_the_field_the_request_has(server):
+    path = f"/v1/models/{CVAE}/interpolate"
+    missing = server.post(path, json={"seed_a": 1, "seed_b": 2}).json()
+    assert missing["detail"].endswith("class-conditional: label is required")
+    beyond = server.post(path, json={"seed_a": 1, "seed_b": 2, "label": 10}).json()
+    assert beyond["detail"] == "label must lie in [0, 10), got 10"
+    samples = server.post(f"/v1/models/{CVAE}/samples", json={"n": 3, "labels": [1, 2]}).json()
+    assert samples["detail"] == "labels must be one int or 3 ints, got shape (2,)"
+
+
 def test_non_json_400_and_oversized_body_413(server):
     path = f"/v1/models/{VAE}/samples"
     broken = server.post(path, content=b'{"n": 1', headers={"content-type": "application/json"})

@@ -458,7 +458,7 @@ def test_limits_are_accepted_at_the_edges(tmp_path):
 
 @pytest.mark.parametrize("model, labels, match", [
     ("vae", 1, "unconditional: it takes no labels"), ("cvae", None, "class-conditional: labels are required"),
-    ("cvae", [0, 3], r"must lie in \[0, 3\), got 0\.\.3"), ("cvae", 4, r"must lie in \[0, 3\), got 4\.\.4"),
+    ("cvae", [0, 3], r"must lie in \[0, 3\), got 0\.\.3"), ("cvae", 4, r"must lie in \[0, 3\), got 4$"),
 ])
 def test_labels_that_do_not_fit_the_model_are_refused_before_writing(vae, cvae, tmp_path, model, labels, match):
     files = {"vae": vae, "cvae": cvae}[model]

@@ -16,7 +16,7 @@ class _Sampler:
     def __init__(self) -> None:
         self.asked: list[int] = []
 
-    def request_labels(self, labels, n):
+    def request_labels(self, labels, n, field="labels"):
         return None
 
     def sample(self, n, seed, labels=None, temperature=1.0):
@@ -69,12 +69,12 @@ class _ConditionalSampler:
     def __init__(self) -> None:
         self.labels: list = []
 
-    def request_labels(self, labels, n):
+    def request_labels(self, labels, n, field="labels"):
         from genmodels.checks import check_labels_array
 
         if labels is None:  # as OnnxSampler.request_labels: image i gets class i % num_classes
             labels = np.arange(n) % 10
-        checked = check_labels_array(labels, n, family="cvae", conditional=True, num_classes=10)
+        checked = check_labels_array(labels, n, family="cvae", conditional=True, num_classes=10, field=field)
         self.labels.append(checked)
         return checked
 
@@ -115,5 +115,5 @@ def test_a_label_column_empty_on_every_row_is_a_column_left_out(conditional):
 
 
 def test_a_non_integral_float_label_is_refused_naming_its_row(conditional):
-    with pytest.raises(MlflowException, match=r"^row 1: labels must be integers, got dtype float64"):
+    with pytest.raises(MlflowException, match=r"^row 1: label must be integers, got dtype float64"):
         conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [1, 1], "label": [3.0, 2.5]}))

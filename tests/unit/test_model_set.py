@@ -17,7 +17,7 @@ from serving.models import ModelSet
 class Good:
     family, conditional, num_classes, image_shape, noise_spec = "vae", False, 0, (1, 2, 2), {"z": 1}
 
-    def request_labels(self, labels, n):
+    def request_labels(self, labels, n, field="labels"):
         return None
 
     def sample_many(self, requests, temperature):
