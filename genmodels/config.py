@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,4 +100,16 @@ class Settings(BaseSettings):
 
 
 def get_settings() -> Settings:
-    return Settings()
+    """The settings of this process's environment; a value that does not parse is a ValueError
+    naming the variable the operator set (pydantic names the field, ``max_active_jobs``)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        prefix = Settings.model_config["env_prefix"]
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            shown = Settings.model_fields[field].repr if field in Settings.model_fields else False
+            value = f"={error['input']!r}" if shown else ""  # never echo a secret
+            problems.append(f"{prefix}{field.upper()}{value}: {error['msg']}")
+        raise ValueError("; ".join(problems)) from None
