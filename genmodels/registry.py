@@ -582,6 +582,12 @@ def _decide(name: str, version: str, reevaluate: Callable[[Any], float | None] |
                                             "and cannot be re-evaluated as the candidate was; champion kept")
         champion_value = float(measured)
         how = "re-evaluated on the candidate's test snapshot with its evaluation settings"
+        if math.isnan(champion_value):
+            # Kept, a champion that cannot be scored on these test images (a likelihood that
+            # overflowed, samples that broke the FID) would turn away every finite candidate
+            # until someone stepped in. The candidate's figure is finite (register refuses others).
+            return decide(CHAMPION, None, f"champion v{current.version}'s {metric} {how} is NaN: "
+                                          f"the candidate's finite {value:.4f} replaces it")
     if value < champion_value:
         return decide(CHAMPION, champion_value, f"{metric} {value:.4f} < champion v{current.version}'s "
                                                 f"{champion_value:.4f} {how}")

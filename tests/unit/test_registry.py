@@ -321,6 +321,17 @@ def test_reevaluated_champion_that_scores_better_stays(work, models):
     assert alias_version("resplit-better-vae", "champion") == "1"
 
 
+def test_a_champion_whose_reevaluation_is_nan_gives_way_to_a_finite_candidate(work, models):
+    champ = register(work, models["best"], "resplit-nan")
+    registry.promote(champ.name, champ.version)
+    candidate = register(work, models["other_snapshot"], "resplit-nan")
+    won = registry.promote(candidate.name, candidate.version, reevaluate=lambda mv: float("nan"))
+    assert (won.alias, won.previous_champion, won.champion_value) == ("champion", "1", None)
+    assert "is NaN" in won.reason and f"{models['other_snapshot'].gate_value:.4f} replaces it" in won.reason
+    assert alias_version("resplit-nan-vae", "champion") == candidate.version
+    json.dumps(won.to_dict(), allow_nan=False)  # the run record stays strict JSON
+
+
 def test_a_promotion_whose_lease_was_taken_over_meanwhile_moves_no_alias(work, models):
     from genmodels.lease import LeaseLost
 
