@@ -2,7 +2,8 @@
 file when it loads the model, so loading never unpickles anything.
 
 Input: a table (pandas DataFrame; ``dataframe_split``/``dataframe_records`` over HTTP), one row
-per request, with the fields of ``POST /v1/models/{name}/samples``:
+per request, with the fields of ``POST /v1/models/{name}/samples`` (but ``label``, one class per
+row, where the API has ``labels``: MLflow drops a column the signature lacks, warning only):
 
 - ``seed`` (int, required), ``n`` (int in [1, 256], required; at most 256 over all the rows of
   one call, which one process answers at once);
