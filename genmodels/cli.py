@@ -14,9 +14,9 @@ from rich.markdown import Markdown
 
 try:
     from genmodels.cli_options import (  # noqa: F401 - PRESETS: the presets the commands offer, read by tests
-        DEFAULT_FAMILIES, PRESETS, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt, PresetOpt,
-        QuantOpt, SamplingSeedOpt, SeedOpt, SourceOpt, console, device_choice, family_list, friendly_errors,
-        train_overrides,
+        DEFAULT_FAMILIES, PRESETS, TEMPERATURE_HELP, ChannelsOpt, DatasetOpt, FamilyOpt, ImageSizeOpt, OutOpt,
+        PresetOpt, QuantOpt, SamplingSeedOpt, SeedOpt, SourceOpt, console, device_choice, family_list,
+        friendly_errors, train_overrides,
     )
 except ModuleNotFoundError as exc:
     # A serving-only install (no `train` extra) has the runtime but not the models' code.
@@ -167,7 +167,7 @@ def sample_cmd(
     out: OutOpt = None, n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Number of images.")] = 64,
     seed: SamplingSeedOpt = 0,
     label: Annotated[Optional[int], typer.Option(help="Class label (conditional models).")] = None,
-    temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature (> 0).")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=1e-3, help=TEMPERATURE_HELP)] = 1.0,
     png: Annotated[Path, typer.Option("--png", help="Where to write the PNG grid.")] = Path("samples.png"),
     checkpoint: Annotated[Optional[Path], typer.Option(help="Sample from this model checkpoint instead of a run.")] = None,
 ) -> None:
@@ -224,7 +224,7 @@ def complete_cmd(
     n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Number of completions.")] = 8,
     seed: SamplingSeedOpt = 0,
     label: Annotated[Optional[int], typer.Option(help="The image's class (conditional models).")] = None,
-    temperature: Annotated[float, typer.Option(min=1e-3, help="Sampling temperature (> 0).")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=1e-3, help=TEMPERATURE_HELP)] = 1.0,
     png: Annotated[Path, typer.Option("--png", help="Where to write the PNG grid of completions.")] = Path(
         "completions.png"),
     checkpoint: Annotated[Optional[Path], typer.Option(help="Use this model checkpoint instead of a run.")] = None,

@@ -11,6 +11,7 @@ from typing import Annotated, Callable, Optional, Sequence
 import typer
 from rich.console import Console
 
+from genmodels.checks import MAX_TEMPERATURE, MIN_TEMPERATURE
 from genmodels.data.prep import QUANTIZATIONS
 from genmodels.data.sources import source_names
 from genmodels.models import FAMILIES, family_class, parse_families
@@ -25,6 +26,8 @@ PRESETS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FAMILIES for p in fami
 DATASETS: tuple[str, ...] = tuple(source_names())
 QUANTIZATION_CHOICES: tuple[str, ...] = tuple(QUANTIZATIONS)
 CHANNELS: tuple[str, ...] = ("L", "RGB")
+#: ``--temperature``'s help: the bounds every sampler checks (genmodels.checks.check_temperature).
+TEMPERATURE_HELP = f"Sampling temperature, in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]."
 
 
 def _fail(message: str):

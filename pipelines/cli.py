@@ -11,8 +11,8 @@ from rich.console import Console
 
 from genmodels.bulk import FORMATS
 from genmodels.cli_options import (
-    ChannelsOpt, DatasetOpt, FamiliesOpt, ImageSizeOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt, SourceOpt, choice,
-    console, friendly_errors, train_overrides,
+    TEMPERATURE_HELP, ChannelsOpt, DatasetOpt, FamiliesOpt, ImageSizeOpt, OutOpt, PresetOpt, QuantOpt, SeedOpt,
+    SourceOpt, choice, console, friendly_errors, train_overrides,
 )
 from genmodels.config import get_settings
 from genmodels.models import parse_families
@@ -112,7 +112,7 @@ def generate_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Sample i of a seed is the same image in every run.")] = 0,
     label: Annotated[Optional[list[int]], typer.Option("--label", help="Class label (conditional models); "
                                                        "repeat it to cycle: sample i gets label i mod count.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 1.0,
+    temperature: Annotated[float, typer.Option(help=TEMPERATURE_HELP)] = 1.0,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard object.")] = 10_000,
     fmt: Annotated[str, typer.Option("--format", help="Shard format (png: a webdataset-style tar; parquet: rows of "
                                      "index, label, PNG bytes, read by pandas/pyarrow/Ray Data from <out>/shards/).",

@@ -49,6 +49,22 @@ def test_family_is_one_family_or_a_list_by_command():
     assert _metavars("generate")["--format"].startswith("[npz|png")
 
 
+@pytest.mark.parametrize("command", ["sample", "complete", "generate"])
+def test_temperature_help_states_the_bounds_the_samplers_enforce(command):
+    # It said "(> 0)" while every sampler refuses below 0.001 and above 100.
+    import re
+
+    from genmodels.checks import check_temperature
+
+    (option,) = [p for p in _command(command).params if "--temperature" in p.opts]
+    low, high = map(float, re.search(r"in \[([0-9.e+-]+), ([0-9.e+-]+)\]", option.help).groups())
+    check_temperature(low)
+    check_temperature(high)
+    for outside in (low / 2, high * 2):
+        with pytest.raises(ValueError):
+            check_temperature(outside)
+
+
 @pytest.mark.parametrize("value", ["all", "vae,cvae", "gan"])
 def test_retrain_still_takes_comma_lists_and_all(value):
     ctx = _command("retrain").make_context("retrain", ["--family", value, "--preset", "cpu"])
