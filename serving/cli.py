@@ -57,8 +57,10 @@ def serve_cmd(
                                                    "written in the server, more slowly).")] = 1,
     haproxy: Annotated[bool, typer.Option("--haproxy", help="Ray Serve's HAProxy ingress instead of its Python "
                                           "HTTP proxy, the Api replicas sampling: about 6x less CPU per small request (needs an haproxy "
-                                          "binary; one such server per machine: HAProxy's files and its stats and "
-                                          "metrics ports 8404 and 9101, on every interface, are fixed). Local Ray "
+                                          "binary; one such server per machine: HAProxy keeps its files in "
+                                          "/tmp/haproxy-serve, and its stats page and metrics listen on every "
+                                          "interface, ports 8404 and 9101 unless RAY_SERVE_HAPROXY_STATS_PORT / "
+                                          "RAY_SERVE_HAPROXY_METRICS_PORT say otherwise). Local Ray "
                                           "only: a cluster sets "
                                           "RAY_SERVE_ENABLE_HA_PROXY=1 on its nodes.")] = False,
 ) -> None:
