@@ -321,7 +321,7 @@ class VAE(GenerativeModel):
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         # `make run`: about 3 minutes on 2 CPU cores. A conv encoder/decoder (label maps at every
         # decoder stage for the CVAE); IWAE k=100 keeps the training-time estimate cheap, the
-        # reported figure uses the evaluation's k (1000 for quick).
+        # reported figure uses the evaluation's k (250 for quick: genmodels.evaluation.effort).
         # No KL warm-up here: over 4 epochs a warm-up epoch cost ~3 nats (val -ELBO 243.8 with
         # one, 240.6 without after 3 epochs).
         "quick": {
