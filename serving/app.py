@@ -216,7 +216,7 @@ class LocalSampling:
                 "versions": self.models.versions()}
 
     async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``{model, n, seed, labels, temperature}`` -> ``{model, version, seed, images}``."""
+        """``{model, n, seed, labels (or label), temperature}`` -> ``{model, version, seed, images}``."""
         item = await self._batched(self.models.prepare(request))
         if item.error is not None:
             # A fresh exception per request: the group's one exception, raised by each of its

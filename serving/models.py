@@ -207,7 +207,8 @@ class ModelSet:
         loaded = self.get(request["model"])
         s = loaded.sampler
         n = int(request["n"])
-        checked = _checked_labels(s.request_labels, request.get("labels"), n)
+        field = "label" if "label" in request else "labels"  # as the client named them (the grid: label)
+        checked = _checked_labels(s.request_labels, request.get(field), n, field)
         return SampleItem(loaded, n, int(request["seed"]), checked, float(request["temperature"]))
 
     def run_batch(self, items: Sequence[SampleItem]) -> None:

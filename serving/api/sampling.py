@@ -62,8 +62,10 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
         return await backend.describe()
 
     async def sample(request: Request, name: str, n: int, seed: int | None, labels,
-                     temperature: float) -> dict[str, Any]:
-        out = await backend.sample({"model": name, "n": n, "seed": _seed(seed), "labels": labels,
+                     temperature: float, label_field: str = "labels") -> dict[str, Any]:
+        # label_field: the name the client gave the labels (the grid's query has `label`), which a
+        # refusal names.
+        out = await backend.sample({"model": name, "n": n, "seed": _seed(seed), label_field: labels,
                                     "temperature": temperature})
         return _observed(request, out, n)
 
@@ -78,7 +80,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
     async def grid(request: Request, name: ModelName, n: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 16,
                    seed: SeedQuery = None, label: LabelQuery = None, temperature: TemperatureQuery = 1.0):
         """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
-        out = await sample(request, name, n, seed, label, temperature)
+        out = await sample(request, name, n, seed, label, temperature, label_field="label")
         png = grid_png(out["images"])
         return Response(png, media_type="image/png",
                         headers={"X-Model-Version": out["version"], "X-Seed": str(out["seed"])})

@@ -303,6 +303,10 @@ def test_a_label_refusal_names_the_field_the_request_has(server):
     assert beyond["detail"] == "label must lie in [0, 10), got 10"
     samples = server.post(f"/v1/models/{CVAE}/samples", json={"n": 3, "labels": [1, 2]}).json()
     assert samples["detail"] == "labels must be one int or 3 ints, got shape (2,)"
+    grid = server.get(f"/v1/models/{CVAE}/grid.png?label=10")
+    assert (grid.status_code, grid.json()["detail"]) == (422, "label must lie in [0, 10), got 10")
+    unconditional = server.get(f"/v1/models/{VAE}/grid.png?label=1").json()
+    assert unconditional["detail"].endswith("unconditional: it takes no label")
 
 
 def test_non_json_400_and_oversized_body_413(server):
