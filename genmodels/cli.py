@@ -181,7 +181,8 @@ def sample_cmd(
         model = model_from_checkpoint(checkpoint)
     else:
         model, _ = load_model(_storage(out).child(run_prefix(dataset, family, preset)))
-    images = model.sample(n, labels=label, seed=seed, temperature=temperature)
+    labels = model.check_labels(label, n, field="--label")  # refused naming the option, not the API's field
+    images = model.sample(n, labels=labels, seed=seed, temperature=temperature)
     png.parent.mkdir(parents=True, exist_ok=True)
     png.write_bytes(grid_png(images))
     console.print(f"{n} samples of {model.family} (seed {seed}) -> {png}")
@@ -247,7 +248,8 @@ def complete_cmd(
     x = torch.from_numpy(read_image_png(image, model.image.shape))
     known = known_rows if mask is None else torch.from_numpy(
         read_image_png(mask, (1, model.image.height, model.image.width))[0] >= 0.5)
-    images = model.complete(x, known, n, seed=seed, temperature=temperature, labels=label)
+    labels = model.check_labels(label, 1, field="--label")
+    images = model.complete(x, known, n, seed=seed, temperature=temperature, labels=labels)
     png.parent.mkdir(parents=True, exist_ok=True)
     png.write_bytes(grid_png(images))
     console.print(f"{n} completions by {model.family} (seed {seed}) -> {png}")

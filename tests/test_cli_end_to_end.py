@@ -73,6 +73,20 @@ def test_sample_png_is_laid_out_as_the_apis_grid(trained_store, tmp_path):
         assert cli.size == api_layout.size and cli.size[0] > cli.size[1]  # 4 per row, 3 rows, as grid.png
 
 
+def test_a_refused_label_names_the_option(trained_store, tmp_path):
+    import numpy as np
+
+    beyond = invoke("sample", "--family", "cvae", "--dataset", "digits", "--out", trained_store, "--label", 10,
+                    "--png", tmp_path / "s.png")
+    assert beyond.exit_code == 2 and "--label must lie in [0, 10), got 10" in beyond.output, beyond.output
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    unconditional = invoke("complete", "--family", "pixelrnn", "--dataset", "digits", "--out", trained_store,
+                           "--image", image, "--known-rows", 4, "--label", 1, "--png", tmp_path / "c.png")
+    assert unconditional.exit_code == 2 and "it takes no --label" in unconditional.output, unconditional.output
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "c.png").exists()
+
+
 @pytest.mark.parametrize("family", ["pixelrnn", "mixture"])
 def test_complete_from_a_run_keeps_the_known_rows(trained_store, tmp_path, family):
     import numpy as np

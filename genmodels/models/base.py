@@ -267,11 +267,11 @@ class GenerativeModel(nn.Module):
         return self.log_likelihood(x, labels), self.log_marginal(x, known, labels)
 
     # --- helpers ---------------------------------------------------------------------
-    def check_labels(self, labels: Any, n: int) -> torch.Tensor | None:
+    def check_labels(self, labels: Any, n: int, field: str = "labels") -> torch.Tensor | None:
         """Validate labels against the model (:func:`check_labels_array`) -> int64 [n] on the
-        model's device, or None."""
+        model's device, or None; a refusal calls them ``field``."""
         arr = check_labels_array(labels, n, family=self.family, conditional=self.conditional,
-                                 num_classes=self.image.num_classes)
+                                 num_classes=self.image.num_classes, field=field)
         return None if arr is None else torch.from_numpy(arr).to(next(self.parameters()).device)
 
     def to_levels(self, x: torch.Tensor) -> torch.Tensor:
