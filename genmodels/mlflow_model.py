@@ -35,6 +35,7 @@ from mlflow.pyfunc import PythonModel
 
 from genmodels.checks import MAX_REQUEST_SAMPLES as MAX_SAMPLES
 from genmodels.checks import check_temperature
+from genmodels.noise import check_seed
 
 
 class OnnxSamplerModel(PythonModel):
@@ -68,18 +69,22 @@ class OnnxSamplerModel(PythonModel):
         for i, row in enumerate(rows):
             try:
                 images.append(self._sample(row))
-            except (TypeError, ValueError) as exc:
+            except ValueError as exc:  # the checks' refusals; anything else is a fault of this model's code
                 raise _bad_input(f"row {i}: {exc}") from None
         return pd.DataFrame({"images": images}, index=table.index)
 
     def _sample(self, row: dict) -> np.ndarray:
         s = self.sampler
-        n, seed = _check_n(row["n"]), row["seed"]
+        n, seed = _check_n(row["n"]), _check_seed(row["seed"])
         temperature = row.get("temperature")
         if temperature is None or (isinstance(temperature, float) and math.isnan(temperature)):
             temperature = 1.0  # the API's default; a NaN is a row that left it out
+        try:
+            temperature = float(temperature)
+        except TypeError:
+            raise ValueError(f"temperature must be a number, got {temperature!r}") from None
         check_temperature(temperature)
-        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n, "label"), temperature=float(temperature))
+        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n, "label"), temperature=temperature)
 
 
 def _check_n(n) -> int:
@@ -88,6 +93,15 @@ def _check_n(n) -> int:
     if not 1 <= n <= MAX_SAMPLES:
         raise ValueError(f"n must be in [1, {MAX_SAMPLES}], got {n}")
     return int(n)
+
+
+def _check_seed(seed) -> int:
+    # check_seed refuses a non-integer with a TypeError: the row's defect, a ValueError here like
+    # every other refusal (a TypeError from the sampling itself is a bug, not the caller's input).
+    try:
+        return check_seed(seed)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _absent(value) -> bool:

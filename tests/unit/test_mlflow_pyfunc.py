@@ -117,3 +117,32 @@ def test_a_label_column_empty_on_every_row_is_a_column_left_out(conditional):
 def test_a_non_integral_float_label_is_refused_naming_its_row(conditional):
     with pytest.raises(MlflowException, match=r"^row 1: label must be integers, got dtype float64"):
         conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [1, 1], "label": [3.0, 2.5]}))
+
+
+class _BrokenSampler(_Sampler):
+    """A sampler whose call fails with a programming error (a signature the pyfunc's call does
+    not match), as OnnxSampler.request_labels did before it took ``field``."""
+
+    def request_labels(self, labels, n):
+        return None
+
+
+def test_a_fault_of_the_models_code_is_not_answered_as_the_rows_bad_input():
+    # Caught as a TypeError, it reached an HTTP client as a 400 "row 0: ... takes 3 positional
+    # arguments but 4 were given", blaming the row for the server's bug.
+    with pytest.raises(TypeError, match="positional argument"):
+        _pyfunc(_BrokenSampler()).predict(None, pd.DataFrame({"seed": [1], "n": [2]}))
+
+
+@pytest.mark.parametrize(("column", "value", "message"), [
+    ("seed", 1.5, r"^row 0: seed must be an integer, got float"),
+    ("temperature", "hot", r"^row 0: could not convert string to float"),
+    ("temperature", pd.Timestamp(0), r"^row 0: temperature must be a number, got Timestamp"),
+], ids=["float-seed", "string-temperature", "timestamp-temperature"])
+def test_a_seed_or_temperature_of_the_wrong_type_is_still_the_rows_bad_input(model, column, value, message):
+    table = pd.DataFrame({"seed": [1], "n": [2]})
+    table[column] = [value]
+    with pytest.raises(MlflowException, match=message) as err:
+        model.predict(None, table)
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert model.sampler.asked == []
