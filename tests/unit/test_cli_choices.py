@@ -145,6 +145,21 @@ def test_haproxy_without_a_binary_names_where_to_get_one(monkeypatch):
         use_serve_env(haproxy=True)
 
 
+def test_serve_with_a_model_name_mlflow_refuses_is_one_line_naming_it(tmp_path, monkeypatch):
+    # MLflow's own refusal of the name ("a/b"): it ended as MLflow's traceback, exit 1.
+    from genmodels import ray_runtime
+    from registry_fixtures import registry_env
+
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda **kwargs: pytest.fail("Ray started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with registry_env(tmp_path):
+        result = runner.invoke(app, ["serve", "--models", "a/b"], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "error: Invalid model name 'a/b'. Names cannot contain '/' or ':'." in said, said
+    assert "Traceback" not in said
+
+
 @pytest.fixture
 def serve_until_ray(monkeypatch):
     """`genmodels serve` with one champion registered, stopped where it would start Ray (the

@@ -33,3 +33,22 @@ def test_an_unknown_model_or_alias_is_one_line_and_exit_2():
 def test_a_key_or_index_error_stays_a_traceback(bug):
     result = CliRunner().invoke(_app(bug), [])
     assert result.exit_code == 1 and result.exception is bug
+
+
+def test_a_name_or_alias_mlflow_refuses_is_one_line_and_exit_2():
+    # What the registry raises for `genmodels serve --models a/b` or `generate --alias 'x y'`:
+    # MLflow's refusal of the user's input, which ended as MLflow's traceback.
+    from mlflow.exceptions import MlflowException
+
+    refused = MlflowException.invalid_parameter_value("Invalid model name 'a/b'. Names cannot contain '/' or ':'.")
+    result = CliRunner().invoke(_app(refused), [])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == ["error: Invalid model name 'a/b'. Names cannot contain '/' or ':'."]
+
+
+def test_any_other_mlflow_error_stays_a_traceback():
+    from mlflow.exceptions import MlflowException
+
+    fault = MlflowException("unexpected error in the store", error_code="INTERNAL_ERROR")
+    result = CliRunner().invoke(_app(fault), [])
+    assert result.exit_code == 1 and result.exception is fault
