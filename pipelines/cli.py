@@ -156,7 +156,11 @@ def status_cmd(
     import os
 
     from genmodels.status import collect
+    from genmodels.storage import open_storage
 
+    if out is not None:
+        # A malformed --out is the user's error (exit 2), not a storage that cannot be read (1).
+        open_storage(out)
     # Fail in seconds, not minutes, when a tracking server is down: this only reads.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

@@ -353,6 +353,15 @@ def test_status_reports_an_unreachable_registry_and_still_shows_the_rest(work, m
     assert report["jobs"] == [] and report["last_retrain"] is None
 
 
+@pytest.mark.parametrize("out", ["s4://bucket/x", "file://host/x"], ids=["unknown-scheme", "relative-file-url"])
+def test_status_with_a_malformed_out_is_the_users_error_exit_2_naming_it(work, out):
+    # It was reported as a storage that "cannot be read", exit 1: what a storage outage gets.
+    result = runner.invoke(app, ["status", "--out", out])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith(f"error: {out!r}: ") and "cannot read" not in said, said
+
+
 def test_status_prints_a_running_retrain_with_its_start(work):
     store = FileStorage(work / "store")
     with records.RetrainRecorder(store, run_id="r", dataset="digits", preset="quick", families=["vae"]):
