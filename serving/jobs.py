@@ -203,6 +203,7 @@ class JobManager:
 
         if self.names is not None and name not in self.names:
             raise RequestError(404, "model_not_found", f"no served model {name!r}; served: {self.names}")
+        files = None
         try:
             version = registry.current_version(name, self.alias)
             if version is None:
@@ -214,11 +215,6 @@ class JobManager:
                 mv, files = registry.fetch_graphs(name, self.alias)
                 version = str(mv.version)
                 cached = self._models.get(name)
-                if cached is None or cached[0] != version:
-                    sampler = bulk.build_sampler(files, 1)
-                    cached = (version, files, sampler.conditional, sampler.num_classes,
-                              math.prod(sampler.image_shape))
-                    self._models[name] = cached
         except RequestError:
             raise
         except Exception as exc:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
@@ -228,6 +224,12 @@ class JobManager:
             logger.warning("job submission: cannot resolve %r@%s in the registry", name, self.alias, exc_info=True)
             raise RequestError(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
                                                             "later") from None
+        if files is not None and (cached is None or cached[0] != version):
+            # Outside the registry's try: graphs that were fetched but do not load are this
+            # server's fault (a 500, logged), not a registry to try again later.
+            sampler = bulk.build_sampler(files, 1)
+            cached = (version, files, sampler.conditional, sampler.num_classes, math.prod(sampler.image_shape))
+            self._models[name] = cached
         return cached
 
     # --- records --------------------------------------------------------------------------------

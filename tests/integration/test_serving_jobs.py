@@ -600,6 +600,19 @@ def test_a_registry_that_cannot_be_reached_is_503_without_its_details(registered
     assert "mlflow.internal" not in json.dumps(r.to_answer()) and "s3cr3t" not in json.dumps(r.to_answer())
 
 
+def test_graphs_that_do_not_load_are_this_servers_fault_not_a_registry_outage(registered, tmp_path, monkeypatch):
+    manager = _manager(registered, (tmp_path / "store").as_uri())
+
+    def broken(files, threads):
+        raise RuntimeError("onnxruntime: invalid graph /srv/models/sampler.onnx")
+
+    monkeypatch.setattr(bulk, "build_sampler", broken)
+    # Not a 503 "try again later" (no retry mends the graphs): the API's 500, its details logged.
+    with pytest.raises(RuntimeError, match="invalid graph"):
+        manager.submit({**SMALL, "output": (tmp_path / "o").as_uri()})
+    assert not (tmp_path / "o").exists()
+
+
 def test_listing_jobs_is_paged_with_a_total_and_a_next_link(listing):
     client, (a, b, clash) = listing
     r = client.get("/v1/jobs", params={"limit": 2})
