@@ -3,7 +3,7 @@ file when it loads the model, so loading never unpickles anything.
 
 Input: a table (pandas DataFrame; ``dataframe_split``/``dataframe_records`` over HTTP), one row
 per request, with the fields of ``POST /v1/models/{name}/samples`` (but ``label``, one class per
-row, where the API has ``labels``: MLflow drops a column the signature lacks, warning only):
+row, where the API has ``labels``; a ``labels`` column is refused naming the right one):
 
 - ``seed`` (int, required), ``n`` (int in [1, 256], required; at most 256 over all the rows of
   one call, which one process answers at once);
@@ -48,6 +48,9 @@ class OnnxSamplerModel(PythonModel):
     # in force) and it stops MLflow asking for type hints on every log and load.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         table = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "labels" in table.columns:
+            raise _bad_input("the class column is 'label' (one class per row), not 'labels' (the serving API's "
+                             "field): rename the column")
         missing = [c for c in ("seed", "n") if c not in table.columns]
         if missing:
             raise _bad_input(f"the input table needs the columns {missing} (columns: seed, n, optional label "

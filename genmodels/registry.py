@@ -146,14 +146,17 @@ def signature_for(sampler) -> Any:
     and ``temperature``) in, one row of ``images`` [n, C, H, W] out (``mlflow_model.py``).
 
     ``label`` is in every model's schema: MLflow drops columns a schema lacks before predict()
-    sees them, and a label sent to an unconditional model must be refused, not ignored."""
+    sees them, and a label sent to an unconditional model must be refused, not ignored. So is
+    ``labels``, the serving API's name for the field, only to be refused by name: dropped, it
+    would leave a conditional model cycling through the classes instead of drawing the ones asked."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
     inputs = Schema([ColSpec(DataType.long, "seed"), ColSpec(DataType.long, "n"),
                      ColSpec(DataType.long, "label", required=False),
-                     ColSpec(DataType.double, "temperature", required=False)])
+                     ColSpec(DataType.double, "temperature", required=False),
+                     ColSpec(DataType.long, "labels", required=False)])
     outputs = Schema([ColSpec(Array(Array(Array(Array(DataType.float)))), "images")])
     return ModelSignature(inputs, outputs)
 

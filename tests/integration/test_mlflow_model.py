@@ -169,10 +169,11 @@ def test_served_conditional_model_without_labels_walks_the_classes_as_the_api_do
     (["seed", "n"], [[1, 0]], "row 0: n must be in [1, 256], got 0"),
     (["seed", "n"], [[1, 2], [1, 257]], "row 1: n must be in [1, 256], got 257"),
     (["seed", "n", "label"], [[1, 2, 10]], "row 0: label must lie in [0, 10), got 10"),
+    (["seed", "n", "labels"], [[1, 2, 3]], "the class column is 'label' (one class per row), not 'labels'"),
     (["seed", "n"], [[-1, 2]], "row 0: seed must be in [0, 2**63-1]"),
     (["seed", "n", "temperature"], [[1, 2, 0.0]], "row 0: temperature must be in [0.001, 100], got 0.0"),
     (["seed", "n", "temperature"], [[1, 2, 1e-40]], "row 0: temperature must be in [0.001, 100], got 1e-40"),
-], ids=["no-seed", "n-zero", "n-too-large", "label-out-of-range", "negative-seed", "zero-temperature",
+], ids=["no-seed", "n-zero", "n-too-large", "label-out-of-range", "the-apis-labels", "negative-seed", "zero-temperature",
         "underflowing-temperature"])
 def test_served_model_refuses_bad_input_with_a_400_naming_the_defect(served, columns, rows, message):
     asked = invoke(served, columns, rows)
@@ -220,7 +221,8 @@ def test_logged_model_ships_only_its_imports_and_pins_that_resolve_from_an_index
     assert (meta["family"], meta["conditional"], meta["num_classes"], meta["max_n"]) == ("cvae", True, 10, 256)  # digits
     inputs = json.loads(mlmodel["signature"]["inputs"])
     assert [(c["name"], c["type"], c["required"]) for c in inputs] == [
-        ("seed", "long", True), ("n", "long", True), ("label", "long", False), ("temperature", "double", False)]
+        ("seed", "long", True), ("n", "long", True), ("label", "long", False), ("temperature", "double", False),
+        ("labels", "long", False)]
     assert [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])] == ["images"]
 
 

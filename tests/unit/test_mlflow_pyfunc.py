@@ -114,6 +114,12 @@ def test_a_label_column_empty_on_every_row_is_a_column_left_out(conditional):
     assert len(out["images"][0]) == 3
 
 
+def test_a_labels_column_the_apis_name_is_refused_naming_label(conditional):
+    with pytest.raises(MlflowException, match=r"the class column is 'label' \(one class per row\), not 'labels'"):
+        conditional.predict(None, pd.DataFrame({"seed": [7], "n": [2], "labels": [3]}))
+    assert conditional.sampler.labels == []  # nothing sampled
+
+
 def test_a_non_integral_float_label_is_refused_naming_its_row(conditional):
     with pytest.raises(MlflowException, match=r"^row 1: label must be integers, got dtype float64"):
         conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [1, 1], "label": [3.0, 2.5]}))

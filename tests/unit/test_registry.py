@@ -398,8 +398,11 @@ def test_registered_cvae_loads_as_onnx_and_as_a_pyfunc_over_the_api_table(work, 
     model = model_from_checkpoint(load_checkpoint(models["cvae"].run.get_bytes("model.pt")))
     pyfunc = mlflow.pyfunc.load_model(uri)
     inputs = pyfunc.metadata.get_input_schema()
-    assert inputs.input_names() == ["seed", "n", "label", "temperature"]
+    # labels (the API's name) is in the schema only to reach predict() and be refused there.
+    assert inputs.input_names() == ["seed", "n", "label", "temperature", "labels"]
     assert inputs.required_input_names() == ["seed", "n"]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="the class column is 'label'"):
+        pyfunc.predict(pd.DataFrame({"seed": [3], "n": [2], "labels": [4]}))
     assert pyfunc.metadata.get_output_schema().input_names() == ["images"]
 
     # One request per row; each samples what torch samples for that seed, label and temperature.
