@@ -102,20 +102,21 @@ class _Conditional:
         return [{"name": "m", "family": "cvae", "version": "1", "conditional": True, "num_classes": 10,
                  "image_shape": [1, 2, 2], "metrics": {}, "can_interpolate": True}]
 
-    def _check(self, labels, n):
+    def _check(self, labels, n, field="labels"):
         from genmodels.checks import check_labels_array
         from serving.models import _checked_labels
 
-        return _checked_labels(lambda v, k: check_labels_array(v, k, family="cvae", conditional=True,
-                                                               num_classes=10), labels, n)
+        return _checked_labels(lambda v, k, f: check_labels_array(v, k, family="cvae", conditional=True,
+                                                                  num_classes=10, field=f), labels, n, field)
 
     async def sample(self, request):
-        self._check(request["labels"], request["n"])
+        field = "label" if "label" in request else "labels"  # as ModelSet.prepare reads it (the grid: label)
+        self._check(request[field], request["n"], field)
         return {"model": "m", "version": "1", "seed": request["seed"],
                 "images": np.zeros((request["n"], 1, 2, 2), np.float32)}
 
     async def interpolate(self, request):
-        self._check(request["label"], request["steps"])
+        self._check(request["label"], request["steps"], "label")
         return {"model": "m", "version": "1", "seed_a": request["seed_a"], "seed_b": request["seed_b"],
                 "images": np.zeros((request["steps"], 1, 2, 2), np.float32)}
 
@@ -131,6 +132,18 @@ def test_a_label_beyond_every_class_is_422_naming_the_bound_not_what_a_cast_read
     r = call(TestClient(create_api(_Conditional())), big)
     assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
     assert "2147483647" in r.text and "-1" not in r.text and "dtype" not in r.text, r.text
+
+
+@pytest.mark.parametrize("call, detail", [
+    (lambda c: c.post("/v1/models/m/samples", json={"n": 1, "seed": 0, "labels": 10}), "labels must lie in"),
+    (lambda c: c.get("/v1/models/m/grid.png", params={"n": 1, "seed": 0, "label": 10}), "label must lie in"),
+    (lambda c: c.post("/v1/models/m/interpolate", json={"seed_a": 0, "seed_b": 1, "steps": 2, "label": 10}),
+     "label must lie in"),
+], ids=["samples", "grid", "interpolate"])
+def test_a_label_beyond_the_models_classes_is_422_naming_the_requests_field(call, detail):
+    r = call(TestClient(create_api(_Conditional())))
+    assert (r.status_code, r.json()["error"]) == (422, "invalid_labels"), r.text
+    assert r.json()["detail"] == f"{detail} [0, 10), got 10", r.text
 
 
 @pytest.mark.parametrize("call", [
