@@ -47,9 +47,10 @@ def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, n
     model, else one int for all ``n`` rows or ``n`` ints in [0, num_classes) -> int64 [n].
     Floats and bools are refused rather than truncated to a class. ``field``: what the refusal calls
     the labels (an API request's ``label``)."""
+    plural = field.endswith("s")  # "labels" (the API's field), or one class: "label", "--label"
     if labels is None:
         if conditional:
-            raise ValueError(f"{family} model is class-conditional: {field} {'are' if field.endswith('s') else 'is'} required")
+            raise ValueError(f"{family} model is class-conditional: {field} {'are' if plural else 'is'} required")
         return None
     if not conditional:
         raise ValueError(f"{family} model is unconditional: it takes no {field}")
@@ -64,7 +65,7 @@ def check_labels_array(labels: Any, n: int, *, family: str, conditional: bool, n
             arr = values
     if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.object_
                                      or arr.size == 0):
-        raise ValueError(f"{field} must be integers, got dtype {arr.dtype}")
+        raise ValueError(f"{field} must be {'integers' if plural else 'an integer'}, got dtype {arr.dtype}")
     if arr.ndim != 0 and (arr.ndim != 1 or arr.shape[0] != n):
         raise ValueError(f"{field} must be one int or {n} ints, got shape {arr.shape}")
     # On the values as given: cast to int64 first, 2**64 - 1 would read as -1.

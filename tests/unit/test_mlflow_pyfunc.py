@@ -121,7 +121,7 @@ def test_a_labels_column_the_apis_name_is_refused_naming_label(conditional):
 
 
 def test_a_non_integral_float_label_is_refused_naming_its_row(conditional):
-    with pytest.raises(MlflowException, match=r"^row 1: label must be integers, got dtype float64"):
+    with pytest.raises(MlflowException, match=r"^row 1: label must be an integer, got dtype float64$"):
         conditional.predict(None, pd.DataFrame({"seed": [7, 8], "n": [1, 1], "label": [3.0, 2.5]}))
 
 
