@@ -6,7 +6,6 @@ Those layers register their commands on the app (``register(app)``, found throug
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Annotated, Callable, Optional, Sequence
 
 import typer
@@ -118,7 +117,7 @@ ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L 
 
 def friendly_errors(fn: Callable) -> Callable:
     """Expected failures (bad input, unusable paths, storage, a model or alias the registry does
-    not hold or MLflow refuses as a name) become one red line and exit code 2."""
+    not hold or refuses as a name) become one red line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -139,22 +138,8 @@ def friendly_errors(fn: Callable) -> Callable:
                 raise
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from None
-        except Exception as exc:
-            # MLflow's refusal of a name or alias the user gave (a model "a/b", an alias with a
-            # space): its INVALID_PARAMETER_VALUE, which the API answers as a 404. Any other
-            # MLflow error (its store's INTERNAL_ERROR wraps bugs too) keeps its traceback.
-            if not _refused_by_mlflow(exc):
-                raise
-            console.print(f"[bold red]error:[/] {exc.message}")
-            raise typer.Exit(code=2) from None
 
     return wrapper
-
-
-def _refused_by_mlflow(exc: BaseException) -> bool:
-    errors = sys.modules.get("mlflow.exceptions")  # not loaded: the error cannot be MLflow's
-    return (errors is not None and isinstance(exc, errors.MlflowException)
-            and exc.error_code == "INVALID_PARAMETER_VALUE")
 
 
 def train_overrides(epochs, batch_size, max_train_examples, device) -> dict:

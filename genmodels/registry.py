@@ -454,7 +454,9 @@ class Promotion:
 
 
 def version_by_alias(name: str, alias: str):
-    """The version of ``name`` holding ``alias``, or None (also when the model does not exist)."""
+    """The version of ``name`` holding ``alias``, or None (also when the model does not exist).
+    ``LookupError`` with MLflow's words when it refuses the name or alias itself (``a/b``): no
+    version can hold it, and it is the caller's input to mend (the CLI's exit 2, the API's 404)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -463,6 +465,8 @@ def version_by_alias(name: str, alias: str):
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
             return None
+        if exc.error_code == "INVALID_PARAMETER_VALUE":
+            raise LookupError(exc.message) from None
         raise
 
 

@@ -217,10 +217,9 @@ class JobManager:
                 cached = self._models.get(name)
         except RequestError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
-            if getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":  # a name MLflow refuses ("a/b")
-                raise RequestError(404, "model_not_found", f"no registered model {name!r}: "
-                                                           f"{getattr(exc, 'message', exc)}") from None
+        except LookupError as exc:  # a name MLflow refuses ("a/b"), an alias gone since it was read
+            raise RequestError(404, "model_not_found", f"no registered model {name!r}: {exc}") from None
+        except Exception:  # noqa: BLE001 - the registry (MLflow, its database or artifact store) is down
             logger.warning("job submission: cannot resolve %r@%s in the registry", name, self.alias, exc_info=True)
             raise RequestError(503, "registry_unavailable", "the model registry cannot be reached right now; try again "
                                                             "later") from None

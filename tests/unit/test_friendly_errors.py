@@ -35,15 +35,20 @@ def test_a_key_or_index_error_stays_a_traceback(bug):
     assert result.exit_code == 1 and result.exception is bug
 
 
-def test_a_name_or_alias_mlflow_refuses_is_one_line_and_exit_2():
-    # What the registry raises for `genmodels serve --models a/b` or `generate --alias 'x y'`:
-    # MLflow's refusal of the user's input, which ended as MLflow's traceback.
-    from mlflow.exceptions import MlflowException
+def test_a_name_or_alias_mlflow_refuses_is_a_lookup_error_in_its_words(tmp_path):
+    # `genmodels serve --models a/b`, `generate --alias 'x y'`: MLflow's refusal of the user's
+    # input ended as its traceback. The registry's one look-up turns it into what friendly_errors
+    # answers with one line (and the jobs API with a 404); MLflow's other errors stay its own.
+    from registry_fixtures import registry_env
 
-    refused = MlflowException.invalid_parameter_value("Invalid model name 'a/b'. Names cannot contain '/' or ':'.")
-    result = CliRunner().invoke(_app(refused), [])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == ["error: Invalid model name 'a/b'. Names cannot contain '/' or ':'."]
+    from genmodels import registry
+
+    with registry_env(tmp_path):
+        with pytest.raises(LookupError, match=r"^Invalid model name 'a/b'\. Names cannot contain '/' or ':'\.$"):
+            registry.current_version("a/b")
+        with pytest.raises(LookupError, match=r"^Invalid alias name: 'x y'\. Names may only contain"):
+            registry.fetch_graphs("fashion-mnist-vae", "x y")
+        assert registry.current_version("fashion-mnist-vae") is None  # a valid name not registered
 
 
 def test_any_other_mlflow_error_stays_a_traceback():
