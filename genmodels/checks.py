@@ -37,7 +37,11 @@ def check_temperature(temperature: Any) -> None:
     would freeze it into the graph."""
     if _is_tensor(temperature):
         return
-    if not MIN_TEMPERATURE <= float(temperature) <= MAX_TEMPERATURE:
+    try:
+        value = float(temperature)
+    except TypeError:  # None, a timestamp: the caller's value, refused as every other one is
+        raise ValueError(f"temperature must be a number, got {temperature!r}") from None
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
         raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature}")
 
 

@@ -82,12 +82,8 @@ class OnnxSamplerModel(PythonModel):
         temperature = row.get("temperature")
         if temperature is None or (isinstance(temperature, float) and math.isnan(temperature)):
             temperature = 1.0  # the API's default; a NaN is a row that left it out
-        try:
-            temperature = float(temperature)
-        except TypeError:
-            raise ValueError(f"temperature must be a number, got {temperature!r}") from None
         check_temperature(temperature)
-        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n, "label"), temperature=temperature)
+        return s.sample(n, seed, labels=s.request_labels(row.get("label"), n, "label"), temperature=float(temperature))
 
 
 def _check_n(n) -> int:
