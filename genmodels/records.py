@@ -284,13 +284,16 @@ def job_error(exc: BaseException, job_id: str, log: logging.Logger = logger) -> 
     """What a failed job's record says of ``exc``; its details go to ``log``.
 
     A record is answered to API clients, so it carries the message of a refusal they can act on
-    (a ``ValueError``: an output holding another job, labels the model lacks) and of nothing
-    else: a storage or worker fault's text names endpoints, hosts, process ids and source paths.
-    Those get an error id that the log line carries beside the traceback."""
+    (:class:`genmodels.bulk.JobRefused`: an output holding another job, labels the model lacks) and
+    of nothing else: a storage or worker fault's text names endpoints, hosts, process ids and source
+    paths, and any other ``ValueError`` is the server's (a graph that does not load, a bug). Those
+    get an error id that the log line carries beside the traceback."""
+    from genmodels.bulk import JobRefused  # here: records stay importable without numpy/onnx
+
     # A Ray task's error wraps the writer's own (``cause``) in a text with the remote traceback.
     while isinstance(getattr(exc, "cause", None), BaseException) and exc.cause is not exc:
         exc = exc.cause
-    if isinstance(exc, ValueError):
+    if isinstance(exc, JobRefused):
         log.info("job %s refused: %s", job_id, exc)
         return str(exc)
     error_id = uuid.uuid4().hex[:16]

@@ -56,13 +56,12 @@ from genmodels.bulk.runner import run_job
 from genmodels.bulk.shards import decode_shard, encode_shard
 from genmodels.bulk.spec import (
     DEFAULT_SHARD_SIZE, FORMATS, JOB_FORMAT, MANIFEST_KEY, MAX_N, MAX_SHARD_SIZE, MAX_SHARDS, SHARDS_DIR, JobCancelled,
-    JobSpec,
-    check_output_root, job_id, shard_key, shard_plan,
+    JobRefused, JobSpec, check_output_root, job_id, shard_key, shard_plan,
 )
 from genmodels.bulk.writer import build_sampler
 
 __all__ = [
     "DEFAULT_SHARD_SIZE", "FORMATS", "JOB_FORMAT", "MANIFEST_KEY", "MAX_N", "MAX_SHARDS", "MAX_SHARD_SIZE",
-    "JobCancelled", "JobSpec", "SHARDS_DIR", "ShardMismatch", "build_sampler", "check_output_root", "decode_shard",
-    "encode_shard", "job_id", "read_manifest", "read_shard", "run_job", "shard_key", "shard_plan", "verify",
+    "JobCancelled", "JobRefused", "JobSpec", "SHARDS_DIR", "ShardMismatch", "build_sampler", "check_output_root",
+    "decode_shard", "encode_shard", "job_id", "read_manifest", "read_shard", "run_job", "shard_key", "shard_plan", "verify",
 ]

@@ -10,7 +10,9 @@ from typing import Any
 from genmodels.bulk.manifest import build_manifest
 from genmodels.bulk.on_ray import run_on_ray
 from genmodels.bulk.shards import sha256
-from genmodels.bulk.spec import JOB_FORMAT, JOB_KEY, MANIFEST_KEY, JobCancelled, JobSpec, check_int, shard_plan
+from genmodels.bulk.spec import (
+    JOB_FORMAT, JOB_KEY, MANIFEST_KEY, JobCancelled, JobRefused, JobSpec, check_int, shard_plan,
+)
 from genmodels.bulk.writer import ShardWriter
 from genmodels.storage import FileStorage, Storage, StorageError, json_bytes, open_storage
 
@@ -60,13 +62,13 @@ def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
         existing = None
     if existing != job:
         diff = _describe_difference(existing, job)
-        raise ValueError(f"output {storage.url} holds another job ({diff}); nothing was written. "
+        raise JobRefused(f"output {storage.url} holds another job ({diff}); nothing was written. "
                          "Use a new output prefix, or re-submit the same spec to resume")
 
 
 def _refuse_not_empty(storage: Storage) -> None:
     # Naming no object found there: the caller may not own it (and learns nothing about it).
-    raise ValueError(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
+    raise JobRefused(f"output {storage.url} is not empty and holds no {JOB_KEY}; "
                      "bulk jobs write only into a fresh prefix or their own")
 
 
@@ -74,7 +76,7 @@ def _refuse_if_nested(storage: Storage) -> None:
     enclosing = _enclosing_job(storage)
     if enclosing is not None:
         # Its readers take every object under it for its own, and its shards could collide with ours.
-        raise ValueError(f"output {storage.url} lies inside the output of another job ({enclosing}); "
+        raise JobRefused(f"output {storage.url} lies inside the output of another job ({enclosing}); "
                          "nothing was written. Use a prefix outside every job's output")
 
 

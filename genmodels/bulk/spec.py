@@ -29,6 +29,13 @@ _EXT = {"npz": "npz", "png": "tar", "parquet": "parquet"}
 SHARDS_DIR, SIDECARS_DIR = "shards/", "sidecars/"
 
 
+class JobRefused(ValueError):
+    """The job cannot run as submitted: its output holds another job or other objects, or its
+    labels do not fit the model. The text names what to change and nothing of the server, so a
+    failed job's record shows it to API clients; any other error there is a fault, shown by an
+    error id (:func:`genmodels.records.job_error`)."""
+
+
 class JobCancelled(Exception):
     """``should_stop`` asked the job to stop; completed shards stay in place (re-run resumes)."""
 
@@ -202,7 +209,7 @@ class JobSpec:
             check_labels_array(table, 0 if table is None else len(table), family=f"{self.model} v{self.version}",
                                conditional=conditional, num_classes=num_classes)
         except ValueError as exc:
-            raise ValueError(f"labels: {exc}") from None
+            raise JobRefused(f"labels: {exc}") from None
 
 
 def job_id(spec: JobSpec) -> str:

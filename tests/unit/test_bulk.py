@@ -357,7 +357,7 @@ def test_other_spec_to_the_same_output_is_refused_and_nothing_changes(vae, tmp_p
     before = files_of(root)
     for other, field in ((spec(root, seed=4), "seed"), (spec(root, version="2"), "version"),
                          (spec(root, shard_size=10), "shard_size")):
-        with pytest.raises(ValueError, match=f"holds another job.*{field}"):
+        with pytest.raises(bulk.JobRefused, match=f"holds another job.*{field}"):
             bulk.run_job(other, vae, use_ray=False)
     assert files_of(root) == before
 
@@ -365,7 +365,7 @@ def test_other_spec_to_the_same_output_is_refused_and_nothing_changes(vae, tmp_p
 def test_non_empty_prefix_without_a_job_is_refused(vae, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o/data.csv").write_text("x")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(bulk.JobRefused, match="not empty"):
         bulk.run_job(spec(tmp_path / "o"), vae, use_ray=False)
     assert sorted(files_of(tmp_path / "o")) == ["data.csv"]
 
@@ -377,7 +377,7 @@ def test_output_inside_another_jobs_output_is_refused_and_that_job_stays_whole(v
     (tmp_path / "link").symlink_to(root)
     # A name the running job's next shard would take, a folder beside its shards, a link leading into it.
     for inner in (root / "shards" / "shard-00099.npz", root / "extra", tmp_path / "link" / "more"):
-        with pytest.raises(ValueError, match=re.escape(f"inside the output of another job ({root.as_uri()})")):
+        with pytest.raises(bulk.JobRefused, match=re.escape(f"inside the output of another job ({root.as_uri()})")):
             bulk.run_job(spec(inner, seed=9), vae, use_ray=False)
     assert files_of(root) == before
     bulk.verify(root.as_uri())
@@ -389,7 +389,7 @@ def test_output_inside_another_jobs_output_is_refused_and_that_job_stays_whole(v
 
 def test_output_inside_another_jobs_output_on_s3_is_refused(vae, s3_bucket):
     bulk.run_job(spec(f"{s3_bucket}/a", n=20), vae, use_ray=False)
-    with pytest.raises(ValueError, match="inside the output of another job"):
+    with pytest.raises(bulk.JobRefused, match="inside the output of another job"):
         bulk.run_job(spec(f"{s3_bucket}/a/shards/x", n=20), vae, use_ray=False)
     bulk.verify(f"{s3_bucket}/a")
 
@@ -405,7 +405,7 @@ def test_a_job_that_loses_the_race_for_an_empty_output_writes_nothing(vae, tmp_p
         return original(storage, key, data)
 
     monkeypatch.setattr(FileStorage, "create_exclusive", other_job_claims_first)
-    with pytest.raises(ValueError, match="holds another job.*seed: 8 != 3"):
+    with pytest.raises(bulk.JobRefused, match="holds another job.*seed: 8 != 3"):
         bulk.run_job(ours, vae, use_ray=False)
     assert bulk.verify(root.as_uri())["spec"]["seed"] == 8
 
@@ -425,7 +425,7 @@ def test_of_two_jobs_claiming_nested_outputs_at_once_one_withdraws_having_writte
         return original(storage, key, data)
 
     monkeypatch.setattr(FileStorage, "create_exclusive", other_job_claims_in_between)
-    with pytest.raises(ValueError, match=refusal):
+    with pytest.raises(bulk.JobRefused, match=refusal):
         bulk.run_job(spec(tmp_path / ours), vae, use_ray=False)
     # Every file there is the other job's: one job.json, and its output whole.
     theirs_root = tmp_path / theirs
@@ -462,7 +462,7 @@ def test_limits_are_accepted_at_the_edges(tmp_path):
 ])
 def test_labels_that_do_not_fit_the_model_are_refused_before_writing(vae, cvae, tmp_path, model, labels, match):
     files = {"vae": vae, "cvae": cvae}[model]
-    with pytest.raises(ValueError, match=rf"^labels: .*{match}"):
+    with pytest.raises(bulk.JobRefused, match=rf"^labels: .*{match}"):
         bulk.run_job(spec(tmp_path / "o", labels=labels), files, use_ray=False)
     assert not (tmp_path / "o").exists()
 

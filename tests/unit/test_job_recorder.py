@@ -64,8 +64,11 @@ def test_the_api_and_the_flow_give_one_spec_one_id(tmp_path):
 
 
 @pytest.mark.parametrize("error, status", [(RuntimeError("disk full at 10.0.0.7 in /srv/genmodels/x.py"), "failed"),
-                                           (ValueError("output file:///o holds another job (differs in seed)"),
+                                           (bulk.JobRefused("output file:///o holds another job (differs in seed)"),
                                             "failed"),
+                                           # not a refusal: numpy's, from a bug, or a graph that does not load
+                                           (ValueError("operands could not be broadcast together with shapes (3,) "
+                                                       "(4,)"), "failed"),
                                            (KeyboardInterrupt(), "cancelled"),
                                            (TerminationSignal(signal=15), "cancelled"),  # SIGTERM in a flow
                                            (SystemExit(1), "cancelled"),
@@ -77,15 +80,15 @@ def test_a_job_that_raises_is_recorded_ended_and_the_error_propagates(tmp_path, 
             raise error
     record = records.get_job(store, bulk.job_id(spec))
     assert record["status"] == status and record["ended_at"] and record["error"]
-    if isinstance(error, ValueError):  # a refusal the client can act on: its message as it is
+    if isinstance(error, bulk.JobRefused):  # a refusal the client can act on: its message as it is
         assert record["error"] == str(error)
     elif not isinstance(error, Exception):  # stopped, not failed: no error id, and a way on
         assert record["error"] == (f"interrupted ({type(error).__name__}); "
                                    "re-running the same command resumes the job")
     elif status == "failed":
         # API clients read records: a fault's text (hosts, paths) stays in the log, under an error id.
-        error_id = re.fullmatch(r"RuntimeError: the job failed on the server side \(error id ([0-9a-f]{16}); "
-                                r"the log has its details\)", record["error"]).group(1)
+        error_id = re.fullmatch(rf"{type(error).__name__}: the job failed on the server side \(error id "
+                                r"([0-9a-f]{16}); the log has its details\)", record["error"]).group(1)
         (logged,) = [r for r in caplog.records if error_id in r.getMessage()]
         assert logged.exc_info[1] is error
     assert records.list_jobs(store)[0]["job_id"] == bulk.job_id(spec)
@@ -98,8 +101,10 @@ def test_a_remote_error_is_recorded_by_its_cause(tmp_path):
             super().__init__(f"ray::Writer.write() (pid=4242, ip=10.0.0.7)\nTraceback ... {cause}")
             self.cause = cause
 
-    refusal = ValueError("labels: model has 3 classes")
+    refusal = bulk.JobRefused("labels: model has 3 classes")
     assert records.job_error(RemoteError(refusal), "j") == str(refusal)
+    bug = records.job_error(RemoteError(ValueError("cannot reshape array of size 12 into shape (5,)")), "j")
+    assert bug.startswith("ValueError: the job failed on the server side") and "reshape" not in bug
     fault = records.job_error(RemoteError(OSError("No space left on /srv/data")), "j")
     assert fault.startswith("OSError: the job failed on the server side") and "10.0.0.7" not in fault
 
