@@ -245,6 +245,14 @@ class JobRecorder:
         self.record["done"] = int(totals["samples"])
 
     def __enter__(self) -> JobRecorder:
+        from genmodels.bulk import JobRefused  # here: records stay importable without numpy/onnx
+
+        r = self.record
+        # Before the first write: a record of the run going on elsewhere is that run's, not ours to replace.
+        if run_elsewhere(get_job(self.storage, r["job_id"]), r["owner"]):
+            raise JobRefused(f"job {r['job_id']} (this spec) is running in another process (a server or another "
+                             "`genmodels generate`); wait for it to end, or stop it there. Its shards are the same, "
+                             "so running it here would only write them twice")
         self._write()
         self._heartbeat = _Heartbeat(self._write, self.heartbeat_s,
                                      f"genmodels-job-{self.record['job_id'][:8]}-heartbeat")
@@ -312,6 +320,27 @@ def is_stale(record: Mapping[str, Any], now: float | None = None) -> bool:
     except (KeyError, TypeError, ValueError):
         return True
     return (time.time() if now is None else now) - updated > STALE_AFTER_S
+
+
+def run_elsewhere(record: Mapping[str, Any] | None, owner: str) -> bool:
+    """Whether ``record`` is of a job that another process is running now: queued or running,
+    refreshed within :data:`STALE_AFTER_S`, by an owner other than ``owner``. An owner on this
+    host whose process has exited (a run killed moments ago) runs nothing."""
+    if record is None or record.get("status") not in ACTIVE_JOB_STATUSES or is_stale(record):
+        return False
+    other = str(record.get("owner") or "")
+    if other == owner:
+        return False
+    host, _, rest = other.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # alive, another user's
+            pass
+    return True
 
 
 # --- retrains ------------------------------------------------------------------------------------

@@ -356,6 +356,12 @@ class JobManager:
             raise _spec_error(exc) from None
         self._check_limits(spec, pixels)
         jid = job_id(spec)
+        running_here = jid in self._jobs and self._jobs[jid].status in ACTIVE
+        if not running_here:
+            elsewhere = self._run_by_flow(jid)
+            if elsewhere is not None:
+                # The same spec is already being written: that run answers for it (and a DELETE is 409).
+                return {"job_id": jid, "status": elsewhere["status"]}
         previous = self._jobs.get(jid)
         if previous is not None and (previous.status not in ACTIVE or previous.cancel.is_set()):
             # Its run reads ended but may still be writing its final record: a client that saw it
@@ -399,6 +405,18 @@ class JobManager:
         # joins one, or it would wait there, and then run, for a cancel already answered.
         self._cancel_queued(jid, job)
         return self._accepted(jid, job)
+
+    def _run_by_flow(self, jid: str) -> dict[str, Any] | None:
+        """The record of ``jid`` if the generate flow (CLI, Prefect) is running it now, else None.
+        Records that cannot be read are no run: the job's own writes meet the storage's trouble."""
+        try:
+            record = records.get_job(self.storage, jid)
+        except Exception:  # noqa: BLE001
+            logger.warning("job %s: cannot read its record before running it", jid, exc_info=True)
+            return None
+        if record is not None and record.get("runner") is not None and records.run_elsewhere(record, self.owner):
+            return record
+        return None
 
     def _unfinished(self, jid: str, job: _Job) -> bool:
         """Whether ``job``'s run is not over: queued, running, or still writing its final record

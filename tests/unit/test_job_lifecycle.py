@@ -287,3 +287,40 @@ def test_a_resubmission_while_the_cancelled_run_stops_runs_the_job_again(tmp_pat
     time.sleep(0.3)
     assert manager.get(a)["status"] == "running" and not manager.get(a)["cancel_requested"]
     manager.shutdown()
+
+
+# --- the same spec run by the generate flow and submitted to the API ----------------------------------
+def test_a_spec_the_generate_flow_is_running_is_answered_as_that_run_not_run_again(tmp_path, monkeypatch):
+    manager = _manager(tmp_path)
+    runs = []
+    monkeypatch.setattr(bulk, "run_job", lambda spec, *a, **kw: runs.append(spec))
+    request = _request(manager, 0)
+    spec = bulk.JobSpec(version="1", **request)
+    jid = bulk.job_id(spec)
+    with records.JobRecorder(manager.storage, jid, spec.to_dict()):  # `genmodels generate` with the same spec
+        assert manager.submit(dict(request)) == {"job_id": jid, "status": "running"}
+        time.sleep(0.2)
+        assert runs == [] and jid not in manager._jobs  # no second run writing the same shards
+        recorded = records.get_job(manager.storage, jid)
+        assert (recorded["runner"], recorded["status"]) == ("generate", "running")  # the flow's record stands
+        with pytest.raises(RequestError) as refused:
+            manager.cancel(jid)
+        assert (refused.value.status_code, refused.value.error) == (409, "job_runs_elsewhere")
+
+
+def test_a_spec_whose_flow_run_died_is_run_by_the_api(tmp_path, monkeypatch):
+    manager = _manager(tmp_path)
+    runs = []
+    monkeypatch.setattr(bulk, "run_job", lambda spec, *a, **kw: runs.append(spec) or {"totals": {"samples": 4}})
+    request = _request(manager, 0)
+    spec = bulk.JobSpec(version="1", **request)
+    jid = bulk.job_id(spec)
+    recorder = records.JobRecorder(manager.storage, jid, spec.to_dict())
+    recorder.record["owner"] = "elsewhere:1:abcd"
+    recorder._write()  # its process was killed: the record says running, refreshed long ago
+    stale = records.get_job(manager.storage, jid)
+    stale["updated_at"] = "2026-01-01T00:00:00+00:00"
+    records.put_job(manager.storage, stale)
+    assert manager.submit(dict(request))["job_id"] == jid
+    _until(lambda: manager.get(jid)["status"] == "succeeded")
+    assert len(runs) == 1

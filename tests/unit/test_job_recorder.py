@@ -163,3 +163,36 @@ def test_the_status_schema_has_exactly_the_fields_a_record_answers_with():
     from serving.jobs import PUBLIC_FIELDS
 
     assert tuple(JobStatus.model_fields) == PUBLIC_FIELDS
+
+
+def _live_record(store, spec, owner):
+    record = records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()).record
+    records.put_job(store, {**record, "owner": owner, "runner": None})
+    return records.get_job(store, bulk.job_id(spec))
+
+
+def test_a_flow_run_of_a_spec_running_elsewhere_is_refused_leaving_that_runs_record(tmp_path):
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+    theirs = _live_record(store, spec, "server-host:4242:0f0f")  # a server on another host runs it now
+    with pytest.raises(bulk.JobRefused, match=rf"job {bulk.job_id(spec)} \(this spec\) is running in another"):
+        with records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()):
+            pytest.fail("entered")
+    assert records.get_job(store, bulk.job_id(spec)) == theirs
+
+
+def test_a_flow_run_goes_on_where_the_other_run_is_over_or_dead(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    store, spec = FileStorage(tmp_path / "store"), _spec(tmp_path)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    dead_pid = int(exited.stdout)  # a run on this host killed moments ago: its record still looks fresh
+    for owner in (f"{socket.gethostname()}:{dead_pid}:dead", None):
+        record = _live_record(store, spec, owner or "other-host:1:x")
+        if owner is None:  # the other host's run ended
+            records.put_job(store, {**record, "status": "cancelled", "ended_at": record["updated_at"]})
+        with records.JobRecorder(store, bulk.job_id(spec), spec.to_dict()) as recorder:
+            assert records.get_job(store, bulk.job_id(spec))["owner"] == recorder.record["owner"]
+            recorder.succeeded("file:///x/manifest.json", {"samples": 40, "shards": 3, "bytes": 1})
