@@ -467,7 +467,10 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Prefix=root + prefix, PaginationConfig={"PageSize": self.list_page_size}
             )
             for page in pages:
-                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", ()))
+                # A zero-byte key ending in "/" is a console's "folder": a folder, which a FileStorage
+                # does not list either, and no valid key (get_bytes refuses it).
+                keys.extend(obj["Key"][len(root):] for obj in page.get("Contents", ())
+                            if not (obj["Key"].endswith("/") and obj.get("Size") == 0))
         except (BotoCoreError, ClientError) as exc:
             raise self._error(exc, "list", _join(self.url, prefix)) from exc
         return sorted(keys)

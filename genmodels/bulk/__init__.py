@@ -13,8 +13,8 @@ shard size, format, output URL). Its output prefix holds::
 ``shards/`` holds the shard objects only, so a reader given the folder (``pyarrow.dataset``,
 ``pandas.read_parquet``, ``ray.data.read_parquet``, ``datasets.load_dataset("parquet")``,
 ``ray.data.read_webdataset``) reads every sample once and nothing else. Outputs written before
-sidecars moved out (``shards/shard-00000.json``) still resume: their sidecars are accepted where
-they are.
+sidecars moved out (``shards/shard-00000.json``) still resume: a resume moves each sidecar that
+verifies to ``sidecars/`` (removing one that does not), leaving ``shards/`` to the shards.
 
 Every object is written with one atomic put. Sample ``i`` is image ``i`` of the seed under
 :meth:`genmodels.sampling.OnnxSampler.sample`, so it is the same whatever the shard size, the

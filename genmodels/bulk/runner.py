@@ -61,6 +61,13 @@ def _claim_output(storage: Storage, job: dict[str, Any]) -> None:
     except ValueError:
         existing = None
     if existing != job:
+        old = existing.get("spec") if isinstance(existing, dict) and existing.get("format") == JOB_FORMAT else None
+        if isinstance(old, dict) and _differing_fields(old, job["spec"]) == ["version"]:
+            # Re-submitting cannot help: the API and the flow resolve an alias, never an older version.
+            raise JobRefused(f"output {storage.url} holds this job written by version {old['version']!r} of model "
+                             f"{job['spec']['model']!r}; the model is now at version {job['spec']['version']!r} and a "
+                             "job cannot ask for an older one, so this output can no longer be resumed; nothing was "
+                             "written. Use a new output prefix")
         diff = _describe_difference(existing, job)
         raise JobRefused(f"output {storage.url} holds another job ({diff}); nothing was written. "
                          "Use a new output prefix, or re-submit the same spec to resume")
@@ -76,15 +83,31 @@ def _refuse_if_nested(storage: Storage) -> None:
     enclosing = _enclosing_job(storage)
     if enclosing is not None:
         # Its readers take every object under it for its own, and its shards could collide with ours.
-        raise JobRefused(f"output {storage.url} lies inside the output of another job ({enclosing}); "
+        raise JobRefused(f"output {storage.url} lies inside the output of another job{enclosing}; "
                          "nothing was written. Use a prefix outside every job's output")
 
 
+def _refuse_if_object(storage: Storage) -> None:
+    """Refuse a file:// output that is (or lies under) an existing file: the client's mistake, not
+    a fault of the server, so it gets a text rather than an error id."""
+    if not isinstance(storage, FileStorage):
+        return  # on S3 an object and a prefix of the same name coexist
+    probe = storage.root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.is_dir():
+        return
+    _refuse_if_nested(storage)  # the finished job's manifest.json, one of its shards...: say whose
+    where = "is an existing object" if probe == storage.root else f"lies under an existing object ({probe.as_uri()})"
+    raise JobRefused(f"output {storage.url} {where}, not a prefix; nothing was written. "
+                     "Give a fresh prefix (a folder that does not exist yet, or is empty)")
+
+
 def _enclosing_job(storage: Storage) -> str | None:
-    """The URL of the job output above ``storage`` (a parent holding a job's job.json), or None."""
-    if isinstance(storage, FileStorage):
-        storage = FileStorage(os.path.realpath(storage.root))  # a link must not hide the job above it
-    above = storage.parent()
+    """``" (<where>)"`` when a job's output holds ``storage`` (a parent holding a job's job.json),
+    else None; ``<where>`` is in the caller's own terms, a prefix of their output URL."""
+    real = FileStorage(os.path.realpath(storage.root)) if isinstance(storage, FileStorage) else storage
+    above = real.parent()  # resolved: a link must not hide the job above it
     while above is not None:
         try:
             record = above.get_json(JOB_KEY) if above.exists(JOB_KEY) else None
@@ -92,16 +115,30 @@ def _enclosing_job(storage: Storage) -> str | None:
             # Unreadable from here (credentials or permissions scoped below it, not a job's record): no job we can see.
             record = None
         if isinstance(record, dict) and record.get("format") == JOB_FORMAT:
-            return above.url
+            return _client_view(storage, above) if isinstance(storage, FileStorage) else f" ({above.url})"
         above = above.parent()
     return None
+
+
+def _client_view(storage: FileStorage, job: FileStorage) -> str:
+    # The resolved path would show the server's layout (where a root's link leads): name instead
+    # the outermost prefix of the client's output that lies in that job's output.
+    inside = lambda p: os.path.commonpath([os.path.realpath(p), job.root]) == str(job.root)
+    outermost = next((p for p in reversed([storage.root, *storage.root.parents]) if inside(p)), storage.root)
+    if os.path.realpath(outermost) == str(job.root):
+        return f" ({outermost.as_uri()})"
+    return f" (reached through the link {outermost.as_uri()})"
+
+
+def _differing_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def _describe_difference(existing: Any, job: dict[str, Any]) -> str:
     if not isinstance(existing, dict) or existing.get("format") != JOB_FORMAT:
         return f"an unreadable or foreign {JOB_KEY}"
     old, new = existing.get("spec") or {}, job["spec"]
-    fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    fields = _differing_fields(old, new)
     if fields:
         return "differs in " + ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in fields)
     return "same spec, but other model graphs (sha256 differ)"
@@ -137,7 +174,11 @@ def run_job(
     local = ShardWriter(spec, sampler_files, _open_output(spec.output), threads)
     sampler, storage = local.sampler, local.storage
     spec.check_model(sampler.conditional, sampler.num_classes)
-    storage.check_reachable()
+    try:
+        storage.check_reachable()
+    except StorageError:
+        _refuse_if_object(storage)
+        raise
     job = _job_record(spec, sampler_files)
     _claim_output(storage, job)
     # A writer of this job killed mid-shard (a resumed job's earlier run) left its partial file.

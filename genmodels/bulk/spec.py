@@ -233,6 +233,6 @@ def sidecar_key(k: int) -> str:
 
 
 def legacy_sidecar_key(k: int) -> str:
-    # Where sidecars lived before they moved out of the shard folder: read, never written.
+    # Where sidecars lived before they moved out of the shard folder: read (then moved), never written.
     return f"{SHARDS_DIR}shard-{k:05d}.json"
 

@@ -13,18 +13,35 @@ from genmodels.storage import Storage
 
 
 def shard_is_complete(storage: Storage, k: int, start: int, end: int, fmt: str) -> dict[str, Any] | None:
-    """The sidecar record when the shard is there and its object hashes to it, else None."""
+    """The sidecar record when the shard is there and its object hashes to it, else None. A sidecar
+    of the old layout (in ``shards/``) moves to ``sidecars/`` when it verifies, and goes when not."""
     for sidecar in (sidecar_key(k), legacy_sidecar_key(k)):
         try:
             record = storage.get_json(sidecar)
-            if (record.get("key"), record.get("start"), record.get("end")) != (shard_key(k, fmt), start, end):
-                continue
-            data = storage.get_bytes(record["key"])
-        except (FileNotFoundError, ValueError, AttributeError, KeyError):
-            continue  # missing, unreadable or from another layout: the other sidecar, or rewrite it
-        if sha256(data) == record.get("sha256"):
-            return record
+        except FileNotFoundError:
+            continue
+        except ValueError:
+            record = None  # unreadable: it vouches for nothing
+        verified = _verified(storage, record, k, start, end, fmt)
+        if sidecar == legacy_sidecar_key(k):
+            # Readers given shards/ take every object there for a shard. The new sidecar is placed
+            # before the old one goes: a writer killed in between leaves one that still verifies.
+            if verified is not None:
+                storage.put_json(sidecar_key(k), verified)
+            storage.delete(sidecar)
+        if verified is not None:
+            return verified
     return None
+
+
+def _verified(storage: Storage, record: Any, k: int, start: int, end: int, fmt: str) -> dict[str, Any] | None:
+    try:
+        if (record.get("key"), record.get("start"), record.get("end")) != (shard_key(k, fmt), start, end):
+            return None  # from another layout
+        data = storage.get_bytes(record["key"])
+    except (FileNotFoundError, ValueError, AttributeError, KeyError):
+        return None
+    return record if sha256(data) == record.get("sha256") else None
 
 
 class ShardWriter:

@@ -230,8 +230,28 @@ def test_output_with_sidecars_in_the_shard_folder_still_resumes(vae, tmp_path, m
     (root / "shards/shard-00001.npz").write_bytes(b"garbage")
     spy = PutSpy(monkeypatch)
     manifest = bulk.run_job(spec(root), vae, use_ray=False)
-    assert sorted(spy.keys) == ["manifest.json", "shards/shard-00001.npz", "sidecars/shard-00001.json"]
+    # Shard 1 rewritten; the sidecars of the others moved to sidecars/, none left in shards/.
+    moved = [f"sidecars/shard-{k:05d}.json" for k in range(4)]
+    assert sorted(spy.keys) == ["manifest.json", "shards/shard-00001.npz", *moved]
     assert bulk.verify(root.as_uri()) == manifest
+    assert sorted(files_of(root)) == ["job.json", "manifest.json"] + layout(range(4))
+
+
+def test_a_resumed_output_of_the_old_layout_leaves_its_shard_folder_to_the_shards(vae, tmp_path):
+    import pandas as pd
+
+    whole, old = tmp_path / "whole", tmp_path / "old"
+    bulk.run_job(spec(whole, format="parquet"), vae, use_ray=False)
+    bulk.run_job(spec(old, format="parquet"), vae, use_ray=False)
+    for k in range(4):
+        (old / f"sidecars/shard-{k:05d}.json").rename(old / f"shards/shard-{k:05d}.json")
+    (old / "sidecars").rmdir()
+    (old / "manifest.json").unlink()
+    (old / "shards/shard-00001.parquet").write_bytes(b"garbage")  # its old sidecar vouches for nothing now
+    bulk.run_job(spec(old, format="parquet"), vae, use_ray=False)
+    body = lambda root: {k: v for k, v in files_of(root).items() if k.startswith(("shards/", "sidecars/"))}
+    assert body(old) == body(whole) and sorted(body(old)) == layout(range(4), "parquet")
+    assert pd.read_parquet(old / "shards")["index"].sort_values().tolist() == list(range(50))
 
 
 def test_job_to_s3_in_multipart_uploads_matches_the_file_job(vae, tmp_path, s3_bucket, monkeypatch):
@@ -355,11 +375,39 @@ def test_other_spec_to_the_same_output_is_refused_and_nothing_changes(vae, tmp_p
     root = tmp_path / "o"
     bulk.run_job(spec(root), vae, use_ray=False)
     before = files_of(root)
-    for other, field in ((spec(root, seed=4), "seed"), (spec(root, version="2"), "version"),
+    for other, field in ((spec(root, seed=4), "seed"), (spec(root, version="2", seed=4), "seed.*version"),
                          (spec(root, shard_size=10), "shard_size")):
         with pytest.raises(bulk.JobRefused, match=f"holds another job.*{field}"):
             bulk.run_job(other, vae, use_ray=False)
     assert files_of(root) == before
+
+
+def test_a_job_whose_model_moved_on_says_its_output_can_no_longer_be_resumed(vae, tmp_path):
+    root = tmp_path / "o"
+    with pytest.raises(bulk.JobCancelled):
+        bulk.run_job(spec(root), vae, use_ray=False, should_stop=lambda: True)
+    before = files_of(root)
+    # The champion moved to v2: re-submitting the spec (the API resolves the champion) gets v2 again.
+    with pytest.raises(bulk.JobRefused) as refused:
+        bulk.run_job(spec(root, version="2"), vae, use_ray=False)
+    text = str(refused.value)
+    assert "written by version '1' of model 'digits-vae'" in text and "now at version '2'" in text
+    assert "can no longer be resumed" in text and "Use a new output prefix" in text and "re-submit" not in text
+    assert files_of(root) == before
+
+
+def test_an_s3_folder_marker_does_not_make_an_output_non_empty(vae, s3_bucket):
+    from genmodels.storage import open_storage
+
+    storage = open_storage(s3_bucket)
+    # What the AWS console's "Create folder" writes: a zero-byte key ending in "/".
+    for key in ("run1/", "run1/sub/"):
+        storage.client.put_object(Bucket=storage.bucket, Key=f"{storage.prefix}/{key}", Body=b"")
+    manifest = bulk.run_job(spec(f"{s3_bucket}/run1", n=20), vae, use_ray=False)
+    assert bulk.verify(f"{s3_bucket}/run1") == manifest
+    storage.client.put_object(Bucket=storage.bucket, Key=f"{storage.prefix}/run2/", Body=b"data")
+    with pytest.raises(bulk.JobRefused, match="not empty"):
+        bulk.run_job(spec(f"{s3_bucket}/run2", n=20), vae, use_ray=False)
 
 
 def test_non_empty_prefix_without_a_job_is_refused(vae, tmp_path):
@@ -376,8 +424,9 @@ def test_output_inside_another_jobs_output_is_refused_and_that_job_stays_whole(v
     before = files_of(root)
     (tmp_path / "link").symlink_to(root)
     # A name the running job's next shard would take, a folder beside its shards, a link leading into it.
-    for inner in (root / "shards" / "shard-00099.npz", root / "extra", tmp_path / "link" / "more"):
-        with pytest.raises(bulk.JobRefused, match=re.escape(f"inside the output of another job ({root.as_uri()})")):
+    for inner, named in ((root / "shards" / "shard-00099.npz", root), (root / "extra", root),
+                         (tmp_path / "link" / "more", tmp_path / "link")):
+        with pytest.raises(bulk.JobRefused, match=re.escape(f"inside the output of another job ({named.as_uri()})")):
             bulk.run_job(spec(inner, seed=9), vae, use_ray=False)
     assert files_of(root) == before
     bulk.verify(root.as_uri())
@@ -385,6 +434,42 @@ def test_output_inside_another_jobs_output_is_refused_and_that_job_stays_whole(v
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "job.json").write_text('{"kind": "something else"}')
     bulk.run_job(spec(tmp_path / "p" / "q"), vae, use_ray=False)
+
+
+def test_a_nested_refusal_names_the_job_in_the_clients_terms_not_the_resolved_path(vae, tmp_path):
+    real = tmp_path / "mnt-disk7-tenant-data"
+    real.mkdir()
+    (tmp_path / "outputs").symlink_to(real)  # the operator's output root is a link
+    root = tmp_path / "outputs" / "run1"
+    bulk.run_job(spec(root, n=20), vae, use_ray=False)
+    (tmp_path / "outputs" / "into").symlink_to(root / "shards")
+    for inner, named in ((root / "x", f"({root.as_uri()})"),
+                         (tmp_path / "outputs" / "into" / "x",
+                          f"(reached through the link {(tmp_path / 'outputs' / 'into').as_uri()})")):
+        with pytest.raises(bulk.JobRefused) as refused:
+            bulk.run_job(spec(inner, n=20, seed=9), vae, use_ray=False)
+        assert f"inside the output of another job {named}" in str(refused.value)
+        assert real.name not in str(refused.value)
+
+
+def test_an_output_that_is_an_existing_file_is_refused_by_a_text_not_an_error_id(vae, tmp_path, s3_endpoint):
+    from genmodels.storage import StorageError
+
+    root, notes = tmp_path / "o", tmp_path / "notes.txt"
+    bulk.run_job(spec(root), vae, use_ray=False)
+    notes.write_text("x")
+    before = files_of(tmp_path)
+    for inner in (root / "manifest.json", root / "shards" / "shard-00000.npz"):  # a job's own: whose is said first
+        with pytest.raises(bulk.JobRefused, match=re.escape(f"inside the output of another job ({root.as_uri()})")):
+            bulk.run_job(spec(inner, seed=9), vae, use_ray=False)
+    with pytest.raises(bulk.JobRefused, match="is an existing object, not a prefix.*Give a fresh prefix"):
+        bulk.run_job(spec(notes), vae, use_ray=False)
+    with pytest.raises(bulk.JobRefused, match=re.escape(f"lies under an existing object ({notes.as_uri()})")):
+        bulk.run_job(spec(notes / "run"), vae, use_ray=False)
+    assert files_of(tmp_path) == before
+    # Storage that cannot be used stays a fault (an error id in the job's record).
+    with pytest.raises(StorageError, match="no such bucket"):
+        bulk.run_job(spec("s3://genmodels-no-such-bucket/p"), vae, use_ray=False)
 
 
 def test_output_inside_another_jobs_output_on_s3_is_refused(vae, s3_bucket):

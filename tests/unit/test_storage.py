@@ -253,6 +253,14 @@ def test_s3_list_paginates(s3_bucket, monkeypatch):
     assert len(calls) == 3  # 3 + 3 + 1 keys
 
 
+def test_s3_list_skips_folder_markers_as_file_storage_skips_folders(s3_bucket):
+    storage = open_storage(s3_bucket)
+    storage.put_bytes("a/k", b"v")
+    for key, body in (("", b""), ("a/", b""), ("b/", b"data")):  # a console's "Create folder": zero bytes
+        storage.client.put_object(Bucket=storage.bucket, Key=f"{storage.prefix}/{key}", Body=body)
+    assert storage.list() == ["a/k", "b/"]  # a key ending in "/" that holds bytes is someone's data
+
+
 def test_s3_explicit_endpoint_wins_over_env(s3_bucket, s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing there
     storage = open_storage(s3_bucket, endpoint_url=s3_endpoint)
