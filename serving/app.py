@@ -192,8 +192,8 @@ class LocalSampling:
         # One intra-op thread per reserved CPU: a pool sized to the machine spins on cores that the
         # proxy, the ingress and the other replicas need.
         self.models = ModelSet(models, alias, tracking_uri, intra_op_num_threads=sampler_threads)
-        self._batched.set_max_batch_size(int(max_batch_size))
-        self._batched.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._batching = {"max_batch_size": int(max_batch_size), "batch_wait_timeout_s": float(batch_wait_timeout_s)}
+        self._queues: dict[str, Any] = {}
         self._stop = threading.Event()
         # A thread rather than a task on the replica's event loop: MLflow calls and graph loading
         # block, and the loop must keep accepting (and batching) requests meanwhile.
@@ -217,18 +217,30 @@ class LocalSampling:
 
     async def sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """``{model, n, seed, labels (or label), temperature}`` -> ``{model, version, seed, images}``."""
-        item = await self._batched(self.models.prepare(request))
+        item = self.models.prepare(request)
+        item = await self._queue(item.loaded.name)(item)
         if item.error is not None:
             # A fresh exception per request: the group's one exception, raised by each of its
             # requests at once, would collect all their tracebacks. The API answers it as a 500.
             raise RuntimeError(f"sampling {item.loaded.name} v{item.loaded.version} failed") from item.error
         return {"model": item.loaded.name, "version": item.loaded.version, "seed": item.seed, "images": item.images}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _batched(self, items: list[SampleItem]) -> list[SampleItem]:
-        # In a worker thread: the event loop keeps collecting the next batch meanwhile.
-        await asyncio.to_thread(self.models.run_batch, items)
-        return items
+    def _queue(self, name: str):
+        """The batch queue of model ``name``, made on its first request. One per model, not one for
+        all: a queue runs one batch at a time, so with a shared one a slow model's batch (PixelRNN,
+        n=256: seconds) held up every other model's requests. A model's batches still run one at a
+        time (its requests keep merging meanwhile); different models' run at once, in threads
+        sharing the replica's CPUs."""
+        queue = self._queues.get(name)
+        if queue is None:
+            async def batched(items: list[SampleItem]) -> list[SampleItem]:
+                # In a worker thread: the event loop keeps collecting the next batch meanwhile.
+                await asyncio.to_thread(self.models.run_batch, items)
+                return items
+
+            batched.__name__ = f"sample_{name}"  # Serve's batch metrics are labelled by it
+            queue = self._queues[name] = serve.batch(**self._batching)(batched)
+        return queue
 
     async def interpolate(self, request: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.to_thread(self.models.interpolate, request)

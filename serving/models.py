@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,9 @@ class ModelSet:
         self._missing: frozenset[str] = frozenset(failures)
         self.onnx_calls = 0
         self.requests_sampled = 0
+        # Batches of different models run in threads at once (serving.app.LocalSampling): `+=` on
+        # the counters would lose counts between them.
+        self._counting = threading.Lock()
 
     def _load(self, name: str):
         from genmodels import registry
@@ -232,7 +236,8 @@ class ModelSet:
                 for it in group:
                     if it.images is None:
                         it.error = exc
-        self.requests_sampled += len(items)
+        with self._counting:
+            self.requests_sampled += len(items)
 
     def _run_group(self, group: list[SampleItem]) -> None:
         from genmodels.sampling import Request
@@ -247,7 +252,8 @@ class ModelSet:
                 rows += group[start].n
                 start += 1
             images = sampler.sample_many([Request(it.n, it.seed, it.labels) for it in chunk], temperature)
-            self.onnx_calls += 1
+            with self._counting:
+                self.onnx_calls += 1
             for it, out in zip(chunk, images):
                 it.images = out
 

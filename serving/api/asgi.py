@@ -8,9 +8,10 @@ import logging
 import pathlib
 from typing import Any, Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from serving.api.errors import ERROR_STATUSES, error_response, install_error_handlers
@@ -77,11 +78,20 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
-    # async: FastAPI runs a plain function dependency in its thread pool, a thread hop per request.
-    async def authorize(request: Request) -> None:
-        if not authorized(request):
-            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+    class Authorized(APIRoute):
+        """A route that checks the key before FastAPI reads the request: as a dependency, the
+        check ran after the body was parsed, so a keyless request with a malformed body got 400."""
+
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def authorize(request: Request):
+                if not authorized(request):
+                    raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await handler(request)
+
+            return authorize
 
     @api.get("/healthz", tags=["health"])
     async def healthz():
@@ -122,8 +132,8 @@ def create_api(backend, *, api_key: str | None = None, max_body_bytes: int = 1 <
                                        "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'",
             "X-Content-Type-Options": "nosniff"})
 
-    # One auth dependency and one error format for sampling and bulk jobs alike.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    # One key check and one error format for sampling and bulk jobs alike.
+    v1 = APIRouter(prefix="/v1", route_class=Authorized)
     add_sampling_routes(v1, backend)
     add_job_routes(v1, backend)
     api.include_router(v1)

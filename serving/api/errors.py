@@ -63,16 +63,24 @@ def install_error_handlers(api: FastAPI) -> None:
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in errors]
         return error_response(422, "invalid_request", detail)
 
+    async def unavailable(request: Request, exc: Exception):
+        error_id = uuid.uuid4().hex[:16]
+        logger.warning("error %s: %s %s: a deployment is unavailable: %r", error_id, request.method,
+                       request.url.path, exc)
+        return error_response(503, "unavailable", f"the service is restarting or overloaded; try again "
+                                                  f"(error id {error_id})", {"Retry-After": "1"})
+
+    # By kind, not inside the Exception handler: Starlette answers that one in its outermost
+    # middleware, outside the request log (serving.observability.Observe), which would record a
+    # 500 for the 503 the client got. These are answered by the exception middleware inside it.
+    for kind in _UNAVAILABLE:
+        api.add_exception_handler(kind, unavailable)
+
     @api.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         # The details (remote tracebacks, endpoints, paths) go to the server log only, under an id
         # the caller can quote.
         error_id = uuid.uuid4().hex[:16]
-        if isinstance(exc, _UNAVAILABLE):
-            logger.warning("error %s: %s %s: a deployment is unavailable: %r", error_id, request.method,
-                           request.url.path, exc)
-            return error_response(503, "unavailable", f"the service is restarting or overloaded; try again "
-                                                      f"(error id {error_id})", {"Retry-After": "1"})
         logger.error("error %s: %s %s", error_id, request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal", error_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 from typing import Annotated, Any
@@ -41,6 +42,12 @@ def encode_images(images: np.ndarray, fmt: str) -> list:
     return [base64.b64encode(png).decode("ascii") for png in image_pngs(images)]
 
 
+async def _encoded(out: dict[str, Any], fmt: str) -> dict[str, Any]:
+    # In a thread: PNG encoding (or 200k floats to a list) of n=256 images takes 20-100 ms, which
+    # on the event loop would stall every other request of this replica meanwhile.
+    return {**out, "images": await asyncio.to_thread(encode_images, out["images"], fmt)}
+
+
 def _observed(request: Request, out: dict[str, Any], n: int) -> dict[str, Any]:
     # Read by the request log: which model version answered, with how many images.
     request.state.observed = {"model": out["model"], "version": out["version"], "n": n}
@@ -73,7 +80,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
     async def samples(request: Request, name: ModelName, body: SampleRequest):
         """n images of the model's current version; the same seed gives the same images."""
         out = await sample(request, name, body.n, body.seed, body.labels, body.temperature)
-        return {**out, "images": encode_images(out["images"], body.format)}
+        return await _encoded(out, body.format)
 
     @router.get("/models/{name}/grid.png", response_class=Response, tags=["sampling"],
                 responses={200: {"content": {"image/png": {}}}})
@@ -81,7 +88,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
                    seed: SeedQuery = None, label: LabelQuery = None, temperature: TemperatureQuery = 1.0):
         """A PNG grid of n samples (upscaled); the seed and version are in X-Seed / X-Model-Version."""
         out = await sample(request, name, n, seed, label, temperature, label_field="label")
-        png = grid_png(out["images"])
+        png = await asyncio.to_thread(grid_png, out["images"])  # off the event loop, as _encoded
         return Response(png, media_type="image/png",
                         headers={"X-Model-Version": out["version"], "X-Seed": str(out["seed"])})
 
@@ -92,7 +99,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
         out = await backend.interpolate({"model": name, "seed_a": body.seed_a, "seed_b": body.seed_b,
                                          "steps": body.steps, "label": body.label, "temperature": body.temperature})
         _observed(request, out, body.steps)
-        return {**out, "images": encode_images(out["images"], body.format)}
+        return await _encoded(out, body.format)
 
     @router.post("/models/{name}/analogies", response_model=AnalogyResponse, tags=["sampling"])
     async def analogies(request: Request, name: ModelName, body: AnalogyRequest):
@@ -100,7 +107,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
         image's posterior mean decoded with each label; image ``label`` is its reconstruction."""
         out = await backend.analogies({"model": name, "image": body.image, "label": body.label})
         _observed(request, out, len(out["images"]))
-        return {**out, "images": encode_images(out["images"], body.format)}
+        return await _encoded(out, body.format)
 
     @router.post("/models/{name}/complete", response_model=CompleteResponse, tags=["sampling"])
     async def complete(request: Request, name: ModelName, body: CompleteRequest):
@@ -111,4 +118,4 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
                                       "mask": body.mask, "n": body.n, "seed": _seed(body.seed),
                                       "temperature": body.temperature, "labels": body.labels})
         _observed(request, out, body.n)
-        return {**out, "images": encode_images(out["images"], body.format)}
+        return await _encoded(out, body.format)

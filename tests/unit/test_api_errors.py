@@ -157,3 +157,83 @@ def test_a_temperature_that_is_not_a_json_number_is_422_naming_it(call, temperat
     assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), r.text
     assert [d["loc"] for d in r.json()["detail"]] == [["body", "temperature"]], r.text
     assert call(TestClient(create_api(_Conditional())), 1).status_code == 200  # an integer still is a number
+
+
+class _Images:
+    """Every sampling route's backend call, answering 4 blank 2x2 images."""
+
+    async def describe(self):
+        return []
+
+    async def sample(self, request):
+        return {"model": "m", "version": "1", "seed": request["seed"], "images": np.zeros((4, 1, 2, 2), np.float32)}
+
+    async def interpolate(self, request):
+        return {"model": "m", "version": "1", "seed_a": 0, "seed_b": 1, "images": np.zeros((4, 1, 2, 2), np.float32)}
+
+    async def analogies(self, request):
+        return {"model": "m", "version": "1", "label": 0, "images": np.zeros((4, 1, 2, 2), np.float32)}
+
+    async def complete(self, request):
+        return {"model": "m", "version": "1", "seed": 0, "images": np.zeros((4, 1, 2, 2), np.float32)}
+
+
+_IMAGE = base64.b64encode(_png(2, 2)).decode()
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.post("/v1/models/m/samples", json={"n": 4, "seed": 0}),
+    lambda c: c.post("/v1/models/m/samples", json={"n": 4, "seed": 0, "format": "array"}),
+    lambda c: c.get("/v1/models/m/grid.png", params={"n": 4, "seed": 0}),
+    lambda c: c.post("/v1/models/m/interpolate", json={"seed_a": 0, "seed_b": 1, "steps": 4}),
+    lambda c: c.post("/v1/models/m/analogies", json={"image": _IMAGE, "label": 0}),
+    lambda c: c.post("/v1/models/m/complete", json={"image": _IMAGE, "known_rows": 1, "n": 4, "seed": 0}),
+], ids=["samples-png", "samples-array", "grid", "interpolate", "analogies", "complete"])
+def test_images_are_encoded_off_the_event_loop(monkeypatch, call):
+    # The encoder blocks until released: on the event loop, no other request could be answered
+    # meanwhile (n=256 images take 20-100 ms to encode).
+    import asyncio
+    import threading
+
+    import httpx
+
+    from serving.api import sampling
+
+    encoding, release, released = threading.Event(), threading.Event(), []
+
+    def blocking(encode):
+        def encoder(*args, **kwargs):
+            encoding.set()
+            released.append(release.wait(10))  # False: waited in vain, the loop stood still
+            return encode(*args, **kwargs)
+        return encoder
+
+    monkeypatch.setattr(sampling, "encode_images", blocking(sampling.encode_images))
+    monkeypatch.setattr(sampling, "grid_png", blocking(sampling.grid_png))
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_api(_Images()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            encoded = asyncio.create_task(call(client))
+            assert await asyncio.to_thread(encoding.wait, 10)
+            other = await client.get("/v1/models")
+            release.set()
+            return other, await encoded
+
+    other, encoded = asyncio.run(main())
+    assert other.status_code == 200 and encoded.status_code == 200, encoded.text
+    assert released == [True]
+
+
+@pytest.mark.parametrize("body, ctype", [(b"{", "application/json"), (b'{"n": 1}', "text/plain")],
+                         ids=["malformed-json", "not-json"])
+def test_with_an_api_key_a_request_without_it_is_401_whatever_its_body(body, ctype):
+    # Checked after the body was parsed, a malformed one was answered 400 to a client without the key.
+    records: list[dict] = []
+    client = TestClient(create_api(_Images(), api_key="k", request_log=records.append))
+    r = client.post("/v1/models/m/samples", content=body, headers={"content-type": ctype})
+    assert (r.status_code, r.json()["error"], r.headers["WWW-Authenticate"]) == (401, "unauthorized", "Bearer")
+    assert records[0]["route"] == "/v1/models/{name}/samples"  # refused by the route: still labelled by it
+    r = client.post("/v1/models/m/samples", content=body, headers={"content-type": ctype,
+                                                                    "authorization": "Bearer k"})
+    assert (r.status_code, r.json()["error"]) == (400, "invalid_json"), r.text

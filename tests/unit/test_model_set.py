@@ -34,12 +34,12 @@ class FailsAtRun(Good):
 @pytest.fixture()
 def fake_registry(monkeypatch):
     """Models "a" and "b" hold the alias; the names in ``broken`` cannot be loaded."""
-    state = {"broken": {"b"}, "versions": {"a": "1", "b": "1"}, "listed": ["a", "b"]}
+    state = {"broken": {"b"}, "versions": {"a": "1", "b": "1"}, "listed": ["a", "b"], "samplers": {}}
 
     def load_sampler(name, alias, intra_op_num_threads=None):
         if name in state["broken"]:
             raise LookupError(f"model {name!r} v{state['versions'][name]} holds no ONNX graphs under artifacts/")
-        sampler = FailsAtRun() if name == "new" else Good()
+        sampler = state["samplers"].get(name) or (FailsAtRun() if name == "new" else Good())
         return registry.LoadedSampler(name, state["versions"][name], sampler, {}, {})
 
     def served_models(alias="champion"):
@@ -138,7 +138,7 @@ def test_a_batch_merging_a_failing_model_answers_the_other_models_requests(fake_
             local.stop()
 
     local, answers = asyncio.run(main())
-    assert local.models.onnx_calls == 1  # one batch: the healthy requests were merged with the failing one
+    assert local.models.onnx_calls == 1  # one batch: the healthy requests were merged
     for model, answer in zip(asked, answers):
         if model == "good":
             assert not isinstance(answer, BaseException), answer
@@ -146,3 +146,47 @@ def test_a_batch_merging_a_failing_model_answers_the_other_models_requests(fake_
         else:
             assert isinstance(answer, RuntimeError) and "new v2" in str(answer)
             assert "INVALID_ARGUMENT" in str(answer.__cause__)
+
+
+class Blocking(Good):
+    """A model whose sampling runs until the test releases it (a PixelRNN batch of n=256)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.running, self.release = threading.Event(), threading.Event()
+        self.released: list[bool] = []
+
+    def sample_many(self, requests, temperature):
+        self.running.set()
+        # True: released by the test; False: it waited in vain, nothing else could run meanwhile.
+        self.released.append(self.release.wait(10))
+        return super().sample_many(requests, temperature)
+
+
+def test_a_slow_models_batch_does_not_hold_up_another_models_requests(fake_registry, monkeypatch):
+    import ray.serve.batching
+
+    from serving.app import LocalSampling
+
+    monkeypatch.setattr(ray.serve.batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    slow = Blocking()
+    fake_registry.update(broken=set(), versions={"slow": "1", "fast": "1"}, listed=["slow", "fast"],
+                         samplers={"slow": slow})
+
+    async def main():
+        local = LocalSampling(reload_interval_s=3600)
+        try:
+            held = asyncio.create_task(local.sample({"model": "slow", "n": 256, "seed": 0, "temperature": 1.0}))
+            assert await asyncio.to_thread(slow.running.wait, 10)
+            fast = await local.sample({"model": "fast", "n": 1, "seed": 1, "temperature": 1.0})
+            slow_done_first = held.done()
+            slow.release.set()
+            return fast, slow_done_first, await held
+        finally:
+            local.stop()
+
+    fast, slow_done_first, held = asyncio.run(main())
+    assert fast["images"].shape == (1, 1, 2, 2) and held["images"].shape == (256, 1, 2, 2)
+    assert not slow_done_first and slow.released == [True]

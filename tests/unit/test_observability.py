@@ -59,6 +59,27 @@ def test_errors_are_recorded_with_the_status_the_client_got(client_and_records):
     assert not any("model" in r for r in records)  # no images returned: no model label
 
 
+class FailingBackend:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def sample(self, request):
+        raise self.exc
+
+
+@pytest.mark.parametrize("fault, status", [("replica-died", 503), ("bug", 500)])
+def test_faults_are_recorded_with_the_status_the_client_got(fault, status):
+    # A fault answered outside the request log (as Starlette answers Exception's handler) would be
+    # recorded as the 500 the log assumes, whatever the client got.
+    from ray.exceptions import ActorDiedError
+
+    exc = ActorDiedError() if fault == "replica-died" else RuntimeError("boom")
+    records: list[dict] = []
+    client = TestClient(create_api(FailingBackend(exc), request_log=records.append), raise_server_exceptions=False)
+    assert client.post("/v1/models/m/samples", json={"n": 1}).status_code == status
+    assert [(r["route"], r["status"]) for r in records] == [("/v1/models/{name}/samples", status)]
+
+
 def test_default_request_log_writes_one_logfmt_line():
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
