@@ -155,9 +155,14 @@ def evaluate_cmd(
     typer.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
-def _paused_message(family: str, paused) -> str:
+def _goes_on(fresh: bool = False) -> str:
+    # --fresh deletes the checkpoint on every invocation: the same command would start over.
+    return "run it again without --fresh to go on" if fresh else "the same command goes on"
+
+
+def _paused_message(family: str, paused, fresh: bool = False) -> str:
     return (f"{family}: the evaluation's time budget paused its likelihood pass after {paused.done} of "
-            f"{paused.total} test images; not evaluated yet (the same command goes on)")
+            f"{paused.total} test images; not evaluated yet ({_goes_on(fresh)})")
 
 
 @app.command("sample")
@@ -299,7 +304,7 @@ def run_cmd(
                 # away by the next epoch.
                 console.print(f"{family}: the time budget stopped training after epoch "
                               f"{outcome.result.epochs_completed} of {outcome.train_config.epochs}; not evaluated "
-                              "(the same command goes on)")
+                              f"({_goes_on(fresh)})")
                 continue
             deadline = None if max_eval_minutes is None else time.monotonic() + 60.0 * max_eval_minutes
             try:
@@ -307,7 +312,7 @@ def run_cmd(
                     evaluate_run(storage, outcome.run, snap, preset, seed=seed, deadline=deadline)
             except LikelihoodPassPaused as paused:
                 lease.check()  # superseded meanwhile, the progress just written is in another holder's run
-                console.print(_paused_message(family, paused))
+                console.print(_paused_message(family, paused, fresh))
                 continue
             lease.check()
     report = write_report(storage, snap, preset, seed=seed)

@@ -129,10 +129,15 @@ def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContex
 
 
 # --- the driver side ---------------------------------------------------------------------------
+#: Worker-group starts Ray Train retries before the run fails (each waits up to
+#: ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default, for its resources).
+WORKER_GROUP_START_TRIES = 5
+
 @dataclass(frozen=True)
 class RayScaling:
     """How a run uses the Ray cluster. ``num_workers=None``: the preset's ``TrainConfig.workers``,
-    as many of them as the cluster holds (:func:`fitting_workers`). ``cpus_per_worker=None``
+    as many of them as the cluster holds (:func:`fitting_workers`); more than it holds are
+    refused (:func:`train_on_ray`). ``cpus_per_worker=None``
     shares the cluster's CPUs evenly between the workers (each uses that many torch threads)."""
 
     num_workers: int | None = None
@@ -149,13 +154,18 @@ class RayScaling:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 
 
-def fitting_workers(wanted: int, resources: Mapping[str, float], batch_size: int, use_gpu: bool | None = None) -> int:
-    """At most ``wanted`` data-parallel workers, one per GPU of a cluster that has GPUs (unless
-    ``use_gpu`` is False), else one per CPU, and a number that divides the global batch: a
-    worker group larger than the cluster would wait for resources forever."""
+def worker_room(resources: Mapping[str, float], use_gpu: bool | None = None) -> int:
+    """How many data-parallel workers the cluster places at once: one per GPU of a cluster that
+    has GPUs (unless ``use_gpu`` is False), else one per CPU."""
     gpus = int(resources.get("GPU", 0)) if use_gpu is not False else 0
-    room = gpus if gpus else int(resources.get("CPU", 1))
-    workers = max(1, min(wanted, room))
+    return gpus if gpus else int(resources.get("CPU", 1))
+
+
+def fitting_workers(wanted: int, resources: Mapping[str, float], batch_size: int, use_gpu: bool | None = None) -> int:
+    """At most ``wanted`` data-parallel workers, as many as the cluster places
+    (:func:`worker_room`), and a number that divides the global batch: a worker group larger
+    than the cluster would wait for resources forever."""
+    workers = max(1, min(wanted, worker_room(resources, use_gpu)))
     while batch_size % workers:
         workers -= 1
     return workers
@@ -228,13 +238,20 @@ def train_on_ray(
     resources = ray.cluster_resources()
     workers = scaling.num_workers or fitting_workers(train_cfg.workers, resources, train_cfg.batch_size,
                                                      scaling.use_gpu)
+    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else resources.get("GPU", 0) >= workers
+    if workers > worker_room(resources, use_gpu):
+        # Ray Train would wait for the group forever, saying nothing (only an asked-for count can
+        # exceed the room: fitting_workers stays within it).
+        gpus = f" and {resources.get('GPU', 0):g} GPUs" if use_gpu else ""
+        raise ValueError(f"{workers} workers asked for, but the Ray cluster has {resources.get('CPU', 0):g} CPUs"
+                         f"{gpus}: it places at most {worker_room(resources, use_gpu)} "
+                         f"(one per {'GPU' if use_gpu else 'CPU'})")
     check_global_batch(train_cfg.batch_size, workers)
     # The run records the workers it got, not the preset's wish (a smaller cluster gets fewer;
     # a run resumes only on as many as it started with: they are part of its name).
     train_cfg = dataclasses.replace(train_cfg, workers=workers)
     log.info("%s (%s): %d data-parallel worker(s) for the global batch of %d", family, preset, workers,
              train_cfg.batch_size)
-    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else resources.get("GPU", 0) >= workers
     cpus = scaling.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // workers)
     name = ray_run_name(family, preset, model_config, train_cfg.to_dict(), snapshot.hash, workers)
     ray_root = storage.child(f"ray/{snapshot.dataset}")
@@ -253,7 +270,10 @@ def train_on_ray(
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            # A worker group that cannot start (its resources taken meanwhile, a node lost) is a
+            # controller failure, which Ray retries without end by default: a few, then the error.
+            failure_config=FailureConfig(max_failures=scaling.max_failures,
+                                         controller_failure_limit=WORKER_GROUP_START_TRIES),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )

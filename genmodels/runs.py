@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -287,7 +288,8 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
     the candidate's domain classifier (``feature_network``, the candidate's weights digest of it).
 
     ``checkpoint`` and ``tags`` are the champion's (its registry tags: dataset, snapshot hash,
-    gate metric). Returns ``(value, "")``, or ``(None, why)`` when no comparable value can be had:
+    gate metric). Returns ``(value, "")`` (NaN when its evaluation gives non-finite figures), or
+    ``(None, why)`` when no comparable value can be had:
     another image format, a champion trained on some of these test images (or on a snapshot not
     in ``storage`` to check), a FID that ``storage``'s classifier would measure in other features
     than the candidate's. ``read_snapshot_at`` reads the champion's snapshot by prefix (default: from
@@ -307,7 +309,12 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
         return None, "it trained on some of the candidate's test images: its figure there would be optimistic"
     metric = tags["genmodels.gate_metric"]
     used: dict[str, str] = {}
-    value = evaluate_model(storage, model, snapshot, preset, seed=seed, provenance=used)[metric]
+    try:
+        value = evaluate_model(storage, model, snapshot, preset, seed=seed, provenance=used)[metric]
+    except FloatingPointError:
+        # Non-finite figures (NaN weights, samples that broke) are NaN in any classifier's features:
+        # the registry hands such a champion's place to the candidate; raised, every retrain would fail.
+        return math.nan, ""
     if metric in FEATURE_SPACE_METRICS and (feature_network is None or used.get("feature_network") != feature_network):
         return None, (f"its {metric} would be measured in other domain-classifier features than the candidate's "
                       f"({(used.get('feature_network') or '?')[:12]} against {(feature_network or 'unknown')[:12]})")

@@ -263,6 +263,12 @@ class _Progress:
             self.bar.stop()
 
 
+def check_shared_examples(n_train: int, world_size: int) -> None:
+    """Refuse fewer training examples than data-parallel workers: each needs one at least."""
+    if n_train < world_size:
+        raise ValueError(f"{n_train} training examples cannot be shared by {world_size} workers")
+
+
 def train(
     model: GenerativeModel,
     snapshot,
@@ -282,8 +288,7 @@ def train(
     model.to(device)
     train_split, val_split = snapshot.splits["train"], snapshot.splits.get("val")
     n_train = training_examples(cfg, train_split)
-    if n_train < ctx.world_size:
-        raise ValueError(f"{n_train} training examples cannot be shared by {ctx.world_size} workers")
+    check_shared_examples(n_train, ctx.world_size)
     steps_per_epoch = num_batches(n_train, cfg.batch_size, ctx.world_size)
     is_em = model.fit_method == "em"
     bf16 = not is_em and trains_in_bf16(cfg, device)

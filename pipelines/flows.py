@@ -41,7 +41,7 @@ def check_plan(families: list[str], preset: str, workers: int | None, storage_ur
     cannot be read without a source is refused."""
     from genmodels.data.loader import check_global_batch
     from genmodels.storage import check_reachable
-    from genmodels.training import TrainConfig, preset_configs
+    from genmodels.training import TrainConfig, check_shared_examples, preset_configs
 
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -55,6 +55,10 @@ def check_plan(families: list[str], preset: str, workers: int | None, storage_ur
             cfg = TrainConfig.from_dict({**preset_cfg.to_dict(), **(overrides or {})})
             if workers is not None:
                 check_global_batch(cfg.batch_size, workers)
+                if cfg.max_train_examples is not None:
+                    # The split may hold fewer still (checked by the workers); a cap below the
+                    # workers fails whatever the data, retried by Ray until it gives up.
+                    check_shared_examples(cfg.max_train_examples, workers)
         except ValueError as exc:
             raise ValueError(f"{family} ({preset} preset): {exc}") from None
     check_reachable(storage_url)

@@ -161,6 +161,31 @@ def test_a_run_on_a_time_budget_is_evaluated_once_it_has_finished(tmp_path):
     assert "nll_nats" in json.loads((run / "metrics.json").read_text())
 
 
+def test_a_fresh_run_on_a_time_budget_says_to_go_on_without_fresh(tmp_path, monkeypatch):
+    import torch
+
+    from genmodels import runs
+
+    # --fresh starts over on every invocation: repeating the command would never get further.
+    monkeypatch.setattr(runs, "resolve_device", lambda name: torch.device("cpu"))  # batches of 64 test images
+    command = ("run", "--dataset", "digits", "--families", "mixture", "--preset", "quick", "--epochs", 2,
+               "--out", tmp_path / "store")
+    result = invoke(*command, "--fresh", "--max-minutes", 0)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "stopped training after epoch 1 of 2; not evaluated (run it again without --fresh to go on)" in said
+    # As it says: without --fresh it trains epoch 2, and its paused evaluation goes on by the same command.
+    result = invoke(*command, "--max-minutes", 0, "--max-eval-minutes", 0)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "stopped training" not in said
+    assert len(json.loads((tmp_path / "store/runs/digits/mixture-quick/history.json").read_text())) == 2
+    assert "paused its likelihood pass after 64 of" in said and "(the same command goes on)" in said
+    result = invoke(*command, "--fresh", "--max-eval-minutes", 0)
+    said = " ".join(result.output.split())
+    assert "paused its likelihood pass" in said and "(run it again without --fresh to go on)" in said
+
+
 def test_a_likelihood_pass_on_a_time_budget_goes_on_where_it_paused_to_the_unbudgeted_figures(tmp_path, monkeypatch):
     import torch
 

@@ -83,11 +83,14 @@ def generate(
     expected = (n, *model.image.shape)
     if tuple(samples.shape) != expected:
         raise ValueError(f"{model.family}.sample returned shape {tuple(samples.shape)}, expected {expected}")
-    if not torch.isfinite(samples).all() or samples.min() < 0 or samples.max() > 1:
-        raise ValueError(
+    finite = bool(torch.isfinite(samples).all())
+    if not finite or samples.min() < 0 or samples.max() > 1:
+        # Non-finite samples raise as a NaN likelihood does (FloatingPointError): figures a broken
+        # model gives, which the registry scores as NaN for a champion instead of failing the retrain.
+        raise (ValueError if finite else FloatingPointError)(
             f"{model.family} samples must be finite and lie in [0, 1]; got range "
             f"{float(samples.nan_to_num().min()):.4g}..{float(samples.nan_to_num().max()):.4g}"
-            f"{' with NaN/inf' if not torch.isfinite(samples).all() else ''}"
+            f"{'' if finite else ' with NaN/inf'}"
         )
     return samples
 

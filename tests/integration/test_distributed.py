@@ -230,6 +230,36 @@ def test_same_plan_again_finds_the_run_finished(local_ray, snapshot, tmp_path):
     assert again.run.get_bytes("model.pt") == model_bytes
 
 
+def test_more_workers_than_the_cluster_places_are_refused_at_once(local_ray, snapshot, tmp_path):
+    # Ray Train would wait for a group of 4 on 2 CPUs without end or word: run in a thread so that
+    # a wait fails this test instead of hanging it.
+    import threading
+    import time
+
+    from genmodels.distributed import RayScaling, train_on_ray
+
+    storage = open_storage(tmp_path / "store")
+    write_snapshot(snapshot, storage)
+    box = {}
+
+    def fit():
+        try:
+            train_on_ray(storage, snapshot, "mixture", "quick", scaling=RayScaling(num_workers=4),
+                         overrides={**SMALL_TRAIN, "epochs": 1}, model_overrides={"n_components": 3})
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            box["error"] = exc
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "still waiting for 4 workers on a 2-CPU cluster"
+    assert time.monotonic() - t0 < 10
+    assert isinstance(box.get("error"), ValueError), box
+    assert "4 workers asked for, but the Ray cluster has 2 CPUs: it places at most 2" in str(box["error"])
+    assert not (tmp_path / "store" / "ray").exists()  # refused before any Ray Train run
+
+
 def test_the_local_clusters_workers_carry_its_mark(local_ray):
     """What stop_ray finds the workers that outlive the cluster by: the mark ensure_ray gave it
     reaches every worker process, through the raylet's environment."""

@@ -262,6 +262,18 @@ def test_flow_check_plan_refuses_zero_workers(tmp_path):
     check_plan(["vae", "pixelrnn"], "quick", None, tmp_path.as_uri())  # each preset's own
 
 
+def test_retrain_fewer_training_examples_than_workers_is_refused_before_any_work(cli_env):
+    from pipelines.flows import check_plan
+
+    # The workers' own refusal, said before Prefect and Ray start instead of after Ray's retries.
+    result = invoke("retrain", "--family", "vae", "--dataset", "digits", "--max-train-examples", 1, "--workers", 2)
+    assert result.exit_code == 2, result.output
+    assert "vae (quick preset): 1 training examples cannot be shared by 2 workers" in flat(result.output)
+    assert not (cli_env / "store").exists()
+    check_plan(["vae"], "quick", 2, cli_env.as_uri(), overrides={"max_train_examples": 2})
+    check_plan(["vae"], "quick", None, cli_env.as_uri(), overrides={"max_train_examples": 1})  # the cluster's count
+
+
 def test_flow_check_plan_refuses_overrides_training_would_refuse(tmp_path):
     # The TrainConfig each family's train task would build, built here before any work.
     from pipelines.flows import check_plan

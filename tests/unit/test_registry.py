@@ -332,6 +332,29 @@ def test_a_champion_whose_reevaluation_is_nan_gives_way_to_a_finite_candidate(wo
     json.dumps(won.to_dict(), allow_nan=False)  # the run record stays strict JSON
 
 
+@pytest.mark.parametrize("family", ["vae", "gan"])
+def test_a_champion_whose_figures_are_not_finite_reevaluates_as_nan(work, family):
+    # What tasks.promote hands the gate above: a NaN, not an evaluation error that would fail the
+    # promotion of every candidate (a NaN likelihood for the VAE, NaN samples for the GAN's FID).
+    from genmodels.evaluation.classifier import load_or_train_classifier
+    from genmodels.evaluation.likelihood import weights_digest
+    from genmodels.models import build_model, checkpoint_bytes
+
+    store, snapshot = work["store"], work["snapshots"][0]
+    model = build_model(family, snapshot.image, **(TINY if family == "vae" else
+                                                   {"latent_dim": 4, "g_width": 4, "d_width": 4, "d_features": 8,
+                                                    "embed_dim": 4}))
+    with torch.no_grad():
+        for p in (model.parameters() if family == "vae" else model.generator_ema.parameters()):
+            p.fill_(float("nan"))
+    network = weights_digest(load_or_train_classifier(snapshot, store).network)
+    tags = {"genmodels.dataset": "digits", "genmodels.snapshot_hash": snapshot.hash,
+            "genmodels.gate_metric": registry.gate_metric(family)}
+    value, why_not = runs.reevaluate_champion(store, snapshot, checkpoint_bytes(model, {}), tags, "quick",
+                                              feature_network=network)
+    assert math.isnan(value) and why_not == ""
+
+
 def test_a_promotion_whose_lease_was_taken_over_meanwhile_moves_no_alias(work, models):
     from genmodels.lease import LeaseLost
 
