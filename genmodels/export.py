@@ -8,6 +8,13 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
 - CVAE also: ``analogies``: inputs ``x`` (float32 [batch, C, H, W], on the quantization grid)
   and ``labels`` (int64 [batch]); output ``images`` [batch, num_classes, C, H, W]: each image's
   posterior mean decoded with every class label (``CVAE.analogies``).
+- VAE, CVAE with a latent mixture also: ``latent``: the sampler's inputs (noise fields,
+  ``labels`` if conditional, ``temperature``); output ``latent`` [batch, latent_dim]: the
+  sampler's latent in the prior's standardized coordinates (``VAE.standardized_latent``: the
+  mixture draw). And ``decode``: inputs ``latent`` (float32 [batch, latent_dim]) and ``labels``
+  (conditional only); output ``images`` (``VAE.decode_standardized``: the class prior's mean
+  and scale, then the decoder mean). ``sampler`` = ``decode`` of ``latent``; interpolations
+  walk between two seeds' latents and decode the walk (``OnnxSampler.interpolate``).
 - Mixture also: ``complete``: inputs ``x``, ``known`` (float32 [batch, C, H, W]; 1 = known
   pixel), the sampler's noise fields, ``labels`` (conditional only), ``temperature``; output
   ``images``: one completion per row (``MixtureModel.complete_rows``: the posterior over
@@ -84,6 +91,32 @@ class _Analogies(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model._analogies(x, labels)
+
+
+class _Latent(nn.Module):
+    """``VAE.standardized_latent``: the sampler's inputs -> z in the prior's standardized coordinates."""
+
+    def __init__(self, model: GenerativeModel, fields: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.fields = tuple(fields)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        noise = dict(zip(self.fields, args[: len(self.fields)]))
+        rest = args[len(self.fields):]
+        labels = rest[0] if self.model.conditional else None
+        return self.model.standardized_latent(noise, labels, rest[-1])
+
+
+class _Decode(nn.Module):
+    """``VAE.decode_standardized``: z (and labels) -> images."""
+
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_standardized(args[0], args[1] if self.model.conditional else None)
 
 
 class _MixtureComplete(nn.Module):
@@ -280,6 +313,11 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
             # The sampler's noise fields are exactly ("component", "pixels"), in that order.
             graphs["complete"] = (_MixtureComplete(model), (x_example, x_example.clone(), *args),
                                   ["x", "known", *names], ["images"], ({0: batch}, {0: batch}, dyn))
+        if getattr(model, "has_latent_mixture", False):
+            graphs["latent"] = (_Latent(model, fields), tuple(args), names, ["latent"], (dyn,))
+            z_args = (torch.zeros(n, model.latent_dim), *([labels] if model.conditional else []))
+            graphs["decode"] = (_Decode(model), z_args, ["latent", *(["labels"] if model.conditional else [])],
+                                ["images"], (tuple({0: batch} for _ in z_args),))
         if model.family == "cvae":
             graphs["analogies"] = (_Analogies(model), (x_example, labels), ["x", "labels"], ["images"],
                                    ({0: batch}, {0: batch}))
@@ -308,7 +346,10 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
     across runtimes), nothing more. Continuous outputs and likelihoods must agree within
     ``atol`` (likelihoods relative to their magnitude: they are sums over all pixels). A CVAE's
     ``analogies`` graph (required) is compared with ``model.analogies`` within ``atol`` on the
-    sampled images rounded to the grid.
+    sampled images rounded to the grid. Interpolations of a latent family (torch's
+    ``genmodels.evaluation.pictures.interpolate`` against the runtime's, through a latent
+    mixture's ``latent`` and ``decode`` graphs, which such a model's files must hold) agree
+    within ``atol`` too.
     """
     import onnx
 
@@ -328,6 +369,10 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
         raise ExportParityError(f"{family}: the files are {runtime.family} graphs")
     if family == "mixture" and not runtime.can_complete:
         raise ExportParityError(f"{family}: the files lack the 'complete' graph (found {runtime.graphs})")
+    if getattr(model, "has_latent_mixture", False) and not runtime.has_latent_walk:
+        # The runtime interpolates without them (older exports walk the noise), but a fresh export
+        # always writes them, and the torch walk below would not match the older one.
+        raise ExportParityError(f"{family}: the files lack the 'latent' and 'decode' graphs (found {runtime.graphs})")
     if family == "cvae" and not runtime.has_analogies:
         # The runtime loads a CVAE without it (older exports), but a fresh export always writes it.
         raise ExportParityError(f"{family}: the files lack the 'analogies' graph (found {runtime.graphs})")
@@ -366,6 +411,15 @@ def check_parity(model: GenerativeModel, onnx_files: Sequence[str | Path], batch
             x = model.from_levels(model.to_levels(expected.float()))
             want = model.analogies(x, labels).numpy()
             _compare_close(family, "analogies", n, want, runtime.analogies(x.numpy(), labels.numpy()), atol)
+    if model.has_latent and "z" in spec:
+        # The walk (a latent mixture's: its latent and decode graphs) of steps = n + 1, one label each.
+        from genmodels.evaluation.pictures import interpolate
+
+        for n in sizes:
+            label = None if not model.conditional else n % img.num_classes
+            want = interpolate(model, seed, seed + 1, n + 1, label, temperature).numpy()
+            have = runtime.interpolate(seed, seed + 1, n + 1, label, temperature)
+            _compare_close(family, "interpolate", n + 1, want, have, atol)
 
 
 def _check_completion_parity(model: GenerativeModel, runtime: OnnxSampler, images: torch.Tensor,

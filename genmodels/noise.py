@@ -100,18 +100,38 @@ def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return out.reshape(len(t64), *a.shape).astype(a.dtype)
 
 
-def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, np.ndarray]:
-    """Noise [steps, ...] for a walk along the slerp from sample 0 of ``seed_a``'s latent ``z`` to
-    ``seed_b``'s, other fields (a latent mixture's component) at ``seed_a``'s for the first half
-    of the steps and ``seed_b``'s for the rest: the ends are exactly those two samples. The one
-    walk of the torch pictures and the ONNX samplers (served interpolations)."""
+def _check_walk(spec: NoiseSpec, steps: int) -> None:
     if "z" not in spec:
         raise ValueError(f"noise fields {sorted(spec)} have no latent 'z' to interpolate")
     if steps < 2:
         raise ValueError(f"an interpolation needs steps >= 2, got {steps}")
+
+
+def interpolation_noise(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, np.ndarray]:
+    """Noise [steps, ...] for a walk along the slerp from sample 0 of ``seed_a``'s latent ``z`` to
+    ``seed_b``'s, other fields at ``seed_a``'s for the first half of the steps and ``seed_b``'s for
+    the rest: the ends are exactly those two samples. The walk of the torch pictures and the ONNX
+    samplers (served interpolations) for models without a latent mixture (GAN, plain VAE), and
+    for graphs exported before the mixture's walk (:func:`interpolation_ends`)."""
+    _check_walk(spec, steps)
     a, b = make_noise(spec, seed_a, 1), make_noise(spec, seed_b, 1)
     first = (steps + 1) // 2
     noise = {name: np.concatenate([np.repeat(value, first, axis=0), np.repeat(b[name], steps - first, axis=0)])
              for name, value in a.items()}
     noise["z"] = slerp(a["z"][0], b["z"][0], np.linspace(0.0, 1.0, steps))
     return noise
+
+
+def interpolation_ends(spec: NoiseSpec, seed_a: int, seed_b: int, steps: int) -> dict[str, np.ndarray]:
+    """Noise [2, ...] of sample 0 of ``seed_a`` and of ``seed_b``: the ends of the walk of a model
+    with a latent mixture (VAE, CVAE). Its noise picks a component per seed, so a walk in the
+    noise would jump from one component to the other; the model maps these two rows to their
+    standardized latents z_a, z_b instead and decodes :func:`latent_walk` (z_a, z_b, steps)."""
+    _check_walk(spec, steps)
+    return concat_noise([make_noise(spec, seed_a, 1), make_noise(spec, seed_b, 1)])
+
+
+def latent_walk(z_a: np.ndarray, z_b: np.ndarray, steps: int) -> np.ndarray:
+    """[steps, D]: the slerp from latent ``z_a`` [D] to ``z_b`` at evenly spaced fractions 0 .. 1;
+    its ends are exactly ``z_a`` and ``z_b``."""
+    return slerp(z_a, z_b, np.linspace(0.0, 1.0, steps))

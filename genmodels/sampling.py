@@ -8,7 +8,9 @@ whatever the batching: online, in a batch of other requests, or in one shard of 
 
 Families with a ``sampler`` graph run it once; the PixelRNN's step graphs are driven pixel by
 pixel by :class:`OnnxPixelRNNSampler`, exactly as ``PixelRNN.sample_cached`` does in torch.
-A CVAE's ``analogies`` graph (when exported) renders given images' style in every class.
+A CVAE's ``analogies`` graph (when exported) renders given images' style in every class. A
+VAE's or CVAE's ``latent`` and ``decode`` graphs (exported for models with a latent mixture)
+split the sampler at the latent, for interpolations that walk between two samples' latents.
 
 This module imports neither torch models nor :mod:`genmodels.export` (which imports it), and
 needs the ``onnx`` package only for :func:`read_metadata`: a serving image needs onnxruntime.
@@ -25,7 +27,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from genmodels.checks import check_labels_array, check_temperature, completion_mask_array, require_completion
-from genmodels.noise import NoiseField, check_seed, concat_noise, interpolation_noise, make_noise
+from genmodels.noise import (
+    NoiseField,
+    check_seed,
+    concat_noise,
+    interpolation_ends,
+    interpolation_noise,
+    latent_walk,
+    make_noise,
+)
 
 __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "Request", "categorical_inverse_cdf_np", "read_metadata"]
 
@@ -392,6 +402,12 @@ class OnnxSampler:
         return "analogies" in self._sessions
 
     @property
+    def has_latent_walk(self) -> bool:
+        """The ``latent`` and ``decode`` graphs of a VAE/CVAE with a latent mixture: interpolations
+        walk between the two samples' latents (graphs exported before them walk the noise)."""
+        return "latent" in self._sessions and "decode" in self._sessions
+
+    @property
     def graphs(self) -> list[str]:
         return sorted(self._sessions)
 
@@ -468,15 +484,32 @@ class OnnxSampler:
     def interpolate(self, seed_a: int, seed_b: int, steps: int, labels: Any = None,
                     temperature: float = 1.0) -> np.ndarray:
         """Images float32 [steps, C, H, W] along the slerp between sample 0 of ``seed_a`` and of
-        ``seed_b`` in the latent ``z`` (VAE, CVAE, GAN): ``genmodels.evaluation.pictures.interpolate``
-        in torch, from the same noise (:func:`genmodels.noise.interpolation_noise`)."""
+        ``seed_b`` (VAE, CVAE, GAN): ``genmodels.evaluation.pictures.interpolate`` in torch; the
+        ends are those two samples. With the ``latent`` and ``decode`` graphs (a VAE/CVAE with a
+        latent mixture) the walk is between the two samples' latents (each seed's own mixture
+        component), decoded point by point; otherwise it is the slerp of the noise ``z``, other
+        noise fields switching from seed_a's to seed_b's halfway
+        (:func:`genmodels.noise.interpolation_noise`), as graphs exported before the split walk."""
         if "z" not in self._noise_spec:
             raise NotImplementedError(f"the {self._family} family has no latent 'z' to interpolate in "
                                       "(latent families: vae, cvae, gan)")
         steps = _count(steps, "steps", 2)
         checked = self.check_labels(labels, steps)
-        noise = interpolation_noise(self._noise_spec, check_seed(seed_a), check_seed(seed_b), steps)
-        return self.sample_from_noise(noise, checked, temperature)
+        seed_a, seed_b = check_seed(seed_a), check_seed(seed_b)
+        if not self.has_latent_walk:
+            noise = interpolation_noise(self._noise_spec, seed_a, seed_b, steps)
+            return self.sample_from_noise(noise, checked, temperature)
+        check_temperature(temperature)
+        feeds: dict[str, np.ndarray] = dict(interpolation_ends(self._noise_spec, seed_a, seed_b, steps))
+        if checked is not None:
+            feeds["labels"] = checked[[0, -1]]  # the ends' labels
+        feeds["temperature"] = np.asarray(temperature, np.float32)
+        (z,) = self._sessions["latent"].run(["latent"], feeds)
+        feeds = {"latent": np.ascontiguousarray(latent_walk(z[0], z[1], steps), dtype=np.float32)}
+        if checked is not None:
+            feeds["labels"] = checked
+        (images,) = self._sessions["decode"].run(["images"], feeds)
+        return np.asarray(images, dtype=np.float32)
 
     # --- likelihood ------------------------------------------------------------------------
     def log_likelihood(self, x: Any) -> np.ndarray:

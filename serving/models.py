@@ -258,9 +258,10 @@ class ModelSet:
                 it.images = out
 
     def interpolate(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """Images along the slerp between seed_a's and seed_b's latent ``z`` (other noise fields
-        seed_a's for the first ceil(steps / 2) images, seed_b's for the rest, so both ends are
-        exactly those two samples): :meth:`genmodels.sampling.OnnxSampler.interpolate`."""
+        """Images along the slerp between seed_a's and seed_b's latent points, both ends exactly
+        those two samples (a VAE/CVAE with a latent mixture: between the two samples' latents,
+        through its ``latent`` and ``decode`` graphs; otherwise the noise ``z``):
+        :meth:`genmodels.sampling.OnnxSampler.interpolate`."""
         loaded = self.get(request["model"])
         s = loaded.sampler
         if "z" not in s.noise_spec:

@@ -14,7 +14,7 @@ from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, module_device, split_of
 from genmodels.images import MIN_TILE_PX, grid_png, image_pngs
 from genmodels.models.base import GenerativeModel, noise_tensors
-from genmodels.noise import interpolation_noise, slerp
+from genmodels.noise import interpolation_ends, interpolation_noise, latent_walk, slerp
 
 # Drawn here, owned by genmodels.images (encoding) and genmodels.noise (the latent walk).
 __all__ = ["MIN_TILE_PX", "analogies", "analogy_png", "grid_png", "image_pngs", "interpolate", "interpolation_png",
@@ -35,14 +35,25 @@ def interpolate(
 ) -> torch.Tensor:
     """Images [steps, C, H, W] decoded along the slerp from seed_a's latent to seed_b's.
 
-    The endpoints are exactly ``model.sample(1, seed=seed_a)`` and ``seed_b``'s sample. Noise
-    fields other than ``z`` (a latent mixture's component) are seed_a's for the first
-    ceil(steps / 2) images and seed_b's for the rest (:func:`genmodels.noise.interpolation_noise`).
+    The endpoints are exactly ``model.sample(1, seed=seed_a)`` and ``seed_b``'s sample. A model
+    with a latent mixture (VAE, CVAE) walks between the two samples' standardized latents
+    (``model.standardized_latent`` of each seed's noise at ``temperature`` with ``label``: the
+    mixture draw, each seed's own component) and decodes every point
+    (``model.decode_standardized``), so the walk is as smooth as the decoder. Other models (GAN,
+    VAE without a mixture) slerp the noise ``z`` (:func:`genmodels.noise.interpolation_noise`).
     """
     _require_latent(model)
+    device = module_device(model)
+    if getattr(model, "has_latent_mixture", False):
+        ends = interpolation_ends(model.noise_spec(), seed_a, seed_b, steps)
+        labels = model.check_labels(label, steps)
+        with evaluating(model):
+            z = model.standardized_latent(noise_tensors(ends, device), None if labels is None else labels[[0, -1]],
+                                          temperature).cpu().numpy()
+            path = torch.from_numpy(latent_walk(z[0], z[1], steps)).to(device)
+            return model.decode_standardized(path, labels).cpu()
     noise = interpolation_noise(model.noise_spec(), seed_a, seed_b, steps)
     labels = model.check_labels(label, steps)
-    device = module_device(model)
     with evaluating(model):
         return model.sample_from_noise(noise_tensors(noise, device), labels, temperature).cpu()
 

@@ -567,6 +567,12 @@ class VAE(GenerativeModel):
             spec["z_component"] = NoiseField((1,), "uniform")
         return spec
 
+    @property
+    def has_latent_mixture(self) -> bool:
+        """Whether samples draw z from a latent mixture (``config.latent_mixture``): interpolations
+        then walk between the two seeds' latents (:meth:`standardized_latent`), not their noise."""
+        return bool(self.config.latent_mixture)
+
     def sample_from_noise(
         self,
         noise: Mapping[str, torch.Tensor],
@@ -578,20 +584,43 @@ class VAE(GenerativeModel):
         component (of the class's mixture) and z = its mean + its Cholesky factor @ that noise:
         the temperature narrows each component, not the spread between them.
 
-        Export path: no checks of tensor values here (``sample`` validated the labels).
+        ``decode_standardized(standardized_latent(noise, labels, temperature), labels)``, the
+        same images bit for bit. Export path: no checks of tensor values here (``sample``
+        validated the labels).
         """
+        return self.decode_standardized(self.standardized_latent(noise, labels, temperature), labels)
+
+    def _check_conditioning(self, labels: torch.Tensor | None) -> None:
         if self.conditional and labels is None:
             raise ValueError(f"{self.family} model is class-conditional: labels are required")
         if not self.conditional and labels is not None:
             raise ValueError(f"{self.family} model is unconditional: it takes no labels")
-        onehot = self._onehot(labels)
+
+    def standardized_latent(
+        self,
+        noise: Mapping[str, torch.Tensor],
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """The latents [n, latent_dim] of ``sample_from_noise`` in the prior's standardized
+        coordinates (the latent mixture's: after its draw, before a class prior's mean and
+        scale). Export path: no checks of tensor values."""
+        self._check_conditioning(labels)
         z = noise["z"] * temperature
         if self.config.latent_mixture:
             z = mixture_draw(z, noise["z_component"], *self._mixture_rows(labels, z.shape[0]))
+        return z
+
+    def decode_standardized(self, u: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder means [n, C, H, W] in [0, 1] of standardized latents ``u`` [n, latent_dim]:
+        z = the class prior's mean + its scale * u (z = u for the N(0, I) prior), then the
+        decoder. Export path: no checks of tensor values."""
+        self._check_conditioning(labels)
+        onehot = self._onehot(labels)
         prior = self.prior(onehot)
-        if prior is not None:  # the class's own prior: z = mu_y + sigma_y * temperature * noise
-            z = prior[0] + torch.exp(0.5 * prior[1]) * z
-        return self._mean(self.decoder(z, onehot))
+        if prior is not None:  # the class's own prior: z = mu_y + sigma_y * u
+            u = prior[0] + torch.exp(0.5 * prior[1]) * u
+        return self._mean(self.decoder(u, onehot))
 
     def _mixture_rows(self, labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, ...]:
         """(weights [n, M], means [n, M, D], scale_tril [n, M, D, D]) of each row's mixture."""

@@ -94,8 +94,9 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
 
     @router.post("/models/{name}/interpolate", response_model=InterpolateResponse, tags=["sampling"])
     async def interpolate(request: Request, name: ModelName, body: InterpolateRequest):
-        """steps images along the slerp between seed_a's and seed_b's latent points (VAE, CVAE, GAN);
-        the ends are the first sample of seed_a and of seed_b."""
+        """steps images along the slerp between seed_a's and seed_b's latent points (VAE, CVAE, GAN;
+        a latent mixture's walk goes between the two samples' latents, without a jump); the ends
+        are the first sample of seed_a and of seed_b."""
         out = await backend.interpolate({"model": name, "seed_a": body.seed_a, "seed_b": body.seed_b,
                                          "steps": body.steps, "label": body.label, "temperature": body.temperature})
         _observed(request, out, body.steps)

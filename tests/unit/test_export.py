@@ -31,6 +31,9 @@ GRAPHS = {
     "cvae": {"sampler", "analogies"},
     "cvae_class_prior": {"sampler", "analogies"},
     "cvae_film": {"sampler", "analogies"},
+    # A latent mixture's walk: the sampler split at the latent (interpolations decode between two latents).
+    "vae_mixture": {"sampler", "latent", "decode"},
+    "cvae_mixture": {"sampler", "latent", "decode", "analogies"},
     "gan": {"sampler"},
     "gan_conditional": {"sampler"},
     "mixture_binary": {"sampler", "complete"},
@@ -219,6 +222,37 @@ def test_cvae_parity_needs_the_analogies_graph(exported):
     model, files = exported("cvae")
     sampler_only = [f for f in files if read_metadata(f)["graph"] == "sampler"]
     with pytest.raises(ExportParityError, match=r"cvae: the files lack the 'analogies' graph \(found \['sampler'\]\)"):
+        check_parity(model, sampler_only)
+
+
+# --- latent mixture: latent and decode graphs -------------------------------------------------------
+def test_latent_and_decode_graph_interfaces(exported):
+    _model, files = exported("cvae_mixture")
+    by_graph = {read_metadata(f)["graph"]: onnx.load(str(f)) for f in files}
+    latent, decode = by_graph["latent"].graph, by_graph["decode"].graph
+    assert [i.name for i in latent.input] == [i.name for i in by_graph["sampler"].graph.input] == \
+        ["z", "z_component", "labels", "temperature"]
+    assert [o.name for o in latent.output] == ["latent"]
+    assert [i.name for i in decode.input] == ["latent", "labels"] and [o.name for o in decode.output] == ["images"]
+    _model, files = exported("vae_mixture")
+    (path,) = [f for f in files if read_metadata(f)["graph"] == "decode"]
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["latent"]
+
+
+def test_corrupted_decode_graph_fails_the_interpolation_parity(exported, tmp_path):
+    model, files = exported("vae_mixture")
+    by_graph = {read_metadata(f)["graph"]: f for f in files}
+    bad = tmp_path / "decode.onnx"
+    _perturb_largest_initializer(by_graph["decode"], bad, delta=1.0)
+    # The sampler graph still matches: the disagreement is the walk's alone.
+    with pytest.raises(ExportParityError, match=r"vae graph 'interpolate' at batch size 2.*max abs error"):
+        check_parity(model, [by_graph["sampler"], by_graph["latent"], bad])
+
+
+def test_latent_mixture_parity_needs_the_latent_and_decode_graphs(exported):
+    model, files = exported("vae_mixture")
+    sampler_only = [f for f in files if read_metadata(f)["graph"] == "sampler"]
+    with pytest.raises(ExportParityError, match=r"vae: the files lack the 'latent' and 'decode' graphs"):
         check_parity(model, sampler_only)
 
 

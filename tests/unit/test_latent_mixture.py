@@ -10,12 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from digits_data import DIGITS, binary_digits
 from torch import distributions as D
 
 from genmodels.models import build_model
 from genmodels.models import latent_mixture
 from genmodels.models.base import ImageSpec
 from genmodels.models.latent_mixture import fit_gaussian_mixture, mixture_draw, mixture_log_prob, points_per_component
+from genmodels.evaluation.pictures import interpolate
+from genmodels.models.base import noise_tensors
 from genmodels.noise import interpolation_noise, make_noise
 from genmodels.training import LocalContext, TrainConfig, train
 
@@ -228,6 +231,61 @@ def test_interpolation_noise_switches_other_fields_halfway_so_both_ends_are_the_
     assert np.array_equal(walk["z_component"][3:], np.repeat(b["z_component"], 2, axis=0))
     ends = mixed.sample_from_noise({k: torch.from_numpy(v[[0, -1]]) for k, v in walk.items()})
     assert torch.allclose(ends, torch.cat([mixed.sample(1, seed=3), mixed.sample(1, seed=4)]), atol=1e-6)
+
+
+@pytest.mark.parametrize("family,extra", [("vae", {}), ("cvae", {"class_prior": True})])
+def test_sampling_is_the_decode_of_the_standardized_latent_bit_for_bit(family, extra):
+    mixed, plain = vae_pair(family, **extra)
+    mixed.after_training(training_batches(), seed=0)
+    labels = torch.tensor([0, 1, 2, 1]) if mixed.conditional else None
+    for model in (mixed, plain):
+        noise = noise_tensors(make_noise(model.noise_spec(), 7, 4))
+        with torch.no_grad():
+            u = model.standardized_latent(noise, labels, 0.8)
+            assert u.shape == (4, 2)
+            assert torch.equal(model.decode_standardized(u, labels), model.sample_from_noise(noise, labels, 0.8))
+        assert model.has_latent_mixture is (model is mixed)
+
+
+def trained_digits_model(family: str):
+    """A tiny MLP (C)VAE fit to the digits for 300 steps, its 5-component mixture fitted (~2 s)."""
+    x, y = binary_digits()
+    torch.manual_seed(0)
+    model = build_model(family, DIGITS, latent_dim=4, hidden=(32,), iwae_k=20, latent_mixture=5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        opt.zero_grad()
+        model.loss({"x": x[idx], "y": y[idx]})["loss"].backward()
+        opt.step()
+    model.after_training([{"x": x[i : i + 300], "y": y[i : i + 300]} for i in range(0, len(x), 300)], seed=0)
+    return model.eval()
+
+
+def step_sizes(images: torch.Tensor) -> torch.Tensor:
+    return (images[1:] - images[:-1]).flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("family,seeds,label", [("vae", (1, 2), None), ("cvae", (11, 12), 3)])
+def test_the_walk_of_a_latent_mixture_has_no_jump_where_the_noise_walk_had_one(family, seeds, label, tmp_path):
+    from genmodels.export import export_sampler
+    from genmodels.sampling import OnnxSampler
+
+    model = trained_digits_model(family)
+    steps = 16
+    noise = interpolation_noise(model.noise_spec(), *seeds, steps)  # the walk before: noise slerp
+    with torch.no_grad():
+        before = step_sizes(model.sample_from_noise(noise_tensors(noise), model.check_labels(label, steps)))
+    # It jumped where the component switched seeds (between images 8 and 9 of 16).
+    assert int(before.argmax()) == steps // 2 - 1 and before.max() > 5 * before.median()
+    walk = interpolate(model, *seeds, steps, label)
+    after = step_sizes(walk)
+    assert after.max() <= 3 * after.median()
+    assert torch.allclose(walk[[0, -1]], torch.cat([model.sample(1, labels=label, seed=s) for s in seeds]), atol=1e-6)
+    # The served walk (the exported latent and decode graphs) is the same one.
+    sampler = OnnxSampler(export_sampler(model, tmp_path, likelihood=False))
+    np.testing.assert_allclose(sampler.interpolate(*seeds, steps, label), walk.numpy(), rtol=0, atol=1e-4)
 
 
 def tiny_snapshot(n: int = 120):

@@ -15,7 +15,7 @@ from tiny_models import CASES, make_model
 
 from genmodels.export import export_sampler
 from genmodels.models.base import make_noise_tensors
-from genmodels.noise import NoiseField
+from genmodels.noise import NoiseField, interpolation_noise
 from genmodels.sampling import OnnxSampler
 
 TEMPERATURE = 0.7
@@ -143,6 +143,43 @@ def test_interpolate_walks_the_torch_models_latent_path(case, exported):
     # The ends are the seeds' first samples.
     np.testing.assert_array_equal(got[[0, -1]], np.concatenate([sampler.sample(1, 3, label, TEMPERATURE),
                                                                  sampler.sample(1, 8, label, TEMPERATURE)]))
+
+
+@pytest.mark.parametrize("case", ["vae", "gan_conditional"])
+def test_interpolate_without_a_latent_mixture_is_the_noise_walk_byte_for_byte(case, exported):
+    from genmodels.evaluation.pictures import interpolate
+
+    model, _directory, sampler = exported(case)
+    assert not sampler.has_latent_walk
+    label = 2 if model.conditional else None
+    noise = interpolation_noise(model.noise_spec(), 3, 8, 6)
+    labels = model.check_labels(label, 6)
+    np.testing.assert_array_equal(sampler.interpolate(3, 8, 6, label, TEMPERATURE),
+                                  sampler.sample_from_noise(noise, None if labels is None else labels.numpy(),
+                                                            TEMPERATURE))
+    with torch.no_grad():
+        want = model.sample_from_noise({k: torch.from_numpy(v) for k, v in noise.items()}, labels, TEMPERATURE)
+    assert torch.equal(interpolate(model, 3, 8, 6, label, TEMPERATURE), want)
+
+
+@pytest.mark.parametrize("case", ["vae_mixture", "cvae_mixture"])
+def test_graphs_exported_before_the_latent_walk_still_interpolate_as_before(case, exported, tmp_path):
+    model, directory, sampler = exported(case)
+    assert sampler.has_latent_walk
+    for name in ("sampler", "analogies"):
+        if (directory / f"{name}.onnx").exists():
+            shutil.copy(directory / f"{name}.onnx", tmp_path / f"{name}.onnx")
+    old = OnnxSampler.from_dir(tmp_path)
+    assert not old.has_latent_walk
+    label = 1 if model.conditional else None
+    noise = interpolation_noise(old.noise_spec, 3, 8, 6)
+    labels = None if label is None else np.full(6, label, np.int64)
+    walked = old.interpolate(3, 8, 6, label, TEMPERATURE)
+    # Today's walk, byte for byte: the noise slerp, the component switching halfway.
+    np.testing.assert_array_equal(walked, old.sample_from_noise(noise, labels, TEMPERATURE))
+    new = sampler.interpolate(3, 8, 6, label, TEMPERATURE)
+    np.testing.assert_array_equal(walked[[0, -1]], new[[0, -1]])  # the same ends
+    assert np.abs(walked[1:-1] - new[1:-1]).max() > 1e-3  # a different path between them
 
 
 def test_interpolate_needs_a_latent_and_two_steps(exported):
