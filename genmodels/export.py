@@ -70,16 +70,20 @@ class ExportParityError(AssertionError):
 
 # --- wrappers: one nn.Module per graph, with plain positional tensor inputs -------------------
 class _Sampler(nn.Module):
-    def __init__(self, model: GenerativeModel, fields: Sequence[str]) -> None:
+    """``model.<method>(noise, labels, temperature)`` on the sampler's inputs: ``sample_from_noise``
+    (the ``sampler`` graph) or ``standardized_latent`` (a latent mixture's ``latent`` graph)."""
+
+    def __init__(self, model: GenerativeModel, fields: Sequence[str], method: str = "sample_from_noise") -> None:
         super().__init__()
         self.model = model
         self.fields = tuple(fields)
+        self.method = method
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         noise = dict(zip(self.fields, args[: len(self.fields)]))
         rest = args[len(self.fields):]
         labels = rest[0] if self.model.conditional else None
-        return self.model.sample_from_noise(noise, labels, rest[-1])
+        return getattr(self.model, self.method)(noise, labels, rest[-1])
 
 
 class _Analogies(nn.Module):
@@ -91,21 +95,6 @@ class _Analogies(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model._analogies(x, labels)
-
-
-class _Latent(nn.Module):
-    """``VAE.standardized_latent``: the sampler's inputs -> z in the prior's standardized coordinates."""
-
-    def __init__(self, model: GenerativeModel, fields: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.fields = tuple(fields)
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        noise = dict(zip(self.fields, args[: len(self.fields)]))
-        rest = args[len(self.fields):]
-        labels = rest[0] if self.model.conditional else None
-        return self.model.standardized_latent(noise, labels, rest[-1])
 
 
 class _Decode(nn.Module):
@@ -314,7 +303,7 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
             graphs["complete"] = (_MixtureComplete(model), (x_example, x_example.clone(), *args),
                                   ["x", "known", *names], ["images"], ({0: batch}, {0: batch}, dyn))
         if getattr(model, "has_latent_mixture", False):
-            graphs["latent"] = (_Latent(model, fields), tuple(args), names, ["latent"], (dyn,))
+            graphs["latent"] = (_Sampler(model, fields, "standardized_latent"), tuple(args), names, ["latent"], (dyn,))
             z_args = (torch.zeros(n, model.latent_dim), *([labels] if model.conditional else []))
             graphs["decode"] = (_Decode(model), z_args, ["latent", *(["labels"] if model.conditional else [])],
                                 ["images"], (tuple({0: batch} for _ in z_args),))
