@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,11 @@ class Server:
     log: Path
 
     def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+        return log_tail(self.log, chars)
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
 @contextmanager
@@ -97,35 +102,68 @@ def ray_cluster(env: Mapping[str, str], num_nodes: int = 2, cpus_per_node: int =
 
     ``env`` is what every Ray process of the cluster sees: workers and replicas inherit the
     raylet's environment, not the driver's, so storage credentials go here (as a KubeRay
-    Secret puts them on every pod). Ray advertises the host's address rather than 127.0.0.1
-    for a cluster (``resolve_ip_for_localhost``); both nodes share it and nothing leaves the host.
+    Secret puts them on every pod). Each node gets its own loopback address (127.0.0.2, .3, ...):
+    Ray swaps 127.0.0.1 for the address that routes to the internet (``resolve_ip_for_localhost``),
+    and the rest of 127.0.0.0/8 never leaves the host. Drivers find their node by its local
+    raylet process, so they need no address of their own.
+
+    A cluster that does not come up is started once more, from scratch, with a warning that
+    carries what its nodes logged: once in sixty CI runs a worker never reached a head that had
+    started (every join to its GCS timed out), which says nothing about the code under test.
     """
+    with ExitStack() as stack:
+        for attempt in (1, 2):
+            attempt_stack = ExitStack()
+            try:
+                cluster = _start_ray_cluster(attempt_stack, env, num_nodes, cpus_per_node, timeout)
+            except (TimeoutError, RuntimeError) as exc:
+                attempt_stack.close()
+                if attempt == 2:
+                    raise
+                warnings.warn(f"the test Ray cluster did not come up; starting it again: {exc}")
+                continue
+            stack.push(attempt_stack)
+            break
+        yield cluster
+
+
+def _start_ray_cluster(stack: ExitStack, env: Mapping[str, str], num_nodes: int, cpus_per_node: int,
+                       timeout: float) -> RayCluster:
+    """Start the nodes of :func:`ray_cluster`; ``stack`` stops them and removes their files."""
     # Unix sockets live under the temp dir: pytest's tmp paths can exceed their 107-byte limit.
     temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)  # runs last: after the nodes are killed
     env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     # Fixed default ports (client server 10001, dashboard agent 52365...) would collide with any
     # other Ray on the machine: every listening port is picked free.
     common = ["--block", "--num-cpus", str(cpus_per_node), "--object-store-memory", str(100 * 2**20),
               "--disable-usage-stats"]
-    head_cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    node_ips = [f"127.0.0.{i + 2}" for i in range(num_nodes)]
+    head_cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", node_ips[0], "--port", str(port),
                 "--temp-dir", str(temp_dir), "--ray-client-server-port", str(free_port()),
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()), *common]
 
     def node_cmd() -> list[str]:
         return ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
 
-    with ExitStack() as stack:
-        stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)  # runs last: after the nodes are killed
-        nodes = []
-        for i in range(num_nodes):
-            cmd = head_cmd if i == 0 else [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}",
-                                           "--node-ip-address", "127.0.0.1", *common]
-            node = stack.enter_context(server_process(cmd + node_cmd(), env, temp_dir / f"node{i}.log", temp_dir))
+    def head_logs() -> str:
+        logs = temp_dir / "session_latest" / "logs"
+        return "".join(f"\n--- head's {name}:\n{log_tail(logs / name, 1500)}"
+                       for name in ("gcs_server.out", "raylet.out"))
+
+    nodes = []
+    for i in range(num_nodes):
+        cmd = head_cmd if i == 0 else [str(BIN / "ray"), "start", "--address", f"{node_ips[0]}:{port}",
+                                       "--node-ip-address", node_ips[i], *common]
+        node = stack.enter_context(server_process(cmd + node_cmd(), env, temp_dir / f"node{i}.log", temp_dir))
+        try:
             wait_until(lambda node=node: b"Ray runtime started" in node.log.read_bytes(),
                        f"ray node {i} ({'head' if i == 0 else 'worker'})", node, timeout)
-            nodes.append(node)
-        yield RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir, nodes=tuple(nodes))
+        except (TimeoutError, RuntimeError) as exc:
+            raise type(exc)(f"{exc}{head_logs()}") from None
+        nodes.append(node)
+    return RayCluster(address=f"{node_ips[0]}:{port}", temp_dir=temp_dir, nodes=tuple(nodes))
 
 
 @contextmanager

@@ -113,6 +113,8 @@ def test_training_used_both_nodes(stack, retrained):
 
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(alive) == 2
+    # Loopback only: the joins never depend on the host's own external address being reachable.
+    assert sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]) == ["127.0.0.2", "127.0.0.3"]
     workers = list_actors(address=stack["ray_address"], filters=[("class_name", "=", "RayTrainWorker")],
                           detail=True, raise_on_missing_output=False)
     # One Train run of two workers (no restart): one worker per node, one CPU each.
@@ -132,7 +134,7 @@ def test_serve_on_the_cluster_answers_from_the_registry(stack, retrained, tmp_pa
     env = {**stack["env"], "RAY_ADDRESS": stack["ray_address"], "RAY_AUTH_MODE": "disabled",
            "MLFLOW_TRACKING_URI": stack["tracking_uri"], "GENMODELS_STORAGE": stack["storage"],
            "GENMODELS_WORK_DIR": str(tmp_path / ".genmodels")}
-    # HeadOnly: both nodes share this host's address, so a proxy per node would fight over the port.
+    # HeadOnly: both nodes run on this host and a proxy binds --host, so a proxy per node would fight over the port.
     cmd = [str(Path(sys.executable).parent / "genmodels"), "serve", "--host", "127.0.0.1", "--port", str(port),
            "--proxy-location", "HeadOnly", "--reload-interval", "60"]
     server = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
