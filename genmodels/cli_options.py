@@ -117,7 +117,8 @@ ChannelsOpt = Annotated[str, typer.Option("--channels", help="Folder sources: L 
 
 def friendly_errors(fn: Callable) -> Callable:
     """Expected failures (bad input, unusable paths, storage, a model or alias the registry does
-    not hold or refuses as a name) become one red line and exit code 2."""
+    not hold or refuses as a name, a model whose loss or figures are not finite) become one red
+    line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -126,8 +127,10 @@ def friendly_errors(fn: Callable) -> Callable:
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, StorageError, NotImplementedError, LeaseBusy) as exc:
+        except (ValueError, OSError, StorageError, NotImplementedError, LeaseBusy, FloatingPointError) as exc:
             # OSError: a path the user gave (missing, a directory, not writable); its text names it.
+            # FloatingPointError: training diverged, or a model's samples or likelihoods are NaN; its
+            # text names the family and the figure.
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(code=2) from None
         except LookupError as exc:

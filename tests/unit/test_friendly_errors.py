@@ -4,6 +4,7 @@ a bug keeps its traceback."""
 from __future__ import annotations
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -27,6 +28,25 @@ def test_an_unknown_model_or_alias_is_one_line_and_exit_2():
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == ["error: no version of model 'nope' has the alias 'champion'"]
     assert "Traceback" not in result.output
+
+
+def test_a_model_with_non_finite_figures_is_one_line_and_exit_2():
+    # What `genmodels evaluate` on a GAN whose samples are NaN ended in: a traceback.
+    from genmodels.evaluation.metrics import generate
+
+    class NaNSampler(torch.nn.Module):
+        family = "gan"
+        image = type("Image", (), {"shape": (1, 2, 2)})()
+
+        def sample(self, n, labels=None, seed=0, start=0):
+            return torch.full((n, 1, 2, 2), float("nan"))
+
+    with pytest.raises(FloatingPointError) as raised:
+        generate(NaNSampler(), 4, seed=0)
+    result = CliRunner().invoke(_app(raised.value), [])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: gan samples must be finite and lie in [0, 1]; got range 0..0 with NaN/inf"]
 
 
 @pytest.mark.parametrize("bug", [KeyError("status"), IndexError("list index out of range")])
