@@ -6,7 +6,7 @@
   actors write the shards), and keeps each job's record in the platform storage
   (``<storage>/jobs/<job id>.json``, :mod:`genmodels.records`): written on every state change,
   on progress (at most every :attr:`JobManager.progress_interval_s`) and every
-  :data:`genmodels.records.HEARTBEAT_S` while running.
+  :data:`genmodels.records.HEARTBEAT_S` while queued or running.
 - ``serving.app.Jobs``: the Serve deployment holding one ``JobManager``.
 
 A job's id is a hash of its resolved spec (model, version, n, seed, labels, temperature,
@@ -394,6 +394,10 @@ class JobManager:
             with previous.lock:
                 pass
         self._persist(jid, job)  # "queued" first: the thread's "running" must not be overwritten by it
+        # From now on, queued too: a record left unrefreshed in the queue reads stale to the generate
+        # flow, which would then run the same job beside this server.
+        threading.Thread(target=self._heartbeat, args=(jid, job), daemon=True,
+                         name=f"genmodels-job-{jid[:8]}-heartbeat").start()
         # %r: the output is the caller's text; quoted, a newline in it cannot start a log line of its own.
         logger.info("job %s: %s v%s n=%d -> %r", jid, spec.model, spec.version, spec.n, spec.output)
         with self._lock:
@@ -473,8 +477,6 @@ class JobManager:
 
         job.status, job.started_at = RUNNING, records.utc_now()
         self._persist(jid, job)
-        threading.Thread(target=self._heartbeat, args=(jid, job), daemon=True,
-                         name=f"genmodels-job-{jid[:8]}-heartbeat").start()
         try:
             # One onnxruntime thread when writing in this process: the replica shares its node with
             # the sampler and the proxy.

@@ -494,6 +494,7 @@ def test_jobs_beyond_the_active_limit_queue_with_their_position_and_a_queued_one
     monkeypatch.setattr(bulk, "run_job", gated)
     store = tmp_path / "store"
     manager = _manager(registered, store.as_uri(), max_active=1)
+    manager.heartbeat_s = 0.05
     a, b, c = (manager.submit({**SMALL, "output": (tmp_path / name).as_uri()}) for name in "abc")
     assert (b["status"], b["queue_position"], c["status"], c["queue_position"]) == ("queued", 1, "queued", 2)
     deadline = time.monotonic() + 10
@@ -501,6 +502,10 @@ def test_jobs_beyond_the_active_limit_queue_with_their_position_and_a_queued_one
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert _record(store, a["job_id"])["heartbeat_at"] is not None
+    # A queued job's record stays fresh too: read stale, the generate flow would run it beside us.
+    beat = _record(store, c["job_id"])["updated_at"]
+    time.sleep(0.3)
+    assert _record(store, c["job_id"])["status"] == "queued" and _record(store, c["job_id"])["updated_at"] > beat
 
     cancelled = manager.cancel(b["job_id"])
     assert (cancelled["status"], cancelled.get("queue_position")) == ("cancelled", None), cancelled
