@@ -164,8 +164,10 @@ class FileStorage(Storage):
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Same directory as the target so placing it is a rename or a link, hence atomic.
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+            # Same directory as the target so placing it is a rename or a link, hence atomic. Not
+            # named after the target: 48 more bytes would refuse a name of 208-255 bytes, which the
+            # filesystem (and S3) take.
+            tmp = path.with_name(f".{uuid.uuid4().hex}{_TMP_SUFFIX}")
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -524,6 +526,10 @@ def open_storage(url: str | os.PathLike[str], **s3_options: Any) -> Storage:
         raise ValueError(f"{url!r}: options {sorted(s3_options)} apply to s3:// URLs only")
     if url.startswith("file:"):
         parts = urlsplit(url)
+        if "?" in url or "#" in url:
+            # urlsplit would drop them silently and place every object in the folder before them.
+            raise ValueError(f"{url!r}: a file URL cannot hold '?' or '#' (a query or fragment); "
+                             "percent-encode them in a folder name (%3F, %23)")
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"{url!r}: file URLs must be absolute (file:///abs/path), got host {parts.netloc!r}")
         path = unquote(parts.path)
@@ -531,6 +537,8 @@ def open_storage(url: str | os.PathLike[str], **s3_options: Any) -> Storage:
             raise ValueError(f"{url!r}: file URLs must be absolute (file:///abs/path)")
         return FileStorage(path)
     scheme = urlsplit(url).scheme
+    if scheme in ("s3", "file") and not url.startswith(f"{scheme}:"):
+        raise ValueError(f"{url!r}: write the scheme in lower case ({scheme}://...)")
     if scheme and len(scheme) > 1:  # one letter would be a Windows drive
         raise ValueError(f"{url!r}: unsupported storage scheme {scheme!r}; use s3://, file:// or a local path")
     return FileStorage(url)

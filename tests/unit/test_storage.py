@@ -159,9 +159,25 @@ def test_open_storage_forms(tmp_path):
     assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix, s3.url) == ("bucket", "a/b", "s3://bucket/a/b")
     assert open_storage("s3://bucket").url == "s3://bucket"
     for bad, msg in [("gs://b/p", "unsupported storage scheme 'gs'"), ("s3:///p", "needs a bucket"),
-                     ("file://host/p", "must be absolute"), ("", "non-empty")]:
+                     ("file://host/p", "must be absolute"), ("", "non-empty"),
+                     ("S3://b/p", r"lower case \(s3://"), ("FILE:///p", r"lower case \(file://"),
+                     # urlsplit drops a query or fragment: every object would land in /p/exp.
+                     (f"{tmp_path.as_uri()}/exp#2", "cannot hold '\\?' or '#'"),
+                     (f"{tmp_path.as_uri()}/exp?v=2/out", "cannot hold '\\?' or '#'")]:
         with pytest.raises(ValueError, match=msg):
             open_storage(bad)
+    encoded = open_storage(f"{tmp_path.as_uri()}/exp%232")  # the way to name such a folder
+    assert encoded.root == tmp_path / "exp#2" and open_storage(encoded.url).root == encoded.root
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_name_of_up_to_255_bytes_is_written(tmp_path):
+    # The temporary file beside it once carried the name plus 48 bytes: 208-255 bytes failed.
+    storage = FileStorage(tmp_path)
+    name = "n" * 255
+    storage.put_bytes(f"x/{name}", b"data")
+    assert storage.get_bytes(f"x/{name}") == b"data" and storage.list("x/") == [f"x/{name}"]
+    assert storage.create_exclusive(f"y/{name}", b"once") and not storage.create_exclusive(f"y/{name}", b"twice")
 
 
 def test_split_url():
