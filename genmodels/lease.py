@@ -52,6 +52,10 @@ class Lease:
         self.generation: int | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
+        # Held across a renewal's check and write, and the release's: a renewal still writing when
+        # the block ends lands before the release, never after it (it would mark the lease held
+        # again, for a whole TTL, by a process that has left the block).
+        self._writing = threading.Lock()
         self._renewer: threading.Thread | None = None
 
     def _key(self, generation: int) -> str:
@@ -103,6 +107,10 @@ class Lease:
                     self._renewer.start()
                     return self
                 record = newest_record
+            elif free:
+                # Another acquirer created that generation first: the refusal names it, not the
+                # holder before it (who had released the lease).
+                _, record = self._newest()
             if time.monotonic() >= deadline:
                 holder = (record or {}).get("owner", "another process")
                 raise LeaseBusy(f"lease {self.name!r} is held by {holder} (until "
@@ -120,11 +128,14 @@ class Lease:
                 continue
 
     def renew(self) -> None:
-        generation, _ = self._newest()
-        if generation != self.generation:
-            self.lost.set()
-            raise LeaseLost(f"lease {self.name!r} was taken over (generation {generation} > {self.generation})")
-        self.storage.put_bytes(self._key(self.generation), self._body())
+        with self._writing:
+            if self._stop.is_set():
+                return  # released (or being released): a renewal now would mark it held again
+            generation, _ = self._newest()
+            if generation != self.generation:
+                self.lost.set()
+                raise LeaseLost(f"lease {self.name!r} was taken over (generation {generation} > {self.generation})")
+            self.storage.put_bytes(self._key(self.generation), self._body())
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` if the lease is no longer ours (call before acting on it)."""
@@ -134,11 +145,12 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
+        with self._writing:  # waits for a renewal in flight, however slow its write
+            if self.generation is not None and not self.lost.is_set() and self._newest()[0] == self.generation:
+                self.storage.put_bytes(self._key(self.generation), self._body(released=True))
+            self.generation = None
         if self._renewer is not None:
             self._renewer.join(5)
-        if self.generation is not None and not self.lost.is_set() and self._newest()[0] == self.generation:
-            self.storage.put_bytes(self._key(self.generation), self._body(released=True))
-        self.generation = None
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -3,6 +3,7 @@ take-over, renewal, and a holder that lost its lease finding out."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -118,3 +119,36 @@ def test_a_lease_taken_again_after_its_release_is_renewed_again(tmp_path):
         lease.check()
         with pytest.raises(LeaseBusy):
             Lease(storage, "n", ttl_s=2.0).acquire()
+
+
+def test_a_renewal_still_writing_when_the_block_ends_lands_before_the_release(tmp_path, monkeypatch):
+    storage = open_storage(tmp_path / "store")
+    real_put = type(storage).put_bytes
+    renewing = threading.Event()
+
+    def slow_renewal(self, key, data):
+        if threading.current_thread().name.startswith("lease-"):
+            renewing.set()
+            time.sleep(6.0)  # one slow PUT (retries, a stalled connection): longer than the renewer's join
+        return real_put(self, key, data)
+
+    # Renewed every 2 s; the slow renewal's expiry (8 s after it began) outlasts its 6 s write.
+    with Lease(storage, "retrain/ds/vae", ttl_s=8.0):
+        monkeypatch.setattr(type(storage), "put_bytes", slow_renewal)
+        assert renewing.wait(10)
+    monkeypatch.undo()
+    time.sleep(1.5)  # past the slow write's end, had it outlived the release
+    assert Lease(storage, "retrain/ds/vae").holder() is None  # released, and stays so
+    with Lease(storage, "retrain/ds/vae", ttl_s=30) as next_retrain:
+        assert next_retrain.generation == 2
+
+
+def test_an_acquirer_that_lost_the_race_names_the_winner(tmp_path):
+    storage = open_storage(tmp_path / "store")
+    Lease(storage, "retrain/ds/vae", ttl_s=30, owner="old-holder").acquire().release()
+    winner = []
+    racing = Lease(_StallsBeforeCreating(storage, lambda: winner.append(
+        Lease(storage, "retrain/ds/vae", ttl_s=30, owner="winner").acquire())), "retrain/ds/vae", ttl_s=30)
+    with pytest.raises(LeaseBusy, match="held by winner "):
+        racing.acquire()
+    winner[0].release()
