@@ -30,13 +30,23 @@ def is_transient(exc: BaseException | None) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         try:
-            from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+            from botocore.exceptions import (
+                ClientError,
+                ConnectionError as BotoConnectionError,
+                IncompleteReadError,
+                ReadTimeoutError,
+                ResponseStreamingError,
+            )
 
-            if isinstance(exc, BotoConnectionError):
+            # A read that timed out or a body cut off mid-download: botocore retries neither (the
+            # response had begun), so the task's retry is the only one.
+            if isinstance(exc, (BotoConnectionError, ReadTimeoutError, ResponseStreamingError, IncompleteReadError)):
                 return True
             if isinstance(exc, ClientError):
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                return status >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+                # RequestTimeout: S3's 400 for a connection idle too long mid-request.
+                return status >= 500 or exc.response.get("Error", {}).get("Code") in (
+                    "SlowDown", "Throttling", "RequestTimeout")
         except ImportError:
             pass
         try:

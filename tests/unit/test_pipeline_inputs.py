@@ -19,7 +19,13 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from typer.testing import CliRunner
@@ -63,6 +69,11 @@ TRANSIENT = {
     "sqlite locked": sqlite3.OperationalError("database is locked"),
     "connection error": ConnectionError("reset by peer"),
     "connection refused": ConnectionRefusedError(111, "Connection refused"),
+    "read timeout": ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
+    "body cut off mid-download": raised_from(ResponseStreamingError(error="Connection reset by peer"),
+                                             StorageError("cannot read s3://b/k")),
+    "incomplete read": IncompleteReadError(actual_bytes=10, expected_bytes=20),
+    "s3 request timeout": client_error("RequestTimeout", 400),
 }
 PERMANENT = {
     "value error": ValueError("bad config"),
