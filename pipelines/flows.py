@@ -177,10 +177,15 @@ class RetrainFailed(RuntimeError):
 
 
 def deployment(name: str, cron: str, parameters: dict[str, Any], timezone: str = "UTC"):
-    """The retrain deployment on a cron schedule, for ``prefect.serve`` (``genmodels schedule``)."""
+    """The retrain deployment on a cron schedule, for ``prefect.serve`` (``genmodels schedule``).
+    One run at a time, as infra/prefect.yaml's nightly deployment: a run due while the last one
+    still goes is cancelled, not started beside it (its families would only meet the runs'
+    leases held and fail)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.client.schemas.schedules import CronSchedule
 
     schedule = CronSchedule(cron=cron, timezone=timezone)  # validates the cron string
     retrain.validate_parameters(parameters)
-    return retrain.to_deployment(name=name, schedule=schedule, parameters=parameters,
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    return retrain.to_deployment(name=name, schedule=schedule, parameters=parameters, concurrency_limit=one_at_a_time,
                                  description="Retrain, evaluate, export, register and promote genmodels families.")

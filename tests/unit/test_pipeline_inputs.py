@@ -189,6 +189,8 @@ def test_deployment_carries_cron_timezone_and_parameters():
     (sched,) = dep.schedules
     assert isinstance(sched.schedule, CronSchedule)
     assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("0 3 * * *", "Europe/Paris", True)
+    # As infra/prefect.yaml's nightly run: one at a time, a run due meanwhile cancelled.
+    assert dep.concurrency_limit == 1 and dep.concurrency_options.collision_strategy == "CANCEL_NEW"
 
 
 @pytest.mark.parametrize("cron", ["not a cron", "61 3 * * *", "0 3 * *"])
