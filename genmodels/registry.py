@@ -463,9 +463,15 @@ def version_by_alias(name: str, alias: str):
     try:
         return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        # No such model: RESOURCE_DOES_NOT_EXIST; no version holds the alias: MLflow's
+        # INVALID_PARAMETER_VALUE "... alias X not found.". Any other "not found" (a 404 page of a
+        # wrong tracking URI or a proxy, ENDPOINT_NOT_FOUND) is no answer about the model: read as
+        # "no champion", it made `--if-no-champion` retrain every family and the API answer 404.
+        code = str(exc.error_code)
+        if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE"
+                                                 and "not found" in exc.message.lower()):
             return None
-        if exc.error_code == "INVALID_PARAMETER_VALUE":
+        if code == "INVALID_PARAMETER_VALUE":
             raise LookupError(exc.message) from None
         raise
 

@@ -71,6 +71,36 @@ def test_a_name_or_alias_mlflow_refuses_is_a_lookup_error_in_its_words(tmp_path)
         assert registry.current_version("fashion-mnist-vae") is None  # a valid name not registered
 
 
+def test_a_tracking_uri_that_answers_404_is_an_error_not_a_model_without_champion(monkeypatch, tmp_path):
+    # A wrong MLFLOW_TRACKING_URI path, or a proxy's 404 page: "File not found" is no answer
+    # about the model (read as one, `retrain --if-no-champion` retrained every family).
+    import functools
+    import http.server
+    import threading
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from genmodels import registry
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    # Every path of an empty folder answers 404 "File not found".
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{server.server_address[1]}/not-mlflow")
+        with pytest.raises(MlflowException) as raised:
+            registry.version_by_alias("fashion-mnist-vae", "champion")
+        assert raised.value.error_code == "ENDPOINT_NOT_FOUND"
+    finally:
+        mlflow.set_tracking_uri(None)
+        server.shutdown()
+
+
 def test_any_other_mlflow_error_stays_a_traceback():
     from mlflow.exceptions import MlflowException
 
