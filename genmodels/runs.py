@@ -210,8 +210,9 @@ def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfi
 def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:
     if not run.exists("model.pt"):
         raise FileNotFoundError(f"no trained model at {run.url_for('model.pt')}: run `genmodels train` first")
-    ckpt = load_checkpoint(run.get_bytes("model.pt"), where=run.url_for("model.pt"))
-    return model_from_checkpoint(ckpt), ckpt["meta"]
+    where = run.url_for("model.pt")
+    ckpt = load_checkpoint(run.get_bytes("model.pt"), where=where)
+    return model_from_checkpoint(ckpt, where=where), ckpt["meta"]
 
 
 #: A run's record of how its metrics.json was measured: the preset's evaluation settings

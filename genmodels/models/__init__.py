@@ -121,10 +121,27 @@ def load_checkpoint(source: str | Path | bytes, map_location: str | torch.device
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any] | str | Path | bytes, *, where: str | None = None) -> GenerativeModel:
-    """The model of a checkpoint (dict, path or bytes); ``where`` as for :func:`load_checkpoint`."""
+    """The model of a checkpoint (dict, path or bytes); ``where`` as for :func:`load_checkpoint`.
+    A checkpoint of the right format whose family, config or weights do not make a model (an
+    edited config, weights of another architecture) is a ValueError naming ``where``."""
     if not isinstance(ckpt, Mapping):
+        if where is None and not isinstance(ckpt, bytes):
+            where = str(ckpt)
         ckpt = load_checkpoint(ckpt, where=where)
-    cls = family_class(ckpt["family"])
-    model = cls(cls.config_class.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    where = where or "checkpoint"
+    missing = [key for key in ("family", "config", "state_dict") if key not in ckpt]
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks {missing}")
+    try:
+        cls = family_class(ckpt["family"])
+        model = cls(cls.config_class.from_dict(ckpt["config"]))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: its config does not build a model ({exc})") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
+        # torch lists every mismatch on lines of its own: one line, the first few of them.
+        detail = "; ".join(line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip())
+        detail = detail if len(detail) <= 400 else f"{detail[:400]}..."
+        raise ValueError(f"{where}: its weights do not fit its {ckpt['family']} config ({detail})") from None
     return model.eval()

@@ -76,3 +76,32 @@ def test_a_damaged_checkpoint_read_as_bytes_is_named_by_where_it_was_read():
     with pytest.raises(ValueError, match=f"^{re.escape(url)}: not a genmodels checkpoint"):
         load_checkpoint(foreign.getvalue(), where=url)
     assert load_checkpoint(data, where=url)["family"] == "vae"
+
+
+def test_a_checkpoint_whose_config_or_weights_make_no_model_is_named_by_where_it_was_read():
+    # What `genmodels sample --checkpoint` on such a file ended in: a KeyError or a RuntimeError's
+    # traceback, not the CLI's one line.
+    import io
+    import re
+
+    import torch
+
+    from genmodels.models import checkpoint_dict, model_from_checkpoint
+
+    image = ImageSpec(channels=1, height=4, width=4, levels=2, num_classes=2)
+    good = checkpoint_dict(build_model("vae", image))
+    url = "file:///runs/digits/vae-quick/model.pt"
+
+    def saved(ckpt) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        return buffer.getvalue()
+
+    other_shape = {**good, "config": {**good["config"], "latent_dim": good["config"]["latent_dim"] + 1}}
+    for ckpt, defect in [({k: v for k, v in good.items() if k != "family"}, "the checkpoint lacks ['family']"),
+                         ({**good, "family": "flow"}, "its config does not build a model (unknown family 'flow'"),
+                         ({**good, "config": {**good["config"], "bogus": 1}}, "its config does not build a model"),
+                         (other_shape, "its weights do not fit its vae config (Error(s) in loading state_dict")]:
+        with pytest.raises(ValueError, match=f"^{re.escape(url)}: {re.escape(defect)}"):
+            model_from_checkpoint(saved(ckpt), where=url)
+    assert model_from_checkpoint(saved(good), where=url).family == "vae"
