@@ -197,6 +197,10 @@ class FileStorage(Storage):
         head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.root.joinpath(*head.split("/")) if head else self.root
         if not start.is_dir():
+            if self.root.exists() and not self.root.is_dir():
+                # Not "nothing here": every write would fail, and a reader (`genmodels status`)
+                # would report an empty storage.
+                raise StorageError(f"{self.url}: storage root exists but is not a directory")
             return []
         keys = []
         # Linked folders are listed like the others (a class folder of a dataset may be a link),

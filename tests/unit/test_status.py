@@ -362,6 +362,18 @@ def test_status_with_a_malformed_out_is_the_users_error_exit_2_naming_it(work, o
     assert said.startswith(f"error: {out!r}: ") and "cannot read" not in said, said
 
 
+def test_status_on_a_storage_root_that_is_a_file_reports_it_exit_1(work, tmp_path):
+    # It printed "no retrain recorded yet / no queued or running bulk jobs" and exited 0.
+    root = tmp_path / "store_is_a_file"
+    root.write_bytes(b"not a folder")
+    result = runner.invoke(app, ["status", "--json", "--out", str(root)])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert {"last_retrain", "jobs"} <= set(report["errors"])
+    assert "storage root exists but is not a directory" in report["errors"]["jobs"]
+    assert root.read_bytes() == b"not a folder"
+
+
 def test_status_prints_a_running_retrain_with_its_start(work):
     store = FileStorage(work / "store")
     with records.RetrainRecorder(store, run_id="r", dataset="digits", preset="quick", families=["vae"]):

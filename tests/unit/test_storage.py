@@ -347,3 +347,10 @@ def test_s3_client_takes_the_region_ray_trains_filesystem_takes(env, region, mon
         monkeypatch.setenv(name, value)
     storage = open_storage("s3://bucket/prefix", endpoint_url="http://127.0.0.1:1")
     assert storage._s3.get().meta.region_name == region
+
+
+def test_listing_a_root_that_is_a_file_is_an_error_not_an_empty_storage(tmp_path):
+    (tmp_path / "root").write_bytes(b"x")
+    with pytest.raises(StorageError, match="storage root exists but is not a directory"):
+        FileStorage(tmp_path / "root").list("jobs/")
+    assert FileStorage(tmp_path / "missing").list("jobs/") == []  # not created yet: nothing in it
