@@ -14,6 +14,9 @@ row, where the API has ``labels``; a ``labels`` column is refused naming the rig
 - ``temperature`` (float in [0.001, 100] (``genmodels.checks.MIN_TEMPERATURE``,
   ``MAX_TEMPERATURE``), default 1.0; a float column: ``1.0``, not ``1``).
 
+They are columns only: ``params`` that set any of them (``predict(df, params={"temperature": 0.8})``)
+are refused naming them, not dropped.
+
 Output: a DataFrame with one row per input row and one column ``images``: float32
 [n, C, H, W] in [0, 1]; served as JSON, ``{"predictions": [{"images": [[[[...]]]]}, ...]}``,
 each row's ``images`` the same numbers as the API's ``"format": "array"`` answer for the same
@@ -48,6 +51,10 @@ class OnnxSamplerModel(PythonModel):
     # in force) and it stops MLflow asking for type hints on every log and load.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         table = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        given = sorted(name for name, value in (params or {}).items() if value is not None)
+        if given:
+            raise _bad_input(f"params {given}: give seed, n, label and temperature as columns of the input table "
+                             "(one row per request), not as params")
         if "labels" in table.columns:
             raise _bad_input("the class column is 'label' (one class per row), not 'labels' (the serving API's "
                              "field): rename the column")

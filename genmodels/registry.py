@@ -150,7 +150,7 @@ def signature_for(sampler) -> Any:
     ``labels``, the serving API's name for the field, only to be refused by name: dropped, it
     would leave a conditional model cycling through the classes instead of drawing the ones asked."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
     inputs = Schema([ColSpec(DataType.long, "seed"), ColSpec(DataType.long, "n"),
@@ -158,7 +158,12 @@ def signature_for(sampler) -> Any:
                      ColSpec(DataType.double, "temperature", required=False),
                      ColSpec(DataType.long, "labels", required=False)])
     outputs = Schema([ColSpec(Array(Array(Array(Array(DataType.float)))), "images")])
-    return ModelSignature(inputs, outputs)
+    # The columns again as params, only to be refused by name: MLflow drops params a signature
+    # does not declare (with a log line), so `predict(df, params={"temperature": 5.0})` answered
+    # temperature-1.0 images.
+    params = ParamSchema([ParamSpec(name, dtype, None) for name, dtype in (
+        ("seed", DataType.long), ("n", DataType.long), ("label", DataType.long), ("temperature", DataType.double))])
+    return ModelSignature(inputs, outputs, params)
 
 
 def input_example(sampler) -> Any:

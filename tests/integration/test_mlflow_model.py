@@ -194,6 +194,10 @@ def test_unconditional_pyfunc_samples_what_the_sampler_does_and_refuses_a_label(
         assert images.tobytes() == sampler.sample(n, seed).tobytes()  # temperature 1.0 when left out
     with pytest.raises(MlflowException, match=r"row 0: vae model is unconditional: it takes no label$"):
         model.predict(pd.DataFrame({"seed": [3], "n": [2], "label": [1]}))
+    # Dropped by MLflow (a log line) when the signature declared no params: temperature-1.0 images.
+    with pytest.raises(MlflowException, match=r"^params \['temperature'\]: give seed, n, label and temperature "
+                                               r"as columns of the input table"):
+        model.predict(pd.DataFrame({"seed": [3], "n": [2]}), params={"temperature": 5.0})
 
 
 def test_logged_model_ships_only_its_imports_and_pins_that_resolve_from_an_index(registry):
