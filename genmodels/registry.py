@@ -97,6 +97,23 @@ def configure(tracking_uri: str | None = None, default_uri: str | None = None) -
     return uri
 
 
+def check_experiment(dataset: str) -> None:
+    """Refuse a dataset whose MLflow experiment was deleted (MLflow's delete keeps the name): no
+    run can start in it, nor can another experiment take its name, so every registration would
+    fail, after its training. A retrain checks this before it trains."""
+    from mlflow import MlflowClient
+
+    _check_not_deleted(MlflowClient().get_experiment_by_name(dataset))
+
+
+def _check_not_deleted(experiment) -> None:
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        eid = experiment.experiment_id
+        raise ValueError(f"the MLflow experiment {experiment.name!r} (id {eid}) is deleted, and holds its name: "
+                         f"restore it (mlflow experiments restore --experiment-id {eid}) or remove it for good "
+                         f"(mlflow gc --experiment-ids {eid}) before registering models of this dataset")
+
+
 def experiment_id(dataset: str, artifact_root: str) -> str:
     """The dataset's experiment, created with its artifacts under ``artifact_root/<dataset>``."""
     from mlflow import MlflowClient
@@ -104,6 +121,7 @@ def experiment_id(dataset: str, artifact_root: str) -> str:
     client = MlflowClient()
     found = client.get_experiment_by_name(dataset)
     if found is not None:
+        _check_not_deleted(found)
         return found.experiment_id
     try:
         return client.create_experiment(dataset, artifact_location=f"{artifact_root.rstrip('/')}/{dataset}")

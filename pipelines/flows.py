@@ -94,6 +94,7 @@ def retrain(
         source = settings.fashion_mnist_dir
     check_plan(names, preset, workers, storage_url, overrides, dataset=dataset, source=source)
     registry.configure()
+    registry.check_experiment(dataset)
     logger = get_run_logger()
     params = {"workers": workers, "source": source, "quantization": quantization, "seed": seed,
               "image_size": image_size, "channels": channels, "if_no_champion": if_no_champion, "fresh": fresh,

@@ -376,6 +376,24 @@ def test_a_promotion_whose_lease_was_taken_over_meanwhile_moves_no_alias(work, m
 
 
 # --- registration refusals --------------------------------------------------------------------------
+def test_a_dataset_whose_experiment_was_deleted_is_refused_naming_the_way_out(work):
+    # MLflow's delete keeps the name: every registration of the dataset failed, after its training.
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    eid = client.create_experiment("deleted-ds")
+    client.delete_experiment(eid)
+    for refused in (lambda: registry.check_experiment("deleted-ds"),
+                    lambda: registry.experiment_id("deleted-ds", work["artifact_root"])):
+        with pytest.raises(ValueError, match=rf"experiment 'deleted-ds' \(id {eid}\) is deleted.*"
+                                             rf"mlflow experiments restore --experiment-id {eid}"):
+            refused()
+    client.restore_experiment(eid)
+    registry.check_experiment("deleted-ds")
+    assert registry.experiment_id("deleted-ds", work["artifact_root"]) == eid
+    registry.check_experiment("never-created")  # created at its first registration
+
+
 def test_gate_metric_is_fid_for_the_gan_and_nll_otherwise():
     assert registry.gate_metric("gan") == "fid"
     for family in ("mixture", "vae", "cvae", "pixelrnn"):
