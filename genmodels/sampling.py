@@ -73,12 +73,11 @@ def _session_metadata(session) -> dict[str, str]:
 
 # --- PixelRNN runtime over the step graphs -----------------------------------------------------
 def categorical_inverse_cdf_np(logits: np.ndarray, u: np.ndarray, temperature: float) -> np.ndarray:
-    """numpy twin of ``pixelrnn.categorical_inverse_cdf`` (float32, same op order)."""
-    z = (logits / np.float32(temperature)).astype(np.float32)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    cdf = np.cumsum(e / e.sum(axis=1, keepdims=True), axis=1, dtype=np.float32)
-    return np.minimum((cdf < u[:, None]).sum(axis=1), logits.shape[1] - 1).astype(np.int64)
+    """numpy twin of ``pixelrnn.categorical_inverse_cdf`` (float64, unnormalized, same op order)."""
+    z = logits.astype(np.float64) / float(temperature)
+    cdf = np.cumsum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)
+    below = cdf < u.astype(np.float64)[:, None] * cdf[:, -1:]
+    return np.minimum(below.sum(axis=1), logits.shape[1] - 1).astype(np.int64)
 
 
 class OnnxPixelRNNSampler:
