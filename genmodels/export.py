@@ -31,9 +31,10 @@ Graphs written (``torch.onnx.export(dynamo=True)``, dynamic batch axis everywher
   global RNG inside the graph), GAN (no likelihood), mixture (its float64 chunked path froze
   the batch size at export), conditional PixelRNN (its label checks read tensor values).
 
-Every graph carries ``metadata_props``: ``genmodels.family``, ``genmodels.graph``, and what a
+Every graph carries ``metadata_props``: ``genmodels.family``, ``genmodels.graph``, what a
 runtime needs to rebuild the sampler's shapes (``genmodels.image``, ``genmodels.pixelrnn``),
-so that files are recognized by content, never by name.
+and the sha256 of the weights (``genmodels.weights``), so that files are recognized by content,
+never by name, and graphs of two models are never loaded as one.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from genmodels.models import weights_digest
 from genmodels.models.base import GenerativeModel, make_noise_tensors
 
 # The runtime lives in genmodels.sampling (serving and bulk jobs use it without the exporter);
@@ -238,6 +240,8 @@ def _export_all(model: GenerativeModel, path_or_dir: str | Path, likelihood: boo
         "genmodels.image": json.dumps({"channels": img.channels, "height": img.height, "width": img.width,
                                        "levels": img.levels, "num_classes": img.num_classes}),
         "genmodels.conditional": json.dumps(bool(model.conditional)),
+        # Which weights: graphs of two exports left in one folder must not load as one model.
+        "genmodels.weights": weights_digest(model),
         # What a runtime needs to draw the same noise with genmodels.noise.make_noise.
         "genmodels.noise": json.dumps({name: {"shape": list(f.shape), "distribution": f.distribution}
                                        for name, f in sorted(model.noise_spec().items())}),

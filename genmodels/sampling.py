@@ -42,7 +42,7 @@ __all__ = ["OnnxPixelRNNSampler", "OnnxSampler", "Request", "categorical_inverse
 META_PREFIX = "genmodels."
 # Metadata every graph of one exported model carries with the same value; two files that
 # disagree on one of these come from different models.
-_MODEL_KEYS = ("family", "image", "conditional", "noise", "pixelrnn")
+_MODEL_KEYS = ("family", "image", "conditional", "noise", "pixelrnn", "weights")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

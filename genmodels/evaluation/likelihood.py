@@ -8,7 +8,6 @@ dequantization offset: it is ``nll_nats / (dims * ln 2)``. Families without a li
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from genmodels.data.loader import model_input
 from genmodels.evaluation._common import evaluating, head, module_device, seeded_torch, split_of
 from genmodels.evaluation.completion import completion_figures, visible_rows
+from genmodels.models import weights_digest
 from genmodels.models.base import GenerativeModel
 
 #: k used when neither the caller nor the model's config names one.
@@ -198,12 +198,3 @@ def batch_seed(seed: int, batch: int) -> int:
     """The torch seed of batch ``batch`` of a pass seeded by ``seed``: distinct streams for
     distinct (seed, batch) pairs, any non-negative seed."""
     return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0])
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of a model's state (names, dtypes, shapes, values; not the memory layout)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -19,7 +19,8 @@ from genmodels.evaluation.classifier import (
     extract,
     load_or_train_classifier,
 )
-from genmodels.evaluation.likelihood import likelihood_metrics, weights_digest
+from genmodels.evaluation.likelihood import likelihood_metrics
+from genmodels.models import weights_digest
 from genmodels.models.base import GenerativeModel
 
 logger = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ A checkpoint is ``{"format", "family", "config", "state_dict", "meta"}`` written
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 from pathlib import Path
@@ -31,7 +32,7 @@ CHECKPOINT_FORMAT = "genmodels.checkpoint/1"
 __all__ = [
     "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class", "initial_model",
     "parse_families",
-    "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint",
+    "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint", "weights_digest",
 ]
 
 
@@ -145,3 +146,12 @@ def model_from_checkpoint(ckpt: Mapping[str, Any] | str | Path | bytes, *, where
         detail = detail if len(detail) <= 400 else f"{detail[:400]}..."
         raise ValueError(f"{where}: its weights do not fit its {ckpt['family']} config ({detail})") from None
     return model.eval()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes, values; not the memory layout)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -72,7 +72,7 @@ def test_every_family_is_registered_with_metrics_tags_and_artifacts(stack, first
     from genmodels import records, registry, runs
     from genmodels.evaluation import evaluation_settings
     from genmodels.evaluation.classifier import load_classifier
-    from genmodels.evaluation.likelihood import weights_digest
+    from genmodels.models import weights_digest
     from genmodels.storage import open_storage
 
     def cached_network(tags) -> str:

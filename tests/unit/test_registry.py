@@ -115,7 +115,7 @@ def test_each_evaluation_records_the_networks_its_figures_were_measured_with(wor
     from mlflow import MlflowClient
 
     from genmodels.evaluation.classifier import class_judge_config, load_or_train_classifier
-    from genmodels.evaluation.likelihood import weights_digest
+    from genmodels.models import weights_digest
 
     store, snapshot = work["store"], work["snapshots"][0]
     cached = load_or_train_classifier(snapshot, store)  # what the runs' evaluations cached
@@ -136,7 +136,7 @@ def test_each_evaluation_records_the_networks_its_figures_were_measured_with(wor
 
 def test_a_champion_is_reevaluated_as_the_candidate_was_or_not_at_all(work, models):
     from genmodels.evaluation.classifier import load_or_train_classifier
-    from genmodels.evaluation.likelihood import weights_digest
+    from genmodels.models import weights_digest
 
     store, snapshots = work["store"], work["snapshots"]
     champion = models["mid"]
@@ -337,7 +337,7 @@ def test_a_champion_whose_figures_are_not_finite_reevaluates_as_nan(work, family
     # What tasks.promote hands the gate above: a NaN, not an evaluation error that would fail the
     # promotion of every candidate (a NaN likelihood for the VAE, NaN samples for the GAN's FID).
     from genmodels.evaluation.classifier import load_or_train_classifier
-    from genmodels.evaluation.likelihood import weights_digest
+    from genmodels.models import weights_digest
     from genmodels.models import build_model, checkpoint_bytes
 
     store, snapshot = work["store"], work["snapshots"][0]

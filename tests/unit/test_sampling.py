@@ -307,6 +307,19 @@ def test_two_models_of_one_family_are_refused(exported, tmp_path):
         OnnxSampler.from_dir(tmp_path)
 
 
+def test_graphs_of_two_exports_left_in_one_folder_are_refused(exported, tmp_path):
+    # A second export without the likelihood graph left the first one's beside it: the folder
+    # loaded as one model, its likelihood another weights'.
+    first, first_dir, _ = exported("pixelrnn_row")
+    _copy(first_dir, tmp_path)
+    second = make_model("pixelrnn_row")
+    with torch.no_grad():
+        next(second.parameters()).add_(0.5)
+    export_sampler(second, tmp_path, likelihood=False)
+    with pytest.raises(ValueError, match=r"graphs of different models \(their 'weights' metadata differs"):
+        OnnxSampler.from_dir(tmp_path)
+
+
 def test_a_missing_graph_is_named(exported, tmp_path):
     _model, directory, _sampler = exported("pixelrnn_diagonal")
     _copy(directory, tmp_path)
