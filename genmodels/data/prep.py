@@ -270,6 +270,10 @@ def prepare(dataset: str, location: str | None = None, prep: PrepConfig = PrepCo
         x_test, y_test = raw.x_test, raw.y_test
     else:
         n_test = _count(prep.test_size, n, "test_size", where)
+        if n_test == 0:
+            # Every figure is measured on the test split: found out here, not after a training run.
+            raise DataError(f"{where}: test_size={prep.test_size!r} leaves no test split (the source has none "
+                            "of its own); every evaluation needs one")
         perm = np.random.default_rng([prep.seed, _STREAM_TEST_SPLIT]).permutation(n)
         test_idx, pool = np.sort(perm[:n_test]), perm[n_test:]
         x_test, y_test = raw.x[test_idx], raw.y[test_idx]

@@ -147,6 +147,8 @@ def decode_idx(data: bytes, where: str, expected_magic: int) -> np.ndarray:
                     f"{where}: IDX header needs {header} bytes for {ndim} dims, file holds {4 + len(dims_bytes)}"
                 )
             dims = struct.unpack(f">{ndim}I", dims_bytes)
+            if ndim > 1 and 0 in dims[1:]:
+                raise DataError(f"{where}: IDX header dims {tuple(dims)}: its images hold no pixels")
             # Python ints: a fixed-width product of dims like (2**22, 2**21, 2**21) wraps to 0.
             expected = math.prod(dims)
             body = _read_up_to(stream, expected)
@@ -351,6 +353,8 @@ def _as_images(arr: np.ndarray, key: str, where: str) -> np.ndarray:
         arr = arr.astype(np.uint8)
     else:
         raise DataError(f"{where}: array {key!r} has dtype {arr.dtype}; expected uint8 (or float in [0, 1])")
+    if arr.ndim in (3, 4) and 0 in arr.shape[1:]:
+        raise DataError(f"{where}: array {key!r} has shape {arr.shape}: its images hold no pixels")
     if arr.ndim == 3:
         return arr[:, None, :, :]
     if arr.ndim == 4:
@@ -459,7 +463,10 @@ def read_npz(location: str) -> RawDataset:
             raise DataError(
                 f"{where}: 'class_names' must be a non-empty 1-D string array, got {names.dtype} {names.shape}"
             )
-        class_names = [str(n) for n in names.tolist()]
+        try:  # bytes names (dtype S) are text: str() of them would keep the b'...' around each
+            class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: 'class_names' holds bytes that are not UTF-8 text ({exc})") from None
     else:
         all_y = y if y_test is None else np.concatenate([y, y_test])
         if int(all_y.min()) < 0:
@@ -496,4 +503,8 @@ def read_source(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {source_names()}")
     if dataset == "folder":
         return read_folder(location, image_size=image_size, channels=channels)  # type: ignore[arg-type]
+    if image_size is not None or channels != "L":
+        # Ignored, they would still enter the snapshot's recorded prep: refused instead.
+        raise ValueError(f"image_size and channels apply to folder sources only; the {dataset} source's images "
+                         f"are read as stored (got image_size={image_size!r}, channels={channels!r})")
     return _READERS[dataset](location)

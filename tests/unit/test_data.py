@@ -174,6 +174,20 @@ def case_idx_dims_whose_product_overflows_int64(tmp_path):
     return "fashion-mnist", loc, name, r"need 18446744073709551616 data bytes but the file holds 0 \(truncated\)"
 
 
+def case_idx_images_without_pixels(tmp_path):
+    loc, name = _bad_idx(tmp_path, "train-images-idx3", encode_idx(np.zeros((12, 0, 28), np.uint8), compress=True))
+    return "fashion-mnist", loc, name, r"IDX header dims \(12, 0, 28\): its images hold no pixels"
+
+
+def case_npz_images_without_pixels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 0, 28), np.uint8), y=np.zeros(5, np.int64))
+    return "npz", str(tmp_path / "d.npz"), "d.npz", r"array 'x' has shape \(5, 0, 28\): its images hold no pixels"
+
+
+def case_no_test_split_at_all(tmp_path):
+    return "npz", str(digits_like_npz(tmp_path / "d.npz")), "d.npz", r"test_size=0 leaves no test split"
+
+
 def npz_with_member(path: Path, member: str, data: bytes) -> Path:
     """An .npz whose ``member`` holds ``data`` as given, beside a well-formed 'y'."""
     with zipfile.ZipFile(path, "w") as archive:
@@ -298,14 +312,17 @@ BAD_INPUTS = [
     case_idx_labels_out_of_range, case_idx_count_mismatch, case_npz_count_mismatch, case_npz_nan,
     case_npz_inf, case_npz_labels_vs_class_names, case_npz_not_a_zip, case_npy_given_as_npz, case_empty_folder,
     case_unreadable_image, case_truncated_jpeg, case_mixed_sizes_without_resize, case_float_pixels_in_a_folder,
-    case_a_split_that_rounds_to_none, case_npz_empty_test_split,
+    case_a_split_that_rounds_to_none, case_npz_empty_test_split, case_idx_images_without_pixels,
+    case_npz_images_without_pixels, case_no_test_split_at_all,
 ]
 
 
 @pytest.mark.parametrize("make_case", BAD_INPUTS, ids=lambda f: f.__name__[len("case_"):])
 def test_bad_input_raises_data_error_naming_file_and_defect(tmp_path, make_case):
     dataset, location, filename, defect = make_case(tmp_path)
-    prep = PrepConfig(image_size=None if dataset == "folder_no_resize" else 4)
+    # image_size applies to folder sources only (the others refuse it).
+    prep = PrepConfig(image_size=4 if dataset == "folder" else None,
+                      test_size=0 if make_case is case_no_test_split_at_all else 0.2)
     dataset = dataset.replace("_no_resize", "")
     out = tmp_path / "store"
     with pytest.raises(DataError, match=defect) as info:
@@ -446,6 +463,26 @@ def test_npz_source_with_test_split_float_input_and_class_names(tmp_path):
     snap = prepare("npz", str(tmp_path / "a.npz"), PrepConfig(val_size=2))
     assert [len(snap.splits[s]) for s in ("train", "val", "test")] == [6, 2, 3]  # source test split kept
     np.testing.assert_array_equal(snap.splits["test"].x, raw.x_test)
+
+
+def test_npz_class_names_stored_as_bytes_are_text():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = digits_like_npz(Path(tmp) / "d.npz", class_names=np.array([b"shirt", b"shoe", b"bag"]))
+        assert load_source("npz", str(path)).class_names == ["shirt", "shoe", "bag"]  # not "b'shirt'"
+        np.savez(path, x=np.zeros((4, 5, 5), np.uint8), y=np.zeros(4, np.int64), class_names=np.array([b"\xff"]))
+        with pytest.raises(DataError, match=r"d\.npz: 'class_names' holds bytes that are not UTF-8 text"):
+            load_source("npz", str(path))
+
+
+@pytest.mark.parametrize("dataset", ["digits", "npz"])
+def test_image_size_and_channels_of_a_source_that_is_no_folder_are_refused(tmp_path, dataset):
+    # Ignored, they entered the snapshot's recorded prep all the same.
+    location = str(digits_like_npz(tmp_path / "d.npz")) if dataset == "npz" else None
+    for prep in (PrepConfig(image_size=32), PrepConfig(channels="RGB")):
+        with pytest.raises(ValueError, match=f"apply to folder sources only; the {dataset} source"):
+            prepare(dataset, location, prep)
 
 
 def test_digits_source():
