@@ -133,15 +133,19 @@ def likelihood_metrics(
     # Scoring the batches summed so far, in this call and the ones it resumes; None: unknown (a
     # record written before the time was kept), and then not reported rather than undercounted.
     seconds: float | None = 0.0
+    device = module_device(model)
     if progress is not None:  # the weights' digest is only needed to match a saved record
+        # The device too: the IWAE's draws come from its generator, so batches drawn on a CPU and
+        # on a GPU would sum to a figure neither gives.
         settings = {"format": PROGRESS_FORMAT, "weights": weights_digest(model), "snapshot": getattr(snapshot, "hash", None), "split": split,
-                    "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed, "completion_rows": known}
+                    "examples": n, "batch_size": batch_size, "iwae_k": k, "seed": seed, "completion_rows": known,
+                    "device": device.type}
         record = progress.get_json(PROGRESS_KEY) if progress.exists(PROGRESS_KEY) else {}
-        if record.get("settings") == settings:
+        # A record holding NaN sums (written before they stopped the pass) is no progress.
+        if record.get("settings") == settings and not any(math.isnan(v) for v in record["sums"].values()):
             sums, start = record["sums"], record["next"]
             seconds = record.get("seconds")
 
-    device = module_device(model)
     with evaluating(model):
         for start in range(start, n, batch_size):
             batch_began = time.perf_counter()
@@ -168,6 +172,10 @@ def likelihood_metrics(
                 else:
                     sums["log_px"] += float(model.log_likelihood(x, labels).double().sum())
             done = min(start + batch_size, n)
+            if any(math.isnan(v) for v in sums.values()):
+                # Found at the batch, not after hours of the others, and never recorded as progress.
+                raise FloatingPointError(f"the likelihood of the {model.family} model is NaN in {split} images "
+                                         f"{start}..{done - 1}")
             if seconds is not None:
                 seconds += time.perf_counter() - batch_began
             if progress is not None:

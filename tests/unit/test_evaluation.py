@@ -340,6 +340,54 @@ def test_likelihood_pass_resumes_where_it_was_interrupted(digits, tmp_path):
     assert calls == [16, 16, 16, 2], "a record of other weights is not resumed"
 
 
+def test_a_nan_likelihood_stops_the_pass_at_its_batch_and_is_never_recorded_as_progress(digits, tmp_path):
+    """It was found after the last batch (hours at k=5000), each paused call recording NaN sums."""
+    model = FakeVAE(LatentConfig(image=DIGITS))
+    settings = dict(max_examples=50, batch_size=16, iwae_k=5, seed=3)  # batches at 0, 16, 32, 48
+    progress = open_storage(tmp_path)
+    likelihood_metrics(model, digits, progress=progress, **{**settings, "max_examples": 40})  # another pass's record
+    calls: list[int] = []
+    iwae = model.iwae
+
+    def nan_in_the_second_batch(x, *args, **kwargs):
+        calls.append(len(x))
+        log_px, *rest = iwae(x, *args, **kwargs) if kwargs.get("with_elbo") else (iwae(x, *args, **kwargs),)
+        if len(calls) == 2:
+            log_px = torch.full_like(log_px, float("nan"))
+        return (log_px, *rest) if rest else log_px
+
+    model.iwae = nan_in_the_second_batch
+    with pytest.raises(FloatingPointError, match=r"likelihood of the [\w-]+ model is NaN in test images 16\.\.31$"):
+        likelihood_metrics(model, digits, progress=progress, deadline=time.monotonic() + 3600, **settings)
+    assert calls == [16, 16], "no batch after the NaN one is scored"
+    record = progress.get_json(PROGRESS_KEY)
+    assert record["next"] == 16 and not any(math.isnan(v) for v in record["sums"].values())
+
+    # A record with NaN sums (what the pass wrote before) is no progress: scored afresh.
+    model.iwae = iwae
+    whole = likelihood_metrics(model, digits, **settings)
+    record = {**record, "sums": {**record["sums"], "log_px": float("nan")}, "next": 32}
+    progress.put_json(PROGRESS_KEY, record)
+    assert figures(likelihood_metrics(model, digits, progress=progress, **settings)) == figures(whole)
+
+
+def test_a_record_of_the_pass_on_another_device_is_not_resumed(digits, tmp_path):
+    """The IWAE's draws come from the device's generator: a CPU record finished on a GPU (or the
+    reverse) would be a figure of neither."""
+    model = FakeVAE(LatentConfig(image=DIGITS))
+    settings = dict(max_examples=50, batch_size=16, iwae_k=5, seed=3)
+    progress = open_storage(tmp_path)
+    likelihood_metrics(model, digits, progress=progress, **settings)
+    record = progress.get_json(PROGRESS_KEY)
+    assert record["settings"]["device"] == "cpu"
+    progress.put_json(PROGRESS_KEY, {**record, "settings": {**record["settings"], "device": "cuda"}, "next": 32})
+    calls: list[int] = []
+    iwae = model.iwae
+    model.iwae = lambda x, *args, **kwargs: calls.append(len(x)) or iwae(x, *args, **kwargs)
+    likelihood_metrics(model, digits, progress=progress, **settings)
+    assert calls == [16, 16, 16, 2]
+
+
 def test_likelihood_pass_on_a_spent_budget_scores_one_batch_a_call_and_ends_with_the_whole_figures(digits, tmp_path):
     """Past its deadline a pass stops after the batch it is in, its sums written: each call on a
     spent budget scores one batch more, and the call that scores the last returns exactly an
