@@ -76,7 +76,7 @@ def categorical_inverse_cdf_np(logits: np.ndarray, u: np.ndarray, temperature: f
     """numpy twin of ``pixelrnn.categorical_inverse_cdf`` (float64, unnormalized, same op order)."""
     z = logits.astype(np.float64) / float(temperature)
     cdf = np.cumsum(np.exp(z - z.max(axis=1, keepdims=True)), axis=1)
-    below = cdf < u.astype(np.float64)[:, None] * cdf[:, -1:]
+    below = cdf <= u.astype(np.float64)[:, None] * cdf[:, -1:]
     return np.minimum(below.sum(axis=1), logits.shape[1] - 1).astype(np.int64)
 
 

@@ -26,12 +26,16 @@ def evaluating(module: nn.Module) -> Iterator[None]:
     Evaluation is called on models a caller may keep training; leaving them in eval mode
     would silently change their dropout/batch-norm behaviour afterwards.
     """
-    was_training = module.training
+    was_training, tf32 = module.training, torch.backends.cudnn.allow_tf32
     module.eval()
+    # fp32 convolutions on a GPU too: cuDNN's default is TF32 (10-bit mantissas), which moved
+    # likelihoods and sampled pixels away from the CPU's and the ONNX runtime's figures.
+    torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.no_grad():
             yield
     finally:
+        torch.backends.cudnn.allow_tf32 = tf32
         module.train(was_training)
 
 

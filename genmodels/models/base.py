@@ -46,7 +46,9 @@ def inverse_cdf_pick(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     ops, so it exports: how every sampler turns its uniform noise into a component."""
     cdf = torch.cumsum(probs, dim=1)
     cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, so u < 1 always finds a category
-    return (cdf < uniform.reshape(-1, 1).to(cdf.dtype)).to(torch.int64).sum(1).clamp(max=probs.shape[1] - 1)
+    # Category k holds [cdf[k-1], cdf[k]): `<=`, or a u of exactly 0 (one draw in 2**24) would pick
+    # category 0 even where it has no mass (a tempered-away component).
+    return (cdf <= uniform.reshape(-1, 1).to(cdf.dtype)).to(torch.int64).sum(1).clamp(max=probs.shape[1] - 1)
 
 
 @dataclass(frozen=True)

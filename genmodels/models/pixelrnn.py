@@ -117,8 +117,9 @@ def categorical_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, temperature: 
     """
     z = logits.double() / temperature
     cdf = torch.exp(z - z.amax(dim=1, keepdim=True)).cumsum(dim=1)
-    # A u of 1 (or rounding) would count every level: it means the last one.
-    return (cdf < u.double()[:, None] * cdf[:, -1:]).sum(dim=1).clamp(max=logits.shape[1] - 1)
+    # Level k holds [cdf[k-1], cdf[k]) of u * total: `<=`, or a u of exactly 0 would pick level 0
+    # where it has no mass. A u of 1 (or rounding) would count every level: it means the last one.
+    return (cdf <= u.double()[:, None] * cdf[:, -1:]).sum(dim=1).clamp(max=logits.shape[1] - 1)
 
 
 class PixelRNN(GenerativeModel):

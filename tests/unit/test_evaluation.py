@@ -614,6 +614,19 @@ def test_classifier_is_cached_and_a_second_call_does_not_retrain(digits, tmp_pat
     assert len(calls) == 2 and not third.from_cache and third.network.config.feature_dim == 16
 
 
+def test_evaluation_runs_fp32_convolutions_and_restores_the_callers_setting():
+    # cuDNN's default is TF32 convolutions: a GPU's likelihoods and samples were not fp32.
+    from genmodels.evaluation._common import evaluating
+
+    module = torch.nn.Linear(2, 2)
+    before = torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="inside"):
+        with evaluating(module):
+            assert torch.backends.cudnn.allow_tf32 is False and not module.training
+            raise RuntimeError("inside")
+    assert torch.backends.cudnn.allow_tf32 is before and module.training
+
+
 def test_evaluating_with_a_cached_classifier_leaves_the_callers_rng_untouched(digits, classifier_storage):
     """Building the network that the cached weights then overwrite drew its throwaway initial
     weights from the caller's global stream, so a warm cache moved it where a cold one did not."""

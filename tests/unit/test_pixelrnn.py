@@ -252,6 +252,20 @@ def test_inverse_cdf_picks_the_level_whose_interval_holds_u():
     assert categorical_inverse_cdf(logits.expand(3, 3), torch.tensor([0.01, 0.5, 0.99]), 0.1).tolist() == [1, 1, 1]
 
 
+def test_a_uniform_of_zero_never_picks_a_level_or_component_without_mass():
+    # numpy's float32 draws are exactly 0 once in 2**24: they picked level/component 0 even where
+    # temperature had taken all its mass.
+    from genmodels.models.base import inverse_cdf_pick
+    from genmodels.sampling import categorical_inverse_cdf_np
+
+    assert inverse_cdf_pick(torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.5]]), torch.zeros(2)).tolist() == [2, 0]
+    logits, zero = torch.tensor([[0.0, 1.0]]), torch.zeros(1)
+    assert torch.softmax(logits / 1e-3, dim=1)[0, 0] == 0.0
+    assert categorical_inverse_cdf(logits, zero, 1e-3).tolist() == [1]
+    assert categorical_inverse_cdf_np(logits.numpy(), zero.numpy(), 1e-3).tolist() == [1]
+    assert categorical_inverse_cdf(logits, zero, 1.0).tolist() == [0]  # level 0 has mass at T = 1
+
+
 def test_inverse_cdf_of_torch_and_of_the_onnx_runtime_pick_the_same_level_every_time():
     # In float32 the two kernels' CDFs differed in their last bits: 4 of these 200,000 draws of
     # 256 levels got another level, and an 8-bit image another path from there on.
