@@ -70,6 +70,25 @@ def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.long) % num_classes
 
 
+def labels_in_proportion(reference: np.ndarray, n: int, num_classes: int) -> torch.Tensor:
+    """``n`` class labels in the class mix of ``reference`` (the labels of the real images the
+    samples are compared with), apportioned by largest remainders and interleaved 0, 1, ...,
+    K-1, 0, 1, ... while a class has some left. A conditional model's FID against a test split
+    of another mix than its samples' would measure the mix, not the model. For a balanced
+    reference these are exactly :func:`class_balanced_labels`, so such figures are unchanged."""
+    counts = np.bincount(np.asarray(reference, dtype=np.int64), minlength=num_classes)
+    if len(counts) > num_classes or counts.sum() == 0:
+        raise ValueError(f"reference labels must lie in 0..{num_classes - 1} and be at least one, "
+                         f"got {len(reference)} with classes up to {len(counts) - 1}")
+    quota = n * counts / counts.sum()
+    allotted = np.floor(quota).astype(np.int64)
+    # Ties go to the lower class (a stable sort), as class_balanced_labels' do.
+    allotted[np.argsort(-(quota - allotted), kind="stable")[: n - int(allotted.sum())]] += 1
+    classes = np.repeat(np.arange(num_classes), allotted)
+    rounds = np.concatenate([np.arange(c) for c in allotted])
+    return torch.from_numpy(classes[np.argsort(rounds * num_classes + classes, kind="stable")])
+
+
 def generate(
     model: GenerativeModel, n: int, seed: int, labels: torch.Tensor | None = None, batch_size: int = 256
 ) -> torch.Tensor:
@@ -107,17 +126,18 @@ def sample_quality(
     judge: DomainClassifier | None = None,
 ) -> dict[str, float]:
     """FID, KID and precision/recall of ``n_samples`` model samples against the test split
-    (first ``max_examples`` images), the same distances from ``n_samples`` held-out real images
+    (first ``max_examples`` images; a conditional model's samples ask for its classes in that
+    test subset's mix, :func:`labels_in_proportion`), the same distances from ``n_samples`` held-out real images
     (:func:`floor_images`: val, then training images where val holds fewer) to the test images
     as the floor a perfect model would reach with that many samples, and, for conditional
     models, ``class_accuracy``: how often the class judge (``judge``; ``network`` when None)
-    names the requested class, overall and per class. With a separate judge,
+    names the requested class, over all samples and per class. With a separate judge,
     ``class_accuracy_domain`` is the same figure by ``network`` (the grey-level features)."""
     if n_samples <= PR_NEIGHBOURS:
         raise ValueError(f"n_samples must be > {PR_NEIGHBOURS} for FID/KID/precision-recall, got {n_samples}")
-    test = split_of(snapshot, "test")
-    real_feats, _ = extract(network, reference_images(model, test, max_examples))
-    labels = class_balanced_labels(n_samples, model.image.num_classes) if model.conditional else None
+    reference = head(split_of(snapshot, "test"), max_examples)
+    real_feats, _ = extract(network, reference_images(model, reference))
+    labels = labels_in_proportion(reference.y, n_samples, model.image.num_classes) if model.conditional else None
     samples = generate(model, n_samples, seed, labels, batch_size)
     fake_feats, predicted_domain = extract(network, samples)
     floor_feats, _ = extract(network, floor_images(model, snapshot, n_samples, seed))

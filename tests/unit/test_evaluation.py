@@ -8,6 +8,7 @@ classifier is trained on sklearn's 8x8 digits with a tiny config.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -28,6 +29,7 @@ from genmodels.evaluation import (
     LikelihoodPassPaused,
     analogy_png,
     bits_per_dim,
+    class_balanced_labels,
     class_judge_config,
     classifier_key,
     domain_metrics,
@@ -40,6 +42,7 @@ from genmodels.evaluation import (
     interpolate,
     interpolation_png,
     kid,
+    labels_in_proportion,
     likelihood_metrics,
     load_or_train_classifier,
     manifold_png,
@@ -864,9 +867,11 @@ def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, cl
     assert right["class_accuracy"] > 0.8
     assert wrong["class_accuracy"] < 0.2
     assert "class_accuracy" not in noise  # unconditional
-    # Per class as well; with class-balanced labels their mean is the overall accuracy.
+    # Per class as well; weighted by how many samples asked for each (the test split's mix),
+    # their mean is the overall accuracy.
+    asked = np.bincount(labels_in_proportion(digits.splits["test"].y, 200, DIGITS.num_classes).numpy())
     per_class = [right[f"class_accuracy_{k}"] for k in range(DIGITS.num_classes)]
-    assert right["class_accuracy"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
+    assert right["class_accuracy"] == pytest.approx(float(np.dot(per_class, asked) / 200), abs=1e-12)
     assert max(wrong[f"class_accuracy_{k}"] for k in range(DIGITS.num_classes)) < 0.5
     assert not any(key.startswith("class_accuracy_") for key in noise)
     # Real digits (either label) are far closer to the test set than a random decoder.
@@ -875,6 +880,45 @@ def test_evaluate_conditional_models_class_accuracy_and_no_likelihood(digits, cl
     # precision, which a collapsed generator can share with real data (0.93 for both on one CPU).
     assert right["precision"] > 0.8 and right["recall"] > 0.8
     assert noise["recall"] < 0.1
+
+
+def test_labels_in_proportion_follow_the_reference_mix_and_keep_balanced_labels():
+    # A balanced reference gives exactly the interleaved labels the figures were measured with.
+    for n in (1, 7, 10, 999, 1000, 10000):
+        assert torch.equal(labels_in_proportion(np.arange(10000) % 10, n, 10), class_balanced_labels(n, 10))
+    reference = np.array([0] * 5 + [1] * 3 + [2] * 2)  # class 3 absent from the reference
+    assert labels_in_proportion(reference, 10, 4).tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 0]
+    # 3.5, 2.1, 1.4: the largest remainder (class 0's) takes the one left over.
+    assert np.bincount(labels_in_proportion(reference, 7, 4).numpy(), minlength=4).tolist() == [4, 2, 1, 0]
+    rng = np.random.default_rng(0)
+    skewed = rng.choice(5, size=3000, p=[0.5, 0.2, 0.15, 0.1, 0.05])
+    for n in (1, 13, 500, 3000, 7001):
+        counts = np.bincount(labels_in_proportion(skewed, n, 5).numpy(), minlength=5)
+        assert counts.sum() == n
+        assert np.all(np.abs(counts - n * np.bincount(skewed) / len(skewed)) < 1)  # within one of the quota
+    for bad in (np.array([0, 4]), np.array([], dtype=np.int64)):
+        with pytest.raises(ValueError, match="reference labels"):
+            labels_in_proportion(bad, 10, 4)
+
+
+def test_conditional_samples_ask_for_the_reference_subsets_class_mix(digits, classifier_storage, monkeypatch):
+    """FID compares samples with the first ``max_examples`` test images: the labels asked for
+    follow that subset's class mix, not equal numbers per class."""
+    cfg = ClassifierConfig.for_image(DIGITS, **TINY)
+    test = digits.splits["test"]
+    skewed = Split(x=test.x, y=np.where(np.arange(len(test.y)) < 60, 3, test.y), x_binary=test.x_binary)
+    snapshot = dataclasses.replace(digits, splits={**digits.splits, "test": skewed})
+    asked, generate = [], metrics_module.generate
+    monkeypatch.setattr(metrics_module, "generate",
+                        lambda model, n, seed, labels, *a: asked.append(labels) or generate(model, n, seed, labels, *a))
+    oracle = Oracle(ModelConfig(image=DIGITS), digits.splits["train"])
+    out = evaluate(oracle, snapshot, storage=classifier_storage, n_samples=100, max_examples=80,
+                   classifier_config=cfg, judge_config=cfg)
+    counts = np.bincount(asked[0].numpy(), minlength=10)
+    expected = np.bincount(skewed.y[:80], minlength=10)  # 60 threes, then the test split's next 20
+    assert counts.sum() == 100 and np.all(np.abs(counts - 100 * expected / 80) < 1)
+    assert counts[3] >= 75
+    assert out["class_accuracy"] > 0.8
 
 
 def test_evaluate_refuses_a_model_for_other_images(digits, classifier_storage):
@@ -1086,7 +1130,8 @@ def test_class_judge_knows_binarized_images_and_reports_its_ceiling(digits, clas
     assert out["class_accuracy"] > out["class_accuracy_domain"] + 0.05, out
     assert out["classifier_test_accuracy_binarized"] < ceiling
     per_class = [out[f"class_accuracy_{k}"] for k in range(DIGITS.num_classes)]
-    assert out["class_accuracy"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
+    asked = np.bincount(labels_in_proportion(test.y, 500, DIGITS.num_classes).numpy())
+    assert out["class_accuracy"] == pytest.approx(float(np.dot(per_class, asked) / 500), abs=1e-12)
     # The sample-quality distances are those of the feature network alone.
     domain = load_or_train_classifier(digits, classifier_storage, cfg).network
     alone = sample_quality(model, digits, domain, n_samples=500)
