@@ -497,8 +497,9 @@ class VAE(GenerativeModel):
 
         ``chunk`` importance samples per image go through the decoder at a time (a decoder
         batch of B * chunk; by default near ``IWAE_DECODER_BATCH`` for the device). All
-        B*k*latent_dim normal draws are taken up front from torch's global RNG, so the result
-        does not depend on ``chunk``.
+        B*k*latent_dim normal draws are taken up front from torch's global RNG, so the draws do
+        not depend on ``chunk``; the result only in its last bits (~1e-7 nats), as kernels of
+        another batch size sum in another order.
 
         ``with_elbo``: also the mean of the same log-weights, a k-sample estimate of the ELBO
         against this model's prior (the latent mixture's once fitted, which has no closed-form
