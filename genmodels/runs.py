@@ -280,6 +280,10 @@ def evaluate_run(storage: Storage, run: Storage, snapshot: Snapshot, preset: str
     return metrics
 
 
+#: Where a champion re-evaluated for a promotion keeps its likelihood pass's progress, per model digest.
+REEVALUATIONS_PREFIX = "reevaluations"
+
+
 def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes, tags: Mapping[str, str],
                         preset: str, seed: int = 0, feature_network: str | None = None,
                         where: str = "champion",
@@ -295,7 +299,7 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
     in ``storage`` to check), a FID that ``storage``'s classifier would measure in other features
     than the candidate's. ``read_snapshot_at`` reads the champion's snapshot by prefix (default: from
     ``storage``; a flow passes its cached reader, its families' champions sharing one snapshot)."""
-    from genmodels.registry import FEATURE_SPACE_METRICS
+    from genmodels.registry import FEATURE_SPACE_METRICS, model_digest
 
     model = model_from_checkpoint(checkpoint, where=where)
     if model.image != snapshot.image:
@@ -310,8 +314,14 @@ def reevaluate_champion(storage: Storage, snapshot: Snapshot, checkpoint: bytes,
         return None, "it trained on some of the candidate's test images: its figure there would be optimistic"
     metric = tags["genmodels.gate_metric"]
     used: dict[str, str] = {}
+    # Where the candidate was evaluated (a GPU when there is one: a `full` champion's IWAE k=5000
+    # pass took hours on the CPU, holding the promotion's lease), and resumable as the candidate's
+    # pass is: a promote task that dies or retries continues it. The progress record is keyed by
+    # weights, snapshot, seed and device, so one prefix per champion never mixes two passes.
+    progress = storage.child(f"{REEVALUATIONS_PREFIX}/{model_digest(checkpoint)}")
     try:
-        value = evaluate_model(storage, model, snapshot, preset, seed=seed, provenance=used)[metric]
+        value = evaluate_model(storage, model.to(resolve_device("auto")), snapshot, preset, seed=seed,
+                               progress=progress, provenance=used)[metric]
     except FloatingPointError:
         # Non-finite figures (NaN weights, samples that broke) are NaN in any classifier's features:
         # the registry hands such a champion's place to the candidate; raised, every retrain would fail.

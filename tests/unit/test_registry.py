@@ -165,6 +165,42 @@ def test_a_champion_is_reevaluated_as_the_candidate_was_or_not_at_all(work, mode
     assert value is None and "cannot be checked" in why_not
 
 
+def test_a_champions_reevaluation_runs_where_the_candidates_did_and_resumes_after_a_kill(work, models,
+                                                                                           monkeypatch):
+    """The champion's pass runs on the device a candidate's evaluation picks (it ran on the CPU
+    beside an idle GPU: hours at k=5000, holding the promotion lease), and keeps its progress: a
+    promote task killed mid-pass continues from its last batch, to the same figure."""
+    from genmodels.evaluation.likelihood import PROGRESS_KEY
+    from genmodels.models.vae import VAE
+
+    store, champion = work["store"], models["mid"]
+    checkpoint = champion.run.get_bytes("model.pt")
+    tags = {"genmodels.dataset": "digits", "genmodels.snapshot_hash": champion.snapshot_hash,
+            "genmodels.gate_metric": "nll_nats"}
+    asked, resolve = [], runs.resolve_device
+    monkeypatch.setattr(runs, "resolve_device", lambda name: asked.append(name) or resolve(name))
+    calls, iwae = [], VAE.iwae
+
+    def killed_at_the_second_batch(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("the promote task's worker was stopped")
+        return iwae(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "iwae", killed_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        runs.reevaluate_champion(store, work["snapshots"][0], checkpoint, tags, "quick")
+    assert asked == ["auto"]
+    record = store.child(f"{runs.REEVALUATIONS_PREFIX}/{registry.model_digest(checkpoint)}")
+    first = calls[0]
+    assert record.get_json(PROGRESS_KEY)["next"] == first
+    calls.clear()
+    monkeypatch.setattr(VAE, "iwae", lambda self, *a, **k: calls.append(len(a[0])) or iwae(self, *a, **k))
+    value, why_not = runs.reevaluate_champion(store, work["snapshots"][0], checkpoint, tags, "quick")
+    assert (value, why_not) == (pytest.approx(champion.metrics["nll_nats"], rel=1e-6), "")
+    assert sum(calls) == len(work["snapshots"][0].splits["test"].y) - first  # the first batch not scored again
+
+
 # --- the gate on one test snapshot ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gate(work, models):
