@@ -187,11 +187,12 @@ def test_a_champions_reevaluation_runs_where_the_candidates_did_and_resumes_afte
             raise KeyboardInterrupt("the promote task's worker was stopped")
         return iwae(self, *args, **kwargs)
 
+    record = store.child(f"{runs.REEVALUATIONS_PREFIX}/{registry.model_digest(checkpoint)}")
+    record.delete(PROGRESS_KEY)  # another test's re-evaluation of this champion on the same snapshot
     monkeypatch.setattr(VAE, "iwae", killed_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         runs.reevaluate_champion(store, work["snapshots"][0], checkpoint, tags, "quick")
     assert asked == ["auto"]
-    record = store.child(f"{runs.REEVALUATIONS_PREFIX}/{registry.model_digest(checkpoint)}")
     first = calls[0]
     assert record.get_json(PROGRESS_KEY)["next"] == first
     calls.clear()
