@@ -154,8 +154,11 @@ def retrain(
             record.done(family, outcomes[family])
         if outcomes:
             try:
+                # Logged only to the MLflow runs this retrain made: a version found registered
+                # already keeps the picture of its own retrain, not one of models that came after.
                 tasks.report(storage_url, snapshot["prefix"], preset, seed,
-                             {family: out["registered"]["run_id"] for family, out in outcomes.items()})
+                             {family: out["registered"]["run_id"] for family, out in outcomes.items()
+                              if out["registered"]["created"]})
             except Exception as exc:  # noqa: BLE001 - the families' outcome stands either way
                 # The comparison picture is derived from what is already registered and promoted;
                 # after its retries, a storage or MLflow outage here must not turn those into a

@@ -163,7 +163,7 @@ def register(run_url: str, preset: str, metrics: dict[str, float], artifact_root
 def report(storage_url: str, snapshot_prefix: str, preset: str, seed: int, run_ids: dict[str, str]) -> str | None:
     """The families side by side: ``reports/<dataset>-<preset>.png`` (one row of samples per
     family, same seed) and the metrics table beside it, the picture also logged to the MLflow
-    run of every family retrained here."""
+    runs of ``run_ids`` (those the retrain registered)."""
     from mlflow.tracking import MlflowClient
 
     storage = open_storage(storage_url)
