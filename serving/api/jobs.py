@@ -14,6 +14,8 @@ from serving.jobs import ACTIVE, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, JobState, c
 
 #: The OpenAPI tag of every job route.
 TAGS = ["bulk jobs"]
+#: What every job route may answer besides the statuses of every operation (ERROR_STATUSES).
+NO_JOBS = {501: {"model": ErrorBody, "description": "not_implemented: this server runs no bulk job deployment."}}
 
 
 def add_job_routes(router: APIRouter, backend) -> None:
@@ -33,8 +35,11 @@ def add_job_routes(router: APIRouter, backend) -> None:
         return JSONResponse(result, status_code=status)
 
     @router.post("/jobs", status_code=202, response_model=JobAccepted, tags=TAGS, responses={
+        409: {"model": ErrorBody, "description": "output_in_use: another job (or this one, still stopping) "
+                                                 "writes to the same output; retry once it has ended."},
         429: {"model": ErrorBody, "description": "queue_full: as many jobs wait as the server queues "
-                                                 "(GENMODELS_MAX_QUEUED_JOBS); retry after Retry-After seconds."}})
+                                                 "(GENMODELS_MAX_QUEUED_JOBS); retry after Retry-After seconds."},
+        **NO_JOBS})
     async def submit(body: JobRequest):
         """Start writing n samples as shards plus manifest.json to ``output``; 202 with the job id.
         The same spec again: the same id (the running job, or a resumed run once it ended)."""
@@ -43,7 +48,7 @@ def add_job_routes(router: APIRouter, backend) -> None:
         check_request(request)
         return answer(await backend.submit_job(request), status=202)
 
-    @router.get("/jobs", response_model=list[JobStatus], tags=TAGS)
+    @router.get("/jobs", response_model=list[JobStatus], tags=TAGS, responses=NO_JOBS)
     async def list_jobs(
         request: Request,
         status: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
@@ -68,13 +73,18 @@ def add_job_routes(router: APIRouter, backend) -> None:
             return response
         return answer(result)
 
-    @router.get("/jobs/{job_id}", response_model=JobStatus, tags=TAGS)
+    @router.get("/jobs/{job_id}", response_model=JobStatus, tags=TAGS, responses=NO_JOBS)
     async def status(job_id: JobId):
         """The job's status, samples done, and its manifest once it succeeded."""
         require()
         return answer(await backend.job_status(job_id))
 
-    @router.delete("/jobs/{job_id}", response_model=JobStatus, status_code=202, tags=TAGS)
+    @router.delete("/jobs/{job_id}", response_model=JobStatus, status_code=202, tags=TAGS, responses={
+        202: {"description": "Cancellation asked: status turns cancelled once the job has stopped."},
+        200: {"model": JobStatus, "description": "The job had already ended: left as it is."},
+        409: {"model": ErrorBody, "description": "job_runs_elsewhere: another process (a `genmodels generate` "
+                                                 "command, a Prefect run) runs the job; stop it there."},
+        **NO_JOBS})
     async def cancel(job_id: JobId):
         """Ask the job to stop (202; ``status`` turns ``cancelled`` once it has); completed shards are
         kept. A job already ended is left as it is (200); one run by another process (a

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import base64
 import copy
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from genmodels.images import image_pngs
+from serving.api.schemas import max_array_images
 
 MODEL_ROUTE = "/v1/models/{{name}}/{route}"
 #: route -> (method, request schema name or None, which served models answer it)
@@ -36,6 +36,9 @@ ROUTES: dict[str, tuple[str, str | None, Callable[[Mapping[str, Any]], bool]]] =
     "analogies": ("post", "AnalogyRequest", lambda m: bool(m.get("has_analogies"))),
     "complete": ("post", "CompleteRequest", lambda m: bool(m.get("can_complete"))),
 }
+#: route -> the request field that sets how many images a route answers (None: the analogies, one
+#: per class of the model), for the routes that can answer ``format: "array"``.
+ARRAY_COUNTS: dict[str, str | None] = {"samples": "n", "interpolate": "steps", "analogies": None, "complete": "n"}
 #: The label fields of each request body, and the grid's query parameter.
 LABEL_FIELDS = {"SampleRequest": "labels", "InterpolateRequest": "label", "AnalogyRequest": "label",
                 "CompleteRequest": "labels", "JobRequest": "labels"}
@@ -43,6 +46,16 @@ BASE64 = r"^[A-Za-z0-9+/]*={0,2}$"
 #: A path below an output root without "." / ".." segments, whitespace or other odd characters:
 #: a subset of what the server accepts, so every match is accepted.
 OUTPUT_TAIL = r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*/)*[A-Za-z0-9_-][A-Za-z0-9._-]*"
+#: The characters special in a regular expression of both Python's ``re`` and ECMA-262 (its
+#: SyntaxCharacter): JSON-Schema validators (Ajv) compile patterns as ECMA-262 with the ``u`` flag,
+#: where escaping any other character (``re.escape``'s ``\-``, ``\~``, ``\#``) is a syntax error.
+_SYNTAX_CHARACTERS = frozenset("\\^$.|?*+()[]{}")
+
+
+def literal_pattern(text: str) -> str:
+    """A regular expression matching ``text`` literally, the same in Python's ``re`` and in
+    ECMA-262 with the ``u`` flag."""
+    return "".join("\\" + c if c in _SYNTAX_CHARACTERS else c for c in text)
 
 
 def served_openapi(spec: Mapping[str, Any], models: Sequence[Mapping[str, Any]],
@@ -76,6 +89,8 @@ def served_openapi(spec: Mapping[str, Any], models: Sequence[Mapping[str, Any]],
         if route == "complete":
             tallest = max(m["image_shape"][1] for m in eligible)
             _bound_integers(schema.get("properties", {}).get("known_rows", {}), tallest - 1)
+        if route in ARRAY_COUNTS and "format" in schema.get("properties", {}):
+            _array_limits(schema["properties"], ARRAY_COUNTS[route], eligible)
         _example(operation, _request_example(route, eligible[0]))
     if job_limits is not None:
         _narrow_jobs(out, schemas, models, job_limits)
@@ -95,6 +110,21 @@ def _bound_integers(schema: dict[str, Any], maximum: int) -> None:
         _bound_integers(branch, maximum)
     if isinstance(schema.get("items"), dict):
         _bound_integers(schema["items"], maximum)
+
+
+def _array_limits(properties: dict[str, Any], field: str | None, models: Sequence[Mapping[str, Any]]) -> None:
+    """The ``format`` description says, per model, what ``format: "array"`` allows of it: the
+    bound depends on each model's image size, which one schema for them all cannot say otherwise."""
+    if field is None:
+        over = [m["name"] for m in models if int(m.get("num_classes") or 0) > max_array_images(m["image_shape"])]
+        note = f"png only for the analogies of {', '.join(over)}" if over else "every model's analogies fit array"
+    else:
+        cap = properties.get(field, {}).get("maximum")
+        limits = [(m["name"], max_array_images(m["image_shape"])) for m in models]
+        note = f"the largest {field} with array: " + ", ".join(
+            f"{name} {largest if cap is None else min(largest, int(cap))}" for name, largest in limits)
+    target = properties["format"]
+    target["description"] = f"{target.get('description', '')} On this server, {note}.".lstrip()
 
 
 def _png_field(schema: dict[str, Any]) -> None:
@@ -134,7 +164,7 @@ def _narrow_jobs(spec: dict[str, Any], schemas: dict[str, Any], models: Sequence
         _bound_integers(job["n"], int(limits["max_samples"]))
     roots = [str(r) for r in limits.get("output_roots") or []]
     if "output" in job and roots:
-        job["output"]["pattern"] = "^(?:" + "|".join(re.escape(r.rstrip("/") + "/") for r in roots) + ")" \
+        job["output"]["pattern"] = "^(?:" + "|".join(literal_pattern(r.rstrip("/") + "/") for r in roots) + ")" \
                                    + OUTPUT_TAIL + "$"
     if not models:
         return

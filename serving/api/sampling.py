@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import secrets
 from typing import Annotated, Any
 
@@ -12,7 +13,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from genmodels.images import grid_png, image_pngs
+from serving.api.openapi import ARRAY_COUNTS, ROUTES
 from serving.api.schemas import (
+    MAX_ARRAY_VALUES,
     MAX_SAMPLES,
     RANDOM_SEED_BOUND,
     AnalogyRequest,
@@ -28,7 +31,9 @@ from serving.api.schemas import (
     SampleResponse,
     SeedQuery,
     TemperatureQuery,
+    max_array_images,
 )
+from serving.errors import RequestError
 
 
 def image_png(image: np.ndarray) -> bytes:
@@ -46,6 +51,35 @@ async def _encoded(out: dict[str, Any], fmt: str) -> dict[str, Any]:
     # In a thread: PNG encoding (or 200k floats to a list) of n=256 images takes 20-100 ms, which
     # on the event loop would stall every other request of this replica meanwhile.
     return {**out, "images": await asyncio.to_thread(encode_images, out["images"], fmt)}
+
+
+async def refuse_large_arrays(backend, route: str, name: str, body: Any) -> None:
+    """422 ``array_too_large``, before anything is sampled, when ``body`` asks ``route`` of model
+    ``name`` for a ``format: "array"`` answer of more than :data:`MAX_ARRAY_VALUES` values."""
+    if body.format != "array":
+        return
+    # One more call to the sampler for array requests only: the image size is the model's, and
+    # what its answer would cost must be known before it is drawn.
+    model = next((m for m in await backend.describe() if m.get("name") == name), None)
+    if model is None or not ROUTES[route][2](model):
+        return  # the sampling call's own refusal says more: not served (404, 503), not answering the route
+    field = ARRAY_COUNTS[route]
+    count = int(model.get("num_classes") or 0) if field is None else getattr(body, field)
+    shape = [int(v) for v in model["image_shape"]]
+    largest = max_array_images(shape)
+    if count <= largest:
+        return
+    size = "x".join(map(str, shape))
+    if field is None:
+        advice = "its analogies are one image per class"
+    elif largest == 0:
+        advice = "not one of its images fits"
+    else:
+        advice = f"{field} may be at most {largest} with format=array"
+    raise RequestError(422, "array_too_large", f"{name}'s format=array answer would carry {count} x {size} = "
+                                               f"{count * math.prod(shape):_} values, more than the "
+                                               f"{MAX_ARRAY_VALUES:_} one answer may carry: {advice}; ask "
+                                               "format=png (base64 PNGs) instead")
 
 
 def _observed(request: Request, out: dict[str, Any], n: int) -> dict[str, Any]:
@@ -79,6 +113,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
     @router.post("/models/{name}/samples", response_model=SampleResponse, tags=["sampling"])
     async def samples(request: Request, name: ModelName, body: SampleRequest):
         """n images of the model's current version; the same seed gives the same images."""
+        await refuse_large_arrays(backend, "samples", name, body)
         out = await sample(request, name, body.n, body.seed, body.labels, body.temperature)
         return await _encoded(out, body.format)
 
@@ -97,6 +132,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
         """steps images along the slerp between seed_a's and seed_b's latent points (VAE, CVAE, GAN;
         a latent mixture's walk goes between the two samples' latents, without a jump); the ends
         are the first sample of seed_a and of seed_b."""
+        await refuse_large_arrays(backend, "interpolate", name, body)
         out = await backend.interpolate({"model": name, "seed_a": body.seed_a, "seed_b": body.seed_b,
                                          "steps": body.steps, "label": body.label, "temperature": body.temperature})
         _observed(request, out, body.steps)
@@ -106,6 +142,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
     async def analogies(request: Request, name: ModelName, body: AnalogyRequest):
         """The style of a given image (of class ``label``) drawn as every class (CVAE only): the
         image's posterior mean decoded with each label; image ``label`` is its reconstruction."""
+        await refuse_large_arrays(backend, "analogies", name, body)
         out = await backend.analogies({"model": name, "image": body.image, "label": body.label})
         _observed(request, out, len(out["images"]))
         return await _encoded(out, body.format)
@@ -115,6 +152,7 @@ def add_sampling_routes(router: APIRouter, backend) -> None:
         """n completions of a partly known image, drawn exactly from p(unknown | known): PixelRNN
         completes everything below ``known_rows``; a mixture completes any ``mask``. The same
         seed gives the same completions."""
+        await refuse_large_arrays(backend, "complete", name, body)
         out = await backend.complete({"model": name, "image": body.image, "known_rows": body.known_rows,
                                       "mask": body.mask, "n": body.n, "seed": _seed(body.seed),
                                       "temperature": body.temperature, "labels": body.labels})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
@@ -15,9 +17,27 @@ from serving.jobs import JobState
 MAX_SAMPLES = MAX_REQUEST_SAMPLES
 MAX_STEPS = 64
 MAX_COMPLETIONS = 64
+#: Values (images x C x H x W) one ``format: "array"`` answer may carry: each leaves as a Python
+#: float, then ~19 bytes of JSON text. 256 RGB 128x128 images (12.6M values) made a 243 MB body
+#: and +1.1 GB of ingress memory; at this bound 81 MB and +380 MB, while n=256 Fashion-MNIST
+#: (200_704 values) and 3x64x64 (3.1M) images still fit. PNGs (~1 byte per value) have no such bound.
+MAX_ARRAY_VALUES = 2**22
 #: Seeds the server picks stay below 2**53 so that every JSON client (JavaScript included)
 #: reads them back exactly; explicit seeds may use the whole [0, 2**63-1].
 RANDOM_SEED_BOUND = 2**53
+
+
+def max_array_images(image_shape: Sequence[int]) -> int:
+    """The most images of ``image_shape`` (C, H, W) one ``format: "array"`` answer may carry."""
+    return MAX_ARRAY_VALUES // math.prod(int(v) for v in image_shape)
+
+
+def _format(count: str) -> Any:
+    """The ``format`` field of a body answering ``count`` images."""
+    return Field(default="png", description=f"png: base64 PNG per image; array: floats in [0, 1] shaped [{count}, "
+                                             f"C, H, W], at most {MAX_ARRAY_VALUES:_} values ({count} x C x H x W) "
+                                             "per answer: more is refused (422), ask png.")
+
 
 # --- field types: JSON bodies are strict (a string is not a number) ----------------------------
 # `lt`, not `le=MAX_SEED`: FastAPI writes body-schema bounds as floats, and 2**63 - 1 as a float is
@@ -52,8 +72,7 @@ class SampleRequest(_Strict):
         default=None, description="One class for every image or one per image (conditional models only; "
                                   "omitted on a conditional model: image i gets class i % num_classes).")
     temperature: Temperature = 1.0
-    format: ImageFormat = Field(default="png", description="png: base64 PNG per image; array: "
-                                                           "floats in [0, 1] shaped [n, C, H, W].")
+    format: ImageFormat = _format("n")
 
 
 class SampleResponse(BaseModel):
@@ -69,7 +88,7 @@ class InterpolateRequest(_Strict):
     steps: Annotated[StrictInt, Field(ge=2, le=MAX_STEPS)] = 10
     label: Label | None = None
     temperature: Temperature = 1.0
-    format: ImageFormat = "png"
+    format: ImageFormat = _format("steps")
 
 
 class InterpolateResponse(BaseModel):
@@ -84,8 +103,7 @@ class AnalogyRequest(_Strict):
     image: str = Field(description="base64 PNG of the model's size: 8-bit (or 1-bit) grey for 1-channel models, "
                                    "8-bit RGB for 3-channel ones; values / 255 are rounded onto the model's grid.")
     label: Label = Field(description="The class the image shows.")
-    format: ImageFormat = Field(default="png", description="png: base64 PNG per image; array: floats "
-                                                           "in [0, 1] shaped [num_classes, C, H, W].")
+    format: ImageFormat = _format("num_classes")
 
 
 class AnalogyResponse(BaseModel):
@@ -108,8 +126,7 @@ class CompleteRequest(_Strict):
     seed: Seed | None = Field(default=None, description="Omitted: a random seed, returned in the response.")
     temperature: Temperature = 1.0
     labels: Label | None = Field(default=None, description="The image's class (conditional models only).")
-    format: ImageFormat = Field(default="png", description="png: base64 PNG per completion; array: "
-                                                           "floats in [0, 1] shaped [n, C, H, W].")
+    format: ImageFormat = _format("n")
 
 
 class CompleteResponse(BaseModel):

@@ -237,3 +237,78 @@ def test_with_an_api_key_a_request_without_it_is_401_whatever_its_body(body, cty
     r = client.post("/v1/models/m/samples", content=body, headers={"content-type": ctype,
                                                                     "authorization": "Bearer k"})
     assert (r.status_code, r.json()["error"]) == (400, "invalid_json"), r.text
+
+
+class _Sized:
+    """Models of several image sizes, each route recording what it was asked to draw."""
+
+    MODELS = {"big": ([3, 256, 256], 22), "fashion": ([1, 28, 28], 10), "rgb64": ([3, 64, 64], 10),
+              "rgb128": ([3, 128, 128], 10)}
+
+    def __init__(self) -> None:
+        self.drawn: list[str] = []
+
+    async def describe(self):
+        return [{"name": name, "family": "cvae", "version": "1", "conditional": True, "num_classes": classes,
+                 "image_shape": shape, "metrics": {}, "can_interpolate": True, "has_analogies": True,
+                 "can_complete": True} for name, (shape, classes) in self.MODELS.items()]
+
+    def _answer(self, route, request, **out):
+        # One image whatever the count: the bound is checked before anything is drawn, and this
+        # keeps a test of a 3.1M-value request from encoding one.
+        self.drawn.append(route)
+        shape = self.MODELS[request["model"]][0]
+        return {"model": request["model"], "version": "1", **out, "images": np.zeros((1, *shape), np.float32)}
+
+    async def sample(self, request):
+        return self._answer("samples", request, seed=request["seed"])
+
+    async def interpolate(self, request):
+        return self._answer("interpolate", request, seed_a=0, seed_b=1)
+
+    async def analogies(self, request):
+        return self._answer("analogies", request, label=0)
+
+    async def complete(self, request):
+        return self._answer("complete", request, seed=0)
+
+
+_ARRAY_ROUTES = {
+    "samples": lambda c, name, count, fmt: c.post(f"/v1/models/{name}/samples",
+                                                  json={"n": count, "seed": 0, "format": fmt}),
+    "interpolate": lambda c, name, count, fmt: c.post(f"/v1/models/{name}/interpolate",
+                                                      json={"seed_a": 0, "seed_b": 1, "steps": count, "format": fmt}),
+    "analogies": lambda c, name, count, fmt: c.post(f"/v1/models/{name}/analogies",
+                                                    json={"image": _IMAGE, "label": 0, "format": fmt}),
+    "complete": lambda c, name, count, fmt: c.post(f"/v1/models/{name}/complete",
+                                                   json={"image": _IMAGE, "known_rows": 1, "n": count, "format": fmt}),
+}
+
+
+@pytest.mark.parametrize("route, field", [("samples", "n"), ("interpolate", "steps"), ("analogies", None),
+                                          ("complete", "n")])
+def test_an_array_answer_over_the_value_bound_is_422_naming_the_largest_count_before_sampling(route, field):
+    # big: 3x256x256 = 196_608 values an image, 21 of them fit in 2**22; 22 classes do not.
+    backend = _Sized()
+    client = TestClient(create_api(backend))
+    r = _ARRAY_ROUTES[route](client, "big", 22, "array")
+    assert (r.status_code, r.json()["error"]) == (422, "array_too_large"), r.text
+    detail = r.json()["detail"]
+    assert "22 x 3x256x256 = 4_325_376 values" in detail and "format=png" in detail, detail
+    assert (f"{field} may be at most 21 with format=array" if field else "one image per class") in detail, detail
+    assert backend.drawn == []  # refused before anything was drawn
+    assert _ARRAY_ROUTES[route](client, "big", 22, "png").status_code == 200  # PNGs have no such bound
+    if field is not None:
+        assert _ARRAY_ROUTES[route](client, "big", 21, "array").status_code == 200
+    assert backend.drawn == [route] * (1 if field is None else 2)
+
+
+@pytest.mark.parametrize("name, n", [("fashion", 256), ("rgb64", 256), ("rgb128", 85)])
+def test_array_answers_within_the_value_bound_are_served(name, n):
+    # 256 Fashion-MNIST images are 200_704 values, 256 of 3x64x64 3.1M; of 3x128x128, 85 fit (86 do not).
+    client = TestClient(create_api(_Sized()))
+    assert _ARRAY_ROUTES["samples"](client, name, n, "array").status_code == 200
+    if name == "rgb128":
+        r = _ARRAY_ROUTES["samples"](client, name, n + 1, "array")
+        assert (r.status_code, r.json()["error"]) == (422, "array_too_large"), r.text
+        assert "n may be at most 85 with format=array" in r.json()["detail"]

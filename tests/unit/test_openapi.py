@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from fastapi.testclient import TestClient
 from genmodels import bulk
 from genmodels.checks import MAX_LABEL
 from serving.api import create_api
+from serving.api.openapi import OUTPUT_TAIL
 from serving.api.schemas import AnalogyRequest, CompleteRequest, InterpolateRequest, JobRequest, SampleRequest
 
 ROOT = "file:///srv/gen/outputs/"
@@ -170,13 +174,101 @@ def test_seed_bounds_admit_exactly_the_seeds_the_server_accepts(served):
         SampleRequest(seed=MAX_SEED + 1)
 
 
+#: What a job route answers beyond the statuses of every operation, and the body it answers with:
+#: POST 409 output_in_use (another job writes to that output), DELETE 200 (the job had already
+#: ended) and 409 job_runs_elsewhere (a `genmodels generate` process runs it); 501 below.
+JOB_STATUSES = {("post", "/v1/jobs"): {"202": "JobAccepted", "409": "ErrorBody", "429": "ErrorBody"},
+                ("delete", "/v1/jobs/{job_id}"): {"200": "JobStatus", "202": "JobStatus", "409": "ErrorBody"}}
+
+
+class _NoJobs:
+    """A server without a Jobs deployment: every job route answers 501."""
+
+    async def describe(self):
+        return MODELS
+
+
+def _documented(operation, status):
+    body = operation["responses"].get(status, {}).get("content", {}).get("application/json", {})
+    return body.get("schema", {}).get("$ref", "").removeprefix("#/components/schemas/")
+
+
 def test_every_operation_documents_the_error_bodies_it_may_answer():
     """Malformed JSON (400), a fault (500) and an unavailable replica or model (503) answer with
-    the same ErrorBody as a refusal: a client generated from the schema must know them all."""
+    the same ErrorBody as a refusal: a client generated from the schema must know them all, and
+    the job routes' own statuses too."""
     spec = _spec()
     operations = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
     assert len(operations) > 5
     for path, method, operation in operations:
         for status in ("400", "404", "422", "500", "503"):
-            body = operation["responses"].get(status, {}).get("content", {}).get("application/json", {})
-            assert body.get("schema") == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+            assert _documented(operation, status) == "ErrorBody", (method, path, status)
+    for (method, path), statuses in JOB_STATUSES.items():
+        for status, schema in statuses.items():
+            assert _documented(spec["paths"][path][method], status) == schema, (method, path, status)
+    # Every job route of a server without the Jobs deployment answers 501: each must say so.
+    client = TestClient(create_api(_NoJobs()))
+    job_operations = [(path, method, op) for path, method, op in operations if path.startswith("/v1/jobs")]
+    assert len(job_operations) == 4
+    for path, method, operation in job_operations:
+        body = {"model": "d-vae", "n": 1, "seed": 0, "output": ROOT + "a"} if method == "post" else None
+        r = client.request(method, path.replace("{job_id}", "j1"), json=body)
+        assert (r.status_code, r.json()["error"]) == (501, "not_implemented"), (method, path, r.text)
+        assert _documented(operation, "501") == "ErrorBody", (method, path)
+
+
+#: Output roots with characters ``re.escape`` escapes although neither Python's ``re`` nor ECMA-262
+#: needs it (``\-`` outside a class is a syntax error in ECMA-262 with the ``u`` flag).
+ODD_ROOTS = ["s3://genmodels-outputs/", "file:///srv/a~b/#1 & 2/", "s3://bucket.eu/c++(x)[y]{z}|a^b$?*\\/"]
+#: What a pattern may escape: the syntax characters of both engines, and "/".
+ESCAPABLE = set("\\^$.|?*+()[]{}/")
+
+
+def _output_pattern(roots) -> str:
+    class Roots(_Backend):
+        async def job_limits(self):
+            return {"output_roots": roots, "max_samples": 4096}
+
+    return _spec(Roots())["components"]["schemas"]["JobRequest"]["properties"]["output"]["pattern"]
+
+
+def test_the_output_pattern_means_the_same_in_python_and_ecma_262():
+    pattern = _output_pattern(ODD_ROOTS)
+    assert not {m for m in re.findall(r"\\(.)", pattern) if m not in ESCAPABLE}, pattern
+    # What re.escape's pattern matched, and only that.
+    before = re.compile("^(?:" + "|".join(re.escape(r.rstrip("/") + "/") for r in ODD_ROOTS) + ")"
+                        + OUTPUT_TAIL + "$")
+    tails = ["a", "run-1/part.2", "", "../x", "a b", "a/./b"]
+    near = [r[:-2] + "/" for r in ODD_ROOTS] + [r.replace(".", "x").replace("-", "_") for r in ODD_ROOTS]
+    for path in [root + tail for root in ODD_ROOTS + near for tail in tails]:
+        assert bool(re.match(pattern, path)) == bool(before.match(path)), path
+    assert re.match(pattern, ODD_ROOTS[1] + "a") and not re.match(pattern, "file:///srv/a~b/#1 & 3/a")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_output_pattern_compiles_and_matches_as_json_schema_validators_read_it():
+    # Ajv (and other JSON-Schema validators in JavaScript) compile a pattern with the "u" flag.
+    pattern = _output_pattern(ODD_ROOTS)
+    paths = [ODD_ROOTS[0] + "run-1/x.npz", ODD_ROOTS[1] + "a", ODD_ROOTS[2] + "b", ODD_ROOTS[0] + "../x",
+             "s3://genmodels-outputsX/a"]
+    script = ("const [p, ...paths] = JSON.parse(process.argv[1]); const r = new RegExp(p, 'u');"
+              "console.log(JSON.stringify(paths.map((s) => r.test(s))));")
+    out = subprocess.run(["node", "-e", script, json.dumps([pattern, *paths])], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [bool(re.match(pattern, s)) for s in paths] == [True, True, True, False, False]
+
+
+def test_the_format_field_says_the_largest_array_answer_of_each_served_model():
+    from serving.api.schemas import MAX_ARRAY_VALUES
+
+    # 3x128x128: 85 images fit in an array answer; 3x256x256 with 22 classes: its analogies do not.
+    models = [_model("d-vae", "vae"), _model("rgb", "vae", shape=(3, 128, 128)),
+              _model("big-cvae", "cvae", classes=22, shape=(3, 256, 256)), _model("d-rnn", "pixelrnn", shape=(1, 8, 8))]
+    schemas = _spec(_Backend(models))["components"]["schemas"]
+    described = {body: schemas[body]["properties"]["format"]["description"]
+                 for body in ("SampleRequest", "InterpolateRequest", "AnalogyRequest", "CompleteRequest")}
+    assert all(f"{MAX_ARRAY_VALUES:_} values" in text for text in described.values()), described
+    assert described["SampleRequest"].endswith("the largest n with array: d-vae 256, rgb 85, big-cvae 21, d-rnn 256.")
+    assert described["InterpolateRequest"].endswith("the largest steps with array: d-vae 64, rgb 64, big-cvae 21.")
+    assert described["AnalogyRequest"].endswith("png only for the analogies of big-cvae.")
+    assert described["CompleteRequest"].endswith("the largest n with array: d-rnn 64.")
