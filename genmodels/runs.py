@@ -67,14 +67,16 @@ def saw_test_images(trained_on: Snapshot, scored_on: Snapshot) -> bool:
     ``scored_on``'s test split that ``scored_on``'s own model did not: its metric there would be
     optimistic. Sources without their own test split (digits, image folders) draw it from the
     seed and the image count, so another seed or a grown folder moves test images into training.
-    A dataset's own repeats (an image in both its train and test files) count for both alike."""
+    A dataset's own repeats (an image in both its train and test files) are no such image: both
+    models saw it. Compared image by image, not in counts: repeats the candidate saw do not
+    offset test images only the champion saw."""
     def rows(*splits) -> set[bytes]:
         return {hashlib.sha256(row.tobytes()).digest() for split in splits for row in split.x}
 
     test = [hashlib.sha256(row.tobytes()).digest() for row in scored_on.splits["test"].x]
     seen = rows(trained_on.splits["train"], trained_on.splits["val"])
     own = rows(scored_on.splits["train"], scored_on.splits["val"])
-    return sum(h in seen for h in test) > sum(h in own for h in test)
+    return any(h in seen and h not in own for h in test)
 
 
 def load_snapshot(storage: Storage, prefix: str) -> Snapshot:

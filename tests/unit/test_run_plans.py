@@ -3,6 +3,7 @@ started with (model config, training config, snapshot), the invocation's budget 
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,25 @@ def test_a_champion_that_trained_on_the_candidates_test_images_is_not_scored_on_
     assert not runs.saw_test_images(first, first)
     again = prepare("digits", None, PrepConfig(seed=0, val_size=0.2))  # another validation share, same test split
     assert not runs.saw_test_images(first, again) and not runs.saw_test_images(again, first)
+
+
+def test_test_images_only_the_champion_saw_are_not_offset_by_repeats_the_candidate_saw():
+    from types import SimpleNamespace
+
+    from genmodels.data.prep import Split
+
+    def snapshot(train, test):
+        def split(ids):
+            x = np.array(ids, dtype=np.uint8).reshape(-1, 1, 1, 1)
+            return Split(x, np.zeros(len(ids), dtype=np.int64))
+        return SimpleNamespace(splits={"train": split(train), "val": split([]), "test": split(test)})
+
+    # The candidate's source repeats test images 1 and 2 in its training images; the champion
+    # trained on test image 3, which the candidate never saw.
+    candidate = snapshot(train=[1, 2, 9], test=[1, 2, 3, 4])
+    champion = snapshot(train=[3, 8], test=[5])
+    assert runs.saw_test_images(champion, candidate)
+    assert not runs.saw_test_images(snapshot(train=[1, 2, 8], test=[5]), candidate)  # repeats both saw
 
 
 @pytest.mark.parametrize("damage", [b"not a checkpoint", None], ids=["garbage", "truncated"])
