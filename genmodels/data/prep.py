@@ -40,7 +40,7 @@ QUANTIZATIONS = {"binary": 2, "8bit": 256}
 MANIFEST = "manifest.json"
 # Distinct sub-streams of one seed, so changing e.g. the val size never changes how the
 # test split is binarized.
-_STREAM_TEST_SPLIT, _STREAM_VAL_SPLIT = 0, 1
+_STREAM_TEST_SPLIT, _STREAM_VAL_SPLIT, _STREAM_TEST_ORDER = 0, 1, 5
 _STREAM_BINARIZE = {"train": 2, "val": 3, "test": 4}
 # Zip entries get this fixed timestamp: np.savez stamps the current time, which would make
 # the same arrays give different bytes on every write.
@@ -267,7 +267,9 @@ def prepare(dataset: str, location: str | None = None, prep: PrepConfig = PrepCo
 
     if raw.has_test:
         pool = np.arange(n)
-        x_test, y_test = raw.x_test, raw.y_test
+        test_order = (np.arange(len(raw.y_test)) if raw.mixed_order else
+                      np.random.default_rng([prep.seed, _STREAM_TEST_ORDER]).permutation(len(raw.y_test)))
+        x_test, y_test = raw.x_test[test_order], raw.y_test[test_order]
     else:
         n_test = _count(prep.test_size, n, "test_size", where)
         if n_test == 0:
@@ -275,7 +277,9 @@ def prepare(dataset: str, location: str | None = None, prep: PrepConfig = PrepCo
             raise DataError(f"{where}: test_size={prep.test_size!r} leaves no test split (the source has none "
                             "of its own); every evaluation needs one")
         perm = np.random.default_rng([prep.seed, _STREAM_TEST_SPLIT]).permutation(n)
-        test_idx, pool = np.sort(perm[:n_test]), perm[n_test:]
+        test_idx, pool = perm[:n_test], perm[n_test:]
+        if raw.mixed_order:
+            test_idx = np.sort(test_idx)
         x_test, y_test = raw.x[test_idx], raw.y[test_idx]
 
     n_val = _count(prep.val_size, len(pool), "val_size", where)
@@ -283,8 +287,12 @@ def prepare(dataset: str, location: str | None = None, prep: PrepConfig = PrepCo
     val_idx, train_idx = order[:n_val], order[n_val:]
     if prep.max_train is not None:
         train_idx = train_idx[: prep.max_train]  # a random subset: `order` is shuffled
-    # Sorted indices keep the source order inside each split (the loader shuffles train).
-    val_idx, train_idx = np.sort(val_idx), np.sort(train_idx)
+    # The caps that take a split's first examples (max_train_examples, max_val_examples, a quick
+    # evaluation's first test images) need an order that mixes the classes: a mixed source keeps
+    # its own inside each split, any other keeps the seeded shuffle (a folder's first 500 training
+    # images were its first four classes). The loader shuffles train either way.
+    if raw.mixed_order:
+        val_idx, train_idx = np.sort(val_idx), np.sort(train_idx)
 
     parts = {
         "train": (raw.x[train_idx], raw.y[train_idx]),

@@ -57,6 +57,10 @@ class RawDataset:
     #: sha256 over the source's bytes (per-file digests, in name order): provenance only.
     source_sha256: str = ""
     files: list[str] = field(default_factory=list)
+    #: The examples come in an order that already mixes the classes (a published dataset's own
+    #: order), kept inside each split. A folder is listed class by class and arrays come as their
+    #: owner saved them: their splits are stored shuffled instead (genmodels.data.prep.prepare).
+    mixed_order: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -215,6 +219,7 @@ def read_fashion_mnist(location: str | None = None) -> RawDataset:
     return RawDataset(
         "fashion-mnist", x, y, list(FASHION_MNIST_CLASSES), x_test, y_test,
         location=storage.url, source_sha256=_digest(named), files=[storage.url_for(n) for n, _ in named],
+        mixed_order=True,
     )
 
 
@@ -233,6 +238,7 @@ def read_digits(location: str | None = None) -> RawDataset:
     return RawDataset(
         "digits", x, y, [str(int(c)) for c in bunch.target_names],
         location="sklearn.datasets.load_digits", source_sha256=_digest([("x", x.tobytes()), ("y", y.tobytes())]),
+        mixed_order=True,
     )
 
 

@@ -686,3 +686,57 @@ def test_unfinished_snapshot_is_not_read(tmp_path, digits_snapshot):
     storage.delete(prefix + "manifest.json")
     with pytest.raises(FileNotFoundError, match="missing manifest"):
         read_snapshot(storage, prefix)
+
+
+# --- split order: the caps take a split's first examples -------------------------------------
+def _classes_in(y: np.ndarray, n: int) -> set[int]:
+    return set(np.asarray(y[:n]).tolist())
+
+
+def test_a_class_sorted_source_stores_its_splits_shuffled_so_the_caps_see_every_class(tmp_path):
+    """max_train_examples / max_val_examples / a quick evaluation's first test images take a
+    split's first examples: a source saved class by class (a folder lists so) must not give them
+    its first classes only. Prepared again, the same order (the seed decides it)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 60)  # class by class
+    x = rng.integers(0, 256, (len(y), 4, 4), dtype=np.uint8)
+    y_test = np.repeat(np.arange(10), 20)
+    x_test = rng.integers(0, 256, (len(y_test), 4, 4), dtype=np.uint8)
+    own_test = tmp_path / "own.npz"
+    np.savez(own_test, x=x, y=y, x_test=x_test, y_test=y_test)
+    carved = tmp_path / "carved.npz"
+    np.savez(carved, x=x, y=y)
+    for path in (own_test, carved):
+        snapshot = prepare("npz", str(path), PrepConfig(val_size=0.1))
+        for name, first in (("train", 60), ("val", 30), ("test", 50)):
+            assert _classes_in(snapshot.splits[name].y, first) == set(range(10)), (path.name, name)
+        again = prepare("npz", str(path), PrepConfig(val_size=0.1))
+        assert again.hash == snapshot.hash
+        for name in ("train", "val", "test"):
+            np.testing.assert_array_equal(again.splits[name].x, snapshot.splits[name].x)
+    # The same examples as before, only in another order: nothing lost or repeated.
+    split = prepare("npz", str(own_test), PrepConfig(val_size=0.1)).splits
+    assert sorted(map(bytes, np.concatenate([split["train"].x, split["val"].x]))) == sorted(
+        map(bytes, x[:, None]))
+    assert sorted(map(bytes, split["test"].x)) == sorted(map(bytes, x_test[:, None]))
+
+
+def test_a_folder_listed_class_by_class_is_stored_shuffled(tmp_path):
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(("ant", "bee", "cat", "dog")):
+        for i in range(12):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f"{i:02d}.png").write_bytes(png_bytes(rng.integers(0, 256, (4, 4), dtype=np.uint8)))
+    snapshot = prepare("folder", str(tmp_path), PrepConfig(val_size=8, test_size=8))
+    assert _classes_in(snapshot.splits["train"].y, 16) == {0, 1, 2, 3}  # listed in order: all "ant"
+
+
+def test_mixed_sources_keep_their_own_order_inside_each_split():
+    """Digits and Fashion-MNIST come mixed: their splits keep the source order (and the
+    snapshots, hence every recorded figure, stay as they were)."""
+    raw = load_source("digits")
+    snapshot = prepare("digits", None, PrepConfig())
+    position = {bytes(row): i for i, row in enumerate(raw.x)}
+    for name in ("train", "val", "test"):
+        where = [position[bytes(row)] for row in snapshot.splits[name].x]
+        assert where == sorted(where), name
