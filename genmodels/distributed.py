@@ -78,6 +78,12 @@ class RayTrainContext(TrainingContext):
             with open(os.path.join(directory, CHECKPOINT_KEY), "rb") as f:
                 return load_resume_state(f.read(), checkpoint_url(checkpoint))
 
+    def state_url(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else checkpoint_url(checkpoint)
+
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         import ray.train
 
@@ -282,15 +288,17 @@ def train_on_ray(
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    where = checkpoint_url(result.checkpoint)
     with result.checkpoint.as_directory() as directory:
         with open(os.path.join(directory, CHECKPOINT_KEY), "rb") as f:
-            state = load_training_state(f.read(), checkpoint_url(result.checkpoint))
+            state = load_training_state(f.read(), where)
     ts = state["train_state"]
     # The workers' models die with them: finish the checkpoint's weights here, on the driver's
     # CPU (it may hold no accelerator, and the fit is one pass of inference).
     history = list(ts["history"])
     train_result = TrainResult(
-        model=shipped_model(state, snapshot, torch.device("cpu")), history=history, epochs_completed=len(history),
+        model=shipped_model(state, snapshot, torch.device("cpu"), where=where), history=history,
+        epochs_completed=len(history),
         best_val_loss=None if ts["best_val"] == float("inf") else float(ts["best_val"]),
         stopped_early=early_stop_reached(train_cfg, ts.get("best_state_dict"), int(ts["bad_epochs"])),
         resumed_from_epoch=int(ts.get("resumed_from_epoch", 0)),

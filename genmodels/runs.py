@@ -32,8 +32,8 @@ from genmodels.data import PrepConfig, Snapshot, prepare, read_snapshot, snapsho
 from genmodels.models import checkpoint_bytes, initial_model, load_checkpoint, model_from_checkpoint
 from genmodels.models.base import GenerativeModel
 from genmodels.storage import Storage
-from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, LocalContext, TrainConfig, TrainResult, load_resume_state,
-                                preset_configs, resolve_device, train)
+from genmodels.training import (RESUME_FREE_TRAIN_FIELDS, START_OVER, UNFITTING_STATE_ERRORS, LocalContext, TrainConfig,
+                                TrainResult, load_resume_state, preset_configs, resolve_device, train, unresumable)
 
 ONNX_PREFIX = "onnx"
 
@@ -188,25 +188,32 @@ def _check_resumable(run: Storage, model: GenerativeModel, train_cfg: TrainConfi
         return
     where = run.url_for("checkpoint.pt")
     saved = load_resume_state(run.get_bytes("checkpoint.pt"), where)
+    if saved["family"] != model.family:
+        raise ValueError(f"{where} was trained with another model config "
+                         f"(family {saved['family']!r} -> {model.family!r}); {START_OVER}")
     # Compared as configs, not dicts: a checkpoint written before a field with a default was
-    # added has the same config and resumes.
-    if saved["family"] != model.family or model.config_class.from_dict(saved["config"]) != model.config:
+    # added has the same config and resumes. One written by a version with fields this one lacks
+    # builds none.
+    try:
+        then_model = model.config_class.from_dict(saved["config"])
+    except UNFITTING_STATE_ERRORS as exc:
+        raise unresumable(where, f"its {model.family} model config", exc) from exc
+    if then_model != model.config:
         # Named like the training config's below: a bare "another model config" leaves the user to
         # diff the configs by hand (a preset whose model changed between versions, say).
-        if saved["family"] != model.family:
-            changed = [f"family {saved['family']!r} -> {model.family!r}"]
-        else:
-            then, now = model.config_class.from_dict(saved["config"]).to_dict(), model.config.to_dict()
-            changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now if then[k] != now[k]]
-        raise ValueError(f"{where} was trained with another model config ({', '.join(changed)}); "
-                         "pass --fresh to start over")
+        then, now = then_model.to_dict(), model.config.to_dict()
+        changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now if then[k] != now[k]]
+        raise ValueError(f"{where} was trained with another model config ({', '.join(changed)}); {START_OVER}")
     if saved["meta"].get("snapshot_hash") != meta["snapshot_hash"]:
-        raise ValueError(f"{where} was trained on another dataset snapshot; pass --fresh to start over")
-    then, now = TrainConfig.from_dict(saved["train_state"]["train_config"]).to_dict(), train_cfg.to_dict()
+        raise ValueError(f"{where} was trained on another dataset snapshot; {START_OVER}")
+    try:
+        then = TrainConfig.from_dict(saved["train_state"]["train_config"]).to_dict()
+    except UNFITTING_STATE_ERRORS as exc:
+        raise unresumable(where, "its training config", exc) from exc
+    now = train_cfg.to_dict()
     changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_FREE_TRAIN_FIELDS and then[k] != now[k]]
     if changed:
-        raise ValueError(f"{where} was trained with another training config ({', '.join(changed)}); "
-                         "pass --fresh to start over")
+        raise ValueError(f"{where} was trained with another training config ({', '.join(changed)}); {START_OVER}")
 
 
 def load_model(run: Storage) -> tuple[GenerativeModel, dict[str, Any]]:

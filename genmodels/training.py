@@ -29,7 +29,7 @@ import torch
 
 from genmodels.config import dataclass_from_dict
 from genmodels.data.loader import batches, check_global_batch, num_batches
-from genmodels.models import checkpoint_dict, family_class, model_from_checkpoint
+from genmodels.models import checkpoint_dict, family_class, model_from_checkpoint, one_line
 from genmodels.models.base import GenerativeModel
 from genmodels.noise import derive_seed
 
@@ -142,6 +142,11 @@ class TrainingContext:
         """The last saved training state, or None for a fresh run."""
         return None
 
+    def state_url(self) -> str | None:
+        """Where :meth:`load_state` reads the training state from, for the errors of one that
+        loads but cannot be resumed; None where it reads none."""
+        return None
+
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         """Persist a training state (every worker calls this; the chief's copy counts)."""
 
@@ -159,7 +164,10 @@ class LocalContext(TrainingContext):
     def load_state(self) -> dict[str, Any] | None:
         if self.storage is None or not self.storage.exists(CHECKPOINT_KEY):
             return None
-        return load_resume_state(self.storage.get_bytes(CHECKPOINT_KEY), self.storage.url_for(CHECKPOINT_KEY))
+        return load_resume_state(self.storage.get_bytes(CHECKPOINT_KEY), self.state_url())
+
+    def state_url(self) -> str | None:
+        return None if self.storage is None else self.storage.url_for(CHECKPOINT_KEY)
 
     def save_state(self, state_bytes: bytes, epoch: int, metrics: Mapping[str, float]) -> None:
         if self.storage is not None:
@@ -182,13 +190,36 @@ def load_training_state(data: bytes, where: str | None = None) -> dict[str, Any]
     return state
 
 
+#: How an error about a run's checkpoint ends: the run's option that removes it.
+START_OVER = "pass --fresh to start over"
+
+#: What reading a loaded checkpoint's configs or state into this code's raises where they do not
+#: fit: an unknown or missing config field (ValueError, TypeError), a tensor or entry added or
+#: missing (RuntimeError from ``load_state_dict``, ValueError from an optimizer's, KeyError).
+UNFITTING_STATE_ERRORS = (ValueError, TypeError, KeyError, RuntimeError)
+
+
 def load_resume_state(data: bytes, where: str) -> dict[str, Any]:
     """The saved state a run resumes from. One that cannot be resumed would fail the run on every
     retry until it is removed, so its error says how: the run's ``--fresh`` (local and Ray alike)."""
     try:
         return load_training_state(data, where)
     except ValueError as exc:
-        raise ValueError(f"{exc}; pass --fresh to start over") from exc
+        raise ValueError(f"{exc}; {START_OVER}") from exc
+
+
+def unfitting(where: str | None, what: str, exc: BaseException) -> ValueError:
+    """The error for a checkpoint that loads but does not fit this code (written by another
+    version: a config field renamed or removed, a tensor added or missing), naming the checkpoint
+    (``where``), the part of it that does not fit (``what``) and how (``exc``'s text, on one line)."""
+    detail = f"lacks {exc}" if isinstance(exc, KeyError) else one_line(exc)
+    return ValueError(f"{where or 'checkpoint'}: {what} does not fit this version of genmodels ({detail})")
+
+
+def unresumable(where: str | None, what: str, exc: BaseException) -> ValueError:
+    """:func:`unfitting` for the state a run resumes from: as for one that does not load
+    (:func:`load_resume_state`), every retry would fail alike until it is removed, so it says how."""
+    return ValueError(f"{unfitting(where, what, exc)}; {START_OVER}")
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -301,15 +332,18 @@ def train(
     best_val, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
     saved = ctx.load_state()
     if saved is not None:
-        ts = saved["train_state"]
-        model.load_state_dict(saved["state_dict"])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(ts["optimizers"][name])
-        for name, sched in schedulers.items():
-            sched.load_state_dict(ts["schedulers"][name])
-        history, start_epoch, bad_epochs = list(ts["history"]), int(ts["epoch"]), int(ts["bad_epochs"])
-        if model.validation_selects_weights:
-            best_val, best_state = float(ts["best_val"]), ts.get("best_state_dict")
+        try:
+            ts = saved["train_state"]
+            model.load_state_dict(saved["state_dict"])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(ts["optimizers"][name])
+            for name, sched in schedulers.items():
+                sched.load_state_dict(ts["schedulers"][name])
+            history, start_epoch, bad_epochs = list(ts["history"]), int(ts["epoch"]), int(ts["bad_epochs"])
+            if model.validation_selects_weights:
+                best_val, best_state = float(ts["best_val"]), ts.get("best_state_dict")
+        except UNFITTING_STATE_ERRORS as exc:
+            raise unresumable(ctx.state_url(), f"its {model.family} training state", exc) from exc
     elif is_em:
         _em_initialize(model, train_split, snapshot.image, cfg, ctx, n_train, device)
 
@@ -519,14 +553,22 @@ def finish_training(model: GenerativeModel, snapshot, cfg: TrainConfig, device: 
                                  device=device), cfg.seed)
 
 
-def shipped_model(state: Mapping[str, Any], snapshot, device: torch.device) -> GenerativeModel:
+def shipped_model(state: Mapping[str, Any], snapshot, device: torch.device, *,
+                  where: str | None = None) -> GenerativeModel:
     """What a run ships had it ended at the training ``state`` (a checkpoint): the best epoch's
-    weights where validation selects them, else the last step's, then finished."""
-    model = model_from_checkpoint(state)
-    ts = state["train_state"]
-    if model.validation_selects_weights and ts.get("best_state_dict") is not None:
-        model.load_state_dict(ts["best_state_dict"])
-    finish_training(model, snapshot, TrainConfig.from_dict(ts["train_config"]), device)
+    weights where validation selects them, else the last step's, then finished. ``where``: the
+    URL the state was read from, which its errors name."""
+    model = model_from_checkpoint(state, where=where)
+    try:
+        ts = state["train_state"]
+        if model.validation_selects_weights and ts.get("best_state_dict") is not None:
+            model.load_state_dict(ts["best_state_dict"])
+        train_cfg = TrainConfig.from_dict(ts["train_config"])
+    except UNFITTING_STATE_ERRORS as exc:
+        # No --fresh here: like model_from_checkpoint's, the error only names what it was handed
+        # (a run's driver reads the state its workers just resumed from or wrote).
+        raise unfitting(where, f"its {model.family} training state", exc) from exc
+    finish_training(model, snapshot, train_cfg, device)
     return model.eval()
 
 

@@ -32,7 +32,8 @@ CHECKPOINT_FORMAT = "genmodels.checkpoint/1"
 __all__ = [
     "FAMILIES", "GenerativeModel", "ImageSpec", "ModelConfig", "build_model", "family_class", "initial_model",
     "parse_families",
-    "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint", "weights_digest",
+    "checkpoint_bytes", "load_checkpoint", "save_checkpoint", "model_from_checkpoint", "one_line",
+    "weights_digest",
 ]
 
 
@@ -141,11 +142,15 @@ def model_from_checkpoint(ckpt: Mapping[str, Any] | str | Path | bytes, *, where
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
-        # torch lists every mismatch on lines of its own: one line, the first few of them.
-        detail = "; ".join(line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip())
-        detail = detail if len(detail) <= 400 else f"{detail[:400]}..."
-        raise ValueError(f"{where}: its weights do not fit its {ckpt['family']} config ({detail})") from None
+        raise ValueError(f"{where}: its weights do not fit its {ckpt['family']} config ({one_line(exc)})") from None
     return model.eval()
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An error's text for one line of a message: torch lists every state-dict mismatch on lines
+    of its own, and a config's refusal lists every field it knows; the CLI shows one line."""
+    detail = "; ".join(line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip())
+    return detail if len(detail) <= limit else f"{detail[:limit]}..."
 
 
 def weights_digest(model: torch.nn.Module) -> str:

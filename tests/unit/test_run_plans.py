@@ -221,3 +221,58 @@ def test_a_damaged_checkpoint_is_named_by_its_url_wherever_a_run_reads_it(store,
         with pytest.raises(ValueError, match=f"(?s)^{where}: .*{defect}.*; pass --fresh to start over$"):
             runs.train_family(root, snapshot, "vae", "quick", model_overrides=TINY_VAE)
         assert run.get_bytes("checkpoint.pt") == saved
+
+
+UNFITTING_STATE = "its vae training state does not fit .*"
+
+
+def _edit_first_tensor_out(state):
+    name = next(iter(state["state_dict"]))
+    del state["state_dict"][name]
+    return UNFITTING_STATE + re.escape(f'Missing key(s) in state_dict: "{name}"')
+
+
+def _edit_tensor_in(state):
+    state["state_dict"]["decoder.added.weight"] = torch.zeros(1)
+    return UNFITTING_STATE + re.escape('Unexpected key(s) in state_dict: "decoder.added.weight"')
+
+
+# Checkpoints another version of genmodels wrote: each edit returns the defect its error must name.
+UNFITTING = {
+    "model-config-field": lambda state: state["config"].update(old_field=1)
+    or r"its vae model config does not fit .*VAEConfig: unknown keys \['old_field'\]",
+    "train-config-field": lambda state: state["train_state"]["train_config"].update(ema=0.9)
+    or r"its training config does not fit .*TrainConfig: unknown keys \['ema'\]",
+    "tensor-missing": _edit_first_tensor_out,
+    "tensor-added": _edit_tensor_in,
+    # A KeyError, which friendly_errors leaves a traceback (a bug's), unless named as the checkpoint's.
+    "optimizer-missing": lambda state: state["train_state"]["optimizers"].clear()
+    or UNFITTING_STATE + r"lacks 'model'",
+}
+
+
+@pytest.mark.parametrize("edit", UNFITTING.values(), ids=UNFITTING.keys())
+def test_a_checkpoint_another_version_wrote_is_named_with_what_does_not_fit(store, snapshot, edit):
+    """It loads, but every retry would fail on it alike: the error names it and the way past it."""
+    import io
+
+    root = store.child("unfitting")
+    plan = {"epochs": 1, "max_train_examples": 64, "max_val_examples": 32, "batch_size": 32}
+    run = root.child(runs.run_prefix(snapshot.dataset, "vae", "quick"))
+    if not run.exists("checkpoint.pt"):
+        runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
+    state = torch.load(io.BytesIO(run.get_bytes("checkpoint.pt")), weights_only=True)
+    defect = edit(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    edited = buffer.getvalue()
+    original = run.get_bytes("checkpoint.pt")
+    run.put_bytes("checkpoint.pt", edited)
+    try:
+        where = re.escape(run.url_for("checkpoint.pt"))
+        with pytest.raises(ValueError, match=f"^{where}: {defect}.*; pass --fresh to start over$") as raised:
+            runs.train_family(root, snapshot, "vae", "quick", overrides=plan, model_overrides=TINY_VAE)
+        assert "\n" not in str(raised.value)  # the CLI's error is one line (torch's lists one a line)
+        assert run.get_bytes("checkpoint.pt") == edited  # left for the user to look at, or --fresh
+    finally:
+        run.put_bytes("checkpoint.pt", original)

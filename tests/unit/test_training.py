@@ -506,6 +506,48 @@ def test_a_damaged_training_state_is_named_by_its_url_locally_and_on_ray(tmp_pat
     assert checkpoint_url(on_s3) == f"s3://bucket/ray/digits/run/checkpoint_000001/{training.CHECKPOINT_KEY}"
 
 
+def test_a_training_state_that_does_not_fit_is_named_by_its_url_on_ray(tmp_path, monkeypatch):
+    """A state another version wrote loads, then fails in a Ray worker's resume and in the
+    driver's shipped_model: both name the reported checkpoint, the worker's also --fresh."""
+    import io
+    import re
+
+    import ray.train
+
+    from genmodels.distributed import RayTrainContext, checkpoint_url
+    from genmodels.storage import open_storage
+
+    image = ImageSpec(1, 4, 4, 2, 2)
+    x = np.random.default_rng(0).integers(0, 2, (32, 1, 4, 4)).astype(np.uint8) * 255
+    split = SimpleNamespace(x=x, y=np.zeros(32, np.int64), x_binary=(x > 127).astype(np.uint8))
+    snapshot = SimpleNamespace(image=image, splits={"train": split}, dataset="t", hash="0" * 64)
+    storage = open_storage(f"file://{tmp_path}/run")
+    cfg = TrainConfig(epochs=1, batch_size=16, early_stopping_patience=None)
+    train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot, cfg, LocalContext(storage))
+    state = torch.load(io.BytesIO(storage.get_bytes(training.CHECKPOINT_KEY)), weights_only=True)
+    missing = next(iter(state["state_dict"]))
+    del state["state_dict"][missing]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.put_bytes(training.CHECKPOINT_KEY, buffer.getvalue())
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(storage.root))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+    where = re.escape(checkpoint_url(checkpoint))
+    defect = re.escape(f'Missing key(s) in state_dict: "{missing}"')
+    worker = RayTrainContext.__new__(RayTrainContext)
+    worker.rank, worker.world_size = 0, 1
+    with pytest.raises(ValueError, match=f"^{where}: its vae training state .*{defect}.*; pass --fresh to start over$"):
+        train(build_model("vae", image, latent_dim=2, hidden=(8,)), snapshot, cfg, worker)
+    with pytest.raises(ValueError, match=f"^{where}: its weights do not fit its vae config .*{defect}"):
+        training.shipped_model(state, snapshot, torch.device("cpu"), where=checkpoint_url(checkpoint))
+    state = torch.load(io.BytesIO(storage.get_bytes(training.CHECKPOINT_KEY)), weights_only=True)
+    state["state_dict"] = build_model("vae", image, latent_dim=2, hidden=(8,)).state_dict()
+    state["train_state"]["train_config"]["ema"] = 0.9
+    with pytest.raises(ValueError, match=f"^{where}: its vae training state .*unknown keys \\['ema'\\]"):
+        training.shipped_model(state, snapshot, torch.device("cpu"), where=checkpoint_url(checkpoint))
+
+
 def test_the_training_history_of_two_workers_is_all_workers_mean():
     """Each of N workers sees 1/N of every global batch: the ``train_*`` figures a DDP run
     records must be the mean over all of them (as one process computes it), not the chief's share."""
