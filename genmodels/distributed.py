@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -117,7 +118,8 @@ def checkpoint_url(checkpoint) -> str:
 
 def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContext] = RayTrainContext) -> None:
     """Per-worker entry point. ``config``: storage_url, snapshot_prefix, family,
-    model_config (dict), train_config (dict), meta (dict); optional threads_per_worker."""
+    model_config (dict), train_config (dict), meta (dict); optional threads_per_worker and
+    deadline (a :func:`time.time` instant: the end of the driver's ``max_seconds``)."""
     from genmodels.data import read_snapshot
     from genmodels.models import initial_model
     from genmodels.storage import open_storage
@@ -128,6 +130,11 @@ def ray_train_loop(config: Mapping[str, Any], context_class: type[RayTrainContex
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     snapshot = read_snapshot(open_storage(config["storage_url"]), config["snapshot_prefix"])
     train_cfg = TrainConfig.from_dict({**config["train_config"], "device": str(ray.train.torch.get_device())})
+    if config.get("deadline") is not None:
+        # A worker group Ray restarts after a failure enters here again: the budget is the
+        # invocation's, counted from the driver's start, not a fresh one per restart. Past it, one
+        # epoch still runs (the loop checks after each), as in a run started with no time left.
+        train_cfg = dataclasses.replace(train_cfg, max_seconds=max(0.0, config["deadline"] - time.time()))
     model = initial_model(config["family"], snapshot.image, config["model_config"], train_cfg.seed)
     context = context_class()
     # The driver keeps the checkpoint's weights, not this process's model: it finishes them itself.
@@ -271,6 +278,7 @@ def train_on_ray(
             "storage_url": storage.url, "snapshot_prefix": snapshot.prefix, "family": family,
             "model_config": model_config, "train_config": train_cfg.to_dict(), "meta": meta,
             "threads_per_worker": cpus,
+            "deadline": None if train_cfg.max_seconds is None else time.time() + train_cfg.max_seconds,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),

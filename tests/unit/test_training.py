@@ -592,3 +592,28 @@ def test_the_training_history_of_two_workers_is_all_workers_mean():
     assert "train_loss" in logged and [k for k in two if k.startswith("train_")] == logged
     for key in [*logged, "val_loss"]:
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
+
+
+def test_a_restarted_ray_worker_group_trains_within_the_drivers_budget_not_a_fresh_one(monkeypatch):
+    """Ray Train re-enters the worker loop after a worker fails (FailureConfig): the budget of
+    ``--max-minutes`` is counted from the driver's start, so a restart gets what is left."""
+    import time
+
+    import ray.train.torch
+
+    import genmodels.data
+    import genmodels.models
+    from genmodels.distributed import ray_train_loop
+
+    budgets = []
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(genmodels.data, "read_snapshot", lambda storage, prefix: SimpleNamespace(image=None))
+    monkeypatch.setattr(genmodels.models, "initial_model", lambda *a: None)
+    monkeypatch.setattr(training, "train", lambda model, snapshot, cfg, ctx, **k: budgets.append(cfg.max_seconds))
+    config = {"storage_url": "file:///nonexistent", "snapshot_prefix": "s", "family": "vae", "model_config": {},
+              "train_config": TrainConfig(max_seconds=600.0).to_dict(), "meta": {}}
+    context = lambda: None  # noqa: E731 - the loop only hands it to train
+    ray_train_loop({**config, "deadline": time.time() + 100.0}, context)  # restarted 500 s into the run
+    ray_train_loop({**config, "deadline": time.time() - 5.0}, context)  # restarted after it ran out
+    ray_train_loop(config, context)  # a driver that set no deadline: the config's own budget
+    assert 99.0 < budgets[0] <= 100.0 and budgets[1:] == [0.0, 600.0]
